@@ -1,0 +1,38 @@
+# Two commands: `make run` and `make test`. Everything else bootstraps itself.
+PYTHON ?= python3
+VENV   ?= .venv
+UV_VERSION := 0.13.9
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench inspect clean venv
+
+venv: $(STAMP)
+
+# Idempotent: rebuilt only when the lock file or pyproject change.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	@$(BIN)/uv pip sync -q --python $(BIN)/python requirements.lock
+	@$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/workbench run
+
+test: $(STAMP)
+	$(BIN)/ruff check workbench tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check workbench tests bench
+	$(BIN)/ruff format --check workbench tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
+
+inspect: $(STAMP)
+	$(BIN)/workbench inspect
+
+clean:
+	rm -rf $(VENV) data/demo

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real redis-server per session, a real SQL store per test.
+
+PostgreSQL runs when TEST_DATABASE_URL is set (``.ci/run`` sets it); without
+it the PostgreSQL half of each store test is skipped, with the reason shown.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from workbench.clock import ManualClock
+from workbench.ids import IdFactory
+from workbench.log import connect
+from workbench.redis_server import RedisServer
+from workbench.store import Store
+
+PG_URL = os.environ.get("TEST_DATABASE_URL")
+PG_SKIP = "PostgreSQL tests need TEST_DATABASE_URL (e.g. postgresql+psycopg://postgres@127.0.0.1/test)"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=True)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if not redis_server.running:  # a previous test killed it
+        redis_server.restart()
+    return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = connect(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'workbench.db'}"
+    else:
+        if not PG_URL:
+            pytest.skip(PG_SKIP)
+        url = PG_URL
+    s = Store(url)
+    s.reset()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def ids() -> IdFactory:
+    return IdFactory(seed=7)

@@ -1,0 +1,212 @@
+"""The ``workbench`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from workbench.consumer import CRASH_POINTS, ConsumerSettings, ConsumerWorker, sigkill_at
+from workbench.handlers import GROUPS, make_handler
+from workbench.log import connect
+from workbench.store import Store, database_url
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _redis_url(value: str | None) -> str:
+    url = value or os.environ.get("REDIS_URL")
+    if not url:
+        raise click.UsageError(
+            "no Redis to talk to: pass --redis-url or set REDIS_URL "
+            "(`workbench run` starts its own Redis; this command attaches to one)"
+        )
+    return url
+
+
+redis_option = click.option("--redis-url", envvar="REDIS_URL", help="Redis URL [env REDIS_URL]")
+database_option = click.option(
+    "--database-url", envvar="DATABASE_URL",
+    help="SQLAlchemy URL of the store [env DATABASE_URL; default sqlite data/workbench.db]",
+)  # fmt: skip
+prefix_option = click.option(
+    "--prefix", default="wb", show_default=True, help="key prefix of the streams"
+)
+
+
+@click.group()
+@click.version_option(package_name="escrow-workbench")
+def main() -> None:
+    """Escrow event workbench: an M-Pesa escrow runtime on Redis Streams."""
+
+
+@main.command()
+@click.option("--escrows", default=300, show_default=True, help="how many escrows to run")
+@click.option("--seed", default=42, show_default=True, help="seed of the demo's randomness")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("data/demo"),
+    show_default=True,
+    help="where results are written",
+)
+@click.option(
+    "--crash/--no-crash",
+    default=True,
+    show_default=True,
+    help="SIGKILL the ledger worker mid-batch and recover",
+)
+@click.option(
+    "--timeout", default=120.0, show_default=True, help="seconds to wait for the groups to drain"
+)
+def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None:
+    """Run the end-to-end escrow demo against an embedded Redis."""
+    from workbench.demo import DemoConfig, run_demo
+
+    _setup_logging(False)
+    summary = run_demo(
+        DemoConfig(escrows=escrows, seed=seed, out=out, crash=crash, timeout=timeout)
+    )
+    if not summary["ok"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("group", type=click.Choice(GROUPS))
+@click.option("--consumer", help="consumer name [default GROUP-PID]")
+@redis_option
+@database_option
+@prefix_option
+@click.option("--batch-size", default=500, show_default=True)
+@click.option("--block-ms", default=1000, show_default=True)
+@click.option("--max-deliveries", default=5, show_default=True)
+@click.option("--retry-backoff", default=1.0, show_default=True, help="seconds")
+@click.option(
+    "--dead-after",
+    default=10.0,
+    show_default=True,
+    help="seconds without heartbeat before a consumer counts as dead",
+)
+@click.option(
+    "--claim-idle-ms",
+    default=60_000,
+    show_default=True,
+    help="backstop: claim any entry idle this long",
+)
+@click.option(
+    "--crash-at",
+    type=click.Choice(CRASH_POINTS),
+    help="fault injection: SIGKILL this process at this point",
+)
+@click.option("--crash-batch", default=1, show_default=True, help="...of this batch number")
+@click.option("-v", "--verbose", is_flag=True)
+def worker(
+    group: str,
+    consumer: str | None,
+    redis_url: str | None,
+    database_url: str | None,
+    prefix: str,
+    batch_size: int,
+    block_ms: int,
+    max_deliveries: int,
+    retry_backoff: float,
+    dead_after: float,
+    claim_idle_ms: int,
+    crash_at: str | None,
+    crash_batch: int,
+    verbose: bool,
+) -> None:
+    """Consume GROUP until SIGTERM (finishes the batch, acks, exits)."""
+    from workbench.log import StreamNames
+
+    _setup_logging(verbose)
+    store = Store(database_url or _default_database())
+    client = connect(_redis_url(redis_url))
+    try:
+        settings = ConsumerSettings(
+            batch_size=batch_size,
+            block_ms=block_ms,
+            max_deliveries=max_deliveries,
+            retry_backoff_s=retry_backoff,
+            dead_after_s=dead_after,
+            claim_idle_ms=claim_idle_ms,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    w = ConsumerWorker(
+        client,
+        make_handler(group, store),
+        consumer=consumer,
+        names=StreamNames(prefix),
+        settings=settings,
+        crash_hook=sigkill_at(crash_at, crash_batch) if crash_at else None,
+    )
+    w.install_signal_handlers()
+    w.setup()
+    click.echo(f"{w.consumer}: consuming {group} from {', '.join(w.streams)}", err=True)
+    w.run()
+    w.leave()
+    click.echo(f"{w.consumer}: stopped; {w.stats}", err=True)
+
+
+@main.command()
+@redis_option
+@database_option
+@prefix_option
+@click.option("-v", "--verbose", is_flag=True)
+def relay(redis_url: str | None, database_url: str | None, prefix: str, verbose: bool) -> None:
+    """Publish the outbox to the streams until SIGTERM."""
+    import signal
+
+    from workbench.log import StreamNames
+    from workbench.relay import OutboxRelay
+
+    _setup_logging(verbose)
+    r = OutboxRelay(
+        Store(database_url or _default_database()),
+        connect(_redis_url(redis_url)),
+        names=StreamNames(prefix),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: r.stop())
+    signal.signal(signal.SIGINT, lambda *_: r.stop())
+    r.run()
+
+
+@main.command(name="inspect")
+@redis_option
+@prefix_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+def inspect_command(redis_url: str | None, prefix: str, as_json: bool) -> None:
+    """Print streams, groups (pending, lag), consumers and dead letters."""
+    from workbench.inspection import inspect
+    from workbench.log import StreamNames
+    from workbench.report import print_inspection
+
+    try:
+        result = inspect(connect(_redis_url(redis_url)), StreamNames(prefix))
+    except Exception as exc:  # redis down, wrong URL: say so plainly
+        if isinstance(exc, click.UsageError):
+            raise
+        raise click.ClickException(f"cannot inspect Redis: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print_inspection(result)
+
+
+def _default_database() -> str:
+    return database_url()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

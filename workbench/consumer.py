@@ -1,0 +1,525 @@
+"""The consumer-group runtime: at-least-once delivery to idempotent handlers.
+
+A :class:`ConsumerWorker` reads a batch with XREADGROUP from every aggregate
+stream its handler wants, decodes it, hands the events to the handler in one
+call, and XACKs only after the handler returned (its effect is durable by
+then: SQL handlers commit the effect and the inbox row together). Then:
+
+* **Own pending first.** On start, and after any failure, the worker re-reads
+  its own pending entries (id ``0``) before new ones (``>``).
+* **Dead consumers.** Each worker writes a heartbeat (its clock's time) to a
+  hash. A consumer whose heartbeat is older than ``dead_after_s`` is dead: its
+  pending entries are XCLAIMed by a live one. As a backstop, entries idle in
+  Redis longer than ``claim_idle_ms`` are XAUTOCLAIMed whoever owns them; a
+  low value would steal from slow but live consumers, so it is long.
+* **Poison.** A failing entry stays pending and is retried after
+  ``retry_backoff_s``. When it has been delivered ``max_deliveries`` times it
+  goes to the group's dead-letter stream with the reason, and is acked on the
+  source in the same MULTI, so the group keeps moving.
+* **Deleted while pending** (trimmed, XDEL): Redis 7 reports such ids from
+  XAUTOCLAIM and drops them; Redis 6.2 returns nil entries and keeps them
+  pending. Both end acked and counted in ``stats.deleted``.
+
+The decisions (what to claim, what to dead-letter) are pure functions at the
+bottom of this module; the class is the thin Redis loop around them, and
+``poll()`` is one step of it, so a simulation can drive it at virtual instants.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+
+from workbench import events as ev
+from workbench.clock import Clock, SystemClock
+from workbench.events import AGGREGATE_TYPES, Event
+from workbench.log import SOCKET_TIMEOUT_S, StreamNames, ensure_groups
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+CRASH_POINTS = ("after-read", "mid-batch", "after-effect")
+
+
+class Handler(Protocol):
+    """What a consumer group does with events. No Redis in here.
+
+    ``handle`` must be idempotent per event id and must make its effect
+    durable before returning: the runtime acks as soon as it returns.
+    """
+
+    group: str
+    aggregate_types: tuple[str, ...]
+
+    def handle(self, events: list[Event]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    batch_size: int = 500
+    block_ms: int = 1000
+    max_deliveries: int = 5
+    retry_backoff_s: float = 1.0
+    heartbeat_every_s: float = 1.0
+    dead_after_s: float = 10.0
+    recover_every_s: float = 2.0
+    claim_idle_ms: int = 60_000
+    claim_guard_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_ms >= SOCKET_TIMEOUT_S * 1000:
+            raise ValueError(
+                f"block_ms={self.block_ms} must stay below the socket timeout "
+                f"({SOCKET_TIMEOUT_S * 1000:.0f} ms) or reads time out"
+            )
+        if self.max_deliveries < 1:
+            raise ValueError("max_deliveries must be at least 1")
+
+
+@dataclass
+class Delivery:
+    """One stream entry as delivered to this consumer."""
+
+    stream: str
+    entry_id: str
+    fields: dict[bytes, bytes] | None
+    delivery_count: int = 1
+    event: Event | None = None
+    error: str | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return not self.fields
+
+
+@dataclass
+class ConsumerStats:
+    read: int = 0
+    handled: int = 0
+    acked: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    claimed: int = 0
+    deleted: int = 0
+    batches: int = 0
+    redis_errors: int = 0
+    delivery_counts: dict[int, int] = field(default_factory=dict)
+
+
+# -- pure decisions ---------------------------------------------------------------
+
+
+def dead_consumers(
+    pending_by_consumer: dict[str, int],
+    heartbeats: dict[str, float],
+    *,
+    me: str,
+    now: float,
+    dead_after_s: float,
+) -> list[str]:
+    """Consumers holding pending entries whose heartbeat is stale or missing."""
+    return sorted(
+        name
+        for name, count in pending_by_consumer.items()
+        if count
+        and name != me
+        and (name not in heartbeats or now - heartbeats[name] > dead_after_s)
+    )
+
+
+def should_dead_letter(delivery: Delivery, max_deliveries: int) -> bool:
+    """Dead-letter once the entry failed on its last allowed delivery."""
+    return delivery.delivery_count >= max_deliveries
+
+
+# -- the loop ---------------------------------------------------------------------
+
+
+class ConsumerWorker:
+    """One consumer of one group; ``run()`` in a process, ``poll()`` from tests or SimPy."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        handler: Handler,
+        *,
+        consumer: str | None = None,
+        names: StreamNames | None = None,
+        settings: ConsumerSettings | None = None,
+        clock: Clock | None = None,
+        crash_hook: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.handler = handler
+        self.group = handler.group
+        self.consumer = consumer or f"{handler.group}-{os.getpid()}"
+        self.names = names or StreamNames()
+        self.settings = settings or ConsumerSettings()
+        self.clock = clock or SystemClock()
+        self.streams = self.names.streams(handler.aggregate_types)
+        self.stats = ConsumerStats()
+        self.crash_hook = crash_hook
+        self._stop = threading.Event()
+        self._reread_own_at: float | None = None  # None: no own pending to revisit
+        self._next_heartbeat = 0.0
+        self._next_recovery = 0.0
+        self._last_error: dict[str, str] = {}
+        self._ready = False
+
+    # -- setup ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ensure_groups(self.client, self.streams, self.group)
+        self._heartbeat(force=True)
+        self._reread_own_at = self.clock.now()  # own pending before new entries
+        self._ready = True
+
+    # -- one step --------------------------------------------------------------------
+
+    def poll(self, block_ms: int | None = None) -> int:
+        """Do one step: heartbeat, recover, own pending, new entries. Return entries read."""
+        if not self._ready:
+            self.setup()
+        now = self.clock.now()
+        self._heartbeat()
+        read = 0
+        if now >= self._next_recovery:
+            self._next_recovery = now + self.settings.recover_every_s
+            read += self._recover()
+        if self._reread_own_at is not None and now >= self._reread_own_at:
+            read += self._process_own_pending()
+        deliveries = self._read(">", block_ms if block_ms is not None else 0)
+        if deliveries:
+            self._process(deliveries)
+        return read + len(deliveries)
+
+    def drain(self, max_polls: int = 10_000) -> int:
+        """Poll without blocking until nothing is left to read; return entries read."""
+        total = 0
+        for _ in range(max_polls):
+            count = self.poll(block_ms=0)
+            total += count
+            if not count and self._reread_own_at is None:
+                return total
+            if not count and self._reread_own_at is not None:
+                # Entries wait for their retry backoff: the caller moves time on.
+                return total
+        return total
+
+    # -- run forever ---------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the current batch, ack it, and return from :meth:`run`."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+
+    def run(self) -> None:
+        backoff = ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.poll(block_ms=self.settings.block_ms)
+                failures = 0
+            except REDIS_DOWN as exc:
+                failures += 1
+                self.stats.redis_errors += 1
+                # Whatever was read but not acked is still ours: revisit it.
+                self._reread_own_at = self.clock.now()
+                log.warning("%s: Redis unavailable (%s); retrying", self.consumer, exc)
+                self._stop.wait(backoff.compute(failures))
+
+    # -- reading -------------------------------------------------------------------
+
+    def _read(self, start: str | dict[str, str], block_ms: int) -> list[Delivery]:
+        ids = start if isinstance(start, dict) else dict.fromkeys(self.streams, start)
+        reply = self.client.xreadgroup(
+            self.group,
+            self.consumer,
+            ids,  # type: ignore[arg-type]
+            count=self.settings.batch_size,
+            block=block_ms or None,
+        )
+        deliveries = [
+            Delivery(_text(stream), _text(entry_id), fields or None)
+            for stream, entries in reply or []
+            for entry_id, fields in entries
+        ]
+        self.stats.read += len(deliveries)
+        return deliveries
+
+    def _process_own_pending(self) -> int:
+        """Re-read this consumer's pending entries from id 0, page by page."""
+        cursor = dict.fromkeys(self.streams, "0")
+        total = 0
+        self._reread_own_at = None
+        while True:
+            deliveries = self._read(cursor, 0)
+            if not deliveries:
+                return total
+            total += len(deliveries)
+            for d in deliveries:
+                cursor[d.stream] = d.entry_id
+            self._fill_delivery_counts(deliveries)
+            self._process(deliveries)
+            # Failures stay pending but are retried only after the backoff.
+            if len(deliveries) < self.settings.batch_size:
+                return total
+
+    def _fill_delivery_counts(self, deliveries: list[Delivery]) -> None:
+        by_stream: dict[str, list[Delivery]] = {}
+        for d in deliveries:
+            by_stream.setdefault(d.stream, []).append(d)
+        for stream, items in by_stream.items():
+            rows = self.client.xpending_range(
+                stream,
+                self.group,
+                items[0].entry_id,
+                items[-1].entry_id,
+                len(items) + 100,
+                consumername=self.consumer,
+            )
+            counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+            for d in items:
+                d.delivery_count = counts.get(d.entry_id, d.delivery_count)
+
+    # -- recovery ------------------------------------------------------------------
+
+    def _recover(self) -> int:
+        """Claim entries from dead consumers (heartbeats) and long-idle ones (backstop)."""
+        raw = self.client.hgetall(self.names.heartbeats(self.group))
+        heartbeats = {_text(k): float(v) for k, v in raw.items()}
+        claimed_any = 0
+        for stream in self.streams:
+            summary = self.client.xpending(stream, self.group)
+            if not summary["pending"]:
+                continue
+            pending = {_text(c["name"]): int(c["pending"]) for c in summary["consumers"]}
+            for dead in dead_consumers(
+                pending,
+                heartbeats,
+                me=self.consumer,
+                now=self.clock.now(),
+                dead_after_s=self.settings.dead_after_s,
+            ):
+                claimed_any += self._claim_from(stream, dead)
+            claimed_any += self._autoclaim(stream)
+        if claimed_any:
+            self._reread_own_at = self.clock.now()
+            self._process_own_pending()
+        return claimed_any
+
+    def _claim_from(self, stream: str, dead: str) -> int:
+        claimed = 0
+        while True:
+            rows = self.client.xpending_range(
+                stream, self.group, "-", "+", self.settings.batch_size, consumername=dead
+            )
+            if not rows:
+                break
+            ids = [_text(r["message_id"]) for r in rows]
+            self.client.xclaim(
+                stream, self.group, self.consumer, self.settings.claim_guard_ms, ids, justid=True
+            )
+            claimed += len(ids)
+            if len(rows) < self.settings.batch_size:
+                break
+        if claimed:
+            log.info(
+                "%s claimed %d entries of dead consumer %s on %s",
+                self.consumer,
+                claimed,
+                dead,
+                stream,
+            )
+        self.stats.claimed += claimed
+        remaining = self.client.xpending_range(stream, self.group, "-", "+", 1, consumername=dead)
+        if not remaining:
+            self.client.xgroup_delconsumer(stream, self.group, dead)
+        return claimed
+
+    def _autoclaim(self, stream: str) -> int:
+        reply = self.client.xautoclaim(
+            stream,
+            self.group,
+            self.consumer,
+            self.settings.claim_idle_ms,
+            "0-0",
+            count=self.settings.batch_size,
+            justid=False,
+        )
+        entries = reply[1] if len(reply) > 1 else []
+        deleted_ids = [_text(i) for i in reply[2]] if len(reply) > 2 else []
+        if deleted_ids:
+            # Redis 7 already dropped them from the PEL; just count them.
+            self.stats.deleted += len(deleted_ids)
+            log.warning(
+                "%s: %d pending entries of %s were deleted before handling",
+                self.group,
+                len(deleted_ids),
+                stream,
+            )
+        # Redis 6.2 returns (nil, nil) for deleted entries and keeps them pending
+        # under our name: the own-pending pass sees them with no fields and acks.
+        self.stats.claimed += len(entries)
+        return len(entries)
+
+    # -- handling ------------------------------------------------------------------
+
+    def _process(self, deliveries: list[Delivery]) -> None:
+        self.stats.batches += 1
+        batch_no = self.stats.batches
+        self._crash("after-read", batch_no)
+        to_ack: list[Delivery] = []
+        good: list[Delivery] = []
+        failed: list[Delivery] = []
+        for d in deliveries:
+            self.stats.delivery_counts[d.delivery_count] = (
+                self.stats.delivery_counts.get(d.delivery_count, 0) + 1
+            )
+            if d.deleted:
+                self.stats.deleted += 1
+                to_ack.append(d)
+                continue
+            try:
+                d.event = ev.from_fields(d.fields)
+                good.append(d)
+            except ev.EventDecodeError as exc:
+                d.error = exc.reason
+                failed.append(d)
+        if good:
+            if self.crash_hook is not None and len(good) > 1:
+                half = len(good) // 2
+                done = self._handle(good[:half], failed)
+                self._crash("mid-batch", batch_no)
+                done += self._handle(good[half:], failed)
+            else:
+                done = self._handle(good, failed)
+            to_ack.extend(done)
+        self._crash("after-effect", batch_no)
+        self._ack(to_ack)
+        for d in failed:
+            self.stats.failed += 1
+            reason = d.error or "handler failed"
+            self._last_error[d.entry_id] = reason
+            if should_dead_letter(d, self.settings.max_deliveries):
+                self._dead_letter(d, reason)
+        if any(not should_dead_letter(d, self.settings.max_deliveries) for d in failed):
+            retry_at = self.clock.now() + self.settings.retry_backoff_s
+            if self._reread_own_at is None or retry_at < self._reread_own_at:
+                self._reread_own_at = retry_at
+
+    def _handle(self, batch: list[Delivery], failed: list[Delivery]) -> list[Delivery]:
+        """Run the handler on the batch; on error, one by one to isolate the poison."""
+        try:
+            self.handler.handle([d.event for d in batch if d.event is not None])
+            self.stats.handled += len(batch)
+            return batch
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = f"{type(exc).__name__}: {exc}"
+                failed.append(batch[0])
+                log.warning(
+                    "%s: %s failed on %s: %s", self.group, self.consumer, batch[0].entry_id, exc
+                )
+                return []
+        done: list[Delivery] = []
+        for d in batch:
+            done.extend(self._handle([d], failed))
+        return done
+
+    def _ack(self, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        by_stream: dict[str, list[str]] = {}
+        for d in deliveries:
+            by_stream.setdefault(d.stream, []).append(d.entry_id)
+            self._last_error.pop(d.entry_id, None)
+        pipe = self.client.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, self.group, *ids)
+        pipe.execute()
+        self.stats.acked += len(deliveries)
+
+    def _dead_letter(self, d: Delivery, reason: str) -> None:
+        fields: dict[str, str | bytes] = {
+            "source_stream": d.stream,
+            "source_id": d.entry_id,
+            "group": self.group,
+            "consumer": self.consumer,
+            "reason": reason,
+            "deliveries": str(d.delivery_count),
+            "dead_lettered_at": repr(self.clock.now()),
+        }
+        for key, value in (d.fields or {}).items():
+            fields[f"entry.{_text(key)}"] = value
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.names.dead_letter(self.group), fields)  # type: ignore[arg-type]
+        pipe.xack(d.stream, self.group, d.entry_id)
+        pipe.execute()
+        self._last_error.pop(d.entry_id, None)
+        self.stats.dead_lettered += 1
+        log.error(
+            "%s: dead-lettered %s %s after %d deliveries: %s",
+            self.group,
+            d.stream,
+            d.entry_id,
+            d.delivery_count,
+            reason,
+        )
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = self.clock.now()
+        if force or now >= self._next_heartbeat:
+            self.client.hset(self.names.heartbeats(self.group), self.consumer, repr(now))
+            self._next_heartbeat = now + self.settings.heartbeat_every_s
+
+    def _crash(self, point: str, batch_no: int) -> None:
+        if self.crash_hook is not None:
+            self.crash_hook(point, batch_no)
+
+    def leave(self) -> None:
+        """Remove this consumer's heartbeat (a clean exit is not a death)."""
+        self.client.hdel(self.names.heartbeats(self.group), self.consumer)
+
+
+def sigkill_at(point: str, batch: int) -> Callable[[str, int], None]:
+    """A crash hook that SIGKILLs this process at ``point`` of batch number ``batch``."""
+    if point not in CRASH_POINTS:
+        raise ValueError(f"crash point must be one of {', '.join(CRASH_POINTS)}, not {point!r}")
+
+    def hook(at: str, batch_no: int) -> None:
+        if at == point and batch_no == batch:
+            log.warning("crash injection: SIGKILL at %s of batch %d", at, batch_no)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+__all__ = [
+    "AGGREGATE_TYPES",
+    "CRASH_POINTS",
+    "ConsumerSettings",
+    "ConsumerStats",
+    "ConsumerWorker",
+    "Delivery",
+    "Handler",
+    "dead_consumers",
+    "should_dead_letter",
+    "sigkill_at",
+]

@@ -1,0 +1,176 @@
+"""The ledger: double-entry postings for every movement of money.
+
+Accounts (amounts in KES, each posting sums to zero):
+
+* ``buyer:<id>``   the buyer's M-Pesa side: negative when the buyer has paid in
+* ``hold:<escrow>`` money held in escrow
+* ``seller:<id>``  payable to the seller
+* ``fees``         the platform's fee income
+
+Postings by event type:
+
+===================  ======================================================
+payment.received     buyer -amount, hold +amount
+escrow.released      hold -amount, seller +(amount - fee), fees +fee
+escrow.refunded      hold -amount, buyer +amount
+payment.refunded     hold -amount, buyer +amount  (late or double payment)
+===================  ======================================================
+
+The posting id is the event id and ``(posting_id, account)`` is unique, so
+even a bug that skipped the inbox could not post an event twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, case, func, insert, select
+
+from workbench.events import Event
+from workbench.handlers.base import SqlHandler
+from workbench.store import Store, ledger_entries, outbox
+
+
+def postings_for(event: Event) -> list[tuple[str, int]]:
+    """The (account, amount) lines an event posts; empty for events that move no money."""
+    p = event.payload
+    buyer, seller = event.user_ids[0], event.user_ids[1]
+    hold = f"hold:{event.escrow_id}"
+    match event.type:
+        case "payment.received":
+            return [(f"buyer:{buyer}", -p["amount"]), (hold, p["amount"])]
+        case "escrow.released":
+            return [
+                (hold, -p["amount"]),
+                (f"seller:{seller}", p["amount"] - p["fee"]),
+                ("fees", p["fee"]),
+            ]
+        case "escrow.refunded" | "payment.refunded":
+            return [(hold, -p["amount"]), (f"buyer:{buyer}", p["amount"])]
+    return []
+
+
+class LedgerHandler(SqlHandler):
+    group = "ledger"
+    aggregate_types = ("escrow", "payment")
+
+    def apply(self, conn: Connection, events: list[Event]) -> None:
+        rows = [
+            {
+                "posting_id": event.event_id,
+                "event_id": event.event_id,
+                "escrow_id": event.escrow_id,
+                "account": account,
+                "amount": amount,
+                "at": event.occurred_at,
+            }
+            for event in events
+            for account, amount in postings_for(event)
+        ]
+        if rows:
+            conn.execute(insert(ledger_entries), rows)
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    """The ledger against itself and against the event log.
+
+    ``balanced``: all entries sum to zero. ``conserved``: funded = held +
+    released + refunded. ``matches_outbox``: every money event in the outbox
+    is posted exactly once, and nothing else is.
+    """
+
+    entries: int
+    total: int
+    funded: int
+    held: int
+    released: int
+    refunded: int
+    fees: int
+    posted_events: int
+    expected_events: int
+    duplicate_postings: int
+
+    @property
+    def balanced(self) -> bool:
+        return self.total == 0
+
+    @property
+    def conserved(self) -> bool:
+        return self.funded == self.held + self.released + self.refunded
+
+    @property
+    def matches_outbox(self) -> bool:
+        return self.posted_events == self.expected_events and self.duplicate_postings == 0
+
+    @property
+    def ok(self) -> bool:
+        return self.balanced and self.conserved and self.matches_outbox
+
+
+MONEY_EVENTS = ("payment.received", "escrow.released", "escrow.refunded", "payment.refunded")
+
+
+def check_ledger(store: Store) -> LedgerCheck:
+    le = ledger_entries.c
+    with store.engine.connect() as conn:
+        total, entries = conn.execute(
+            select(func.coalesce(func.sum(le.amount), 0), func.count())
+        ).one()
+
+        def sum_where(condition) -> int:  # type: ignore[no-untyped-def]
+            return int(
+                conn.execute(
+                    select(func.coalesce(func.sum(le.amount), 0)).where(condition)
+                ).scalar_one()
+            )
+
+        funded = -sum_where(le.account.like("buyer:%") & (le.amount < 0))
+        held = sum_where(le.account.like("hold:%"))
+        released = sum_where(le.account.like("seller:%")) + sum_where(le.account == "fees")
+        refunded = sum_where(le.account.like("buyer:%") & (le.amount > 0))
+        fees = sum_where(le.account == "fees")
+        posted = int(conn.execute(select(func.count(func.distinct(le.event_id)))).scalar_one())
+        expected = int(
+            conn.execute(
+                select(func.count(func.distinct(outbox.c.event_id))).where(
+                    outbox.c.type.in_(MONEY_EVENTS)
+                )
+            ).scalar_one()
+        )
+        per_event = (
+            select(
+                le.event_id,
+                func.count().label("n"),
+                func.sum(case((le.amount != 0, 1), else_=0)).label("lines"),
+            )
+            .group_by(le.event_id)
+            .subquery()
+        )
+        # A posting has 2 or 3 lines; more means an event was posted twice.
+        duplicates = int(
+            conn.execute(
+                select(func.count()).select_from(per_event).where(per_event.c.n > 3)
+            ).scalar_one()
+        )
+    return LedgerCheck(
+        entries=int(entries),
+        total=int(total),
+        funded=funded,
+        held=held,
+        released=released,
+        refunded=refunded,
+        fees=fees,
+        posted_events=posted,
+        expected_events=expected,
+        duplicate_postings=duplicates,
+    )
+
+
+def balances(store: Store) -> dict[str, int]:
+    le = ledger_entries.c
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(le.account, func.sum(le.amount)).group_by(le.account).order_by(le.account)
+        ).all()
+    return {account: int(amount) for account, amount in rows}

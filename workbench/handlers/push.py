@@ -1,0 +1,60 @@
+"""Mobile push: a payload per event for each party's devices.
+
+Payloads (channel ``push``) carry what the app needs to refresh: escrow id,
+event type and the escrow's sequence number, so a stale push is ignorable.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import Connection, insert
+
+from workbench.events import Event
+from workbench.handlers.base import SqlHandler
+from workbench.store import notifications
+
+_TITLES = {
+    "escrow.created": "New escrow",
+    "escrow.funded": "Escrow funded",
+    "escrow.shipped": "Order shipped",
+    "escrow.released": "Funds released",
+    "escrow.refunded": "Refund",
+    "escrow.cancelled": "Escrow cancelled",
+    "escrow.expired": "Escrow expired",
+    "payment.failed": "Payment failed",
+    "payment.refunded": "Payment refunded",
+    "dispute.opened": "Dispute opened",
+    "dispute.resolved": "Dispute resolved",
+}
+
+
+def push_payloads(event: Event) -> list[tuple[str, dict[str, object]]]:
+    title = _TITLES.get(event.type)
+    if title is None:
+        return []
+    data = {"escrow_id": event.escrow_id, "type": event.type, "sequence": event.sequence}
+    return [
+        (user, {"title": title, "body": f"Escrow {event.escrow_id[-8:].upper()}", "data": data})
+        for user in event.user_ids
+    ]
+
+
+class PushHandler(SqlHandler):
+    group = "push"
+    aggregate_types = ("escrow", "payment", "dispute")
+
+    def apply(self, conn: Connection, events: list[Event]) -> None:
+        rows = [
+            {
+                "event_id": e.event_id,
+                "user_id": user,
+                "channel": "push",
+                "body": json.dumps(payload, sort_keys=True),
+                "at": e.occurred_at,
+            }
+            for e in events
+            for user, payload in push_payloads(e)
+        ]
+        if rows:
+            conn.execute(insert(notifications), rows)

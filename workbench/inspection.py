@@ -1,0 +1,152 @@
+"""What the log looks like right now: lengths, groups, pending, lag, dead letters.
+
+``inspect(client)`` returns pandas DataFrames; ``workbench inspect`` prints
+them (``--json`` for machines). Lag comes from ``XINFO GROUPS`` where Redis
+has it (7.0+, and not after some deletions); otherwise it is computed by
+counting the entries after the group's last-delivered id. ``lag_xinfo`` keeps
+what Redis said, NULL included: NULL means "Redis cannot tell", never 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import redis
+
+from workbench.events import AGGREGATE_TYPES
+from workbench.handlers import GROUPS
+from workbench.log import StreamNames, server_version
+
+STREAM_COLUMNS = ["stream", "length", "first_id", "last_id", "groups"]
+GROUP_COLUMNS = [
+    "stream", "group", "consumers", "pending", "oldest_pending_idle_ms",
+    "last_delivered_id", "lag", "lag_xinfo", "lag_source", "dead_letters",
+]  # fmt: skip
+CONSUMER_COLUMNS = ["stream", "group", "consumer", "pending", "idle_ms"]
+
+
+@dataclass
+class Inspection:
+    redis_version: str
+    streams: pd.DataFrame
+    groups: pd.DataFrame
+    consumers: pd.DataFrame
+    dead_letters: pd.DataFrame
+
+    def to_dict(self) -> dict[str, Any]:
+        def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+            return [
+                {k: (None if pd.isna(v) else v) for k, v in row.items()}
+                for row in df.astype(object).to_dict(orient="records")
+            ]
+
+        return {
+            "redis_version": self.redis_version,
+            "streams": records(self.streams),
+            "groups": records(self.groups),
+            "consumers": records(self.consumers),
+            "dead_letters": records(self.dead_letters),
+        }
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _count_after(client: redis.Redis, stream: str, last_id: str, page: int = 10_000) -> int:
+    count, start = 0, f"({last_id}"
+    while True:
+        entries = client.xrange(stream, min=start, max="+", count=page)
+        count += len(entries)
+        if len(entries) < page:
+            return count
+        start = f"({_text(entries[-1][0])}"
+
+
+def inspect(
+    client: redis.Redis,
+    names: StreamNames | None = None,
+    dead_letter_groups: tuple[str, ...] = GROUPS,
+) -> Inspection:
+    """Snapshot every aggregate stream, its groups and consumers, and the dead letters."""
+    names = names or StreamNames()
+    version = ".".join(map(str, server_version(client)))
+    stream_rows, group_rows, consumer_rows = [], [], []
+    for aggregate in AGGREGATE_TYPES:
+        key = names.stream(aggregate)
+        if not client.exists(key):
+            stream_rows.append([aggregate, 0, None, None, 0])
+            continue
+        info = client.xinfo_stream(key)
+        first = info.get("first-entry")
+        last = info.get("last-entry")
+        groups = client.xinfo_groups(key)
+        stream_rows.append(
+            [
+                aggregate,
+                int(info["length"]),
+                _text(first[0]) if first else None,
+                _text(last[0]) if last else None,
+                len(groups),
+            ]
+        )
+        for g in groups:
+            group = _text(g["name"])
+            last_delivered = _text(g["last-delivered-id"])
+            oldest_idle = None
+            if g["pending"]:
+                oldest = client.xpending_range(key, group, "-", "+", 1)
+                if oldest:
+                    oldest_idle = int(oldest[0]["time_since_delivered"])
+            lag_xinfo = g.get("lag")
+            if lag_xinfo is not None:
+                lag, source = int(lag_xinfo), "xinfo"
+            else:
+                lag, source = _count_after(client, key, last_delivered), "computed"
+            group_rows.append(
+                [
+                    aggregate,
+                    group,
+                    int(g["consumers"]),
+                    int(g["pending"]),
+                    oldest_idle,
+                    last_delivered,
+                    lag,
+                    lag_xinfo,
+                    source,
+                    int(client.xlen(names.dead_letter(group))),
+                ]
+            )
+            for c in client.xinfo_consumers(key, group):
+                consumer_rows.append(
+                    [aggregate, group, _text(c["name"]), int(c["pending"]), int(c["idle"])]
+                )
+    dead_rows = []
+    for group in dead_letter_groups:
+        for entry_id, fields in client.xrange(names.dead_letter(group)):
+            f = {_text(k): _text(v) for k, v in fields.items()}
+            dead_rows.append(
+                {
+                    "group": group,
+                    "id": _text(entry_id),
+                    "source_stream": f.get("source_stream"),
+                    "source_id": f.get("source_id"),
+                    "deliveries": int(f.get("deliveries", 0)),
+                    "reason": f.get("reason"),
+                }
+            )
+    groups_df = pd.DataFrame(group_rows, columns=GROUP_COLUMNS)
+    for column in ("oldest_pending_idle_ms", "lag", "lag_xinfo"):
+        groups_df[column] = groups_df[column].astype("Int64")
+    return Inspection(
+        redis_version=version,
+        streams=pd.DataFrame(stream_rows, columns=STREAM_COLUMNS),
+        groups=groups_df,
+        consumers=pd.DataFrame(consumer_rows, columns=CONSUMER_COLUMNS),
+        dead_letters=pd.DataFrame(
+            dead_rows,
+            columns=["group", "id", "source_stream", "source_id", "deliveries", "reason"],
+        ),
+    )

