@@ -247,9 +247,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         store.reset()
         for group, handler in HANDLERS.items():
             ensure_groups(client, names.streams(handler.aggregate_types), group)
+        where = "external" if server is None else ".".join(map(str, server.version))
         console.print(
-            f"[bold]escrow demo[/]: {cfg.escrows} escrows, seed {cfg.seed}, Redis "
-            f"{'external' if external else '.'.join(map(str, server.version))} at {url}, store {store}"  # type: ignore[union-attr]
+            f"[bold]escrow demo[/]: {cfg.escrows} escrows, seed {cfg.seed}, "
+            f"Redis {where} at {url}, store {store}"
         )
         env = dict(os.environ, REDIS_URL=url, DATABASE_URL=store.url)
         for group in GROUPS:
