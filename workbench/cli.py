@@ -163,8 +163,21 @@ def worker(
 @redis_option
 @database_option
 @prefix_option
+@click.option(
+    "--crash-at",
+    type=click.Choice(["after-xadd"]),
+    help="fault injection: SIGKILL after XADD, before marking the rows published",
+)
+@click.option("--crash-batch", default=1, show_default=True, help="...of this batch number")
 @click.option("-v", "--verbose", is_flag=True)
-def relay(redis_url: str | None, database_url: str | None, prefix: str, verbose: bool) -> None:
+def relay(
+    redis_url: str | None,
+    database_url: str | None,
+    prefix: str,
+    crash_at: str | None,
+    crash_batch: int,
+    verbose: bool,
+) -> None:
     """Publish the outbox to the streams until SIGTERM."""
     import signal
 
@@ -172,10 +185,12 @@ def relay(redis_url: str | None, database_url: str | None, prefix: str, verbose:
     from workbench.relay import OutboxRelay
 
     _setup_logging(verbose)
+    hook = sigkill_at(crash_at, crash_batch, ("after-xadd",)) if crash_at else None
     r = OutboxRelay(
         Store(database_url or _default_database()),
         connect(_redis_url(redis_url)),
         names=StreamNames(prefix),
+        crash_hook=hook,
     )
     signal.signal(signal.SIGTERM, lambda *_: r.stop())
     signal.signal(signal.SIGINT, lambda *_: r.stop())

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
+import sqlalchemy.exc
 from redis.backoff import ExponentialWithJitterBackoff
 
 from workbench import events as ev
@@ -46,6 +47,9 @@ from workbench.log import SOCKET_TIMEOUT_S, StreamNames, ensure_groups
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# Failures of the infrastructure, not of the entry: back off and retry the
+# batch later, without counting them towards dead-lettering.
+TRANSIENT = (*REDIS_DOWN, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 
 CRASH_POINTS = ("after-read", "mid-batch", "after-effect")
 
@@ -232,13 +236,19 @@ class ConsumerWorker:
             try:
                 self.poll(block_ms=self.settings.block_ms)
                 failures = 0
-            except REDIS_DOWN as exc:
+            except TRANSIENT as exc:
                 failures += 1
-                self.stats.redis_errors += 1
+                self.stats.redis_errors += isinstance(exc, REDIS_DOWN)
                 # Whatever was read but not acked is still ours: revisit it.
                 self._reread_own_at = self.clock.now()
-                log.warning("%s: Redis unavailable (%s); retrying", self.consumer, exc)
+                log.warning("%s: %s; retrying", self.consumer, exc)
                 self._stop.wait(backoff.compute(failures))
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis came back without our groups (no persistence): recreate them.
+                log.warning("%s: %s; recreating the group", self.consumer, exc)
+                self._ready = False
 
     # -- reading -------------------------------------------------------------------
 
@@ -329,10 +339,16 @@ class ConsumerWorker:
             if not rows:
                 break
             ids = [_text(r["message_id"]) for r in rows]
-            self.client.xclaim(
+            got = self.client.xclaim(
                 stream, self.group, self.consumer, self.settings.claim_guard_ms, ids, justid=True
             )
-            claimed += len(ids)
+            # Redis 7 drops entries deleted while pending from the PEL and the reply;
+            # 6.2 claims them and the own-pending pass sees them without fields.
+            missing = set(ids) - {_text(i) for i in got}
+            for entry_id in missing:
+                if not self.client.xrange(stream, entry_id, entry_id):
+                    self.stats.deleted += 1
+            claimed += len(ids) - len(missing)
             if len(rows) < self.settings.batch_size:
                 break
         if claimed:
@@ -426,6 +442,8 @@ class ConsumerWorker:
             self.handler.handle([d.event for d in batch if d.event is not None])
             self.stats.handled += len(batch)
             return batch
+        except TRANSIENT:
+            raise  # not the entries' fault: leave them pending, back off
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].error = f"{type(exc).__name__}: {exc}"
@@ -494,10 +512,12 @@ class ConsumerWorker:
         self.client.hdel(self.names.heartbeats(self.group), self.consumer)
 
 
-def sigkill_at(point: str, batch: int) -> Callable[[str, int], None]:
+def sigkill_at(
+    point: str, batch: int, points: tuple[str, ...] = CRASH_POINTS
+) -> Callable[[str, int], None]:
     """A crash hook that SIGKILLs this process at ``point`` of batch number ``batch``."""
-    if point not in CRASH_POINTS:
-        raise ValueError(f"crash point must be one of {', '.join(CRASH_POINTS)}, not {point!r}")
+    if point not in points:
+        raise ValueError(f"crash point must be one of {', '.join(points)}, not {point!r}")
 
     def hook(at: str, batch_no: int) -> None:
         if at == point and batch_no == batch:

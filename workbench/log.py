@@ -114,14 +114,18 @@ def trim(client: redis.Redis, stream: str, *, retention_s: float = 24 * 3600) ->
     held = False
     try:
         groups = client.xinfo_groups(stream)
+        last_generated = _id_tuple(client.xinfo_stream(stream)["last-generated-id"])
     except redis.ResponseError:
-        groups = []  # no such stream
+        groups, last_generated = [], (0, 0)  # no such stream
     for group in groups:
+        delivered = _id_tuple(group["last-delivered-id"])
         oldest_unacked = _next_id(group["last-delivered-id"])
         if group["pending"]:
             summary = client.xpending(stream, group["name"])
             if summary["min"] is not None:
                 oldest_unacked = min(oldest_unacked, _id_tuple(summary["min"]))
+        elif delivered >= last_generated:
+            continue  # caught up: this group holds nothing back
         if oldest_unacked < safe:
             safe = oldest_unacked
             held = True

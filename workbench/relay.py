@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
+import sqlalchemy.exc
 from redis.backoff import ExponentialWithJitterBackoff
 from sqlalchemy import func, select, update
 
@@ -27,6 +29,7 @@ from workbench.store import Store, outbox
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+TRANSIENT = (*REDIS_DOWN, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class OutboxRelay:
         clock: Clock | None = None,
         retention_s: float = 24 * 3600,
         trim_every: int = 200,
+        crash_hook: Callable[[str, int], None] | None = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -57,6 +61,7 @@ class OutboxRelay:
         self.retention_s = retention_s
         self.trim_every = trim_every
         self.stats = RelayStats()
+        self.crash_hook = crash_hook
         self._stop = threading.Event()
 
     def backlog(self) -> int:
@@ -88,6 +93,8 @@ class OutboxRelay:
                 {"event_id": row.event_id, "type": row.type, "data": row.data},
             )
         pipe.execute()
+        if self.crash_hook is not None:
+            self.crash_hook("after-xadd", self.stats.batches + 1)
         with self.store.begin() as conn:
             conn.execute(
                 update(outbox)
@@ -128,10 +135,10 @@ class OutboxRelay:
             try:
                 published = self.publish_batch()
                 failures = 0
-            except REDIS_DOWN as exc:
+            except TRANSIENT as exc:
                 failures += 1
-                self.stats.redis_errors += 1
-                log.warning("relay: Redis unavailable (%s); retrying", exc)
+                self.stats.redis_errors += isinstance(exc, REDIS_DOWN)
+                log.warning("relay: %s; retrying", exc)
                 self._stop.wait(backoff.compute(failures))
                 continue
             if not published:

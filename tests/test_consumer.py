@@ -1,0 +1,303 @@
+"""The consumer-group runtime against a real redis-server and real worker processes."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from tests.support import make_service, run_lifecycles, spawn_worker
+from workbench.clock import ManualClock
+from workbench.consumer import (
+    CRASH_POINTS,
+    ConsumerSettings,
+    ConsumerWorker,
+    dead_consumers,
+)
+from workbench.events import Event, to_fields
+from workbench.handlers import GROUPS, make_handler
+from workbench.handlers.ledger import check_ledger
+from workbench.log import StreamNames, ensure_groups
+from workbench.redis_server import RedisServer
+from workbench.relay import OutboxRelay
+from workbench.store import Store, inbox, outbox
+from workbench.waiting import wait_until
+
+NAMES = StreamNames()
+
+
+def _inbox_count(store: Store, group: str) -> int:
+    with store.engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).select_from(inbox).where(inbox.c.group_name == group)
+            ).scalar_one()
+        )
+
+
+def _expected(store: Store, aggregate_types: tuple[str, ...]) -> int:
+    with store.engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count(func.distinct(outbox.c.event_id))).where(
+                    outbox.c.stream.in_(aggregate_types)
+                )
+            ).scalar_one()
+        )
+
+
+def _pending(client: redis.Redis, group: str, aggregate_types: tuple[str, ...]) -> int:
+    return sum(int(client.xpending(s, group)["pending"]) for s in NAMES.streams(aggregate_types))
+
+
+def _pending_of(client: redis.Redis, group: str, consumer: str) -> list[str]:
+    ids = []
+    for stream in NAMES.streams():
+        try:
+            rows = client.xpending_range(stream, group, "-", "+", 10_000, consumername=consumer)
+        except redis.ResponseError:
+            continue
+        ids += [row["message_id"].decode() for row in rows]
+    return ids
+
+
+# -- pure decisions ----------------------------------------------------------------
+
+
+def test_dead_consumers_uses_heartbeats_not_idle_time() -> None:
+    pending = {"alive": 3, "stale": 2, "never": 1, "me": 4, "idle-empty": 0}
+    heartbeats = {"alive": 100.0, "stale": 80.0, "me": 50.0, "idle-empty": 0.0}
+    assert dead_consumers(pending, heartbeats, me="me", now=105.0, dead_after_s=10) == [
+        "never",
+        "stale",
+    ]
+
+
+def test_block_must_stay_below_socket_timeout() -> None:
+    with pytest.raises(ValueError, match="socket timeout"):
+        ConsumerSettings(block_ms=5000)
+
+
+# -- in-process ----------------------------------------------------------------------
+
+
+def test_every_group_handles_every_event_once(r, store, clock) -> None:
+    service, gateway = make_service(store, clock, duplicate_rate=0.3, failure_rate=0.2)
+    run_lifecycles(service, gateway, clock, 30)
+    relay = OutboxRelay(store, r)
+    relay.drain()
+    workers = [
+        ConsumerWorker(r, make_handler(g, store, clock), consumer=f"{g}-1", clock=clock)
+        for g in GROUPS
+    ]
+    for w in workers:
+        w.drain()
+        assert _inbox_count(store, w.group) == _expected(store, w.handler.aggregate_types)
+        assert _pending(r, w.group, w.handler.aggregate_types) == 0
+    assert check_ledger(store).ok
+
+
+class _Picky:
+    """A handler that always fails on one escrow and records the rest."""
+
+    group = "picky"
+    aggregate_types = ("escrow",)
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def handle(self, events: list[Event]) -> None:
+        for event in events:
+            if event.escrow_id == "esc-bad":
+                raise RuntimeError("cannot handle esc-bad")
+        self.seen.extend(e.event_id for e in events)
+
+
+def _event(escrow_id: str, n: int) -> Event:
+    return Event(
+        event_id=f"evt-{escrow_id}-{n}",
+        type="escrow.shipped",
+        aggregate_type="escrow",
+        aggregate_id=escrow_id,
+        sequence=n,
+        user_ids=("b", "s"),
+        occurred_at=1.0,
+        correlation_id="c",
+    )
+
+
+def test_poison_entries_go_to_dead_letters_after_max_deliveries(r) -> None:
+    clock = ManualClock()
+    handler = _Picky()
+    settings = ConsumerSettings(max_deliveries=3, retry_backoff_s=1.0)
+    worker = ConsumerWorker(r, handler, consumer="p1", clock=clock, settings=settings)
+    worker.setup()
+    stream = NAMES.stream("escrow")
+    r.xadd(stream, to_fields(_event("esc-1", 1)))
+    garbage_id = r.xadd(stream, {"event_id": "x", "type": "escrow.created", "data": b"{oops"})
+    bad_id = r.xadd(stream, to_fields(_event("esc-bad", 1)))
+    r.xadd(stream, to_fields(_event("esc-2", 1)))
+
+    def dead_letters() -> list[dict[bytes, bytes]]:
+        return [fields for _, fields in r.xrange(NAMES.dead_letter("picky"))]
+
+    for _ in range(10):
+        worker.poll()
+        if len(dead_letters()) == 2:
+            break
+        clock.advance(1.1)
+    letters = {f[b"source_id"]: f for f in dead_letters()}
+    assert set(letters) == {garbage_id, bad_id}
+    assert b"malformed event" in letters[garbage_id][b"reason"]
+    assert letters[bad_id][b"reason"] == b"RuntimeError: cannot handle esc-bad"
+    assert all(f[b"deliveries"] == b"3" for f in letters.values())
+    assert letters[garbage_id][b"entry.data"] == b"{oops"  # the entry itself is kept
+    # The group kept moving: good entries handled once, nothing left pending.
+    assert handler.seen == ["evt-esc-1-1", "evt-esc-2-1"]
+    assert r.xpending(stream, "picky")["pending"] == 0
+    # New entries still flow after the poison.
+    r.xadd(stream, to_fields(_event("esc-3", 1)))
+    worker.poll()
+    assert handler.seen[-1] == "evt-esc-3-1"
+
+
+def test_unknown_event_type_is_dead_lettered_with_its_reason(r) -> None:
+    clock = ManualClock()
+    handler = _Picky()
+    worker = ConsumerWorker(
+        r, handler, consumer="p1", clock=clock,
+        settings=ConsumerSettings(max_deliveries=1),
+    )
+    worker.setup()
+    bogus = to_fields(_event("esc-9", 1))
+    bogus["data"] = bogus["data"].replace(b"escrow.shipped", b"escrow.teleported")
+    r.xadd(NAMES.stream("escrow"), bogus)
+    worker.poll()
+    (_, fields), = r.xrange(NAMES.dead_letter("picky"))
+    assert fields[b"reason"] == b"unknown event type 'escrow.teleported'"
+
+
+def _read_as_ghost(client: redis.Redis, group: str, count: int) -> list[str]:
+    """Read entries as a consumer that then 'dies' (never acks, never heartbeats)."""
+    reply = client.xreadgroup(group, "ghost", {NAMES.stream("escrow"): ">"}, count=count)
+    return [entry_id.decode() for _, entries in reply for entry_id, _ in entries]
+
+
+def test_entries_of_a_dead_consumer_are_claimed_by_heartbeat(r) -> None:
+    clock = ManualClock()
+    handler = _Picky()
+    settings = ConsumerSettings(dead_after_s=5.0, recover_every_s=0.0)
+    worker = ConsumerWorker(r, handler, consumer="live", clock=clock, settings=settings)
+    worker.setup()
+    for n in range(1, 6):
+        r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", n)))
+    taken = _read_as_ghost(r, "picky", 3)
+    # The ghost still heartbeats: its entries are not stolen.
+    r.hset(NAMES.heartbeats("picky"), "ghost", repr(clock.now()))
+    worker.poll()
+    assert len(handler.seen) == 2
+    assert len(_pending_of(r, "picky", "ghost")) == 3
+    # Its heartbeat goes stale: the live consumer claims and handles the rest.
+    clock.advance(6.0)
+    worker.poll()
+    assert sorted(handler.seen) == sorted(f"evt-esc-1-{n}" for n in range(1, 6))
+    assert _pending_of(r, "picky", "ghost") == []
+    assert worker.stats.claimed == len(taken)
+    consumers = {c["name"] for c in r.xinfo_consumers(NAMES.stream("escrow"), "picky")}
+    assert b"ghost" not in consumers  # an emptied dead consumer is removed
+
+
+@pytest.mark.parametrize("binary", ["auto", "bundled"])
+def test_entries_deleted_while_pending_are_acked_and_counted(tmp_path, binary) -> None:
+    with RedisServer(tmp_path / binary, binary=binary) as server:
+        client = server.client()
+        clock = ManualClock()
+        handler = _Picky()
+        worker = ConsumerWorker(
+            client, handler, consumer="live", clock=clock,
+            settings=ConsumerSettings(dead_after_s=1.0, recover_every_s=0.0),
+        )
+        worker.setup()
+        for n in range(1, 4):
+            client.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", n)))
+        taken = _read_as_ghost(client, "picky", 3)
+        client.xdel(NAMES.stream("escrow"), taken[1])
+        clock.advance(2.0)
+        worker.poll()
+        worker.poll()
+        assert sorted(handler.seen) == ["evt-esc-1-1", "evt-esc-1-3"]
+        assert worker.stats.deleted == 1
+        assert client.xpending(NAMES.stream("escrow"), "picky")["pending"] == 0
+
+
+# -- real processes, SIGKILL ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("recovery", ["restart", "claim"])
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_worker_sigkilled_mid_batch_loses_nothing_and_posts_once(
+    r, redis_url, store, clock, tmp_path, point, recovery
+) -> None:
+    service, gateway = make_service(store, clock, duplicate_rate=0.3, failure_rate=0.1)
+    run_lifecycles(service, gateway, clock, 40)
+    OutboxRelay(store, r).drain()
+    ledger_types = ("escrow", "payment")
+    expected = _expected(store, ledger_types)
+
+    crashed = spawn_worker(
+        "ledger", "ledger-a", redis_url, store.url,
+        "--batch-size", "20", "--crash-at", point, "--crash-batch", "2",
+        log=tmp_path / "a.log",
+    )
+    wait_until(lambda: crashed.poll() is not None, timeout=60, what="the worker to crash")
+    assert crashed.returncode == -signal.SIGKILL
+    stranded = _pending_of(r, "ledger", "ledger-a")
+    assert stranded, "the crash left entries pending"
+    handled_before = _inbox_count(store, "ledger")
+    if point == "after-effect":
+        # The effect of the stranded batch is durable already: redelivery must not repeat it.
+        assert handled_before >= len(stranded)
+
+    name = "ledger-a" if recovery == "restart" else "ledger-b"
+    survivor = spawn_worker(
+        "ledger", name, redis_url, store.url, "--batch-size", "20", "--dead-after", "0.5",
+        log=tmp_path / "b.log",
+    )
+    try:
+        wait_until(
+            lambda: _inbox_count(store, "ledger") == expected
+            and _pending(r, "ledger", ledger_types) == 0,
+            timeout=60,
+            what="the survivor to handle every entry",
+        )
+    finally:
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(15) == 0
+    check = check_ledger(store)
+    assert check.ok, check
+    assert check.posted_events == check.expected_events > 0
+
+
+def test_sigterm_finishes_the_batch_acks_and_exits(r, redis_url, store, clock, tmp_path) -> None:
+    service, gateway = make_service(store, clock)
+    run_lifecycles(service, gateway, clock, 20)
+    OutboxRelay(store, r).drain()
+    worker = spawn_worker("notifications", "n-1", redis_url, store.url, log=tmp_path / "n.log")
+    types = ("escrow", "payment", "dispute")
+    wait_until(lambda: _inbox_count(store, "notifications") == _expected(store, types),
+               timeout=60, what="notifications to catch up")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+    assert _pending(r, "notifications", types) == 0
+    assert r.hget(NAMES.heartbeats("notifications"), "n-1") is None  # a clean exit
+
+
+def test_groups_are_created_from_the_start_of_the_stream(r) -> None:
+    stream = NAMES.stream("escrow")
+    r.xadd(stream, to_fields(_event("esc-1", 1)))
+    ensure_groups(r, [stream], "late-group")
+    ensure_groups(r, [stream], "late-group")  # idempotent
+    reply = r.xreadgroup("late-group", "c", {stream: ">"})
+    assert len(reply[0][1]) == 1

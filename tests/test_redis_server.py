@@ -1,0 +1,91 @@
+"""The embedded redis-server: both binaries, fault injection, no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from workbench.redis_server import RedisServer, RedisServerError, find_binary, redis_url
+from workbench.waiting import wait_until
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purpose.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("binary", ["auto", "bundled"])
+def test_starts_answers_and_stops(tmp_path, binary) -> None:
+    server = RedisServer(tmp_path, binary=binary)
+    with server:
+        assert server.client().ping()
+        pid = server.pid
+        assert pid is not None
+    assert not server.running
+    wait_until(lambda: not _alive(pid), timeout=5, what="redis-server to exit")
+
+
+def test_bundled_binary_is_redis_6_2(tmp_path) -> None:
+    with RedisServer(tmp_path, binary="bundled") as server:
+        assert server.version[:2] == (6, 2)
+        assert server.client().info("server")["redis_version"].startswith("6.2")
+
+
+def test_kill_and_restart_keeps_acknowledged_writes_with_aof(tmp_path) -> None:
+    with RedisServer(tmp_path, appendonly=True, appendfsync="everysec") as server:
+        client = server.client()
+        ids = [client.xadd("s", {"n": n}) for n in range(100)]
+        server.kill()
+        assert not server.running
+        server.restart()
+        assert [i for i, _ in client.xrange("s")] == ids
+
+
+def test_kill_without_aof_loses_the_data(tmp_path) -> None:
+    with RedisServer(tmp_path, appendonly=False) as server:
+        client = server.client()
+        client.xadd("s", {"n": 1})
+        server.kill()
+        server.restart()
+        assert client.xlen("s") == 0
+
+
+def test_no_orphan_when_the_owner_is_sigkilled(tmp_path) -> None:
+    code = (
+        "import sys, time\n"
+        "from workbench.redis_server import RedisServer\n"
+        f"s = RedisServer({str(tmp_path)!r}).start()\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(owner.stdout.readline())  # type: ignore[union-attr]
+    assert _alive(pid)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(10)
+    wait_until(lambda: not _alive(pid), timeout=10, what="redis-server to die with its owner")
+
+
+def test_bad_options_and_binaries_fail_clearly(tmp_path) -> None:
+    with pytest.raises(ValueError, match="appendfsync"):
+        RedisServer(tmp_path, appendfsync="sometimes")
+    with pytest.raises(RedisServerError, match="not an executable"):
+        find_binary(str(tmp_path / "nope"))
+
+
+def test_redis_url_prefers_an_external_server(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    with redis_url(tmp_path) as url:
+        assert url == "redis://127.0.0.1:1/0"
+    monkeypatch.delenv("REDIS_URL")
+    with redis_url(tmp_path / "own") as url:
+        assert url.startswith("redis://127.0.0.1:")

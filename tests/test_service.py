@@ -1,0 +1,654 @@
+"""EscrowService against the real SQL store (SQLite, and PostgreSQL with TEST_DATABASE_URL)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from workbench import events as ev
+from workbench.clock import ManualClock
+from workbench.escrow import (
+    ADMIN,
+    DomainError,
+    EscrowState,
+    IllegalTransition,
+    InvalidCommand,
+    NotAllowed,
+    RecordPaymentResult,
+    Timeouts,
+    fee_for,
+)
+from workbench.handlers.ledger import LedgerHandler, balances, check_ledger
+from workbench.ids import IdFactory
+from workbench.mpesa import (
+    RESULT_CANCELLED_BY_USER,
+    RESULT_OK,
+    GatewayBehaviour,
+    SimulatedGateway,
+    parse_callback,
+    stk_callback,
+)
+from workbench.service import (
+    EscrowNotFound,
+    EscrowService,
+    IdempotencyKeyReused,
+    UnknownCheckout,
+)
+from workbench.store import Store, checkouts, commands, escrows, ledger_entries, outbox
+
+S = EscrowState
+TIMEOUTS = Timeouts()
+
+
+class FixedGateway:
+    """A stand-in for Daraja's STK push: predictable checkout ids, no callbacks."""
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[str, str, int, str]] = []
+
+    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+        checkout = f"co-{escrow_id}-{len(self.pushes) + 1}"
+        self.pushes.append((checkout, escrow_id, amount, phone))
+        return checkout
+
+
+@pytest.fixture
+def gateway() -> FixedGateway:
+    return FixedGateway()
+
+
+@pytest.fixture
+def service(
+    store: Store, clock: ManualClock, ids: IdFactory, gateway: FixedGateway
+) -> EscrowService:
+    return EscrowService(store, clock=clock, ids=ids, gateway=gateway)
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def outbox_events(store: Store) -> list[ev.Event]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(outbox.c.data).order_by(outbox.c.seq)).scalars().all()
+    return [ev.decode(bytes(data)) for data in rows]
+
+
+def count(store: Store, table) -> int:  # type: ignore[no-untyped-def]
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def snapshot(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the tables a command may touch, in a stable order."""
+    out = {}
+    with store.engine.connect() as conn:
+        for table in (escrows, outbox, commands, checkouts, ledger_entries):
+            key = list(table.primary_key.columns)
+            rows = conn.execute(select(table).order_by(*key)).all()
+            out[table.name] = [
+                tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows
+            ]
+    return out
+
+
+def ok_callback(checkout: str, amount: int, receipt: str = "RCPT") -> RecordPaymentResult:
+    return parse_callback(stk_callback(checkout, RESULT_OK, amount=amount, receipt=receipt))
+
+
+def fail_callback(checkout: str) -> RecordPaymentResult:
+    return parse_callback(stk_callback(checkout, RESULT_CANCELLED_BY_USER))
+
+
+def run_ledger(store: Store, clock: ManualClock) -> None:
+    LedgerHandler(store, clock).handle(outbox_events(store))
+
+
+def funded_escrow(
+    service: EscrowService,
+    escrow_id: str = "e1",
+    amount: int = 1000,
+    buyer: str = "b1",
+    seller: str = "s1",
+) -> str:
+    service.create(buyer, seller, amount, escrow_id=escrow_id)
+    checkout = service.fund(escrow_id, buyer).escrow["checkout_request_id"]
+    service.record_payment_result(ok_callback(checkout, amount, receipt=f"R-{escrow_id}"))
+    return checkout
+
+
+# -- basics ---------------------------------------------------------------------
+
+
+def test_lifecycle_stores_state_and_outbox(
+    service: EscrowService, store: Store, gateway: FixedGateway
+) -> None:
+    created = service.create("b1", "s1", 1000, "phone", escrow_id="e1")
+    assert created.event_types == ["escrow.created"]
+    assert created.replayed is False
+    assert created.escrow["state"] == "created"
+    funding = service.fund("e1", "b1", "254700000001")
+    assert funding.event_types == ["payment.requested"]
+    assert gateway.pushes == [("co-e1-1", "e1", 1000, "254700000001")]
+    assert service.get("e1").checkout_request_id == "co-e1-1"
+    paid = service.record_payment_result(ok_callback("co-e1-1", 1000, "RC1"))
+    assert paid.event_types == ["payment.received", "escrow.funded"]
+    assert service.ship("e1", "s1").event_types == ["escrow.shipped"]
+    done = service.confirm("e1", "b1")
+    assert done.event_types == ["escrow.confirmed", "escrow.released", "payout.sent"]
+    escrow = service.get("e1")
+    assert escrow.state is S.RELEASED
+    assert escrow.version == 8
+    assert escrow.mpesa_receipt == "RC1"
+    logged = outbox_events(store)
+    assert [e.sequence for e in logged] == list(range(1, 9))
+    assert [e.type for e in logged] == [
+        "escrow.created",
+        "payment.requested",
+        "payment.received",
+        "escrow.funded",
+        "escrow.shipped",
+        "escrow.confirmed",
+        "escrow.released",
+        "payout.sent",
+    ]
+    with store.engine.connect() as conn:
+        streams = conn.execute(select(outbox.c.stream).order_by(outbox.c.seq)).scalars().all()
+    assert streams == [e.aggregate_type for e in logged]
+    assert [e.id for e in service.escrows_of("b1")] == ["e1"]
+    assert [e.id for e in service.escrows_of("s1")] == ["e1"]
+    assert service.escrows_of("nobody") == []
+
+
+def test_get_unknown_escrow_raises(service: EscrowService) -> None:
+    with pytest.raises(EscrowNotFound, match="no escrow 'nope'"):
+        service.get("nope")
+
+
+def test_fund_without_gateway_raises(store: Store, clock: ManualClock) -> None:
+    bare = EscrowService(store, clock=clock, ids=IdFactory(1))
+    bare.create("b1", "s1", 100, escrow_id="e1")
+    with pytest.raises(RuntimeError, match="no payment gateway"):
+        bare.fund("e1", "b1")
+
+
+# -- idempotency ----------------------------------------------------------------
+
+
+def test_same_key_same_create_is_replayed(service: EscrowService, store: Store) -> None:
+    first = service.create("b1", "s1", 1000, "phone", escrow_id="e1", idempotency_key="k1")
+    before = snapshot(store)
+    second = service.create("b1", "s1", 1000, "phone", escrow_id="e1", idempotency_key="k1")
+    assert (first.replayed, second.replayed) == (False, True)
+    assert second.escrow == first.escrow
+    assert [e.event_id for e in second.events] == [e.event_id for e in first.events]
+    assert second.events == first.events
+    assert snapshot(store) == before
+    assert count(store, outbox) == 1
+    assert count(store, commands) == 1
+
+
+def test_retry_of_create_with_generated_id_returns_the_same_escrow(
+    service: EscrowService, store: Store
+) -> None:
+    first = service.create("b1", "s1", 500, idempotency_key="create-1")
+    second = service.create("b1", "s1", 500, idempotency_key="create-1")
+    assert second.replayed is True
+    assert second.escrow["id"] == first.escrow["id"]
+    assert count(store, escrows) == 1
+    assert count(store, outbox) == 1
+
+
+def test_same_key_replays_later_commands(
+    service: EscrowService, store: Store, gateway: FixedGateway
+) -> None:
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    funding = service.fund("e1", "b1", idempotency_key="fund-1")
+    again = service.fund("e1", "b1", idempotency_key="fund-1")
+    assert again.replayed is True
+    assert again.escrow == funding.escrow
+    assert len(gateway.pushes) == 1  # the retry did not push to the phone again
+    service.record_payment_result(ok_callback("co-e1-1", 1000))
+    shipped = service.ship("e1", "s1", "T1", idempotency_key="ship-1")
+    before = snapshot(store)
+    replay = service.ship("e1", "s1", "T1", idempotency_key="ship-1")
+    assert replay.replayed is True
+    assert replay.event_types == ["escrow.shipped"]
+    assert [e.event_id for e in replay.events] == [e.event_id for e in shipped.events]
+    assert snapshot(store) == before
+    # Without the key, shipping again is an illegal transition.
+    with pytest.raises(IllegalTransition):
+        service.ship("e1", "s1", "T1")
+
+
+def test_same_key_different_command_is_rejected(service: EscrowService, store: Store) -> None:
+    service.create("b1", "s1", 1000, escrow_id="e1", idempotency_key="k1")
+    before = snapshot(store)
+    with pytest.raises(IdempotencyKeyReused, match="'k1' was used for a different create command"):
+        service.cancel("e1", "b1", idempotency_key="k1")
+    with pytest.raises(IdempotencyKeyReused):
+        service.create("b1", "s1", 2000, escrow_id="e1", idempotency_key="k1")
+    with pytest.raises(IdempotencyKeyReused):
+        service.create("b1", "s1", 1000, escrow_id="e2", idempotency_key="k1")
+    assert snapshot(store) == before
+    assert service.get("e1").state is S.CREATED
+
+
+def test_same_key_same_command_on_another_escrow_is_rejected(service: EscrowService) -> None:
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    service.create("b1", "s1", 1000, escrow_id="e2")
+    service.cancel("e1", "b1", idempotency_key="c")
+    with pytest.raises(IdempotencyKeyReused):
+        service.cancel("e2", "b1", idempotency_key="c")
+    assert service.get("e2").state is S.CREATED
+
+
+def test_rejected_command_does_not_burn_its_key(service: EscrowService) -> None:
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    with pytest.raises(IllegalTransition):
+        service.ship("e1", "s1", idempotency_key="ship")
+    funded_checkout = service.fund("e1", "b1").escrow["checkout_request_id"]
+    service.record_payment_result(ok_callback(funded_checkout, 1000))
+    result = service.ship("e1", "s1", idempotency_key="ship")
+    assert result.replayed is False
+    assert result.event_types == ["escrow.shipped"]
+
+
+# -- rejected commands change nothing ---------------------------------------------
+
+REJECTED = {
+    "confirm-funded": (lambda s: s.confirm("e1", "b1", idempotency_key="bad"), IllegalTransition),
+    "fund-funded": (lambda s: s.fund("e1", "b1", idempotency_key="bad"), IllegalTransition),
+    "resolve-funded": (
+        lambda s: s.resolve("e1", ADMIN, "refund", idempotency_key="bad"),
+        IllegalTransition,
+    ),
+    "ship-by-buyer": (lambda s: s.ship("e1", "b1", idempotency_key="bad"), NotAllowed),
+    "fund-by-seller": (lambda s: s.fund("e1", "s1", idempotency_key="bad"), NotAllowed),
+    "cancel-by-stranger": (lambda s: s.cancel("e1", "x", idempotency_key="bad"), NotAllowed),
+    "resolve-bad-outcome": (
+        lambda s: s.resolve("e1", ADMIN, "split", idempotency_key="bad"),
+        InvalidCommand,
+    ),
+    "create-existing": (
+        lambda s: s.create("b1", "s1", 1000, escrow_id="e1", idempotency_key="bad"),
+        DomainError,
+    ),
+    "ship-unknown": (lambda s: s.ship("nope", "s1", idempotency_key="bad"), EscrowNotFound),
+    "expire-unknown": (lambda s: s.expire("nope"), EscrowNotFound),
+    "callback-unknown": (
+        lambda s: s.record_payment_result(ok_callback("co-x", 1000)),
+        UnknownCheckout,
+    ),
+    "callback-wrong-amount": (
+        lambda s: s.record_payment_result(ok_callback("co-e2-2", 999)),
+        InvalidCommand,
+    ),
+}
+
+
+@pytest.mark.parametrize(("action", "error"), REJECTED.values(), ids=REJECTED.keys())
+def test_rejected_command_leaves_every_table_unchanged(
+    service: EscrowService, store: Store, gateway: FixedGateway, action, error
+) -> None:  # type: ignore[no-untyped-def]
+    funded_escrow(service, "e1", 1000)
+    service.create("b2", "s2", 1000, escrow_id="e2")
+    service.fund("e2", "b2")  # awaiting payment on co-e2-2
+    before = snapshot(store)
+    pushes = list(gateway.pushes)
+    with pytest.raises(error):
+        action(service)
+    assert snapshot(store) == before
+    assert gateway.pushes == pushes  # an illegal fund never reaches M-Pesa
+    # The rejected key was not stored: it is free for a legal command.
+    assert service.cancel("e2", "b2", idempotency_key="bad").event_types == ["escrow.cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("amount", "buyer", "seller"),
+    [
+        (0, "b1", "s1"),
+        (250_001, "b1", "s1"),
+        (True, "b1", "s1"),
+        (100, "b1", "b1"),
+        (100, "", "s1"),
+    ],
+    ids=["zero", "too-much", "bool", "same-party", "no-buyer"],
+)
+def test_malformed_create_stores_nothing(
+    service: EscrowService, store: Store, amount: Any, buyer: str, seller: str
+) -> None:
+    before = snapshot(store)
+    with pytest.raises(InvalidCommand):
+        service.create(buyer, seller, amount, escrow_id="e1", idempotency_key="k")
+    assert snapshot(store) == before
+    assert count(store, escrows) == 0
+    assert count(store, commands) == 0
+
+
+# -- M-Pesa callbacks -------------------------------------------------------------
+
+
+def test_unknown_checkout_raises(service: EscrowService, store: Store) -> None:
+    funded_escrow(service)
+    before = snapshot(store)
+    with pytest.raises(UnknownCheckout, match="no checkout request 'ws_CO_unknown'") as info:
+        service.record_payment_result(ok_callback("ws_CO_unknown", 1000))
+    assert info.value.code == "unknown_checkout"
+    assert snapshot(store) == before
+
+
+def test_first_result_per_checkout_is_final(service: EscrowService, store: Store) -> None:
+    service.create("b1", "s1", 700, escrow_id="e1")
+    service.fund("e1", "b1")
+    first = service.record_payment_result(fail_callback("co-e1-1"))
+    assert first.event_types == ["payment.failed"]
+    before = snapshot(store)
+    second = service.record_payment_result(ok_callback("co-e1-1", 700))
+    assert second.replayed is True
+    assert second.events == []
+    assert snapshot(store) == before
+    assert service.get("e1").state is S.CREATED
+    with store.engine.connect() as conn:
+        row = conn.execute(select(checkouts)).one()
+    assert (row.checkout_request_id, row.escrow_id, row.result_code) == ("co-e1-1", "e1", 1032)
+
+
+def test_wrong_amount_callback_does_not_settle_the_checkout(service: EscrowService) -> None:
+    service.create("b1", "s1", 700, escrow_id="e1")
+    service.fund("e1", "b1")
+    with pytest.raises(InvalidCommand, match="callback amount 70 does not match"):
+        service.record_payment_result(ok_callback("co-e1-1", 70))
+    result = service.record_payment_result(ok_callback("co-e1-1", 700))
+    assert result.replayed is False
+    assert result.event_types == ["payment.received", "escrow.funded"]
+
+
+def test_duplicate_late_and_shuffled_callbacks_fund_each_escrow_once(
+    service: EscrowService, store: Store, clock: ManualClock
+) -> None:
+    amounts = {f"e{i}": 1000 * (i + 1) + i for i in range(6)}
+    buyer = {e: f"b-{e}" for e in amounts}
+    seller = {e: f"s-{e}" for e in amounts}
+    # e5 is created first so that it alone is past its payment deadline later.
+    service.create(buyer["e5"], seller["e5"], amounts["e5"], escrow_id="e5")
+    service.fund("e5", buyer["e5"])
+    clock.advance(10 * 60)
+    for e in ["e0", "e1", "e2", "e3", "e4"]:
+        service.create(buyer[e], seller[e], amounts[e], escrow_id=e)
+        service.fund(e, buyer[e])
+    checkout = {e: service.get(e).checkout_request_id for e in amounts}
+    assert len(set(checkout.values())) == 6
+
+    service.cancel("e4", buyer["e4"], "changed my mind")  # the buyer pays anyway, later
+    clock.advance(6 * 60)
+    assert service.expire_due() == 1  # only e5: created 16 minutes ago
+    assert service.get("e5").state is S.EXPIRED
+
+    callbacks = [
+        fail_callback(checkout[e]) if e == "e3" else ok_callback(checkout[e], amounts[e], f"R{e}")
+        for e in amounts
+    ] * 2
+    random.Random(1234).shuffle(callbacks)
+    replayed = Counter()
+    for callback in callbacks:
+        clock.advance(1)
+        replayed[service.record_payment_result(callback).replayed] += 1
+    assert replayed == {False: 6, True: 6}
+
+    # e3's payment failed: fund again; its old failure arrives once more, late.
+    service.fund("e3", buyer["e3"])
+    retry = service.get("e3").checkout_request_id
+    assert retry != checkout["e3"]
+    for callback in [ok_callback(retry, amounts["e3"], "Re3b"), fail_callback(checkout["e3"])] * 2:
+        service.record_payment_result(callback)
+
+    states = {e: service.get(e).state for e in amounts}
+    assert states == {
+        "e0": S.FUNDED,
+        "e1": S.FUNDED,
+        "e2": S.FUNDED,
+        "e3": S.FUNDED,
+        "e4": S.CANCELLED,
+        "e5": S.EXPIRED,
+    }
+    assert service.get("e3").mpesa_receipt == "Re3b"
+    logged = outbox_events(store)
+    funded = Counter(e.aggregate_id for e in logged if e.type == "escrow.funded")
+    assert funded == {"e0": 1, "e1": 1, "e2": 1, "e3": 1}
+    received = Counter(e.aggregate_id for e in logged if e.type == "payment.received")
+    assert received == {e: 1 for e in amounts}
+    refunded = Counter(e.aggregate_id for e in logged if e.type == "payment.refunded")
+    assert refunded == {"e4": 1, "e5": 1}
+    assert Counter(e.aggregate_id for e in logged if e.type == "payment.failed") == {"e3": 1}
+
+    run_ledger(store, clock)
+    check = check_ledger(store)
+    assert check.ok, check
+    assert check.funded == sum(amounts.values())
+    assert check.held == sum(amounts[e] for e in ["e0", "e1", "e2", "e3"])
+    assert check.refunded == amounts["e4"] + amounts["e5"]
+    assert check.released == 0
+    money = balances(store)
+    for e in ["e0", "e1", "e2", "e3"]:
+        assert money[f"buyer:{buyer[e]}"] == -amounts[e]
+        assert money[f"hold:{e}"] == amounts[e]
+    for e in ["e4", "e5"]:
+        assert money[f"buyer:{buyer[e]}"] == 0
+        assert money[f"hold:{e}"] == 0
+
+    # Settle two of them and post again: the events seen before are not posted twice.
+    service.ship("e0", seller["e0"])
+    service.confirm("e0", buyer["e0"])
+    service.dispute("e1", seller["e1"], "buyer unreachable")
+    service.resolve("e1", ADMIN, "refund")
+    run_ledger(store, clock)
+    check = check_ledger(store)
+    assert check.ok, check
+    money = balances(store)
+    fee = fee_for(amounts["e0"])
+    assert money["hold:e0"] == 0
+    assert money[f"seller:{seller['e0']}"] == amounts["e0"] - fee
+    assert money["fees"] == fee
+    assert money["hold:e1"] == 0
+    assert money[f"buyer:{buyer['e1']}"] == 0
+    assert check.released == amounts["e0"]
+    assert check.held == amounts["e2"] + amounts["e3"]
+
+
+def test_simulated_gateway_callbacks_settle_with_exact_balances(
+    store: Store, clock: ManualClock, ids: IdFactory
+) -> None:
+    behaviour = GatewayBehaviour(failure_rate=0.3, duplicate_rate=0.5, late_rate=0.0)
+    gateway = SimulatedGateway(clock, behaviour, seed=5)
+    service = EscrowService(store, clock=clock, ids=ids, gateway=gateway)
+    amounts = {f"g{i}": 100 + 17 * i for i in range(8)}
+    for e, amount in amounts.items():
+        service.create(f"b-{e}", f"s-{e}", amount, escrow_id=e)
+        service.fund(e, f"b-{e}")
+    delivered = 0
+    while gateway.pending:
+        clock.advance(5)
+        for body in gateway.due():
+            delivered += 1
+            service.record_payment_result(parse_callback(body))
+        for e in amounts:
+            if service.get(e).state is S.CREATED:  # failed: ask again
+                service.fund(e, f"b-{e}")
+    assert delivered > len(gateway.requests)  # some duplicates were delivered
+    assert all(service.get(e).state is S.FUNDED for e in amounts)
+    logged = outbox_events(store)
+    assert Counter(e.aggregate_id for e in logged if e.type == "escrow.funded") == {
+        e: 1 for e in amounts
+    }
+    run_ledger(store, clock)
+    check = check_ledger(store)
+    assert check.ok, check
+    assert check.held == sum(amounts.values())
+    assert balances(store) == {
+        **{f"buyer:b-{e}": -a for e, a in amounts.items()},
+        **{f"hold:{e}": a for e, a in amounts.items()},
+    }
+
+
+# -- expiry -----------------------------------------------------------------------
+
+
+def test_expire_due_follows_the_manual_clock(
+    service: EscrowService, store: Store, clock: ManualClock
+) -> None:
+    start = clock.now()
+    service.create("b1", "s1", 100, escrow_id="unpaid")
+    service.create("b2", "s2", 200, escrow_id="waiting")
+    service.fund("waiting", "b2")
+    funded_escrow(service, "funded", 300, "b3", "s3")
+    funded_escrow(service, "shipped", 400, "b4", "s4")
+    service.ship("shipped", "s4")
+    funded_escrow(service, "disputed", 500, "b5", "s5")
+    service.dispute("disputed", "b5")
+
+    def states() -> dict[str, str]:
+        return {
+            e.id: e.state.value
+            for b in ["b1", "b2", "b3", "b4", "b5"]
+            for e in service.escrows_of(b)
+        }
+
+    initial = states()
+    assert service.expire_due() == 0
+    clock.advance(TIMEOUTS.payment - 1)
+    before = snapshot(store)
+    assert service.expire_due() == 0
+    assert snapshot(store) == before
+
+    clock.set(start + TIMEOUTS.payment)  # exactly at the deadline
+    assert service.expire_due() == 2
+    assert states() == {**initial, "unpaid": "expired", "waiting": "expired"}
+    assert service.expire_due() == 0  # nothing left due: idempotent
+
+    clock.set(start + TIMEOUTS.confirmation - 1)
+    assert service.expire_due() == 0
+    clock.advance(1)
+    assert service.expire_due() == 2  # escrow.released + payout.sent
+    assert service.get("shipped").state is S.RELEASED
+
+    clock.set(start + TIMEOUTS.shipping)
+    assert service.expire_due() == 3  # escrow.expired + escrow.refunded + payout.refunded
+    assert service.get("funded").state is S.REFUNDED
+
+    clock.advance(365 * 24 * 3600)
+    assert service.expire_due() == 0
+    assert service.get("disputed").state is S.DISPUTED
+    reasons = {
+        e.aggregate_id: e.payload["reason"]
+        for e in outbox_events(store)
+        if e.type in ("escrow.expired", "escrow.released")
+    }
+    assert reasons == {
+        "unpaid": "not paid in time",
+        "waiting": "not paid in time",
+        "shipped": "auto-release: not confirmed in time",
+        "funded": "not shipped in time",
+    }
+
+
+def test_expire_due_respects_limit(service: EscrowService, clock: ManualClock) -> None:
+    for i in range(5):
+        service.create("b1", "s1", 100, escrow_id=f"e{i}")
+    clock.advance(TIMEOUTS.payment)
+    assert service.expire_due(limit=2) == 2
+    assert service.expire_due(limit=10) == 3
+    assert service.expire_due() == 0
+
+
+def test_expire_before_deadline_emits_nothing(service: EscrowService, store: Store) -> None:
+    service.create("b1", "s1", 100, escrow_id="e1")
+    before = snapshot(store)
+    result = service.expire("e1")
+    assert result.events == []
+    assert result.escrow["state"] == "created"
+    assert snapshot(store) == before
+
+
+def test_custom_timeouts_drive_deadlines(store: Store, clock: ManualClock, ids: IdFactory) -> None:
+    service = EscrowService(store, clock=clock, ids=ids, timeouts=Timeouts(payment=10))
+    service.create("b1", "s1", 100, escrow_id="e1")
+    assert service.get("e1").deadline == clock.now() + 10
+    clock.advance(10)
+    assert service.expire_due() == 1
+
+
+# -- the ledger handler -----------------------------------------------------------
+
+
+def _settled_mix(service: EscrowService) -> None:
+    funded_escrow(service, "r1", 1000, "b1", "s1")
+    service.ship("r1", "s1")
+    service.confirm("r1", "b1")
+    funded_escrow(service, "r2", 2000, "b2", "s2")
+    service.cancel("r2", "s2")
+    funded_escrow(service, "h3", 3000, "b3", "s3")
+
+
+def _expected_balances() -> dict[str, int]:
+    return {
+        "buyer:b1": -1000,
+        "hold:r1": 0,
+        "seller:s1": 1000 - fee_for(1000),
+        "fees": fee_for(1000),
+        "buyer:b2": 0,
+        "hold:r2": 0,
+        "buyer:b3": -3000,
+        "hold:h3": 3000,
+    }
+
+
+def test_ledger_handler_posts_each_event_once(
+    service: EscrowService, store: Store, clock: ManualClock
+) -> None:
+    _settled_mix(service)
+    events = outbox_events(store)
+    LedgerHandler(store, clock).handle(events)
+    entries = count(store, ledger_entries)
+    assert entries == 3 * 2 + 3 + 2  # payment.received x3, escrow.released, escrow.refunded
+    assert balances(store) == _expected_balances()
+    before = snapshot(store)
+    LedgerHandler(store, clock).handle(events)  # redelivered, e.g. after a restart
+    LedgerHandler(store, clock).handle(list(reversed(events[3:])))
+    assert snapshot(store) == before
+    check = check_ledger(store)
+    assert check.ok, check
+    assert (check.funded, check.held, check.released, check.refunded) == (6000, 3000, 1000, 2000)
+    assert check.fees == fee_for(1000)
+
+
+def test_ledger_handler_dedupes_within_a_batch(
+    service: EscrowService, store: Store, clock: ManualClock
+) -> None:
+    _settled_mix(service)
+    events = outbox_events(store)
+    LedgerHandler(store, clock).handle(events + events[::-1] + events[:4])
+    assert balances(store) == _expected_balances()
+    check = check_ledger(store)
+    assert check.ok, check
+    assert check.duplicate_postings == 0
+    assert check.posted_events == check.expected_events == 5
+
+
+def test_ledger_check_notices_missing_postings(
+    service: EscrowService, store: Store, clock: ManualClock
+) -> None:
+    _settled_mix(service)
+    events = outbox_events(store)
+    LedgerHandler(store, clock).handle([e for e in events if e.type != "escrow.refunded"])
+    check = check_ledger(store)
+    assert not check.ok
+    assert check.conserved  # the unposted refund still looks held...
+    assert check.held == 5000
+    assert not check.matches_outbox  # ...but one money event in the outbox is not posted
+    assert (check.posted_events, check.expected_events) == (4, 5)
+    LedgerHandler(store, clock).handle(events)
+    assert check_ledger(store).ok
