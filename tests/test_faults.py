@@ -117,7 +117,7 @@ def test_redis_restarted_without_persistence_recreates_groups(store, tmp_path) -
     clock = ManualClock()
     service, gateway = make_service(store, clock)
     try:
-        with _Runtime(store, server.url) as runtime:
+        with _Runtime(store, server.url):
             run_lifecycles(service, gateway, clock, 5, prefix="before")
             expected = _expected(store)
             wait_until(lambda: _handled(store) == expected, timeout=30, what="first catch-up")

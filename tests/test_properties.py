@@ -230,6 +230,8 @@ def _run_example(store: Store, amounts: list[int], steps: list[tuple[str, int, s
             settled.add(checkout)  # the first accepted result for a checkout is final
         if key is not None:
             last_keyed.append(action)
+        from hypothesis import event as _hev
+        _hev(f"accepted {kind} -> {result.event_types}")
 
     _check_invariants(store, service, clock, ids, amounts, parties)
 
@@ -269,6 +271,8 @@ def _check_invariants(
     for escrow_id, amount in zip(ids, amounts, strict=True):
         escrow = service.get(escrow_id)
         expected = amount if escrow.state in HOLDING else 0
+        from hypothesis import event as _hev
+        _hev(f"final {escrow.state.value}")
         held += expected
         assert money.get(f"hold:{escrow_id}", 0) == expected, (escrow_id, escrow.state)
         if escrow.state in HOLDING or escrow.state is EscrowState.RELEASED:
