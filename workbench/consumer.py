@@ -207,16 +207,17 @@ class ConsumerWorker:
         return read + len(deliveries)
 
     def drain(self, max_polls: int = 10_000) -> int:
-        """Poll without blocking until nothing is left to read; return entries read."""
+        """Poll without blocking until a poll reads nothing; return entries read.
+
+        Failed entries waiting for their retry backoff are not waited for: the
+        caller moves the clock on and drains again.
+        """
         total = 0
         for _ in range(max_polls):
             count = self.poll(block_ms=0)
             total += count
-            if not count and self._reread_own_at is None:
-                return total
-            if not count and self._reread_own_at is not None:
-                # Entries wait for their retry backoff: the caller moves time on.
-                return total
+            if not count:
+                break
         return total
 
     # -- run forever ---------------------------------------------------------------
