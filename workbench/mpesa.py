@@ -85,15 +85,29 @@ def parse_callback(body: Any) -> RecordPaymentResult:
                 items[item["Name"]] = item.get("Value")
         except (KeyError, TypeError) as exc:
             raise CallbackError(f"successful callback without CallbackMetadata: {exc}") from None
-        if "MpesaReceiptNumber" not in items or "Amount" not in items:
-            raise CallbackError("successful callback needs Amount and MpesaReceiptNumber")
-    amount = items.get("Amount")
+        receipt = items.get("MpesaReceiptNumber")
+        if not isinstance(receipt, str) or not receipt:
+            raise CallbackError("successful callback needs a MpesaReceiptNumber")
+        amount = items.get("Amount")
+        if isinstance(amount, bool) or not isinstance(amount, int | float | str):
+            raise CallbackError(f"successful callback needs a numeric Amount, not {amount!r}")
+        try:
+            amount_value = float(amount)
+        except ValueError:
+            raise CallbackError(f"Amount must be a number, not {amount!r}") from None
+        if not amount_value.is_integer() or amount_value <= 0:
+            raise CallbackError(f"Amount must be a positive whole number of KES, not {amount!r}")
+        return RecordPaymentResult(
+            checkout_request_id=checkout,
+            result_code=code,
+            result_desc=str(callback.get("ResultDesc", "")),
+            receipt=receipt,
+            amount=int(amount_value),
+        )
     return RecordPaymentResult(
         checkout_request_id=checkout,
         result_code=code,
         result_desc=str(callback.get("ResultDesc", "")),
-        receipt=items.get("MpesaReceiptNumber"),
-        amount=int(amount) if amount is not None else None,
     )
 
 
