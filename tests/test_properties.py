@@ -19,11 +19,12 @@ from __future__ import annotations
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from workbench import events as ev
 from workbench.clock import ManualClock
@@ -32,23 +33,36 @@ from workbench.handlers.ledger import LedgerHandler, balances, check_ledger
 from workbench.ids import IdFactory
 from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, parse_callback, stk_callback
 from workbench.service import CommandResult, EscrowService
-from workbench.store import Store, commands, escrows, outbox
+from workbench.store import Store, checkouts, commands, escrows, outbox
 
-ACTORS = ("buyer", "seller", ADMIN, "stranger", "other-buyer")
+# "right" is whoever may issue the command; the others are often wrong. Kinds and
+# actors repeat to weight the draw towards progress through the lifecycle.
+ACTORS = ("right",) * 6 + ("buyer", "seller", ADMIN, "stranger", "other-buyer")
 KINDS = (
-    "fund",
-    "callback_ok",
-    "callback_fail",
-    "duplicate",
-    "ship",
-    "confirm",
-    "dispute",
-    "resolve",
-    "cancel",
-    "expire",
-    "advance",
-    "retry",
+    ("fund",) * 3
+    + ("callback_ok",) * 4
+    + ("callback_fail", "duplicate", "duplicate")
+    + ("ship",) * 3
+    + ("confirm",) * 2
+    + ("dispute", "resolve", "resolve", "cancel", "expire", "advance", "retry")
+    + ("next",) * 10
 )
+# "next" takes the escrow one step along its lifecycle; the choice picks a branch.
+NEXT = {
+    EscrowState.CREATED: ("fund",) * 4,
+    EscrowState.AWAITING_PAYMENT: ("callback_ok", "callback_ok", "callback_fail", "cancel"),
+    EscrowState.FUNDED: ("ship", "ship", "dispute", "cancel"),
+    EscrowState.SHIPPED: ("confirm", "confirm", "dispute", "expire"),
+    EscrowState.DISPUTED: ("resolve",) * 4,
+}
+RIGHT_ACTOR = {
+    "fund": "buyer",
+    "ship": "seller",
+    "confirm": "buyer",
+    "dispute": "buyer",
+    "resolve": ADMIN,
+    "cancel": "seller",
+}
 # Small steps, and steps past each timeout (payment 15 min, confirm 3 d, ship 7 d).
 ADVANCES = (1.0, 60.0, 901.0, 3 * 86400 + 1.0, 7 * 86400 + 1.0)
 OUTCOMES = ("refund", "release", "split")
@@ -75,20 +89,42 @@ def outbox_events(store: Store) -> list[ev.Event]:
     return [ev.decode(bytes(data)) for data in rows]
 
 
-def state_of(store: Store) -> tuple[list[Any], list[Any], list[Any]]:
+class Snapshot(NamedTuple):
+    """What a command may change: escrow rows, checkouts, outbox and idempotency keys."""
+
+    escrows: list[Any]
+    checkouts: list[Any]
+    outbox_count: int
+    outbox_last: int | None
+    commands: int
+
+
+def snapshot(store: Store) -> Snapshot:
     with store.engine.connect() as conn:
-        return (
+        count, last = conn.execute(select(func.count(), func.max(outbox.c.seq))).one()
+        return Snapshot(
             conn.execute(select(escrows).order_by(escrows.c.id)).all(),
-            conn.execute(select(outbox.c.event_id).order_by(outbox.c.seq)).scalars().all(),
-            conn.execute(select(commands).order_by(commands.c.idempotency_key)).all(),
+            conn.execute(select(checkouts).order_by(checkouts.c.checkout_request_id)).all(),
+            count,
+            last,
+            conn.execute(select(func.count()).select_from(commands)).scalar_one(),
         )
+
+
+def event_ids_after(store: Store, seq: int | None) -> list[str]:
+    query = select(outbox.c.event_id).order_by(outbox.c.seq)
+    if seq is not None:
+        query = query.where(outbox.c.seq > seq)
+    with store.engine.connect() as conn:
+        return list(conn.execute(query).scalars())
 
 
 step = st.tuples(
     st.sampled_from(KINDS),
     st.integers(0, 3),  # which escrow
     st.sampled_from(ACTORS),
-    st.integers(0, 7),  # a choice: checkout, outcome, advance, key or not
+    st.integers(0, 7),  # a choice: branch, checkout, outcome, advance, wrong amount
+    st.booleans(),  # with an idempotency key?
 )
 
 
@@ -99,10 +135,10 @@ step = st.tuples(
 )
 @given(
     amounts=st.lists(st.integers(MIN_AMOUNT, MAX_AMOUNT), min_size=1, max_size=4),
-    steps=st.lists(step, min_size=1, max_size=40),
+    steps=st.lists(step, min_size=10, max_size=50),
 )
 def test_random_command_sequences_keep_invariants(
-    amounts: list[int], steps: list[tuple[str, int, str, int]]
+    amounts: list[int], steps: list[tuple[str, int, str, int, bool]]
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(f"sqlite:///{tmp}/x.db")
@@ -113,7 +149,9 @@ def test_random_command_sequences_keep_invariants(
             store.close()
 
 
-def _run_example(store: Store, amounts: list[int], steps: list[tuple[str, int, str, int]]) -> None:
+def _run_example(
+    store: Store, amounts: list[int], steps: list[tuple[str, int, str, int, bool]]
+) -> None:
     clock = ManualClock()
     gateway = Gateway()
     service = EscrowService(store, clock=clock, ids=IdFactory(3), gateway=gateway)
@@ -128,27 +166,38 @@ def _run_example(store: Store, amounts: list[int], steps: list[tuple[str, int, s
     settled: set[str] = set()
     last_keyed: list[Callable[[], CommandResult]] = []
 
-    def actor(escrow_id: str, who: str) -> str:
+    def actor(escrow_id: str, who: str, kind: str) -> str:
         buyer, seller = parties[escrow_id]
+        if who == "right":
+            who = RIGHT_ACTOR[kind]
         return {
             "buyer": buyer,
             "seller": seller,
             "other-buyer": "buyer-1" if buyer == "buyer-0" else "buyer-0",
         }.get(who, who)
 
-    for n, (kind, index, who, choice) in enumerate(steps):
+    for n, (kind, index, who, choice, keyed) in enumerate(steps):
         e = ids[index % len(ids)]
         amount = amounts[index % len(ids)]
-        key = f"key-{n}" if choice % 2 else None
-        before = state_of(store)
+        key = f"key-{n}" if keyed else None
+        if kind == "next":
+            state = service.get(e).state
+            if state.terminal:
+                # Money may still arrive: a late callback on an unsettled checkout, or a repeat.
+                kind = "callback_ok" if choice % 2 else "duplicate"
+            else:
+                kind = NEXT[state][choice % 4]
+                who = "right"
+                # The newest checkout for a callback; refund or release, never "split".
+                choice = 0 if kind.startswith("callback") else choice // 4 * 4
+        before = snapshot(store)
         action: Callable[[], Any] | None = None
         expect_replay = False
         checkout = ""
+        who_id = actor(e, who, kind) if kind in RIGHT_ACTOR else ""
         match kind:
             case "fund":
-                action = lambda e=e, who=who, key=key: service.fund(  # noqa: E731
-                    e, actor(e, who), idempotency_key=key
-                )
+                action = partial(service.fund, e, who_id, idempotency_key=key)
             case "callback_ok" | "callback_fail":
                 tried = gateway.by_escrow[e]
                 if not tried:
@@ -159,45 +208,30 @@ def _run_example(store: Store, amounts: list[int], steps: list[tuple[str, int, s
                 body = stk_callback(checkout, code, amount=paid, receipt=f"R{n:04d}")
                 expect_replay = checkout in settled
                 delivered.append(body)
-                action = lambda body=body: service.record_payment_result(  # noqa: E731
-                    parse_callback(body)
-                )
+                action = partial(service.record_payment_result, parse_callback(body))
             case "duplicate":
                 if not delivered:
                     continue
                 body = delivered[choice % len(delivered)]
                 checkout = body["Body"]["stkCallback"]["CheckoutRequestID"]
                 expect_replay = checkout in settled
-                action = lambda body=body: service.record_payment_result(  # noqa: E731
-                    parse_callback(body)
-                )
+                action = partial(service.record_payment_result, parse_callback(body))
             case "ship":
-                action = lambda e=e, who=who, key=key: service.ship(  # noqa: E731
-                    e, actor(e, who), "TRK", idempotency_key=key
-                )
+                action = partial(service.ship, e, who_id, "TRK", idempotency_key=key)
             case "confirm":
-                action = lambda e=e, who=who, key=key: service.confirm(  # noqa: E731
-                    e, actor(e, who), idempotency_key=key
-                )
+                action = partial(service.confirm, e, who_id, idempotency_key=key)
             case "dispute":
-                action = lambda e=e, who=who, key=key: service.dispute(  # noqa: E731
-                    e, actor(e, who), "broken", idempotency_key=key
-                )
+                action = partial(service.dispute, e, who_id, "broken", idempotency_key=key)
             case "resolve":
                 outcome = OUTCOMES[choice % len(OUTCOMES)]
-                action = lambda e=e, who=who, key=key, o=outcome: service.resolve(  # noqa: E731
-                    e, actor(e, who), o, idempotency_key=key
-                )
+                action = partial(service.resolve, e, who_id, outcome, idempotency_key=key)
             case "cancel":
-                action = lambda e=e, who=who, key=key: service.cancel(  # noqa: E731
-                    e, actor(e, who), "changed mind", idempotency_key=key
-                )
+                action = partial(service.cancel, e, who_id, "changed mind", idempotency_key=key)
             case "expire":
                 clock.advance(ADVANCES[choice % len(ADVANCES)])
-                before = state_of(store)
+                last = snapshot(store).outbox_last
                 emitted = service.expire_due()
-                after = state_of(store)
-                assert len(after[1]) - len(before[1]) == emitted
+                assert len(event_ids_after(store, last)) == emitted
                 continue
             case "advance":
                 clock.advance(ADVANCES[choice % len(ADVANCES)])
@@ -207,18 +241,18 @@ def _run_example(store: Store, amounts: list[int], steps: list[tuple[str, int, s
                     continue
                 result = last_keyed[-1]()
                 assert result.replayed is True
-                assert state_of(store) == before, "an idempotent retry changed the store"
+                assert snapshot(store) == before, "an idempotent retry changed the store"
                 continue
         assert action is not None
         try:
             result = action()
         except DomainError:
             # (d) a rejected command emitted nothing and changed nothing.
-            assert state_of(store) == before, f"rejected {kind} changed the store"
+            assert snapshot(store) == before, f"rejected {kind} changed the store"
             continue
-        after = state_of(store)
-        new_ids = after[1][len(before[1]) :]
-        assert after[1][: len(before[1])] == before[1]
+        after = snapshot(store)
+        new_ids = event_ids_after(store, before.outbox_last)
+        assert after.outbox_count == before.outbox_count + len(new_ids)
         if expect_replay:
             assert result.replayed is True
             assert after == before, f"duplicate callback for {e} changed the store"
@@ -228,10 +262,15 @@ def _run_example(store: Store, amounts: list[int], steps: list[tuple[str, int, s
         assert new_ids == [event.event_id for event in result.events]
         if kind in ("callback_ok", "callback_fail", "duplicate"):
             settled.add(checkout)  # the first accepted result for a checkout is final
+            # Money that arrives is always recorded: it funds the escrow or goes back.
+            if parse_callback(body).result_code == RESULT_OK:
+                assert result.event_types[0] == "payment.received"
+                assert result.event_types[1] in ("escrow.funded", "payment.refunded")
+                assert result.events[0].payload["amount"] == amount
+            else:
+                assert result.event_types in ([], ["payment.failed"])
         if key is not None:
             last_keyed.append(action)
-        from hypothesis import event as _hev
-        _hev(f"accepted {kind} -> {result.event_types}")
 
     _check_invariants(store, service, clock, ids, amounts, parties)
 
@@ -271,8 +310,6 @@ def _check_invariants(
     for escrow_id, amount in zip(ids, amounts, strict=True):
         escrow = service.get(escrow_id)
         expected = amount if escrow.state in HOLDING else 0
-        from hypothesis import event as _hev
-        _hev(f"final {escrow.state.value}")
         held += expected
         assert money.get(f"hold:{escrow_id}", 0) == expected, (escrow_id, escrow.state)
         if escrow.state in HOLDING or escrow.state is EscrowState.RELEASED:

@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,7 +90,7 @@ class ConsumerSettings:
             raise ValueError("max_deliveries must be at least 1")
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     """One stream entry as delivered to this consumer."""
 
@@ -176,7 +177,6 @@ class ConsumerWorker:
         self._reread_own_at: float | None = None  # None: no own pending to revisit
         self._next_heartbeat = 0.0
         self._next_recovery = 0.0
-        self._last_error: dict[str, str] = {}
         self._ready = False
 
     # -- setup ---------------------------------------------------------------------
@@ -262,11 +262,12 @@ class ConsumerWorker:
             count=self.settings.batch_size,
             block=block_ms or None,
         )
-        deliveries = [
-            Delivery(_text(stream), _text(entry_id), fields or None)
-            for stream, entries in reply or []
-            for entry_id, fields in entries
-        ]
+        deliveries = []
+        for stream, entries in reply or []:
+            name = _text(stream)
+            deliveries += [
+                Delivery(name, entry_id.decode(), fields) for entry_id, fields in entries
+            ]
         self.stats.read += len(deliveries)
         return deliveries
 
@@ -401,16 +402,17 @@ class ConsumerWorker:
         to_ack: list[Delivery] = []
         good: list[Delivery] = []
         failed: list[Delivery] = []
+        counts = self.stats.delivery_counts
+        for n, k in Counter(d.delivery_count for d in deliveries).items():
+            counts[n] = counts.get(n, 0) + k
+        decode = ev.from_fields
         for d in deliveries:
-            self.stats.delivery_counts[d.delivery_count] = (
-                self.stats.delivery_counts.get(d.delivery_count, 0) + 1
-            )
-            if d.deleted:
+            if not d.fields:
                 self.stats.deleted += 1
                 to_ack.append(d)
                 continue
             try:
-                d.event = ev.from_fields(d.fields)
+                d.event = decode(d.fields)
                 good.append(d)
             except ev.EventDecodeError as exc:
                 d.error = exc.reason
@@ -429,7 +431,6 @@ class ConsumerWorker:
         for d in failed:
             self.stats.failed += 1
             reason = d.error or "handler failed"
-            self._last_error[d.entry_id] = reason
             if should_dead_letter(d, self.settings.max_deliveries):
                 self._dead_letter(d, reason)
         if any(not should_dead_letter(d, self.settings.max_deliveries) for d in failed):
@@ -464,7 +465,6 @@ class ConsumerWorker:
         by_stream: dict[str, list[str]] = {}
         for d in deliveries:
             by_stream.setdefault(d.stream, []).append(d.entry_id)
-            self._last_error.pop(d.entry_id, None)
         pipe = self.client.pipeline(transaction=False)
         for stream, ids in by_stream.items():
             pipe.xack(stream, self.group, *ids)
@@ -487,7 +487,6 @@ class ConsumerWorker:
         pipe.xadd(self.names.dead_letter(self.group), fields)  # type: ignore[arg-type]
         pipe.xack(d.stream, self.group, d.entry_id)
         pipe.execute()
-        self._last_error.pop(d.entry_id, None)
         self.stats.dead_lettered += 1
         log.error(
             "%s: dead-lettered %s %s after %d deliveries: %s",

@@ -53,7 +53,7 @@ class UnknownEventType(EventDecodeError):
     """The entry decodes but names an event type this code does not know."""
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """One domain event.
 
     ``aggregate_id`` is the escrow id for every aggregate type: a payment, a
@@ -117,7 +117,9 @@ def from_fields(fields: dict[bytes, bytes] | dict[str, Any] | None) -> Event:
     """Decode a stream entry's fields; raise :class:`EventDecodeError` if bad."""
     if not fields:
         raise EventDecodeError("entry has no fields (deleted while pending?)")
-    data = fields.get(b"data", fields.get("data"))  # type: ignore[call-overload]
+    data = fields.get(b"data")
+    if data is None:
+        data = fields.get("data")  # type: ignore[call-overload]
     if data is None:
         raise EventDecodeError("entry has no 'data' field")
     return decode(data)

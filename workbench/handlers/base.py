@@ -2,40 +2,49 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection
+from typing import Any
+
+from sqlalchemy import Table
 
 from workbench.clock import Clock, SystemClock
 from workbench.events import Event
-from workbench.store import Store, claim_inbox
+from workbench.store import Store, claim_inbox, insert_many
 
 
 class SqlHandler:
-    """Base for handlers whose effect lives in the SQL store.
+    """Base for handlers whose effect is rows in one SQL table.
 
-    ``handle`` records each event id in ``inbox`` for this group and applies
-    only the events not seen before, in the same transaction, so a redelivered
-    or republished event has no second effect. Subclasses write ``apply``.
+    Subclasses name the ``table`` and say which rows an event makes
+    (``rows(event)``: pure, testable on its own). ``handle`` builds all rows
+    first, then, in one transaction, records each event id in ``inbox`` for
+    this group and inserts the rows of the events not seen before: a
+    redelivered or republished event has no second effect. Building rows
+    before the transaction keeps SQLite's write lock short, which matters when
+    several worker processes share the file.
     """
 
     group: str = ""
     aggregate_types: tuple[str, ...] = ()
+    table: Table
 
     def __init__(self, store: Store, clock: Clock | None = None) -> None:
         self.store = store
         self.clock = clock or SystemClock()
 
+    def rows(self, event: Event) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
     def handle(self, events: list[Event]) -> None:
         if not events:
             return
+        planned = [(event.event_id, self.rows(event)) for event in events]
         with self.store.begin() as conn:
-            new = claim_inbox(conn, self.group, [e.event_id for e in events], self.clock.now())
-            fresh: list[Event] = []
-            for event in events:
-                if event.event_id in new:
-                    new.discard(event.event_id)  # a duplicate inside the batch counts once
-                    fresh.append(event)
-            if fresh:
-                self.apply(conn, fresh)
-
-    def apply(self, conn: Connection, events: list[Event]) -> None:
-        raise NotImplementedError
+            new = claim_inbox(
+                conn, self.group, [event_id for event_id, _ in planned], self.clock.now()
+            )
+            rows: list[dict[str, Any]] = []
+            for event_id, event_rows in planned:
+                if event_id in new:
+                    new.discard(event_id)  # a duplicate inside the batch counts once
+                    rows.extend(event_rows)
+            insert_many(conn, self.table, rows)

@@ -8,8 +8,9 @@ sequence number, so the timeline reads in order whatever the delivery order.
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import select
 
 from workbench.events import Event
 from workbench.handlers.base import SqlHandler
@@ -28,21 +29,21 @@ class DisputeTimelineHandler(SqlHandler):
     group = "disputes"
     aggregate_types = ("escrow", "dispute")
 
-    def apply(self, conn: Connection, events: list[Event]) -> None:
-        rows = [
+    table = dispute_timeline
+
+    def rows(self, event: Event) -> list[dict[str, Any]]:
+        if not on_timeline(event):
+            return []
+        return [
             {
-                "escrow_id": e.escrow_id,
-                "sequence": e.sequence,
-                "event_id": e.event_id,
-                "type": e.type,
-                "at": e.occurred_at,
-                "detail": json.dumps(e.payload, sort_keys=True),
+                "escrow_id": event.escrow_id,
+                "sequence": event.sequence,
+                "event_id": event.event_id,
+                "type": event.type,
+                "at": event.occurred_at,
+                "detail": json.dumps(event.payload, sort_keys=True),
             }
-            for e in events
-            if on_timeline(e)
         ]
-        if rows:
-            conn.execute(insert(dispute_timeline), rows)
 
 
 def timeline(store: Store, escrow_id: str) -> list[dict[str, object]]:

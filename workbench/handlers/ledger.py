@@ -23,8 +23,9 @@ even a bug that skipped the inbox could not post an event twice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import func, select
 
 from workbench.events import Event
 from workbench.handlers.base import SqlHandler
@@ -54,8 +55,10 @@ class LedgerHandler(SqlHandler):
     group = "ledger"
     aggregate_types = ("escrow", "payment")
 
-    def apply(self, conn: Connection, events: list[Event]) -> None:
-        rows = [
+    table = ledger_entries
+
+    def rows(self, event: Event) -> list[dict[str, Any]]:
+        return [
             {
                 "posting_id": event.event_id,
                 "event_id": event.event_id,
@@ -64,11 +67,8 @@ class LedgerHandler(SqlHandler):
                 "amount": amount,
                 "at": event.occurred_at,
             }
-            for event in events
             for account, amount in postings_for(event)
         ]
-        if rows:
-            conn.execute(insert(ledger_entries), rows)
 
 
 @dataclass(frozen=True)

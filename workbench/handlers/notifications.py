@@ -7,7 +7,7 @@ per event and user even when the event is delivered several times.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, insert
+from typing import Any
 
 from workbench.events import Event
 from workbench.handlers.base import SqlHandler
@@ -71,17 +71,16 @@ class NotificationHandler(SqlHandler):
     group = "notifications"
     aggregate_types = ("escrow", "payment", "dispute")
 
-    def apply(self, conn: Connection, events: list[Event]) -> None:
-        rows = [
+    table = notifications
+
+    def rows(self, event: Event) -> list[dict[str, Any]]:
+        return [
             {
-                "event_id": e.event_id,
+                "event_id": event.event_id,
                 "user_id": user,
                 "channel": "sms",
                 "body": text,
-                "at": e.occurred_at,
+                "at": event.occurred_at,
             }
-            for e in events
-            for user, text in sms_texts(e)
+            for user, text in sms_texts(event)
         ]
-        if rows:
-            conn.execute(insert(notifications), rows)

@@ -6,13 +6,15 @@ event type and the escrow's sequence number, so a stale push is ignorable.
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
-from sqlalchemy import Connection, insert
+import msgspec
 
 from workbench.events import Event
 from workbench.handlers.base import SqlHandler
 from workbench.store import notifications
+
+_encode_sorted = msgspec.json.Encoder(order="sorted").encode
 
 _TITLES = {
     "escrow.created": "New escrow",
@@ -44,17 +46,16 @@ class PushHandler(SqlHandler):
     group = "push"
     aggregate_types = ("escrow", "payment", "dispute")
 
-    def apply(self, conn: Connection, events: list[Event]) -> None:
-        rows = [
+    table = notifications
+
+    def rows(self, event: Event) -> list[dict[str, Any]]:
+        return [
             {
-                "event_id": e.event_id,
+                "event_id": event.event_id,
                 "user_id": user,
                 "channel": "push",
-                "body": json.dumps(payload, sort_keys=True),
-                "at": e.occurred_at,
+                "body": _encode_sorted(payload).decode(),
+                "at": event.occurred_at,
             }
-            for e in events
-            for user, payload in push_payloads(e)
+            for user, payload in push_payloads(event)
         ]
-        if rows:
-            conn.execute(insert(notifications), rows)
