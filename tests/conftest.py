@@ -19,7 +19,9 @@ from workbench.redis_server import RedisServer
 from workbench.store import Store
 
 PG_URL = os.environ.get("TEST_DATABASE_URL")
-PG_SKIP = "PostgreSQL tests need TEST_DATABASE_URL (e.g. postgresql+psycopg://postgres@127.0.0.1/test)"
+PG_SKIP = (
+    "PostgreSQL tests need TEST_DATABASE_URL (e.g. postgresql+psycopg://postgres@127.0.0.1/test)"
+)
 
 
 @pytest.fixture(scope="session")

@@ -17,15 +17,22 @@ from workbench.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_service(store: Store, clock: ManualClock, seed: int = 1, **behaviour: float
-                 ) -> tuple[EscrowService, SimulatedGateway]:
+def make_service(
+    store: Store, clock: ManualClock, seed: int = 1, **behaviour: float
+) -> tuple[EscrowService, SimulatedGateway]:
     gateway = SimulatedGateway(clock, GatewayBehaviour(**behaviour), seed=seed)
     service = EscrowService(store, clock=clock, ids=IdFactory(seed), gateway=gateway)
     return service, gateway
 
 
-def run_lifecycles(service: EscrowService, gateway: SimulatedGateway, clock: ManualClock,
-                   count: int, *, prefix: str = "e") -> list[str]:
+def run_lifecycles(
+    service: EscrowService,
+    gateway: SimulatedGateway,
+    clock: ManualClock,
+    count: int,
+    *,
+    prefix: str = "e",
+) -> list[str]:
     """Take ``count`` escrows through mixed lifecycles; return their ids.
 
     Every third is disputed (alternately refunded and released), the rest are
@@ -59,11 +66,27 @@ def run_lifecycles(service: EscrowService, gateway: SimulatedGateway, clock: Man
     return ids
 
 
-def spawn_worker(group: str, consumer: str, redis_url: str, database_url: str, *args: str,
-                 log: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    group: str,
+    consumer: str,
+    redis_url: str,
+    database_url: str,
+    *args: str,
+    log: Path | None = None,
+) -> subprocess.Popen[bytes]:
     """A real ``workbench worker`` OS process."""
     env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url)
-    argv = [sys.executable, "-m", "workbench", "worker", group, "--consumer", consumer,
-            "--block-ms", "100", *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "workbench",
+        "worker",
+        group,
+        "--consumer",
+        consumer,
+        "--block-ms",
+        "100",
+        *args,
+    ]
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)

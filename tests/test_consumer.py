@@ -167,7 +167,10 @@ def test_unknown_event_type_is_dead_lettered_with_its_reason(r) -> None:
     clock = ManualClock()
     handler = _Picky()
     worker = ConsumerWorker(
-        r, handler, consumer="p1", clock=clock,
+        r,
+        handler,
+        consumer="p1",
+        clock=clock,
         settings=ConsumerSettings(max_deliveries=1),
     )
     worker.setup()
@@ -175,7 +178,7 @@ def test_unknown_event_type_is_dead_lettered_with_its_reason(r) -> None:
     bogus["data"] = bogus["data"].replace(b"escrow.shipped", b"escrow.teleported")
     r.xadd(NAMES.stream("escrow"), bogus)
     worker.poll()
-    (_, fields), = r.xrange(NAMES.dead_letter("picky"))
+    ((_, fields),) = r.xrange(NAMES.dead_letter("picky"))
     assert fields[b"reason"] == b"unknown event type 'escrow.teleported'"
 
 
@@ -216,7 +219,10 @@ def test_entries_deleted_while_pending_are_acked_and_counted(tmp_path, binary) -
         clock = ManualClock()
         handler = _Picky()
         worker = ConsumerWorker(
-            client, handler, consumer="live", clock=clock,
+            client,
+            handler,
+            consumer="live",
+            clock=clock,
             settings=ConsumerSettings(dead_after_s=1.0, recover_every_s=0.0),
         )
         worker.setup()
@@ -247,8 +253,16 @@ def test_worker_sigkilled_mid_batch_loses_nothing_and_posts_once(
     expected = _expected(store, ledger_types)
 
     crashed = spawn_worker(
-        "ledger", "ledger-a", redis_url, store.url,
-        "--batch-size", "20", "--crash-at", point, "--crash-batch", "2",
+        "ledger",
+        "ledger-a",
+        redis_url,
+        store.url,
+        "--batch-size",
+        "20",
+        "--crash-at",
+        point,
+        "--crash-batch",
+        "2",
         log=tmp_path / "a.log",
     )
     wait_until(lambda: crashed.poll() is not None, timeout=60, what="the worker to crash")
@@ -262,13 +276,22 @@ def test_worker_sigkilled_mid_batch_loses_nothing_and_posts_once(
 
     name = "ledger-a" if recovery == "restart" else "ledger-b"
     survivor = spawn_worker(
-        "ledger", name, redis_url, store.url, "--batch-size", "20", "--dead-after", "0.5",
+        "ledger",
+        name,
+        redis_url,
+        store.url,
+        "--batch-size",
+        "20",
+        "--dead-after",
+        "0.5",
         log=tmp_path / "b.log",
     )
     try:
         wait_until(
-            lambda: _inbox_count(store, "ledger") == expected
-            and _pending(r, "ledger", ledger_types) == 0,
+            lambda: (
+                _inbox_count(store, "ledger") == expected
+                and _pending(r, "ledger", ledger_types) == 0
+            ),
             timeout=60,
             what="the survivor to handle every entry",
         )
@@ -286,8 +309,11 @@ def test_sigterm_finishes_the_batch_acks_and_exits(r, redis_url, store, clock, t
     OutboxRelay(store, r).drain()
     worker = spawn_worker("notifications", "n-1", redis_url, store.url, log=tmp_path / "n.log")
     types = ("escrow", "payment", "dispute")
-    wait_until(lambda: _inbox_count(store, "notifications") == _expected(store, types),
-               timeout=60, what="notifications to catch up")
+    wait_until(
+        lambda: _inbox_count(store, "notifications") == _expected(store, types),
+        timeout=60,
+        what="notifications to catch up",
+    )
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(15) == 0
     assert _pending(r, "notifications", types) == 0

@@ -20,7 +20,11 @@ def test_demo_runs_every_path_crashes_a_worker_and_balances(tmp_path, binary) ->
     out = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "-m", "workbench", "run", "--escrows", "80", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ledger: OK" in result.stdout
@@ -36,6 +40,12 @@ def test_demo_runs_every_path_crashes_a_worker_and_balances(tmp_path, binary) ->
     assert summary["callbacks"].get("duplicate", 0) > 0
     events = pd.read_parquet(out / "events.parquet")
     assert len(events) == summary["events_published"]
-    assert set(events["type"]) >= {"escrow.created", "escrow.funded", "escrow.released",
-                                   "dispute.opened", "payment.failed", "escrow.expired"}
+    assert set(events["type"]) >= {
+        "escrow.created",
+        "escrow.funded",
+        "escrow.released",
+        "dispute.opened",
+        "payment.failed",
+        "escrow.expired",
+    }
     assert (out / "ledger.parquet").exists() and (out / "groups.parquet").exists()

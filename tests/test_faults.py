@@ -51,8 +51,9 @@ class _Runtime:
         settings = ConsumerSettings(block_ms=100, retry_backoff_s=0.1, recover_every_s=0.5)
         self.relay = OutboxRelay(store, connect(url), batch_size=50)
         self.workers = [
-            ConsumerWorker(connect(url), make_handler(g, store), consumer=f"{g}-1",
-                           settings=settings)
+            ConsumerWorker(
+                connect(url), make_handler(g, store), consumer=f"{g}-1", settings=settings
+            )
             for g in GROUPS
         ]
         self.threads = [threading.Thread(target=self.relay.run, daemon=True)] + [
@@ -81,8 +82,11 @@ def test_redis_fault_mid_run_loses_nothing(store, tmp_path, fault) -> None:
     try:
         with _Runtime(store, server.url) as runtime:
             run_lifecycles(service, gateway, clock, 25, prefix="before")
-            wait_until(lambda: _handled(store).get("ledger", 0) > 0, timeout=30,
-                       what="the ledger to start handling")
+            wait_until(
+                lambda: _handled(store).get("ledger", 0) > 0,
+                timeout=30,
+                what="the ledger to start handling",
+            )
             if fault == "kill-9-restart":
                 server.kill()
             else:
@@ -90,8 +94,10 @@ def test_redis_fault_mid_run_loses_nothing(store, tmp_path, fault) -> None:
             # Commands keep succeeding while Redis is gone: they only touch SQL.
             run_lifecycles(service, gateway, clock, 25, prefix="during")
             wait_until(
-                lambda: runtime.relay.stats.redis_errors > 0
-                and all(w.stats.redis_errors > 0 for w in runtime.workers),
+                lambda: (
+                    runtime.relay.stats.redis_errors > 0
+                    and all(w.stats.redis_errors > 0 for w in runtime.workers)
+                ),
                 timeout=30,
                 what="every loop to notice Redis is down",
             )
@@ -99,8 +105,11 @@ def test_redis_fault_mid_run_loses_nothing(store, tmp_path, fault) -> None:
             server.start()
             run_lifecycles(service, gateway, clock, 25, prefix="after")
             expected = _expected(store)
-            wait_until(lambda: _handled(store) == expected and not runtime.relay.backlog(),
-                       timeout=60, what="every group to catch up")
+            wait_until(
+                lambda: _handled(store) == expected and not runtime.relay.backlog(),
+                timeout=60,
+                what="every group to catch up",
+            )
         client = connect(server.url)
         for w in runtime.workers:
             for stream in w.streams:
@@ -125,7 +134,10 @@ def test_redis_restarted_without_persistence_recreates_groups(store, tmp_path) -
             server.start()  # empty: no streams, no groups
             run_lifecycles(service, gateway, clock, 5, prefix="after")
             expected = _expected(store)
-            wait_until(lambda: _handled(store) == expected, timeout=60,
-                       what="the loops to recreate their groups and catch up")
+            wait_until(
+                lambda: _handled(store) == expected,
+                timeout=60,
+                what="the loops to recreate their groups and catch up",
+            )
     finally:
         server.close()

@@ -25,8 +25,10 @@ def _scene(client) -> None:  # type: ignore[no-untyped-def]
     for n in range(1, 6):
         client.xadd(stream, to_fields(_event("esc-1", n)))
     client.xreadgroup("ledger", "c1", {stream: ">"}, count=2)
-    client.xadd(NAMES.dead_letter("ledger"), {"source_stream": stream, "source_id": "1-1",
-                                              "deliveries": "5", "reason": "boom"})
+    client.xadd(
+        NAMES.dead_letter("ledger"),
+        {"source_stream": stream, "source_id": "1-1", "deliveries": "5", "reason": "boom"},
+    )
 
 
 @pytest.mark.parametrize("binary", ["auto", "bundled"])
@@ -78,8 +80,14 @@ def _isna(value) -> bool:  # type: ignore[no-untyped-def]
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workbench", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli_inspect_prints_tables_and_json(r, redis_url) -> None:

@@ -65,7 +65,10 @@ def test_relay_sigkilled_after_xadd_republishes_but_effects_happen_once(
     env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=store.url)
     crashed = subprocess.run(
         [sys.executable, "-m", "workbench", "relay", "--crash-at", "after-xadd"],
-        env=env, cwd=ROOT, timeout=60, capture_output=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        capture_output=True,
     )
     assert crashed.returncode == -signal.SIGKILL
     first_round = sum(len(_stream_events(r, a)) for a in ("escrow", "payment"))
@@ -79,8 +82,9 @@ def test_relay_sigkilled_after_xadd_republishes_but_effects_happen_once(
         ConsumerWorker(r, make_handler(group, store, clock), consumer="c", clock=clock).drain()
     with store.engine.connect() as conn:
         handled = dict(
-            conn.execute(select(inbox.c.group_name, func.count()).group_by(inbox.c.group_name))
-            .all()
+            conn.execute(
+                select(inbox.c.group_name, func.count()).group_by(inbox.c.group_name)
+            ).all()
         )
         distinct = conn.execute(
             select(func.count(func.distinct(outbox.c.event_id))).where(

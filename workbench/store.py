@@ -40,6 +40,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 metadata = MetaData()
 
@@ -268,13 +269,21 @@ def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
 def claim_inbox(conn: Connection, group: str, event_ids: list[str], now: float) -> set[str]:
     """Record ``event_ids`` as handled by ``group``; return those that were new.
 
-    Must run in the transaction that applies their effects. A concurrent
-    consumer inserting the same id makes this transaction fail on the primary
-    key and roll back, so the effect still happens once.
+    Must run in the transaction that applies their effects. The usual batch
+    holds no event seen before, so it is inserted in one go inside a savepoint;
+    only if that hits the primary key (a redelivery, a republished event, or
+    a concurrent consumer that committed the same id first) do we look up
+    which ids are already there and insert the rest.
     """
     if not event_ids:
         return set()
     unique_ids = list(dict.fromkeys(event_ids))
+    try:
+        with conn.begin_nested():
+            insert_many(conn, inbox, _inbox_rows(group, unique_ids, now))
+        return set(unique_ids)
+    except IntegrityError:
+        pass
     seen = set(
         conn.execute(
             select(inbox.c.event_id).where(
@@ -283,5 +292,9 @@ def claim_inbox(conn: Connection, group: str, event_ids: list[str], now: float) 
         ).scalars()
     )
     new = [event_id for event_id in unique_ids if event_id not in seen]
-    insert_many(conn, inbox, [{"group_name": group, "event_id": e, "handled_at": now} for e in new])
+    insert_many(conn, inbox, _inbox_rows(group, new, now))
     return set(new)
+
+
+def _inbox_rows(group: str, event_ids: list[str], now: float) -> list[dict[str, Any]]:
+    return [{"group_name": group, "event_id": e, "handled_at": now} for e in event_ids]
