@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check workbench tests bench
 
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
 
 inspect: $(STAMP)
 	$(BIN)/workbench inspect

@@ -556,7 +556,7 @@ def print_report(
 )
 @click.option(
     "--repeat",
-    default=3,
+    default=5,
     show_default=True,
     help="interleaved rounds of the runtime and raw measurements; medians are shown",
 )
