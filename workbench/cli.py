@@ -7,13 +7,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from workbench.consumer import CRASH_POINTS, ConsumerSettings, ConsumerWorker, sigkill_at
 from workbench.handlers import GROUPS, make_handler
+from workbench.handlers.fanout import FanoutHandler
 from workbench.log import connect
 from workbench.store import Store, database_url
+from workbench.userstreams import DEFAULT_USER_MAXLEN
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -82,7 +85,7 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
 
 
 @main.command()
-@click.argument("group", type=click.Choice(GROUPS))
+@click.argument("group", type=click.Choice([*GROUPS, "fanout"]))
 @click.option("--consumer", help="consumer name [default GROUP-PID]")
 @redis_option
 @database_option
@@ -109,6 +112,12 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
     help="fault injection: SIGKILL this process at this point",
 )
 @click.option("--crash-batch", default=1, show_default=True, help="...of this batch number")
+@click.option(
+    "--user-maxlen",
+    default=DEFAULT_USER_MAXLEN,
+    show_default=True,
+    help="fanout only: entries kept per user stream (approximate MAXLEN)",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def worker(
     group: str,
@@ -124,9 +133,13 @@ def worker(
     claim_idle_ms: int,
     crash_at: str | None,
     crash_batch: int,
+    user_maxlen: int,
     verbose: bool,
 ) -> None:
-    """Consume GROUP until SIGTERM (finishes the batch, acks, exits)."""
+    """Consume GROUP until SIGTERM (finishes the batch, acks, exits).
+
+    GROUP is a handler group, or ``fanout``: copy events into per-user streams.
+    """
     from workbench.log import StreamNames
 
     _setup_logging(verbose)
@@ -143,9 +156,14 @@ def worker(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    handler: Any = (
+        FanoutHandler(client, StreamNames(prefix), user_maxlen=user_maxlen)
+        if group == "fanout"
+        else make_handler(group, store)
+    )
     w = ConsumerWorker(
         client,
-        make_handler(group, store),
+        handler,
         consumer=consumer,
         names=StreamNames(prefix),
         settings=settings,
@@ -217,6 +235,86 @@ def inspect_command(redis_url: str | None, prefix: str, as_json: bool) -> None:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         print_inspection(result)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+    help="HTTP server processes (each holds its own SSE sessions)",
+)  # fmt: skip
+@click.option(
+    "--mpesa", type=click.Choice(["sim", "external"]), default="sim", show_default=True,
+    help="sim: a simulated M-Pesa posts callbacks to this server; external: only real ones",
+)  # fmt: skip
+@redis_option
+@database_option
+@prefix_option
+@click.option("--user-maxlen", default=DEFAULT_USER_MAXLEN, show_default=True,
+              help="entries kept per user stream")  # fmt: skip
+@click.option("--api-only", is_flag=True, help="no relay or workers (another serve runs them)")
+@click.option("--debug", is_flag=True, help="enable /debug endpoints (tests)")
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path),
+    default=Path("data") / "serve", show_default=True,
+    help="embedded Redis, SQLite file and worker logs",
+)  # fmt: skip
+def serve(
+    host: str,
+    port: int,
+    workers: int,
+    mpesa: str,
+    redis_url: str | None,
+    database_url: str | None,
+    prefix: str,
+    user_maxlen: int,
+    api_only: bool,
+    debug: bool,
+    data_dir: Path,
+) -> None:
+    """Serve the HTTP API, the relay and the workers (embedded Redis unless REDIS_URL)."""
+    from workbench.auth import issue_token, secret_from_env
+    from workbench.server import ServeOptions
+    from workbench.server import serve as run_server
+
+    demo_user = "buyer-1"
+    token = issue_token(demo_user, secret_from_env(), ttl_s=7 * 24 * 3600)
+    click.echo(
+        f"serving on http://{host}:{port}  (API docs: /docs)\n"
+        f"dashboard for {demo_user}: http://{host}:{port}/dashboard?user={demo_user}"
+        f"&access_token={token}\n"
+        f"other users: `workbench token USER_ID`",
+        err=True,
+    )
+    run_server(
+        ServeOptions(
+            host=host,
+            port=port,
+            workers=workers,
+            mpesa=mpesa,
+            redis_url=redis_url,
+            database_url=database_url,
+            prefix=prefix,
+            debug=debug,
+            api_only=api_only,
+            data_dir=data_dir,
+            user_maxlen=user_maxlen,
+        )  # fmt: skip
+    )
+
+
+@main.command()
+@click.argument("user_id")
+@click.option("--ttl", default=3600.0, show_default=True, help="seconds until it expires")
+def token(user_id: str, ttl: float) -> None:
+    """Print a signed bearer token for USER_ID (HMAC with WORKBENCH_SECRET)."""
+    from workbench.auth import issue_token, secret_from_env
+
+    try:
+        click.echo(issue_token(user_id, secret_from_env(), ttl_s=ttl))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _default_database() -> str:

@@ -1,0 +1,163 @@
+"""Fan-out into per-user streams: atomic dedupe, the prev chain, crash safety."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.support import make_service, run_lifecycles, spawn_worker
+from workbench import events as ev
+from workbench.consumer import ConsumerWorker
+from workbench.handlers.fanout import FanoutHandler
+from workbench.relay import OutboxRelay
+from workbench.streamid import ZERO, parse
+from workbench.userstreams import UserStreamNames, UserStreams, live_message
+from workbench.waiting import wait_until
+
+NAMES = UserStreamNames()
+
+
+def _event(n: int, users: tuple[str, ...] = ("alice", "bob")) -> ev.Event:
+    return ev.Event(
+        event_id=f"evt_{n}",
+        type="escrow.created",
+        aggregate_type="escrow",
+        aggregate_id=f"esc_{n}",
+        sequence=1,
+        user_ids=users,
+        occurred_at=1.0,
+        correlation_id="c",
+        payload={"amount": n},
+    )
+
+
+def _entries(r, user: str) -> list[tuple[str, dict[bytes, bytes]]]:  # type: ignore[no-untyped-def]
+    return [(i.decode(), f) for i, f in r.xrange(NAMES.stream(user))]
+
+
+def _assert_chain(entries) -> None:  # type: ignore[no-untyped-def]
+    prev = "0-0"
+    for entry_id, fields in entries:
+        assert fields[b"prev"].decode() == prev
+        prev = entry_id
+
+
+def test_append_writes_each_user_once_with_a_prev_chain(r) -> None:
+    streams = UserStreams(r)
+    events = [_event(i) for i in range(5)]
+    assert streams.append([(e, ev.encode(e)) for e in events]) == [2] * 5
+    for user in ("alice", "bob"):
+        entries = _entries(r, user)
+        assert [f[b"event_id"].decode() for _, f in entries] == [e.event_id for e in events]
+        _assert_chain(entries)
+        assert ev.decode(entries[0][1][b"data"]) == events[0]
+
+
+def test_a_repeated_event_appends_nothing(r) -> None:
+    streams = UserStreams(r)
+    e = _event(1)
+    assert streams.append([(e, ev.encode(e)), (e, ev.encode(e))]) == [2, 0]
+    assert streams.append([(e, ev.encode(e))]) == [0]
+    assert r.xlen(NAMES.stream("alice")) == 1
+
+
+def test_a_user_named_twice_gets_one_entry(r) -> None:
+    e = _event(1, users=("alice", "alice"))
+    assert UserStreams(r).append([(e, ev.encode(e))]) == [1]
+
+
+def test_each_entry_is_announced_on_the_live_channel(r) -> None:
+    pubsub = r.pubsub()
+    pubsub.subscribe(NAMES.live_channel)
+    wait_until(lambda: pubsub.get_message(timeout=0.1), what="the subscribe confirmation")
+    e = _event(7)
+    UserStreams(r).append([(e, ev.encode(e))])
+    got = []
+    wait_until(
+        lambda: (m := pubsub.get_message(timeout=0.1)) and got.append(m) or len(got) == 2,
+        what="two live messages",
+    )
+    decoded = [live_message(m["data"]) for m in got]
+    assert [user for user, _ in decoded] == ["alice", "bob"]
+    for user, entry in decoded:
+        assert entry.id == parse(_entries(r, user)[0][0])
+        assert entry.prev == ZERO
+        assert entry.event_id == "evt_7"
+        assert ev.decode(entry.data) == e
+
+
+def test_retention_trims_old_entries(r) -> None:
+    streams = UserStreams(r, maxlen=10)
+    events = [_event(i) for i in range(500)]
+    streams.append([(e, ev.encode(e)) for e in events])
+    length = r.xlen(NAMES.stream("alice"))
+    assert 10 <= length < 500  # approximate: whole nodes only
+
+
+def test_fanout_handler_through_the_consumer_runtime(r, store, clock) -> None:
+    service, gateway = make_service(store, clock, failure_rate=0, duplicate_rate=0.5)
+    run_lifecycles(service, gateway, clock, 10)
+    OutboxRelay(store, r).drain()
+    OutboxRelay(store, r).drain()
+    handler = FanoutHandler(r)
+    worker = ConsumerWorker(r, handler, consumer="fanout-1")
+    worker.drain()
+    total = sum(r.xlen(s) for s in worker.streams)
+    users = {k.decode().split(":", 2)[2] for k in r.scan_iter(match="wb:user:*")}
+    per_user = sum(r.xlen(NAMES.stream(u)) for u in users)
+    assert worker.stats.failed == 0
+    assert handler.appended == per_user
+    # Every event concerns buyer and seller; admin appears in resolutions.
+    assert per_user >= 2 * total
+    for user in users:
+        ids = [f[b"event_id"] for _, f in _entries(r, user)]
+        assert len(ids) == len(set(ids))
+        _assert_chain(_entries(r, user))
+
+
+@pytest.mark.parametrize("point", ["after-read", "mid-batch", "after-effect"])
+def test_fanout_worker_sigkilled_mid_batch_creates_no_duplicates(
+    r, redis_url, store, clock, tmp_path, point
+) -> None:
+    service, gateway = make_service(store, clock, failure_rate=0.1, duplicate_rate=0.2)
+    run_lifecycles(service, gateway, clock, 30)
+    OutboxRelay(store, r).drain()
+    events = {
+        f[b"event_id"]
+        for stream in ("wb:escrow", "wb:payment", "wb:payout", "wb:dispute")
+        for _, f in r.xrange(stream)
+    }
+    crashed = spawn_worker(
+        "fanout", "fanout-a", redis_url, store.url,
+        "--batch-size", "20", "--crash-at", point, "--crash-batch", "2",
+        log=tmp_path / "a.log",
+    )  # fmt: skip
+    wait_until(lambda: crashed.poll() is not None, timeout=60, what="the fan-out worker to crash")
+    assert crashed.returncode == -signal.SIGKILL
+    survivor = spawn_worker(
+        "fanout", "fanout-b", redis_url, store.url,
+        "--batch-size", "20", "--dead-after", "0.5", log=tmp_path / "b.log",
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: all(
+                g["pending"] == 0 and g.get("lag") == 0
+                for s in ("wb:escrow", "wb:payment", "wb:payout", "wb:dispute")
+                for g in r.xinfo_groups(s)
+            ),
+            timeout=60,
+            what="the survivor to drain every stream",
+        )
+    finally:
+        survivor.terminate()
+        survivor.wait(10)
+    users = {k.decode().split(":", 2)[2] for k in r.scan_iter(match="wb:user:*")}
+    seen: set[bytes] = set()
+    for user in users:
+        entries = _entries(r, user)
+        ids = [f[b"event_id"] for _, f in entries]
+        assert len(ids) == len(set(ids)), f"duplicates in the stream of {user}"
+        _assert_chain(entries)
+        seen |= set(ids)
+    assert seen == events

@@ -1,0 +1,38 @@
+"""Fan-out: copy each event into the stream of every user it concerns.
+
+Unlike the SQL handlers its effect lives in Redis: the append and its dedupe
+are one Lua script per event (:class:`workbench.userstreams.UserStreams`), so
+a redelivered batch appends nothing twice and the consumer runtime can ack
+after ``handle`` returns, as for every other group.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from workbench import events as ev
+from workbench.log import StreamNames
+from workbench.userstreams import DEFAULT_USER_MAXLEN, UserStreamNames, UserStreams
+
+
+class FanoutHandler:
+    group = "fanout"
+    aggregate_types = ev.AGGREGATE_TYPES
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        names: StreamNames | None = None,
+        *,
+        user_maxlen: int = DEFAULT_USER_MAXLEN,
+    ) -> None:
+        self.user_streams = UserStreams(
+            client, UserStreamNames.of(names or StreamNames()), maxlen=user_maxlen
+        )
+        self.appended = 0
+        self.duplicates = 0
+
+    def handle(self, events: list[ev.Event]) -> None:
+        counts = self.user_streams.append([(event, ev.encode(event)) for event in events])
+        self.appended += sum(counts)
+        self.duplicates += sum(1 for n in counts if n == 0)

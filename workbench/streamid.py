@@ -1,0 +1,54 @@
+"""Redis stream entry ids as values: parsed, compared, printed.
+
+A user-stream id is what an SSE client sends back as ``Last-Event-ID``, so it
+arrives as untrusted text. :func:`parse` accepts exactly the ``<ms>-<seq>``
+form Redis produces (and ``0``, "before the first entry"), and says what is
+wrong with anything else.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX = 2**64 - 1
+
+
+class MalformedStreamId(ValueError):
+    """The text is not a stream entry id."""
+
+
+class StreamId(NamedTuple):
+    """``ms-seq``; tuples compare in stream order."""
+
+    ms: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+
+ZERO = StreamId(0, 0)
+
+
+def parse(text: str | bytes) -> StreamId:
+    """Parse ``<ms>-<seq>`` (or ``0``); raise :class:`MalformedStreamId` otherwise."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            raise MalformedStreamId("a stream id is ASCII digits: <ms>-<seq>") from None
+    if text == "0":
+        return ZERO
+    match = _ID.fullmatch(text)
+    if match is None:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise MalformedStreamId(
+            f"{shown!r} is not a stream id; expected <milliseconds>-<sequence>, "
+            "e.g. 1700000000000-0"
+        )
+    ms, seq = int(match[1]), int(match[2])
+    if ms > _MAX or seq > _MAX:
+        raise MalformedStreamId(f"{text!r} is out of range for a stream id")
+    return StreamId(ms, seq)

@@ -1,0 +1,170 @@
+"""Per-user streams: where a phone's events wait for it.
+
+The fan-out worker appends every event to the stream of each user it
+concerns (``wb:user:<user id>``) with one Lua script per event, which also
+
+* dedupes by event id (``wb:fanout:<event id>``, kept as long as user-stream
+  history): a worker killed between its appends and its XACK gets the batch
+  again and appends nothing twice, because the script is atomic and the
+  second run finds the marker;
+* records in each entry ``prev``, the id of the entry before it, so readers
+  can prove a page or a live message follows on without a gap
+  (:mod:`workbench.replay`);
+* publishes one live message per user entry on a single channel
+  (``wb:live``). Each server process reads that channel over one connection
+  and fans out locally, so Redis connections stay O(1) per process.
+
+**Retention.** ``XADD ... MAXLEN ~ user_maxlen`` (default 1000 entries per
+user). ``~`` trims whole internal nodes, so a stream can hold up to about a
+hundred entries more. A client whose Last-Event-ID fell out of that window
+gets ``event: reset`` and resyncs from the snapshot; it is never silently
+skipped ahead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+
+from workbench.events import Event
+from workbench.log import StreamNames
+from workbench.replay import UserEntry
+from workbench.streamid import ZERO, StreamId, parse
+
+DEFAULT_USER_MAXLEN = 1000
+DEFAULT_DEDUPE_TTL_S = 7 * 24 * 3600
+
+# KEYS[1] dedupe marker; KEYS[2..] user streams.
+# ARGV: event_id, type, data, maxlen, dedupe ttl, live channel, user ids...
+_FANOUT_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
+  return 0
+end
+for i = 2, #KEYS do
+  local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  local prev = '0-0'
+  if #last > 0 then prev = last[1][1] end
+  local id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[4], '*',
+    'event_id', ARGV[1], 'type', ARGV[2], 'prev', prev, 'data', ARGV[3])
+  redis.call('PUBLISH', ARGV[6],
+    cjson.encode({ARGV[5 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
+end
+return #KEYS - 1
+"""
+
+
+@dataclass(frozen=True)
+class UserStreamNames:
+    """Key names for user streams under a prefix (shared with :class:`StreamNames`)."""
+
+    prefix: str = "wb"
+
+    @classmethod
+    def of(cls, names: StreamNames) -> UserStreamNames:
+        return cls(names.prefix)
+
+    def stream(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{user_id}"
+
+    def fanout_marker(self, event_id: str) -> str:
+        return f"{self.prefix}:fanout:{event_id}"
+
+    @property
+    def live_channel(self) -> str:
+        return f"{self.prefix}:live"
+
+
+class UserStreams:
+    """Append side (sync, used by the fan-out worker)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        names: UserStreamNames | None = None,
+        *,
+        maxlen: int = DEFAULT_USER_MAXLEN,
+        dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
+    ) -> None:
+        if maxlen < 1:
+            raise ValueError("user stream maxlen must be at least 1")
+        self.client = client
+        self.names = names or UserStreamNames()
+        self.maxlen = maxlen
+        self.dedupe_ttl_s = dedupe_ttl_s
+        self._script = client.register_script(_FANOUT_LUA)
+
+    def append(self, events: list[tuple[Event, bytes]]) -> list[int]:
+        """Append each (event, encoded envelope) to its users' streams, atomically per
+        event; return per event the number of entries appended (0: a duplicate)."""
+        if not events:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for event, data in events:
+            users = list(dict.fromkeys(event.user_ids))
+            self._script(
+                keys=[self.names.fanout_marker(event.event_id)]
+                + [self.names.stream(u) for u in users],
+                args=[
+                    event.event_id,
+                    event.type,
+                    data,
+                    self.maxlen,
+                    self.dedupe_ttl_s,
+                    self.names.live_channel,
+                    *users,
+                ],
+                client=pipe,
+            )
+        return [int(n) for n in pipe.execute()]
+
+
+# -- reading (async, used by the HTTP server) ---------------------------------------
+
+
+def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> UserEntry:
+    return UserEntry(
+        id=parse(entry_id),
+        prev=parse(fields[b"prev"]),
+        event_id=fields[b"event_id"].decode(),
+        type=fields[b"type"].decode(),
+        data=fields[b"data"].decode(),
+    )
+
+
+def live_message(raw: bytes | str) -> tuple[str, UserEntry]:
+    """Decode a message of the live channel: (user id, entry)."""
+    user, entry_id, prev, event_id, type_, data = json.loads(raw)
+    return user, UserEntry(parse(entry_id), parse(prev), event_id, type_, data)
+
+
+class UserStreamReader:
+    """Read side: tail, existence and pages after a cursor (async)."""
+
+    def __init__(self, client: aioredis.Redis, names: UserStreamNames | None = None) -> None:
+        self.client = client
+        self.names = names or UserStreamNames()
+
+    async def tail(self, user_id: str) -> StreamId:
+        """The id of the user's newest entry (``0-0`` if none)."""
+        last = await self.client.xrevrange(self.names.stream(user_id), "+", "-", count=1)
+        return parse(last[0][0]) if last else ZERO
+
+    async def page_after(self, user_id: str, cursor: StreamId, count: int) -> list[UserEntry]:
+        """Up to ``count`` entries strictly after ``cursor``."""
+        rows = await self.client.xrange(self.names.stream(user_id), f"({cursor}", "+", count=count)
+        return [entry_from_fields(entry_id, fields) for entry_id, fields in rows]
+
+    async def first_page_and_exists(
+        self, user_id: str, cursor: StreamId, count: int
+    ) -> tuple[list[UserEntry], bool]:
+        """The first page after ``cursor`` and whether ``cursor`` is an entry, read together."""
+        key = self.names.stream(user_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xrange(key, f"({cursor}", "+", count=count)
+        pipe.xrange(key, str(cursor), str(cursor), count=1)
+        rows, itself = await pipe.execute()
+        page = [entry_from_fields(entry_id, fields) for entry_id, fields in rows]
+        return page, bool(itself)
