@@ -6,12 +6,14 @@ it the PostgreSQL half of each store test is skipped, with the reason shown.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from tests.http_support import Deployment
 from workbench.clock import ManualClock
 from workbench.ids import IdFactory
 from workbench.log import connect
@@ -19,6 +21,8 @@ from workbench.redis_server import RedisServer
 from workbench.store import Store
 
 PG_URL = os.environ.get("TEST_DATABASE_URL")
+_PREFIXES = itertools.count(1)
+_USERS = itertools.count(1)
 PG_SKIP = (
     "PostgreSQL tests need TEST_DATABASE_URL (e.g. postgresql+psycopg://postgres@127.0.0.1/test)"
 )
@@ -69,3 +73,42 @@ def clock() -> ManualClock:
 @pytest.fixture
 def ids() -> IdFactory:
     return IdFactory(seed=7)
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    """Relay and fan-out worker as real processes, shared by one test module.
+
+    Each module gets its own key prefix and SQLite file; tests start API
+    processes with ``deployment.start_api()`` and keep apart by user ids
+    (the ``alice``/``bob`` fixtures are fresh per test).
+    """
+    if not redis_server.running:  # a previous test killed it
+        redis_server.restart()
+    tmp = tmp_path_factory.mktemp("deployment")
+    d = Deployment(
+        redis_server.url, f"sqlite:///{tmp / 'workbench.db'}", tmp, prefix=f"t{next(_PREFIXES)}"
+    )
+    Store(d.database_url).create_schema()
+    d.start_relay()
+    d.start_worker("fanout")
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def api(deployment: Deployment) -> str:
+    """The base URL of one API process (M-Pesa callbacks come from the test)."""
+    return deployment.start_api()
+
+
+@pytest.fixture
+def alice(request: pytest.FixtureRequest) -> str:
+    return f"alice-{next(_USERS)}"
+
+
+@pytest.fixture
+def bob(request: pytest.FixtureRequest) -> str:
+    return f"bob-{next(_USERS)}"

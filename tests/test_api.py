@@ -1,0 +1,257 @@
+"""The HTTP API over real HTTP: a uvicorn process, real Redis, real SQLite."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.http_support import SECRET, auth, token
+from workbench.auth import issue_token
+from workbench.clock import ManualClock
+from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
+
+EXPIRED = issue_token("alice", SECRET, ttl_s=1, clock=ManualClock(1e9))
+
+
+def _create(api: str, buyer: str, seller: str, **extra) -> httpx.Response:  # type: ignore[no-untyped-def]
+    body = {"buyer_id": buyer, "seller_id": seller, "amount": 1500, "description": "shoes"}
+    return httpx.post(f"{api}/escrows", json=body, headers={**auth(buyer), **extra})
+
+
+def _escrow(api: str, escrow_id: str, user: str) -> dict:  # type: ignore[type-arg]
+    response = httpx.get(f"{api}/escrows/{escrow_id}", headers=auth(user))
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_openapi_spec_is_published(api: str) -> None:
+    spec = httpx.get(f"{api}/openapi.json").json()
+    for path in (
+        "/escrows",
+        "/escrows/{escrow_id}/fund",
+        "/mpesa/callback",
+        "/users/{user_id}/events",
+    ):
+        assert path in spec["paths"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer not-a-token"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": f"Bearer {issue_token('alice', 'another-secret-0123456789abcdef012')}"},
+        {"Authorization": f"Bearer {EXPIRED}"},
+    ],
+    ids=["missing", "garbage", "wrong-scheme", "wrong-secret", "expired"],
+)
+def test_requests_without_a_valid_token_get_401(api: str, headers: dict[str, str]) -> None:
+    response = httpx.post(f"{api}/escrows", json={}, headers=headers)
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["detail"]
+
+
+def test_create_returns_201_and_a_retry_with_the_same_key_changes_nothing(
+    api: str, alice: str, bob: str
+) -> None:
+    first = _create(api, alice, bob, **{"Idempotency-Key": f"k1-{alice}"})
+    assert first.status_code == 201, first.text
+    again = _create(api, alice, bob, **{"Idempotency-Key": f"k1-{alice}"})
+    assert again.status_code == 201
+    assert again.json()["escrow"]["id"] == first.json()["escrow"]["id"]
+    assert again.json()["replayed"] is True
+    listed = httpx.get(f"{api}/users/{alice}/escrows", headers=auth(alice)).json()
+    assert len(listed["escrows"]) == 1
+
+
+def test_same_key_for_a_different_command_is_409(api: str, alice: str, bob: str) -> None:
+    assert _create(api, alice, bob, **{"Idempotency-Key": f"k2-{alice}"}).status_code == 201
+    body = {"buyer_id": alice, "seller_id": bob, "amount": 999}
+    response = httpx.post(
+        f"{api}/escrows", json=body, headers={**auth(alice), "Idempotency-Key": f"k2-{alice}"}
+    )
+    assert response.status_code == 409
+    assert response.json()["error"] == "idempotency_conflict"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"buyer_id": "A", "seller_id": "B", "amount": -5},
+        {"buyer_id": "A", "seller_id": "B", "amount": 0},
+        {"buyer_id": "A", "seller_id": "B", "amount": "lots"},
+        {"buyer_id": "A", "amount": 100},
+        {"buyer_id": "A B", "seller_id": "B", "amount": 100},
+        {"buyer_id": "A", "seller_id": "B", "amount": 100, "description": "x" * 501},
+    ],
+    ids=["negative", "zero", "string", "no-seller", "bad-id", "long-description"],
+)
+def test_malformed_commands_are_422_and_create_nothing(
+    api: str, alice: str, bob: str, body: dict
+) -> None:  # type: ignore[type-arg]
+    body = {k: {"A": alice, "A B": f"{alice} x", "B": bob}.get(v, v) for k, v in body.items()}
+    response = httpx.post(f"{api}/escrows", json=body, headers=auth(alice))
+    assert response.status_code == 422
+    listed = httpx.get(f"{api}/users/{alice}/escrows", headers=auth(alice)).json()
+    assert listed["escrows"] == []
+
+
+def test_buyer_and_seller_must_differ(api: str, alice: str, bob: str) -> None:
+    response = _create(api, alice, alice)
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid_command"
+
+
+def test_a_stranger_cannot_open_an_escrow_for_others(api: str, alice: str, bob: str) -> None:
+    body = {"buyer_id": alice, "seller_id": bob, "amount": 100}
+    response = httpx.post(f"{api}/escrows", json=body, headers=auth("mallory"))
+    assert response.status_code == 403
+
+
+def test_full_lifecycle_with_callbacks_and_errors_that_change_nothing(
+    api: str, alice: str, bob: str
+) -> None:
+    escrow_id = _create(api, alice, bob).json()["escrow"]["id"]
+
+    # Illegal: ship before funding -> 409, state unchanged.
+    before = _escrow(api, escrow_id, alice)
+    response = httpx.post(f"{api}/escrows/{escrow_id}/ship", headers=auth(bob))
+    assert response.status_code == 409
+    assert "cannot ship" in response.json()["detail"]
+    assert _escrow(api, escrow_id, alice) == before
+
+    # Wrong party: the seller cannot fund.
+    assert httpx.post(f"{api}/escrows/{escrow_id}/fund", headers=auth(bob)).status_code == 403
+
+    funded = httpx.post(
+        f"{api}/escrows/{escrow_id}/fund", json={"phone": "254711000111"}, headers=auth(alice)
+    )
+    assert funded.status_code == 200, funded.text
+    checkout = funded.json()["checkout_request_id"]
+    assert checkout
+
+    callback = stk_callback(checkout, RESULT_OK, amount=1500, receipt="SAB12CD34E")
+    first = httpx.post(f"{api}/mpesa/callback", json=callback)
+    assert first.status_code == 200
+    assert first.json() == {"ResultCode": 0, "ResultDesc": "Accepted"}
+    duplicate = httpx.post(f"{api}/mpesa/callback", json=callback)
+    assert duplicate.status_code == 200
+    assert "duplicate" in duplicate.json()["ResultDesc"]
+    # A late contradicting result for the same checkout changes nothing either.
+    late = stk_callback(checkout, RESULT_CANCELLED_BY_USER)
+    assert httpx.post(f"{api}/mpesa/callback", json=late).status_code == 200
+    assert _escrow(api, escrow_id, alice)["state"] == "funded"
+
+    assert httpx.post(f"{api}/escrows/{escrow_id}/ship", headers=auth(bob)).status_code == 200
+    confirmed = httpx.post(f"{api}/escrows/{escrow_id}/confirm", headers=auth(alice))
+    assert confirmed.status_code == 200
+    assert confirmed.json()["escrow"]["state"] == "released"
+    again = httpx.post(f"{api}/escrows/{escrow_id}/confirm", headers=auth(alice))
+    assert again.status_code == 409
+
+
+def test_dispute_and_resolution_need_the_admin(api: str, alice: str, bob: str) -> None:
+    escrow_id = _create(api, alice, bob).json()["escrow"]["id"]
+    checkout = httpx.post(f"{api}/escrows/{escrow_id}/fund", headers=auth(alice)).json()[
+        "checkout_request_id"
+    ]
+    httpx.post(
+        f"{api}/mpesa/callback", json=stk_callback(checkout, RESULT_OK, amount=1500, receipt="R1")
+    )
+    opened = httpx.post(
+        f"{api}/escrows/{escrow_id}/dispute",
+        json={"reason": "never arrived"},
+        headers=auth(alice),
+    )
+    assert opened.status_code == 200, opened.text
+    body = {"outcome": "refund"}
+    assert (
+        httpx.post(f"{api}/escrows/{escrow_id}/resolve", json=body, headers=auth(alice)).status_code
+        == 403
+    )
+    bad = httpx.post(
+        f"{api}/escrows/{escrow_id}/resolve", json={"outcome": "split"}, headers=auth("admin")
+    )
+    assert bad.status_code == 422
+    done = httpx.post(f"{api}/escrows/{escrow_id}/resolve", json=body, headers=auth("admin"))
+    assert done.status_code == 200
+    assert done.json()["escrow"]["state"] == "refunded"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"not json", 400),
+        (b"[]", 400),
+        (b'{"Body": {}}', 400),
+        (b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_nope", "ResultCode": 0}}}', 400),
+    ],
+    ids=["not-json", "array", "no-callback", "success-without-metadata"],
+)
+def test_malformed_callbacks_are_rejected_not_500(api: str, body: bytes, status: int) -> None:
+    response = httpx.post(
+        f"{api}/mpesa/callback", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status
+    assert response.json()["ResultCode"] == 1
+
+
+def test_callback_for_an_unknown_checkout_is_404(api: str) -> None:
+    body = stk_callback("ws_CO_never_made", RESULT_OK, amount=10, receipt="R")
+    response = httpx.post(f"{api}/mpesa/callback", json=body)
+    assert response.status_code == 404
+    assert response.json()["ResultCode"] == 1
+
+
+def test_cancel_and_unknown_escrow(api: str, alice: str, bob: str) -> None:
+    escrow_id = _create(api, alice, bob).json()["escrow"]["id"]
+    cancelled = httpx.post(f"{api}/escrows/{escrow_id}/cancel", headers=auth(alice))
+    assert cancelled.status_code == 200
+    assert cancelled.json()["escrow"]["state"] == "cancelled"
+    missing = httpx.post(f"{api}/escrows/esc_missing/cancel", headers=auth(alice))
+    assert missing.status_code == 404
+
+
+def test_snapshot_is_per_user(api: str, alice: str, bob: str) -> None:
+    _create(api, alice, bob)
+    own = httpx.get(f"{api}/users/{alice}/escrows", headers=auth(alice))
+    assert own.status_code == 200
+    assert own.json()["as_of"]
+    assert httpx.get(f"{api}/users/{alice}/escrows", headers=auth(bob)).status_code == 403
+    with_query = httpx.get(f"{api}/users/{alice}/escrows", params={"access_token": token(alice)})
+    assert with_query.status_code == 200
+
+
+def test_event_stream_errors(api: str, alice: str, bob: str) -> None:
+    url = f"{api}/users/{alice}/events"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers=auth(bob)).status_code == 403
+    bad = httpx.get(url, headers={**auth(alice), "Last-Event-ID": "yesterday"})
+    assert bad.status_code == 400
+    assert "not a stream id" in bad.json()["detail"]
+    bad_query = httpx.get(url, params={"last_event_id": "1-2-3"}, headers=auth(alice))
+    assert bad_query.status_code == 400
+
+
+def test_health_and_metrics(api: str, alice: str, bob: str) -> None:
+    health = httpx.get(f"{api}/healthz").json()
+    assert health["ok"] and health["live_feed"]
+    _create(api, alice, bob)
+    text = httpx.get(f"{api}/metrics").text
+    for name in (
+        "workbench_stream_length",
+        "workbench_group_pending",
+        "workbench_dead_letters",
+        "workbench_sse_sessions",
+        "workbench_sse_replays_total",
+        "workbench_redis_up 1.0",
+    ):
+        assert name in text
+
+
+def test_dashboard_is_served(api: str) -> None:
+    page = httpx.get(f"{api}/dashboard")
+    assert page.status_code == 200
+    assert "EventSource" in page.text

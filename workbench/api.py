@@ -1,0 +1,549 @@
+"""The escrow service over HTTP (FastAPI, served by uvicorn).
+
+Commands are thin: authenticate, validate, call :class:`EscrowService`, map
+its errors to status codes (illegal transition 409, not a party 403, unknown
+escrow 404, bad body 422). A rejected request changes nothing, because the
+service applies a command in one transaction or not at all.
+
+Phones read their events at ``GET /users/{id}/events`` (SSE, see
+:mod:`workbench.sessions`) and the current state at ``GET /users/{id}/escrows``.
+Each process runs one :class:`~workbench.live.LiveReader` and one
+:class:`~workbench.pubsub.Hub`; settings come from the environment so
+``uvicorn --workers N`` can build the same app in every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+import redis
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from workbench import auth
+from workbench.clock import Clock, SystemClock
+from workbench.escrow import DomainError
+from workbench.ids import IdFactory
+from workbench.log import StreamNames, connect
+from workbench.metrics import metrics_text
+from workbench.mpesa import CallbackError, GatewayBehaviour, SimulatedGateway, parse_callback
+from workbench.pubsub import Hub
+from workbench.service import CommandResult, EscrowService
+from workbench.sessions import SessionStats, SseSession
+from workbench.store import Store, database_url
+from workbench.streamid import MalformedStreamId, StreamId, parse
+from workbench.userstreams import UserStreamNames, UserStreamReader
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+USER_ID = r"^[A-Za-z0-9_.:@-]{1,64}$"
+
+_STATUS = {
+    "not_found": 404,
+    "unknown_checkout": 404,
+    "not_allowed": 403,
+    "illegal_transition": 409,
+    "idempotency_conflict": 409,
+    "invalid_command": 422,
+}
+
+
+@dataclass
+class Settings:
+    """Everything the app needs; :meth:`from_env` reads ``WORKBENCH_*`` variables."""
+
+    redis_url: str
+    database_url: str
+    secret: str
+    prefix: str = "wb"
+    mpesa: Literal["sim", "external"] = "sim"
+    callback_url: str | None = None  # where the simulated gateway posts; None: in-process
+    debug: bool = False  # enables /debug/* (tests drop sessions server-side)
+    ping_s: float = 15.0
+    retry_ms: int = 1000
+    page_size: int = 500
+    max_queue: int = 1000
+    redis_pool: int = 16
+    gateway: GatewayBehaviour = field(
+        default_factory=lambda: GatewayBehaviour(delay_min=1.0, delay_max=3.0, late_rate=0.0)
+    )
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        redis_url = env.get("REDIS_URL")
+        if not redis_url:
+            raise RuntimeError("REDIS_URL is not set (`workbench serve` sets it for you)")
+        mpesa = env.get("WORKBENCH_MPESA", "sim")
+        if mpesa not in ("sim", "external"):
+            raise RuntimeError(f"WORKBENCH_MPESA must be 'sim' or 'external', not {mpesa!r}")
+        return cls(
+            redis_url=redis_url,
+            database_url=env.get("DATABASE_URL") or database_url(),
+            secret=auth.secret_from_env(env),
+            prefix=env.get("WORKBENCH_PREFIX", "wb"),
+            mpesa=mpesa,  # type: ignore[arg-type]
+            callback_url=env.get("WORKBENCH_CALLBACK_URL") or None,
+            debug=env.get("WORKBENCH_DEBUG", "") in ("1", "true", "yes"),
+            ping_s=float(env.get("WORKBENCH_SSE_PING_S", "15")),
+        )
+
+
+class ExternalGateway:
+    """M-Pesa outside this process: we only make the CheckoutRequestID."""
+
+    def __init__(self, ids: IdFactory) -> None:
+        self.ids = ids
+
+    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+        return self.ids.new("ws_CO")
+
+
+class _LockedGateway:
+    """The simulated gateway shared by request threads and the callback task."""
+
+    def __init__(self, gateway: SimulatedGateway) -> None:
+        self.gateway = gateway
+        self.lock = threading.Lock()
+
+    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+        with self.lock:
+            return self.gateway.stk_push(escrow_id, amount, phone)
+
+    def due(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.gateway.due()
+
+
+# -- request bodies ---------------------------------------------------------------------
+
+UserId = Annotated[str, Field(pattern=USER_ID, description="a user id: letters, digits, _.:@-")]
+
+
+class CreateEscrowBody(BaseModel):
+    buyer_id: UserId
+    seller_id: UserId
+    amount: int = Field(gt=0, le=10_000_000, description="KES, whole shillings")
+    description: str = Field(default="", max_length=500)
+
+
+class FundBody(BaseModel):
+    phone: str = Field(default="254700000000", pattern=r"^2547\d{8}$")
+
+
+class ShipBody(BaseModel):
+    tracking: str = Field(default="", max_length=100)
+
+
+class ReasonBody(BaseModel):
+    reason: str = Field(default="", max_length=500)
+
+
+class ResolveBody(BaseModel):
+    outcome: Literal["refund", "release"]
+    note: str = Field(default="", max_length=500)
+
+
+class App:
+    """The process-wide state behind the routes."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.names = StreamNames(settings.prefix)
+        self.user_names = UserStreamNames.of(self.names)
+        self.store = Store(settings.database_url)
+        self.store.create_schema()
+        ids = IdFactory()
+        self.sim: _LockedGateway | None = None
+        gateway: Any
+        if settings.mpesa == "sim":
+            self.sim = _LockedGateway(SimulatedGateway(self.clock, settings.gateway))
+            gateway = self.sim
+        else:
+            gateway = ExternalGateway(ids)
+        self.service = EscrowService(self.store, clock=self.clock, ids=ids, gateway=gateway)
+        self.hub = Hub(max_queue=settings.max_queue)
+        self.stats = SessionStats()
+        self.redis = connect(settings.redis_url)  # sync: metrics
+        self.aredis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=settings.redis_pool, timeout=10
+            ),
+            socket_timeout=5.0,
+        )
+        self.reader = UserStreamReader(self.aredis, self.user_names)
+        from workbench.live import LiveReader
+
+        self.live = LiveReader(settings.redis_url, self.hub, self.user_names)
+        self.callbacks_posted = 0
+
+    async def run_callbacks(self) -> None:
+        """The simulated M-Pesa: post due callbacks (to ourselves over HTTP, or in-process)."""
+        assert self.sim is not None
+        async with httpx.AsyncClient(timeout=10) as http:
+            while True:
+                for body in self.sim.due():
+                    try:
+                        if self.settings.callback_url:
+                            await http.post(self.settings.callback_url, json=body)
+                        else:
+                            await run_in_threadpool(self._record_callback, body)
+                        self.callbacks_posted += 1
+                    except Exception as exc:  # noqa: BLE001 - a gateway just logs and moves on
+                        log.warning("simulated callback failed: %s", exc)
+                await asyncio.sleep(0.1)
+
+    def _record_callback(self, body: Any) -> CommandResult:
+        return self.service.record_payment_result(parse_callback(body))
+
+    async def close(self) -> None:
+        self.hub.close_all("server shutting down")
+        await self.aredis.aclose()
+        self.redis.close()
+        self.store.close()
+
+
+def _result(result: CommandResult, **extra: Any) -> dict[str, Any]:
+    return {
+        "escrow": result.escrow,
+        "events": result.event_types,
+        "replayed": result.replayed,
+        **extra,
+    }
+
+
+def wb(request: Request) -> App:
+    return request.app.state.wb  # type: ignore[no-any-return]
+
+
+def current_user(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    access_token: Annotated[
+        str | None,
+        Query(description="the bearer token, for clients that cannot set headers"),
+    ] = None,
+) -> str:
+    state = wb(request)
+    try:
+        token = auth.bearer_token(authorization) or access_token
+    except auth.TokenError as exc:
+        raise _Unauthorized(exc.reason) from None
+    if not token:
+        raise _Unauthorized("missing bearer token (Authorization header or access_token)")
+    try:
+        return auth.verify_token(token, state.settings.secret, clock=state.clock)
+    except auth.TokenError as exc:
+        raise _Unauthorized(exc.reason) from None
+
+
+User = Annotated[str, Depends(current_user)]
+IdemKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=200, description="retries with it are safe"),
+]
+State = Annotated[App, Depends(wb)]
+
+
+def key(user: str, idempotency_key: str | None) -> str | None:
+    # Keys are per user, so two users cannot collide on the same key.
+    return f"{user}:{idempotency_key}" if idempotency_key else None
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = App(settings, clock)
+        app.state.wb = state
+        tasks = [asyncio.create_task(state.live.run(), name="live-reader")]
+        if state.sim is not None:
+            tasks.append(asyncio.create_task(state.run_callbacks(), name="mpesa-sim"))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await state.close()
+
+    app = FastAPI(
+        title="Escrow workbench",
+        version="0.1.0",
+        description="M-Pesa escrow commands, callbacks and per-user event streams (SSE).",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(
+            {"error": exc.code, "detail": str(exc)}, status_code=_STATUS.get(exc.code, 409)
+        )
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            {"error": "unauthorized", "detail": exc.reason},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.exception_handler(_Forbidden)
+    async def _forbidden(request: Request, exc: _Forbidden) -> JSONResponse:
+        return JSONResponse({"error": "forbidden", "detail": exc.reason}, status_code=403)
+
+    # -- commands ----------------------------------------------------------------------
+
+    @app.post("/escrows", status_code=201, tags=["commands"])
+    def create_escrow(
+        body: CreateEscrowBody, user: User, state: State, idem: IdemKey = None
+    ) -> dict[str, Any]:
+        """Open an escrow between a buyer and a seller; the caller must be one of them."""
+        if user not in (body.buyer_id, body.seller_id):
+            raise _Forbidden(f"{user!r} is neither the buyer nor the seller")
+        result = state.service.create(
+            body.buyer_id,
+            body.seller_id,
+            body.amount,
+            body.description,
+            idempotency_key=key(user, idem),
+        )
+        return _result(result)
+
+    @app.get("/escrows/{escrow_id}", tags=["queries"])
+    def get_escrow(escrow_id: str, user: User, state: State) -> dict[str, Any]:
+        escrow = state.service.get(escrow_id)
+        if user not in (escrow.buyer_id, escrow.seller_id, "admin"):
+            raise _Forbidden(f"{user!r} is not a party to {escrow_id}")
+        return escrow.to_dict()
+
+    @app.post("/escrows/{escrow_id}/fund", tags=["commands"])
+    def fund(
+        escrow_id: str,
+        user: User,
+        state: State,
+        idem: IdemKey = None,
+        body: FundBody | None = None,
+    ) -> dict[str, Any]:
+        """Start the M-Pesa STK push to the buyer's phone."""
+        phone = (body or FundBody()).phone
+        result = state.service.fund(escrow_id, user, phone, idempotency_key=key(user, idem))
+        checkout = (result.escrow or {}).get("checkout_request_id")
+        return _result(result, checkout_request_id=checkout)
+
+    @app.post("/escrows/{escrow_id}/ship", tags=["commands"])
+    def ship(
+        escrow_id: str,
+        user: User,
+        state: State,
+        idem: IdemKey = None,
+        body: ShipBody | None = None,
+    ) -> dict[str, Any]:
+        tracking = (body or ShipBody()).tracking
+        return _result(
+            state.service.ship(escrow_id, user, tracking, idempotency_key=key(user, idem))
+        )
+
+    @app.post("/escrows/{escrow_id}/confirm", tags=["commands"])
+    def confirm(escrow_id: str, user: User, state: State, idem: IdemKey = None) -> dict[str, Any]:
+        return _result(state.service.confirm(escrow_id, user, idempotency_key=key(user, idem)))
+
+    @app.post("/escrows/{escrow_id}/dispute", tags=["commands"])
+    def dispute(
+        escrow_id: str,
+        user: User,
+        state: State,
+        idem: IdemKey = None,
+        body: ReasonBody | None = None,
+    ) -> dict[str, Any]:
+        reason = (body or ReasonBody()).reason
+        return _result(
+            state.service.dispute(escrow_id, user, reason, idempotency_key=key(user, idem))
+        )
+
+    @app.post("/escrows/{escrow_id}/resolve", tags=["commands"])
+    def resolve(
+        escrow_id: str,
+        body: ResolveBody,
+        user: User,
+        state: State,
+        idem: IdemKey = None,
+    ) -> dict[str, Any]:
+        """Resolve a dispute (the ``admin`` user only): refund the buyer or release."""
+        return _result(
+            state.service.resolve(
+                escrow_id, user, body.outcome, body.note, idempotency_key=key(user, idem)
+            )
+        )
+
+    @app.post("/escrows/{escrow_id}/cancel", tags=["commands"])
+    def cancel(
+        escrow_id: str,
+        user: User,
+        state: State,
+        idem: IdemKey = None,
+        body: ReasonBody | None = None,
+    ) -> dict[str, Any]:
+        reason = (body or ReasonBody()).reason
+        return _result(
+            state.service.cancel(escrow_id, user, reason, idempotency_key=key(user, idem))
+        )
+
+    # -- M-Pesa ------------------------------------------------------------------------
+
+    @app.post("/mpesa/callback", tags=["mpesa"])
+    async def mpesa_callback(request: Request, state: State) -> JSONResponse:
+        """Daraja STK callback. Duplicates are accepted and change nothing."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return _daraja(400, "body is not JSON")
+        try:
+            parsed = parse_callback(body)
+        except CallbackError as exc:
+            return _daraja(400, f"not an STK callback: {exc}")
+        try:
+            result = await run_in_threadpool(state.service.record_payment_result, parsed)
+        except DomainError as exc:
+            status = _STATUS.get(exc.code, 409)
+            return _daraja(status, str(exc))
+        return _daraja(200, "duplicate, already recorded" if result.replayed else "Accepted")
+
+    # -- reading -----------------------------------------------------------------------
+
+    @app.get("/users/{user_id}/escrows", tags=["queries"])
+    async def user_escrows(user_id: str, user: User, state: State) -> dict[str, Any]:
+        """The user's escrows, current as of ``as_of`` (a user-stream id).
+
+        ``as_of`` is read before the escrows, so the escrows are at least as
+        new as it: resuming the event stream from ``as_of`` can repeat an
+        event the snapshot already reflects (apply by ``sequence``), never skip one.
+        """
+        _same_user(user, user_id)
+        as_of = await state.reader.tail(user_id)
+        escrows = await run_in_threadpool(state.service.escrows_of, user_id)
+        return {"user_id": user_id, "as_of": str(as_of), "escrows": [e.to_dict() for e in escrows]}
+
+    @app.get(
+        "/users/{user_id}/events",
+        tags=["queries"],
+        response_class=Response,
+        responses={200: {"content": {"text/event-stream": {}}}, 400: {}, 401: {}, 403: {}},
+    )
+    async def user_events(
+        user_id: str,
+        user: User,
+        state: State,
+        last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+        last_event_id: Annotated[
+            str | None, Query(description="for the first connect, when no header can be set")
+        ] = None,
+    ) -> Response:
+        """Server-sent events: replay after Last-Event-ID, then live."""
+        _same_user(user, user_id)
+        raw = last_event_id_header if last_event_id_header is not None else last_event_id
+        requested: StreamId | None = None
+        if raw is not None and raw.strip() != "":
+            try:
+                requested = parse(raw.strip())
+            except MalformedStreamId as exc:
+                return JSONResponse(
+                    {"error": "bad_last_event_id", "detail": str(exc)}, status_code=400
+                )
+        session = SseSession(
+            user_id,
+            requested,
+            state.reader,
+            state.hub,
+            state.stats,
+            page_size=state.settings.page_size,
+            retry_ms=state.settings.retry_ms,
+        )
+        return EventSourceResponse(
+            session.messages(),
+            ping=state.settings.ping_s,
+            send_timeout=30,
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    # -- operations --------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz(state: State) -> JSONResponse:
+        try:
+            await state.aredis.ping()
+            redis_ok = True
+        except (redis.RedisError, OSError):
+            redis_ok = False
+        body = {
+            "ok": redis_ok,
+            "redis": redis_ok,
+            "live_feed": state.live.connected.is_set(),
+            "sessions": state.hub.subscriptions(),
+        }
+        return JSONResponse(body, status_code=200 if redis_ok else 503)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    def metrics(state: State) -> Response:
+        """Prometheus text format."""
+        return Response(metrics_text(state), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/dashboard")
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "dashboard.html", media_type="text/html")
+
+    if settings.debug:
+
+        @app.post("/debug/users/{user_id}/drop", tags=["debug"])
+        async def drop_sessions(user_id: str, state: State) -> dict[str, Any]:
+            """Close this user's SSE sessions server-side (tests of reconnects)."""
+            return {"dropped": state.hub.close_topic(user_id, "dropped by the server")}
+
+    return app
+
+
+class _Unauthorized(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _Forbidden(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _same_user(user: str, user_id: str) -> None:
+    if user != user_id:
+        raise _Forbidden(f"{user!r} may not read the stream or escrows of {user_id!r}")
+
+
+def _daraja(status: int, description: str) -> JSONResponse:
+    # Daraja's acknowledgement shape: ResultCode 0 accepted, anything else rejected.
+    return JSONResponse(
+        {"ResultCode": 0 if status == 200 else 1, "ResultDesc": description}, status_code=status
+    )
+
+
+def app_from_env() -> FastAPI:
+    """The uvicorn factory (``--factory``): settings from the environment."""
+    return create_app(Settings.from_env())

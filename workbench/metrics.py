@@ -1,0 +1,91 @@
+"""``/metrics``: Prometheus text, built at scrape time.
+
+Stream figures are read from Redis on each scrape (they are shared by all
+server processes); session figures are this process's own, so a scraper
+should scrape every process (label them by instance).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from workbench.events import AGGREGATE_TYPES
+from workbench.handlers import GROUPS
+
+if TYPE_CHECKING:
+    from workbench.api import App
+
+
+class _Collector:
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def collect(self) -> Any:
+        app = self.app
+        yield from _stream_metrics(app.redis, app.names)
+        stats = app.stats
+        sessions = GaugeMetricFamily("workbench_sse_sessions", "SSE sessions held now")
+        sessions.add_metric([], app.hub.subscriptions())
+        yield sessions
+        for name, value, help_ in (
+            ("sse_sessions_opened", stats.opened, "SSE sessions opened"),
+            ("sse_replays", stats.resumed, "sessions that resumed from a Last-Event-ID"),
+            ("sse_replayed_entries", stats.replayed_entries, "entries sent from the stream"),
+            ("sse_live_sent", stats.live_sent, "entries sent from the live feed"),
+            ("sse_catch_ups", stats.catch_ups, "live gaps closed by reading the stream"),
+            ("sse_resets", stats.resets, "sessions told their history is gone"),
+            ("hub_slow_disconnects", app.hub.dropped_slow, "subscribers dropped as too slow"),
+            ("live_messages", app.live.messages, "messages read by the live reader"),
+            ("live_reconnects", app.live.reconnects, "live reader resubscriptions"),
+            ("mpesa_sim_callbacks", app.callbacks_posted, "simulated callbacks delivered"),
+        ):
+            counter = CounterMetricFamily(f"workbench_{name}", help_)
+            counter.add_metric([], value)
+            yield counter
+
+
+def _stream_metrics(client: redis.Redis, names: Any) -> Any:
+    length = GaugeMetricFamily(
+        "workbench_stream_length", "entries in the stream", labels=["stream"]
+    )
+    pending = GaugeMetricFamily(
+        "workbench_group_pending", "delivered, not yet acked", labels=["stream", "group"]
+    )
+    lag = GaugeMetricFamily(
+        "workbench_group_lag", "entries not yet delivered (Redis 7)", labels=["stream", "group"]
+    )
+    dead = GaugeMetricFamily("workbench_dead_letters", "dead-lettered entries", labels=["group"])
+    up = GaugeMetricFamily("workbench_redis_up", "1 if Redis answered this scrape")
+    try:
+        for aggregate in AGGREGATE_TYPES:
+            stream = names.stream(aggregate)
+            length.add_metric([stream], client.xlen(stream))
+            try:
+                groups = client.xinfo_groups(stream)
+            except redis.ResponseError:
+                groups = []
+            for g in groups:
+                group = _text(g["name"])
+                pending.add_metric([stream, group], int(g["pending"]))
+                if g.get("lag") is not None:
+                    lag.add_metric([stream, group], int(g["lag"]))
+        for group in (*GROUPS, "fanout"):
+            dead.add_metric([group], client.xlen(names.dead_letter(group)))
+        up.add_metric([], 1)
+    except (redis.ConnectionError, redis.TimeoutError):
+        up.add_metric([], 0)
+    yield from (length, pending, lag, dead, up)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def metrics_text(app: App) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(app))  # type: ignore[arg-type]
+    return generate_latest(registry)

@@ -1,0 +1,163 @@
+"""One SSE session: subscribe live, replay from Last-Event-ID, then stay live.
+
+The order is what makes the handoff gapless: the hub subscription exists
+before the first XRANGE, so a message published during the replay waits in
+the subscription's queue and :class:`~workbench.replay.ReplaySession` skips it
+if the replay already sent it. Messages on the wire:
+
+* ``id: <user-stream id>``, ``event: <event type>``, ``data: <envelope JSON>``
+  for each event;
+* ``event: ready`` once replay is done (its ``id`` is the cursor, so even a
+  client that received nothing can resume from the right place);
+* ``event: reset`` when the requested position is no longer retained or was
+  never an entry of this user's stream: fetch the snapshot
+  (``GET /users/{id}/escrows``) and reconnect with its ``as_of``. The stream
+  ends after a reset;
+* ``:`` comments as heartbeats (sent by the response).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sse_starlette import ServerSentEvent
+
+from workbench.live import Resync
+from workbench.pubsub import Hub, Subscription, SubscriptionClosed
+from workbench.replay import HistoryLost, Live, ReplaySession, UserEntry, resume_point_known
+from workbench.streamid import StreamId
+from workbench.userstreams import UserStreamReader
+
+
+@dataclass
+class SessionStats:
+    """Counters over all sessions of one server process (for /metrics)."""
+
+    opened: int = 0
+    resumed: int = 0
+    replayed_entries: int = 0
+    live_sent: int = 0
+    catch_ups: int = 0
+    resets: int = 0
+
+
+def event_message(entry: UserEntry) -> ServerSentEvent:
+    return ServerSentEvent(data=entry.data, event=entry.type, id=str(entry.id))
+
+
+class SseSession:
+    """The message sequence for one connection of one user."""
+
+    def __init__(
+        self,
+        user_id: str,
+        requested: StreamId | None,
+        reader: UserStreamReader,
+        hub: Hub,
+        stats: SessionStats,
+        *,
+        page_size: int = 500,
+        retry_ms: int = 1000,
+    ) -> None:
+        self.user_id = user_id
+        self.requested = requested
+        self.reader = reader
+        self.hub = hub
+        self.stats = stats
+        self.page_size = page_size
+        self.retry_ms = retry_ms
+
+    async def messages(self) -> AsyncIterator[ServerSentEvent]:
+        subscription = self.hub.subscribe(self.user_id)
+        self.stats.opened += 1
+        try:
+            try:
+                session, page, more = await self._start()
+                for entry in page:
+                    yield event_message(entry)
+                while more:
+                    page, more = await self._page(session)
+                    for entry in page:
+                        yield event_message(entry)
+            except HistoryLost as lost:
+                yield self._reset(lost.reason)
+                return
+            yield ServerSentEvent(
+                data=json.dumps({"cursor": str(session.cursor), "replayed": session.sent}),
+                event="ready",
+                id=str(session.cursor),
+                retry=self.retry_ms,
+            )
+            async for message in self._live(subscription, session):
+                yield message
+        finally:
+            subscription.close()
+
+    async def _start(self) -> tuple[ReplaySession, list[UserEntry], bool]:
+        """The session and its first page; whether more pages may follow."""
+        if self.requested is None:
+            return ReplaySession(await self.reader.tail(self.user_id)), [], False
+        self.stats.resumed += 1
+        page, exists = await self.reader.first_page_and_exists(
+            self.user_id, self.requested, self.page_size
+        )
+        if not resume_point_known(self.requested, page, exists):
+            raise HistoryLost(
+                f"{self.requested} is not a retained position in the stream of "
+                f"{self.user_id!r} (trimmed, or never an entry of it)"
+            )
+        session = ReplaySession(self.requested)
+        entries = session.take_page(page)
+        self.stats.replayed_entries += len(entries)
+        return session, entries, len(page) == self.page_size
+
+    async def _page(self, session: ReplaySession) -> tuple[list[UserEntry], bool]:
+        page = await self.reader.page_after(self.user_id, session.cursor, self.page_size)
+        entries = session.take_page(page)
+        self.stats.replayed_entries += len(entries)
+        return entries, len(page) == self.page_size
+
+    async def _live(
+        self, subscription: Subscription, session: ReplaySession
+    ) -> AsyncIterator[ServerSentEvent]:
+        while True:
+            try:
+                message = await subscription.get()
+            except SubscriptionClosed:
+                return
+            if isinstance(message, UserEntry):
+                decision = session.take_live(message)
+                if decision is Live.SEND:
+                    self.stats.live_sent += 1
+                    yield event_message(message)
+                    continue
+                if decision is Live.SKIP:
+                    continue
+            elif not isinstance(message, Resync):
+                continue
+            # A gap in the live feed, or the feed itself reconnected: read the stream.
+            self.stats.catch_ups += 1
+            more = True
+            try:
+                while more:
+                    page, more = await self._page(session)
+                    for entry in page:
+                        yield event_message(entry)
+            except HistoryLost as lost:
+                yield self._reset(lost.reason)
+                return
+
+    def _reset(self, reason: str) -> ServerSentEvent:
+        self.stats.resets += 1
+        return ServerSentEvent(
+            data=json.dumps(
+                {
+                    "reason": reason,
+                    "snapshot": f"/users/{self.user_id}/escrows",
+                    "action": "fetch the snapshot, then reconnect with last_event_id=as_of",
+                }
+            ),
+            event="reset",
+        )
