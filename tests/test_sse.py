@@ -1,0 +1,238 @@
+"""SSE delivery over real HTTP: replay, reconnects, two servers, trimming, lost live feed."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+from httpx_sse import connect_sse
+
+from tests.http_support import Deployment, auth, read_events
+from workbench.service import EscrowService
+from workbench.store import Store
+from workbench.waiting import wait_until
+
+
+def _user_stream(deployment: Deployment, user: str) -> list[tuple[str, str]]:
+    client = redis.Redis.from_url(deployment.redis_url)
+    try:
+        rows = client.xrange(f"{deployment.prefix}:user:{user}")
+    finally:
+        client.close()
+    return [(i.decode(), f[b"event_id"].decode()) for i, f in rows]
+
+
+@pytest.fixture
+def service(deployment: Deployment) -> Iterator[EscrowService]:
+    store = Store(deployment.database_url)
+    yield EscrowService(store)
+    store.close()
+
+
+def produce(service: EscrowService, buyer: str, seller: str, escrows: int) -> int:
+    """Open escrows, cancelling every third; return the events the buyer will get."""
+    events = 0
+    for i in range(escrows):
+        escrow_id = service.create(buyer, seller, 100 + i).escrow["id"]  # type: ignore[index]
+        events += 1
+        if i % 3 == 0:
+            service.cancel(escrow_id, buyer)
+            events += 1
+    return events
+
+
+def _wait_fanned_out(deployment: Deployment, user: str, count: int) -> list[tuple[str, str]]:
+    return wait_until(
+        lambda: len(s := _user_stream(deployment, user)) == count and s,
+        timeout=60,
+        what=f"{count} entries in the stream of {user}",
+    )
+
+
+def _storm(
+    bases: list[str], user: str, expected: int, seed: int
+) -> tuple[list[tuple[str, str]], int]:
+    """Read ``expected`` events, walking away at random points and reconnecting
+    with Last-Event-ID each time, cycling through ``bases``. Returns (id, event id)
+    pairs and the number of connections used."""
+    rng = random.Random(seed)
+    received: list[tuple[str, str]] = []
+    connections = 0
+    while len(received) < expected:
+        base = bases[connections % len(bases)]
+        connections += 1
+        last = received[-1][0] if received else "0"
+        take = min(rng.randint(1, 12), expected - len(received))
+        got, reset = read_events(base, user, last_event_id=last, stop_after=take)
+        assert not reset, "a retained position was answered with reset"
+        received += [(e.id, _event_id(e.data)) for e in got]
+    # One more connection: nothing further, and the stream says it is live.
+    got, reset = read_events(bases[0], user, last_event_id=received[-1][0], until_ready_and=0)
+    assert got == [] and not reset
+    return received, connections
+
+
+def _event_id(data: str) -> str:
+    import json
+
+    return json.loads(data)["event_id"]  # type: ignore[no-any-return]
+
+
+def test_random_disconnects_with_last_event_id_lose_nothing(
+    deployment: Deployment, api: str, service: EscrowService, alice: str, bob: str
+) -> None:
+    expected = produce_while(service, alice, bob, escrows=45)
+    received, connections = _storm([api], alice, expected.count, seed=1)
+    expected.join()
+    stream = _wait_fanned_out(deployment, alice, expected.count)
+    assert received == stream  # exactly the published sequence: no loss, dup or reorder
+    assert connections > 5
+
+
+def test_switching_between_two_server_processes(
+    deployment: Deployment, api: str, service: EscrowService, alice: str, bob: str
+) -> None:
+    second = deployment.start_api()
+    expected = produce_while(service, alice, bob, escrows=30)
+    received, _ = _storm([api, second], alice, expected.count, seed=2)
+    expected.join()
+    assert received == _wait_fanned_out(deployment, alice, expected.count)
+
+
+class produce_while:  # noqa: N801 - reads as a verb at the call site
+    """Produce in a thread while the client reads; ``count`` is known up front."""
+
+    def __init__(self, service: EscrowService, buyer: str, seller: str, escrows: int) -> None:
+        self.count = escrows + len(range(0, escrows, 3))
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(service, buyer, seller, escrows), daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, service: EscrowService, buyer: str, seller: str, escrows: int) -> None:
+        try:
+            produce(service, buyer, seller, escrows)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in join()
+            self.error = exc
+
+    def join(self) -> None:
+        self._thread.join(60)
+        if self.error is not None:
+            raise self.error
+
+
+def test_trimmed_history_gets_reset_and_the_snapshot_resumes_gaplessly(
+    deployment: Deployment, api: str, service: EscrowService, alice: str, bob: str
+) -> None:
+    count = produce(service, alice, bob, 30)
+    stream = _wait_fanned_out(deployment, alice, count)
+    client = redis.Redis.from_url(deployment.redis_url)
+    client.xtrim(f"{deployment.prefix}:user:{alice}", maxlen=10, approximate=False)
+
+    got, reset = read_events(api, alice, last_event_id=stream[5][0], until_ready_and=0)
+    assert reset and got == []
+    # Well-formed ids that were never entries are unknown positions too.
+    ms, seq = stream[-3][0].split("-")
+    between = f"{ms}-{int(seq) + 777}"  # inside the retained range, never an entry
+    assert between not in {i for i, _ in stream}
+    for unknown in ("1-0", "99999999999999-0", between):
+        assert read_events(api, alice, last_event_id=unknown, until_ready_and=0)[1], unknown
+
+    snapshot = httpx.get(f"{api}/users/{alice}/escrows", headers=auth(alice)).json()
+    assert snapshot["as_of"] == stream[-1][0]
+    assert len(snapshot["escrows"]) == 30
+    more = produce(service, alice, bob, 4)
+    after = _wait_fanned_out(deployment, alice, 10 + more)[-more:]
+    got, reset = read_events(api, alice, last_event_id=snapshot["as_of"], until_ready_and=more)
+    assert not reset
+    assert [(e.id, _event_id(e.data)) for e in got] == after
+
+
+def test_resume_at_the_tail_and_from_the_beginning(
+    deployment: Deployment, api: str, service: EscrowService, alice: str, bob: str
+) -> None:
+    count = produce(service, alice, bob, 5)
+    stream = _wait_fanned_out(deployment, alice, count)
+    got, reset = read_events(api, alice, last_event_id="0", until_ready_and=count)
+    assert not reset and [e.id for e in got] == [i for i, _ in stream]
+    got, reset = read_events(api, alice, last_event_id=stream[-1][0], until_ready_and=0)
+    assert not reset and got == []
+
+
+def test_the_live_reader_losing_redis_makes_sessions_catch_up(
+    deployment: Deployment, service: EscrowService, alice: str, bob: str
+) -> None:
+    base = deployment.start_api()  # its own process: its live reader is the one we kill
+    first = produce(service, alice, bob, 3)
+    _wait_fanned_out(deployment, alice, first)
+    total = first + produce_count(12)
+    result: dict[str, object] = {}
+
+    def listen() -> None:
+        try:
+            result["got"] = read_events(base, alice, last_event_id="0", until_ready_and=total)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    wait_until(
+        lambda: httpx.get(f"{base}/healthz").json()["sessions"] >= 1,
+        what="the SSE session to open",
+    )
+    client = redis.Redis.from_url(deployment.redis_url)
+    killed = client.client_kill_filter(_type="pubsub")
+    assert killed >= 1
+    produce(service, alice, bob, 12)
+    listener.join(60)
+    assert "error" not in result, result.get("error")
+    got, reset = result["got"]  # type: ignore[misc]
+    assert not reset
+    assert [(e.id, _event_id(e.data)) for e in got] == _wait_fanned_out(deployment, alice, total)
+    metrics = httpx.get(f"{base}/metrics").text
+    reconnects = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("workbench_live_reconnects_total")
+    )
+    assert reconnects >= 1
+
+
+def produce_count(escrows: int) -> int:
+    return escrows + len(range(0, escrows, 3))
+
+
+def test_server_side_drops_are_resumed_by_the_client(
+    deployment: Deployment, api: str, service: EscrowService, alice: str, bob: str
+) -> None:
+    """Live sessions closed by the server; each reconnect resumes from Last-Event-ID."""
+    rounds = 4
+    received: list[str] = []
+    for connection in range(rounds + 1):
+        headers = {**auth(alice), "Last-Event-ID": received[-1] if received else "0"}
+        live = 0
+        with (
+            httpx.Client(timeout=20) as http,
+            connect_sse(http, "GET", f"{api}/users/{alice}/events", headers=headers) as source,
+        ):
+            for sse in source.iter_sse():
+                if sse.event == "ready":
+                    if connection == rounds:
+                        break
+                    service.create(alice, bob, 100)
+                    service.create(alice, bob, 200)
+                    continue
+                assert sse.event == "escrow.created", sse
+                received.append(sse.id)
+                live += 1
+                if live == 2:
+                    # The server closes every session of this user; iter_sse
+                    # ends when the response does.
+                    assert httpx.post(f"{api}/debug/users/{alice}/drop").json()["dropped"] >= 1
+        assert connection == rounds or live == 2
+    assert received == [i for i, _ in _wait_fanned_out(deployment, alice, 2 * rounds)]
