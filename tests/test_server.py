@@ -1,0 +1,82 @@
+"""`workbench serve` as a user runs it: embedded Redis, background workers, two API processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import httpx
+
+from tests.http_support import ROOT, SECRET, auth, read_events
+from workbench.redis_server import free_port
+from workbench.waiting import wait_until
+
+
+def _processes_mentioning(marker: str) -> list[str]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+def test_serve_runs_everything_and_stops_cleanly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    prefix = f"srv{uuid.uuid4().hex[:8]}"  # marks every child's command line
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env["WORKBENCH_SECRET"] = SECRET
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "serve", "--port", str(port), "--workers", "2",
+         "--prefix", prefix, "--data-dir", str(tmp_path / "data")],
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=60, what="workbench serve to answer")
+        created = httpx.post(
+            f"{base}/escrows",
+            json={"buyer_id": "amina", "seller_id": "baraka", "amount": 2500},
+            headers=auth("amina"),
+        )
+        assert created.status_code == 201, created.text
+        escrow_id = created.json()["escrow"]["id"]
+        funded = httpx.post(f"{base}/escrows/{escrow_id}/fund", headers=auth("amina"))
+        assert funded.status_code == 200
+        # The simulated M-Pesa posts its callback to the server by itself.
+        wait_until(
+            lambda: (
+                httpx.get(f"{base}/escrows/{escrow_id}", headers=auth("amina")).json()["state"]
+                == "funded"
+            ),
+            timeout=30,
+            what="the simulated callback to fund the escrow",
+        )
+        got, reset = read_events(base, "amina", last_event_id="0", until_ready_and=4)
+        assert not reset
+        assert [e.event for e in got] == [
+            "escrow.created",
+            "payment.requested",
+            "payment.received",
+            "escrow.funded",
+        ]
+        assert len(_processes_mentioning(prefix)) >= 6  # relay + five workers (+ serve)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+    assert serve.returncode == 0, (tmp_path / "serve.log").read_text()
+    wait_until(
+        lambda: not _processes_mentioning(prefix),
+        timeout=30,
+        what="every child of serve to exit",
+    )
+    assert (tmp_path / "data" / "workbench.db").exists()
+    assert (tmp_path / "data" / "relay.log").exists()
