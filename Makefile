@@ -5,7 +5,7 @@ UV_VERSION := 0.13.9
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench inspect clean venv
+.PHONY: run serve test lint bench inspect clean venv
 
 venv: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): requirements.lock pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/workbench run
+
+serve: $(STAMP)
+	$(BIN)/workbench serve $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check workbench tests bench
