@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.http_support import SECRET, auth, token
+from tests.http_support import SECRET, auth, read_events, token
 from workbench.auth import issue_token
 from workbench.clock import ManualClock
 from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
@@ -255,3 +255,24 @@ def test_dashboard_is_served(api: str) -> None:
     page = httpx.get(f"{api}/dashboard")
     assert page.status_code == 200
     assert "EventSource" in page.text
+
+
+def test_with_redis_dead_commands_work_and_reads_say_503(
+    api: str, alice: str, bob: str, redis_server
+) -> None:  # type: ignore[no-untyped-def]
+    redis_server.kill()
+    try:
+        created = _create(api, alice, bob)
+        assert created.status_code == 201  # the outbox keeps it until Redis is back
+        events = httpx.get(f"{api}/users/{alice}/events", headers=auth(alice), timeout=30)
+        assert events.status_code == 503
+        assert events.json()["error"] == "redis_unavailable"
+        snapshot = httpx.get(f"{api}/users/{alice}/escrows", headers=auth(alice), timeout=30)
+        assert snapshot.status_code == 503
+        assert httpx.get(f"{api}/healthz", timeout=30).status_code == 503
+        assert "workbench_redis_up 0.0" in httpx.get(f"{api}/metrics", timeout=30).text
+    finally:
+        redis_server.restart()
+    # Back: the event of the command made while Redis was down arrives.
+    got, reset = read_events(api, alice, last_event_id="0", until_ready_and=1)
+    assert not reset and [e.event for e in got] == ["escrow.created"]

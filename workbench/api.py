@@ -296,6 +296,16 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             {"error": exc.code, "detail": str(exc)}, status_code=_STATUS.get(exc.code, 409)
         )
 
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"error": "redis_unavailable", "detail": f"the event log is unreachable: {exc}"},
+            status_code=503,
+            headers={"Retry-After": "2"},
+        )
+
+    app.add_exception_handler(redis.ConnectionError, _redis_down)
+    app.add_exception_handler(redis.TimeoutError, _redis_down)
+
     @app.exception_handler(_Unauthorized)
     async def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
         return JSONResponse(
@@ -475,6 +485,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             page_size=state.settings.page_size,
             retry_ms=state.settings.retry_ms,
         )
+        try:
+            await session.open()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            return JSONResponse(
+                {"error": "redis_unavailable", "detail": f"cannot read the event log: {exc}"},
+                status_code=503,
+                headers={"Retry-After": "2"},
+            )
         return EventSourceResponse(
             session.messages(),
             ping=state.settings.ping_s,

@@ -104,9 +104,11 @@ class LiveReader:
     def _on_subscribed(self) -> None:
         if self._subscribed_before:
             self.reconnects += 1
-            self.hub.broadcast(Resync("live feed reconnected"))
         self._subscribed_before = True
         self.connected.set()
+        # Also on the first subscription: sessions opened before it may have
+        # missed entries appended in between.
+        self.hub.broadcast(Resync("live feed (re)connected"))
 
 
 async def _close_quietly(pubsub: aioredis.client.PubSub, client: aioredis.Redis) -> None:

@@ -69,12 +69,33 @@ class SseSession:
         self.page_size = page_size
         self.retry_ms = retry_ms
 
-    async def messages(self) -> AsyncIterator[ServerSentEvent]:
-        subscription = self.hub.subscribe(self.user_id)
+    async def open(self) -> None:
+        """Subscribe and read the first page, before any byte of the response.
+
+        Redis errors raised here can still become an HTTP error (503) instead
+        of a stream that dies after its headers.
+        """
+        self._subscription = self.hub.subscribe(self.user_id)
         self.stats.opened += 1
         try:
+            self._opening: (
+                tuple[ReplaySession, list[UserEntry], bool] | HistoryLost
+            ) = await self._start()
+        except HistoryLost as lost:
+            self._opening = lost
+        except BaseException:
+            self._subscription.close()
+            raise
+
+    async def messages(self) -> AsyncIterator[ServerSentEvent]:
+        """The whole message sequence; call :meth:`open` first."""
+        subscription, opening = self._subscription, self._opening
+        try:
+            if isinstance(opening, HistoryLost):
+                yield self._reset(opening.reason)
+                return
+            session, page, more = opening
             try:
-                session, page, more = await self._start()
                 for entry in page:
                     yield event_message(entry)
                 while more:
