@@ -122,6 +122,10 @@ def serve(options: ServeOptions) -> None:
                 workers=options.workers,
                 log_level="warning",
                 timeout_graceful_shutdown=3,
+                # uvicorn restarts a worker that does not answer its health
+                # ping within this; the default 5 s is too short for a busy
+                # 2-core machine importing the app, and loops forever.
+                timeout_worker_healthcheck=60,
             )
         finally:
             stop_background(processes)
