@@ -236,3 +236,21 @@ def test_server_side_drops_are_resumed_by_the_client(
                     assert httpx.post(f"{api}/debug/users/{alice}/drop").json()["dropped"] >= 1
         assert connection == rounds or live == 2
     assert received == [i for i, _ in _wait_fanned_out(deployment, alice, 2 * rounds)]
+
+
+def test_stream_carries_retry_hint_and_heartbeats(deployment: Deployment, alice: str) -> None:
+    base = deployment.start_api(extra_env={"WORKBENCH_SSE_PING_S": "0.2"})
+    lines: list[str] = []
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream("GET", f"{base}/users/{alice}/events", headers=auth(alice)) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            lines.append(line)
+            if sum(1 for x in lines if x.startswith(":")) >= 2:
+                break
+    assert "event: ready" in lines
+    assert "retry: 1000" in lines
+    assert "id: 0-0" in lines  # a fresh user: the cursor to resume from
