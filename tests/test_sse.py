@@ -254,3 +254,8 @@ def test_stream_carries_retry_hint_and_heartbeats(deployment: Deployment, alice:
     assert "event: ready" in lines
     assert "retry: 1000" in lines
     assert "id: 0-0" in lines  # a fresh user: the cursor to resume from
+    # The server notices the client left and drops the hub subscription.
+    wait_until(
+        lambda: httpx.get(f"{base}/healthz").json()["sessions"] == 0,
+        what="the session to be released",
+    )

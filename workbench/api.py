@@ -31,6 +31,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from workbench import auth
@@ -495,6 +496,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             )
         return EventSourceResponse(
             session.messages(),
+            background=BackgroundTask(session.close),
             ping=state.settings.ping_s,
             send_timeout=30,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},

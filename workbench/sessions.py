@@ -87,6 +87,11 @@ class SseSession:
             self._subscription.close()
             raise
 
+    def close(self) -> None:
+        """Leave the hub. Idempotent; also run as the response's background task,
+        because a generator the server never started has no ``finally`` to run."""
+        self._subscription.close()
+
     async def messages(self) -> AsyncIterator[ServerSentEvent]:
         """The whole message sequence; call :meth:`open` first."""
         subscription, opening = self._subscription, self._opening
