@@ -161,3 +161,12 @@ def test_fanout_worker_sigkilled_mid_batch_creates_no_duplicates(
         _assert_chain(entries)
         seen |= set(ids)
     assert seen == events
+
+
+def test_append_survives_redis_forgetting_the_script(r) -> None:
+    streams = UserStreams(r)
+    r.script_flush()  # as after a restart
+    e = _event(1)
+    assert streams.append([(e, ev.encode(e))]) == [2]
+    r.script_flush()
+    assert streams.append([(e, ev.encode(e))]) == [0]

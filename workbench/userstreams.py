@@ -23,6 +23,7 @@ skipped ahead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -94,29 +95,41 @@ class UserStreams:
         self.names = names or UserStreamNames()
         self.maxlen = maxlen
         self.dedupe_ttl_s = dedupe_ttl_s
-        self._script = client.register_script(_FANOUT_LUA)
+        self._sha = hashlib.sha1(_FANOUT_LUA.encode()).hexdigest()
 
     def append(self, events: list[tuple[Event, bytes]]) -> list[int]:
         """Append each (event, encoded envelope) to its users' streams, atomically per
         event; return per event the number of entries appended (0: a duplicate)."""
         if not events:
             return []
+        try:
+            return self._append(events)
+        except redis.exceptions.NoScriptError:
+            # A restarted Redis forgot the script. Every call in the pipeline
+            # failed alike, and the dedupe marker would make a repeat harmless.
+            self._sha = self.client.script_load(_FANOUT_LUA)
+            return self._append(events)
+
+    def _append(self, events: list[tuple[Event, bytes]]) -> list[int]:
+        # EVALSHA directly: redis-py's Script in a pipeline asks SCRIPT EXISTS
+        # on every execute, an extra round trip per batch.
         pipe = self.client.pipeline(transaction=False)
         for event, data in events:
             users = list(dict.fromkeys(event.user_ids))
-            self._script(
-                keys=[self.names.fanout_marker(event.event_id)]
-                + [self.names.stream(u) for u in users],
-                args=[
-                    event.event_id,
-                    event.type,
-                    data,
-                    self.maxlen,
-                    self.dedupe_ttl_s,
-                    self.names.live_channel,
-                    *users,
-                ],
-                client=pipe,
+            keys = [self.names.fanout_marker(event.event_id)] + [
+                self.names.stream(u) for u in users
+            ]
+            pipe.evalsha(
+                self._sha,
+                len(keys),
+                *keys,
+                event.event_id,
+                event.type,
+                data,
+                self.maxlen,
+                self.dedupe_ttl_s,
+                self.names.live_channel,
+                *users,
             )
         return [int(n) for n in pipe.execute()]
 
