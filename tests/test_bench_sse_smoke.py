@@ -1,0 +1,44 @@
+"""``bench/sse.py --quick`` runs to the end. A smoke test: no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.support import ROOT
+
+
+def test_sse_bench_quick_run(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    out = tmp_path / "sse.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sse.py"), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads(out.read_text())
+    assert last == summary
+    assert summary["bench"] == "sse" and summary["quick"] is True
+    assert set(summary) >= {"replay", "connections", "latency", "ratios"}
+    assert set(summary["replay"]) >= {"entries", "sse_per_second", "raw_per_second"}
+    assert set(summary["connections"]) >= {
+        "target",
+        "established",
+        "failures",
+        "all_received",
+        "server_rss_before_kib",
+        "server_rss_connected_kib",
+        "server_kib_per_connection",
+        "server_redis_conns_before",
+        "server_redis_conns_after",
+    }
+    assert set(summary["latency"]) >= {"sse", "anchor", "ratio_sse_vs_anchor"}
+    assert set(summary["latency"]["sse"]) >= {"p50_ms", "p99_ms", "p99_9_ms"}
+    assert set(summary["latency"]["anchor"]) >= {"p50_ms", "p99_ms", "p99_9_ms"}
