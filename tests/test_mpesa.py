@@ -179,6 +179,18 @@ BAD_BODIES = {
         _with((*CB, "CallbackMetadata"), {"Item": [{"Name": "Amount", "Value": 100.0}]}),
         "successful callback needs a MpesaReceiptNumber",
     ),
+    "success-with-non-object-item": (
+        _with((*CB, "CallbackMetadata"), {"Item": [1]}),
+        "successful callback without CallbackMetadata",
+    ),
+    "huge-ResultCode": (_with((*CB, "ResultCode"), 2**63), "out of range"),
+    "negative-ResultCode": (_with((*CB, "ResultCode"), -1), "out of range"),
+    "long-receipt": (
+        _with((*CB, "CallbackMetadata"), {"Item": [{"Name": "Amount", "Value": 1},
+              {"Name": "MpesaReceiptNumber", "Value": "R" * 65}]}),
+        "MpesaReceiptNumber",
+    ),  # fmt: skip
+    "long-CheckoutRequestID": (_with((*CB, "CheckoutRequestID"), "x" * 65), "at most 64"),
     "success-without-amount": (
         _with((*CB, "CallbackMetadata"), {"Item": [{"Name": "MpesaReceiptNumber", "Value": "R"}]}),
         "successful callback needs a numeric Amount",

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 USER_ID = r"^[A-Za-z0-9_.:@-]{1,64}$"
+_NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL
 
 _STATUS = {
     "not_found": 404,
@@ -139,7 +140,7 @@ class CreateEscrowBody(BaseModel):
     buyer_id: UserId
     seller_id: UserId
     amount: int = Field(gt=0, le=10_000_000, description="KES, whole shillings")
-    description: str = Field(default="", max_length=500)
+    description: str = Field(default="", max_length=500, pattern=_NO_NUL)
 
 
 class FundBody(BaseModel):
@@ -147,16 +148,16 @@ class FundBody(BaseModel):
 
 
 class ShipBody(BaseModel):
-    tracking: str = Field(default="", max_length=100)
+    tracking: str = Field(default="", max_length=100, pattern=_NO_NUL)
 
 
 class ReasonBody(BaseModel):
-    reason: str = Field(default="", max_length=500)
+    reason: str = Field(default="", max_length=500, pattern=_NO_NUL)
 
 
 class ResolveBody(BaseModel):
     outcome: Literal["refund", "release"]
-    note: str = Field(default="", max_length=500)
+    note: str = Field(default="", max_length=500, pattern=_NO_NUL)
 
 
 class App:
@@ -256,7 +257,8 @@ def current_user(
 User = Annotated[str, Depends(current_user)]
 IdemKey = Annotated[
     str | None,
-    Header(alias="Idempotency-Key", max_length=200, description="retries with it are safe"),
+    # Stored as "<user>:<key>" in a 200-char column: 64 + 1 + 128 fits.
+    Header(alias="Idempotency-Key", max_length=128, description="retries with it are safe"),
 ]
 State = Annotated[App, Depends(wb)]
 

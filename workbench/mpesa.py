@@ -70,24 +70,28 @@ def parse_callback(body: Any) -> RecordPaymentResult:
         code = callback["ResultCode"]
     except (KeyError, TypeError) as exc:
         raise CallbackError(f"not an STK callback: missing {exc}") from None
-    if not isinstance(checkout, str) or not checkout:
-        raise CallbackError("CheckoutRequestID must be a non-empty string")
+    if not isinstance(checkout, str) or not checkout or len(checkout) > 64:
+        raise CallbackError("CheckoutRequestID must be a non-empty string of at most 64 chars")
     if isinstance(code, bool) or not isinstance(code, int | str):
         raise CallbackError("ResultCode must be an integer")
     try:
         code = int(code)
     except ValueError:
         raise CallbackError(f"ResultCode must be an integer, not {code!r}") from None
+    if not 0 <= code < 2**31:  # Daraja's codes are small; the column is 32-bit
+        raise CallbackError(f"ResultCode {code} is out of range")
     items: dict[str, Any] = {}
     if code == RESULT_OK:
         try:
             for item in callback["CallbackMetadata"]["Item"]:
+                if not isinstance(item, dict):
+                    raise TypeError(f"an Item is {type(item).__name__}, not an object")
                 items[item["Name"]] = item.get("Value")
         except (KeyError, TypeError) as exc:
             raise CallbackError(f"successful callback without CallbackMetadata: {exc}") from None
         receipt = items.get("MpesaReceiptNumber")
-        if not isinstance(receipt, str) or not receipt:
-            raise CallbackError("successful callback needs a MpesaReceiptNumber")
+        if not isinstance(receipt, str) or not receipt or len(receipt) > 64:
+            raise CallbackError("successful callback needs a MpesaReceiptNumber (<= 64 chars)")
         amount = items.get("Amount")
         if isinstance(amount, bool) or not isinstance(amount, int | float | str):
             raise CallbackError(f"successful callback needs a numeric Amount, not {amount!r}")
