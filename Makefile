@@ -5,7 +5,7 @@ UV_VERSION := 0.13.9
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run serve test lint bench inspect clean venv
+.PHONY: run serve test lint bench bench-sse inspect clean venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
+	$(BIN)/python bench/sse.py
+
+bench-sse: $(STAMP)
+	$(BIN)/python bench/sse.py $(BENCH_ARGS)
 
 inspect: $(STAMP)
 	$(BIN)/workbench inspect
