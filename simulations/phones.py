@@ -1,0 +1,116 @@
+"""Phones: app users whose SSE connection keeps dropping.
+
+Each phone is a SimPy process over one user's stream. A connection resumes
+from the Last-Event-ID the phone kept, using the runtime's own handoff logic
+(:class:`workbench.replay.ReplaySession`, :func:`resume_point_known`) over
+real XRANGE reads; while connected it receives new entries every
+``poll_every_s`` (in virtual time this stands in for the live feed: each read
+is checked against the ``prev`` chain like a live message). A connection lasts
+an exponential time ("drops every few minutes"), the phone waits a jittered
+reconnect delay, and now and then loses its Last-Event-ID (reinstall): it then
+fetches the snapshot and resumes from its ``as_of``. A position that is no
+longer retained gets the same treatment (the ``reset`` event).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import redis
+import simpy
+
+from workbench.consumer import TRANSIENT
+from workbench.replay import HistoryLost, ReplaySession, resume_point_known
+from workbench.streamid import ZERO, StreamId
+from workbench.userstreams import UserStreamNames, entry_from_fields
+
+PAGE = 500
+
+
+class Phone:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        rng: np.random.Generator,
+        params: dict[str, Any],
+        user: str,
+        client: redis.Redis,
+        names: UserStreamNames,
+        deliveries: list[dict[str, Any]],
+    ) -> None:
+        self.env = env
+        self.rng = rng
+        self.p = params
+        self.user = user
+        self.client = client
+        self.key = names.stream(user)
+        self.deliveries = deliveries
+        self.cursor: StreamId | None = ZERO  # Last-Event-ID; None once lost
+        self.connection = 0
+        self.stop = False
+
+    def _record(self, source: str, entry_id: str, event_id: str) -> None:
+        self.deliveries.append(
+            {"phone": self.user, "connection": self.connection, "source": source,
+             "entry_id": entry_id, "event_id": event_id, "t": self.env.now}
+        )  # fmt: skip
+
+    def _page_after(self, cursor: StreamId) -> list[Any]:
+        rows = self.client.xrange(self.key, f"({cursor}", "+", count=PAGE)
+        return [entry_from_fields(i, f) for i, f in rows]
+
+    def _snapshot(self) -> StreamId:
+        last = self.client.xrevrange(self.key, "+", "-", count=1)
+        as_of = StreamId(*map(int, last[0][0].decode().split("-"))) if last else ZERO
+        self._record("snapshot", str(as_of), "")
+        return as_of
+
+    def _deliver(self, session: ReplaySession, source: str) -> None:
+        while True:
+            page = self._page_after(session.cursor)
+            for entry in session.take_page(page):
+                self._record(source, str(entry.id), entry.event_id)
+            self.cursor = session.cursor  # what the app stores as Last-Event-ID
+            if len(page) < PAGE:
+                return
+
+    def _connect(self) -> ReplaySession:
+        if self.cursor is None:
+            self.cursor = self._snapshot()
+        page = self._page_after(self.cursor)
+        exists = bool(self.client.xrange(self.key, str(self.cursor), str(self.cursor)))
+        if not resume_point_known(self.cursor, page, exists):
+            self.cursor = self._snapshot()  # the server's `event: reset`
+        session = ReplaySession(self.cursor)
+        self._deliver(session, "replay")
+        return session
+
+    def _connected_until(self, ends: float) -> Any:
+        session = self._connect()
+        while self.env.now < ends and not self.stop:
+            yield self.env.timeout(self.p["poll_every_s"])
+            self._deliver(session, "live")
+
+    def run(self) -> Any:
+        p, rng = self.p, self.rng
+        while not self.stop:
+            self.connection += 1
+            try:
+                yield from self._connected_until(
+                    self.env.now + rng.exponential(p["connection_mean_s"])
+                )
+            except HistoryLost:
+                self.cursor = None  # `event: reset`: resync from the snapshot next time
+            except TRANSIENT:
+                pass  # Redis is down: the connection breaks; the phone retries later
+            if self.stop:
+                return
+            yield self.env.timeout(rng.exponential(p["reconnect_mean_s"]))
+            if rng.random() < p["lose_id_p"]:
+                self.cursor = None
+
+    def final_drain(self) -> None:
+        """After the run: connect once more and take everything still waiting."""
+        self.connection += 1
+        self._connect()

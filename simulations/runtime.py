@@ -1,0 +1,251 @@
+"""The real runtime, ticked by SimPy processes.
+
+Each loop the runtime would run in its own process (relay, one consumer per
+group, the fan-out worker, the expiry timer) becomes a SimPy process that calls
+the same object at virtual instants: ``OutboxRelay.drain()``,
+``ConsumerWorker.drain()``, ``EscrowService.expire_due()``. Redis errors are
+handled as those loops handle them: the work stays where it is and the next
+tick retries.
+
+A consumer crash is the worker's own crash hook raising :class:`SimCrash` at
+the chosen crash point: the worker object is dropped mid-batch exactly where a
+SIGKILL would stop the process, its pending entries stay in Redis under its
+name, and after the repair time a new consumer of the group takes over by the
+runtime's own recovery (stale heartbeat, XCLAIM).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+import simpy
+
+from simulations.clock import SimClock
+from workbench.consumer import CRASH_POINTS, TRANSIENT, ConsumerSettings, ConsumerWorker, Delivery
+from workbench.handlers import HANDLERS, make_handler
+from workbench.handlers.fanout import FanoutHandler
+from workbench.log import StreamNames
+from workbench.relay import OutboxRelay
+from workbench.service import EscrowService
+from workbench.store import Store
+
+SIM_GROUPS = (*HANDLERS, "fanout")
+
+
+class SimCrash(Exception):
+    """Raised by a crash hook: this consumer "process" dies here."""
+
+
+class RecordingWorker(ConsumerWorker):
+    """A ConsumerWorker that notes what its handler was given (for the checker)."""
+
+    log: dict[str, list[Any]]
+
+    def _handle(self, batch: list[Delivery], failed: list[Delivery]) -> list[Delivery]:
+        now = self.clock.now()
+        for d in batch:
+            if d.event is not None:
+                row = self.log.setdefault(d.event.event_id, [0, 0, now, now])
+                row[0] += 1
+                row[1] = max(row[1], d.delivery_count)
+                row[3] = now
+        return super()._handle(batch, failed)
+
+
+class AckFirstWorker(RecordingWorker):
+    """Deliberately broken: acks a batch as soon as it is read, before the effect.
+
+    Exists so the checker can be shown to catch a real bug (lost events after a
+    crash); never used unless a scenario sets ``consumers.ack_before_effect``.
+    """
+
+    def _process(self, deliveries: list[Delivery]) -> None:
+        self._ack(deliveries)
+        super()._process(deliveries)
+
+
+@dataclass
+class GroupSlot:
+    """One consumer group's current consumer, and its crash plan."""
+
+    name: str
+    worker: ConsumerWorker | None = None
+    generation: int = 0
+    crash_at: str | None = None  # armed crash point
+    log: dict[str, list[Any]] = field(default_factory=dict)
+
+
+class Runtime:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        clock: SimClock,
+        service: EscrowService,
+        store: Store,
+        client: redis.Redis,
+        names: StreamNames,
+        params: dict[str, dict[str, Any]],
+        faults: list[dict[str, Any]],
+    ) -> None:
+        self.env = env
+        self.clock = clock
+        self.service = service
+        self.store = store
+        self.client = client
+        self.names = names
+        self.p = params
+        self.faults = faults
+        self.relay = OutboxRelay(store, client, names=names, clock=clock, batch_size=500)
+        self.slots = {group: GroupSlot(group) for group in SIM_GROUPS}
+        self.healed = False
+        self.redis_errors: dict[str, int] = defaultdict(int)
+        for slot in self.slots.values():
+            self._start_worker(slot)
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def _start_worker(self, slot: GroupSlot) -> None:
+        c = self.p["consumers"]
+        slot.generation += 1
+        handler: Any = (
+            FanoutHandler(self.client, self.names)
+            if slot.name == "fanout"
+            else make_handler(slot.name, self.store, self.clock)
+        )
+        cls = AckFirstWorker if c["ack_before_effect"] else RecordingWorker
+        worker = cls(
+            self.client,
+            handler,
+            consumer=f"{slot.name}-{slot.generation}",
+            names=self.names,
+            settings=ConsumerSettings(
+                batch_size=c["batch_size"],
+                dead_after_s=c["dead_after_s"],
+                heartbeat_every_s=1.0,
+                recover_every_s=2.0,
+                retry_backoff_s=1.0,
+            ),
+            clock=self.clock,
+            crash_hook=lambda point, _batch, slot=slot: self._maybe_crash(slot, point),
+        )
+        worker.log = slot.log
+        slot.worker = worker
+        slot.crash_at = None
+
+    def _maybe_crash(self, slot: GroupSlot, point: str) -> None:
+        if slot.crash_at == point:
+            raise SimCrash(point)
+
+    def consumer_loop(self, group: str) -> Any:
+        slot = self.slots[group]
+        every = self.p["consumers"]["poll_every_s"]
+        while True:
+            yield self.env.timeout(every)
+            if slot.worker is None:
+                continue
+            try:
+                slot.worker.drain(max_polls=50)
+            except SimCrash as crash:
+                self.faults.append(
+                    {"t_start": self.env.now, "t_end": None, "kind": "consumer_crash",
+                     "target": slot.worker.consumer, "detail": str(crash)}
+                )  # fmt: skip
+                slot.worker = None
+                self.env.process(self._repair(slot))
+            except TRANSIENT:
+                self.redis_errors[group] += 1
+
+    def _repair(self, slot: GroupSlot) -> Any:
+        fault = self.faults[-1]
+        yield self.env.timeout(self.p["consumers"]["mttr_s"])
+        self._start_worker(slot)
+        fault["t_end"] = self.env.now
+
+    def crash_loop(self, group: str, rng: np.random.Generator) -> Any:
+        """Arm a crash at a random crash point every MTBF (exponential) on average."""
+        mtbf = self.p["consumers"]["mtbf_s"]
+        if mtbf <= 0:
+            return
+        slot = self.slots[group]
+        while not self.healed:
+            yield self.env.timeout(rng.exponential(mtbf))
+            if self.healed:
+                return
+            if slot.worker is not None:
+                slot.crash_at = CRASH_POINTS[int(rng.integers(len(CRASH_POINTS)))]
+
+    # -- relay and timers ----------------------------------------------------------------
+
+    def relay_loop(self) -> Any:
+        every = self.p["relay"]["every_s"]
+        while True:
+            yield self.env.timeout(every)
+            try:
+                self.relay.drain()
+            except TRANSIENT:
+                self.redis_errors["relay"] += 1
+
+    def timer_loop(self, every: float = 10.0) -> Any:
+        while True:
+            yield self.env.timeout(every)
+            self.service.expire_due()
+
+    def finish(self) -> None:
+        """At the end of the drain: publish what the last instant committed and
+        let every consumer take it, so "unseen" means stuck, not "just missed"."""
+        self.relay.drain()
+        for slot in self.slots.values():
+            if slot.worker is None:
+                self._start_worker(slot)
+            assert slot.worker is not None
+            slot.worker.drain()
+
+    def heal(self) -> None:
+        """Stop injecting faults and revive every dead consumer now (the drain phase)."""
+        self.healed = True
+        for slot in self.slots.values():
+            slot.crash_at = None
+
+    # -- observation ---------------------------------------------------------------------
+
+    def backlog(self, group: str) -> tuple[int, int, int]:
+        """(pending, oldest pending idle in ms, lag) of a group over its streams."""
+        cls_types = (
+            ("escrow", "payment", "payout", "dispute")
+            if group == "fanout"
+            else HANDLERS[group].aggregate_types
+        )
+        pending = idle = lag = 0
+        for stream in self.names.streams(cls_types):
+            try:
+                groups = self.client.xinfo_groups(stream)
+            except redis.ResponseError:  # no such stream yet
+                continue
+            for g in groups:
+                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                if name != group:
+                    continue
+                pending += int(g["pending"])
+                lag += int(g.get("lag") or 0)
+            if pending:
+                rows = self.client.xpending_range(stream, group, "-", "+", 1)
+                if rows:
+                    idle = max(idle, int(rows[0]["time_since_delivered"]))
+        return pending, idle, lag
+
+    def sampler(self, every: float, samples: list[dict[str, Any]]) -> Any:
+        while True:
+            for group in SIM_GROUPS:
+                try:
+                    pending, idle, lag = self.backlog(group)
+                except TRANSIENT:
+                    continue
+                samples.append(
+                    {"t": self.env.now, "group": group, "pending": pending,
+                     "oldest_idle_ms": idle, "lag": lag}
+                )  # fmt: skip
+            yield self.env.timeout(every)

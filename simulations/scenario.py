@@ -1,0 +1,142 @@
+"""Scenarios: TOML files of parameters, with defaults and ``--set`` overrides.
+
+A scenario file only lists what differs from the defaults below; every key it
+names must exist, so a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "run": {
+        "duration_s": 600.0,  # virtual seconds of load
+        "drain_s": 300.0,  # faults healed, no new escrows: everything should settle
+        "sample_every_s": 5.0,
+        "epoch": 1_800_000_000.0,  # the virtual clock's start (Unix seconds)
+    },
+    "market": {
+        "arrival_rate": 1.0,  # new escrows per second (Poisson)
+        "buyers": 200,
+        "sellers": 40,
+        "amount_min": 200,
+        "amount_max": 20_000,
+        "fund_delay_mean_s": 20.0,
+        "ship_delay_mean_s": 60.0,
+        "confirm_delay_mean_s": 60.0,
+        "cancel_p": 0.03,
+        "dispute_p": 0.05,
+        "refund_p": 0.5,  # of disputes resolved by refund
+        "honest_p": 0.85,  # seller classes: honest, slow (ships late), fraudulent (never)
+        "slow_p": 0.10,
+        "slow_factor": 10.0,
+        "payment_timeout_s": 900.0,
+        "shipping_timeout_s": 1800.0,
+        "confirmation_timeout_s": 1800.0,
+    },
+    "mpesa": {
+        "delay_min_s": 2.0,
+        "delay_max_s": 30.0,
+        "failure_p": 0.1,
+        "duplicate_p": 0.05,
+    },
+    "phones": {
+        "count": 40,  # users with the app open, taken from the buyers
+        "connection_mean_s": 180.0,  # "drops every few minutes"
+        "reconnect_mean_s": 5.0,
+        "poll_every_s": 1.0,  # how often a connected phone receives (virtual)
+        "lose_id_p": 0.02,  # per reconnect: the app was reinstalled
+    },
+    "consumers": {
+        "poll_every_s": 0.5,
+        "batch_size": 100,
+        "mtbf_s": 0.0,  # per group; 0: never crash
+        "mttr_s": 10.0,
+        "dead_after_s": 5.0,
+        "ack_before_effect": False,  # a deliberately broken runtime, for the checker
+    },
+    "relay": {"every_s": 0.5},
+    "redis": {
+        "restart_every_s": 0.0,  # kill -9 + restart with AOF; 0: never
+        "down_for_s": 3.0,
+    },
+}
+
+
+class ScenarioError(ValueError):
+    """A scenario name, file or override is wrong; the message says what exists."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    params: dict[str, dict[str, Any]]
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.params[section]
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """A scenario by name (``simulations/scenarios/NAME.toml``) or path, with overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        raise ScenarioError(f"no scenario {name_or_path!r}; available: {', '.join(available())}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    params = copy.deepcopy(DEFAULTS)
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ScenarioError(f"{path}: top-level key {section!r} must be a [section]")
+        for key, value in values.items():
+            _assign(params, section, key, value, source=str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ScenarioError(f"--set takes section.key=value, not {item!r}")
+        section, _, name = key.partition(".")
+        _assign(params, section, name, _parse(raw), source="--set")
+    return Scenario(path.stem, params)
+
+
+def _parse(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string
+
+
+def _assign(
+    params: dict[str, dict[str, Any]], section: str, key: str, value: Any, source: str
+) -> None:
+    if section not in params:
+        raise ScenarioError(f"{source}: unknown section {section!r}; sections: {', '.join(params)}")
+    if key not in params[section]:
+        raise ScenarioError(
+            f"{source}: unknown key {section}.{key}; keys of [{section}]: "
+            f"{', '.join(params[section])}"
+        )
+    default = params[section][key]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ScenarioError(f"{source}: {section}.{key} must be true or false, not {value!r}")
+    elif isinstance(default, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(f"{source}: {section}.{key} must be a number, not {value!r}")
+        if value < 0:
+            raise ScenarioError(f"{source}: {section}.{key} must not be negative")
+        value = type(default)(value) if isinstance(default, float) else value
+    params[section][key] = value

@@ -1,0 +1,95 @@
+"""SimPy models driving the real runtime: scenarios, determinism, faults."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from simulations.run import simulate
+from simulations.scenario import ScenarioError, available, load
+
+SHORT = ["run.duration_s=90", "run.drain_s=90", "market.arrival_rate=1.5", "phones.count=15"]
+# Assigned by Redis from its own clock, or wall-clock readings: not part of determinism.
+WALL_COLUMNS = {"entry_id", "oldest_idle_ms", "start_after"}
+
+
+def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=[c for c in frame.columns if c in WALL_COLUMNS]).reset_index(
+        drop=True
+    )
+
+
+def test_the_five_scenarios_exist_and_load() -> None:
+    assert {"baseline", "flaky-phones", "crashy-consumers", "redis-restart", "peak"} <= set(
+        available()
+    )
+    for name in available():
+        assert load(name).name == name
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("nope", [], "available: baseline"),
+        ("baseline", ["market.arival_rate=2"], "keys of [market]: arrival_rate"),
+        ("baseline", ["marke.arrival_rate=2"], "sections: run, market"),
+        ("baseline", ["market.arrival_rate=fast"], "must be a number"),
+        ("baseline", ["market.arrival_rate=-1"], "must not be negative"),
+        ("baseline", ["arrival_rate=2"], "section.key=value"),
+        ("baseline", ["consumers.ack_before_effect=1"], "true or false"),
+    ],
+)
+def test_bad_scenarios_and_overrides_say_what_exists(
+    name: str, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ScenarioError) as info:
+        load(name, overrides)
+    assert message in str(info.value)
+
+
+def test_same_scenario_and_seed_give_the_same_tables(redis_server) -> None:  # type: ignore[no-untyped-def]
+    scenario = load("flaky-phones", SHORT)
+    first = simulate(scenario, seed=7, redis_url=redis_server.url, prefix="det")
+    second = simulate(scenario, seed=7, redis_url=redis_server.url, prefix="det")
+    for name in first.table_names():
+        pd.testing.assert_frame_equal(
+            _comparable(getattr(first, name)), _comparable(getattr(second, name)), obj=name
+        )
+    other = simulate(scenario, seed=8, redis_url=redis_server.url, prefix="det")
+    assert not _comparable(other.commands).equals(_comparable(first.commands))
+
+
+def _all_effects_exact(tables) -> None:  # type: ignore[no-untyped-def]
+    handled = tables.handled
+    wrong = handled[handled.effects != handled.expected_effects]
+    assert wrong.empty, wrong.head(10).to_string()
+    assert (tables.final[["pending", "lag"]] == 0).all().all()
+
+
+def test_crashy_consumers_lose_nothing(redis_server) -> None:  # type: ignore[no-untyped-def]
+    scenario = load("crashy-consumers", [*SHORT, "consumers.mtbf_s=20"])
+    tables = simulate(scenario, seed=3, redis_url=redis_server.url, prefix="crash")
+    crashes = tables.faults[tables.faults.kind == "consumer_crash"]
+    assert len(crashes) >= 5
+    assert set(crashes.detail) >= {"after-read", "mid-batch"}
+    _all_effects_exact(tables)
+    assert (tables.handled.max_delivery_count > 1).any()  # redelivered after crashes
+
+
+def test_a_runtime_that_acks_before_the_effect_loses_events(redis_server) -> None:  # type: ignore[no-untyped-def]
+    scenario = load(
+        "crashy-consumers", [*SHORT, "consumers.mtbf_s=15", "consumers.ack_before_effect=true"]
+    )
+    tables = simulate(scenario, seed=3, redis_url=redis_server.url, prefix="broken")
+    handled = tables.handled
+    assert (handled.effects < handled.expected_effects).any()
+
+
+def test_redis_restarts_lose_nothing() -> None:
+    # The simulation's own redis-server: it is killed with SIGKILL and restarted.
+    scenario = load("redis-restart", [*SHORT, "redis.restart_every_s=30"])
+    tables = simulate(scenario, seed=5)
+    kills = tables.faults[tables.faults.kind == "redis_kill"]
+    assert len(kills) >= 2
+    assert kills.t_end.notna().all()
+    _all_effects_exact(tables)

@@ -1,0 +1,106 @@
+"""A simulation run on disk: a manifest and Parquet tables.
+
+The simulator writes these; the checker and the notebooks read them. Times
+(``t...``) are seconds of the run's clock since its start (virtual time in a
+SimPy run). Tables and their columns:
+
+``commands``     t, command, escrow_id, actor, ok, error
+``published``    event_id, type, stream, escrow_id, sequence, users (comma-joined),
+                 amount (KES in the payload, or 0), t_committed, t_published
+``handled``      group, event_id, handler_calls, max_delivery_count, t_first, t_last,
+                 effects (rows/entries found at the end), expected_effects
+``final``        group, pending, lag: each group's backlog when the run ended
+``user_streams`` user, entry_id, event_id: every user stream at the end (the truth
+                 phones are checked against)
+``deliveries``   phone, connection, source ("replay", "live", "catch_up", "snapshot"),
+                 entry_id, event_id, t. A "snapshot" row marks a resync: the phone lost
+                 its Last-Event-ID and fetched the snapshot, whose ``as_of`` is entry_id
+``phones``       phone, start_after: the id each phone's first connection resumed from
+``samples``      t, group, pending, oldest_idle_ms, lag
+``faults``       t_start, t_end, kind, target, detail
+``escrows``      id, buyer_id, seller_id, amount, state, seller_class, buyer_class
+``ledger``       event_id, escrow_id, account, amount
+
+Every table is written even when empty, so readers need no special cases.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS: dict[str, list[str]] = {
+    "commands": ["t", "command", "escrow_id", "actor", "ok", "error"],
+    "published": [
+        "event_id", "type", "stream", "escrow_id", "sequence", "users", "amount",
+        "t_committed", "t_published",
+    ],
+    "handled": [
+        "group", "event_id", "handler_calls", "max_delivery_count", "t_first", "t_last",
+        "effects", "expected_effects",
+    ],
+    "final": ["group", "pending", "lag"],
+    "user_streams": ["user", "entry_id", "event_id"],
+    "deliveries": ["phone", "connection", "source", "entry_id", "event_id", "t"],
+    "phones": ["phone", "start_after"],
+    "samples": ["t", "group", "pending", "oldest_idle_ms", "lag"],
+    "faults": ["t_start", "t_end", "kind", "target", "detail"],
+    "escrows": ["id", "buyer_id", "seller_id", "amount", "state", "seller_class", "buyer_class"],
+    "ledger": ["event_id", "escrow_id", "account", "amount"],
+}  # fmt: skip
+
+
+def empty(table: str) -> pd.DataFrame:
+    return pd.DataFrame({column: [] for column in COLUMNS[table]})
+
+
+@dataclass
+class RunTables:
+    """All tables of one run, as DataFrames, plus the manifest."""
+
+    manifest: dict[str, Any] = field(default_factory=dict)
+    commands: pd.DataFrame = field(default_factory=lambda: empty("commands"))
+    published: pd.DataFrame = field(default_factory=lambda: empty("published"))
+    handled: pd.DataFrame = field(default_factory=lambda: empty("handled"))
+    final: pd.DataFrame = field(default_factory=lambda: empty("final"))
+    user_streams: pd.DataFrame = field(default_factory=lambda: empty("user_streams"))
+    deliveries: pd.DataFrame = field(default_factory=lambda: empty("deliveries"))
+    phones: pd.DataFrame = field(default_factory=lambda: empty("phones"))
+    samples: pd.DataFrame = field(default_factory=lambda: empty("samples"))
+    faults: pd.DataFrame = field(default_factory=lambda: empty("faults"))
+    escrows: pd.DataFrame = field(default_factory=lambda: empty("escrows"))
+    ledger: pd.DataFrame = field(default_factory=lambda: empty("ledger"))
+
+    @classmethod
+    def table_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "manifest"]
+
+    def save(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in self.table_names():
+            frame: pd.DataFrame = getattr(self, name)
+            missing = set(COLUMNS[name]) - set(frame.columns)
+            if missing:
+                raise ValueError(f"table {name} lacks columns {sorted(missing)}")
+            frame[COLUMNS[name]].to_parquet(out / f"{name}.parquet", index=False)
+        (out / "manifest.json").write_text(json.dumps(self.manifest, indent=2, default=str))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RunTables:
+        path = Path(directory)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{path} is not a run directory (no manifest.json)")
+        run = cls(manifest=json.loads(manifest_path.read_text()))
+        for name in cls.table_names():
+            file = path / f"{name}.parquet"
+            if not file.exists():
+                raise FileNotFoundError(f"{path} lacks {name}.parquet")
+            setattr(run, name, pd.read_parquet(file))
+        return run
