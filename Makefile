@@ -24,12 +24,12 @@ serve: $(STAMP)
 	$(BIN)/workbench serve $(SERVE_ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check workbench tests bench
+	$(BIN)/ruff check workbench simulations tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check workbench tests bench
-	$(BIN)/ruff format --check workbench tests bench
+	$(BIN)/ruff check workbench simulations tests bench
+	$(BIN)/ruff format --check workbench simulations tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)

@@ -317,6 +317,112 @@ def token(user_id: str, ttl: float) -> None:
         raise click.UsageError(str(exc)) from None
 
 
+@main.command()
+@click.argument("scenario")
+@click.option("--seed", default=1, show_default=True, help="seed of every random choice")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    help="override a scenario parameter (repeatable), e.g. market.arrival_rate=5",
+)  # fmt: skip
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path),
+    help="run directory [default data/runs/SCENARIO-SEED]",
+)  # fmt: skip
+@redis_option
+@click.option("--no-check", is_flag=True, help="write the tables, skip the checker")
+def simulate(
+    scenario: str,
+    seed: int,
+    overrides: tuple[str, ...],
+    out: Path | None,
+    redis_url: str | None,
+    no_check: bool,
+) -> None:
+    """Run SCENARIO (a name in simulations/scenarios or a .toml path) in virtual time.
+
+    The real runtime runs against a private redis-server (or REDIS_URL) and a
+    SQLite store; the run's tables go to the run directory, then the checker
+    reports on them (exit 1 if anything is lost, unexpected or an invariant fails).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulations.run import simulate as run_simulation
+    from simulations.scenario import ScenarioError, load
+
+    try:
+        loaded = load(scenario, overrides)
+    except ScenarioError as exc:
+        raise click.UsageError(str(exc)) from None
+    directory = out or Path("data") / "runs" / f"{loaded.name}-{seed}"
+    with Progress(
+        TextColumn(f"[bold]{loaded.name}[/] seed {seed}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} virtual s"),
+        TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
+        task = bar.add_task("simulate", total=1.0)
+
+        def progress(t: float, total: float) -> None:
+            bar.update(task, completed=t, total=total)
+
+        tables = run_simulation(loaded, seed, redis_url=redis_url, progress=progress)
+    tables.save(directory)
+    click.echo(
+        f"{len(tables.published)} events, {len(tables.commands)} commands, "
+        f"{len(tables.faults)} faults in {tables.manifest['wall_seconds']:.1f} s; "
+        f"tables in {directory}/",
+        err=True,
+    )
+    if not no_check:
+        _check_and_exit(directory)
+
+
+def _check_and_exit(directory: Path) -> None:
+    from workbench.checker import check_dir, print_report
+
+    report = check_dir(directory)
+    print_report(report)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+def check(run_dir: Path, as_json: bool) -> None:
+    """Check a simulation run in RUN_DIR: delivery per group and phone, money invariants.
+
+    Exits 0 when the run is ok, 1 when something is lost, duplicated, unexpected,
+    reordered or an invariant fails, and 2 when RUN_DIR cannot be checked.
+    """
+    from workbench.checker import check as check_run
+    from workbench.checker import print_report
+    from workbench.runs import RunTables
+
+    def cannot(message: str) -> click.ClickException:
+        error = click.ClickException(message)
+        error.exit_code = 2
+        return error
+
+    try:
+        run = RunTables.load(run_dir)
+    except FileNotFoundError as exc:  # "... is not a run directory", "... lacks x.parquet"
+        raise cannot(str(exc)) from None
+    except (OSError, ValueError) as exc:  # unreadable manifest or Parquet file
+        raise cannot(f"cannot read the run in {run_dir}: {exc}") from None
+    try:
+        report = check_run(run)
+    except ValueError as exc:  # unknown group, malformed entry id
+        raise cannot(f"cannot check the run in {run_dir}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report)
+    if not report.ok:
+        raise SystemExit(1)
+
+
 def _default_database() -> str:
     return database_url()
 
