@@ -7,6 +7,7 @@ import pytest
 
 from simulations.run import simulate
 from simulations.scenario import ScenarioError, available, load
+from workbench.checker import check
 
 SHORT = ["run.duration_s=90", "run.drain_s=90", "market.arrival_rate=1.5", "phones.count=15"]
 # Assigned by Redis from its own clock, or wall-clock readings: not part of determinism.
@@ -64,6 +65,10 @@ def _all_effects_exact(tables) -> None:  # type: ignore[no-untyped-def]
     wrong = handled[handled.effects != handled.expected_effects]
     assert wrong.empty, wrong.head(10).to_string()
     assert (tables.final[["pending", "lag"]] == 0).all().all()
+    report = check(tables)
+    assert report.ok, report.problems.head(10).to_string()
+    assert report.invariants["ok"].all()
+    assert (report.clients["lost"] == 0).all() and (report.clients["duplicated"] == 0).all()
 
 
 def test_crashy_consumers_lose_nothing(redis_server) -> None:  # type: ignore[no-untyped-def]
@@ -83,6 +88,18 @@ def test_a_runtime_that_acks_before_the_effect_loses_events(redis_server) -> Non
     tables = simulate(scenario, seed=3, redis_url=redis_server.url, prefix="broken")
     handled = tables.handled
     assert (handled.effects < handled.expected_effects).any()
+    report = check(tables)
+    assert not report.ok
+    assert report.groups.lost.sum() > 0
+
+
+@pytest.mark.parametrize("name", ["baseline", "flaky-phones", "peak"])
+def test_scenarios_pass_the_checker(redis_server, name: str) -> None:  # type: ignore[no-untyped-def]
+    tables = simulate(load(name, SHORT), seed=11, redis_url=redis_server.url, prefix=name)
+    _all_effects_exact(tables)
+    if name == "flaky-phones":
+        assert tables.deliveries.connection.max() > 2
+        assert (tables.deliveries.source == "snapshot").any()
 
 
 def test_redis_restarts_lose_nothing() -> None:
