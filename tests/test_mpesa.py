@@ -186,8 +186,15 @@ BAD_BODIES = {
     "huge-ResultCode": (_with((*CB, "ResultCode"), 2**63), "out of range"),
     "negative-ResultCode": (_with((*CB, "ResultCode"), -1), "out of range"),
     "long-receipt": (
-        _with((*CB, "CallbackMetadata"), {"Item": [{"Name": "Amount", "Value": 1},
-              {"Name": "MpesaReceiptNumber", "Value": "R" * 65}]}),
+        _with(
+            (*CB, "CallbackMetadata"),
+            {
+                "Item": [
+                    {"Name": "Amount", "Value": 1},
+                    {"Name": "MpesaReceiptNumber", "Value": "R" * 65},
+                ]
+            },
+        ),
         "MpesaReceiptNumber",
     ),  # fmt: skip
     "long-CheckoutRequestID": (_with((*CB, "CheckoutRequestID"), "x" * 65), "at most 64"),
