@@ -83,6 +83,8 @@ class Market:
         escrow_id = created.escrow["id"]
         self.opened += 1
         self.escrows[escrow_id] = (self.seller_class[seller], "regular")
+        if not p["lifecycle"]:
+            return
         if rng.random() < p["cancel_p"]:
             yield self.env.timeout(rng.exponential(p["fund_delay_mean_s"]))
             self._do("cancel", escrow_id, buyer, lambda: self.service.cancel(escrow_id, buyer))

@@ -29,7 +29,7 @@ from simulations.clock import SimClock
 from simulations.gateway import MpesaGateway
 from simulations.market import Market
 from simulations.phones import Phone
-from simulations.runtime import SIM_GROUPS, Runtime
+from simulations.runtime import Runtime
 from simulations.scenario import Scenario
 from workbench import events as ev
 from workbench.escrow import DomainError, Timeouts
@@ -149,13 +149,24 @@ def simulate(
 
         service.gateway = MpesaGateway(env, rngs[0], params["mpesa"], callback)
         runtime = Runtime(env, clock, service, store, client, names, params, faults)
+        inner_record = record
+
+        def record(
+            command: str, escrow_id: str | None, actor: str, ok: bool, error: str | None
+        ) -> None:  # noqa: E501, F811
+            inner_record(command, escrow_id, actor, ok, error)
+            if ok:
+                runtime.nudge()  # the outbox has rows: wake the relay (its BLOCK)
+
         market = Market(env, rngs[1], m, service, record, until=load_s)
         env.process(market.run())
         env.process(runtime.relay_loop())
         env.process(runtime.timer_loop())
         env.process(runtime.sampler(run_p["sample_every_s"], samples))
-        for i, group in enumerate(SIM_GROUPS):
-            env.process(runtime.consumer_loop(group))
+        for i, group in enumerate(runtime.groups):
+            env.process(
+                runtime.consumer_loop(group, np.random.default_rng(rngs[4].integers(2**63) + i))
+            )
             env.process(
                 runtime.crash_loop(group, np.random.default_rng(rngs[2].integers(2**63) + i))
             )
@@ -266,7 +277,7 @@ def _collect(
     effect_rows["fanout"] = [r[2] for r in user_rows]
     handlers = {g: make_handler(g, store, runtime.clock) for g in HANDLERS}
     handled_rows = []
-    for group in SIM_GROUPS:
+    for group in runtime.groups:
         log = runtime.slots[group].log
         counts = pd.Series(effect_rows[group], dtype=object).value_counts().to_dict()
         types = ev.AGGREGATE_TYPES if group == "fanout" else HANDLERS[group].aggregate_types
@@ -283,7 +294,7 @@ def _collect(
                  "effects": int(counts.get(e.event_id, 0)), "expected_effects": expected}
             )  # fmt: skip
     final = []
-    for group in SIM_GROUPS:
+    for group in runtime.groups:
         pending, _, lag = runtime.backlog(group)
         final.append({"group": group, "pending": pending, "lag": lag})
     classes = market.escrows

@@ -16,6 +16,7 @@ runtime's own recovery (stale heartbeat, XCLAIM).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +33,13 @@ from workbench.log import StreamNames
 from workbench.relay import OutboxRelay
 from workbench.service import EscrowService
 from workbench.store import Store
+from workbench.streamid import parse
 
 SIM_GROUPS = (*HANDLERS, "fanout")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class SimCrash(Exception):
@@ -100,9 +106,21 @@ class Runtime:
         self.p = params
         self.faults = faults
         self.relay = OutboxRelay(store, client, names=names, clock=clock, batch_size=500)
-        self.slots = {group: GroupSlot(group) for group in SIM_GROUPS}
+        only = [g.strip() for g in params["consumers"]["only"].split(",") if g.strip()]
+        unknown = set(only) - set(SIM_GROUPS)
+        if unknown:
+            raise ValueError(
+                f"consumers.only names unknown groups {sorted(unknown)}; "
+                f"groups: {', '.join(SIM_GROUPS)}"
+            )
+        self.groups = tuple(g for g in SIM_GROUPS if not only or g in only)
+        self.slots = {group: GroupSlot(group) for group in self.groups}
         self.healed = False
         self.redis_errors: dict[str, int] = defaultdict(int)
+        # Wake-ups standing in for XREADGROUP BLOCK and the relay's idle wait:
+        # a command nudges the relay, a publish wakes the consumers.
+        self._outbox = env.event()
+        self._published = env.event()
         for slot in self.slots.values():
             self._start_worker(slot)
 
@@ -111,6 +129,7 @@ class Runtime:
     def _start_worker(self, slot: GroupSlot) -> None:
         c = self.p["consumers"]
         slot.generation += 1
+        batch_size = 1 if c["service_rate"] > 0 else c["batch_size"]
         handler: Any = (
             FanoutHandler(self.client, self.names)
             if slot.name == "fanout"
@@ -123,7 +142,7 @@ class Runtime:
             consumer=f"{slot.name}-{slot.generation}",
             names=self.names,
             settings=ConsumerSettings(
-                batch_size=c["batch_size"],
+                batch_size=batch_size,
                 dead_after_s=c["dead_after_s"],
                 heartbeat_every_s=1.0,
                 recover_every_s=2.0,
@@ -135,20 +154,42 @@ class Runtime:
         worker.log = slot.log
         slot.worker = worker
         slot.crash_at = None
+        with contextlib.suppress(*TRANSIENT):
+            worker.setup()  # the group exists from now on, as a started process's would
 
     def _maybe_crash(self, slot: GroupSlot, point: str) -> None:
         if slot.crash_at == point:
             raise SimCrash(point)
 
-    def consumer_loop(self, group: str) -> Any:
+    def nudge(self) -> None:
+        """A command committed outbox rows: wake the relay now."""
+        if not self._outbox.triggered:
+            self._outbox.succeed()
+
+    def _wake_on_publish(self, every: float) -> Any:
+        return self.env.any_of([self.env.timeout(every), self._published])
+
+    def consumer_loop(self, group: str, rng: np.random.Generator | None = None) -> Any:
         slot = self.slots[group]
-        every = self.p["consumers"]["poll_every_s"]
+        c = self.p["consumers"]
+        every = c["poll_every_s"]
         while True:
-            yield self.env.timeout(every)
-            if slot.worker is None:
+            if c["service_rate"] > 0 and slot.worker is not None and self._waiting(group):
+                # A single server: the head entry is in service for an exponential
+                # time, then handled and acked (batch_size 1).
+                assert rng is not None
+                yield self.env.timeout(rng.exponential(1.0 / c["service_rate"]))
+                polls = 1
+            else:
+                yield self._wake_on_publish(every)
+                polls = 0 if c["service_rate"] > 0 else 50
+            if slot.worker is None or not polls and c["service_rate"] > 0:
                 continue
             try:
-                slot.worker.drain(max_polls=50)
+                if polls == 1:
+                    slot.worker.poll(block_ms=0)
+                else:
+                    slot.worker.drain(max_polls=polls)
             except SimCrash as crash:
                 self.faults.append(
                     {"t_start": self.env.now, "t_end": None, "kind": "consumer_crash",
@@ -183,11 +224,40 @@ class Runtime:
     def relay_loop(self) -> Any:
         every = self.p["relay"]["every_s"]
         while True:
-            yield self.env.timeout(every)
+            yield self.env.any_of([self.env.timeout(every), self._outbox])
+            if self._outbox.triggered:
+                self._outbox = self.env.event()
             try:
-                self.relay.drain()
+                published = self.relay.drain()
             except TRANSIENT:
                 self.redis_errors["relay"] += 1
+                continue
+            if published and not self._published.triggered:
+                self._published.succeed()
+                self._published = self.env.event()
+
+    def _waiting(self, group: str) -> bool:
+        """Has the group entries not yet delivered to it, or pending?
+
+        Compares ids rather than trusting XINFO's ``lag``, which is NULL after
+        trimming and absent on Redis 6.2.
+        """
+        slot = self.slots[group]
+        assert slot.worker is not None
+        for stream in slot.worker.streams:
+            try:
+                last = self.client.xinfo_stream(stream)["last-generated-id"]
+                groups = self.client.xinfo_groups(stream)
+            except redis.ResponseError:  # no such stream (yet)
+                continue
+            except TRANSIENT:
+                return False
+            for g in groups:
+                if _text(g["name"]) != group:
+                    continue
+                if int(g["pending"]) or parse(g["last-delivered-id"]) < parse(last):
+                    return True
+        return False
 
     def timer_loop(self, every: float = 10.0) -> Any:
         while True:
@@ -212,7 +282,7 @@ class Runtime:
 
     # -- observation ---------------------------------------------------------------------
 
-    def backlog(self, group: str) -> tuple[int, int, int]:
+    def backlog(self, group: str, idle: bool = True) -> tuple[int, int, int]:
         """(pending, oldest pending idle in ms, lag) of a group over its streams."""
         cls_types = (
             ("escrow", "payment", "payout", "dispute")
@@ -231,7 +301,7 @@ class Runtime:
                     continue
                 pending += int(g["pending"])
                 lag += int(g.get("lag") or 0)
-            if pending:
+            if pending and idle:
                 rows = self.client.xpending_range(stream, group, "-", "+", 1)
                 if rows:
                     idle = max(idle, int(rows[0]["time_since_delivered"]))
@@ -239,7 +309,7 @@ class Runtime:
 
     def sampler(self, every: float, samples: list[dict[str, Any]]) -> Any:
         while True:
-            for group in SIM_GROUPS:
+            for group in self.groups:
                 try:
                     pending, idle, lag = self.backlog(group)
                 except TRANSIENT:

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "market": {
         "arrival_rate": 1.0,  # new escrows per second (Poisson)
+        "lifecycle": True,  # false: an arrival only opens an escrow (queueing studies)
         "buyers": 200,
         "sellers": 40,
         "amount_min": 200,
@@ -60,6 +61,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "mttr_s": 10.0,
         "dead_after_s": 5.0,
         "ack_before_effect": False,  # a deliberately broken runtime, for the checker
+        "service_rate": 0.0,  # > 0: one entry at a time, exponential service (M/M/1 studies)
+        "only": "",  # comma-separated groups to run; "": all
     },
     "relay": {"every_s": 0.5},
     "redis": {

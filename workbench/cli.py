@@ -111,7 +111,10 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
     type=click.Choice(CRASH_POINTS),
     help="fault injection: SIGKILL this process at this point",
 )
-@click.option("--crash-batch", default=1, show_default=True, help="...of this batch number")
+@click.option(
+    "--crash-batch", default=1, show_default=True,
+    help="...of this batch number (or the first later one that has the point)",
+)  # fmt: skip
 @click.option(
     "--user-maxlen",
     default=DEFAULT_USER_MAXLEN,
@@ -186,7 +189,10 @@ def worker(
     type=click.Choice(["after-xadd"]),
     help="fault injection: SIGKILL after XADD, before marking the rows published",
 )
-@click.option("--crash-batch", default=1, show_default=True, help="...of this batch number")
+@click.option(
+    "--crash-batch", default=1, show_default=True,
+    help="...of this batch number (or the first later one that has the point)",
+)  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True)
 def relay(
     redis_url: str | None,
