@@ -259,3 +259,16 @@ def test_stream_carries_retry_hint_and_heartbeats(deployment: Deployment, alice:
         lambda: httpx.get(f"{base}/healthz").json()["sessions"] == 0,
         what="the session to be released",
     )
+
+
+def test_a_dropped_session_is_told_why(deployment: Deployment, api: str, alice: str) -> None:
+    lines: list[str] = []
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream("GET", f"{api}/users/{alice}/events", headers=auth(alice)) as response,
+    ):
+        for line in response.iter_lines():
+            lines.append(line)
+            if line == "event: ready":
+                assert httpx.post(f"{api}/debug/users/{alice}/drop").json()["dropped"] == 1
+    assert ": closing: dropped by the server" in lines

@@ -157,7 +157,10 @@ class SseSession:
         while True:
             try:
                 message = await subscription.get()
-            except SubscriptionClosed:
+            except SubscriptionClosed as closed:
+                # Say why before closing ("slow consumer: ...", "dropped by the
+                # server"); the client resumes from its Last-Event-ID.
+                yield ServerSentEvent(comment=f"closing: {closed.reason}")
                 return
             if isinstance(message, UserEntry):
                 decision = session.take_live(message)
