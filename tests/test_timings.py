@@ -1,0 +1,75 @@
+"""Latencies and backlogs from run tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from workbench.runs import RunTables
+from workbench.timings import backlog, client_latency, handling_latency, replays, summarise
+
+
+def _run() -> RunTables:
+    run = RunTables()
+    run.published = pd.DataFrame(
+        {"event_id": ["e1", "e2", "e3"], "type": ["escrow.created"] * 3, "stream": ["escrow"] * 3,
+         "escrow_id": ["x"] * 3, "sequence": [1, 2, 3], "users": ["a,b"] * 3, "amount": [0] * 3,
+         "t_committed": [0.0, 1.0, 2.0], "t_published": [0.1, 1.1, 2.1]}
+    )  # fmt: skip
+    run.handled = pd.DataFrame(
+        {"group": ["ledger"] * 3 + ["push"] * 3, "event_id": ["e1", "e2", "e3"] * 2,
+         "handler_calls": [1, 1, 0, 1, 2, 1], "max_delivery_count": [1, 1, 0, 1, 2, 1],
+         "t_first": [0.5, 1.5, None, 0.2, 1.2, 2.2], "t_last": [0.5, 1.5, None, 0.2, 3.0, 2.2],
+         "effects": [1, 1, 0, 1, 1, 1], "expected_effects": [1, 1, 1, 1, 1, 1]}
+    )  # fmt: skip
+    run.deliveries = pd.DataFrame(
+        {"phone": ["a"] * 4, "connection": [1, 1, 2, 2],
+         "source": ["replay", "live", "snapshot", "replay"],
+         "entry_id": ["1-0", "2-0", "2-0", "3-0"], "event_id": ["e1", "e2", "", "e3"],
+         "t": [0.5, 1.5, 5.0, 5.0]}
+    )  # fmt: skip
+    run.samples = pd.DataFrame(
+        {"t": [0.0, 0.0, 5.0, 5.0], "group": ["ledger", "push"] * 2, "pending": [3, 1, 0, 0],
+         "oldest_idle_ms": [0] * 4, "lag": [2, 0, 0, 0]}
+    )  # fmt: skip
+    return run
+
+
+def test_handling_latency_is_commit_to_first_handled() -> None:
+    latency = handling_latency(_run())
+    ledger = latency[latency.group == "ledger"].set_index("event_id").latency_s
+    assert ledger.to_dict() == pytest.approx({"e1": 0.5, "e2": 0.5})  # e3 never handled
+    push = latency[latency.group == "push"].set_index("event_id").latency_s
+    assert push["e2"] == pytest.approx(0.2)  # first handling counts, not the redelivery
+
+
+def test_client_latency_skips_snapshot_markers() -> None:
+    latency = client_latency(_run())
+    assert list(latency.source) == ["replay", "live", "replay"]
+    assert list(latency.latency_s) == pytest.approx([0.5, 0.5, 3.0])
+
+
+def test_replay_sizes_per_connection() -> None:
+    sizes = replays(_run())
+    assert sizes.set_index("connection").replayed.to_dict() == {1: 1, 2: 1}
+
+
+def test_backlog_over_time() -> None:
+    table = backlog(_run())
+    assert table.loc[0.0, "ledger"] == 3 and table.loc[5.0, "push"] == 0
+    assert backlog(_run(), "lag").loc[0.0, "ledger"] == 2
+
+
+def test_summary_quantiles() -> None:
+    summary = summarise(_run())
+    handling = summary["handling"].set_index("group")
+    assert handling.loc["ledger", "count"] == 2
+    assert handling.loc["ledger", "p50"] == pytest.approx(0.5)
+    assert set(summary["clients"].source) == {"replay", "live"}
+    assert summary["replay_sizes"]["max"].iloc[0] == 1
+
+
+def test_empty_run() -> None:
+    summary = summarise(RunTables())
+    assert all(frame.empty for frame in summary.values())
+    assert backlog(RunTables()).empty

@@ -1,0 +1,78 @@
+"""Latencies and backlogs from a run's tables (pure pandas, no Redis).
+
+All times are the run's clock (virtual seconds in a SimPy run):
+
+* :func:`handling_latency`: per group and event, commit -> first handled;
+* :func:`client_latency`: per phone delivery, commit -> delivered, by source
+  (replayed on reconnect, or live);
+* :func:`replays`: per phone connection, how many entries the replay carried;
+* :func:`backlog`: pending and lag per group over time (the ``samples`` table);
+* :func:`summarise`: quantiles of the first three, one row per group or source.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from workbench.runs import RunTables
+
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+
+def handling_latency(run: RunTables) -> pd.DataFrame:
+    """group, event_id, type, latency_s (handled events only)."""
+    handled = run.handled[run.handled.handler_calls > 0][["group", "event_id", "t_first"]]
+    joined = handled.merge(
+        run.published[["event_id", "type", "t_committed"]], on="event_id", how="inner"
+    )
+    joined["latency_s"] = joined.t_first - joined.t_committed
+    return joined[["group", "event_id", "type", "latency_s"]].reset_index(drop=True)
+
+
+def client_latency(run: RunTables) -> pd.DataFrame:
+    """phone, connection, source, event_id, latency_s for every delivery of an event."""
+    deliveries = run.deliveries[run.deliveries.source != "snapshot"]
+    joined = deliveries.merge(
+        run.published[["event_id", "t_committed"]], on="event_id", how="inner"
+    )
+    joined["latency_s"] = joined.t - joined.t_committed
+    return joined[["phone", "connection", "source", "event_id", "latency_s"]].reset_index(drop=True)
+
+
+def replays(run: RunTables) -> pd.DataFrame:
+    """phone, connection, replayed (entries sent by the replay of that connection)."""
+    d = run.deliveries
+    connections = d[["phone", "connection"]].drop_duplicates()
+    counts = d[d.source == "replay"].groupby(["phone", "connection"]).size().rename("replayed")
+    out = connections.merge(counts.reset_index(), on=["phone", "connection"], how="left")
+    out["replayed"] = out.replayed.fillna(0).astype(int)
+    return out.reset_index(drop=True)
+
+
+def backlog(run: RunTables, column: str = "pending") -> pd.DataFrame:
+    """t x group table of ``pending`` (or ``lag``, ``oldest_idle_ms``)."""
+    if run.samples.empty:
+        return pd.DataFrame()
+    return run.samples.pivot_table(index="t", columns="group", values=column, aggfunc="max")
+
+
+def _quantiles(frame: pd.DataFrame, by: str, value: str) -> pd.DataFrame:
+    if frame.empty:
+        return pd.DataFrame(columns=[by, "count", "mean", *(f"p{q * 100:g}" for q in QUANTILES)])
+    grouped = frame.groupby(by)[value]
+    out = pd.DataFrame({"count": grouped.size(), "mean": grouped.mean()})
+    for q in QUANTILES:
+        out[f"p{q * 100:g}"] = grouped.quantile(q)
+    out["max"] = grouped.max()
+    return out.reset_index()
+
+
+def summarise(run: RunTables) -> dict[str, pd.DataFrame]:
+    """Quantiles per group (handling), per source (phones) and of replay sizes."""
+    sizes = replays(run)
+    sizes["all"] = "connections"
+    return {
+        "handling": _quantiles(handling_latency(run), "group", "latency_s"),
+        "clients": _quantiles(client_latency(run), "source", "latency_s"),
+        "replay_sizes": _quantiles(sizes, "all", "replayed"),
+    }
