@@ -384,6 +384,61 @@ def simulate(
         _check_and_exit(directory)
 
 
+@main.command()
+@click.argument("scenario")
+@click.option(
+    "--grid", "grid_items", multiple=True, metavar="SECTION.KEY=V1,V2,...",
+    help="values to sweep (repeatable; the grid is their product)",
+)  # fmt: skip
+@click.option("--seeds", default=3, show_default=True, help="seeds 1..N per grid point")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="fixed overrides for every run")  # fmt: skip
+@click.option("--workers", type=int, help="parallel runs [default: CPUs]")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path),
+    help="sweep directory [default data/sweeps/SCENARIO]",
+)  # fmt: skip
+def sweep(
+    scenario: str,
+    grid_items: tuple[str, ...],
+    seeds: int,
+    overrides: tuple[str, ...],
+    workers: int | None,
+    out: Path | None,
+) -> None:
+    """Run SCENARIO over a grid of values and seeds in parallel; one table out.
+
+    Every run has its own private redis-server. Writes results.parquet and each
+    run's directory; exits 1 if any run failed the checker.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from simulations.scenario import ScenarioError
+    from simulations.sweep import parse_grid
+    from simulations.sweep import sweep as run_sweep
+    from workbench.report import wide_console
+
+    try:
+        grid = parse_grid(grid_items)
+    except ScenarioError as exc:
+        raise click.UsageError(str(exc)) from None
+    directory = out or Path("data") / "sweeps" / scenario
+    with Progress(TextColumn("[bold]sweep[/]"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("runs", total=None)
+        try:
+            table = run_sweep(
+                scenario, grid, seeds, out=directory, workers=workers,
+                base_overrides=overrides,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+        except ScenarioError as exc:
+            raise click.UsageError(str(exc)) from None
+    wide_console().print(table.to_string(index=False))
+    click.echo(f"results in {directory / 'results.parquet'}", err=True)
+    if not table["ok"].all():
+        raise SystemExit(1)
+
+
 def _check_and_exit(directory: Path) -> None:
     from workbench.checker import check_dir, print_report
 
