@@ -5,7 +5,7 @@ UV_VERSION := 0.13.9
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run serve test lint bench bench-sse inspect clean venv
+.PHONY: run demo serve test lint bench bench-sse inspect clean venv
 
 venv: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/workbench simulate baseline $(RUN_ARGS)
+
+demo: $(STAMP)
 	$(BIN)/workbench run
 
 serve: $(STAMP)

@@ -110,3 +110,29 @@ def test_redis_restarts_lose_nothing() -> None:
     assert len(kills) >= 2
     assert kills.t_end.notna().all()
     _all_effects_exact(tables)
+
+
+def test_simulate_command_writes_the_run_and_reports(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+    from workbench.runs import RunTables
+
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "workbench", "simulate", "baseline", "--seed", "3",
+         "--set", "run.duration_s=40", "--set", "run.drain_s=30", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+    run = RunTables.load(out)
+    assert run.manifest["scenario"] == "baseline" and run.manifest["seed"] == 3
+    assert run.manifest["params"]["run"]["duration_s"] == 40
+    assert len(run.published) > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "workbench", "simulate", "nope"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "available: baseline" in bad.stderr
