@@ -48,18 +48,29 @@ class Market:
             s: ("honest" if u < cut[0] else "slow" if u < cut[1] else "fraudulent")
             for s, u in zip(self.sellers, rng.random(len(self.sellers)), strict=True)
         }
+        cut_b = np.cumsum([params["disputer_p"], params["abandoner_p"]])
+        self.buyer_class = {
+            b: ("disputer" if u < cut_b[0] else "abandoner" if u < cut_b[1] else "regular")
+            for b, u in zip(self.buyers, rng.random(len(self.buyers)), strict=True)
+        }
         self.escrows: dict[str, tuple[str, str]] = {}  # id -> (seller class, buyer class)
         self.opened = 0
 
     def run(self) -> Any:
         rate = self.p["arrival_rate"]
-        if rate <= 0:
+        profile = self.p["profile"] or [1.0] * 24
+        peak = rate * max(profile)
+        if peak <= 0:
             return
         while True:
-            yield self.env.timeout(self.rng.exponential(1.0 / rate))
+            # A non-homogeneous Poisson process by thinning: candidates at the
+            # peak rate, each kept with probability rate(t) / peak.
+            yield self.env.timeout(self.rng.exponential(1.0 / peak))
             if self.env.now >= self.until:
                 return
-            self.env.process(self.lifecycle())
+            hour = int(self.env.now % self.p["day_s"] * 24 // self.p["day_s"])
+            if self.rng.random() * peak <= rate * profile[hour]:
+                self.env.process(self.lifecycle())
 
     def _do(self, command: str, escrow_id: str | None, actor: str, call: Callable[[], Any]) -> Any:
         try:
@@ -82,13 +93,16 @@ class Market:
             return
         escrow_id = created.escrow["id"]
         self.opened += 1
-        self.escrows[escrow_id] = (self.seller_class[seller], "regular")
+        buyer_class = self.buyer_class[buyer]
+        self.escrows[escrow_id] = (self.seller_class[seller], buyer_class)
         if not p["lifecycle"]:
             return
         if rng.random() < p["cancel_p"]:
             yield self.env.timeout(rng.exponential(p["fund_delay_mean_s"]))
             self._do("cancel", escrow_id, buyer, lambda: self.service.cancel(escrow_id, buyer))
             return
+        if buyer_class == "abandoner":
+            return  # never pays: the payment timer expires the escrow
         yield self.env.timeout(rng.exponential(p["fund_delay_mean_s"]))
         self._do(
             "fund", escrow_id, buyer, lambda: self.service.fund(escrow_id, buyer, "254700000000")
@@ -112,7 +126,8 @@ class Market:
         ):
             return
         yield self.env.timeout(rng.exponential(p["confirm_delay_mean_s"]))
-        if rng.random() < p["dispute_p"]:
+        dispute_p = p["dispute_p"] * (p["disputer_factor"] if buyer_class == "disputer" else 1.0)
+        if rng.random() < min(1.0, dispute_p):
             if (
                 self._do(
                     "dispute",

@@ -24,6 +24,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "market": {
         "arrival_rate": 1.0,  # new escrows per second (Poisson)
         "lifecycle": True,  # false: an arrival only opens an escrow (queueing studies)
+        "profile": [],  # 24 hourly multipliers of arrival_rate (time of day); []: flat
+        "day_s": 86400.0,  # length of a "day" for the profile (shorter days for short runs)
         "buyers": 200,
         "sellers": 40,
         "amount_min": 200,
@@ -37,6 +39,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "honest_p": 0.85,  # seller classes: honest, slow (ships late), fraudulent (never)
         "slow_p": 0.10,
         "slow_factor": 10.0,
+        "disputer_p": 0.05,  # buyer classes: regular, disputer (disputes often), abandoner
+        "abandoner_p": 0.05,  # (opens escrows and never pays)
+        "disputer_factor": 6.0,
         "payment_timeout_s": 900.0,
         "shipping_timeout_s": 1800.0,
         "confirmation_timeout_s": 1800.0,
@@ -133,7 +138,17 @@ def _assign(
             f"{', '.join(params[section])}"
         )
     default = params[section][key]
-    if isinstance(default, bool):
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
+        ):
+            raise ScenarioError(f"{source}: {section}.{key} must be a list of numbers >= 0")
+        if key == "profile" and value and len(value) != 24:
+            raise ScenarioError(
+                f"{source}: {section}.profile needs 24 hourly values, not {len(value)}"
+            )
+        value = [float(v) for v in value]
+    elif isinstance(default, bool):
         if not isinstance(value, bool):
             raise ScenarioError(f"{source}: {section}.{key} must be true or false, not {value!r}")
     elif isinstance(default, int | float):

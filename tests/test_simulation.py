@@ -136,3 +136,31 @@ def test_simulate_command_writes_the_run_and_reports(tmp_path) -> None:  # type:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "available: baseline" in bad.stderr
+
+
+def test_time_of_day_profile_and_ground_truth_classes(redis_server) -> None:  # type: ignore[no-untyped-def]
+    profile = [4.0] * 6 + [0.0] * 18  # busy for the first quarter of each "day", then shut
+    scenario = load(
+        "baseline",
+        ["run.duration_s=480", "run.drain_s=60", "market.day_s=240", f"market.profile={profile}",
+         "market.arrival_rate=0.5", "phones.count=0", "market.abandoner_p=0.3"],
+    )  # fmt: skip
+    tables = simulate(scenario, seed=2, redis_url=redis_server.url, prefix="tod")
+    creates = tables.commands[tables.commands.command == "create"]
+    assert len(creates) > 50
+    assert ((creates.t % 240) < 60).all()
+    classes = tables.escrows
+    assert set(classes.seller_class) <= {"honest", "slow", "fraudulent"}
+    assert {"regular", "abandoner"} <= set(classes.buyer_class)
+    # An abandoner never pays: none of their escrows was funded.
+    abandoned = classes[classes.buyer_class == "abandoner"].id
+    funded = tables.published[tables.published.type == "escrow.funded"].escrow_id
+    assert not set(abandoned) & set(funded)
+
+
+@pytest.mark.parametrize(
+    "override", ["market.profile=[1, 2]", "market.profile=[-1]", 'market.profile="busy"']
+)
+def test_a_bad_profile_is_rejected(override: str) -> None:
+    with pytest.raises(ScenarioError):
+        load("baseline", [override])
