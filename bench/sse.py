@@ -84,7 +84,7 @@ from rich.table import Table
 from workbench.auth import issue_token
 from workbench.events import Event, encode
 from workbench.log import server_version
-from workbench.redis_server import RedisServer, free_port
+from workbench.redis_server import attach_or_start, free_port
 from workbench.userstreams import UserStreamNames, UserStreams
 from workbench.waiting import wait_until
 
@@ -233,12 +233,8 @@ class CpuMeter:
 @contextlib.contextmanager
 def redis_for_bench() -> Iterator[tuple[str, str]]:
     """Yield (url, description): ``REDIS_URL`` or a private redis-server without AOF."""
-    external = os.environ.get("REDIS_URL")
-    if external:
-        yield external, "external (REDIS_URL)"
-        return
-    with RedisServer(appendonly=False) as server:
-        yield server.url, "private redis-server, AOF off"
+    with attach_or_start(os.environ.get("REDIS_URL"), appendonly=False) as (url, server):
+        yield url, "external (REDIS_URL)" if server is None else "private redis-server, AOF off"
 
 
 class ApiServer:

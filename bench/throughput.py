@@ -64,7 +64,7 @@ from workbench.handlers import GROUPS, HANDLERS, make_handler
 from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect, server_version
 from workbench.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback
-from workbench.redis_server import RedisServer
+from workbench.redis_server import attach_or_start
 from workbench.relay import OutboxRelay
 from workbench.report import wide_console
 from workbench.service import EscrowService
@@ -135,12 +135,8 @@ class NoopHandler:
 @contextlib.contextmanager
 def redis_for_bench() -> Iterator[tuple[str, str]]:
     """Yield (url, description): ``REDIS_URL`` or a private redis-server without AOF."""
-    external = os.environ.get("REDIS_URL")
-    if external:
-        yield external, "external (REDIS_URL)"
-        return
-    with RedisServer(appendonly=False) as server:
-        yield server.url, "private redis-server, AOF off"
+    with attach_or_start(os.environ.get("REDIS_URL"), appendonly=False) as (url, server):
+        yield url, "external (REDIS_URL)" if server is None else "private redis-server, AOF off"
 
 
 @contextlib.contextmanager

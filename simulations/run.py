@@ -15,7 +15,7 @@ import importlib.metadata
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,11 @@ from simulations.runtime import Runtime
 from simulations.scenario import Scenario
 from workbench import events as ev
 from workbench.escrow import DomainError, Timeouts
-from workbench.handlers import HANDLERS, make_handler
+from workbench.handlers import HANDLERS, aggregate_types_of, make_handler
 from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect
 from workbench.mpesa import CallbackError, parse_callback
-from workbench.redis_server import RedisServer
+from workbench.redis_server import RedisServer, attach_or_start
 from workbench.runs import RunTables
 from workbench.service import EscrowService
 from workbench.store import (
@@ -83,15 +83,6 @@ class RedisFaults:
             fault["t_end"] = self.env.now
 
 
-@contextlib.contextmanager
-def _redis(url: str | None, directory: Path) -> Iterator[tuple[str, RedisServer | None]]:
-    if url:
-        yield url, None
-        return
-    with RedisServer(directory, appendonly=True, appendfsync="everysec") as server:
-        yield server.url, server
-
-
 def simulate(
     scenario: Scenario,
     seed: int,
@@ -106,7 +97,10 @@ def simulate(
     run_p = params["run"]
     load_s, drain_s = run_p["duration_s"], run_p["drain_s"]
     work = Path(tempfile.mkdtemp(prefix="workbench-sim-"))
-    with _redis(redis_url, work / "redis") as (url, server):
+    with attach_or_start(redis_url, work / "redis", appendonly=True, appendfsync="everysec") as (
+        url,
+        server,
+    ):
         client = connect(url)
         names = StreamNames(prefix)
         _clear(client, prefix)
@@ -280,7 +274,7 @@ def _collect(
     for group in runtime.groups:
         log = runtime.slots[group].log
         counts = pd.Series(effect_rows[group], dtype=object).value_counts().to_dict()
-        types = ev.AGGREGATE_TYPES if group == "fanout" else HANDLERS[group].aggregate_types
+        types = aggregate_types_of(group)
         for e in events:
             if e.aggregate_type not in types:
                 continue

@@ -27,7 +27,7 @@ import simpy
 
 from simulations.clock import SimClock
 from workbench.consumer import CRASH_POINTS, TRANSIENT, ConsumerSettings, ConsumerWorker, Delivery
-from workbench.handlers import HANDLERS, make_handler
+from workbench.handlers import ALL_GROUPS, aggregate_types_of, make_handler
 from workbench.handlers.fanout import FanoutHandler
 from workbench.log import StreamNames
 from workbench.relay import OutboxRelay
@@ -35,7 +35,7 @@ from workbench.service import EscrowService
 from workbench.store import Store
 from workbench.streamid import parse
 
-SIM_GROUPS = (*HANDLERS, "fanout")
+SIM_GROUPS = ALL_GROUPS
 
 
 def _text(value: bytes | str) -> str:
@@ -282,15 +282,10 @@ class Runtime:
 
     # -- observation ---------------------------------------------------------------------
 
-    def backlog(self, group: str, idle: bool = True) -> tuple[int, int, int]:
+    def backlog(self, group: str) -> tuple[int, int, int]:
         """(pending, oldest pending idle in ms, lag) of a group over its streams."""
-        cls_types = (
-            ("escrow", "payment", "payout", "dispute")
-            if group == "fanout"
-            else HANDLERS[group].aggregate_types
-        )
         pending = idle = lag = 0
-        for stream in self.names.streams(cls_types):
+        for stream in self.names.streams(aggregate_types_of(group)):
             try:
                 groups = self.client.xinfo_groups(stream)
             except redis.ResponseError:  # no such stream yet
@@ -301,7 +296,7 @@ class Runtime:
                     continue
                 pending += int(g["pending"])
                 lag += int(g.get("lag") or 0)
-            if pending and idle:
+            if pending:
                 rows = self.client.xpending_range(stream, group, "-", "+", 1)
                 if rows:
                     idle = max(idle, int(rows[0]["time_since_delivered"]))

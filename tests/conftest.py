@@ -18,6 +18,7 @@ from workbench.clock import ManualClock
 from workbench.ids import IdFactory
 from workbench.log import connect
 from workbench.redis_server import RedisServer
+from workbench.service import EscrowService
 from workbench.store import Store
 
 PG_URL = os.environ.get("TEST_DATABASE_URL")
@@ -112,3 +113,11 @@ def alice(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def bob(request: pytest.FixtureRequest) -> str:
     return f"bob-{next(_USERS)}"
+
+
+@pytest.fixture
+def service(deployment: Deployment) -> Iterator[EscrowService]:
+    """An EscrowService on the deployment's store: commands as the API would run them."""
+    store = Store(deployment.database_url)
+    yield EscrowService(store)
+    store.close()

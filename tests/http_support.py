@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from httpx_sse import EventSource, ServerSentEvent, connect_sse
 
 from workbench.auth import issue_token
@@ -112,6 +113,23 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def user_stream(self, user: str) -> list[tuple[str, str]]:
+        """(entry id, event id) of every entry in the user's stream: the published truth."""
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            rows = client.xrange(f"{self.prefix}:user:{user}")
+        finally:
+            client.close()
+        return [(i.decode(), f[b"event_id"].decode()) for i, f in rows]
+
+    def wait_fanned_out(self, user: str, count: int, timeout: float = 60) -> list[tuple[str, str]]:
+        """Wait until the user's stream holds ``count`` entries; return them."""
+        return wait_until(
+            lambda: len(s := self.user_stream(user)) == count and s,
+            timeout=timeout,
+            what=f"{count} entries in the stream of {user}",
+        )
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")

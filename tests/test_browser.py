@@ -16,11 +16,9 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-import redis
 
 from tests.http_support import Deployment, token
 from workbench.service import EscrowService
-from workbench.store import Store
 from workbench.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -83,32 +81,6 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
-
-
-@pytest.fixture
-def service(deployment: Deployment) -> Iterator[EscrowService]:
-    store = Store(deployment.database_url)
-    yield EscrowService(store)
-    store.close()
-
-
-def _user_stream(deployment: Deployment, user: str) -> list[tuple[str, str]]:
-    client = redis.Redis.from_url(deployment.redis_url)
-    try:
-        rows = client.xrange(f"{deployment.prefix}:user:{user}")
-    finally:
-        client.close()
-    return [(i.decode(), f[b"event_id"].decode()) for i, f in rows]
-
-
-def _wait_fanned_out(
-    deployment: Deployment, user: str, count: int, timeout: float = 20
-) -> list[tuple[str, str]]:
-    return wait_until(
-        lambda: len(s := _user_stream(deployment, user)) == count and s,
-        timeout=timeout,
-        what=f"{count} entries in the stream of {user}",
-    )
 
 
 def produce(service: EscrowService, buyer: str, seller: str, escrows: int) -> int:
@@ -184,7 +156,7 @@ def test_dashboard_survives_server_side_drops_without_loss_or_duplicates(
         # Disconnected: the browser waits ~1 s (the retry hint) before reconnecting,
         # so these reach the page only through the replay after Last-Event-ID.
         expected += produce(service, alice, bob, 2)
-        _wait_fanned_out(deployment, alice, expected)
+        deployment.wait_fanned_out(alice, expected)
         if page(browser)["connects"] == connects:
             missed_while_down += 1
         wait_page(
@@ -196,7 +168,7 @@ def test_dashboard_survives_server_side_drops_without_loss_or_duplicates(
     expected += produce(service, alice, bob, 3)
     state = wait_page(browser, lambda p: p["count"] == expected, f"{expected} events in the end")
 
-    stream = _wait_fanned_out(deployment, alice, expected)
+    stream = deployment.wait_fanned_out(alice, expected)
     rendered = [(i, e) for i, e, _ in state["timeline"]]
     assert rendered == stream  # exactly the published sequence: no loss, dup or reorder
     assert state["duplicates"] == 0
@@ -210,7 +182,7 @@ def test_dashboard_survives_server_side_drops_without_loss_or_duplicates(
     wait_page(browser, lambda p: p["connects"] == drops + 2, "the final reconnect")
     expected += produce(service, alice, bob, 1)
     state = wait_page(browser, lambda p: p["count"] == expected, f"{expected} events after it")
-    stream = _wait_fanned_out(deployment, alice, expected)
+    stream = deployment.wait_fanned_out(alice, expected)
     assert [(i, e) for i, e, _ in state["timeline"]] == stream
     assert state["duplicates"] == 0
 
@@ -220,7 +192,7 @@ def test_dashboard_shows_the_snapshot_and_updates_rows_live(
 ) -> None:
     old = [service.create(alice, bob, 100 + i).escrow["id"] for i in range(3)]  # type: ignore[index]
     service.cancel(old[0], alice)
-    before = _wait_fanned_out(deployment, alice, 4)
+    before = deployment.wait_fanned_out(alice, 4)
 
     open_dashboard(browser, api, alice)
     state = wait_page(
@@ -244,7 +216,7 @@ def test_dashboard_shows_the_snapshot_and_updates_rows_live(
         old[2]: "created",
         new: "cancelled",
     }
-    after = _wait_fanned_out(deployment, alice, 7)[len(before) :]
+    after = deployment.wait_fanned_out(alice, 7)[len(before) :]
     assert [(i, e) for i, e, _ in state["timeline"]] == after
     assert [t for _, _, t in state["timeline"]] == [
         "escrow.created",

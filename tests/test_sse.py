@@ -4,33 +4,14 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 
 import httpx
-import pytest
 import redis
 from httpx_sse import connect_sse
 
 from tests.http_support import Deployment, auth, read_events
 from workbench.service import EscrowService
-from workbench.store import Store
 from workbench.waiting import wait_until
-
-
-def _user_stream(deployment: Deployment, user: str) -> list[tuple[str, str]]:
-    client = redis.Redis.from_url(deployment.redis_url)
-    try:
-        rows = client.xrange(f"{deployment.prefix}:user:{user}")
-    finally:
-        client.close()
-    return [(i.decode(), f[b"event_id"].decode()) for i, f in rows]
-
-
-@pytest.fixture
-def service(deployment: Deployment) -> Iterator[EscrowService]:
-    store = Store(deployment.database_url)
-    yield EscrowService(store)
-    store.close()
 
 
 def produce(service: EscrowService, buyer: str, seller: str, escrows: int) -> int:
@@ -43,14 +24,6 @@ def produce(service: EscrowService, buyer: str, seller: str, escrows: int) -> in
             service.cancel(escrow_id, buyer)
             events += 1
     return events
-
-
-def _wait_fanned_out(deployment: Deployment, user: str, count: int) -> list[tuple[str, str]]:
-    return wait_until(
-        lambda: len(s := _user_stream(deployment, user)) == count and s,
-        timeout=60,
-        what=f"{count} entries in the stream of {user}",
-    )
 
 
 def _storm(
@@ -88,7 +61,7 @@ def test_random_disconnects_with_last_event_id_lose_nothing(
     expected = produce_while(service, alice, bob, escrows=45)
     received, connections = _storm([api], alice, expected.count, seed=1)
     expected.join()
-    stream = _wait_fanned_out(deployment, alice, expected.count)
+    stream = deployment.wait_fanned_out(alice, expected.count)
     assert received == stream  # exactly the published sequence: no loss, dup or reorder
     assert connections > 5
 
@@ -100,7 +73,7 @@ def test_switching_between_two_server_processes(
     expected = produce_while(service, alice, bob, escrows=30)
     received, _ = _storm([api, second], alice, expected.count, seed=2)
     expected.join()
-    assert received == _wait_fanned_out(deployment, alice, expected.count)
+    assert received == deployment.wait_fanned_out(alice, expected.count)
 
 
 class produce_while:  # noqa: N801 - reads as a verb at the call site
@@ -130,7 +103,7 @@ def test_trimmed_history_gets_reset_and_the_snapshot_resumes_gaplessly(
     deployment: Deployment, api: str, service: EscrowService, alice: str, bob: str
 ) -> None:
     count = produce(service, alice, bob, 30)
-    stream = _wait_fanned_out(deployment, alice, count)
+    stream = deployment.wait_fanned_out(alice, count)
     client = redis.Redis.from_url(deployment.redis_url)
     client.xtrim(f"{deployment.prefix}:user:{alice}", maxlen=10, approximate=False)
 
@@ -147,7 +120,7 @@ def test_trimmed_history_gets_reset_and_the_snapshot_resumes_gaplessly(
     assert snapshot["as_of"] == stream[-1][0]
     assert len(snapshot["escrows"]) == 30
     more = produce(service, alice, bob, 4)
-    after = _wait_fanned_out(deployment, alice, 10 + more)[-more:]
+    after = deployment.wait_fanned_out(alice, 10 + more)[-more:]
     got, reset = read_events(api, alice, last_event_id=snapshot["as_of"], until_ready_and=more)
     assert not reset
     assert [(e.id, _event_id(e.data)) for e in got] == after
@@ -157,7 +130,7 @@ def test_resume_at_the_tail_and_from_the_beginning(
     deployment: Deployment, api: str, service: EscrowService, alice: str, bob: str
 ) -> None:
     count = produce(service, alice, bob, 5)
-    stream = _wait_fanned_out(deployment, alice, count)
+    stream = deployment.wait_fanned_out(alice, count)
     got, reset = read_events(api, alice, last_event_id="0", until_ready_and=count)
     assert not reset and [e.id for e in got] == [i for i, _ in stream]
     got, reset = read_events(api, alice, last_event_id=stream[-1][0], until_ready_and=0)
@@ -169,7 +142,7 @@ def test_the_live_reader_losing_redis_makes_sessions_catch_up(
 ) -> None:
     base = deployment.start_api()  # its own process: its live reader is the one we kill
     first = produce(service, alice, bob, 3)
-    _wait_fanned_out(deployment, alice, first)
+    deployment.wait_fanned_out(alice, first)
     total = first + produce_count(12)
     result: dict[str, object] = {}
 
@@ -193,7 +166,7 @@ def test_the_live_reader_losing_redis_makes_sessions_catch_up(
     assert "error" not in result, result.get("error")
     got, reset = result["got"]  # type: ignore[misc]
     assert not reset
-    assert [(e.id, _event_id(e.data)) for e in got] == _wait_fanned_out(deployment, alice, total)
+    assert [(e.id, _event_id(e.data)) for e in got] == deployment.wait_fanned_out(alice, total)
     metrics = httpx.get(f"{base}/metrics").text
     reconnects = next(
         float(line.split()[-1])
@@ -237,7 +210,7 @@ def test_server_side_drops_are_resumed_by_the_client(
                     # ends when the response does.
                     assert httpx.post(f"{api}/debug/users/{alice}/drop").json()["dropped"] >= 1
         assert connection == rounds or live == 2
-    assert received == [i for i, _ in _wait_fanned_out(deployment, alice, 2 * rounds)]
+    assert received == [i for i, _ in deployment.wait_fanned_out(alice, 2 * rounds)]
 
 
 def test_stream_carries_retry_hint_and_heartbeats(deployment: Deployment, alice: str) -> None:

@@ -38,6 +38,7 @@ from workbench import auth
 from workbench.clock import Clock, SystemClock
 from workbench.escrow import DomainError
 from workbench.ids import IdFactory
+from workbench.live import LiveReader
 from workbench.log import StreamNames, connect
 from workbench.metrics import metrics_text
 from workbench.mpesa import CallbackError, GatewayBehaviour, SimulatedGateway, parse_callback
@@ -189,8 +190,6 @@ class App:
             socket_timeout=5.0,
         )
         self.reader = UserStreamReader(self.aredis, self.user_names)
-        from workbench.live import LiveReader
-
         self.live = LiveReader(settings.redis_url, self.hub, self.user_names)
         self.callbacks_posted = 0
 

@@ -67,8 +67,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rich.console import Console
 
-from workbench.events import AGGREGATE_TYPES
-from workbench.handlers import HANDLERS
+from workbench.handlers import aggregate_types_of
 from workbench.report import frame_table, wide_console
 from workbench.runs import RunTables
 from workbench.streamid import MalformedStreamId, parse
@@ -166,15 +165,7 @@ def check_dir(path: str | Path) -> CheckReport:
     return check(RunTables.load(path))
 
 
-def streams_of(group: str) -> tuple[str, ...]:
-    """The aggregate types (streams) a consumer group reads."""
-    if group == "fanout":
-        return AGGREGATE_TYPES  # FanoutHandler.aggregate_types, without importing redis
-    try:
-        return tuple(HANDLERS[group].aggregate_types)
-    except KeyError:
-        known = ", ".join([*HANDLERS, "fanout"])
-        raise ValueError(f"unknown consumer group {group!r}; known groups: {known}") from None
+streams_of = aggregate_types_of  # the aggregate types (streams) a consumer group reads
 
 
 # -- groups -----------------------------------------------------------------------

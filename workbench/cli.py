@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from workbench.consumer import CRASH_POINTS, ConsumerSettings, ConsumerWorker, sigkill_at
-from workbench.handlers import GROUPS, make_handler
+from workbench.handlers import ALL_GROUPS, make_handler
 from workbench.handlers.fanout import FanoutHandler
 from workbench.log import connect
 from workbench.store import Store, database_url
@@ -85,7 +85,7 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
 
 
 @main.command()
-@click.argument("group", type=click.Choice([*GROUPS, "fanout"]))
+@click.argument("group", type=click.Choice(ALL_GROUPS))
 @click.option("--consumer", help="consumer name [default GROUP-PID]")
 @redis_option
 @database_option

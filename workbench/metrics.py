@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workbench.events import AGGREGATE_TYPES
-from workbench.handlers import GROUPS
+from workbench.handlers import ALL_GROUPS
 
 if TYPE_CHECKING:
     from workbench.api import App
@@ -73,7 +73,7 @@ def _stream_metrics(client: redis.Redis, names: Any) -> Any:
                 pending.add_metric([stream, group], int(g["pending"]))
                 if g.get("lag") is not None:
                     lag.add_metric([stream, group], int(g["lag"]))
-        for group in (*GROUPS, "fanout"):
+        for group in ALL_GROUPS:
             dead.add_metric([group], client.xlen(names.dead_letter(group)))
         up.add_metric([], 1)
     except (redis.ConnectionError, redis.TimeoutError):

@@ -245,11 +245,20 @@ def _stop_all() -> None:
 
 
 @contextlib.contextmanager
-def redis_url(directory: str | os.PathLike[str] | None = None, **options: object) -> Iterator[str]:
-    """Yield ``REDIS_URL`` if set, else the URL of a private server started here."""
-    external = os.environ.get("REDIS_URL")
-    if external:
-        yield external
+def attach_or_start(
+    url: str | None, directory: str | os.PathLike[str] | None = None, **options: object
+) -> Iterator[tuple[str, RedisServer | None]]:
+    """Yield ``(url, None)`` for an external Redis, else ``(its url, server)`` of a
+    private server started for the block (handed out for fault injection)."""
+    if url:
+        yield url, None
         return
     with RedisServer(directory, **options) as server:  # type: ignore[arg-type]
-        yield server.url
+        yield server.url, server
+
+
+@contextlib.contextmanager
+def redis_url(directory: str | os.PathLike[str] | None = None, **options: object) -> Iterator[str]:
+    """Yield ``REDIS_URL`` if set, else the URL of a private server started here."""
+    with attach_or_start(os.environ.get("REDIS_URL"), directory, **options) as (url, _):
+        yield url

@@ -9,19 +9,18 @@ Children get SIGTERM when this process exits, however it exits.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.handlers import GROUPS
+from workbench.handlers import ALL_GROUPS
+from workbench.redis_server import attach_or_start
 
-BACKGROUND = ("relay", *GROUPS, "fanout")
+BACKGROUND = ("relay", *ALL_GROUPS)
 
 
 @dataclass
@@ -77,26 +76,15 @@ def stop_background(processes: dict[str, subprocess.Popen[bytes]], timeout: floa
             process.kill()
 
 
-@contextlib.contextmanager
-def _redis(options: ServeOptions) -> Iterator[str]:
-    if options.redis_url:
-        yield options.redis_url
-        return
-    from workbench.redis_server import RedisServer
-
-    with RedisServer(
-        directory=options.data_dir / "redis", appendonly=True, appendfsync="everysec"
-    ) as server:
-        yield server.url
-
-
 def serve(options: ServeOptions) -> None:
     """Run until Ctrl-C / SIGTERM."""
     import uvicorn
 
     options.data_dir.mkdir(parents=True, exist_ok=True)
     database_url = options.database_url or f"sqlite:///{options.data_dir / 'workbench.db'}"
-    with _redis(options) as redis_url:
+    with attach_or_start(
+        options.redis_url, options.data_dir / "redis", appendonly=True, appendfsync="everysec"
+    ) as (redis_url, _):
         env = dict(os.environ)
         env.update(
             REDIS_URL=redis_url,

@@ -109,10 +109,8 @@ class SseSession:
             try:
                 if page:
                     yield page_chunk(page)
-                while more:
-                    page, more = await self._page(session)
-                    if page:
-                        yield page_chunk(page)
+                async for chunk in self._pages(session, more):
+                    yield chunk
             except HistoryLost as lost:
                 yield self._reset(lost.reason)
                 return
@@ -145,6 +143,13 @@ class SseSession:
         self.stats.replayed_entries += len(entries)
         return session, entries, len(page) == self.page_size
 
+    async def _pages(self, session: ReplaySession, more: bool) -> AsyncIterator[bytes]:
+        """Page after page from the cursor until a short page: caught up."""
+        while more:
+            page, more = await self._page(session)
+            if page:
+                yield page_chunk(page)
+
     async def _page(self, session: ReplaySession) -> tuple[list[UserEntry], bool]:
         page = await self.reader.page_after(self.user_id, session.cursor, self.page_size)
         entries = session.take_page(page)
@@ -174,12 +179,9 @@ class SseSession:
                 continue
             # A gap in the live feed, or the feed itself reconnected: read the stream.
             self.stats.catch_ups += 1
-            more = True
             try:
-                while more:
-                    page, more = await self._page(session)
-                    if page:
-                        yield page_chunk(page)
+                async for chunk in self._pages(session, True):
+                    yield chunk
             except HistoryLost as lost:
                 yield self._reset(lost.reason)
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from workbench.clock import Clock
+from workbench.events import AGGREGATE_TYPES
 from workbench.handlers.base import SqlHandler
 from workbench.handlers.disputes import DisputeTimelineHandler
 from workbench.handlers.ledger import LedgerHandler
@@ -18,6 +19,19 @@ HANDLERS: dict[str, type[SqlHandler]] = {
 }
 
 GROUPS: tuple[str, ...] = tuple(HANDLERS)
+# Every consumer group: the SQL handler groups plus the fan-out into user streams.
+ALL_GROUPS: tuple[str, ...] = (*GROUPS, "fanout")
+
+
+def aggregate_types_of(group: str) -> tuple[str, ...]:
+    """The aggregate types (streams) a consumer group reads."""
+    if group == "fanout":
+        return AGGREGATE_TYPES  # FanoutHandler.aggregate_types, without importing it
+    try:
+        return tuple(HANDLERS[group].aggregate_types)
+    except KeyError:
+        known = ", ".join(ALL_GROUPS)
+        raise ValueError(f"unknown consumer group {group!r}; known groups: {known}") from None
 
 
 def make_handler(group: str, store: Store, clock: Clock | None = None) -> SqlHandler:
@@ -29,6 +43,7 @@ def make_handler(group: str, store: Store, clock: Clock | None = None) -> SqlHan
 
 
 __all__ = [
+    "ALL_GROUPS",
     "GROUPS",
     "HANDLERS",
     "DisputeTimelineHandler",
@@ -36,5 +51,6 @@ __all__ = [
     "NotificationHandler",
     "PushHandler",
     "SqlHandler",
+    "aggregate_types_of",
     "make_handler",
 ]
