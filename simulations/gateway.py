@@ -42,8 +42,15 @@ class MpesaGateway:
         self.callbacks_sent = 0
 
     def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+        """Daraja's STK push: a CheckoutRequestID now, the callback later."""
         self.pushes += 1
         checkout = f"ws_CO_{self.pushes:08d}{int(self.rng.integers(2**32)):08x}"
+        self.answer(checkout, amount)
+        return checkout
+
+    def answer(self, checkout: str, amount: int) -> None:
+        """Schedule the callback(s) of a push whose CheckoutRequestID was made elsewhere
+        (in real time, by the service's own gateway)."""
         failed = self.rng.random() < self.p["failure_p"]
         code = int(self.rng.choice(_FAILURES)) if failed else RESULT_OK
         receipt = f"S{int(self.rng.integers(2**40)):010X}"
@@ -52,7 +59,6 @@ class MpesaGateway:
         for _ in range(copies):
             delay = self.rng.uniform(self.p["delay_min_s"], self.p["delay_max_s"])
             self.env.process(self._send(delay, body))
-        return checkout
 
     def _send(self, delay: float, body: dict[str, Any]) -> Any:
         yield self.env.timeout(delay)

@@ -81,6 +81,13 @@ class Market:
         self.record(command, escrow_id, actor, True, None)
         return result
 
+    def _state(self, escrow_id: str) -> EscrowState | None:
+        """The escrow's state as the app would read it; None if the read failed."""
+        try:
+            return self.service.get(escrow_id).state
+        except DomainError:
+            return None
+
     def lifecycle(self) -> Any:
         p, rng = self.p, self.rng
         buyer = self.buyers[int(rng.integers(len(self.buyers)))]
@@ -110,10 +117,10 @@ class Market:
         # Wait for the callback: look again now and then, as the app would.
         for _ in range(20):
             yield self.env.timeout(5.0)
-            state = self.service.get(escrow_id).state
-            if state is not EscrowState.AWAITING_PAYMENT:
+            state = self._state(escrow_id)
+            if state is not None and state is not EscrowState.AWAITING_PAYMENT:
                 break
-        if self.service.get(escrow_id).state is not EscrowState.FUNDED:
+        if self._state(escrow_id) is not EscrowState.FUNDED:
             return  # payment failed or never came: the timer expires it
         cls = self.seller_class[seller]
         if cls == "fraudulent":

@@ -10,6 +10,10 @@ an exponential time ("drops every few minutes"), the phone waits a jittered
 reconnect delay, and now and then loses its Last-Event-ID (reinstall): it then
 fetches the snapshot and resumes from its ``as_of``. A position that is no
 longer retained gets the same treatment (the ``reset`` event).
+
+Phones are spread over the SSE server processes of a :class:`ServerPool`.
+When a server dies (:class:`ServerFaults`) every session on it ends at that
+instant; its phones reconnect, after their usual delay, to a server that is up.
 """
 
 from __future__ import annotations
@@ -26,6 +30,69 @@ from workbench.streamid import ZERO, StreamId
 from workbench.userstreams import UserStreamNames, entry_from_fields
 
 PAGE = 500
+
+
+class ServerPool:
+    """Which SSE server processes are up, and which phone is on which."""
+
+    def __init__(self, count: int) -> None:
+        self.up = [True] * count
+        self.phones: list[Phone] = []
+
+    def choose(self, rng: np.random.Generator) -> int | None:
+        live = [i for i, up in enumerate(self.up) if up]
+        return live[int(rng.integers(len(live)))] if live else None
+
+    def kill(self, server: int) -> int:
+        """The server dies with its sessions; return how many were open."""
+        self.up[server] = False
+        dropped = 0
+        for phone in self.phones:
+            if phone.server == server and phone.connected:
+                phone.dropped = True
+                dropped += 1
+        return dropped
+
+
+class ServerFaults:
+    """SIGKILL an SSE server now and then (per server MTBF, exponential) and bring
+    it back after ``mttr_s``. ``kill``/``restart`` do the real thing in real time."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        rng: np.random.Generator,
+        params: dict[str, Any],
+        pool: ServerPool,
+        faults: list[dict[str, Any]],
+        until: float,
+    ) -> None:
+        self.env, self.rng, self.p, self.pool = env, rng, params, pool
+        self.faults, self.until = faults, until
+
+    def kill(self, server: int) -> None:  # overridden where a process dies for real
+        pass
+
+    def restart(self, server: int) -> None:
+        pass
+
+    def run(self, server: int) -> Any:
+        if self.p["mtbf_s"] <= 0:
+            return
+        while True:
+            yield self.env.timeout(self.rng.exponential(self.p["mtbf_s"]))
+            if self.env.now >= self.until:
+                return
+            self.kill(server)
+            sessions = self.pool.kill(server)
+            fault = {"t_start": self.env.now, "t_end": None, "kind": "server_kill",
+                     "target": f"sse-server-{server}",
+                     "detail": f"SIGKILL with {sessions} sessions"}  # fmt: skip
+            self.faults.append(fault)
+            yield self.env.timeout(self.p["mttr_s"])
+            self.restart(server)
+            self.pool.up[server] = True
+            fault["t_end"] = self.env.now
 
 
 class Phone:
@@ -49,6 +116,10 @@ class Phone:
         self.cursor: StreamId | None = ZERO  # Last-Event-ID; None once lost
         self.connection = 0
         self.stop = False
+        self.pool: ServerPool | None = None
+        self.server: int | None = None
+        self.connected = False
+        self.dropped = False  # the server died under this connection
 
     def _record(self, source: str, entry_id: str, event_id: str) -> None:
         self.deliveries.append(
@@ -90,12 +161,24 @@ class Phone:
         session = self._connect()
         while self.env.now < ends and not self.stop:
             yield self.env.timeout(self.p["poll_every_s"])
+            if self.dropped:
+                return
             self._deliver(session, "live")
+
+    def _pick_server(self) -> Any:
+        """Wait until some server is up and take one (the load balancer's choice)."""
+        if self.pool is None:
+            return
+        while (server := self.pool.choose(self.rng)) is None:
+            yield self.env.timeout(self.p["reconnect_mean_s"])
+        self.server = server
 
     def run(self) -> Any:
         p, rng = self.p, self.rng
         while not self.stop:
+            yield from self._pick_server()
             self.connection += 1
+            self.connected, self.dropped = True, False
             try:
                 yield from self._connected_until(
                     self.env.now + rng.exponential(p["connection_mean_s"])
@@ -104,6 +187,7 @@ class Phone:
                 self.cursor = None  # `event: reset`: resync from the snapshot next time
             except TRANSIENT:
                 pass  # Redis is down: the connection breaks; the phone retries later
+            self.connected = False
             if self.stop:
                 return
             yield self.env.timeout(rng.exponential(p["reconnect_mean_s"]))

@@ -28,8 +28,8 @@ from sqlalchemy import select
 from simulations.clock import SimClock
 from simulations.gateway import MpesaGateway
 from simulations.market import Market
-from simulations.phones import Phone
-from simulations.runtime import Runtime
+from simulations.phones import Phone, ServerFaults, ServerPool
+from simulations.runtime import Runtime, backlog
 from simulations.scenario import Scenario
 from workbench import events as ev
 from workbench.escrow import DomainError, Timeouts
@@ -171,8 +171,14 @@ def simulate(
                   market.buyers[i % len(market.buyers)], client, user_names, deliveries)
             for i in range(min(params["phones"]["count"], len(market.buyers)))
         ]  # fmt: skip
+        pool = ServerPool(params["servers"]["count"])
         for phone in phones:
+            phone.pool = pool
+            pool.phones.append(phone)
             env.process(phone.run())
+        server_faults = ServerFaults(env, rngs[5], params["servers"], pool, faults, load_s)
+        for server in range(params["servers"]["count"]):
+            env.process(server_faults.run(server))
 
         total = load_s + drain_s
         step = max(total / 200, 1.0)
@@ -192,9 +198,10 @@ def simulate(
             phone.stop = True
             phone.final_drain()
 
-        tables = _collect(
-            store, client, names, user_names, runtime, market, commands, faults,
-            deliveries, samples, phones,
+        tables = collect(
+            store, client, names, user_names, runtime.groups,
+            {g: slot.log for g, slot in runtime.slots.items()}, clock.epoch, market,
+            commands, faults, deliveries, samples, phones,
         )  # fmt: skip
         tables.manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
         client.close()
@@ -207,12 +214,14 @@ def _clear(client: redis.Redis, prefix: str) -> None:
         client.delete(key)
 
 
-def _collect(
+def collect(
     store: Store,
     client: redis.Redis,
     names: StreamNames,
     user_names: UserStreamNames,
-    runtime: Runtime,
+    groups: tuple[str, ...],
+    logs: dict[str, dict[str, list[Any]]],
+    epoch: float,
     market: Market,
     commands: list[dict[str, Any]],
     faults: list[dict[str, Any]],
@@ -220,7 +229,8 @@ def _collect(
     samples: list[dict[str, Any]],
     phones: list[Phone],
 ) -> RunTables:
-    epoch = runtime.clock.epoch
+    """The run's tables from what the store and Redis hold at the end, plus what the
+    models recorded on the way (``logs``: handler calls per group and event)."""
     with store.engine.connect() as conn:
         rows = conn.execute(select(outbox).order_by(outbox.c.seq)).all()
         escrow_rows = conn.execute(
@@ -269,10 +279,10 @@ def _collect(
             user_rows.append((user, entry_id.decode(), fields[b"event_id"].decode()))
     user_rows.sort(key=lambda r: (r[0], tuple(map(int, r[1].split("-")))))
     effect_rows["fanout"] = [r[2] for r in user_rows]
-    handlers = {g: make_handler(g, store, runtime.clock) for g in HANDLERS}
+    handlers = {g: make_handler(g, store) for g in HANDLERS}
     handled_rows = []
-    for group in runtime.groups:
-        log = runtime.slots[group].log
+    for group in groups:
+        log = logs[group]
         counts = pd.Series(effect_rows[group], dtype=object).value_counts().to_dict()
         types = aggregate_types_of(group)
         for e in events:
@@ -288,8 +298,8 @@ def _collect(
                  "effects": int(counts.get(e.event_id, 0)), "expected_effects": expected}
             )  # fmt: skip
     final = []
-    for group in runtime.groups:
-        pending, _, lag = runtime.backlog(group)
+    for group in groups:
+        pending, _, lag = backlog(client, names, group)
         final.append({"group": group, "pending": pending, "lag": lag})
     classes = market.escrows
     return RunTables(

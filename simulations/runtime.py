@@ -26,7 +26,14 @@ import redis
 import simpy
 
 from simulations.clock import SimClock
-from workbench.consumer import CRASH_POINTS, TRANSIENT, ConsumerSettings, ConsumerWorker, Delivery
+from workbench.consumer import (
+    CRASH_POINTS,
+    TRANSIENT,
+    AckFirstWorker,
+    ConsumerSettings,
+    ConsumerWorker,
+    Delivery,
+)
 from workbench.handlers import ALL_GROUPS, aggregate_types_of, make_handler
 from workbench.handlers.fanout import FanoutHandler
 from workbench.log import StreamNames
@@ -38,6 +45,71 @@ from workbench.streamid import parse
 SIM_GROUPS = ALL_GROUPS
 
 
+def backlog(client: redis.Redis, names: StreamNames, group: str) -> tuple[int, int, int]:
+    """(pending, oldest pending idle in ms, lag) of a group over its streams."""
+    pending = idle = lag = 0
+    for stream in names.streams(aggregate_types_of(group)):
+        try:
+            groups = client.xinfo_groups(stream)
+        except redis.ResponseError:  # no such stream yet
+            continue
+        for g in groups:
+            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+            if name != group:
+                continue
+            pending += int(g["pending"])
+            lag += int(g.get("lag") or 0)
+        if pending:
+            rows = client.xpending_range(stream, group, "-", "+", 1)
+            if rows:
+                idle = max(idle, int(rows[0]["time_since_delivered"]))
+    return pending, idle, lag
+
+
+def sample_backlog(
+    env: simpy.Environment,
+    client: redis.Redis,
+    names: StreamNames,
+    groups: tuple[str, ...],
+    every: float,
+    samples: list[dict[str, Any]],
+) -> Any:
+    """A SimPy process: every ``every`` seconds, a backlog row per group."""
+    while True:
+        for group in groups:
+            try:
+                pending, idle, lag = backlog(client, names, group)
+            except TRANSIENT:
+                continue
+            samples.append(
+                {"t": env.now, "group": group, "pending": pending,
+                 "oldest_idle_ms": idle, "lag": lag}
+            )  # fmt: skip
+        yield env.timeout(every)
+
+
+def waiting(client: redis.Redis, names: StreamNames, group: str) -> bool:
+    """Has the group entries not yet delivered to it, or pending?
+
+    Compares ids rather than trusting XINFO's ``lag``, which is NULL after
+    trimming and absent on Redis 6.2. Unknown while Redis is down: False.
+    """
+    for stream in names.streams(aggregate_types_of(group)):
+        try:
+            last = client.xinfo_stream(stream)["last-generated-id"]
+            groups = client.xinfo_groups(stream)
+        except redis.ResponseError:  # no such stream (yet)
+            continue
+        except TRANSIENT:
+            return False
+        for g in groups:
+            if _text(g["name"]) != group:
+                continue
+            if int(g["pending"]) or parse(g["last-delivered-id"]) < parse(last):
+                return True
+    return False
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -46,32 +118,19 @@ class SimCrash(Exception):
     """Raised by a crash hook: this consumer "process" dies here."""
 
 
-class RecordingWorker(ConsumerWorker):
-    """A ConsumerWorker that notes what its handler was given (for the checker)."""
+def recorder(log: dict[str, list[Any]]) -> Any:
+    """A worker observer noting what its handler was given (for the checker), in
+    the shape :func:`workbench.handlinglog.read_handling_logs` reads from files."""
 
-    log: dict[str, list[Any]]
-
-    def _handle(self, batch: list[Delivery], failed: list[Delivery]) -> list[Delivery]:
-        now = self.clock.now()
+    def observe(batch: list[Delivery], now: float) -> None:
         for d in batch:
             if d.event is not None:
-                row = self.log.setdefault(d.event.event_id, [0, 0, now, now])
+                row = log.setdefault(d.event.event_id, [0, 0, now, now])
                 row[0] += 1
                 row[1] = max(row[1], d.delivery_count)
                 row[3] = now
-        return super()._handle(batch, failed)
 
-
-class AckFirstWorker(RecordingWorker):
-    """Deliberately broken: acks a batch as soon as it is read, before the effect.
-
-    Exists so the checker can be shown to catch a real bug (lost events after a
-    crash); never used unless a scenario sets ``consumers.ack_before_effect``.
-    """
-
-    def _process(self, deliveries: list[Delivery]) -> None:
-        self._ack(deliveries)
-        super()._process(deliveries)
+    return observe
 
 
 @dataclass
@@ -135,7 +194,7 @@ class Runtime:
             if slot.name == "fanout"
             else make_handler(slot.name, self.store, self.clock)
         )
-        cls = AckFirstWorker if c["ack_before_effect"] else RecordingWorker
+        cls = AckFirstWorker if c["ack_before_effect"] else ConsumerWorker
         worker = cls(
             self.client,
             handler,
@@ -150,8 +209,8 @@ class Runtime:
             ),
             clock=self.clock,
             crash_hook=lambda point, _batch, slot=slot: self._maybe_crash(slot, point),
+            observer=recorder(slot.log),
         )
-        worker.log = slot.log
         slot.worker = worker
         slot.crash_at = None
         with contextlib.suppress(*TRANSIENT):
@@ -237,27 +296,7 @@ class Runtime:
                 self._published = self.env.event()
 
     def _waiting(self, group: str) -> bool:
-        """Has the group entries not yet delivered to it, or pending?
-
-        Compares ids rather than trusting XINFO's ``lag``, which is NULL after
-        trimming and absent on Redis 6.2.
-        """
-        slot = self.slots[group]
-        assert slot.worker is not None
-        for stream in slot.worker.streams:
-            try:
-                last = self.client.xinfo_stream(stream)["last-generated-id"]
-                groups = self.client.xinfo_groups(stream)
-            except redis.ResponseError:  # no such stream (yet)
-                continue
-            except TRANSIENT:
-                return False
-            for g in groups:
-                if _text(g["name"]) != group:
-                    continue
-                if int(g["pending"]) or parse(g["last-delivered-id"]) < parse(last):
-                    return True
-        return False
+        return waiting(self.client, self.names, group)
 
     def timer_loop(self, every: float = 10.0) -> Any:
         while True:
@@ -283,34 +322,7 @@ class Runtime:
     # -- observation ---------------------------------------------------------------------
 
     def backlog(self, group: str) -> tuple[int, int, int]:
-        """(pending, oldest pending idle in ms, lag) of a group over its streams."""
-        pending = idle = lag = 0
-        for stream in self.names.streams(aggregate_types_of(group)):
-            try:
-                groups = self.client.xinfo_groups(stream)
-            except redis.ResponseError:  # no such stream yet
-                continue
-            for g in groups:
-                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-                if name != group:
-                    continue
-                pending += int(g["pending"])
-                lag += int(g.get("lag") or 0)
-            if pending:
-                rows = self.client.xpending_range(stream, group, "-", "+", 1)
-                if rows:
-                    idle = max(idle, int(rows[0]["time_since_delivered"]))
-        return pending, idle, lag
+        return backlog(self.client, self.names, group)
 
     def sampler(self, every: float, samples: list[dict[str, Any]]) -> Any:
-        while True:
-            for group in self.groups:
-                try:
-                    pending, idle, lag = self.backlog(group)
-                except TRANSIENT:
-                    continue
-                samples.append(
-                    {"t": self.env.now, "group": group, "pending": pending,
-                     "oldest_idle_ms": idle, "lag": lag}
-                )  # fmt: skip
-            yield self.env.timeout(every)
+        return sample_backlog(self.env, self.client, self.names, self.groups, every, samples)

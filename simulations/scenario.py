@@ -70,6 +70,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "only": "",  # comma-separated groups to run; "": all
     },
     "relay": {"every_s": 0.5},
+    "servers": {
+        "count": 2,  # SSE/API server processes; phones are spread over them
+        "mtbf_s": 0.0,  # per server: SIGKILL with all its sessions; 0: never
+        "mttr_s": 5.0,  # until the killed server is back
+    },
+    "realtime": {
+        "factor": 1.0,  # --realtime: wall seconds per virtual second (0.5: twice as fast)
+        "sse_ping_s": 1.0,  # server heartbeats (wall seconds)
+    },
     "redis": {
         "restart_every_s": 0.0,  # kill -9 + restart with AOF; 0: never
         "down_for_s": 3.0,
@@ -117,6 +126,9 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Scen
             raise ScenarioError(f"--set takes section.key=value, not {item!r}")
         section, _, name = key.partition(".")
         _assign(params, section, name, _parse(raw), source="--set")
+    for section, key in (("servers", "count"), ("realtime", "factor")):
+        if not params[section][key] > 0:
+            raise ScenarioError(f"{path.stem}: {section}.{key} must be greater than 0")
     return Scenario(path.stem, params)
 
 

@@ -327,3 +327,56 @@ def test_groups_are_created_from_the_start_of_the_stream(r) -> None:
     ensure_groups(r, [stream], "late-group")  # idempotent
     reply = r.xreadgroup("late-group", "c", {stream: ">"})
     assert len(reply[0][1]) == 1
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_crash_point_armed_by_signal_kills_there_and_the_handling_log_tells(
+    r, redis_url, store, clock, tmp_path, point
+) -> None:
+    from workbench.consumer import crash_signal
+    from workbench.handlinglog import read_handling_logs
+
+    worker = spawn_worker(
+        "ledger", "ledger-a", redis_url, store.url, "--batch-size", "20", "--crash-on-signal",
+        "--record", str(tmp_path / "a.handled"), log=tmp_path / "a.log",
+    )  # fmt: skip
+    # Armed only once its handlers are installed, i.e. once it is consuming.
+    wait_until(
+        lambda: r.hget(NAMES.heartbeats("ledger"), "ledger-a"), timeout=60, what="a heartbeat"
+    )
+    worker.send_signal(crash_signal(point))
+    service, gateway = make_service(store, clock)
+    run_lifecycles(service, gateway, clock, 40)
+    OutboxRelay(store, r).drain()
+    wait_until(lambda: worker.poll() is not None, timeout=60, what="the armed crash")
+    assert worker.returncode == -signal.SIGKILL
+    assert f"SIGKILL at {point}" in (tmp_path / "a.log").read_text()
+    stranded = _pending_of(r, "ledger", "ledger-a")
+    assert stranded
+    before = read_handling_logs([tmp_path / "a.handled"])
+    if point == "after-read":  # killed before the handler saw the batch
+        assert before == {}
+    else:
+        assert before and all(calls == 1 for calls, *_ in before.values())
+
+    survivor = spawn_worker(
+        "ledger", "ledger-b", redis_url, store.url, "--dead-after", "0.5",
+        "--record", str(tmp_path / "b.handled"), log=tmp_path / "b.log",
+    )  # fmt: skip
+    types = ("escrow", "payment")
+    try:
+        wait_until(
+            lambda: (
+                _pending(r, "ledger", types) == 0
+                and _inbox_count(store, "ledger") == _expected(store, types)
+            ),
+            timeout=60,
+            what="the survivor to take over",
+        )
+    finally:
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(15) == 0
+    handled = read_handling_logs([tmp_path / "a.handled", tmp_path / "b.handled"])
+    assert len(handled) == _expected(store, types)
+    if point != "after-read":  # after-read: the handler never saw the stranded batch
+        assert max(count for _, count, *_ in handled.values()) >= 2

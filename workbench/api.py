@@ -35,7 +35,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from workbench import auth
-from workbench.clock import Clock, SystemClock
+from workbench.clock import Clock, SystemClock, clock_from_env
 from workbench.escrow import DomainError
 from workbench.ids import IdFactory
 from workbench.live import LiveReader
@@ -567,4 +567,4 @@ def _daraja(status: int, description: str) -> JSONResponse:
 
 def app_from_env() -> FastAPI:
     """The uvicorn factory (``--factory``): settings from the environment."""
-    return create_app(Settings.from_env())
+    return create_app(Settings.from_env(), clock=clock_from_env())

@@ -11,9 +11,18 @@ from typing import Any
 
 import click
 
-from workbench.consumer import CRASH_POINTS, ConsumerSettings, ConsumerWorker, sigkill_at
+from workbench.clock import clock_from_env
+from workbench.consumer import (
+    CRASH_POINTS,
+    AckFirstWorker,
+    ConsumerSettings,
+    ConsumerWorker,
+    sigkill_at,
+    sigkill_when_signalled,
+)
 from workbench.handlers import ALL_GROUPS, make_handler
 from workbench.handlers.fanout import FanoutHandler
+from workbench.handlinglog import HandlingLog
 from workbench.log import connect
 from workbench.store import Store, database_url
 from workbench.userstreams import DEFAULT_USER_MAXLEN
@@ -121,6 +130,15 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
     show_default=True,
     help="fanout only: entries kept per user stream (approximate MAXLEN)",
 )
+@click.option(
+    "--crash-on-signal", is_flag=True,
+    help="fault injection: SIGRTMIN+i arms a SIGKILL at crash point i (simulations)",
+)  # fmt: skip
+@click.option("--ack-before-effect", is_flag=True, hidden=True)  # the checker's broken runtime
+@click.option(
+    "--record", type=click.Path(dir_okay=False, path_type=Path),
+    help="append a line per entry handed to the handler (simulations' handling log)",
+)  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True)
 def worker(
     group: str,
@@ -137,6 +155,9 @@ def worker(
     crash_at: str | None,
     crash_batch: int,
     user_maxlen: int,
+    crash_on_signal: bool,
+    ack_before_effect: bool,
+    record: Path | None,
     verbose: bool,
 ) -> None:
     """Consume GROUP until SIGTERM (finishes the batch, acks, exits).
@@ -159,18 +180,30 @@ def worker(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    clock = clock_from_env()
     handler: Any = (
         FanoutHandler(client, StreamNames(prefix), user_maxlen=user_maxlen)
         if group == "fanout"
-        else make_handler(group, store)
+        else make_handler(group, store, clock)
     )
-    w = ConsumerWorker(
+    if crash_at and crash_on_signal:
+        raise click.UsageError("--crash-at and --crash-on-signal exclude each other")
+    hook = (
+        sigkill_at(crash_at, crash_batch)
+        if crash_at
+        else sigkill_when_signalled()
+        if crash_on_signal
+        else None
+    )
+    w = (AckFirstWorker if ack_before_effect else ConsumerWorker)(
         client,
         handler,
         consumer=consumer,
         names=StreamNames(prefix),
         settings=settings,
-        crash_hook=sigkill_at(crash_at, crash_batch) if crash_at else None,
+        clock=clock,
+        crash_hook=hook,
+        observer=HandlingLog(record) if record else None,
     )
     w.install_signal_handlers()
     w.setup()
@@ -214,11 +247,39 @@ def relay(
         Store(database_url or _default_database()),
         connect(_redis_url(redis_url)),
         names=StreamNames(prefix),
+        clock=clock_from_env(),
         crash_hook=hook,
     )
     signal.signal(signal.SIGTERM, lambda *_: r.stop())
     signal.signal(signal.SIGINT, lambda *_: r.stop())
     r.run()
+
+
+@main.command()
+@database_option
+@click.option("--every", default=5.0, show_default=True, help="seconds between sweeps")
+@click.option("-v", "--verbose", is_flag=True)
+def timers(database_url: str | None, every: float, verbose: bool) -> None:
+    """Expire escrows whose payment, shipping or confirmation deadline passed, until SIGTERM."""
+    import signal
+    import threading
+
+    from workbench.service import EscrowService
+
+    _setup_logging(verbose)
+    service = EscrowService(Store(database_url or _default_database()), clock=clock_from_env())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.is_set():
+        try:
+            expired = service.expire_due()
+        except Exception as exc:  # noqa: BLE001 - a database hiccup: try again next sweep
+            click.echo(f"timers: {exc}; retrying", err=True)
+            expired = 0
+        if expired:
+            click.echo(f"timers: {expired} events from expired escrows", err=True)
+        stop.wait(every)
 
 
 @main.command(name="inspect")
@@ -336,6 +397,14 @@ def token(user_id: str, ttl: float) -> None:
 )  # fmt: skip
 @redis_option
 @click.option("--no-check", is_flag=True, help="write the tables, skip the checker")
+@click.option(
+    "--realtime", is_flag=True,
+    help="wall-clock time against the served runtime: real processes, HTTP, SSE",
+)  # fmt: skip
+@click.option(
+    "--factor", type=click.FloatRange(min=0, min_open=True),
+    help="--realtime: wall seconds per virtual second [default realtime.factor]",
+)  # fmt: skip
 def simulate(
     scenario: str,
     seed: int,
@@ -343,27 +412,42 @@ def simulate(
     out: Path | None,
     redis_url: str | None,
     no_check: bool,
+    realtime: bool,
+    factor: float | None,
 ) -> None:
-    """Run SCENARIO (a name in simulations/scenarios or a .toml path) in virtual time.
+    """Run SCENARIO (a name in simulations/scenarios or a .toml path).
 
-    The real runtime runs against a private redis-server (or REDIS_URL) and a
-    SQLite store; the run's tables go to the run directory, then the checker
-    reports on them (exit 1 if anything is lost, unexpected or an invariant fails).
+    Virtual time (the default): the real runtime's code runs at SimPy's
+    instants against a private redis-server (or REDIS_URL) and a SQLite store.
+    --realtime: the same models drive the served runtime in wall time (API/SSE
+    servers, relay, workers as processes; SIGKILL as the crash). The run's
+    tables go to the run directory, then the checker reports on them (exit 1 if
+    anything is lost, unexpected or an invariant fails).
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from simulations.run import simulate as run_simulation
     from simulations.scenario import ScenarioError, load
 
+    if factor is not None and not realtime:
+        raise click.UsageError("--factor only applies with --realtime")
     try:
         loaded = load(scenario, overrides)
     except ScenarioError as exc:
         raise click.UsageError(str(exc)) from None
+    if realtime:
+        from simulations.realtime import simulate_realtime
+
+        def run_simulation(*args: Any, **kwargs: Any) -> Any:  # noqa: F811
+            return simulate_realtime(*args, factor=factor, **kwargs)
+
     directory = out or Path("data") / "runs" / f"{loaded.name}-{seed}"
     with Progress(
         TextColumn(f"[bold]{loaded.name}[/] seed {seed}"),
         BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f} virtual s"),
+        TextColumn(
+            "{task.completed:.0f}/{task.total:.0f} virtual s" + (" (real time)" if realtime else "")
+        ),  # fmt: skip
         TimeElapsedColumn(),
         transient=False,
     ) as bar:

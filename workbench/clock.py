@@ -48,3 +48,46 @@ class ManualClock:
 
 def now_ms(clock: Clock) -> int:
     return int(clock.now() * 1000)
+
+
+class ScaledClock:
+    """Wall time mapped onto a simulation's timeline: ``rate`` virtual seconds per
+    wall second, virtual ``epoch`` at wall instant ``origin``.
+
+    Real-time simulations hand the same three numbers to every process they
+    start (see :func:`clock_env`), so a server's expiry timers, a worker's
+    heartbeats and the simulator's SimPy clock all agree on what time it is.
+    """
+
+    def __init__(self, origin: float, epoch: float, rate: float) -> None:
+        if not rate > 0:
+            raise ValueError(f"a clock's rate must be positive, not {rate}")
+        self.origin, self.epoch, self.rate = origin, epoch, rate
+
+    def now(self) -> float:
+        return self.epoch + (time.time() - self.origin) * self.rate
+
+
+_ENV = ("WORKBENCH_CLOCK_ORIGIN", "WORKBENCH_CLOCK_EPOCH", "WORKBENCH_CLOCK_RATE")
+
+
+def clock_env(origin: float, epoch: float, rate: float) -> dict[str, str]:
+    """The environment variables that make :func:`clock_from_env` a :class:`ScaledClock`."""
+    return dict(zip(_ENV, (repr(origin), repr(epoch), repr(rate)), strict=True))
+
+
+def clock_from_env(environ: dict[str, str] | None = None) -> Clock:
+    """A :class:`ScaledClock` when ``WORKBENCH_CLOCK_*`` are set, else the wall clock."""
+    import os
+
+    env = os.environ if environ is None else environ
+    values = [env.get(name) for name in _ENV]
+    if not any(values):
+        return SystemClock()
+    if not all(values):
+        raise RuntimeError(f"set all of {', '.join(_ENV)} or none of them")
+    try:
+        origin, epoch, rate = (float(v) for v in values)  # type: ignore[arg-type]
+    except ValueError:
+        raise RuntimeError(f"{', '.join(_ENV)} must be numbers, not {values}") from None
+    return ScaledClock(origin, epoch, rate)

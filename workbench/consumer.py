@@ -162,6 +162,7 @@ class ConsumerWorker:
         settings: ConsumerSettings | None = None,
         clock: Clock | None = None,
         crash_hook: Callable[[str, int], None] | None = None,
+        observer: Callable[[list[Delivery], float], None] | None = None,
     ) -> None:
         self.client = client
         self.handler = handler
@@ -173,6 +174,7 @@ class ConsumerWorker:
         self.streams = self.names.streams(handler.aggregate_types)
         self.stats = ConsumerStats()
         self.crash_hook = crash_hook
+        self.observer = observer  # told of each batch before the handler runs
         self._stop = threading.Event()
         self._reread_own_at: float | None = None  # None: no own pending to revisit
         self._next_heartbeat = 0.0
@@ -440,6 +442,8 @@ class ConsumerWorker:
 
     def _handle(self, batch: list[Delivery], failed: list[Delivery]) -> list[Delivery]:
         """Run the handler on the batch; on error, one by one to isolate the poison."""
+        if self.observer is not None:
+            self.observer(batch, self.clock.now())
         try:
             self.handler.handle([d.event for d in batch if d.event is not None])
             self.stats.handled += len(batch)
@@ -532,6 +536,41 @@ def sigkill_at(
     return hook
 
 
+def crash_signal(point: str) -> int:
+    """The real-time signal that arms ``point`` in a worker run with
+    ``--crash-on-signal`` (SIGRTMIN + the point's index in CRASH_POINTS)."""
+    return signal.SIGRTMIN + CRASH_POINTS.index(point)
+
+
+def sigkill_when_signalled() -> Callable[[str, int], None]:
+    """A crash hook armed from outside: :func:`crash_signal` of a point makes this
+    process SIGKILL itself when it next reaches that point (a simulator choosing
+    *where* a worker dies, not only when)."""
+    armed: set[str] = set()
+    for point in CRASH_POINTS:
+        signal.signal(crash_signal(point), lambda *_, point=point: armed.add(point))
+
+    def hook(at: str, batch_no: int) -> None:
+        if at in armed:
+            log.warning("crash injection: SIGKILL at %s of batch %d", at, batch_no)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+class AckFirstWorker(ConsumerWorker):
+    """Deliberately broken: acks a batch as soon as it is read, before the effect.
+
+    Exists so the checker can be shown to catch a real bug (events lost after a
+    crash); used only when a scenario sets ``consumers.ack_before_effect`` (and by
+    ``workbench worker --ack-before-effect``, hidden, for real-time runs).
+    """
+
+    def _process(self, deliveries: list[Delivery]) -> None:
+        self._ack(deliveries)
+        super()._process(deliveries)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -539,12 +578,15 @@ def _text(value: bytes | str) -> str:
 __all__ = [
     "AGGREGATE_TYPES",
     "CRASH_POINTS",
+    "AckFirstWorker",
     "ConsumerSettings",
     "ConsumerStats",
     "ConsumerWorker",
     "Delivery",
     "Handler",
+    "crash_signal",
     "dead_consumers",
     "should_dead_letter",
     "sigkill_at",
+    "sigkill_when_signalled",
 ]

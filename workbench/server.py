@@ -2,7 +2,7 @@
 
 Starts (unless given URLs) a private redis-server and a SQLite store under
 ``data/serve/``, then the background processes: the outbox relay, one worker
-per handler group and the fan-out worker, and finally the HTTP API under
+per handler group, the fan-out worker and the expiry timers, and finally the HTTP API under
 uvicorn (``--workers N`` processes, each with its own live reader and hub).
 Children get SIGTERM when this process exits, however it exits.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from workbench.handlers import ALL_GROUPS
 from workbench.redis_server import attach_or_start
 
-BACKGROUND = ("relay", *ALL_GROUPS)
+BACKGROUND = ("relay", "timers", *ALL_GROUPS)
 
 
 @dataclass
@@ -54,6 +54,8 @@ def spawn_background(
         argv = [sys.executable, "-m", "workbench"]
         if name == "relay":
             argv += ["relay", "--prefix", options.prefix]
+        elif name == "timers":
+            argv += ["timers"]
         else:
             argv += ["worker", name, "--prefix", options.prefix, "--block-ms", "1000"]
             if name == "fanout":

@@ -1,0 +1,42 @@
+"""``workbench timers``: the expiry process, on a clock it reads from the environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.support import ROOT
+from workbench.clock import ScaledClock, clock_env
+from workbench.escrow import EscrowState
+from workbench.service import EscrowService
+from workbench.waiting import wait_until
+
+
+def test_timers_expire_escrows_on_the_shared_scaled_clock(store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A thousand timeline seconds per wall second: a 900 s payment timeout is ~1 s away.
+    origin = time.time()
+    clock = ScaledClock(origin, epoch=origin, rate=1000.0)
+    service = EscrowService(store, clock=clock)
+    escrow_id = service.create("buyer-1", "seller-1", 500).escrow["id"]
+    untouched = service.create("buyer-2", "seller-1", 700).escrow["id"]
+    service.cancel(untouched, "buyer-2")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "timers", "--every", "0.1"],
+        env=dict(os.environ, DATABASE_URL=store.url, **clock_env(origin, origin, 1000.0)),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: service.get(escrow_id).state is EscrowState.EXPIRED,
+            timeout=60,
+            what="the payment timer to expire the escrow",
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=15)[0].decode()
+    assert process.returncode == 0, output
+    assert service.get(untouched).state is EscrowState.CANCELLED
+    assert "events from expired escrows" in output
