@@ -3,9 +3,10 @@
 Each phone is a SimPy process over one user's stream. A connection resumes
 from the Last-Event-ID the phone kept, using the runtime's own handoff logic
 (:class:`workbench.replay.ReplaySession`, :func:`resume_point_known`) over
-real XRANGE reads; while connected it receives new entries every
-``poll_every_s`` (in virtual time this stands in for the live feed: each read
-is checked against the ``prev`` chain like a live message). A connection lasts
+real XRANGE reads; while connected it receives new entries when the fan-out
+worker has appended to its stream (:meth:`Phone.notify`, standing in for the
+live message an SSE server gets), read after its cursor and checked against
+the ``prev`` chain like a live message. A connection lasts
 an exponential time ("drops every few minutes"), the phone waits a jittered
 reconnect delay, and now and then loses its Last-Event-ID (reinstall): it then
 fetches the snapshot and resumes from its ``as_of``. A position that is no
@@ -50,6 +51,7 @@ class ServerPool:
         for phone in self.phones:
             if phone.server == server and phone.connected:
                 phone.dropped = True
+                phone.notify()
                 dropped += 1
         return dropped
 
@@ -120,6 +122,7 @@ class Phone:
         self.server: int | None = None
         self.connected = False
         self.dropped = False  # the server died under this connection
+        self._news = env.event()
 
     def _record(self, source: str, entry_id: str, event_id: str) -> None:
         self.deliveries.append(
@@ -157,11 +160,18 @@ class Phone:
         self._deliver(session, "replay")
         return session
 
+    def notify(self) -> None:
+        """The fan-out appended to this user's stream (or the server died): wake up."""
+        if self.connected and not self._news.triggered:
+            self._news.succeed()
+
     def _connected_until(self, ends: float) -> Any:
         session = self._connect()
-        while self.env.now < ends and not self.stop:
-            yield self.env.timeout(self.p["poll_every_s"])
-            if self.dropped:
+        end = self.env.timeout(max(0.0, ends - self.env.now))
+        while not self.stop:
+            self._news = self.env.event()
+            yield end | self._news
+            if self.dropped or self.env.now >= ends:
                 return
             self._deliver(session, "live")
 

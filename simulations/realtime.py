@@ -60,10 +60,9 @@ from workbench.clock import ScaledClock, clock_env
 from workbench.consumer import CRASH_POINTS, crash_signal
 from workbench.escrow import DomainError, EscrowState
 from workbench.handlers import ALL_GROUPS
-from workbench.handlinglog import read_handling_logs
 from workbench.log import StreamNames, connect
 from workbench.redis_server import attach_or_start, free_port
-from workbench.runs import RunTables
+from workbench.runs import RunTables, RunWriter
 from workbench.store import Store, outbox
 from workbench.streamid import parse
 from workbench.userstreams import UserStreamNames
@@ -452,8 +451,31 @@ def simulate_realtime(
     progress: Progress | None = None,
     prefix: str = "rt",
     factor: float | None = None,
+    out: str | Path | None = None,
 ) -> RunTables:
-    """Run ``scenario`` against the served runtime in real time; return its tables."""
+    """Run ``scenario`` against the served runtime in real time; return its tables
+    (written to ``out``, or a temporary directory, then loaded)."""
+    with tempfile.TemporaryDirectory(prefix="workbench-run-") as tmp:
+        directory = out if out is not None else tmp
+        simulate_realtime_to(
+            scenario, seed, directory, redis_url=redis_url, progress=progress, prefix=prefix,
+            factor=factor,
+        )  # fmt: skip
+        return RunTables.load(directory)
+
+
+def simulate_realtime_to(
+    scenario: Scenario,
+    seed: int,
+    out: str | Path,
+    *,
+    redis_url: str | None = None,
+    progress: Progress | None = None,
+    prefix: str = "rt",
+    factor: float | None = None,
+) -> dict[str, Any]:
+    """Run ``scenario`` against the served runtime in real time, writing its tables
+    to ``out``; return the manifest."""
     started = time.monotonic()
     params = scenario.params
     run_p, m = params["run"], params["market"]
@@ -582,14 +604,18 @@ def simulate_realtime(
                 phone.stop = True
             for phone in phones:
                 phone.final_drain()
-            logs = {g: read_handling_logs(sorted(handled_dir.glob(f"{g}-*.log"))) for g in groups}
-            tables = collect(
-                store, client, StreamNames(prefix), user_names, groups, logs, clock.epoch,
-                market, commands, faults, deliveries, samples, phones,  # type: ignore[arg-type]
+            writer = RunWriter(out)
+            for table, rows in (("commands", commands), ("deliveries", deliveries),
+                                ("samples", samples), ("faults", faults)):  # fmt: skip
+                writer[table].extend(rows)
+            collect(
+                writer, store, client, StreamNames(prefix), user_names, groups, handled_dir,
+                clock.epoch, market, phones,  # type: ignore[arg-type]
             )  # fmt: skip
-            tables.manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
-            tables.manifest.update(mode="realtime", factor=factor, t_start=t0)
-            return tables
+            manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
+            manifest.update(mode="realtime", factor=factor, t_start=t0)
+            writer.close(manifest)
+            return manifest
         finally:
             if radio is not None:
                 radio.close()

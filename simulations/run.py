@@ -15,15 +15,17 @@ import importlib.metadata
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import redis
 import simpy
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from simulations.clock import SimClock
 from simulations.gateway import MpesaGateway
@@ -34,11 +36,12 @@ from simulations.scenario import Scenario
 from workbench import events as ev
 from workbench.escrow import DomainError, Timeouts
 from workbench.handlers import HANDLERS, aggregate_types_of, make_handler
+from workbench.handlinglog import aggregate_handling_logs
 from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect
 from workbench.mpesa import CallbackError, parse_callback
 from workbench.redis_server import RedisServer, attach_or_start
-from workbench.runs import RunTables
+from workbench.runs import RunTables, RunWriter, empty
 from workbench.service import EscrowService
 from workbench.store import (
     Store,
@@ -90,17 +93,47 @@ def simulate(
     redis_url: str | None = None,
     progress: Progress | None = None,
     prefix: str = "sim",
+    out: str | Path | None = None,
 ) -> RunTables:
-    """Run ``scenario`` with ``seed``; return its tables (see :mod:`workbench.runs`)."""
+    """Run ``scenario`` with ``seed``; return its tables (see :mod:`workbench.runs`).
+
+    The tables are written to ``out`` (a temporary directory if None) as the run
+    goes, then loaded; :func:`simulate_to` writes without loading them.
+    """
+    if out is not None:
+        simulate_to(scenario, seed, out, redis_url=redis_url, progress=progress, prefix=prefix)
+        return RunTables.load(out)
+    with tempfile.TemporaryDirectory(prefix="workbench-run-") as tmp:
+        simulate_to(scenario, seed, tmp, redis_url=redis_url, progress=progress, prefix=prefix)
+        return RunTables.load(tmp)
+
+
+def simulate_to(
+    scenario: Scenario,
+    seed: int,
+    out: str | Path,
+    *,
+    redis_url: str | None = None,
+    progress: Progress | None = None,
+    prefix: str = "sim",
+) -> dict[str, Any]:
+    """Run ``scenario`` with ``seed``, writing its tables to ``out``; return the manifest.
+
+    Rows go to disk as they are made (:class:`~workbench.runs.RunWriter`) and the
+    end-of-run tables are built in chunks, so memory does not grow with run length.
+    """
     started = time.monotonic()
     params = scenario.params
     run_p = params["run"]
     load_s, drain_s = run_p["duration_s"], run_p["drain_s"]
-    work = Path(tempfile.mkdtemp(prefix="workbench-sim-"))
-    with attach_or_start(redis_url, work / "redis", appendonly=True, appendfsync="everysec") as (
-        url,
-        server,
+    writer = RunWriter(out)
+    with (
+        tempfile.TemporaryDirectory(prefix="workbench-sim-") as tmp,
+        attach_or_start(
+            redis_url, Path(tmp) / "redis", appendonly=True, appendfsync="everysec"
+        ) as (url, server),
     ):
+        work = Path(tmp)
         client = connect(url)
         names = StreamNames(prefix)
         _clear(client, prefix)
@@ -109,16 +142,17 @@ def simulate(
         env = simpy.Environment()
         clock = SimClock(env, run_p["epoch"])
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
-        commands: list[dict[str, Any]] = []
-        faults: list[dict[str, Any]] = []
-        deliveries: list[dict[str, Any]] = []
-        samples: list[dict[str, Any]] = []
+        commands, samples = writer["commands"], writer["samples"]
+        faults: list[dict[str, Any]] = []  # small, and a fault's end is filled in later
+        runtime: Runtime | None = None
 
         def record(
             command: str, escrow_id: str | None, actor: str, ok: bool, error: str | None
         ) -> None:
             commands.append({"t": env.now, "command": command, "escrow_id": escrow_id,
                              "actor": actor, "ok": ok, "error": error})  # fmt: skip
+            if ok and runtime is not None:
+                runtime.nudge()  # the outbox has rows: wake the relay (its BLOCK)
 
         m = params["market"]
         service = EscrowService(
@@ -142,21 +176,14 @@ def simulate(
             record("callback", None, "mpesa", True, "duplicate" if result.replayed else None)
 
         service.gateway = MpesaGateway(env, rngs[0], params["mpesa"], callback)
-        runtime = Runtime(env, clock, service, store, client, names, params, faults)
-        inner_record = record
-
-        def record(
-            command: str, escrow_id: str | None, actor: str, ok: bool, error: str | None
-        ) -> None:  # noqa: E501, F811
-            inner_record(command, escrow_id, actor, ok, error)
-            if ok:
-                runtime.nudge()  # the outbox has rows: wake the relay (its BLOCK)
-
+        handling_dir = work / "handled"
+        handling_dir.mkdir()
+        runtime = Runtime(env, clock, service, store, client, names, params, faults, handling_dir)
         market = Market(env, rngs[1], m, service, record, until=load_s)
         env.process(market.run())
         env.process(runtime.relay_loop())
         env.process(runtime.timer_loop())
-        env.process(runtime.sampler(run_p["sample_every_s"], samples))
+        env.process(runtime.sampler(run_p["sample_every_s"], samples))  # type: ignore[arg-type]
         for i, group in enumerate(runtime.groups):
             env.process(
                 runtime.consumer_loop(group, np.random.default_rng(rngs[4].integers(2**63) + i))
@@ -168,17 +195,26 @@ def simulate(
         user_names = UserStreamNames(prefix)
         phones = [
             Phone(env, np.random.default_rng(rngs[3].integers(2**63)), params["phones"],
-                  market.buyers[i % len(market.buyers)], client, user_names, deliveries)
+                  market.buyers[i % len(market.buyers)], client, user_names,
+                  writer["deliveries"])  # type: ignore[arg-type]
             for i in range(min(params["phones"]["count"], len(market.buyers)))
         ]  # fmt: skip
+        by_user = {phone.user: phone for phone in phones}
+
+        def fanned_out(users: list[str]) -> None:
+            for user in users:
+                if (phone := by_user.get(user)) is not None:
+                    phone.notify()
+
+        runtime.on_fanout = fanned_out
         pool = ServerPool(params["servers"]["count"])
         for phone in phones:
             phone.pool = pool
             pool.phones.append(phone)
             env.process(phone.run())
         server_faults = ServerFaults(env, rngs[5], params["servers"], pool, faults, load_s)
-        for server in range(params["servers"]["count"]):
-            env.process(server_faults.run(server))
+        for server_no in range(params["servers"]["count"]):
+            env.process(server_faults.run(server_no))
 
         total = load_s + drain_s
         step = max(total / 200, 1.0)
@@ -197,16 +233,18 @@ def simulate(
         for phone in phones:
             phone.stop = True
             phone.final_drain()
+        runtime.close()
 
-        tables = collect(
-            store, client, names, user_names, runtime.groups,
-            {g: slot.log for g, slot in runtime.slots.items()}, clock.epoch, market,
-            commands, faults, deliveries, samples, phones,
+        writer["faults"].extend(faults)
+        collect(
+            writer, store, client, names, user_names, runtime.groups, handling_dir,
+            clock.epoch, market, phones,
         )  # fmt: skip
-        tables.manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
+        manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
         client.close()
         store.close()
-    return tables
+    writer.close(manifest)
+    return manifest
 
 
 def _clear(client: redis.Redis, prefix: str) -> None:
@@ -214,49 +252,116 @@ def _clear(client: redis.Redis, prefix: str) -> None:
         client.delete(key)
 
 
+CHUNK = 5000  # events per step of the end-of-run collection
+
+
 def collect(
+    writer: RunWriter,
     store: Store,
     client: redis.Redis,
     names: StreamNames,
     user_names: UserStreamNames,
     groups: tuple[str, ...],
-    logs: dict[str, dict[str, list[Any]]],
+    handling_dir: Path,
     epoch: float,
     market: Market,
-    commands: list[dict[str, Any]],
-    faults: list[dict[str, Any]],
-    deliveries: list[dict[str, Any]],
-    samples: list[dict[str, Any]],
     phones: list[Phone],
-) -> RunTables:
-    """The run's tables from what the store and Redis hold at the end, plus what the
-    models recorded on the way (``logs``: handler calls per group and event)."""
+) -> None:
+    """Write the end-of-run tables: what the store and Redis hold at the end, joined
+    with the consumers' handling logs (``handling_dir/<group>-<n>.log``).
+
+    The outbox, escrows and ledger are read in chunks of :data:`CHUNK` rows and the
+    per-event joins are done in Arrow, so a long run does not need its whole
+    history in Python objects at once.
+    """
+    user_rows = []
+    for key in client.scan_iter(match=f"{user_names.prefix}:user:*", count=1000):
+        user = key.decode().split(":", 2)[2]
+        for entry_id, fields in client.xrange(key):
+            user_rows.append((user, entry_id.decode(), fields[b"event_id"].decode()))
+    user_rows.sort(key=lambda r: (r[0], tuple(map(int, r[1].split("-")))))
+    # Retained user streams are capped per user (MAXLEN), so this stays bounded.
+    writer["user_streams"].write_frame(
+        pd.DataFrame(user_rows, columns=["user", "entry_id", "event_id"])
+    )
+    fanout_effects = Counter(r[2] for r in user_rows)
+    del user_rows
+    handlers = {g: make_handler(g, store) for g in HANDLERS}
+    types = {g: aggregate_types_of(g) for g in groups}
+    expected_parts: dict[str, list[pa.Table]] = {g: [] for g in groups}
+    order = 0
     with store.engine.connect() as conn:
-        rows = conn.execute(select(outbox).order_by(outbox.c.seq)).all()
-        escrow_rows = conn.execute(
+        result = conn.execution_options(yield_per=CHUNK).execute(
+            select(outbox).order_by(outbox.c.seq)
+        )
+        for rows in result.partitions():
+            events = [ev.decode(r.data) for r in rows]
+            writer["published"].write_frame(_published(events, rows, epoch))
+            ids = [e.event_id for e in events]
+            effects = _effects(conn, ids)  # the same connection: SQLite locks per writer
+            effects["fanout"] = fanout_effects
+            for group in groups:
+                mine = [(i, e) for i, e in enumerate(events) if e.aggregate_type in types[group]]
+                expected_parts[group].append(
+                    pa.table(
+                        {
+                            "order": pa.array([order + i for i, _ in mine], pa.int64()),
+                            "event_id": pa.array([e.event_id for _, e in mine], pa.string()),
+                            "effects": pa.array(
+                                [int(effects[group].get(e.event_id, 0)) for _, e in mine],
+                                pa.int64(),
+                            ),
+                            "expected_effects": pa.array(
+                                [
+                                    len(set(e.user_ids))
+                                    if group == "fanout"
+                                    else len(handlers[group].rows(e))
+                                    for _, e in mine
+                                ],
+                                pa.int64(),
+                            ),
+                        }
+                    )
+                )
+            order += len(events)
+    for group in groups:
+        writer["handled"].write_frame(
+            _handled(group, expected_parts.pop(group), handling_dir, epoch)
+        )
+    final = []
+    for group in groups:
+        pending, _, lag = backlog(client, names, group)
+        final.append({"group": group, "pending": pending, "lag": lag})
+    writer["final"].extend(final)
+    writer["phones"].extend({"phone": p.user, "start_after": "0-0"} for p in phones)
+    classes = market.escrows
+    with store.engine.connect() as conn:
+        result = conn.execution_options(yield_per=CHUNK).execute(
             select(escrows).order_by(escrows.c.created_at, escrows.c.id)
-        ).all()
-        ledger_rows = conn.execute(
+        )
+        for rows in result.partitions():
+            writer["escrows"].extend(
+                {"id": r.id, "buyer_id": r.buyer_id, "seller_id": r.seller_id,
+                 "amount": int(r.amount), "state": r.state,
+                 "seller_class": classes.get(r.id, ("?", "?"))[0],
+                 "buyer_class": classes.get(r.id, ("?", "?"))[1]}
+                for r in rows
+            )  # fmt: skip
+        result = conn.execution_options(yield_per=CHUNK).execute(
             select(ledger_entries.c.event_id, ledger_entries.c.escrow_id,
                    ledger_entries.c.account, ledger_entries.c.amount)
             .order_by(ledger_entries.c.id)
-        ).all()  # fmt: skip
-        effect_rows = {
-            "ledger": conn.execute(select(ledger_entries.c.event_id)).scalars().all(),
-            "notifications": conn.execute(
-                select(notifications.c.event_id).where(notifications.c.channel == "sms")
-            )
-            .scalars()
-            .all(),
-            "push": conn.execute(
-                select(notifications.c.event_id).where(notifications.c.channel == "push")
-            )
-            .scalars()
-            .all(),
-            "disputes": conn.execute(select(dispute_timeline.c.event_id)).scalars().all(),
-        }
-    events = [ev.decode(r.data) for r in rows]
-    published = pd.DataFrame(
+        )  # fmt: skip
+        for rows in result.partitions():
+            writer["ledger"].extend(
+                {"event_id": r.event_id, "escrow_id": r.escrow_id, "account": r.account,
+                 "amount": int(r.amount)}
+                for r in rows
+            )  # fmt: skip
+
+
+def _published(events: list[ev.Event], rows: Any, epoch: float) -> pd.DataFrame:
+    return pd.DataFrame(
         {
             "event_id": [e.event_id for e in events],
             "type": [e.type for e in events],
@@ -271,70 +376,43 @@ def collect(
             ],
         }
     )
-    # Effects found at the end, per group and event, against what the handler makes.
-    user_rows = []
-    for key in client.scan_iter(match=f"{user_names.prefix}:user:*", count=1000):
-        user = key.decode().split(":", 2)[2]
-        for entry_id, fields in client.xrange(key):
-            user_rows.append((user, entry_id.decode(), fields[b"event_id"].decode()))
-    user_rows.sort(key=lambda r: (r[0], tuple(map(int, r[1].split("-")))))
-    effect_rows["fanout"] = [r[2] for r in user_rows]
-    handlers = {g: make_handler(g, store) for g in HANDLERS}
-    handled_rows = []
-    for group in groups:
-        log = logs[group]
-        counts = pd.Series(effect_rows[group], dtype=object).value_counts().to_dict()
-        types = aggregate_types_of(group)
-        for e in events:
-            if e.aggregate_type not in types:
-                continue
-            calls, max_dc, t_first, t_last = log.get(e.event_id, [0, 0, None, None])
-            expected = len(set(e.user_ids)) if group == "fanout" else len(handlers[group].rows(e))
-            handled_rows.append(
-                {"group": group, "event_id": e.event_id, "handler_calls": calls,
-                 "max_delivery_count": max_dc,
-                 "t_first": None if t_first is None else t_first - epoch,
-                 "t_last": None if t_last is None else t_last - epoch,
-                 "effects": int(counts.get(e.event_id, 0)), "expected_effects": expected}
-            )  # fmt: skip
-    final = []
-    for group in groups:
-        pending, _, lag = backlog(client, names, group)
-        final.append({"group": group, "pending": pending, "lag": lag})
-    classes = market.escrows
-    return RunTables(
-        commands=_frame("commands", commands),
-        published=published,
-        handled=_frame("handled", handled_rows),
-        final=pd.DataFrame(final),
-        user_streams=pd.DataFrame(user_rows, columns=["user", "entry_id", "event_id"]),
-        deliveries=_frame("deliveries", deliveries),
-        phones=pd.DataFrame(
-            {"phone": [p.user for p in phones], "start_after": ["0-0"] * len(phones)}
+
+
+def _effects(conn: Connection, ids: list[str]) -> dict[str, Counter[str]]:
+    """Effect rows per event of ``ids``, per handler group (what each handler made)."""
+    queries = {
+        "ledger": select(ledger_entries.c.event_id).where(ledger_entries.c.event_id.in_(ids)),
+        "notifications": select(notifications.c.event_id).where(
+            notifications.c.channel == "sms", notifications.c.event_id.in_(ids)
         ),
-        samples=_frame("samples", samples),
-        faults=_frame("faults", faults),
-        escrows=pd.DataFrame(
-            {
-                "id": [r.id for r in escrow_rows],
-                "buyer_id": [r.buyer_id for r in escrow_rows],
-                "seller_id": [r.seller_id for r in escrow_rows],
-                "amount": [int(r.amount) for r in escrow_rows],
-                "state": [r.state for r in escrow_rows],
-                "seller_class": [classes.get(r.id, ("?", "?"))[0] for r in escrow_rows],
-                "buyer_class": [classes.get(r.id, ("?", "?"))[1] for r in escrow_rows],
-            }
+        "push": select(notifications.c.event_id).where(
+            notifications.c.channel == "push", notifications.c.event_id.in_(ids)
         ),
-        ledger=pd.DataFrame(
-            [tuple(r) for r in ledger_rows], columns=["event_id", "escrow_id", "account", "amount"]
-        ),
+        "disputes": select(dispute_timeline.c.event_id).where(dispute_timeline.c.event_id.in_(ids)),
+    }
+    return {g: Counter(conn.execute(q).scalars()) for g, q in queries.items()}
+
+
+def _handled(group: str, parts: list[pa.Table], handling_dir: Path, epoch: float) -> pd.DataFrame:
+    """Expected rows of ``group`` joined with what its handlers were given."""
+    expected = pa.concat_tables(parts) if parts else None
+    if expected is None or expected.num_rows == 0:
+        return empty("handled")
+    calls = aggregate_handling_logs(sorted(handling_dir.glob(f"{group}-*.log")))
+    joined = expected.join(calls, "event_id", join_type="left outer", use_threads=False)
+    frame = joined.sort_by("order").to_pandas()
+    return pd.DataFrame(
+        {
+            "group": group,
+            "event_id": frame["event_id"],
+            "handler_calls": frame["handler_calls"].fillna(0).astype("int64"),
+            "max_delivery_count": frame["max_delivery_count"].fillna(0).astype("int64"),
+            "t_first": frame["t_first"] - epoch,
+            "t_last": frame["t_last"] - epoch,
+            "effects": frame["effects"],
+            "expected_effects": frame["expected_effects"],
+        }
     )
-
-
-def _frame(table: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
-    from workbench.runs import COLUMNS
-
-    return pd.DataFrame(rows, columns=COLUMNS[table])
 
 
 def _manifest(
@@ -360,6 +438,7 @@ def _manifest(
     return {
         "scenario": scenario.name,
         "seed": seed,
+        "mode": "virtual",
         "params": scenario.params,
         "virtual_seconds": load_s + drain_s,
         "wall_seconds": round(time.monotonic() - started, 3),

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +34,11 @@ from workbench.consumer import (
     AckFirstWorker,
     ConsumerSettings,
     ConsumerWorker,
-    Delivery,
 )
+from workbench.events import Event
 from workbench.handlers import ALL_GROUPS, aggregate_types_of, make_handler
 from workbench.handlers.fanout import FanoutHandler
+from workbench.handlinglog import HandlingLog
 from workbench.log import StreamNames
 from workbench.relay import OutboxRelay
 from workbench.service import EscrowService
@@ -118,19 +121,23 @@ class SimCrash(Exception):
     """Raised by a crash hook: this consumer "process" dies here."""
 
 
-def recorder(log: dict[str, list[Any]]) -> Any:
-    """A worker observer noting what its handler was given (for the checker), in
-    the shape :func:`workbench.handlinglog.read_handling_logs` reads from files."""
+class NotifyingFanout(FanoutHandler):
+    """The fan-out handler, telling the simulation whose streams it appended to:
+    in virtual time this stands in for the live message the SSE servers get."""
 
-    def observe(batch: list[Delivery], now: float) -> None:
-        for d in batch:
-            if d.event is not None:
-                row = log.setdefault(d.event.event_id, [0, 0, now, now])
-                row[0] += 1
-                row[1] = max(row[1], d.delivery_count)
-                row[3] = now
+    def __init__(
+        self,
+        client: redis.Redis,
+        names: StreamNames,
+        notify: Callable[[list[str]], None],
+        dedupe_ttl_s: int,
+    ) -> None:
+        super().__init__(client, names, dedupe_ttl_s=dedupe_ttl_s)
+        self.notify = notify
 
-    return observe
+    def handle(self, events: list[Event]) -> None:
+        super().handle(events)
+        self.notify(sorted({user for e in events for user in e.user_ids}))
 
 
 @dataclass
@@ -141,7 +148,7 @@ class GroupSlot:
     worker: ConsumerWorker | None = None
     generation: int = 0
     crash_at: str | None = None  # armed crash point
-    log: dict[str, list[Any]] = field(default_factory=dict)
+    log: HandlingLog | None = None  # what the current consumer's handler was given
 
 
 class Runtime:
@@ -155,8 +162,10 @@ class Runtime:
         names: StreamNames,
         params: dict[str, dict[str, Any]],
         faults: list[dict[str, Any]],
+        handling_dir: Path,
     ) -> None:
         self.env = env
+        self.handling_dir = handling_dir
         self.clock = clock
         self.service = service
         self.store = store
@@ -164,7 +173,10 @@ class Runtime:
         self.names = names
         self.p = params
         self.faults = faults
-        self.relay = OutboxRelay(store, client, names=names, clock=clock, batch_size=500)
+        self.relay = OutboxRelay(
+            store, client, names=names, clock=clock, batch_size=500,
+            retention_s=params["relay"]["retention_s"],
+        )  # fmt: skip
         only = [g.strip() for g in params["consumers"]["only"].split(",") if g.strip()]
         unknown = set(only) - set(SIM_GROUPS)
         if unknown:
@@ -175,6 +187,7 @@ class Runtime:
         self.groups = tuple(g for g in SIM_GROUPS if not only or g in only)
         self.slots = {group: GroupSlot(group) for group in self.groups}
         self.healed = False
+        self.on_fanout: Callable[[list[str]], None] = lambda users: None
         self.redis_errors: dict[str, int] = defaultdict(int)
         # Wake-ups standing in for XREADGROUP BLOCK and the relay's idle wait:
         # a command nudges the relay, a publish wakes the consumers.
@@ -190,11 +203,15 @@ class Runtime:
         slot.generation += 1
         batch_size = 1 if c["service_rate"] > 0 else c["batch_size"]
         handler: Any = (
-            FanoutHandler(self.client, self.names)
+            NotifyingFanout(self.client, self.names, self.on_fanout, c["dedupe_ttl_s"])
             if slot.name == "fanout"
             else make_handler(slot.name, self.store, self.clock)
         )
         cls = AckFirstWorker if c["ack_before_effect"] else ConsumerWorker
+        if slot.log is not None:
+            slot.log.close()
+        # One handling log per consumer, as each worker process writes in real time.
+        slot.log = HandlingLog(self.handling_dir / f"{slot.name}-{slot.generation}.log")
         worker = cls(
             self.client,
             handler,
@@ -209,7 +226,7 @@ class Runtime:
             ),
             clock=self.clock,
             crash_hook=lambda point, _batch, slot=slot: self._maybe_crash(slot, point),
-            observer=recorder(slot.log),
+            observer=slot.log,
         )
         slot.worker = worker
         slot.crash_at = None
@@ -312,6 +329,11 @@ class Runtime:
                 self._start_worker(slot)
             assert slot.worker is not None
             slot.worker.drain()
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            if slot.log is not None:
+                slot.log.close()
 
     def heal(self) -> None:
         """Stop injecting faults and revive every dead consumer now (the drain phase)."""

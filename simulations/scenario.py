@@ -56,7 +56,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "count": 40,  # users with the app open, taken from the buyers
         "connection_mean_s": 180.0,  # "drops every few minutes"
         "reconnect_mean_s": 5.0,
-        "poll_every_s": 1.0,  # how often a connected phone receives (virtual)
+        "poll_every_s": 1.0,  # real time: how often a phone looks at its connection
         "lose_id_p": 0.02,  # per reconnect: the app was reinstalled
     },
     "consumers": {
@@ -68,8 +68,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ack_before_effect": False,  # a deliberately broken runtime, for the checker
         "service_rate": 0.0,  # > 0: one entry at a time, exponential service (M/M/1 studies)
         "only": "",  # comma-separated groups to run; "": all
+        "dedupe_ttl_s": 600,  # fan-out dedupe markers live this long (Redis seconds)
     },
-    "relay": {"every_s": 0.5},
+    "relay": {
+        "every_s": 0.5,
+        # Acked entries stay in the aggregate streams this long, in seconds of Redis'
+        # own clock (entry ids are Redis time, in virtual runs too); then trimmed.
+        "retention_s": 60.0,
+    },
     "servers": {
         "count": 2,  # SSE/API server processes; phones are spread over them
         "mtbf_s": 0.0,  # per server: SIGKILL with all its sessions; 0: never

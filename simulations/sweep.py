@@ -41,9 +41,7 @@ def _one(scenario: str, overrides: list[str], seed: int, out: str | None) -> dic
     from workbench.timings import summarise
 
     loaded = load(scenario, overrides)
-    tables = simulate(loaded, seed)
-    if out:
-        tables.save(out)
+    tables = simulate(loaded, seed, out=out)
     report = check(tables)
     handling = summarise(tables)["handling"]
     groups = report.groups

@@ -426,7 +426,7 @@ def simulate(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from simulations.run import simulate as run_simulation
+    from simulations.run import simulate_to
     from simulations.scenario import ScenarioError, load
 
     if factor is not None and not realtime:
@@ -435,11 +435,12 @@ def simulate(
         loaded = load(scenario, overrides)
     except ScenarioError as exc:
         raise click.UsageError(str(exc)) from None
+    run: Any = simulate_to
     if realtime:
-        from simulations.realtime import simulate_realtime
+        from simulations.realtime import simulate_realtime_to
 
-        def run_simulation(*args: Any, **kwargs: Any) -> Any:  # noqa: F811
-            return simulate_realtime(*args, factor=factor, **kwargs)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return simulate_realtime_to(*args, factor=factor, **kwargs)
 
     directory = out or Path("data") / "runs" / f"{loaded.name}-{seed}"
     with Progress(
@@ -456,12 +457,11 @@ def simulate(
         def progress(t: float, total: float) -> None:
             bar.update(task, completed=t, total=total)
 
-        tables = run_simulation(loaded, seed, redis_url=redis_url, progress=progress)
-    tables.save(directory)
+        manifest = run(loaded, seed, directory, redis_url=redis_url, progress=progress)
+    rows = manifest["rows"]
     click.echo(
-        f"{len(tables.published)} events, {len(tables.commands)} commands, "
-        f"{len(tables.faults)} faults in {tables.manifest['wall_seconds']:.1f} s; "
-        f"tables in {directory}/",
+        f"{rows['published']} events, {rows['commands']} commands, "
+        f"{rows['faults']} faults in {manifest['wall_seconds']:.1f} s; tables in {directory}/",
         err=True,
     )
     if not no_check:

@@ -14,11 +14,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
 if TYPE_CHECKING:
     from workbench.consumer import Delivery
 
 # event id -> [handler calls, highest delivery count, first time, last time]
 Handled = dict[str, list[float]]
+_TYPES = {"event_id": pa.string(), "count": pa.int64(), "t": pa.float64()}
 
 
 class HandlingLog:
@@ -40,24 +44,46 @@ class HandlingLog:
         os.close(self._fd)
 
 
-def read_handling_logs(paths: list[Path], into: Handled | None = None) -> Handled:
-    """Fold logs into ``{event_id: [calls, max delivery count, t_first, t_last]}``.
+def aggregate_handling_logs(paths: list[Path]) -> pa.Table:
+    """Fold logs into one row per event: ``event_id, handler_calls,
+    max_delivery_count, t_first, t_last`` (an Arrow table: compact for long runs).
 
     A torn last line (the process was killed mid-write) is skipped.
     """
-    handled: Handled = {} if into is None else into
+    parts = []
     for path in paths:
-        for line in path.read_text().split("\n")[:-1]:  # the last is "" or torn
-            parts = line.split(" ")
-            if len(parts) != 3:
-                continue
-            try:
-                count, t = int(parts[1]), float(parts[2])
-            except ValueError:
-                continue
-            row = handled.setdefault(parts[0], [0, 0, t, t])
-            row[0] += 1
-            row[1] = max(row[1], count)
-            row[2] = min(row[2], t)
-            row[3] = max(row[3], t)
-    return handled
+        data = path.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]  # drop a torn last line
+        if data:
+            parts.append(
+                pacsv.read_csv(
+                    pa.py_buffer(data),
+                    read_options=pacsv.ReadOptions(column_names=["event_id", "count", "t"]),
+                    parse_options=pacsv.ParseOptions(delimiter=" "),
+                    convert_options=pacsv.ConvertOptions(column_types=_TYPES),
+                )
+            )
+    if not parts:
+        return pa.table(
+            {"event_id": pa.array([], pa.string()), "handler_calls": pa.array([], pa.int64()),
+             "max_delivery_count": pa.array([], pa.int64()),
+             "t_first": pa.array([], pa.float64()), "t_last": pa.array([], pa.float64())}
+        )  # fmt: skip
+    rows = pa.concat_tables(parts)
+    grouped = rows.group_by("event_id", use_threads=False).aggregate(
+        [("count", "count"), ("count", "max"), ("t", "min"), ("t", "max")]
+    )
+    return grouped.rename_columns(
+        {"count_count": "handler_calls", "count_max": "max_delivery_count",
+         "t_min": "t_first", "t_max": "t_last"}
+    ).select(["event_id", "handler_calls", "max_delivery_count", "t_first", "t_last"])  # fmt: skip
+
+
+def read_handling_logs(paths: list[Path]) -> Handled:
+    """:func:`aggregate_handling_logs` as ``{event_id: [calls, max count, t_first, t_last]}``."""
+    table = aggregate_handling_logs(paths)
+    return {
+        row["event_id"]: [row["handler_calls"], row["max_delivery_count"], row["t_first"],
+                          row["t_last"]]
+        for row in table.to_pylist()
+    }  # fmt: skip

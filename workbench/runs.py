@@ -22,6 +22,10 @@ SimPy run). Tables and their columns:
 ``ledger``       event_id, escrow_id, account, amount
 
 Every table is written even when empty, so readers need no special cases.
+The simulator writes tables *as the run goes* (:class:`RunWriter`: Parquet row
+groups of a fixed size), so its memory does not grow with the run's length;
+``manifest.json`` is written last, so a directory without one is an
+unfinished run and :meth:`RunTables.load` refuses it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 COLUMNS: dict[str, list[str]] = {
     "commands": ["t", "command", "escrow_id", "actor", "ok", "error"],
@@ -52,6 +58,92 @@ COLUMNS: dict[str, list[str]] = {
     "escrows": ["id", "buyer_id", "seller_id", "amount", "state", "seller_class", "buyer_class"],
     "ledger": ["event_id", "escrow_id", "account", "amount"],
 }  # fmt: skip
+
+
+_F, _I, _S, _B = pa.float64(), pa.int64(), pa.string(), pa.bool_()
+SCHEMAS: dict[str, pa.Schema] = {
+    name: pa.schema(list(zip(COLUMNS[name], types, strict=True)))
+    for name, types in {
+        "commands": [_F, _S, _S, _S, _B, _S],
+        "published": [_S, _S, _S, _S, _I, _S, _I, _F, _F],
+        "handled": [_S, _S, _I, _I, _F, _F, _I, _I],
+        "final": [_S, _I, _I],
+        "user_streams": [_S, _S, _S],
+        "deliveries": [_S, _I, _S, _S, _S, _F],
+        "phones": [_S, _S],
+        "samples": [_F, _S, _I, _I, _I],
+        "faults": [_F, _F, _S, _S, _S],
+        "escrows": [_S, _S, _S, _I, _S, _S, _S],
+        "ledger": [_S, _S, _S, _I],
+    }.items()
+}
+
+
+class TableWriter:
+    """One table written as it grows: rows are buffered and flushed to the
+    Parquet file as a row group every ``rows_per_group`` rows.
+
+    ``append`` takes a dict, like a list would, so a model can be handed a
+    writer where it would otherwise keep a list.
+    """
+
+    def __init__(self, path: Path, table: str, rows_per_group: int = 10_000) -> None:
+        self.table = table
+        self.schema = SCHEMAS[table]
+        self.rows_per_group = rows_per_group
+        self._writer = pq.ParquetWriter(path, self.schema)
+        self._rows: list[dict[str, Any]] = []
+        self.written = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self.rows_per_group:
+            self.flush()
+
+    def extend(self, rows: Any) -> None:
+        for row in rows:
+            self.append(row)
+
+    def write_frame(self, frame: pd.DataFrame) -> None:
+        self.flush()
+        table = pa.Table.from_pandas(frame[COLUMNS[self.table]], preserve_index=False)
+        self._writer.write_table(table.cast(self.schema))
+        self.written += len(frame)
+
+    def flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self.written += len(self._rows)
+            self._rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
+class RunWriter:
+    """A run directory being written: a :class:`TableWriter` per table."""
+
+    def __init__(self, directory: str | Path, rows_per_group: int = 10_000) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "manifest.json").unlink(missing_ok=True)
+        self.tables = {
+            name: TableWriter(self.directory / f"{name}.parquet", name, rows_per_group)
+            for name in COLUMNS
+        }
+
+    def __getitem__(self, table: str) -> TableWriter:
+        return self.tables[table]
+
+    def close(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Finish every table, then write the manifest (with each table's row count
+        under ``rows``): the run is complete. Returns the manifest."""
+        for writer in self.tables.values():
+            writer.close()
+        manifest["rows"] = {name: writer.written for name, writer in self.tables.items()}
+        (self.directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        return manifest
 
 
 def empty(table: str) -> pd.DataFrame:

@@ -12,7 +12,12 @@ import redis
 
 from workbench import events as ev
 from workbench.log import StreamNames
-from workbench.userstreams import DEFAULT_USER_MAXLEN, UserStreamNames, UserStreams
+from workbench.userstreams import (
+    DEFAULT_DEDUPE_TTL_S,
+    DEFAULT_USER_MAXLEN,
+    UserStreamNames,
+    UserStreams,
+)
 
 
 class FanoutHandler:
@@ -25,9 +30,13 @@ class FanoutHandler:
         names: StreamNames | None = None,
         *,
         user_maxlen: int = DEFAULT_USER_MAXLEN,
+        dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
     ) -> None:
         self.user_streams = UserStreams(
-            client, UserStreamNames.of(names or StreamNames()), maxlen=user_maxlen
+            client,
+            UserStreamNames.of(names or StreamNames()),
+            maxlen=user_maxlen,
+            dedupe_ttl_s=dedupe_ttl_s,
         )
         self.appended = 0
         self.duplicates = 0

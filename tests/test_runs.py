@@ -1,0 +1,45 @@
+"""Run directories: tables written as the run goes, the manifest last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from workbench.runs import COLUMNS, RunTables, RunWriter
+
+
+def test_rows_are_flushed_in_row_groups_and_read_back_in_order(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path, rows_per_group=100)
+    rows = [
+        {"t": i * 0.5, "command": "create", "escrow_id": f"esc-{i}", "actor": "buyer-1",
+         "ok": i % 7 != 0, "error": None if i % 7 else "illegal_transition"}
+        for i in range(1050)
+    ]  # fmt: skip
+    writer["commands"].extend(rows)
+    # Flushed as it went: all but the last partial group is on disk already.
+    assert writer["commands"].written == 1000
+    manifest = writer.close({"scenario": "test"})
+    assert manifest["rows"]["commands"] == 1050 and manifest["rows"]["ledger"] == 0
+    assert pq.ParquetFile(tmp_path / "commands.parquet").num_row_groups == 11
+    assert pq.read_table(tmp_path / "commands.parquet").to_pylist() == rows
+    run = RunTables.load(tmp_path)
+    assert len(run.commands) == 1050 and run.commands["ok"].dtype == bool
+    assert list(run.ledger.columns) == COLUMNS["ledger"]  # empty tables keep their columns
+
+
+def test_an_unfinished_run_is_refused(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path)
+    writer["samples"].append({"t": 1.0, "group": "ledger", "pending": 0, "oldest_idle_ms": 0,
+                              "lag": 0})  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        RunTables.load(tmp_path)
+
+
+def test_a_row_of_the_wrong_shape_is_a_clear_error(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path)
+    writer["faults"].append({"t_start": "soon", "t_end": None, "kind": "x", "target": "y",
+                             "detail": ""})  # fmt: skip
+    with pytest.raises((TypeError, ValueError)):
+        writer["faults"].flush()
