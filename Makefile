@@ -5,7 +5,7 @@ UV_VERSION := 0.13.9
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo serve test lint bench bench-sse inspect clean venv
+.PHONY: run demo serve test lint bench bench-sse bench-sim inspect clean venv
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
 	$(BIN)/python bench/sse.py
+	$(BIN)/python bench/simulate.py
+
+bench-sim: $(STAMP)
+	$(BIN)/python bench/simulate.py $(BENCH_ARGS)
 
 bench-sse: $(STAMP)
 	$(BIN)/python bench/sse.py $(BENCH_ARGS)

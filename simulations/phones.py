@@ -140,24 +140,28 @@ class Phone:
         self._record("snapshot", str(as_of), "")
         return as_of
 
-    def _deliver(self, session: ReplaySession, source: str) -> None:
+    def _deliver(self, session: ReplaySession, source: str, page: list[Any] | None = None) -> None:
         while True:
-            page = self._page_after(session.cursor)
+            if page is None:
+                page = self._page_after(session.cursor)
             for entry in session.take_page(page):
                 self._record(source, str(entry.id), entry.event_id)
             self.cursor = session.cursor  # what the app stores as Last-Event-ID
             if len(page) < PAGE:
                 return
+            page = None
 
     def _connect(self) -> ReplaySession:
         if self.cursor is None:
             self.cursor = self._snapshot()
-        page = self._page_after(self.cursor)
-        exists = bool(self.client.xrange(self.key, str(self.cursor), str(self.cursor)))
-        if not resume_point_known(self.cursor, page, exists):
+        page: list[Any] | None = self._page_after(self.cursor)
+        # Whether the cursor is still an entry only matters when nothing follows it.
+        exists = not page and bool(self.client.xrange(self.key, str(self.cursor), str(self.cursor)))
+        if not resume_point_known(self.cursor, page or [], exists):
             self.cursor = self._snapshot()  # the server's `event: reset`
+            page = None
         session = ReplaySession(self.cursor)
-        self._deliver(session, "replay")
+        self._deliver(session, "replay", page)
         return session
 
     def notify(self) -> None:

@@ -439,6 +439,7 @@ class _Workers:
             "--block-ms", "100", "--batch-size", str(self.p["batch_size"]),
             "--dead-after", str(self.p["dead_after_s"]),
             "--record", str(self.handled / f"{consumer}.log"), "--crash-on-signal",
+            *(["--user-maxlen", str(self.p["user_maxlen"])] if group == "fanout" else []),
             *(["--ack-before-effect"] if self.p["ack_before_effect"] else []),
         )  # fmt: skip
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import redis
 import simpy
 from sqlalchemy import Connection, select
@@ -36,12 +35,12 @@ from simulations.scenario import Scenario
 from workbench import events as ev
 from workbench.escrow import DomainError, Timeouts
 from workbench.handlers import HANDLERS, aggregate_types_of, make_handler
-from workbench.handlinglog import aggregate_handling_logs
+from workbench.handlinglog import HandlingIndex
 from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect
 from workbench.mpesa import CallbackError, parse_callback
 from workbench.redis_server import RedisServer, attach_or_start
-from workbench.runs import RunTables, RunWriter, empty
+from workbench.runs import RunTables, RunWriter
 from workbench.service import EscrowService
 from workbench.store import (
     Store,
@@ -207,6 +206,7 @@ def simulate_to(
                     phone.notify()
 
         runtime.on_fanout = fanned_out
+        runtime.on_user_entry = writer["user_streams"].append
         pool = ServerPool(params["servers"]["count"])
         for phone in phones:
             phone.pool = pool
@@ -270,26 +270,35 @@ def collect(
     """Write the end-of-run tables: what the store and Redis hold at the end, joined
     with the consumers' handling logs (``handling_dir/<group>-<n>.log``).
 
-    The outbox, escrows and ledger are read in chunks of :data:`CHUNK` rows and the
-    per-event joins are done in Arrow, so a long run does not need its whole
-    history in Python objects at once.
+    If the fan-out recorded its entries as it made them (virtual time: the
+    ``user_streams`` table is written already, and ``effects-fanout-*.log`` has
+    each event's entry count), those are the truth, so history trimmed since
+    still counts; otherwise the user streams are read from Redis as they are now.
+    The outbox, escrows and ledger are read in chunks of :data:`CHUNK` rows and
+    per-event lookups go through an on-disk index, so a long run does not need
+    its whole history in memory at once.
     """
-    user_rows = []
-    for key in client.scan_iter(match=f"{user_names.prefix}:user:*", count=1000):
-        user = key.decode().split(":", 2)[2]
-        for entry_id, fields in client.xrange(key):
-            user_rows.append((user, entry_id.decode(), fields[b"event_id"].decode()))
-    user_rows.sort(key=lambda r: (r[0], tuple(map(int, r[1].split("-")))))
-    # Retained user streams are capped per user (MAXLEN), so this stays bounded.
-    writer["user_streams"].write_frame(
-        pd.DataFrame(user_rows, columns=["user", "entry_id", "event_id"])
-    )
-    fanout_effects = Counter(r[2] for r in user_rows)
-    del user_rows
+    effect_logs = sorted(handling_dir.glob("effects-fanout-*.log"))
+    fanout_effects: Counter[str] | None = None
+    if not effect_logs:
+        user_rows = []
+        for key in client.scan_iter(match=f"{user_names.prefix}:user:*", count=1000):
+            user = key.decode().split(":", 2)[2]
+            for entry_id, fields in client.xrange(key):
+                user_rows.append((user, entry_id.decode(), fields[b"event_id"].decode()))
+        user_rows.sort(key=lambda r: (r[0], tuple(map(int, r[1].split("-")))))
+        writer["user_streams"].write_frame(
+            pd.DataFrame(user_rows, columns=["user", "entry_id", "event_id"])
+        )
+        fanout_effects = Counter(r[2] for r in user_rows)
+        del user_rows
     handlers = {g: make_handler(g, store) for g in HANDLERS}
     types = {g: aggregate_types_of(g) for g in groups}
-    expected_parts: dict[str, list[pa.Table]] = {g: [] for g in groups}
-    order = 0
+    index = HandlingIndex(
+        handling_dir / "index.db",
+        {**{g: sorted(handling_dir.glob(f"{g}-*.log")) for g in groups},
+         "effects:fanout": effect_logs},
+    )  # fmt: skip
     with store.engine.connect() as conn:
         result = conn.execution_options(yield_per=CHUNK).execute(
             select(outbox).order_by(outbox.c.seq)
@@ -297,37 +306,19 @@ def collect(
         for rows in result.partitions():
             events = [ev.decode(r.data) for r in rows]
             writer["published"].write_frame(_published(events, rows, epoch))
-            ids = [e.event_id for e in events]
-            effects = _effects(conn, ids)  # the same connection: SQLite locks per writer
-            effects["fanout"] = fanout_effects
+            effects = _effects(conn, [e.event_id for e in events])  # one connection: SQLite
+            effects["fanout"] = (
+                fanout_effects
+                if fanout_effects is not None
+                else Counter(index.totals("effects:fanout", [e.event_id for e in events]))
+            )
             for group in groups:
-                mine = [(i, e) for i, e in enumerate(events) if e.aggregate_type in types[group]]
-                expected_parts[group].append(
-                    pa.table(
-                        {
-                            "order": pa.array([order + i for i, _ in mine], pa.int64()),
-                            "event_id": pa.array([e.event_id for _, e in mine], pa.string()),
-                            "effects": pa.array(
-                                [int(effects[group].get(e.event_id, 0)) for _, e in mine],
-                                pa.int64(),
-                            ),
-                            "expected_effects": pa.array(
-                                [
-                                    len(set(e.user_ids))
-                                    if group == "fanout"
-                                    else len(handlers[group].rows(e))
-                                    for _, e in mine
-                                ],
-                                pa.int64(),
-                            ),
-                        }
-                    )
+                mine = [e for e in events if e.aggregate_type in types[group]]
+                calls = index.lookup(group, [e.event_id for e in mine])
+                writer["handled"].extend(
+                    _handled_row(group, e, calls, effects[group], handlers, epoch) for e in mine
                 )
-            order += len(events)
-    for group in groups:
-        writer["handled"].write_frame(
-            _handled(group, expected_parts.pop(group), handling_dir, epoch)
-        )
+    index.close()
     final = []
     for group in groups:
         pending, _, lag = backlog(client, names, group)
@@ -393,26 +384,25 @@ def _effects(conn: Connection, ids: list[str]) -> dict[str, Counter[str]]:
     return {g: Counter(conn.execute(q).scalars()) for g, q in queries.items()}
 
 
-def _handled(group: str, parts: list[pa.Table], handling_dir: Path, epoch: float) -> pd.DataFrame:
-    """Expected rows of ``group`` joined with what its handlers were given."""
-    expected = pa.concat_tables(parts) if parts else None
-    if expected is None or expected.num_rows == 0:
-        return empty("handled")
-    calls = aggregate_handling_logs(sorted(handling_dir.glob(f"{group}-*.log")))
-    joined = expected.join(calls, "event_id", join_type="left outer", use_threads=False)
-    frame = joined.sort_by("order").to_pandas()
-    return pd.DataFrame(
-        {
-            "group": group,
-            "event_id": frame["event_id"],
-            "handler_calls": frame["handler_calls"].fillna(0).astype("int64"),
-            "max_delivery_count": frame["max_delivery_count"].fillna(0).astype("int64"),
-            "t_first": frame["t_first"] - epoch,
-            "t_last": frame["t_last"] - epoch,
-            "effects": frame["effects"],
-            "expected_effects": frame["expected_effects"],
-        }
-    )
+def _handled_row(
+    group: str,
+    event: ev.Event,
+    calls: dict[str, list[Any]],
+    effects: Counter[str],
+    handlers: dict[str, Any],
+    epoch: float,
+) -> dict[str, Any]:
+    """One event of one group: what its handlers were given, what they made, and
+    what they should have made."""
+    n, most, first, last = calls.get(event.event_id, (0, 0, None, None))
+    expected = len(set(event.user_ids)) if group == "fanout" else len(handlers[group].rows(event))
+    return {
+        "group": group, "event_id": event.event_id, "handler_calls": n,
+        "max_delivery_count": most,
+        "t_first": None if first is None else first - epoch,
+        "t_last": None if last is None else last - epoch,
+        "effects": int(effects.get(event.event_id, 0)), "expected_effects": expected,
+    }  # fmt: skip
 
 
 def _manifest(

@@ -17,6 +17,7 @@ runtime's own recovery (stale heartbeat, XCLAIM).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,22 +123,46 @@ class SimCrash(Exception):
 
 
 class NotifyingFanout(FanoutHandler):
-    """The fan-out handler, telling the simulation whose streams it appended to:
-    in virtual time this stands in for the live message the SSE servers get."""
+    """The fan-out handler, telling the simulation what it appended.
+
+    ``notify`` gets the users whose streams grew: in virtual time this stands in
+    for the live message the SSE servers get. ``record`` gets a row per user
+    entry made (the ``user_streams`` table), and each event's entry count goes
+    to ``effects_log``: the truth stays complete when user-stream history is
+    trimmed later.
+    """
 
     def __init__(
         self,
         client: redis.Redis,
         names: StreamNames,
+        settings: dict[str, Any],
         notify: Callable[[list[str]], None],
-        dedupe_ttl_s: int,
+        record: Callable[[dict[str, Any]], None],
+        effects_log: Path,
+        clock: SimClock,
     ) -> None:
-        super().__init__(client, names, dedupe_ttl_s=dedupe_ttl_s)
-        self.notify = notify
+        super().__init__(
+            client, names, dedupe_ttl_s=settings["dedupe_ttl_s"],
+            user_maxlen=settings["user_maxlen"], user_max_age_s=settings["user_max_age_s"],
+        )  # fmt: skip
+        self.notify, self.record, self.clock = notify, record, clock
+        self._effects = os.open(effects_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def handle(self, events: list[Event]) -> None:
-        super().handle(events)
-        self.notify(sorted({user for e in events for user in e.user_ids}))
+        appended = self.append(events)
+        lines = []
+        for event, entries in zip(events, appended, strict=True):
+            for user, entry_id in entries:
+                self.record({"user": user, "entry_id": entry_id, "event_id": event.event_id})
+            if entries:
+                lines.append(f"{event.event_id} {len(entries)} {self.clock.now()!r}\n")
+        if lines:
+            os.write(self._effects, "".join(lines).encode())
+        self.notify(sorted({user for entries in appended for user, _ in entries}))
+
+    def close(self) -> None:
+        os.close(self._effects)
 
 
 @dataclass
@@ -149,6 +174,7 @@ class GroupSlot:
     generation: int = 0
     crash_at: str | None = None  # armed crash point
     log: HandlingLog | None = None  # what the current consumer's handler was given
+    handler: Any = None
 
 
 class Runtime:
@@ -188,6 +214,7 @@ class Runtime:
         self.slots = {group: GroupSlot(group) for group in self.groups}
         self.healed = False
         self.on_fanout: Callable[[list[str]], None] = lambda users: None
+        self.on_user_entry: Callable[[dict[str, Any]], None] = lambda row: None
         self.redis_errors: dict[str, int] = defaultdict(int)
         # Wake-ups standing in for XREADGROUP BLOCK and the relay's idle wait:
         # a command nudges the relay, a publish wakes the consumers.
@@ -203,13 +230,24 @@ class Runtime:
         slot.generation += 1
         batch_size = 1 if c["service_rate"] > 0 else c["batch_size"]
         handler: Any = (
-            NotifyingFanout(self.client, self.names, self.on_fanout, c["dedupe_ttl_s"])
+            NotifyingFanout(
+                self.client,
+                self.names,
+                c,
+                lambda users: self.on_fanout(users),
+                lambda row: self.on_user_entry(row),
+                self.handling_dir / f"effects-fanout-{slot.generation}.log",
+                self.clock,
+            )
             if slot.name == "fanout"
             else make_handler(slot.name, self.store, self.clock)
         )
         cls = AckFirstWorker if c["ack_before_effect"] else ConsumerWorker
         if slot.log is not None:
             slot.log.close()
+        if isinstance(slot.handler, NotifyingFanout):
+            slot.handler.close()
+        slot.handler = handler
         # One handling log per consumer, as each worker process writes in real time.
         slot.log = HandlingLog(self.handling_dir / f"{slot.name}-{slot.generation}.log")
         worker = cls(
@@ -238,11 +276,14 @@ class Runtime:
             raise SimCrash(point)
 
     def nudge(self) -> None:
-        """A command committed outbox rows: wake the relay now."""
-        if not self._outbox.triggered:
+        """A command committed outbox rows: wake the relay now (unless the scenario
+        trades that latency for batches: ``relay.wake_on_commit = false``)."""
+        if self.p["relay"]["wake_on_commit"] and not self._outbox.triggered:
             self._outbox.succeed()
 
     def _wake_on_publish(self, every: float) -> Any:
+        if not self.p["consumers"]["wake_on_publish"]:
+            return self.env.timeout(every)  # batches: a poll every `every` seconds only
         return self.env.any_of([self.env.timeout(every), self._published])
 
     def consumer_loop(self, group: str, rng: np.random.Generator | None = None) -> Any:
@@ -262,10 +303,11 @@ class Runtime:
             if slot.worker is None or not polls and c["service_rate"] > 0:
                 continue
             try:
-                if polls == 1:
-                    slot.worker.poll(block_ms=0)
-                else:
-                    slot.worker.drain(max_polls=polls)
+                # Poll until a poll comes back short of a full batch: nothing else
+                # can arrive within this instant, so one more (empty) read is waste.
+                for _ in range(polls):
+                    if slot.worker.poll(block_ms=0) < slot.worker.settings.batch_size:
+                        break
             except SimCrash as crash:
                 self.faults.append(
                     {"t_start": self.env.now, "t_end": None, "kind": "consumer_crash",
@@ -334,6 +376,8 @@ class Runtime:
         for slot in self.slots.values():
             if slot.log is not None:
                 slot.log.close()
+            if isinstance(slot.handler, NotifyingFanout):
+                slot.handler.close()
 
     def heal(self) -> None:
         """Stop injecting faults and revive every dead consumer now (the drain phase)."""

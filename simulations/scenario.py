@@ -60,7 +60,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lose_id_p": 0.02,  # per reconnect: the app was reinstalled
     },
     "consumers": {
-        "poll_every_s": 0.5,
+        # Consumers wake when the relay publishes; this poll is for heartbeats,
+        # recovery of dead consumers' entries and retries.
+        "poll_every_s": 2.0,
+        "wake_on_publish": True,  # false: poll every poll_every_s only (bigger batches)
         "batch_size": 100,
         "mtbf_s": 0.0,  # per group; 0: never crash
         "mttr_s": 10.0,
@@ -68,13 +71,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ack_before_effect": False,  # a deliberately broken runtime, for the checker
         "service_rate": 0.0,  # > 0: one entry at a time, exponential service (M/M/1 studies)
         "only": "",  # comma-separated groups to run; "": all
-        "dedupe_ttl_s": 600,  # fan-out dedupe markers live this long (Redis seconds)
+        # The fan-out: dedupe markers and user-stream history, in seconds of Redis'
+        # clock (wall time, also in virtual runs, which run ~30x faster than that).
+        "dedupe_ttl_s": 30,
+        "user_maxlen": 1000,
+        "user_max_age_s": 20.0,
     },
     "relay": {
         "every_s": 0.5,
         # Acked entries stay in the aggregate streams this long, in seconds of Redis'
         # own clock (entry ids are Redis time, in virtual runs too); then trimmed.
-        "retention_s": 60.0,
+        "retention_s": 20.0,
+        "wake_on_commit": True,  # false: publish every every_s only (bigger batches)
     },
     "servers": {
         "count": 2,  # SSE/API server processes; phones are spread over them

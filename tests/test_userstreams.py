@@ -170,3 +170,29 @@ def test_append_survives_redis_forgetting_the_script(r) -> None:
     assert streams.append([(e, ev.encode(e))]) == [2]
     r.script_flush()
     assert streams.append([(e, ev.encode(e))]) == [0]
+
+
+def test_history_by_age_trims_old_entries_and_keeps_the_chain(r) -> None:
+    streams = UserStreams(r)
+    old = [_event(i, ("carol",)) for i in range(300)]
+    streams.append([(e, ev.encode(e)) for e in old])
+    last_old = _entries(r, "carol")[-1][0]
+    last_ms = int(last_old.split("-")[0])
+
+    def redis_ms() -> int:
+        seconds, micros = r.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    # Wait (on Redis' own clock) until the old entries are 200 ms old.
+    wait_until(lambda: redis_ms() > last_ms + 200, timeout=10, what="Redis time to move on")
+    aged = UserStreams(r, max_age_s=0.1)
+    new = _event(1000, ("carol",))
+    assert aged.append([(new, ev.encode(new))]) == [1]
+    entries = _entries(r, "carol")
+    # `~` trims whole stream nodes (100 entries): most of the old history is gone,
+    # the new entry stays and still names the last old one as prev.
+    assert len(entries) < 200
+    assert entries[-1][1][b"event_id"] == b"evt_1000"
+    assert entries[-1][1][b"prev"].decode() == last_old
+    with pytest.raises(ValueError, match="must not be negative"):
+        UserStreams(r, max_age_s=-1)

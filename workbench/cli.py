@@ -131,6 +131,10 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
     help="fanout only: entries kept per user stream (approximate MAXLEN)",
 )
 @click.option(
+    "--user-max-age", default=0.0, show_default=True, type=click.FloatRange(min=0),
+    help="fanout only: seconds of history kept per user stream (0: no age limit)",
+)  # fmt: skip
+@click.option(
     "--crash-on-signal", is_flag=True,
     help="fault injection: SIGRTMIN+i arms a SIGKILL at crash point i (simulations)",
 )  # fmt: skip
@@ -155,6 +159,7 @@ def worker(
     crash_at: str | None,
     crash_batch: int,
     user_maxlen: int,
+    user_max_age: float,
     crash_on_signal: bool,
     ack_before_effect: bool,
     record: Path | None,
@@ -182,7 +187,9 @@ def worker(
         raise click.UsageError(str(exc)) from None
     clock = clock_from_env()
     handler: Any = (
-        FanoutHandler(client, StreamNames(prefix), user_maxlen=user_maxlen)
+        FanoutHandler(
+            client, StreamNames(prefix), user_maxlen=user_maxlen, user_max_age_s=user_max_age
+        )
         if group == "fanout"
         else make_handler(group, store, clock)
     )

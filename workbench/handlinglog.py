@@ -11,18 +11,16 @@ most the line being written, never an earlier one.
 from __future__ import annotations
 
 import os
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import pyarrow as pa
-import pyarrow.csv as pacsv
 
 if TYPE_CHECKING:
     from workbench.consumer import Delivery
 
 # event id -> [handler calls, highest delivery count, first time, last time]
 Handled = dict[str, list[float]]
-_TYPES = {"event_id": pa.string(), "count": pa.int64(), "t": pa.float64()}
 
 
 class HandlingLog:
@@ -44,46 +42,84 @@ class HandlingLog:
         os.close(self._fd)
 
 
-def aggregate_handling_logs(paths: list[Path]) -> pa.Table:
-    """Fold logs into one row per event: ``event_id, handler_calls,
-    max_delivery_count, t_first, t_last`` (an Arrow table: compact for long runs).
-
-    A torn last line (the process was killed mid-write) is skipped.
-    """
-    parts = []
-    for path in paths:
-        data = path.read_bytes()
-        data = data[: data.rfind(b"\n") + 1]  # drop a torn last line
-        if data:
-            parts.append(
-                pacsv.read_csv(
-                    pa.py_buffer(data),
-                    read_options=pacsv.ReadOptions(column_names=["event_id", "count", "t"]),
-                    parse_options=pacsv.ParseOptions(delimiter=" "),
-                    convert_options=pacsv.ConvertOptions(column_types=_TYPES),
-                )
-            )
-    if not parts:
-        return pa.table(
-            {"event_id": pa.array([], pa.string()), "handler_calls": pa.array([], pa.int64()),
-             "max_delivery_count": pa.array([], pa.int64()),
-             "t_first": pa.array([], pa.float64()), "t_last": pa.array([], pa.float64())}
-        )  # fmt: skip
-    rows = pa.concat_tables(parts)
-    grouped = rows.group_by("event_id", use_threads=False).aggregate(
-        [("count", "count"), ("count", "max"), ("t", "min"), ("t", "max")]
-    )
-    return grouped.rename_columns(
-        {"count_count": "handler_calls", "count_max": "max_delivery_count",
-         "t_min": "t_first", "t_max": "t_last"}
-    ).select(["event_id", "handler_calls", "max_delivery_count", "t_first", "t_last"])  # fmt: skip
+def _records(path: Path) -> Iterator[tuple[str, int, float]]:
+    """(event_id, delivery count, time) per complete line; a torn last line (the
+    process was killed mid-write) and malformed lines are skipped."""
+    with path.open("rb") as lines:
+        for line in lines:
+            if not line.endswith(b"\n"):
+                return
+            parts = line.split()
+            if len(parts) != 3:
+                continue
+            try:
+                yield parts[0].decode(), int(parts[1]), float(parts[2])
+            except ValueError:
+                continue
 
 
 def read_handling_logs(paths: list[Path]) -> Handled:
-    """:func:`aggregate_handling_logs` as ``{event_id: [calls, max count, t_first, t_last]}``."""
-    table = aggregate_handling_logs(paths)
-    return {
-        row["event_id"]: [row["handler_calls"], row["max_delivery_count"], row["t_first"],
-                          row["t_last"]]
-        for row in table.to_pylist()
-    }  # fmt: skip
+    """Fold logs into ``{event_id: [calls, max delivery count, t_first, t_last]}``."""
+    handled: Handled = {}
+    for path in paths:
+        for event_id, count, t in _records(path):
+            row = handled.setdefault(event_id, [0, 0, t, t])
+            row[0] += 1
+            row[1] = max(row[1], count)
+            row[2] = min(row[2], t)
+            row[3] = max(row[3], t)
+    return handled
+
+
+class HandlingIndex:
+    """Every group's handling logs in an indexed SQLite file, looked up a chunk of
+    events at a time: a long run's logs never have to fit in memory."""
+
+    def __init__(self, path: Path, logs: dict[str, list[Path]], batch: int = 10_000) -> None:
+        self._db = sqlite3.connect(path)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE handling (grp TEXT, event_id TEXT, n INT, t REAL)")
+        for group, paths in logs.items():
+            rows: list[tuple[str, str, int, float]] = []
+            for log in paths:
+                for record in _records(log):
+                    rows.append((group, *record))
+                    if len(rows) >= batch:
+                        self._db.executemany("INSERT INTO handling VALUES (?,?,?,?)", rows)
+                        rows = []
+            self._db.executemany("INSERT INTO handling VALUES (?,?,?,?)", rows)
+        self._db.execute("CREATE INDEX handling_by_event ON handling (grp, event_id)")
+        self._db.commit()
+
+    def lookup(self, group: str, event_ids: list[str]) -> Handled:
+        """``{event_id: [calls, max delivery count, t_first, t_last]}`` for ``event_ids``."""
+        found: Handled = {}
+        for start in range(0, len(event_ids), 500):  # SQLite's bound-variable limit
+            ids = event_ids[start : start + 500]
+            marks = ",".join("?" * len(ids))
+            for event_id, calls, most, first, last in self._db.execute(
+                "SELECT event_id, count(*), max(n), min(t), max(t) FROM handling "
+                f"WHERE grp = ? AND event_id IN ({marks}) GROUP BY event_id",
+                [group, *ids],
+            ):
+                found[event_id] = [calls, most, first, last]
+        return found
+
+    def totals(self, group: str, event_ids: list[str]) -> dict[str, int]:
+        """The sum of the logged counts per event of ``event_ids`` (effect logs)."""
+        found: dict[str, int] = {}
+        for start in range(0, len(event_ids), 500):
+            ids = event_ids[start : start + 500]
+            marks = ",".join("?" * len(ids))
+            found.update(
+                self._db.execute(
+                    "SELECT event_id, sum(n) FROM handling "
+                    f"WHERE grp = ? AND event_id IN ({marks}) GROUP BY event_id",
+                    [group, *ids],
+                ).fetchall()
+            )
+        return found
+
+    def close(self) -> None:
+        self._db.close()

@@ -10,8 +10,10 @@ SimPy run). Tables and their columns:
 ``handled``      group, event_id, handler_calls, max_delivery_count, t_first, t_last,
                  effects (rows/entries found at the end), expected_effects
 ``final``        group, pending, lag: each group's backlog when the run ended
-``user_streams`` user, entry_id, event_id: every user stream at the end (the truth
-                 phones are checked against)
+``user_streams`` user, entry_id, event_id: every user-stream entry (the truth phones
+                 are checked against). Virtual runs record entries as the fan-out
+                 makes them, so history trimmed later still counts; real-time runs
+                 read the streams at the end
 ``deliveries``   phone, connection, source ("replay", "live", "catch_up", "snapshot"),
                  entry_id, event_id, t. A "snapshot" row marks a resync: the phone lost
                  its Last-Event-ID and fetched the snapshot, whose ``as_of`` is entry_id

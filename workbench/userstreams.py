@@ -10,15 +10,19 @@ concerns (``wb:user:<user id>``) with one Lua script per event, which also
 * records in each entry ``prev``, the id of the entry before it, so readers
   can prove a page or a live message follows on without a gap
   (:mod:`workbench.replay`);
+* returns the ids it appended (none for a duplicate), so a caller can keep
+  its own record of every entry ever made (simulations do, for the checker);
 * publishes one live message per user entry on a single channel
   (``wb:live``). Each server process reads that channel over one connection
   and fans out locally, so Redis connections stay O(1) per process.
 
 **Retention.** ``XADD ... MAXLEN ~ user_maxlen`` (default 1000 entries per
-user). ``~`` trims whole internal nodes, so a stream can hold up to about a
-hundred entries more. A client whose Last-Event-ID fell out of that window
-gets ``event: reset`` and resyncs from the snapshot; it is never silently
-skipped ahead.
+user) and, with ``max_age_s`` set, ``XTRIM MINID ~`` to that many seconds of
+Redis' clock (history by size and by age, like Centrifugo's history size and
+TTL). ``~`` trims whole internal nodes, so a stream can hold somewhat more.
+The entry just appended is never trimmed, so the ``prev`` chain survives. A
+client whose Last-Event-ID fell out of the window gets ``event: reset`` and
+resyncs from the snapshot; it is never silently skipped ahead.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -39,10 +44,17 @@ DEFAULT_USER_MAXLEN = 1000
 DEFAULT_DEDUPE_TTL_S = 7 * 24 * 3600
 
 # KEYS[1] dedupe marker; KEYS[2..] user streams.
-# ARGV: event_id, type, data, maxlen, dedupe ttl, live channel, user ids...
+# ARGV: event_id, type, data, maxlen, dedupe ttl, live channel, max age s, user ids...
 _FANOUT_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
-  return 0
+  return {}
+end
+local ids = {}
+local min_id = nil
+if tonumber(ARGV[7]) > 0 then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  min_id = string.format('%d-0', ms - math.floor(tonumber(ARGV[7]) * 1000))
 end
 for i = 2, #KEYS do
   local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
@@ -50,10 +62,12 @@ for i = 2, #KEYS do
   if #last > 0 then prev = last[1][1] end
   local id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[4], '*',
     'event_id', ARGV[1], 'type', ARGV[2], 'prev', prev, 'data', ARGV[3])
+  if min_id then redis.call('XTRIM', KEYS[i], 'MINID', '~', min_id) end
   redis.call('PUBLISH', ARGV[6],
-    cjson.encode({ARGV[5 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
+    cjson.encode({ARGV[6 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
+  ids[#ids + 1] = id
 end
-return #KEYS - 1
+return ids
 """
 
 
@@ -88,34 +102,46 @@ class UserStreams:
         *,
         maxlen: int = DEFAULT_USER_MAXLEN,
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
+        max_age_s: float = 0.0,
     ) -> None:
         if maxlen < 1:
             raise ValueError("user stream maxlen must be at least 1")
+        if max_age_s < 0:
+            raise ValueError("user stream max age must not be negative (0: no limit)")
         self.client = client
         self.names = names or UserStreamNames()
         self.maxlen = maxlen
         self.dedupe_ttl_s = dedupe_ttl_s
+        self.max_age_s = max_age_s
         self._sha = hashlib.sha1(_FANOUT_LUA.encode()).hexdigest()
 
     def append(self, events: list[tuple[Event, bytes]]) -> list[int]:
         """Append each (event, encoded envelope) to its users' streams, atomically per
         event; return per event the number of entries appended (0: a duplicate)."""
+        return [len(entries) for entries in self.append_entries(events)]
+
+    def append_entries(self, events: list[tuple[Event, bytes]]) -> list[list[tuple[str, str]]]:
+        """:meth:`append`, returning per event the (user, entry id) pairs appended."""
         if not events:
             return []
         try:
-            return self._append(events)
+            replies = self._append(events)
         except redis.exceptions.NoScriptError:
             # A restarted Redis forgot the script. Every call in the pipeline
             # failed alike, and the dedupe marker would make a repeat harmless.
             self._sha = self.client.script_load(_FANOUT_LUA)
-            return self._append(events)
+            replies = self._append(events)
+        return [
+            [(user, _text(entry_id)) for user, entry_id in zip(_users(event), ids, strict=False)]
+            for (event, _), ids in zip(events, replies, strict=True)
+        ]
 
-    def _append(self, events: list[tuple[Event, bytes]]) -> list[int]:
+    def _append(self, events: list[tuple[Event, bytes]]) -> list[Any]:
         # EVALSHA directly: redis-py's Script in a pipeline asks SCRIPT EXISTS
         # on every execute, an extra round trip per batch.
         pipe = self.client.pipeline(transaction=False)
         for event, data in events:
-            users = list(dict.fromkeys(event.user_ids))
+            users = _users(event)
             keys = [self.names.fanout_marker(event.event_id)] + [
                 self.names.stream(u) for u in users
             ]
@@ -129,9 +155,18 @@ class UserStreams:
                 self.maxlen,
                 self.dedupe_ttl_s,
                 self.names.live_channel,
+                self.max_age_s,
                 *users,
             )
-        return [int(n) for n in pipe.execute()]
+        return pipe.execute()
+
+
+def _users(event: Event) -> list[str]:
+    return list(dict.fromkeys(event.user_ids))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 # -- reading (async, used by the HTTP server) ---------------------------------------

@@ -31,17 +31,25 @@ class FanoutHandler:
         *,
         user_maxlen: int = DEFAULT_USER_MAXLEN,
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
+        user_max_age_s: float = 0.0,
     ) -> None:
         self.user_streams = UserStreams(
             client,
             UserStreamNames.of(names or StreamNames()),
             maxlen=user_maxlen,
             dedupe_ttl_s=dedupe_ttl_s,
+            max_age_s=user_max_age_s,
         )
         self.appended = 0
         self.duplicates = 0
 
     def handle(self, events: list[ev.Event]) -> None:
-        counts = self.user_streams.append([(event, ev.encode(event)) for event in events])
-        self.appended += sum(counts)
-        self.duplicates += sum(1 for n in counts if n == 0)
+        self.append(events)
+
+    def append(self, events: list[ev.Event]) -> list[list[tuple[str, str]]]:
+        """Fan ``events`` out; return per event the (user, entry id) pairs appended
+        (none for an event already fanned out)."""
+        appended = self.user_streams.append_entries([(e, ev.encode(e)) for e in events])
+        self.appended += sum(map(len, appended))
+        self.duplicates += sum(1 for entries in appended if not entries)
+        return appended

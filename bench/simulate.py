@@ -1,0 +1,407 @@
+"""Virtual-time speed and memory of the baseline simulation (issue #4).
+
+**Speed.** :func:`simulations.run.simulate` on the baseline scenario with 1000
+phones (``market.buyers`` raised to match: phones are taken from the buyers),
+timed on the wall clock. *Runtime events*, read from the run's tables, are the
+runtime's units of work; their sum per wall second is set against 20k/s:
+commands (every service call, M-Pesa callbacks and rejected ones included: each
+is a SQL transaction) + relayed (outbox rows published to the aggregate
+streams) + handler calls (deliveries to a handler summed over all consumer
+groups, fanout included, redeliveries counted) + user entries (appended by the
+fan-out to per-user streams) + phone deliveries (entries phones received).
+Beside it the same SimPy model (Market, MpesaGateway, Phone timing, same
+parameters and seed) runs without the runtime: a dict-backed stand-in service,
+phones that keep their connection/reconnect/poll draws but read nothing. The
+runtime's share of the wall time is ``1 - model / total``.
+
+**Memory.** ``simulate`` for ``--base-duration`` and ``--multiplier`` times it
+of virtual load (same phones, drain unchanged), each in a child process with a
+redis-server of its own (AOF on, as ``simulate`` starts one). Where the tree
+has ``simulate_to`` the child calls that, so reading the tables back to count
+them is not part of the peak. Figures: the child's peak RSS (``ru_maxrss``)
+and its RSS when the virtual run ends (before the end-of-run tables are
+collected), redis-server's peak RSS (``VmHWM``) and ``INFO memory``; an Nx/1x
+ratio below 1.5 reads "flat". A second table shows what is held at the end:
+the run's tables and its Redis keys by kind. The speed run is the 1x run when
+the durations match.
+
+Usage::
+
+    .venv/bin/python bench/simulate.py           # 1000 phones, 600 s load; memory 1x, 10x
+    .venv/bin/python bench/simulate.py --quick   # smoke run (100 phones, 60 s load, 3x)
+
+Progress goes to stderr; the last line of output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import count
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import click
+import numpy as np
+import simpy
+from rich.table import Table
+
+from simulations.gateway import MpesaGateway
+from simulations.market import Market
+from simulations.phones import Phone, ServerFaults, ServerPool
+from simulations.scenario import Scenario, ScenarioError, load
+from workbench.escrow import DomainError, EscrowState
+from workbench.report import wide_console
+from workbench.service import CommandResult
+from workbench.userstreams import UserStreamNames
+
+TARGET = 20_000  # runtime events per wall-clock second
+FLAT = 1.5  # Nx/1x ratio below which memory counts as flat
+MIB = 1024 * 1024
+S = EscrowState
+
+# -- the model without the runtime --------------------------------------------------------
+
+
+class ModelService:
+    """Stands in for EscrowService: escrow states in a dict, deadlines applied lazily."""
+
+    def __init__(self, env: simpy.Environment, m: dict[str, Any]) -> None:
+        self.env, self.ids, self.commands = env, count(1), 0
+        pay, ship, confirm = (m[f"{k}_timeout_s"] for k in ("payment", "shipping", "confirmation"))
+        self.timeouts = {S.CREATED: pay, S.AWAITING_PAYMENT: pay, S.FUNDED: ship,
+                         S.SHIPPED: confirm}  # fmt: skip
+        self.rows: dict[str, list[Any]] = {}  # id -> [state, deadline, amount, checkout]
+        self.checkouts: dict[str, str] = {}
+        self.gateway: MpesaGateway | None = None
+
+    def record(self, *_: Any) -> None:
+        self.commands += 1
+
+    def _row(self, escrow_id: str, *allowed: EscrowState) -> list[Any]:
+        row = self.rows[escrow_id]
+        if row[1] is not None and self.env.now >= row[1]:  # the expiry timer, lazily
+            paid = {S.FUNDED: S.REFUNDED, S.SHIPPED: S.RELEASED}
+            row[:2] = [paid.get(row[0], S.EXPIRED), None]
+        if allowed and row[0] not in allowed:
+            raise DomainError(f"escrow {escrow_id} is {row[0].value}")
+        return row
+
+    def _set(self, row: list[Any], state: EscrowState) -> CommandResult:
+        row[0] = state
+        row[1] = self.env.now + self.timeouts[state] if state in self.timeouts else None
+        return CommandResult({"state": state.value})
+
+    def create(self, buyer: str, seller: str, amount: int) -> CommandResult:
+        escrow_id = f"esc-{next(self.ids)}"
+        self.rows[escrow_id] = row = [S.CREATED, None, amount, None]
+        self._set(row, S.CREATED)
+        return CommandResult({"id": escrow_id, "buyer_id": buyer, "seller_id": seller})
+
+    def fund(self, escrow_id: str, actor: str, phone: str) -> CommandResult:
+        row = self._row(escrow_id, S.CREATED)
+        assert self.gateway is not None
+        row[3] = self.gateway.stk_push(escrow_id, row[2], phone)
+        self.checkouts[row[3]] = escrow_id
+        return self._set(row, S.AWAITING_PAYMENT)
+
+    def callback(self, body: dict[str, Any]) -> None:
+        self.commands += 1
+        cb = body["Body"]["stkCallback"]
+        escrow_id = self.checkouts.pop(cb["CheckoutRequestID"], None)  # None: a duplicate
+        if escrow_id is not None:
+            row = self._row(escrow_id)
+            if row[3] == cb["CheckoutRequestID"] and row[0] is S.AWAITING_PAYMENT:
+                self._set(row, S.FUNDED if cb["ResultCode"] == 0 else S.CREATED)
+
+    def get(self, escrow_id: str) -> SimpleNamespace:
+        return SimpleNamespace(state=self._row(escrow_id)[0])
+
+    def ship(self, escrow_id: str, actor: str) -> CommandResult:
+        return self._set(self._row(escrow_id, S.FUNDED), S.SHIPPED)
+
+    def confirm(self, escrow_id: str, actor: str) -> CommandResult:
+        return self._set(self._row(escrow_id, S.SHIPPED), S.RELEASED)
+
+    def dispute(self, escrow_id: str, actor: str, reason: str) -> CommandResult:
+        return self._set(self._row(escrow_id, S.FUNDED, S.SHIPPED), S.DISPUTED)
+
+    def resolve(self, escrow_id: str, actor: str, outcome: str) -> CommandResult:
+        return self._set(self._row(escrow_id, S.DISPUTED), S.REFUNDED if outcome == "refund"
+                         else S.RELEASED)  # fmt: skip
+
+    def cancel(self, escrow_id: str, actor: str) -> CommandResult:
+        return self._set(self._row(escrow_id, S.CREATED, S.AWAITING_PAYMENT, S.FUNDED), S.CANCELLED)
+
+
+class ModelPhone(Phone):
+    """A Phone with the same connection, reconnect and poll timing that reads nothing."""
+
+    polls = 0
+
+    def _connect(self) -> Any:
+        return None
+
+    def _deliver(self, session: Any, source: str) -> None:
+        self.polls += 1
+
+
+def model_only(scenario: Scenario, seed: int) -> dict[str, Any]:
+    """The SimPy model of ``simulate`` minus the runtime: same seeds, same draws."""
+    started = time.perf_counter()
+    params, run_p, servers = scenario.params, scenario.params["run"], scenario.params["servers"]
+    env = simpy.Environment()
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
+    service = ModelService(env, params["market"])
+    service.gateway = MpesaGateway(env, rngs[0], params["mpesa"], service.callback)
+    market = Market(env, rngs[1], params["market"], service, service.record,  # type: ignore[arg-type]
+                    until=run_p["duration_s"])  # fmt: skip
+    env.process(market.run())
+    names, buyers, pool = UserStreamNames("sim"), market.buyers, ServerPool(servers["count"])
+    for i in range(min(params["phones"]["count"], len(buyers))):
+        rng = np.random.default_rng(rngs[3].integers(2**63))
+        phone = ModelPhone(env, rng, params["phones"], buyers[i], None, names, [])  # type: ignore[arg-type]
+        phone.pool = pool
+        pool.phones.append(phone)
+        env.process(phone.run())
+    server_faults = ServerFaults(env, rngs[5], servers, pool, [], run_p["duration_s"])
+    for server in range(servers["count"]):
+        env.process(server_faults.run(server))
+    env.run(until=run_p["duration_s"] + run_p["drain_s"])
+    return {"wall_s": time.perf_counter() - started, "commands": service.commands,
+            "escrows": market.opened, "phone_polls": sum(p.polls for p in pool.phones)}  # fmt: skip
+
+
+# -- one simulate() run in a child process ------------------------------------------------
+
+
+def _proc(pid: int | None, field: str) -> int:
+    """A ``/proc/<pid>/status`` size field (VmRSS, VmHWM) in bytes; 0 if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _redis_keys(client: Any, prefix: str = "sim") -> dict[str, list[int]]:
+    """Keys under ``prefix`` by kind: [entries (streams) or keys (others), bytes]."""
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.memory_usage(key, samples=0)
+        pipe.type(key)
+    found = pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    for key, kind in zip(keys, found[1::2], strict=True):
+        (pipe.xlen if kind == b"stream" else pipe.exists)(key)
+    out: dict[str, list[int]] = {}
+    for key, size, n in zip(keys, found[0::2], pipe.execute(), strict=True):
+        parts = key.decode().split(":")
+        row = out.setdefault(f"{parts[0]}:{parts[1]}" + (":*" if len(parts) > 2 else ""), [0, 0])
+        row[0] += n
+        row[1] += size or 0
+    return out
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``simulate`` once against a redis-server of our own; return every figure."""
+    import simulations.run as sim
+    from workbench.redis_server import RedisServer
+    from workbench.runs import RunTables
+
+    scenario, label = load(spec["scenario"], spec["overrides"]), spec["label"]
+    rss_before, trace = _proc(os.getpid(), "VmRSS"), []
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-sim-") as directory,
+        RedisServer(directory, appendonly=True, appendfsync="everysec") as server,
+    ):
+        started = time.perf_counter()
+
+        def progress(t: float, total: float) -> None:
+            trace.append((t, time.perf_counter() - started, _proc(os.getpid(), "VmRSS")))
+            if len(trace) % 20 == 0 or t >= total:
+                _, wall, rss = trace[-1]
+                print(f"  [{label}] {t:,.0f}/{total:,.0f} virtual s, {wall:,.1f} s wall, RSS "
+                      f"{rss / MIB:,.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+
+        run_dir, tables = Path(directory) / "run", None
+        if hasattr(sim, "simulate_to"):  # writes the tables as it goes, returns none of them
+            sim.simulate_to(
+                scenario, spec["seed"], run_dir, redis_url=server.url, progress=progress
+            )
+        else:  # an older tree: simulate() keeps the tables in memory and returns them
+            tables = sim.simulate(scenario, spec["seed"], redis_url=server.url, progress=progress)
+        wall = time.perf_counter() - started
+        sim_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        client = server.client()
+        info, keys = client.info("memory"), _redis_keys(client)
+        redis_hwm = _proc(server.pid, "VmHWM")
+        client.close()
+        tables = tables or RunTables.load(run_dir)  # to count, after the peak was taken
+    events = {
+        "commands": len(tables.commands),
+        "relayed": int(tables.published["t_published"].notna().sum()),
+        "handler_calls": int(tables.handled["handler_calls"].sum()),
+        "user_entries": len(tables.user_streams),
+        "phone_deliveries": int((tables.deliveries["source"] != "snapshot").sum()),
+    }
+    run_p = scenario["run"]
+    return {
+        "label": label, "load_s": run_p["duration_s"],
+        "virtual_s": run_p["duration_s"] + run_p["drain_s"], "escrows": len(tables.escrows),
+        "events": events, "total_events": sum(events.values()), "wall_s": wall,
+        "loop_wall_s": trace[-1][1], "sim_rss_before": rss_before, "sim_rss_run_end": trace[-1][2],
+        "sim_rss_peak": sim_peak,
+        "redis_rss_peak": redis_hwm, "redis_used_memory": int(info["used_memory"]),
+        "redis_used_memory_peak": int(info["used_memory_peak"]), "redis_keys": keys,
+        "tables": {name: [len(df), int(df.memory_usage(deep=True).sum())]
+                   for name in tables.table_names() if len(df := getattr(tables, name))},
+        "rss_trace": [(round(t), round(w, 1), r) for t, w, r in trace[9::20]],
+    }  # fmt: skip
+
+
+def spawn(spec: dict[str, Any]) -> dict[str, Any]:
+    """``child(spec)`` in a fresh interpreter, so peak RSS is this run's alone."""
+    argv = [sys.executable, __file__, "--child", json.dumps(spec)]
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def print_speed(console: Any, run: dict[str, Any], model: dict[str, Any], phones: int) -> None:
+    wall, total, virtual, loop = (run[k] for k in ("wall_s", "total_events", "virtual_s",
+                                                   "loop_wall_s"))  # fmt: skip
+    print(f"speed: {phones} phones, {run['load_s']:,.0f} s load + {virtual - run['load_s']:,.0f} s "
+          f"drain = {virtual:,.0f} virtual s, {run['escrows']:,} escrows; simulate() took "
+          f"{wall:,.1f} s wall ({virtual / wall:,.1f} virtual s per wall s; virtual run "
+          f"{loop:,.1f} s, finish + collecting tables {wall - loop:,.1f} s)")  # fmt: skip
+    print("runtime events = commands + relayed + handler calls (all groups) + user entries "
+          "+ phone deliveries")  # fmt: skip
+    table = Table(title="runtime events", title_justify="left")
+    for name in ("what", "events", "per wall s"):
+        table.add_column(name, justify="left" if name == "what" else "right")
+    for key, n in [*run["events"].items(), ("total", total)]:
+        table.add_row(key.replace("_", " "), f"{n:,}", f"{n / wall:,.0f}")
+    console.print(table)
+    rate, share = total / wall, 1 - model["wall_s"] / wall
+    print(f"runtime events per wall second: {rate:,.0f}; target >= {TARGET:,}/s: ratio "
+          f"{rate / TARGET:.3f} -> {'MET' if rate >= TARGET else 'NOT MET'}")  # fmt: skip
+    print(f"model only (stand-in service, phones that read nothing): {model['wall_s']:,.2f} s "
+          f"wall, {model['commands']:,} commands and {model['escrows']:,} escrows "
+          f"(runtime run: {run['events']['commands']:,}, {run['escrows']:,}); "
+          f"{model['phone_polls']:,} timed phone reads (XRANGEs in the runtime run)")  # fmt: skip
+    print(f"runtime share of wall time: 1 - {model['wall_s']:,.2f}/{wall:,.1f} = {share:.1%}")
+
+
+MEMORY_ROWS = (  # label, key, unit, judged flat/grows
+    ("virtual load s", "load_s", 1, False), ("escrows", "escrows", 1, False),
+    ("runtime events", "total_events", 1, False), ("wall s", "wall_s", 1, False),
+    ("sim RSS before simulate() MiB", "sim_rss_before", MIB, False),
+    ("sim RSS at end of virtual run MiB", "sim_rss_run_end", MIB, False),
+    ("sim peak RSS MiB", "sim_rss_peak", MIB, True),
+    ("sim peak RSS - before MiB", "sim_rss_growth", MIB, True),
+    ("redis peak RSS (VmHWM) MiB", "redis_rss_peak", MIB, True),
+    ("redis used_memory MiB", "redis_used_memory", MIB, True),
+    ("redis used_memory_peak MiB", "redis_used_memory_peak", MIB, False),
+)  # fmt: skip
+
+
+def print_memory(console: Any, small: dict[str, Any], big: dict[str, Any], n: float) -> None:
+    for run in (small, big):
+        run["sim_rss_growth"] = run["sim_rss_peak"] - run["sim_rss_before"]
+    table = Table(title=f"memory: {n:g}x vs 1x virtual load", title_justify="left")
+    for name in ("", "1x", f"{n:g}x", f"{n:g}x/1x", f"flat if < {FLAT}"):
+        table.add_column(name, justify="right" if name else "left")
+    verdicts = {}
+    for label, key, unit, judged in MEMORY_ROWS:
+        a, b = small[key] / unit, big[key] / unit
+        ratio = b / a if a else float("inf")
+        verdict = ("flat" if ratio < FLAT else "grows") if judged else ""
+        if judged:
+            verdicts[label.removesuffix(" MiB")] = verdict
+        table.add_row(label, f"{a:,.1f}", f"{b:,.1f}", f"{ratio:.2f}", verdict)
+    console.print(table)
+    held = Table(title="size at the end: table rows (MiB as DataFrames), Redis entries or keys "
+                 "(MiB by MEMORY USAGE)", title_justify="left")  # fmt: skip
+    for name in ("", "1x", "MiB", f"{n:g}x", "MiB", "MiB ratio"):
+        held.add_column(name, justify="right" if name else "left")
+    for where, key in (("table", "tables"), ("redis", "redis_keys")):
+        for name, (count_b, size_b) in sorted(big[key].items(), key=lambda kv: -kv[1][1]):
+            count_a, size_a = small[key].get(name, (0, 0))
+            ratio = f"{size_b / size_a:.1f}" if size_a else "-"
+            held.add_row(f"{where} {name}", f"{count_a:,}", f"{size_a / MIB:,.2f}",
+                         f"{count_b:,}", f"{size_b / MIB:,.2f}", ratio)  # fmt: skip
+    console.print(held)
+    trace = ", ".join(f"{t}: {r / MIB:,.0f}" for t, _, r in big["rss_trace"])
+    print(f"sim RSS during the {n:g}x run (virtual s: MiB): {trace}")
+    print("memory over run length: " + "; ".join(f"{k} {v}" for k, v in verdicts.items()))
+
+
+@click.command()
+@click.option("--scenario", default="baseline", show_default=True)
+@click.option("--seed", default=1, show_default=True)
+@click.option("--phones", default=1000, show_default=True, help="phones.count (and min buyers)")
+@click.option("--duration", type=float, help="speed: virtual load s [scenario's run.duration_s]")
+@click.option("--base-duration", type=float, help="memory: 1x virtual load s [the scenario's]")
+@click.option("--multiplier", default=10.0, show_default=True, help="memory: the long run's N")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--quick", is_flag=True, help="smoke run: 100 phones, 60 s load, 30 s drain, 3x")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--child", "child_spec", hidden=True)
+def main(scenario: str, seed: int, phones: int, duration: float | None,
+         base_duration: float | None, multiplier: float, overrides: tuple[str, ...],
+         quick: bool, json_path: Path | None, child_spec: str | None) -> None:  # fmt: skip
+    """Virtual-time speed of the baseline simulation, the runtime's share, and memory."""
+    if child_spec:
+        print(json.dumps(child(json.loads(child_spec))))
+        return
+    sets = list(overrides)
+    if quick:
+        phones, duration, base_duration, multiplier = min(phones, 100), 60.0, 60.0, 3.0
+        sets.insert(0, "run.drain_s=30")
+    try:
+        loaded = load(scenario, sets)
+    except ScenarioError as exc:
+        raise click.UsageError(str(exc)) from None
+    if phones < 1 or multiplier <= 0:
+        raise click.UsageError("--phones must be at least 1 and --multiplier positive")
+    duration = duration or loaded["run"]["duration_s"]
+    base_duration = base_duration or loaded["run"]["duration_s"]
+    buyers = max(phones, loaded["market"]["buyers"])
+
+    def spec(load_s: float, label: str) -> dict[str, Any]:
+        extra = [f"phones.count={phones}", f"market.buyers={buyers}", f"run.duration_s={load_s}"]
+        return {"scenario": scenario, "seed": seed, "overrides": sets + extra, "label": label}
+
+    console = wide_console()
+    speed = spawn(spec(duration, "speed"))
+    model = model_only(load(scenario, spec(duration, "")["overrides"]), seed)
+    print_speed(console, speed, model, phones)
+    small = speed if base_duration == duration else spawn(spec(base_duration, "memory 1x"))
+    big = spawn(spec(base_duration * multiplier, f"memory {multiplier:g}x"))
+    print_memory(console, small, big, multiplier)
+    rate = speed["total_events"] / speed["wall_s"]
+    summary = {"bench": "simulate", "scenario": scenario, "seed": seed, "phones": phones,
+               "events_per_s": round(rate, 1), "target": TARGET, "target_met": rate >= TARGET,
+               "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
+               "speed": speed, "model_only": model,
+               "memory": {"1x": small, f"{multiplier:g}x": big}}  # fmt: skip
+    line = json.dumps(summary, sort_keys=True)
+    if json_path is not None:
+        json_path.write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

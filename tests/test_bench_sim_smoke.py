@@ -1,0 +1,23 @@
+"""``bench/simulate.py --quick`` runs to the end. A smoke test: no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.support import ROOT
+
+
+def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "simulate.py"), "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "runtime events per wall second" in result.stdout
+    summary = json.loads(out.read_text())
+    # The model alone made the same commands as the model driving the runtime.
+    assert summary["model_only"]["commands"] == summary["speed"]["events"]["commands"]
+    assert summary["speed"]["total_events"] > 0 and summary["runtime_share"] > 0
