@@ -5,7 +5,7 @@ UV_VERSION := 0.13.9
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo serve test lint bench bench-sse bench-sim inspect clean venv
+.PHONY: run demo serve test test-notebooks lab notebooks lint bench bench-sse bench-sim inspect clean venv
 
 venv: $(STAMP)
 
@@ -29,6 +29,21 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check workbench simulations tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-notebooks
+
+# Re-execute every notebook and compare the outputs marked NBVAL_CHECK_OUTPUT.
+test-notebooks: $(STAMP)
+	cd notebooks && ../$(BIN)/python -m pytest -p no:cacheprovider --nbval-lax \
+		--nbval-sanitize-with sanitize.cfg --nbval-cell-timeout 900 -o testpaths=. .
+
+# JupyterLab on notebooks/ with the project's environment as the kernel.
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir notebooks
+
+# Re-run every notebook in place (refreshes the committed outputs).
+notebooks: $(STAMP)
+	cd notebooks && for nb in *.ipynb; do \
+		../$(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check workbench simulations tests bench

@@ -36,7 +36,8 @@ Consumer groups
 
 Phones
     A phone is checked against the entries of its user stream (``user_streams``, the
-    truth: every entry made, also those trimmed since, when the run recorded them). It should receive every entry after ``phones.start_after``, in order.
+    truth: every entry made, also those trimmed since, when the run recorded them).
+    It should receive every entry after ``phones.start_after``, in order.
     Ids compare as ``(ms, seq)`` integers, never as text. Walking its ``deliveries`` in
     row order, a "snapshot" row is a resync: the phone fetched the snapshot as of its
     ``entry_id``, so every expected entry up to that id that it never received is

@@ -298,3 +298,45 @@ def claim_inbox(conn: Connection, group: str, event_ids: list[str], now: float) 
 
 def _inbox_rows(group: str, event_ids: list[str], now: float) -> list[dict[str, Any]]:
     return [{"group_name": group, "event_id": e, "handled_at": now} for e in event_ids]
+
+
+# -- analytics (workbench.analytics) ------------------------------------------------
+
+# The analytics group's durable feature state: one row per event it has folded
+# (an event-sourced projection: features are a function of this set, so order
+# and redelivery do not matter), keyed by group so two analytics groups (say, two
+# model versions side by side) can share a store.
+analytics_facts = Table(
+    "analytics_facts",
+    metadata,
+    Column("group_name", String(64), nullable=False),
+    Column("event_id", String(64), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("escrow_id", String(64), nullable=False),
+    Column("buyer_id", String(64), nullable=False),
+    Column("seller_id", String(64), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("at", Float, nullable=False),  # the event's occurred_at
+    PrimaryKeyConstraint("group_name", "event_id"),
+    Index("ix_analytics_facts_seller", "group_name", "seller_id"),
+    Index("ix_analytics_facts_buyer", "group_name", "buyer_id"),
+)
+
+# One risk score per source event, written in the transaction that folds the
+# event: the risk stream entry is published from this row, so a batch redelivered
+# after a crash republishes the same score (and the Lua dedupe drops it).
+risk_scores = Table(
+    "risk_scores",
+    metadata,
+    Column("group_name", String(64), nullable=False),
+    Column("event_id", String(64), nullable=False),  # the source event
+    Column("event_type", String(64), nullable=False),
+    Column("seller_id", String(64), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("model", String(100), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("event_at", Float, nullable=False),
+    Column("scored_at", Float, nullable=False),
+    PrimaryKeyConstraint("group_name", "event_id"),
+    Index("ix_risk_scores_seller", "group_name", "seller_id"),
+)

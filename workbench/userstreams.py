@@ -17,9 +17,11 @@ concerns (``wb:user:<user id>``) with one Lua script per event, which also
   and fans out locally, so Redis connections stay O(1) per process.
 
 **Retention.** ``XADD ... MAXLEN ~ user_maxlen`` (default 1000 entries per
-user) and, with ``max_age_s`` set, ``XTRIM MINID ~`` to that many seconds of
+user) and, with ``max_age_s`` set, ``XTRIM MINID`` to that many seconds of
 Redis' clock (history by size and by age, like Centrifugo's history size and
-TTL). ``~`` trims whole internal nodes, so a stream can hold somewhat more.
+TTL). ``~`` trims whole internal nodes (100 entries), so a stream can hold
+somewhat more than ``maxlen``; the age trim is exact, because a phone's stream
+is usually smaller than one node and ``~`` would never trim it.
 The entry just appended is never trimmed, so the ``prev`` chain survives. A
 client whose Last-Event-ID fell out of the window gets ``event: reset`` and
 resyncs from the snapshot; it is never silently skipped ahead.
@@ -62,7 +64,7 @@ for i = 2, #KEYS do
   if #last > 0 then prev = last[1][1] end
   local id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[4], '*',
     'event_id', ARGV[1], 'type', ARGV[2], 'prev', prev, 'data', ARGV[3])
-  if min_id then redis.call('XTRIM', KEYS[i], 'MINID', '~', min_id) end
+  if min_id then redis.call('XTRIM', KEYS[i], 'MINID', min_id) end
   redis.call('PUBLISH', ARGV[6],
     cjson.encode({ARGV[6 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
   ids[#ids + 1] = id
