@@ -44,11 +44,13 @@ from workbench.runs import RunTables, RunWriter
 from workbench.service import EscrowService
 from workbench.store import (
     Store,
+    analytics_facts,
     dispute_timeline,
     escrows,
     ledger_entries,
     notifications,
     outbox,
+    risk_scores,
 )
 from workbench.userstreams import UserStreamNames
 
@@ -349,6 +351,18 @@ def collect(
                  "amount": int(r.amount)}
                 for r in rows
             )  # fmt: skip
+        result = conn.execution_options(yield_per=CHUNK).execute(
+            select(risk_scores)
+            .where(risk_scores.c.group_name == "analytics")
+            .order_by(risk_scores.c.scored_at, risk_scores.c.event_id)
+        )
+        for rows in result.partitions():
+            writer["risk"].extend(
+                {"event_id": r.event_id, "event_type": r.event_type, "seller_id": r.seller_id,
+                 "score": r.score, "model_version": r.model_version,
+                 "t_event": r.event_at - epoch, "t_scored": r.scored_at - epoch}
+                for r in rows
+            )  # fmt: skip
 
 
 def _published(events: list[ev.Event], rows: Any, epoch: float) -> pd.DataFrame:
@@ -380,6 +394,9 @@ def _effects(conn: Connection, ids: list[str]) -> dict[str, Counter[str]]:
             notifications.c.channel == "push", notifications.c.event_id.in_(ids)
         ),
         "disputes": select(dispute_timeline.c.event_id).where(dispute_timeline.c.event_id.in_(ids)),
+        "analytics": select(analytics_facts.c.event_id).where(
+            analytics_facts.c.group_name == "analytics", analytics_facts.c.event_id.in_(ids)
+        ),
     }
     return {g: Counter(conn.execute(q).scalars()) for g, q in queries.items()}
 
@@ -395,7 +412,13 @@ def _handled_row(
     """One event of one group: what its handlers were given, what they made, and
     what they should have made."""
     n, most, first, last = calls.get(event.event_id, (0, 0, None, None))
-    expected = len(set(event.user_ids)) if group == "fanout" else len(handlers[group].rows(event))
+    expected = (
+        len(set(event.user_ids))
+        if group == "fanout"
+        else 1  # the analytics group folds each event into one fact row
+        if group == "analytics"
+        else len(handlers[group].rows(event))
+    )
     return {
         "group": group, "event_id": event.event_id, "handler_calls": n,
         "max_delivery_count": most,

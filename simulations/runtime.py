@@ -37,7 +37,7 @@ from workbench.consumer import (
     ConsumerWorker,
 )
 from workbench.events import Event
-from workbench.handlers import ALL_GROUPS, aggregate_types_of, make_handler
+from workbench.handlers import ALL_GROUPS, OPTIONAL_GROUPS, aggregate_types_of, make_handler
 from workbench.handlers.fanout import FanoutHandler
 from workbench.handlinglog import HandlingLog
 from workbench.log import StreamNames
@@ -204,13 +204,21 @@ class Runtime:
             retention_s=params["relay"]["retention_s"],
         )  # fmt: skip
         only = [g.strip() for g in params["consumers"]["only"].split(",") if g.strip()]
-        unknown = set(only) - set(SIM_GROUPS)
+        known = (*SIM_GROUPS, *OPTIONAL_GROUPS)
+        unknown = set(only) - set(known)
         if unknown:
             raise ValueError(
                 f"consumers.only names unknown groups {sorted(unknown)}; "
-                f"groups: {', '.join(SIM_GROUPS)}"
+                f"groups: {', '.join(known)}"
             )
-        self.groups = tuple(g for g in SIM_GROUPS if not only or g in only)
+        self.model: Any = None
+        available = SIM_GROUPS
+        if params["analytics"]["model"]:
+            from workbench.analytics import load as load_model
+
+            self.model = load_model(params["analytics"]["model"])
+            available = (*SIM_GROUPS, "analytics")
+        self.groups = tuple(g for g in available if not only or g in only)
         self.slots = {group: GroupSlot(group) for group in self.groups}
         self.healed = False
         self.on_fanout: Callable[[list[str]], None] = lambda users: None
@@ -240,6 +248,8 @@ class Runtime:
                 self.clock,
             )
             if slot.name == "fanout"
+            else self._risk_scorer()
+            if slot.name == "analytics"
             else make_handler(slot.name, self.store, self.clock)
         )
         cls = AckFirstWorker if c["ack_before_effect"] else ConsumerWorker
@@ -270,6 +280,11 @@ class Runtime:
         slot.crash_at = None
         with contextlib.suppress(*TRANSIENT):
             worker.setup()  # the group exists from now on, as a started process's would
+
+    def _risk_scorer(self) -> Any:
+        from workbench.analytics import RiskScorer
+
+        return RiskScorer(self.store, self.client, self.model, names=self.names, clock=self.clock)
 
     def _maybe_crash(self, slot: GroupSlot, point: str) -> None:
         if slot.crash_at == point:

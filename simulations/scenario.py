@@ -89,6 +89,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "mtbf_s": 0.0,  # per server: SIGKILL with all its sessions; 0: never
         "mttr_s": 5.0,  # until the killed server is back
     },
+    "analytics": {
+        # A trained risk model's directory (workbench.analytics.save): runs the
+        # "analytics" group, scoring sellers online; "": no analytics group.
+        "model": "",
+    },
     "realtime": {
         "factor": 1.0,  # --realtime: wall seconds per virtual second (0.5: twice as fast)
         "sse_ping_s": 1.0,  # server heartbeats (wall seconds)

@@ -22,6 +22,8 @@ SimPy run). Tables and their columns:
 ``faults``       t_start, t_end, kind, target, detail
 ``escrows``      id, buyer_id, seller_id, amount, state, seller_class, buyer_class
 ``ledger``       event_id, escrow_id, account, amount
+``risk``         event_id, event_type, seller_id, score, model_version, t_event, t_scored:
+                 the ``analytics`` group's online risk scores (empty without it)
 
 Every table is written even when empty, so readers need no special cases.
 The simulator writes tables *as the run goes* (:class:`RunWriter`: Parquet row
@@ -59,6 +61,8 @@ COLUMNS: dict[str, list[str]] = {
     "faults": ["t_start", "t_end", "kind", "target", "detail"],
     "escrows": ["id", "buyer_id", "seller_id", "amount", "state", "seller_class", "buyer_class"],
     "ledger": ["event_id", "escrow_id", "account", "amount"],
+    "risk": ["event_id", "event_type", "seller_id", "score", "model_version", "t_event",
+             "t_scored"],
 }  # fmt: skip
 
 
@@ -77,6 +81,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         "faults": [_F, _F, _S, _S, _S],
         "escrows": [_S, _S, _S, _I, _S, _S, _S],
         "ledger": [_S, _S, _S, _I],
+        "risk": [_S, _S, _S, _F, _S, _F, _F],
     }.items()
 }
 
@@ -168,6 +173,7 @@ class RunTables:
     faults: pd.DataFrame = field(default_factory=lambda: empty("faults"))
     escrows: pd.DataFrame = field(default_factory=lambda: empty("escrows"))
     ledger: pd.DataFrame = field(default_factory=lambda: empty("ledger"))
+    risk: pd.DataFrame = field(default_factory=lambda: empty("risk"))
 
     @classmethod
     def table_names(cls) -> list[str]:
@@ -194,6 +200,8 @@ class RunTables:
         run = cls(manifest=json.loads(manifest_path.read_text()))
         for name in cls.table_names():
             file = path / f"{name}.parquet"
+            if not file.exists() and name == "risk":
+                continue  # runs from before the analytics group: an empty table
             if not file.exists():
                 raise FileNotFoundError(f"{path} lacks {name}.parquet")
             setattr(run, name, pd.read_parquet(file))

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         lag_summary,
         online_scores,
         read_risk_stream,
+        risk_table_scores,
         scorer_lag,
         streaming_features,
     )
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
         load,
         replay_scores,
         save,
+        seller_classes,
         train,
     )
 
@@ -105,7 +107,9 @@ __all__ = [
     "online_scores",
     "read_risk_stream",
     "replay_scores",
+    "risk_table_scores",
     "save",
+    "seller_classes",
     "scorer_lag",
     "streaming_features",
     "train",
@@ -121,6 +125,7 @@ _WHERE = {
     "online_scores": "consumer",
     "read_risk_stream": "consumer",
     "scorer_lag": "consumer",
+    "risk_table_scores": "consumer",
     "streaming_features": "consumer",
     "MODEL_FEATURES": "features",
     "Fact": "features",
@@ -137,6 +142,7 @@ _WHERE = {
     "load": "model",
     "replay_scores": "model",
     "save": "model",
+    "seller_classes": "model",
     "train": "model",
 }
 

@@ -381,6 +381,19 @@ def online_scores(risk: pd.DataFrame, epoch: float = 0.0) -> pd.DataFrame:
     )
 
 
+def risk_table_scores(risk: pd.DataFrame) -> pd.DataFrame:
+    """A run's ``risk`` table (the simulator's record of the analytics group's
+    scores, times already in run time) in the shape :func:`online_scores` gives."""
+    return pd.DataFrame(
+        {
+            "event_id": risk["event_id"],
+            "t": risk["t_event"],
+            "party": risk["seller_id"],
+            "score": risk["score"],
+        }
+    )
+
+
 def source_entries(
     client: redis.Redis,
     names: StreamNames | None = None,

@@ -21,16 +21,20 @@ HANDLERS: dict[str, type[SqlHandler]] = {
 GROUPS: tuple[str, ...] = tuple(HANDLERS)
 # Every consumer group: the SQL handler groups plus the fan-out into user streams.
 ALL_GROUPS: tuple[str, ...] = (*GROUPS, "fanout")
+# Groups that run only when configured: the risk scorer needs a trained model.
+OPTIONAL_GROUPS: tuple[str, ...] = ("analytics",)
 
 
 def aggregate_types_of(group: str) -> tuple[str, ...]:
     """The aggregate types (streams) a consumer group reads."""
     if group == "fanout":
         return AGGREGATE_TYPES  # FanoutHandler.aggregate_types, without importing it
+    if group == "analytics":
+        return ("escrow", "payment", "dispute")  # workbench.analytics.ANALYTICS_AGGREGATES
     try:
         return tuple(HANDLERS[group].aggregate_types)
     except KeyError:
-        known = ", ".join(ALL_GROUPS)
+        known = ", ".join((*ALL_GROUPS, *OPTIONAL_GROUPS))
         raise ValueError(f"unknown consumer group {group!r}; known groups: {known}") from None
 
 
