@@ -208,8 +208,7 @@ class Runtime:
         unknown = set(only) - set(known)
         if unknown:
             raise ValueError(
-                f"consumers.only names unknown groups {sorted(unknown)}; "
-                f"groups: {', '.join(known)}"
+                f"consumers.only names unknown groups {sorted(unknown)}; groups: {', '.join(known)}"
             )
         self.model: Any = None
         available = SIM_GROUPS
