@@ -214,7 +214,7 @@ class App:
 
     async def close(self) -> None:
         self.hub.close_all("server shutting down")
-        await self.aredis.aclose()
+        await self.aredis.aclose(close_connection_pool=True)  # the pool was passed in
         self.redis.close()
         self.store.close()
 
