@@ -73,3 +73,48 @@ def test_empty_run() -> None:
     summary = summarise(RunTables())
     assert all(frame.empty for frame in summary.values())
     assert backlog(RunTables()).empty
+
+
+def test_recovery_time_runs_from_crash_to_the_first_empty_sample_after_restart() -> None:
+    from workbench.timings import recovery_times
+
+    run = RunTables()
+    run.faults = pd.DataFrame(
+        {"t_start": [10.0, 50.0], "t_end": [12.0, 51.0], "kind": ["consumer_crash"] * 2,
+         "target": ["ledger-1", "push-3"], "detail": ["after-read", "mid-batch"]}
+    )  # fmt: skip
+    run.samples = pd.DataFrame(
+        {"t": [9.0, 11.0, 13.0, 15.0, 49.0, 52.0], "group": ["ledger"] * 4 + ["push"] * 2,
+         "pending": [0, 4, 2, 0, 0, 3], "oldest_idle_ms": [0] * 6, "lag": [0] * 6}
+    )  # fmt: skip
+    times = recovery_times(run).set_index("target")
+    assert times.loc["ledger-1", "group"] == "ledger"
+    assert times.loc["ledger-1", "recovery_s"] == pytest.approx(5.0)  # empty again at t=15
+    assert pd.isna(times.loc["push-3", "recovery_s"])  # never empty again: not recovered
+
+
+def test_littles_law_compares_redis_samples_with_the_event_log() -> None:
+    from workbench.timings import littles_law
+
+    run = RunTables()
+    # Two events, each in the system for 2 s, over a 10 s window: λ = 0.2/s, W = 2 s.
+    run.published = pd.DataFrame(
+        {"event_id": ["e1", "e2"], "type": ["escrow.created"] * 2, "stream": ["escrow"] * 2,
+         "escrow_id": ["x"] * 2, "sequence": [1, 2], "users": ["a"] * 2, "amount": [0] * 2,
+         "t_committed": [1.0, 5.0], "t_published": [1.0, 5.0]}
+    )  # fmt: skip
+    run.handled = pd.DataFrame(
+        {"group": ["ledger"] * 2, "event_id": ["e1", "e2"], "handler_calls": [1, 1],
+         "max_delivery_count": [1, 1], "t_first": [3.0, 7.0], "t_last": [3.0, 7.0],
+         "effects": [1, 1], "expected_effects": [1, 1]}
+    )  # fmt: skip
+    # Sampled every second: one entry in the system during [1, 3) and [5, 7).
+    t = [float(i) for i in range(11)]
+    level = [1 if 1 <= x < 3 or 5 <= x < 7 else 0 for x in t]
+    run.samples = pd.DataFrame(
+        {"t": t, "group": ["ledger"] * 11, "pending": level, "oldest_idle_ms": [0] * 11,
+         "lag": [0] * 11}
+    )  # fmt: skip
+    law = littles_law(run, "ledger")
+    assert law["lambda"] == pytest.approx(0.2) and law["W"] == pytest.approx(2.0)
+    assert law["L"] == pytest.approx(0.4) and law["ratio"] == pytest.approx(1.0)
