@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-from sqlalchemy import func, select
+import threading
 
-from workbench.store import Store, claim_inbox, inbox
+import pytest
+from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from workbench.store import Prepared, Store, claim_inbox, inbox
 
 
 def _count(store: Store, group: str) -> int:
@@ -54,3 +57,68 @@ def test_a_rolled_back_transaction_claims_nothing(store: Store) -> None:
         claim_inbox(conn, "ledger", ["e1"], 1.0)
         raise RuntimeError("the effect failed")
     assert _count(store, "ledger") == 0
+
+
+# -- Prepared: statements run on the driver's cursor ---------------------------------
+
+
+def test_prepared_runs_in_the_callers_transaction_and_rolls_back_with_it(store: Store) -> None:
+    insert_event = Prepared(
+        insert(inbox).values(
+            group_name=bindparam("g"), event_id=bindparam("e"), handled_at=bindparam("t")
+        )
+    )
+    with pytest.raises(RuntimeError), store.begin() as conn:
+        insert_event.execute(conn, {"g": "ledger", "e": "e1", "t": 1.0})
+        raise RuntimeError("the command failed after its insert")
+    assert _count(store, "ledger") == 0
+    with store.begin() as conn:
+        insert_event.executemany(conn, [{"g": "ledger", "e": f"e{i}", "t": 1.0} for i in range(3)])
+    assert _count(store, "ledger") == 3
+
+
+def test_prepared_raises_sqlalchemys_integrity_error(store: Store) -> None:
+    """Callers (command retries, the inbox) catch one family of errors, whatever the driver."""
+    insert_event = Prepared(
+        insert(inbox).values(group_name="ledger", event_id=bindparam("e"), handled_at=1.0)
+    )
+    with store.begin() as conn:
+        insert_event.execute(conn, {"e": "e1"})
+    with pytest.raises(IntegrityError), store.begin() as conn:
+        insert_event.execute(conn, {"e": "e1"})
+    with pytest.raises(IntegrityError), store.begin() as conn:
+        insert_event.executemany(conn, [{"e": "e2"}, {"e": "e1"}])
+    assert _count(store, "ledger") == 1  # the failed batch left nothing behind
+
+
+def test_prepared_reads_plain_rows_with_fixed_and_passed_parameters(store: Store) -> None:
+    with store.begin() as conn:
+        claim_inbox(conn, "ledger", ["e1", "e2", "e3"], 1.0)
+    first_two = Prepared(
+        select(inbox.c.event_id)
+        .where(inbox.c.group_name == bindparam("g"))
+        .order_by(inbox.c.event_id)
+        .limit(2)  # a value fixed in the statement
+    )
+    with store.engine.connect() as conn:
+        assert first_two.execute(conn, {"g": "ledger"}).fetchall() == [("e1",), ("e2",)]
+        assert first_two.first(conn, {"g": "push"}) is None
+
+
+def test_each_thread_gets_its_own_transaction_connection(store: Store) -> None:
+    seen: list[object] = []
+
+    def work() -> None:
+        with store.begin() as conn:
+            seen.append(conn)
+            claim_inbox(conn, "push", [f"t{len(seen)}"], 1.0)
+
+    for _ in range(2):
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    work()
+    work()
+    assert _count(store, "push") == 4
+    if store.dialect == "sqlite":  # one connection per thread, kept between transactions
+        assert seen[2] is seen[3] and len({id(c) for c in seen}) == 3

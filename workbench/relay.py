@@ -19,17 +19,22 @@ from dataclasses import dataclass
 import redis
 import sqlalchemy.exc
 from redis.backoff import ExponentialWithJitterBackoff
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from workbench.clock import Clock, SystemClock
 from workbench.events import AGGREGATE_TYPES
 from workbench.log import StreamNames, trim
-from workbench.store import Store, outbox
+from workbench.store import Prepared, Store, outbox
 
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 TRANSIENT = (*REDIS_DOWN, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+
+
+_MARK_PUBLISHED = Prepared(
+    update(outbox).where(outbox.c.seq == bindparam("seq")).values(published_at=bindparam("at"))
+)
 
 
 @dataclass
@@ -62,6 +67,12 @@ class OutboxRelay:
         self.trim_every = trim_every
         self.stats = RelayStats()
         self.crash_hook = crash_hook
+        self._unpublished = Prepared(
+            select(outbox.c.seq, outbox.c.event_id, outbox.c.stream, outbox.c.type, outbox.c.data)
+            .where(outbox.c.published_at.is_(None))
+            .order_by(outbox.c.seq)
+            .limit(batch_size)
+        )
         self._stop = threading.Event()
 
     def backlog(self) -> int:
@@ -76,31 +87,19 @@ class OutboxRelay:
     def publish_batch(self) -> int:
         """Publish up to ``batch_size`` rows; return how many. Raises if Redis is down."""
         with self.store.engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    outbox.c.seq, outbox.c.event_id, outbox.c.stream, outbox.c.type, outbox.c.data
-                )
-                .where(outbox.c.published_at.is_(None))
-                .order_by(outbox.c.seq)
-                .limit(self.batch_size)
-            ).all()
+            rows = self._unpublished.execute(conn).fetchall()
         if not rows:
             return 0
         pipe = self.client.pipeline(transaction=False)
-        for row in rows:
-            pipe.xadd(
-                self.names.stream(row.stream),
-                {"event_id": row.event_id, "type": row.type, "data": row.data},
-            )
+        stream = self.names.stream
+        for _, event_id, aggregate, type_, data in rows:
+            pipe.xadd(stream(aggregate), {"event_id": event_id, "type": type_, "data": data})
         pipe.execute()
         if self.crash_hook is not None:
             self.crash_hook("after-xadd", self.stats.batches + 1)
+        now = self.clock.now()
         with self.store.begin() as conn:
-            conn.execute(
-                update(outbox)
-                .where(outbox.c.seq.in_([row.seq for row in rows]))
-                .values(published_at=self.clock.now())
-            )
+            _MARK_PUBLISHED.executemany(conn, [{"seq": row[0], "at": now} for row in rows])
         self.stats.published += len(rows)
         self.stats.batches += 1
         if self.stats.batches % self.trim_every == 0:
@@ -108,11 +107,17 @@ class OutboxRelay:
         return len(rows)
 
     def drain(self) -> int:
-        """Publish until the outbox is empty; return how many rows went out."""
+        """Publish until the outbox is empty; return how many rows went out.
+
+        A batch that comes back short of ``batch_size`` held every row there
+        was, so no empty read follows it.
+        """
         total = 0
-        while count := self.publish_batch():
+        while True:
+            count = self.publish_batch()
             total += count
-        return total
+            if count < self.batch_size:
+                return total
 
     def trim(self) -> int:
         trimmed = 0

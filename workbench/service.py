@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from workbench import events as ev
@@ -38,7 +38,7 @@ from workbench.escrow import (
     evolve,
 )
 from workbench.ids import IdFactory
-from workbench.store import Store, checkouts, commands, escrows, outbox
+from workbench.store import Prepared, Store, checkouts, commands, escrows, outbox
 
 
 class EscrowNotFound(DomainError):
@@ -94,8 +94,52 @@ class CommandResult:
         )
 
 
+def _all_columns(table: Any) -> dict[str, Any]:
+    return {c.name: bindparam(c.name) for c in table.c}
+
+
+# A command's statements, prepared once: each runs in ~10 us instead of ~60.
+_ESCROW_COLUMNS = tuple(c.name for c in escrows.c)
+_SELECT_ESCROW = Prepared(select(escrows).where(escrows.c.id == bindparam("id")))
+_LOCK_ESCROW = Prepared(select(escrows).where(escrows.c.id == bindparam("id")).with_for_update())
+_INSERT_ESCROW = Prepared(insert(escrows).values(_all_columns(escrows)))
+_UPDATE_ESCROW = Prepared(
+    update(escrows)
+    .where(escrows.c.id == bindparam("old_id"), escrows.c.version == bindparam("old_version"))
+    .values(_all_columns(escrows))
+)
+_INSERT_OUTBOX = Prepared(
+    insert(outbox).values(
+        {name: bindparam(name) for name in ("event_id", "stream", "type", "data", "created_at")}
+    )
+)
+_SELECT_COMMAND = Prepared(
+    select(commands.c.fingerprint, commands.c.command, commands.c.response).where(
+        commands.c.idempotency_key == bindparam("key")
+    )
+)
+_INSERT_COMMAND = Prepared(insert(commands).values(_all_columns(commands)))
+_INSERT_CHECKOUT = Prepared(
+    insert(checkouts).values(
+        {name: bindparam(name) for name in ("checkout_request_id", "escrow_id", "requested_at")}
+    )
+)
+_LOCK_CHECKOUT = Prepared(
+    select(checkouts.c.escrow_id, checkouts.c.result_code)
+    .where(checkouts.c.checkout_request_id == bindparam("id"))
+    .with_for_update()
+)
+_SETTLE_CHECKOUT = Prepared(
+    update(checkouts)
+    .where(checkouts.c.checkout_request_id == bindparam("id"))
+    .values(
+        {name: bindparam(name) for name in ("result_code", "result_desc", "receipt", "settled_at")}
+    )  # fmt: skip
+)
+
+
 def _row_to_escrow(row: Any) -> Escrow:
-    m = row._mapping
+    m = dict(zip(_ESCROW_COLUMNS, row, strict=True))  # a driver tuple or a Row
     return Escrow(
         id=m["id"],
         buyer_id=m["buyer_id"],
@@ -263,27 +307,24 @@ class EscrowService:
         for attempt in range(3):
             try:
                 with self.store.begin() as conn:
-                    row = conn.execute(
-                        select(checkouts)
-                        .where(checkouts.c.checkout_request_id == result.checkout_request_id)
-                        .with_for_update()
-                    ).first()
+                    row = _LOCK_CHECKOUT.first(conn, {"id": result.checkout_request_id})
                     if row is None:
                         raise UnknownCheckout(f"no checkout request {result.checkout_request_id!r}")
-                    if row.result_code is not None:
-                        escrow = self._load(conn, row.escrow_id, lock=False)
+                    escrow_id, result_code = row
+                    if result_code is not None:
+                        escrow = self._load(conn, escrow_id, lock=False)
                         return CommandResult(escrow.to_dict() if escrow else None, [], True)
-                    escrow = self._load(conn, row.escrow_id, lock=True)
+                    escrow = self._load(conn, escrow_id, lock=True)
                     new_events = decide(escrow, result, now=self.clock.now(), ids=self.ids)
-                    conn.execute(
-                        update(checkouts)
-                        .where(checkouts.c.checkout_request_id == result.checkout_request_id)
-                        .values(
-                            result_code=result.result_code,
-                            result_desc=result.result_desc,
-                            receipt=result.receipt,
-                            settled_at=self.clock.now(),
-                        )
+                    _SETTLE_CHECKOUT.execute(
+                        conn,
+                        {
+                            "id": result.checkout_request_id,
+                            "result_code": result.result_code,
+                            "result_desc": result.result_desc,
+                            "receipt": result.receipt,
+                            "settled_at": self.clock.now(),
+                        },
                     )
                     new = self._apply(conn, escrow, new_events)
                     return CommandResult(new.to_dict() if new else None, new_events)
@@ -311,16 +352,15 @@ class EscrowService:
             try:
                 with self.store.begin() as conn:
                     if key is not None:
-                        stored = conn.execute(
-                            select(commands).where(commands.c.idempotency_key == key)
-                        ).first()
+                        stored = _SELECT_COMMAND.first(conn, {"key": key})
                         if stored is not None:
-                            if stored.fingerprint != fingerprint:
+                            stored_fingerprint, stored_command, response = stored
+                            if stored_fingerprint != fingerprint:
                                 raise IdempotencyKeyReused(
                                     f"idempotency key {key!r} was used for a different "
-                                    f"{stored.command} command"
+                                    f"{stored_command} command"
                                 )
-                            return CommandResult.from_json(stored.response, replayed=True)
+                            return CommandResult.from_json(response, replayed=True)
                     escrow = self._load(conn, escrow_id, lock=True)
                     if isinstance(command, CreateEscrow) and escrow is not None:
                         raise DomainError(f"escrow {escrow_id!r} already exists")
@@ -330,25 +370,27 @@ class EscrowService:
                     now = self.clock.now()
                     new_events = decide(escrow, actual, now=now, ids=self.ids)
                     if isinstance(actual, RequestPayment):
-                        conn.execute(
-                            insert(checkouts).values(
-                                checkout_request_id=actual.checkout_request_id,
-                                escrow_id=escrow_id,
-                                requested_at=now,
-                            )
+                        _INSERT_CHECKOUT.execute(
+                            conn,
+                            {
+                                "checkout_request_id": actual.checkout_request_id,
+                                "escrow_id": escrow_id,
+                                "requested_at": now,
+                            },
                         )
                     new = self._apply(conn, escrow, new_events)
                     result = CommandResult(new.to_dict() if new else None, new_events)
                     if key is not None:
-                        conn.execute(
-                            insert(commands).values(
-                                idempotency_key=key,
-                                command=command.name,
-                                escrow_id=escrow_id,
-                                fingerprint=fingerprint,
-                                response=result.to_json(),
-                                created_at=now,
-                            )
+                        _INSERT_COMMAND.execute(
+                            conn,
+                            {
+                                "idempotency_key": key,
+                                "command": command.name,
+                                "escrow_id": escrow_id,
+                                "fingerprint": fingerprint,
+                                "response": result.to_json(),
+                                "created_at": now,
+                            },
                         )
                     return result
             except IntegrityError:
@@ -357,10 +399,7 @@ class EscrowService:
         raise AssertionError("unreachable")
 
     def _load(self, conn: Connection, escrow_id: str, *, lock: bool) -> Escrow | None:
-        query = select(escrows).where(escrows.c.id == escrow_id)
-        if lock:
-            query = query.with_for_update()
-        row = conn.execute(query).first()
+        row = (_LOCK_ESCROW if lock else _SELECT_ESCROW).first(conn, {"id": escrow_id})
         return _row_to_escrow(row) if row else None
 
     def _apply(
@@ -375,15 +414,13 @@ class EscrowService:
         values = new.to_dict()
         values["state"] = new.state.value
         if escrow is None:
-            conn.execute(insert(escrows).values(**values))
+            _INSERT_ESCROW.execute(conn, values)
         else:
-            conn.execute(
-                update(escrows)
-                .where(escrows.c.id == new.id, escrows.c.version == escrow.version)
-                .values(**values)
+            _UPDATE_ESCROW.execute(
+                conn, {**values, "old_id": new.id, "old_version": escrow.version}
             )
-        conn.execute(
-            insert(outbox),
+        _INSERT_OUTBOX.executemany(
+            conn,
             [
                 {
                     "event_id": e.event_id,
