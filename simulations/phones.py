@@ -154,9 +154,15 @@ class Phone:
     def _connect(self) -> ReplaySession:
         if self.cursor is None:
             self.cursor = self._snapshot()
-        page: list[Any] | None = self._page_after(self.cursor)
-        # Whether the cursor is still an entry only matters when nothing follows it.
-        exists = not page and bool(self.client.xrange(self.key, str(self.cursor), str(self.cursor)))
+        # The server's first read: the page after the cursor and whether the cursor
+        # is still an entry (which matters when nothing follows it), in one round trip.
+        # (No MULTI, unlike the server: one thread drives every part of a virtual run.)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xrange(self.key, f"({self.cursor}", "+", count=PAGE)
+        pipe.xrange(self.key, str(self.cursor), str(self.cursor), count=1)
+        rows, itself = pipe.execute()
+        page: list[Any] | None = [entry_from_fields(i, f) for i, f in rows]
+        exists = bool(itself)
         if not resume_point_known(self.cursor, page or [], exists):
             self.cursor = self._snapshot()  # the server's `event: reset`
             page = None

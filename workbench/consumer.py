@@ -469,10 +469,14 @@ class ConsumerWorker:
         by_stream: dict[str, list[str]] = {}
         for d in deliveries:
             by_stream.setdefault(d.stream, []).append(d.entry_id)
-        pipe = self.client.pipeline(transaction=False)
-        for stream, ids in by_stream.items():
-            pipe.xack(stream, self.group, *ids)
-        pipe.execute()
+        if len(by_stream) == 1:  # the usual batch: no pipeline to build
+            [(stream, ids)] = by_stream.items()
+            self.client.xack(stream, self.group, *ids)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.group, *ids)
+            pipe.execute()
         self.stats.acked += len(deliveries)
 
     def _dead_letter(self, d: Delivery, reason: str) -> None:
