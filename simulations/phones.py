@@ -3,10 +3,11 @@
 Each phone is a SimPy process over one user's stream. A connection resumes
 from the Last-Event-ID the phone kept, using the runtime's own handoff logic
 (:class:`workbench.replay.ReplaySession`, :func:`resume_point_known`) over
-real XRANGE reads; while connected it receives new entries when the fan-out
-worker has appended to its stream (:meth:`Phone.notify`, standing in for the
-live message an SSE server gets), read after its cursor and checked against
-the ``prev`` chain like a live message. A connection lasts
+real XRANGE reads; while connected it gets the entries the fan-out worker
+appends to its stream as their live messages (:meth:`Phone.notify`: what the
+script publishes and an SSE server passes on), each judged by the session's
+``take_live`` exactly as the server does: sent, skipped, or a catch-up read
+from the stream when one is missing. A connection lasts
 an exponential time ("drops every few minutes"), the phone waits a jittered
 reconnect delay, and now and then loses its Last-Event-ID (reinstall): it then
 fetches the snapshot and resumes from its ``as_of``. A position that is no
@@ -19,6 +20,7 @@ instant; its phones reconnect, after their usual delay, to a server that is up.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ import redis
 import simpy
 
 from workbench.consumer import TRANSIENT
-from workbench.replay import HistoryLost, ReplaySession, resume_point_known
+from workbench.replay import HistoryLost, Live, ReplaySession, UserEntry, resume_point_known
 from workbench.streamid import ZERO, StreamId
 from workbench.userstreams import UserStreamNames, entry_from_fields
 
@@ -123,6 +125,7 @@ class Phone:
         self.connected = False
         self.dropped = False  # the server died under this connection
         self._news = env.event()
+        self._live: list[UserEntry] = []  # live messages not yet taken
 
     def _record(self, source: str, entry_id: str, event_id: str) -> None:
         self.deliveries.append(
@@ -170,12 +173,29 @@ class Phone:
         self._deliver(session, "replay", page)
         return session
 
-    def notify(self) -> None:
-        """The fan-out appended to this user's stream (or the server died): wake up."""
-        if self.connected and not self._news.triggered:
-            self._news.succeed()
+    def notify(self, entries: Sequence[UserEntry] = ()) -> None:
+        """Live messages for this user (or, with none, the server died): wake up.
+
+        A phone that is not connected has no session to get them: it finds the
+        entries in its stream when it next connects.
+        """
+        if self.connected:
+            self._live.extend(entries)
+            if not self._news.triggered:
+                self._news.succeed()
+
+    def _take_live(self, session: ReplaySession) -> None:
+        live, self._live = self._live, []
+        for entry in live:
+            verdict = session.take_live(entry)
+            if verdict is Live.SEND:
+                self._record("live", str(entry.id), entry.event_id)
+                self.cursor = session.cursor
+            elif verdict is Live.CATCH_UP:  # one is missing: read the stream instead
+                self._deliver(session, "live")
 
     def _connected_until(self, ends: float) -> Any:
+        self._live = []  # messages of an earlier connection went nowhere
         session = self._connect()
         end = self.env.timeout(max(0.0, ends - self.env.now))
         while not self.stop:
@@ -183,7 +203,7 @@ class Phone:
             yield end | self._news
             if self.dropped or self.env.now >= ends:
                 return
-            self._deliver(session, "live")
+            self._take_live(session)
 
     def _pick_server(self) -> Any:
         """Wait until some server is up and take one (the load balancer's choice)."""

@@ -40,6 +40,7 @@ from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect
 from workbench.mpesa import CallbackError, parse_callback
 from workbench.redis_server import RedisServer, attach_or_start
+from workbench.replay import UserEntry
 from workbench.runs import RunTables, RunWriter
 from workbench.service import EscrowService
 from workbench.store import (
@@ -204,10 +205,10 @@ def simulate_to(
         ]  # fmt: skip
         by_user = {phone.user: phone for phone in phones}
 
-        def fanned_out(users: list[str]) -> None:
-            for user in users:
+        def fanned_out(live: dict[str, list[UserEntry]]) -> None:
+            for user, entries in live.items():
                 if (phone := by_user.get(user)) is not None:
-                    phone.notify()
+                    phone.notify(entries)
 
         runtime.on_fanout = fanned_out
         runtime.on_user_entry = writer["user_streams"].append

@@ -42,6 +42,7 @@ from workbench.handlers.fanout import FanoutHandler
 from workbench.handlinglog import HandlingLog
 from workbench.log import StreamNames
 from workbench.relay import OutboxRelay
+from workbench.replay import UserEntry
 from workbench.service import EscrowService
 from workbench.store import Store
 from workbench.streamid import parse
@@ -125,11 +126,11 @@ class SimCrash(Exception):
 class NotifyingFanout(FanoutHandler):
     """The fan-out handler, telling the simulation what it appended.
 
-    ``notify`` gets the users whose streams grew: in virtual time this stands in
-    for the live message the SSE servers get. ``record`` gets a row per user
-    entry made (the ``user_streams`` table), and each event's entry count goes
-    to ``effects_log``: the truth stays complete when user-stream history is
-    trimmed later.
+    ``notify`` gets, per user whose stream grew, the entries appended, in
+    order: the live messages the SSE servers get (the script publishes exactly
+    these). ``record`` gets a row per user entry made (the ``user_streams``
+    table), and each event's entry count goes to ``effects_log``: the truth
+    stays complete when user-stream history is trimmed later.
     """
 
     def __init__(
@@ -137,7 +138,7 @@ class NotifyingFanout(FanoutHandler):
         client: redis.Redis,
         names: StreamNames,
         settings: dict[str, Any],
-        notify: Callable[[list[str]], None],
+        notify: Callable[[dict[str, list[UserEntry]]], None],
         record: Callable[[dict[str, Any]], None],
         effects_log: Path,
         clock: SimClock,
@@ -152,14 +153,16 @@ class NotifyingFanout(FanoutHandler):
     def handle(self, events: list[Event]) -> None:
         appended = self.append(events)
         lines = []
+        live: dict[str, list[UserEntry]] = {}
         for event, entries in zip(events, appended, strict=True):
-            for user, entry_id in entries:
-                self.record({"user": user, "entry_id": entry_id, "event_id": event.event_id})
+            for user, entry in entries:
+                self.record({"user": user, "entry_id": str(entry.id), "event_id": event.event_id})
+                live.setdefault(user, []).append(entry)
             if entries:
                 lines.append(f"{event.event_id} {len(entries)} {self.clock.now()!r}\n")
         if lines:
             os.write(self._effects, "".join(lines).encode())
-        self.notify(sorted({user for entries in appended for user, _ in entries}))
+        self.notify(live)
 
     def close(self) -> None:
         os.close(self._effects)
@@ -220,7 +223,7 @@ class Runtime:
         self.groups = tuple(g for g in available if not only or g in only)
         self.slots = {group: GroupSlot(group) for group in self.groups}
         self.healed = False
-        self.on_fanout: Callable[[list[str]], None] = lambda users: None
+        self.on_fanout: Callable[[dict[str, list[UserEntry]]], None] = lambda live: None
         self.on_user_entry: Callable[[dict[str, Any]], None] = lambda row: None
         self.redis_errors: dict[str, int] = defaultdict(int)
         # Wake-ups standing in for XREADGROUP BLOCK and the relay's idle wait:
@@ -241,7 +244,7 @@ class Runtime:
                 self.client,
                 self.names,
                 c,
-                lambda users: self.on_fanout(users),
+                lambda live: self.on_fanout(live),
                 lambda row: self.on_user_entry(row),
                 self.handling_dir / f"effects-fanout-{slot.generation}.log",
                 self.clock,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
@@ -12,7 +13,7 @@ from workbench.consumer import ConsumerWorker
 from workbench.handlers.fanout import FanoutHandler
 from workbench.relay import OutboxRelay
 from workbench.streamid import ZERO, parse
-from workbench.userstreams import UserStreamNames, UserStreams, live_message
+from workbench.userstreams import UserStreamNames, UserStreams, entry_from_fields, live_message
 from workbench.waiting import wait_until
 
 NAMES = UserStreamNames()
@@ -52,6 +53,29 @@ def test_append_writes_each_user_once_with_a_prev_chain(r) -> None:
         assert [f[b"event_id"].decode() for _, f in entries] == [e.event_id for e in events]
         _assert_chain(entries)
         assert ev.decode(entries[0][1][b"data"]) == events[0]
+
+
+def test_append_entries_returns_each_entry_as_readers_and_live_messages_have_it(r) -> None:
+    """What a phone gets live in a virtual run is what XRANGE and the live channel carry."""
+    streams = UserStreams(r)
+    live = r.pubsub(ignore_subscribe_messages=True)
+    live.subscribe(NAMES.live_channel)
+    events = [_event(1), _event(2, ("bob",)), _event(1)]  # the repeat appends nothing
+    appended = streams.append_entries([(e, ev.encode(e)) for e in events])
+    users = [[user for user, _ in entries] for entries in appended]
+    assert users == [["alice", "bob"], ["bob"], []]
+    made = [entry for entries in appended for entry in entries]
+    for user in ("alice", "bob"):
+        stored = [entry_from_fields(i, f) for i, f in r.xrange(NAMES.stream(user))]
+        assert [entry for u, entry in made if u == user] == stored
+    published: list[tuple[str, object]] = []
+    deadline = time.monotonic() + 10
+    while len(published) < 3 and time.monotonic() < deadline:
+        # (None also for the subscription's confirmation, which is ignored)
+        if (message := live.get_message(timeout=1.0)) is not None:
+            published.append(live_message(message["data"]))
+    assert published == made
+    live.close()
 
 
 def test_a_repeated_event_appends_nothing(r) -> None:

@@ -10,8 +10,9 @@ concerns (``wb:user:<user id>``) with one Lua script per event, which also
 * records in each entry ``prev``, the id of the entry before it, so readers
   can prove a page or a live message follows on without a gap
   (:mod:`workbench.replay`);
-* returns the ids it appended (none for a duplicate), so a caller can keep
-  its own record of every entry ever made (simulations do, for the checker);
+* returns the entries it appended (id and ``prev``; none for a duplicate), so
+  a caller can keep its own record of every entry ever made (simulations do,
+  for the checker, and hand them to phones as their live messages);
 * publishes one live message per user entry on a single channel
   (``wb:live``). Each server process reads that channel over one connection
   and fans out locally, so Redis connections stay O(1) per process.
@@ -68,6 +69,7 @@ for i = 2, #KEYS do
   redis.call('PUBLISH', ARGV[6],
     cjson.encode({ARGV[6 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
   ids[#ids + 1] = id
+  ids[#ids + 1] = prev
 end
 return ids
 """
@@ -122,8 +124,11 @@ class UserStreams:
         event; return per event the number of entries appended (0: a duplicate)."""
         return [len(entries) for entries in self.append_entries(events)]
 
-    def append_entries(self, events: list[tuple[Event, bytes]]) -> list[list[tuple[str, str]]]:
-        """:meth:`append`, returning per event the (user, entry id) pairs appended."""
+    def append_entries(
+        self, events: list[tuple[Event, bytes]]
+    ) -> list[list[tuple[str, UserEntry]]]:
+        """:meth:`append`, returning per event the (user, entry) pairs appended:
+        each entry as a reader of the user's stream (or its live message) has it."""
         if not events:
             return []
         try:
@@ -133,10 +138,17 @@ class UserStreams:
             # failed alike, and the dedupe marker would make a repeat harmless.
             self._sha = self.client.script_load(_FANOUT_LUA)
             replies = self._append(events)
-        return [
-            [(user, _text(entry_id)) for user, entry_id in zip(_users(event), ids, strict=False)]
-            for (event, _), ids in zip(events, replies, strict=True)
-        ]
+        out = []
+        for (event, data), reply in zip(events, replies, strict=True):
+            made = zip(_users(event), reply[0::2], reply[1::2], strict=False)
+            text = data.decode()
+            out.append(
+                [
+                    (user, UserEntry(parse(id_), parse(prev), event.event_id, event.type, text))
+                    for user, id_, prev in made
+                ]
+            )
+        return out
 
     def _append(self, events: list[tuple[Event, bytes]]) -> list[Any]:
         # EVALSHA directly: redis-py's Script in a pipeline asks SCRIPT EXISTS
@@ -165,10 +177,6 @@ class UserStreams:
 
 def _users(event: Event) -> list[str]:
     return list(dict.fromkeys(event.user_ids))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # -- reading (async, used by the HTTP server) ---------------------------------------

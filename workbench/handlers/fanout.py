@@ -12,6 +12,7 @@ import redis
 
 from workbench import events as ev
 from workbench.log import StreamNames
+from workbench.replay import UserEntry
 from workbench.userstreams import (
     DEFAULT_DEDUPE_TTL_S,
     DEFAULT_USER_MAXLEN,
@@ -46,8 +47,8 @@ class FanoutHandler:
     def handle(self, events: list[ev.Event]) -> None:
         self.append(events)
 
-    def append(self, events: list[ev.Event]) -> list[list[tuple[str, str]]]:
-        """Fan ``events`` out; return per event the (user, entry id) pairs appended
+    def append(self, events: list[ev.Event]) -> list[list[tuple[str, UserEntry]]]:
+        """Fan ``events`` out; return per event the (user, entry) pairs appended
         (none for an event already fanned out)."""
         appended = self.user_streams.append_entries([(e, ev.encode(e)) for e in events])
         self.appended += sum(map(len, appended))
