@@ -312,11 +312,14 @@ class ConsumerWorker:
 
     def _recover(self) -> int:
         """Claim entries from dead consumers (heartbeats) and long-idle ones (backstop)."""
-        raw = self.client.hgetall(self.names.heartbeats(self.group))
+        pipe = self.client.pipeline(transaction=False)  # one round trip, not 1 + streams
+        pipe.hgetall(self.names.heartbeats(self.group))
+        for stream in self.streams:
+            pipe.xpending(stream, self.group)
+        raw, *summaries = pipe.execute()
         heartbeats = {_text(k): float(v) for k, v in raw.items()}
         claimed_any = 0
-        for stream in self.streams:
-            summary = self.client.xpending(stream, self.group)
+        for stream, summary in zip(self.streams, summaries, strict=True):
             if not summary["pending"]:
                 continue
             pending = {_text(c["name"]): int(c["pending"]) for c in summary["consumers"]}
