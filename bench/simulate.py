@@ -14,6 +14,15 @@ parameters and seed) runs without the runtime: a dict-backed stand-in service,
 phones that keep their connection/reconnect/poll draws but read nothing. The
 runtime's share of the wall time is ``1 - model / total``.
 
+**Load.** The speed above is the baseline's own load (1 escrow/s): few events
+per virtual second, each carried through every group alone. ``--rates`` runs
+the same scenario at other arrival rates (``--rate-duration`` of load, the
+scenario's drain), each once with the default wake-ups (a commit wakes the
+relay, a publish every consumer: batches of what one instant made) and once
+batched (``relay.wake_on_commit=false``, ``consumers.wake_on_publish=false``:
+a poll every ``every_s``/``poll_every_s``), so the table shows how speed
+grows with load and with batching.
+
 **Memory.** ``simulate`` for ``--base-duration`` and ``--multiplier`` times it
 of virtual load (same phones, drain unchanged), each in a child process with a
 redis-server of its own (AOF on, as ``simulate`` starts one). Where the tree
@@ -29,6 +38,7 @@ Usage::
 
     .venv/bin/python bench/simulate.py           # 1000 phones, 600 s load; memory 1x, 10x
     .venv/bin/python bench/simulate.py --quick   # smoke run (100 phones, 60 s load, 3x)
+    .venv/bin/python bench/simulate.py --rates ''  # no load sweep
 
 Progress goes to stderr; the last line of output is one JSON object with every figure.
 """
@@ -269,6 +279,28 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+BATCHED = ["relay.wake_on_commit=false", "consumers.wake_on_publish=false"]
+
+
+def print_load(console: Any, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="speed by arrival rate (runtime events per wall s)", title_justify="left")
+    for name in ("escrows/s", "escrows", "runtime events", "wake-ups: wall s", "events/s",
+                 "batched: wall s", "events/s ", "target"):  # fmt: skip
+        table.add_column(name, justify="right")
+    for row in rows:
+        woken, batched = row["woken"], row["batched"]
+        best = max(
+            woken["total_events"] / woken["wall_s"], batched["total_events"] / batched["wall_s"]
+        )
+        table.add_row(
+            f"{row['rate']:g}", f"{woken['escrows']:,}", f"{woken['total_events']:,}",
+            f"{woken['wall_s']:,.1f}", f"{woken['total_events'] / woken['wall_s']:,.0f}",
+            f"{batched['wall_s']:,.1f}", f"{batched['total_events'] / batched['wall_s']:,.0f}",
+            f"{best / TARGET:.2f}",
+        )  # fmt: skip
+    console.print(table)
+
+
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     """``child(spec)`` in a fresh interpreter, so peak RSS is this run's alone."""
     argv = [sys.executable, __file__, "--child", json.dumps(spec)]
@@ -356,12 +388,22 @@ def print_memory(console: Any, small: dict[str, Any], big: dict[str, Any], n: fl
 @click.option("--base-duration", type=float, help="memory: 1x virtual load s [the scenario's]")
 @click.option("--multiplier", default=10.0, show_default=True, help="memory: the long run's N")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option(
+    "--rates",
+    metavar="R1,R2,...",
+    help="also run the scenario at these arrival rates (escrows/s), with wake-ups and batched "
+    "[1,10,50; --quick: 5; '' for none]",
+)
+@click.option(
+    "--rate-duration", default=120.0, show_default=True, help="--rates: virtual load s of each run"
+)
 @click.option("--quick", is_flag=True, help="smoke run: 100 phones, 60 s load, 30 s drain, 3x")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--child", "child_spec", hidden=True)
 def main(scenario: str, seed: int, phones: int, duration: float | None,
          base_duration: float | None, multiplier: float, overrides: tuple[str, ...],
-         quick: bool, json_path: Path | None, child_spec: str | None) -> None:  # fmt: skip
+         rates: str | None, rate_duration: float, quick: bool, json_path: Path | None,
+         child_spec: str | None) -> None:  # fmt: skip
     """Virtual-time speed of the baseline simulation, the runtime's share, and memory."""
     if child_spec:
         print(json.dumps(child(json.loads(child_spec))))
@@ -370,19 +412,30 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     if quick:
         phones, duration, base_duration, multiplier = min(phones, 100), 60.0, 60.0, 3.0
         sets.insert(0, "run.drain_s=30")
+        rates, rate_duration = "5" if rates is None else rates, min(rate_duration, 30.0)
+    rates = "1,10,50" if rates is None else rates
     try:
         loaded = load(scenario, sets)
     except ScenarioError as exc:
         raise click.UsageError(str(exc)) from None
     if phones < 1 or multiplier <= 0:
         raise click.UsageError("--phones must be at least 1 and --multiplier positive")
+    try:
+        arrival_rates = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        raise click.UsageError(
+            f"--rates takes numbers separated by commas, not {rates!r}"
+        ) from None
+    if any(r <= 0 for r in arrival_rates):
+        raise click.UsageError("--rates must be positive (escrows per virtual second)")
     duration = duration or loaded["run"]["duration_s"]
     base_duration = base_duration or loaded["run"]["duration_s"]
     buyers = max(phones, loaded["market"]["buyers"])
 
-    def spec(load_s: float, label: str) -> dict[str, Any]:
+    def spec(load_s: float, label: str, more: list[str] | None = None) -> dict[str, Any]:
         extra = [f"phones.count={phones}", f"market.buyers={buyers}", f"run.duration_s={load_s}"]
-        return {"scenario": scenario, "seed": seed, "overrides": sets + extra, "label": label}
+        overrides = sets + extra + (more or [])
+        return {"scenario": scenario, "seed": seed, "overrides": overrides, "label": label}
 
     console = wide_console()
     speed = spawn(spec(duration, "speed"))
@@ -391,12 +444,25 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     small = speed if base_duration == duration else spawn(spec(base_duration, "memory 1x"))
     big = spawn(spec(base_duration * multiplier, f"memory {multiplier:g}x"))
     print_memory(console, small, big, multiplier)
+    by_rate = []
+    for rate in arrival_rates:
+        more = [f"market.arrival_rate={rate}"]
+        by_rate.append({
+            "rate": rate,
+            "woken": spawn(spec(rate_duration, f"{rate:g}/s", more)),
+            "batched": spawn(spec(rate_duration, f"{rate:g}/s batched", more + BATCHED)),
+        })  # fmt: skip
+    if by_rate:
+        print_load(console, by_rate)
     rate = speed["total_events"] / speed["wall_s"]
     summary = {"bench": "simulate", "scenario": scenario, "seed": seed, "phones": phones,
                "events_per_s": round(rate, 1), "target": TARGET, "target_met": rate >= TARGET,
                "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
                "speed": speed, "model_only": model,
-               "memory": {"1x": small, f"{multiplier:g}x": big}}  # fmt: skip
+               "memory": {"1x": small, f"{multiplier:g}x": big},
+               "by_rate": [{"rate": r["rate"], **{k: {f: r[k][f] for f in ("escrows", "events",
+                            "total_events", "wall_s")} for k in ("woken", "batched")}}
+                           for r in by_rate]}  # fmt: skip
     line = json.dumps(summary, sort_keys=True)
     if json_path is not None:
         json_path.write_text(line + "\n")

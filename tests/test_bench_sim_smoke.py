@@ -21,3 +21,8 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     # The model alone made the same commands as the model driving the runtime.
     assert summary["model_only"]["commands"] == summary["speed"]["events"]["commands"]
     assert summary["speed"]["total_events"] > 0 and summary["runtime_share"] > 0
+    # The load sweep ran the rate both ways, under the same load.
+    [row] = summary["by_rate"]
+    assert row["rate"] == 5 and row["woken"]["escrows"] == row["batched"]["escrows"] > 0
+    assert row["woken"]["events"]["commands"] == row["batched"]["events"]["commands"]
+    assert "speed by arrival rate" in result.stdout
