@@ -151,15 +151,13 @@ class ModelService:
 
 
 class ModelPhone(Phone):
-    """A Phone with the same connection, reconnect and poll timing that reads nothing."""
+    """A Phone with the same connection, reconnect and server timing that reads nothing."""
 
-    polls = 0
+    connects = 0
 
     def _connect(self) -> Any:
+        self.connects += 1
         return None
-
-    def _deliver(self, session: Any, source: str) -> None:
-        self.polls += 1
 
 
 def model_only(scenario: Scenario, seed: int) -> dict[str, Any]:
@@ -184,8 +182,9 @@ def model_only(scenario: Scenario, seed: int) -> dict[str, Any]:
     for server in range(servers["count"]):
         env.process(server_faults.run(server))
     env.run(until=run_p["duration_s"] + run_p["drain_s"])
+    connects = sum(p.connects for p in pool.phones)
     return {"wall_s": time.perf_counter() - started, "commands": service.commands,
-            "escrows": market.opened, "phone_polls": sum(p.polls for p in pool.phones)}  # fmt: skip
+            "escrows": market.opened, "phone_connects": connects}  # fmt: skip
 
 
 # -- one simulate() run in a child process ------------------------------------------------
@@ -234,14 +233,20 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="bench-sim-") as directory,
         RedisServer(directory, appendonly=True, appendfsync="everysec") as server,
     ):
+        probe = server.client()
         started = time.perf_counter()
 
         def progress(t: float, total: float) -> None:
-            trace.append((t, time.perf_counter() - started, _proc(os.getpid(), "VmRSS")))
+            # (t, wall s, simulator RSS, redis RSS, redis used_memory): one INFO per
+            # sample (every run.sample_every_s virtual s), nothing in between.
+            used = int(probe.info("memory")["used_memory"])
+            trace.append((t, time.perf_counter() - started, _proc(os.getpid(), "VmRSS"),
+                          _proc(server.pid, "VmRSS"), used))  # fmt: skip
             if len(trace) % 20 == 0 or t >= total:
-                _, wall, rss = trace[-1]
+                _, wall, rss, redis_rss, _ = trace[-1]
                 print(f"  [{label}] {t:,.0f}/{total:,.0f} virtual s, {wall:,.1f} s wall, RSS "
-                      f"{rss / MIB:,.0f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+                      f"{rss / MIB:,.0f} MiB, redis {redis_rss / MIB:,.0f} MiB",
+                      file=sys.stderr, flush=True)  # fmt: skip
 
         run_dir, tables = Path(directory) / "run", None
         if hasattr(sim, "simulate_to"):  # writes the tables as it goes, returns none of them
@@ -256,6 +261,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         info, keys = client.info("memory"), _redis_keys(client)
         redis_hwm = _proc(server.pid, "VmHWM")
         client.close()
+        probe.close()
         tables = tables or RunTables.load(run_dir)  # to count, after the peak was taken
     events = {
         "commands": len(tables.commands),
@@ -275,7 +281,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "redis_used_memory_peak": int(info["used_memory_peak"]), "redis_keys": keys,
         "tables": {name: [len(df), int(df.memory_usage(deep=True).sum())]
                    for name in tables.table_names() if len(df := getattr(tables, name))},
-        "rss_trace": [(round(t), round(w, 1), r) for t, w, r in trace[9::20]],
+        "rss_trace": [(round(t), round(w, 1), r, rr, u) for t, w, r, rr, u in trace[9::20]],
+        "trace": [(t, r, rr, u) for t, _, r, rr, u in trace],
     }  # fmt: skip
 
 
@@ -332,7 +339,8 @@ def print_speed(console: Any, run: dict[str, Any], model: dict[str, Any], phones
     print(f"model only (stand-in service, phones that read nothing): {model['wall_s']:,.2f} s "
           f"wall, {model['commands']:,} commands and {model['escrows']:,} escrows "
           f"(runtime run: {run['events']['commands']:,}, {run['escrows']:,}); "
-          f"{model['phone_polls']:,} timed phone reads (XRANGEs in the runtime run)")  # fmt: skip
+          f"{model['phone_connects']:,} phone connections (each a replay read in the runtime "
+          "run)")  # fmt: skip
     print(f"runtime share of wall time: 1 - {model['wall_s']:,.2f}/{wall:,.1f} = {share:.1%}")
 
 
@@ -375,9 +383,36 @@ def print_memory(console: Any, small: dict[str, Any], big: dict[str, Any], n: fl
             held.add_row(f"{where} {name}", f"{count_a:,}", f"{size_a / MIB:,.2f}",
                          f"{count_b:,}", f"{size_b / MIB:,.2f}", ratio)  # fmt: skip
     console.print(held)
-    trace = ", ".join(f"{t}: {r / MIB:,.0f}" for t, _, r in big["rss_trace"])
-    print(f"sim RSS during the {n:g}x run (virtual s: MiB): {trace}")
+    print_within(console, big, small["load_s"], n, verdicts)
     print("memory over run length: " + "; ".join(f"{k} {v}" for k, v in verdicts.items()))
+
+
+def print_within(
+    console: Any, big: dict[str, Any], mark: float, n: float, verdicts: dict[str, str]
+) -> None:
+    """Inside the long run: each size when the run had been as long as the 1x run,
+    against the most it reached afterwards. Growth with run length shows here
+    even when the 1x run ended before its retention windows filled."""
+    trace = big["trace"]
+    at = next((i for i, row in enumerate(trace) if row[0] >= mark), len(trace) - 1)
+    table = Table(title=f"inside the {n:g}x run: at {mark:,.0f} virtual s vs afterwards",
+                  title_justify="left")  # fmt: skip
+    for name in ("", f"at {mark:,.0f} s", "max after", "at the end", "max/at", "flat if < 1.5"):
+        table.add_column(name, justify="right" if name else "left")
+    for column, label in ((1, "sim RSS MiB"), (2, "redis RSS MiB"), (3, "redis used_memory MiB")):
+        start = trace[at][column] / MIB
+        later = max(row[column] for row in trace[at:]) / MIB
+        ratio = later / start if start else float("inf")
+        verdicts[f"{label.removesuffix(' MiB')} within the run"] = v = (
+            "flat" if ratio < FLAT else "grows"
+        )
+        table.add_row(label, f"{start:,.1f}", f"{later:,.1f}", f"{trace[-1][column] / MIB:,.1f}",
+                      f"{ratio:.2f}", v)  # fmt: skip
+    console.print(table)
+    step = max(1, len(trace) // 10)
+    for column, label in ((1, "sim RSS"), (3, "redis used_memory")):
+        points = ", ".join(f"{row[0]:,.0f}: {row[column] / MIB:,.1f}" for row in trace[::step])
+        print(f"{label} during the {n:g}x run (virtual s: MiB): {points}")
 
 
 @click.command()
