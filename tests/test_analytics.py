@@ -211,9 +211,9 @@ def _spawn(
     *args: str,
 ) -> subprocess.Popen[bytes]:  # fmt: skip
     argv = [
-        sys.executable, "-m", "workbench.analytics", "worker", "--model", str(model_dir),
+        sys.executable, "-m", "workbench", "worker", "analytics", "--model", str(model_dir),
         "--redis-url", url, "--database-url", db, "--prefix", run.names.prefix,
-        "--risk-prefix", risk.prefix, "--group", group, "--consumer", consumer,
+        "--risk-prefix", risk.prefix, "--group-name", group, "--consumer", consumer,
         "--batch-size", "50", "--block-ms", "100", "--dead-after", "1", *args,
     ]  # fmt: skip
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

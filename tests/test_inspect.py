@@ -120,3 +120,22 @@ def test_cli_worker_rejects_unknown_group() -> None:
     result = _cli("worker", "accounting", env=dict(os.environ, REDIS_URL="redis://127.0.0.1:1"))
     assert result.returncode == 2
     assert "ledger" in result.stderr  # lists the groups that exist
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["analytics"], "--model is required for the analytics group"),
+        (["ledger", "--model", "data/models/x"], "--model is required for the analytics group"),
+        (["ledger", "--group-name", "g2"], "are for the analytics group"),
+        (["analytics", "--model", "tests"], "is not a model directory"),
+    ],
+)
+def test_cli_worker_checks_the_analytics_options(tmp_path, args: list[str], says: str) -> None:  # type: ignore[no-untyped-def]
+    env = dict(
+        os.environ, REDIS_URL="redis://127.0.0.1:1", DATABASE_URL=f"sqlite:///{tmp_path}/s.db"
+    )
+    result = _cli("worker", *args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s.db").exists()  # refused before touching the store

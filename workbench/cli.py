@@ -94,7 +94,7 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
 
 
 @main.command()
-@click.argument("group", type=click.Choice(ALL_GROUPS))
+@click.argument("group", type=click.Choice((*ALL_GROUPS, "analytics")))
 @click.option("--consumer", help="consumer name [default GROUP-PID]")
 @redis_option
 @database_option
@@ -143,6 +143,15 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
     "--record", type=click.Path(dir_okay=False, path_type=Path),
     help="append a line per entry handed to the handler (simulations' handling log)",
 )  # fmt: skip
+@click.option(
+    "--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
+    help="analytics only (required): the risk model's directory (model.joblib + metadata.json)",
+)  # fmt: skip
+@click.option("--risk-prefix", help="analytics only: key prefix of the risk stream [--prefix]")
+@click.option(
+    "--group-name",
+    help="analytics only: the consumer group's name [analytics] (two models side by side)",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def worker(
     group: str,
@@ -163,14 +172,23 @@ def worker(
     crash_on_signal: bool,
     ack_before_effect: bool,
     record: Path | None,
+    model_dir: Path | None,
+    risk_prefix: str | None,
+    group_name: str | None,
     verbose: bool,
 ) -> None:
     """Consume GROUP until SIGTERM (finishes the batch, acks, exits).
 
-    GROUP is a handler group, or ``fanout``: copy events into per-user streams.
+    GROUP is a handler group, ``fanout`` (copy events into per-user streams), or
+    ``analytics`` (score sellers with the risk model of ``--model``, publishing
+    ``risk.scored`` entries).
     """
     from workbench.log import StreamNames
 
+    if (group == "analytics") != (model_dir is not None):
+        raise click.UsageError("--model is required for the analytics group, and only for it")
+    if group != "analytics" and (risk_prefix or group_name):
+        raise click.UsageError("--risk-prefix and --group-name are for the analytics group")
     _setup_logging(verbose)
     store = Store(database_url or _default_database())
     client = connect(_redis_url(redis_url))
@@ -186,13 +204,14 @@ def worker(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     clock = clock_from_env()
-    handler: Any = (
-        FanoutHandler(
+    if group == "fanout":
+        handler: Any = FanoutHandler(
             client, StreamNames(prefix), user_maxlen=user_maxlen, user_max_age_s=user_max_age
         )
-        if group == "fanout"
-        else make_handler(group, store, clock)
-    )
+    elif group == "analytics":
+        handler = _risk_scorer(store, client, clock, model_dir, prefix, risk_prefix, group_name)
+    else:
+        handler = make_handler(group, store, clock)
     if crash_at and crash_on_signal:
         raise click.UsageError("--crash-at and --crash-on-signal exclude each other")
     hook = (
@@ -217,7 +236,28 @@ def worker(
     click.echo(f"{w.consumer}: consuming {group} from {', '.join(w.streams)}", err=True)
     w.run()
     w.leave()
-    click.echo(f"{w.consumer}: stopped; {w.stats}", err=True)
+    scored = f"; published {handler.published}" if group == "analytics" else ""
+    click.echo(f"{w.consumer}: stopped; {w.stats}{scored}", err=True)
+
+
+def _risk_scorer(
+    store: Store, client: Any, clock: Any, model_dir: Path | None, prefix: str,
+    risk_prefix: str | None, group_name: str | None,
+) -> Any:  # fmt: skip
+    from workbench.analytics.consumer import RiskNames, RiskScorer
+    from workbench.analytics.model import load
+    from workbench.log import StreamNames
+
+    assert model_dir is not None
+    try:
+        model = load(model_dir)
+    except (OSError, ValueError) as exc:  # not a model directory; a model file altered
+        raise click.UsageError(f"--model {model_dir}: {exc}") from None
+    store.create_schema()
+    return RiskScorer(
+        store, client, model, group=group_name or "analytics", names=StreamNames(prefix),
+        risk_names=RiskNames(risk_prefix or prefix), clock=clock,
+    )  # fmt: skip
 
 
 @main.command()

@@ -41,8 +41,8 @@ Typical use, from a notebook::
     result = analytics.evaluate(model, test_run)
     result.summary["roc_auc"], result.detection
 
-``python -m workbench.analytics worker --model data/models/seller-risk`` runs
-the scorer as a worker process (``--help`` for its options).
+``workbench worker analytics --model data/models/seller-risk`` runs the
+scorer as a worker process (``workbench worker --help`` for its options).
 """
 
 from __future__ import annotations
