@@ -52,23 +52,43 @@ SIM_GROUPS = ALL_GROUPS
 
 def backlog(client: redis.Redis, names: StreamNames, group: str) -> tuple[int, int, int]:
     """(pending, oldest pending idle in ms, lag) of a group over its streams."""
-    pending = idle = lag = 0
-    for stream in names.streams(aggregate_types_of(group)):
-        try:
-            groups = client.xinfo_groups(stream)
-        except redis.ResponseError:  # no such stream yet
-            continue
-        for g in groups:
-            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-            if name != group:
+    return backlogs(client, names, (group,))[group]
+
+
+def backlogs(
+    client: redis.Redis, names: StreamNames, groups: tuple[str, ...]
+) -> dict[str, tuple[int, int, int]]:
+    """:func:`backlog` of several groups in two round trips: XINFO GROUPS of every
+    stream they read, then the oldest pending entry where anything is pending."""
+    streams = list(dict.fromkeys(s for g in groups for s in names.streams(aggregate_types_of(g))))
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xinfo_groups(stream)
+    infos = dict(zip(streams, pipe.execute(raise_on_error=False), strict=True))
+    totals = {group: [0, 0, 0] for group in groups}
+    heads = []
+    for group in groups:
+        for stream in names.streams(aggregate_types_of(group)):
+            info = infos[stream]
+            if isinstance(info, redis.ResponseError):  # no such stream yet
                 continue
-            pending += int(g["pending"])
-            lag += int(g.get("lag") or 0)
-        if pending:
-            rows = client.xpending_range(stream, group, "-", "+", 1)
+            if isinstance(info, Exception):
+                raise info
+            for g in info:
+                if _text(g["name"]) != group:
+                    continue
+                totals[group][0] += int(g["pending"])
+                totals[group][2] += int(g.get("lag") or 0)
+                if int(g["pending"]):
+                    heads.append((group, stream))
+    if heads:
+        pipe = client.pipeline(transaction=False)
+        for group, stream in heads:
+            pipe.xpending_range(stream, group, "-", "+", 1)
+        for (group, _), rows in zip(heads, pipe.execute(), strict=True):
             if rows:
-                idle = max(idle, int(rows[0]["time_since_delivered"]))
-    return pending, idle, lag
+                totals[group][1] = max(totals[group][1], int(rows[0]["time_since_delivered"]))
+    return {group: (p, idle, lag) for group, (p, idle, lag) in totals.items()}
 
 
 def sample_backlog(
@@ -81,11 +101,11 @@ def sample_backlog(
 ) -> Any:
     """A SimPy process: every ``every`` seconds, a backlog row per group."""
     while True:
-        for group in groups:
-            try:
-                pending, idle, lag = backlog(client, names, group)
-            except TRANSIENT:
-                continue
+        try:
+            found = backlogs(client, names, groups)
+        except TRANSIENT:
+            found = {}
+        for group, (pending, idle, lag) in found.items():
             samples.append(
                 {"t": env.now, "group": group, "pending": pending,
                  "oldest_idle_ms": idle, "lag": lag}
