@@ -10,7 +10,9 @@ import redis
 from httpx_sse import connect_sse
 
 from tests.http_support import Deployment, auth, read_events
+from workbench import events as ev
 from workbench.service import EscrowService
+from workbench.userstreams import UserStreamNames, UserStreams
 from workbench.waiting import wait_until
 
 
@@ -247,3 +249,37 @@ def test_a_dropped_session_is_told_why(deployment: Deployment, api: str, alice: 
             if line == "event: ready":
                 assert httpx.post(f"{api}/debug/users/{alice}/drop").json()["dropped"] == 1
     assert ": closing: dropped by the server" in lines
+
+
+def test_clients_that_leave_mid_replay_release_their_sessions(
+    deployment: Deployment, api: str, alice: str
+) -> None:
+    """A client that closes while its replay is still being read from Redis must
+    not leave its session behind. The disconnect cancels the session's task at
+    whatever it awaits, often a redis-py call, and redis-py's asyncio client can
+    swallow a cancel on Python 3.11 (CPython gh-86296). Heartbeats are 60 s apart
+    here, so a session that survived the cancel would still be counted."""
+    client = redis.Redis.from_url(deployment.redis_url)
+    streams = UserStreams(client, UserStreamNames(deployment.prefix))
+    history = [
+        ev.Event(event_id=f"evt_{i}", type="escrow.created", aggregate_type="escrow",
+                 aggregate_id=f"esc_{i}", sequence=1, user_ids=(alice,), occurred_at=1.0,
+                 correlation_id="c", payload={"amount": i})
+        for i in range(20_000)
+    ]  # fmt: skip
+    for start in range(0, len(history), 1000):
+        streams.append([(e, ev.encode(e)) for e in history[start : start + 1000]])
+    client.close()
+    headers = {**auth(alice), "Last-Event-ID": "0"}
+    with httpx.Client(timeout=10) as http:
+        for _ in range(20):
+            with http.stream("GET", f"{api}/users/{alice}/events", headers=headers) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line.startswith("id:"):
+                        break  # the first page is here: the server is replaying the rest
+    wait_until(
+        lambda: httpx.get(f"{api}/healthz").json()["sessions"] == 0,
+        timeout=20,
+        what="every session left mid-replay to be released",
+    )
