@@ -100,9 +100,11 @@ def test_prepared_reads_plain_rows_with_fixed_and_passed_parameters(store: Store
         .order_by(inbox.c.event_id)
         .limit(2)  # a value fixed in the statement
     )
+    count_all = Prepared(select(func.count()).select_from(inbox))  # no parameters at all
     with store.engine.connect() as conn:
         assert first_two.execute(conn, {"g": "ledger"}).fetchall() == [("e1",), ("e2",)]
         assert first_two.first(conn, {"g": "push"}) is None
+        assert count_all.first(conn) == (3,)
 
 
 def test_each_thread_gets_its_own_transaction_connection(store: Store) -> None:

@@ -38,7 +38,7 @@ from workbench.escrow import (
     evolve,
 )
 from workbench.ids import IdFactory
-from workbench.store import Prepared, Store, checkouts, commands, escrows, outbox
+from workbench.store import Prepared, Store, binds, checkouts, commands, escrows, outbox
 
 
 class EscrowNotFound(DomainError):
@@ -94,35 +94,27 @@ class CommandResult:
         )
 
 
-def _all_columns(table: Any) -> dict[str, Any]:
-    return {c.name: bindparam(c.name) for c in table.c}
-
-
 # A command's statements, prepared once: each runs in ~10 us instead of ~60.
 _ESCROW_COLUMNS = tuple(c.name for c in escrows.c)
 _SELECT_ESCROW = Prepared(select(escrows).where(escrows.c.id == bindparam("id")))
 _LOCK_ESCROW = Prepared(select(escrows).where(escrows.c.id == bindparam("id")).with_for_update())
-_INSERT_ESCROW = Prepared(insert(escrows).values(_all_columns(escrows)))
+_INSERT_ESCROW = Prepared(insert(escrows).values(binds(*_ESCROW_COLUMNS)))
 _UPDATE_ESCROW = Prepared(
     update(escrows)
     .where(escrows.c.id == bindparam("old_id"), escrows.c.version == bindparam("old_version"))
-    .values(_all_columns(escrows))
+    .values(binds(*_ESCROW_COLUMNS))
 )
 _INSERT_OUTBOX = Prepared(
-    insert(outbox).values(
-        {name: bindparam(name) for name in ("event_id", "stream", "type", "data", "created_at")}
-    )
+    insert(outbox).values(binds("event_id", "stream", "type", "data", "created_at"))
 )
 _SELECT_COMMAND = Prepared(
     select(commands.c.fingerprint, commands.c.command, commands.c.response).where(
         commands.c.idempotency_key == bindparam("key")
     )
 )
-_INSERT_COMMAND = Prepared(insert(commands).values(_all_columns(commands)))
+_INSERT_COMMAND = Prepared(insert(commands).values(binds(*(c.name for c in commands.c))))
 _INSERT_CHECKOUT = Prepared(
-    insert(checkouts).values(
-        {name: bindparam(name) for name in ("checkout_request_id", "escrow_id", "requested_at")}
-    )
+    insert(checkouts).values(binds("checkout_request_id", "escrow_id", "requested_at"))
 )
 _LOCK_CHECKOUT = Prepared(
     select(checkouts.c.escrow_id, checkouts.c.result_code)
@@ -132,9 +124,7 @@ _LOCK_CHECKOUT = Prepared(
 _SETTLE_CHECKOUT = Prepared(
     update(checkouts)
     .where(checkouts.c.checkout_request_id == bindparam("id"))
-    .values(
-        {name: bindparam(name) for name in ("result_code", "result_desc", "receipt", "settled_at")}
-    )  # fmt: skip
+    .values(binds("result_code", "result_desc", "receipt", "settled_at"))
 )
 
 

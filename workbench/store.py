@@ -206,6 +206,11 @@ def _driver_execute(conn: Connection, sql: str, params: Any) -> Any:
     return cursor
 
 
+def binds(*names: str) -> dict[str, Any]:
+    """``{name: bindparam(name)}``: the VALUES/SET of a prepared INSERT or UPDATE."""
+    return {name: bindparam(name) for name in names}
+
+
 class Prepared:
     """A Core statement compiled once per dialect and run on the DBAPI cursor.
 
@@ -228,13 +233,18 @@ class Prepared:
         if found is None:
             compiled = self.statement.compile(dialect=dialect)
             defaults = dict(compiled.params)  # values fixed in the statement (LIMIT n)
-            if compiled.positional:
-                order = operator.itemgetter(*compiled.positiontup or ())
-                single = len(compiled.positiontup or ()) == 1
+            names = tuple(compiled.positiontup or ())
+            if compiled.positional and not names:
+
+                def bind(params: Mapping[str, Any]) -> Any:
+                    return ()
+
+            elif compiled.positional:
+                order = operator.itemgetter(*names)
 
                 def bind(params: Mapping[str, Any]) -> Any:
                     values = order({**defaults, **params})
-                    return (values,) if single else values
+                    return (values,) if len(names) == 1 else values
 
             else:
 
@@ -355,8 +365,7 @@ def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
     columns = tuple(rows[0])
     prepared = _INSERTS.get((table.name, columns))
     if prepared is None:
-        values = {name: bindparam(name) for name in columns}
-        prepared = _INSERTS[(table.name, columns)] = Prepared(insert(table).values(values))
+        prepared = _INSERTS[(table.name, columns)] = Prepared(insert(table).values(binds(*columns)))
     prepared.executemany(conn, rows)
 
 
