@@ -26,3 +26,12 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert row["rate"] == 5 and row["woken"]["escrows"] == row["batched"]["escrows"] > 0
     assert row["woken"]["events"]["commands"] == row["batched"]["events"]["commands"]
     assert "speed by arrival rate" in result.stdout
+
+
+def test_simulation_bench_rejects_bad_rates() -> None:
+    for rates, says in (("1,x", "numbers separated by commas"), ("0", "must be positive")):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "simulate.py"), "--rates", rates],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2 and says in result.stderr, result.stderr
