@@ -195,14 +195,15 @@ def _sqlite_begin(conn: Connection) -> None:
     _driver_execute(conn, "BEGIN IMMEDIATE", ())
 
 
-def _driver_execute(conn: Connection, sql: str, params: Any) -> Any:
-    """Run ``sql`` on ``conn``'s DBAPI cursor; driver errors become SQLAlchemy's."""
+def _driver_execute(conn: Connection, sql: str, params: Any, *, many: bool = False) -> Any:
+    """Run ``sql`` on ``conn``'s DBAPI cursor (``executemany`` with ``many``);
+    driver errors become SQLAlchemy's."""
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     dbapi = conn.dialect.loaded_dbapi
     try:
-        cursor.execute(sql, params)
+        (cursor.executemany if many else cursor.execute)(sql, params)
     except dbapi.Error as exc:
-        raise DBAPIError.instance(sql, params, exc, dbapi.Error) from exc
+        raise DBAPIError.instance(sql, params[:1] if many else params, exc, dbapi.Error) from exc
     return cursor
 
 
@@ -267,12 +268,7 @@ class Prepared:
         if not rows:
             return
         sql, bind = self._compiled(conn.dialect)
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        dbapi = conn.dialect.loaded_dbapi
-        try:
-            cursor.executemany(sql, [bind(row) for row in rows])
-        except dbapi.Error as exc:
-            raise DBAPIError.instance(sql, rows[:1], exc, dbapi.Error) from exc
+        _driver_execute(conn, sql, [bind(row) for row in rows], many=True)
 
 
 def make_engine(url: str) -> Engine:
