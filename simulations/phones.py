@@ -30,7 +30,12 @@ import simpy
 from workbench.consumer import TRANSIENT
 from workbench.replay import HistoryLost, Live, ReplaySession, UserEntry, resume_point_known
 from workbench.streamid import ZERO, StreamId
-from workbench.userstreams import UserStreamNames, entry_from_fields
+from workbench.userstreams import (
+    UserStreamNames,
+    entry_from_fields,
+    first_page_from,
+    queue_first_page,
+)
 
 PAGE = 500
 
@@ -161,11 +166,9 @@ class Phone:
         # is still an entry (which matters when nothing follows it), in one round trip.
         # (No MULTI, unlike the server: one thread drives every part of a virtual run.)
         pipe = self.client.pipeline(transaction=False)
-        pipe.xrange(self.key, f"({self.cursor}", "+", count=PAGE)
-        pipe.xrange(self.key, str(self.cursor), str(self.cursor), count=1)
-        rows, itself = pipe.execute()
-        page: list[Any] | None = [entry_from_fields(i, f) for i, f in rows]
-        exists = bool(itself)
+        queue_first_page(pipe, self.key, self.cursor, PAGE)
+        first, exists = first_page_from(pipe.execute())
+        page: list[Any] | None = first
         if not resume_point_known(self.cursor, page or [], exists):
             self.cursor = self._snapshot()  # the server's `event: reset`
             page = None

@@ -219,10 +219,19 @@ class UserStreamReader:
         self, user_id: str, cursor: StreamId, count: int
     ) -> tuple[list[UserEntry], bool]:
         """The first page after ``cursor`` and whether ``cursor`` is an entry, read together."""
-        key = self.names.stream(user_id)
         pipe = self.client.pipeline(transaction=True)
-        pipe.xrange(key, f"({cursor}", "+", count=count)
-        pipe.xrange(key, str(cursor), str(cursor), count=1)
-        rows, itself = await pipe.execute()
-        page = [entry_from_fields(entry_id, fields) for entry_id, fields in rows]
-        return page, bool(itself)
+        queue_first_page(pipe, self.names.stream(user_id), cursor, count)
+        return first_page_from(await pipe.execute())
+
+
+def queue_first_page(pipe: Any, key: str, cursor: StreamId, count: int) -> None:
+    """Queue a session's first read on a pipeline (sync or asyncio): the page
+    after ``cursor`` and ``cursor`` itself; :func:`first_page_from` reads the replies."""
+    pipe.xrange(key, f"({cursor}", "+", count=count)
+    pipe.xrange(key, str(cursor), str(cursor), count=1)
+
+
+def first_page_from(replies: list[Any]) -> tuple[list[UserEntry], bool]:
+    """(the first page, whether the cursor is an entry) from :func:`queue_first_page`'s replies."""
+    rows, itself = replies
+    return [entry_from_fields(entry_id, fields) for entry_id, fields in rows], bool(itself)
