@@ -25,6 +25,14 @@ batched (``relay.wake_on_commit=false``, ``consumers.wake_on_publish=false``:
 a poll every ``every_s``/``poll_every_s``), so the table shows how speed
 grows with load and with batching.
 
+**Floor.** One more run of the scenario (``--rate-duration`` of load) with
+Redis sends and SQL commits counted in the child (the timed runs are not
+hooked): round trips and commits per runtime event. Beside it, timed here:
+one redis-py call through the pool, on one connection (as the simulator
+uses), by hand on the socket, and a SQLite transaction of one prepared insert.
+Their product is the cost per event of those alone, a ceiling on speed
+before any other work.
+
 **Memory.** ``simulate`` for ``--base-duration`` and ``--multiplier`` times it
 of virtual load (same phones, drain unchanged), each in a child process with a
 redis-server of its own (AOF on, as ``simulate`` starts one). Where the tree
@@ -234,6 +242,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     scenario, label = load(spec["scenario"], spec["overrides"]), spec["label"]
     rss_before, trace = _proc(os.getpid(), "VmRSS"), []
+    counts = _count_round_trips_and_commits() if spec.get("count") else None
+    at_run_end: dict[str, int] = {}
     with (
         tempfile.TemporaryDirectory(prefix="bench-sim-") as directory,
         RedisServer(directory, appendonly=True, appendfsync="everysec") as server,
@@ -242,6 +252,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
 
         def progress(t: float, total: float) -> None:
+            if counts is not None:  # up to here, less the probe's own INFO calls
+                at_run_end.update(counts, round_trips=counts["round_trips"] - len(trace))
             # (t, wall s, simulator RSS, redis RSS, redis used_memory): one INFO per
             # sample (every run.sample_every_s virtual s), nothing in between.
             used = int(probe.info("memory")["used_memory"])
@@ -288,7 +300,89 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                    for name in tables.table_names() if len(df := getattr(tables, name))},
         "rss_trace": [(round(t), round(w, 1), r, rr, u) for t, w, r, rr, u in trace[9::20]],
         "trace": [(t, r, rr, u) for t, _, r, rr, u in trace],
+        "counts": at_run_end or None,
     }  # fmt: skip
+
+
+def _count_round_trips_and_commits() -> dict[str, int]:
+    """Count, in this (child) process, Redis round trips (each pipeline is one send)
+    and SQL commits. For the counting run only: the timed runs are not hooked."""
+    import redis.connection
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    counts = {"round_trips": 0, "sql_commits": 0}
+    send = redis.connection.Connection.send_packed_command
+
+    def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["round_trips"] += 1
+        return send(self, *args, **kwargs)
+
+    redis.connection.Connection.send_packed_command = counted_send  # type: ignore[method-assign]
+    event.listen(Engine, "commit", lambda _conn: counts.__setitem__(
+        "sql_commits", counts["sql_commits"] + 1))  # fmt: skip
+    return counts
+
+
+def call_costs(n: int = 5000) -> dict[str, float]:
+    """Microseconds per Redis call (redis-py through the pool, on one connection,
+    and the same command written and read on the socket by hand) and per SQLite
+    transaction of one prepared insert, as a handler's is: the floor's units."""
+    from sqlalchemy import insert
+
+    from workbench.redis_server import RedisServer
+    from workbench.store import Prepared, Store, binds, inbox
+
+    def per_call(fn: Any) -> float:
+        started = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        return (time.perf_counter() - started) / n * 1e6
+
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as directory:
+        with RedisServer(directory) as server:
+            pooled, single = server.client(), server.client(single_connection_client=True)
+            single.ping()
+            conn = single.connection
+            assert conn is not None
+
+            def raw(_: int) -> None:
+                conn.send_command("PING")
+                conn.read_response()
+
+            costs = {"redis_pooled_us": per_call(lambda _: pooled.ping()),
+                     "redis_single_us": per_call(lambda _: single.ping()),
+                     "redis_raw_us": per_call(raw)}  # fmt: skip
+            pooled.close()
+            single.close()
+        store = Store(f"sqlite:///{directory}/floor.db")
+        store.create_schema()
+        claim = Prepared(insert(inbox).values(binds("group_name", "event_id", "handled_at")))
+
+        def transaction(i: int) -> None:
+            with store.begin() as c:
+                claim.execute(c, {"group_name": "g", "event_id": f"e{i}", "handled_at": 0.0})
+
+        costs["sqlite_txn_us"] = per_call(transaction)
+        store.close()
+    return costs
+
+
+def print_floor(run: dict[str, Any], costs: dict[str, float]) -> None:
+    counts, events = run["counts"], run["total_events"]
+    trips, commits = counts["round_trips"] / events, counts["sql_commits"] / events
+    floor = trips * costs["redis_single_us"] + commits * costs["sqlite_txn_us"]
+    print(f"per call: redis-py through the pool {costs['redis_pooled_us']:.1f} us, on one "
+          f"connection {costs['redis_single_us']:.1f} us, by hand on the socket "
+          f"{costs['redis_raw_us']:.1f} us; a SQLite transaction of one prepared insert "
+          f"{costs['sqlite_txn_us']:.1f} us")  # fmt: skip
+    print(f"counting run ({run['label']}, {events:,} runtime events): {counts['round_trips']:,} "
+          f"Redis round trips ({trips:.2f} per event), {counts['sql_commits']:,} SQL commits "
+          f"({commits:.2f} per event)")  # fmt: skip
+    print(
+        f"floor from those alone: {floor:.0f} us per runtime event -> at most "
+        f"{1e6 / floor:,.0f} events per wall s before any other work (target {TARGET:,})"
+    )
 
 
 BATCHED = ["relay.wake_on_commit=false", "consumers.wake_on_publish=false"]
@@ -510,6 +604,11 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         })  # fmt: skip
     if by_rate:
         print_load(console, by_rate)
+    # Where the baseline's floor is: round trips and commits per runtime event (a
+    # run of its own, hooked to count) times what each costs on this machine.
+    counting = spawn({**spec(rate_duration, "counting"), "count": True})
+    costs = call_costs(500 if quick else 5000)
+    print_floor(counting, costs)
     rate = speed["total_events"] / speed["wall_s"]
     for run in (speed, small, big):
         run.pop("trace", None)  # every sample: printed above, too long for the JSON line
@@ -517,6 +616,8 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                "events_per_s": round(rate, 1), "target": TARGET, "target_met": rate >= TARGET,
                "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
                "events_per_s_runs": [round(r, 1) for r in rates_seen],
+               "floor": {"counts": counting["counts"], "events": counting["total_events"],
+                         **{k: round(v, 2) for k, v in costs.items()}},
                "speed": speed, "model_only": model,
                "memory": {"1x": small, f"{multiplier:g}x": big},
                "by_rate": [{"rate": r["rate"], **{k: {f: r[k][f] for f in ("escrows", "events",

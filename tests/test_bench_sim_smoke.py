@@ -26,6 +26,11 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert row["rate"] == 5 and row["woken"]["escrows"] == row["batched"]["escrows"] > 0
     assert row["woken"]["events"]["commands"] == row["batched"]["events"]["commands"]
     assert "speed by arrival rate" in result.stdout
+    # The floor: a counting run saw round trips and commits, and each was timed.
+    floor = summary["floor"]
+    assert floor["counts"]["round_trips"] > 0 and floor["counts"]["sql_commits"] > 0
+    assert floor["redis_raw_us"] > 0 and floor["sqlite_txn_us"] > 0
+    assert "floor from those alone" in result.stdout
 
 
 def test_simulation_bench_rejects_bad_rates() -> None:
