@@ -13,7 +13,7 @@ Beside it the same SimPy model (Market, MpesaGateway, Phone timing, same
 parameters and seed) runs without the runtime: a dict-backed stand-in service,
 phones that keep their connection/reconnect/poll draws but read nothing. The
 runtime's share of the wall time is ``1 - model / total``. The machine is
-shared and noisy (the same run varies by a quarter), so the speed run is done
+shared and noisy (the same run varies from one run to the next), so the speed run is done
 ``--repeat`` times (3) in fresh processes and the median reported, with all.
 
 **Load.** The speed above is the baseline's own load (1 escrow/s): few events
