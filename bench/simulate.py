@@ -79,6 +79,7 @@ from simulations.gateway import MpesaGateway
 from simulations.market import Market
 from simulations.phones import Phone, ServerFaults, ServerPool
 from simulations.scenario import Scenario, ScenarioError, load
+from workbench import affinity
 from workbench.escrow import DomainError, EscrowState
 from workbench.report import wide_console
 from workbench.service import CommandResult
@@ -244,9 +245,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     rss_before, trace = _proc(os.getpid(), "VmRSS"), []
     counts = _count_round_trips_and_commits() if spec.get("count") else None
     at_run_end: dict[str, int] = {}
+    cpu = affinity.resolve(spec.get("cpu", "auto"))  # as `workbench simulate` places them
     with (
         tempfile.TemporaryDirectory(prefix="bench-sim-") as directory,
-        RedisServer(directory, appendonly=True, appendfsync="everysec") as server,
+        affinity.pinned(cpu),
+        RedisServer(
+            directory, appendonly=True, appendfsync="everysec", cpu=cpu, unix_socket=True
+        ) as server,
     ):
         probe = server.client()
         started = time.perf_counter()
@@ -289,7 +294,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
     run_p = scenario["run"]
     return {
-        "label": label, "load_s": run_p["duration_s"],
+        "label": label, "cpu": cpu, "load_s": run_p["duration_s"],
         "virtual_s": run_p["duration_s"] + run_p["drain_s"], "escrows": len(tables.escrows),
         "events": events, "total_events": sum(events.values()), "wall_s": wall,
         "loop_wall_s": trace[-1][1], "sim_rss_before": rss_before, "sim_rss_run_end": trace[-1][2],
@@ -312,13 +317,13 @@ def _count_round_trips_and_commits() -> dict[str, int]:
     from sqlalchemy.engine import Engine
 
     counts = {"round_trips": 0, "sql_commits": 0}
-    send = redis.connection.Connection.send_packed_command
+    send = redis.connection.AbstractConnection.send_packed_command  # TCP and unix socket
 
     def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
         counts["round_trips"] += 1
         return send(self, *args, **kwargs)
 
-    redis.connection.Connection.send_packed_command = counted_send  # type: ignore[method-assign]
+    redis.connection.AbstractConnection.send_packed_command = counted_send  # type: ignore[method-assign]
     event.listen(Engine, "commit", lambda _conn: counts.__setitem__(
         "sql_commits", counts["sql_commits"] + 1))  # fmt: skip
     return counts
@@ -539,13 +544,18 @@ def print_within(console: Any, big: dict[str, Any], n: float, verdicts: dict[str
     type=click.IntRange(min=1),
     help="speed runs (the median is reported)",
 )
+@click.option(
+    "--cpu", default="auto", show_default=True, metavar="auto|none|N",
+    help="as `workbench simulate --cpu`; unless none, the speed runs are repeated "
+    "with none beside them",
+)  # fmt: skip
 @click.option("--quick", is_flag=True, help="smoke run: 100 phones, 60 s load, 30 s drain, 3x")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--child", "child_spec", hidden=True)
 def main(scenario: str, seed: int, phones: int, duration: float | None,
          base_duration: float | None, multiplier: float, overrides: tuple[str, ...],
-         rates: str | None, rate_duration: float, repeat: int, quick: bool, json_path: Path | None,
-         child_spec: str | None) -> None:  # fmt: skip
+         rates: str | None, rate_duration: float, repeat: int, cpu: str, quick: bool,
+         json_path: Path | None, child_spec: str | None) -> None:  # fmt: skip
     """Virtual-time speed of the baseline simulation, the runtime's share, and memory."""
     if child_spec:
         print(json.dumps(child(json.loads(child_spec))))
@@ -564,6 +574,10 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     if phones < 1 or multiplier <= 0:
         raise click.UsageError("--phones must be at least 1 and --multiplier positive")
     try:
+        placed = affinity.resolve(cpu)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
         arrival_rates = [float(r) for r in rates.split(",") if r.strip()]
     except ValueError:
         raise click.UsageError(
@@ -578,19 +592,42 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     def spec(load_s: float, label: str, more: list[str] | None = None) -> dict[str, Any]:
         extra = [f"phones.count={phones}", f"market.buyers={buyers}", f"run.duration_s={load_s}"]
         overrides = sets + extra + (more or [])
-        return {"scenario": scenario, "seed": seed, "overrides": overrides, "label": label}
+        return {"scenario": scenario, "seed": seed, "overrides": overrides, "label": label,
+                "cpu": "none" if placed is None else placed}  # fmt: skip
+
+    def events_per_s(run: dict[str, Any]) -> float:
+        return run["total_events"] / run["wall_s"]
 
     console = wide_console()
-    # The machine is shared and noisy: the speed run is repeated and the median kept.
-    runs = sorted((spawn(spec(duration, f"speed {i + 1}/{repeat}")) for i in range(repeat)),
-                  key=lambda r: r["total_events"] / r["wall_s"])  # fmt: skip
+    # The machine is shared and noisy: the speed run is repeated and the median kept;
+    # runs with the CPU left to the OS alternate with them, for a fair comparison.
+    compare = placed is not None
+    runs, unplaced = [], []
+    for i in range(repeat):
+        runs.append(spawn(spec(duration, f"speed {i + 1}/{repeat}")))
+        if compare:
+            unplaced.append(spawn({**spec(duration, f"speed, cpu none {i + 1}/{repeat}"),
+                                   "cpu": "none"}))  # fmt: skip
+    runs.sort(key=events_per_s)
+    unplaced.sort(key=events_per_s)
     speed = runs[len(runs) // 2]
-    rates_seen = [r["total_events"] / r["wall_s"] for r in runs]
+    rates_seen = [events_per_s(r) for r in runs]
     model = model_only(load(scenario, spec(duration, "")["overrides"]), seed)
     print_speed(console, speed, model, phones)
     if repeat > 1:
         seen = ", ".join(f"{r:,.0f}" for r in rates_seen)
         print(f"speed runs ({repeat}, the median shown above): {seen} runtime events per wall s")
+    placement = None
+    if compare:
+        other = unplaced[len(unplaced) // 2]
+        placement = {"cpu": placed, "one_cpu": round(events_per_s(speed), 1),
+                     "os_placed": round(events_per_s(other), 1),
+                     "os_placed_runs": [round(events_per_s(r), 1) for r in unplaced]}  # fmt: skip
+        seen = ", ".join(f"{events_per_s(r):,.0f}" for r in unplaced)
+        print(f"CPU placement, median of {repeat} each: simulator and redis-server on CPU "
+              f"{placed}: {events_per_s(speed):,.0f} events/s; left to the OS ({seen}): "
+              f"{events_per_s(other):,.0f} events/s; one CPU / OS = "
+              f"{events_per_s(speed) / events_per_s(other):.2f}x")  # fmt: skip
     small = speed if base_duration == duration else spawn(spec(base_duration, "memory 1x"))
     big = spawn(spec(base_duration * multiplier, f"memory {multiplier:g}x"))
     print_memory(console, small, big, multiplier)
@@ -615,7 +652,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     summary = {"bench": "simulate", "scenario": scenario, "seed": seed, "phones": phones,
                "events_per_s": round(rate, 1), "target": TARGET, "target_met": rate >= TARGET,
                "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
-               "events_per_s_runs": [round(r, 1) for r in rates_seen],
+               "events_per_s_runs": [round(r, 1) for r in rates_seen], "placement": placement,
                "floor": {"counts": counting["counts"], "events": counting["total_events"],
                          **{k: round(v, 2) for k, v in costs.items()}},
                "speed": speed, "model_only": model,

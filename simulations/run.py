@@ -32,6 +32,7 @@ from simulations.market import Market
 from simulations.phones import Phone, ServerFaults, ServerPool
 from simulations.runtime import Runtime, backlog
 from simulations.scenario import Scenario
+from workbench import affinity
 from workbench import events as ev
 from workbench.escrow import DomainError, Timeouts
 from workbench.handlers import HANDLERS, aggregate_types_of, make_handler
@@ -96,6 +97,7 @@ def simulate(
     progress: Progress | None = None,
     prefix: str = "sim",
     out: str | Path | None = None,
+    cpu: affinity.Choice = "auto",
 ) -> RunTables:
     """Run ``scenario`` with ``seed``; return its tables (see :mod:`workbench.runs`).
 
@@ -103,10 +105,14 @@ def simulate(
     goes, then loaded; :func:`simulate_to` writes without loading them.
     """
     if out is not None:
-        simulate_to(scenario, seed, out, redis_url=redis_url, progress=progress, prefix=prefix)
+        simulate_to(
+            scenario, seed, out, redis_url=redis_url, progress=progress, prefix=prefix, cpu=cpu
+        )
         return RunTables.load(out)
     with tempfile.TemporaryDirectory(prefix="workbench-run-") as tmp:
-        simulate_to(scenario, seed, tmp, redis_url=redis_url, progress=progress, prefix=prefix)
+        simulate_to(
+            scenario, seed, tmp, redis_url=redis_url, progress=progress, prefix=prefix, cpu=cpu
+        )
         return RunTables.load(tmp)
 
 
@@ -118,23 +124,31 @@ def simulate_to(
     redis_url: str | None = None,
     progress: Progress | None = None,
     prefix: str = "sim",
+    cpu: affinity.Choice = "auto",
 ) -> dict[str, Any]:
     """Run ``scenario`` with ``seed``, writing its tables to ``out``; return the manifest.
 
     Rows go to disk as they are made (:class:`~workbench.runs.RunWriter`) and the
     end-of-run tables are built in chunks, so memory does not grow with run length.
+    ``cpu``: the one CPU for this thread and the private redis-server, which
+    talk in strict turns (:mod:`workbench.affinity`); ``"auto"`` takes the CPU
+    the scheduler has this process on, and only when the server is ours; None
+    leaves both to the OS. Virtual time makes the tables the same either way.
     """
     started = time.monotonic()
     params = scenario.params
     run_p = params["run"]
     load_s, drain_s = run_p["duration_s"], run_p["drain_s"]
+    on = affinity.resolve(None if redis_url and cpu == "auto" else cpu)
     writer = RunWriter(out)
     with (
         tempfile.TemporaryDirectory(prefix="workbench-sim-") as tmp,
+        affinity.pinned(on),
         attach_or_start(
-            redis_url, Path(tmp) / "redis", appendonly=True, appendfsync="everysec"
+            redis_url, Path(tmp) / "redis", appendonly=True, appendfsync="everysec",
+            cpu=on, unix_socket=True,
         ) as (url, server),
-    ):
+    ):  # fmt: skip
         work = Path(tmp)
         # One thread drives every part: one connection, no pool to check out from
         # (a third of redis-py's cost per call).
@@ -246,6 +260,7 @@ def simulate_to(
             clock.epoch, market, phones,
         )  # fmt: skip
         manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
+        manifest["cpu"] = on
         client.close()
         store.close()
     writer.close(manifest)

@@ -2,13 +2,16 @@
 
 Each point of the grid times each seed is one :func:`simulations.run.simulate`
 in its own process with its own private redis-server, so runs do not share
-state and use every core. The result is one table, a row per run: the
+state and use every core: worker *i* and its servers run on CPU *i* (mod the
+CPUs allowed), since a simulator and its Redis take turns (see
+:mod:`workbench.affinity`). The result is one table, a row per run: the
 parameters, the seed, the checker's verdict and the main figures.
 """
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -17,6 +20,9 @@ from typing import Any
 import pandas as pd
 
 from simulations.scenario import ScenarioError, load
+from workbench import affinity
+
+_worker_cpu: int | None = None  # set in each worker process by _take_cpu
 
 
 def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
@@ -35,13 +41,22 @@ def points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 
+def _take_cpu(counter: Any, cpus: list[int]) -> None:
+    """Pool initializer: the n-th worker started takes the n-th CPU."""
+    global _worker_cpu
+    with counter.get_lock():
+        n = counter.value
+        counter.value += 1
+    _worker_cpu = cpus[n % len(cpus)] if len(cpus) > 1 else None
+
+
 def _one(scenario: str, overrides: list[str], seed: int, out: str | None) -> dict[str, Any]:
     from simulations.run import simulate
     from workbench.checker import check
     from workbench.timings import summarise
 
     loaded = load(scenario, overrides)
-    tables = simulate(loaded, seed, out=out)
+    tables = simulate(loaded, seed, out=out, cpu=_worker_cpu)
     report = check(tables)
     handling = summarise(tables)["handling"]
     groups = report.groups
@@ -56,6 +71,7 @@ def _one(scenario: str, overrides: list[str], seed: int, out: str | None) -> dic
         "client_lost": int(report.clients["lost"].sum()) if not report.clients.empty else 0,
         "handling_p99_s": float(handling["p99"].max()) if not handling.empty else None,
         "wall_seconds": tables.manifest.get("wall_seconds"),
+        "cpu": tables.manifest.get("cpu"),
     }
 
 
@@ -75,7 +91,12 @@ def sweep(
         load(scenario, [*base_overrides, *(f"{k}={v}" for k, v in point.items())])
     jobs = [(point, seed) for point in grid_points for seed in range(1, seeds + 1)]
     rows: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    context = multiprocessing.get_context()
+    started = context.Value("i", 0)
+    cpus = sorted(affinity.allowed_cpus())
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_take_cpu, initargs=(started, cpus)
+    ) as pool:
         futures = {}
         for i, (point, seed) in enumerate(jobs):
             overrides = [*base_overrides, *(f"{k}={v}" for k, v in point.items())]

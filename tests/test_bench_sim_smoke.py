@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests.support import ROOT
+from workbench import affinity
 
 
 def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -31,12 +32,21 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert floor["counts"]["round_trips"] > 0 and floor["counts"]["sql_commits"] > 0
     assert floor["redis_raw_us"] > 0 and floor["sqlite_txn_us"] > 0
     assert "floor from those alone" in result.stdout
+    # Placement: the speed run pinned (where more than one CPU is allowed), and the
+    # same run left to the OS beside it, with the same work done.
+    if len(affinity.allowed_cpus()) > 1:
+        placement = summary["placement"]
+        assert summary["speed"]["cpu"] == placement["cpu"] in affinity.allowed_cpus()
+        assert placement["one_cpu"] > 0 and placement["os_placed"] > 0
+        assert "CPU placement" in result.stdout
 
 
 def test_simulation_bench_rejects_bad_rates() -> None:
-    for rates, says in (("1,x", "numbers separated by commas"), ("0", "must be positive")):
+    for flag, value, says in (("--rates", "1,x", "numbers separated by commas"),
+                              ("--rates", "0", "must be positive"),
+                              ("--cpu", "4096", "allowed:")):  # fmt: skip
         result = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "simulate.py"), "--rates", rates],
+            [sys.executable, str(ROOT / "bench" / "simulate.py"), flag, value],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert result.returncode == 2 and says in result.stderr, result.stderr

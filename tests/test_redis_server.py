@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 
 from workbench.redis_server import RedisServer, RedisServerError, find_binary, redis_url
 from workbench.waiting import wait_until
@@ -89,3 +90,20 @@ def test_redis_url_prefers_an_external_server(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("REDIS_URL")
     with redis_url(tmp_path / "own") as url:
         assert url.startswith("redis://127.0.0.1:")
+
+
+def test_unix_socket_url_answers_and_survives_a_restart(tmp_path) -> None:
+    with RedisServer(tmp_path, unix_socket=True, appendonly=True) as server:
+        assert server.url.startswith("unix://") and server.socket_path is not None
+        client = server.client()
+        client.set("k", "v")
+        server.restart()
+        assert server.client().get("k") == b"v"
+        assert redis.Redis(port=server.port).ping()  # TCP still listens, for tools
+
+
+def test_unix_socket_falls_back_to_tcp_when_the_path_is_too_long(tmp_path) -> None:
+    deep = tmp_path / ("d" * 120)
+    with RedisServer(deep, unix_socket=True) as server:
+        assert server.socket_path is None and server.url.startswith("redis://127.0.0.1:")
+        assert server.client().ping()

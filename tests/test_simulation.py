@@ -7,6 +7,7 @@ import pytest
 
 from simulations.run import simulate
 from simulations.scenario import ScenarioError, available, load
+from workbench import affinity
 from workbench.checker import check
 
 SHORT = ["run.duration_s=90", "run.drain_s=90", "market.arrival_rate=1.5", "phones.count=15"]
@@ -51,7 +52,10 @@ def test_bad_scenarios_and_overrides_say_what_exists(
 def test_same_scenario_and_seed_give_the_same_tables(redis_server) -> None:  # type: ignore[no-untyped-def]
     scenario = load("flaky-phones", SHORT)
     first = simulate(scenario, seed=7, redis_url=redis_server.url, prefix="det")
-    second = simulate(scenario, seed=7, redis_url=redis_server.url, prefix="det")
+    # A private server on a unix socket, both pinned to one CPU: same tables.
+    second = simulate(scenario, seed=7, prefix="det", cpu=max(affinity.allowed_cpus()))
+    assert second.manifest["cpu"] == max(affinity.allowed_cpus())
+    assert "unix://" in second.manifest["redis"] and first.manifest["cpu"] is None
     for name in first.table_names():
         pd.testing.assert_frame_equal(
             _comparable(getattr(first, name)), _comparable(getattr(second, name)), obj=name
@@ -136,6 +140,12 @@ def test_simulate_command_writes_the_run_and_reports(tmp_path) -> None:  # type:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "available: baseline" in bad.stderr
+    assert run.manifest["cpu"] in affinity.allowed_cpus() | {None}  # --cpu auto
+    no_cpu = subprocess.run(
+        [sys.executable, "-m", "workbench", "simulate", "baseline", "--cpu", "4096"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert no_cpu.returncode == 2 and "allowed:" in no_cpu.stderr
 
 
 def test_time_of_day_profile_and_ground_truth_classes(redis_server) -> None:  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ import pytest
 from simulations.scenario import ScenarioError
 from simulations.sweep import parse_grid, points
 from tests.support import ROOT
+from workbench import affinity
 
 
 def test_grid_parsing_and_points() -> None:
@@ -40,6 +41,9 @@ def test_sweep_command_runs_the_grid_in_parallel(tmp_path) -> None:  # type: ign
     assert table["ok"].all()
     assert table.events.iloc[1] > table.events.iloc[0]  # more arrivals, more events
     assert (out / "run-000" / "manifest.json").exists()
+    cpus = affinity.allowed_cpus()
+    if len(cpus) > 1:  # each worker took a CPU of its own, and kept it for its runs
+        assert set(table["cpu"]) <= cpus
 
 
 def test_sweep_rejects_an_unknown_key_before_running(tmp_path) -> None:  # type: ignore[no-untyped-def]
