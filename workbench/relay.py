@@ -86,7 +86,7 @@ class OutboxRelay:
 
     def publish_batch(self) -> int:
         """Publish up to ``batch_size`` rows; return how many. Raises if Redis is down."""
-        with self.store.engine.connect() as conn:
+        with self.store.begin() as conn:  # SQLite: the thread's held connection, no checkout
             rows = self._unpublished.execute(conn).fetchall()
         if not rows:
             return 0
