@@ -329,10 +329,11 @@ def _count_round_trips_and_commits() -> dict[str, int]:
     return counts
 
 
-def call_costs(n: int = 5000) -> dict[str, float]:
+def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
     """Microseconds per Redis call (redis-py through the pool, on one connection,
     and the same command written and read on the socket by hand) and per SQLite
-    transaction of one prepared insert, as a handler's is: the floor's units."""
+    transaction of one prepared insert, as a handler's is: the floor's units,
+    placed as the runs are (``cpu``, a unix socket)."""
     from sqlalchemy import insert
 
     from workbench.redis_server import RedisServer
@@ -344,8 +345,8 @@ def call_costs(n: int = 5000) -> dict[str, float]:
             fn(i)
         return (time.perf_counter() - started) / n * 1e6
 
-    with tempfile.TemporaryDirectory(prefix="bench-floor-") as directory:
-        with RedisServer(directory) as server:
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as directory, affinity.pinned(cpu):
+        with RedisServer(directory, cpu=cpu, unix_socket=True) as server:
             pooled, single = server.client(), server.client(single_connection_client=True)
             single.ping()
             conn = single.connection
@@ -644,7 +645,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     # Where the baseline's floor is: round trips and commits per runtime event (a
     # run of its own, hooked to count) times what each costs on this machine.
     counting = spawn({**spec(rate_duration, "counting"), "count": True})
-    costs = call_costs(500 if quick else 5000)
+    costs = call_costs(500 if quick else 5000, placed)
     print_floor(counting, costs)
     rate = speed["total_events"] / speed["wall_s"]
     for run in (speed, small, big):
