@@ -374,14 +374,22 @@ def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
     return costs
 
 
-def print_floor(run: dict[str, Any], costs: dict[str, float]) -> None:
+def _print_costs(costs: dict[str, float], placement: str) -> None:
+    print(f"per call ({placement}): redis-py through the pool {costs['redis_pooled_us']:.1f} us, "
+          f"on one connection {costs['redis_single_us']:.1f} us, by hand on the socket "
+          f"{costs['redis_raw_us']:.1f} us; a SQLite transaction of one prepared insert "
+          f"{costs['sqlite_txn_us']:.1f} us")  # fmt: skip
+
+
+def print_floor(
+    run: dict[str, Any], costs: dict[str, float], os_costs: dict[str, float] | None
+) -> None:
     counts, events = run["counts"], run["total_events"]
     trips, commits = counts["round_trips"] / events, counts["sql_commits"] / events
     floor = trips * costs["redis_single_us"] + commits * costs["sqlite_txn_us"]
-    print(f"per call: redis-py through the pool {costs['redis_pooled_us']:.1f} us, on one "
-          f"connection {costs['redis_single_us']:.1f} us, by hand on the socket "
-          f"{costs['redis_raw_us']:.1f} us; a SQLite transaction of one prepared insert "
-          f"{costs['sqlite_txn_us']:.1f} us")  # fmt: skip
+    _print_costs(costs, "placed as the runs" if os_costs is not None else "CPUs left to the OS")
+    if os_costs is not None:
+        _print_costs(os_costs, "CPUs left to the OS, for comparison")
     print(f"counting run ({run['label']}, {events:,} runtime events): {counts['round_trips']:,} "
           f"Redis round trips ({trips:.2f} per event), {counts['sql_commits']:,} SQL commits "
           f"({commits:.2f} per event)")  # fmt: skip
@@ -646,7 +654,8 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     # run of its own, hooked to count) times what each costs on this machine.
     counting = spawn({**spec(rate_duration, "counting"), "count": True})
     costs = call_costs(500 if quick else 5000, placed)
-    print_floor(counting, costs)
+    os_costs = None if placed is None else call_costs(500 if quick else 5000, None)
+    print_floor(counting, costs, os_costs)
     rate = speed["total_events"] / speed["wall_s"]
     for run in (speed, small, big):
         run.pop("trace", None)  # every sample: printed above, too long for the JSON line
@@ -655,7 +664,8 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
                "events_per_s_runs": [round(r, 1) for r in rates_seen], "placement": placement,
                "floor": {"counts": counting["counts"], "events": counting["total_events"],
-                         **{k: round(v, 2) for k, v in costs.items()}},
+                         **{k: round(v, 2) for k, v in costs.items()},
+                         "os_placed": os_costs and {k: round(v, 2) for k, v in os_costs.items()}},
                "speed": speed, "model_only": model,
                "memory": {"1x": small, f"{multiplier:g}x": big},
                "by_rate": [{"rate": r["rate"], **{k: {f: r[k][f] for f in ("escrows", "events",

@@ -39,6 +39,7 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
         assert summary["speed"]["cpu"] == placement["cpu"] in affinity.allowed_cpus()
         assert placement["one_cpu"] > 0 and placement["os_placed"] > 0
         assert "CPU placement" in result.stdout
+        assert floor["os_placed"]["redis_single_us"] > 0  # the unit costs both ways
 
 
 def test_simulation_bench_rejects_bad_rates() -> None:

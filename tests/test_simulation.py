@@ -146,6 +146,11 @@ def test_simulate_command_writes_the_run_and_reports(tmp_path) -> None:  # type:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert no_cpu.returncode == 2 and "allowed:" in no_cpu.stderr
+    realtime = subprocess.run(
+        [sys.executable, "-m", "workbench", "simulate", "baseline", "--realtime", "--cpu", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert realtime.returncode == 2 and "only applies in virtual time" in realtime.stderr
 
 
 def test_time_of_day_profile_and_ground_truth_classes(redis_server) -> None:  # type: ignore[no-untyped-def]
