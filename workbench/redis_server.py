@@ -170,7 +170,7 @@ class RedisServer:
 
     def _in_child(self) -> None:
         _die_with_parent()
-        if self.cpu is not None:
+        if self.cpu is not None and hasattr(os, "sched_setaffinity"):  # Linux only
             os.sched_setaffinity(0, {self.cpu})
 
     def start(self) -> RedisServer:
