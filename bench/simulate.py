@@ -238,7 +238,7 @@ def _redis_keys(client: Any, prefix: str = "sim") -> dict[str, list[int]]:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run ``simulate`` once against a redis-server of our own; return every figure."""
     import simulations.run as sim
-    from workbench.redis_server import RedisServer
+    from workbench.redis_server import paired
     from workbench.runs import RunTables
 
     scenario, label = load(spec["scenario"], spec["overrides"]), spec["label"]
@@ -248,11 +248,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     cpu = affinity.resolve(spec.get("cpu", "auto"))  # as `workbench simulate` places them
     with (
         tempfile.TemporaryDirectory(prefix="bench-sim-") as directory,
-        affinity.pinned(cpu),
-        RedisServer(
-            directory, appendonly=True, appendfsync="everysec", cpu=cpu, unix_socket=True
-        ) as server,
+        paired(None, directory, cpu, appendonly=True, appendfsync="everysec") as (_, server),
     ):
+        assert server is not None
         probe = server.client()
         started = time.perf_counter()
 
@@ -336,7 +334,7 @@ def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
     placed as the runs are (``cpu``, a unix socket)."""
     from sqlalchemy import insert
 
-    from workbench.redis_server import RedisServer
+    from workbench.redis_server import paired
     from workbench.store import Prepared, Store, binds, inbox
 
     def per_call(fn: Any) -> float:
@@ -345,8 +343,9 @@ def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
             fn(i)
         return (time.perf_counter() - started) / n * 1e6
 
-    with tempfile.TemporaryDirectory(prefix="bench-floor-") as directory, affinity.pinned(cpu):
-        with RedisServer(directory, cpu=cpu, unix_socket=True) as server:
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as directory:
+        with paired(None, directory, cpu) as (_, server):
+            assert server is not None
             pooled, single = server.client(), server.client(single_connection_client=True)
             single.ping()
             conn = single.connection
@@ -656,7 +655,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     costs = call_costs(500 if quick else 5000, placed)
     os_costs = None if placed is None else call_costs(500 if quick else 5000, None)
     print_floor(counting, costs, os_costs)
-    rate = speed["total_events"] / speed["wall_s"]
+    rate = events_per_s(speed)
     for run in (speed, small, big):
         run.pop("trace", None)  # every sample: printed above, too long for the JSON line
     summary = {"bench": "simulate", "scenario": scenario, "seed": seed, "phones": phones,

@@ -40,7 +40,7 @@ from workbench.handlinglog import HandlingIndex
 from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect
 from workbench.mpesa import CallbackError, parse_callback
-from workbench.redis_server import RedisServer, attach_or_start
+from workbench.redis_server import RedisServer, paired
 from workbench.replay import UserEntry
 from workbench.runs import RunTables, RunWriter
 from workbench.service import EscrowService
@@ -143,12 +143,11 @@ def simulate_to(
     writer = RunWriter(out)
     with (
         tempfile.TemporaryDirectory(prefix="workbench-sim-") as tmp,
-        affinity.pinned(on),
-        attach_or_start(
-            redis_url, Path(tmp) / "redis", appendonly=True, appendfsync="everysec",
-            cpu=on, unix_socket=True,
-        ) as (url, server),
-    ):  # fmt: skip
+        paired(redis_url, Path(tmp) / "redis", on, appendonly=True, appendfsync="everysec") as (
+            url,
+            server,
+        ),
+    ):
         work = Path(tmp)
         # One thread drives every part: one connection, no pool to check out from
         # (a third of redis-py's cost per call).

@@ -65,3 +65,15 @@ def test_a_pinned_server_stays_pinned_across_a_kill_and_restart(tmp_path) -> Non
 def test_an_unpinned_server_may_run_anywhere(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with RedisServer(tmp_path) as server:
         assert server.pid is not None and _allowed_of(server.pid) == set(CPUS)
+
+
+def test_paired_puts_this_thread_and_its_server_on_one_cpu_over_a_unix_socket(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from workbench.redis_server import paired
+
+    before = _allowed_of(0)
+    with paired(None, tmp_path, CPUS[-1]) as (url, server):
+        assert server is not None and server.pid is not None and url.startswith("unix://")
+        assert _allowed_of(0) == _allowed_of(server.pid) == {CPUS[-1]}
+    assert _allowed_of(0) == before
+    with paired("redis://127.0.0.1:1/0", tmp_path, None) as (url, server):
+        assert server is None and url == "redis://127.0.0.1:1/0"  # an external Redis: as given

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import redis
 
+from workbench import affinity
 from workbench.waiting import wait_until
 
 MIN_VERSION = (6, 2)
@@ -278,6 +279,23 @@ def attach_or_start(
         return
     with RedisServer(directory, **options) as server:  # type: ignore[arg-type]
         yield server.url, server
+
+
+@contextlib.contextmanager
+def paired(
+    url: str | None,
+    directory: str | os.PathLike[str] | None,
+    cpu: int | None,
+    **options: object,
+) -> Iterator[tuple[str, RedisServer | None]]:
+    """:func:`attach_or_start` for a caller that talks to Redis in strict turns (a
+    virtual-time simulator): this thread and the private server both on ``cpu``
+    (None: left to the OS), over a unix socket. See :mod:`workbench.affinity`."""
+    with (
+        affinity.pinned(cpu),
+        attach_or_start(url, directory, cpu=cpu, unix_socket=True, **options) as pair,
+    ):
+        yield pair
 
 
 @contextlib.contextmanager
