@@ -4,7 +4,7 @@ A virtual-time simulation is a strict ping-pong with its Redis: the simulator
 sends a command and waits, Redis answers and waits. When the two sit on
 different CPUs every round trip wakes a sleeping CPU, and on a VM that wake-up
 (an inter-processor interrupt) can cost more than the command: on the
-development VM a redis-py call took about 22 us on one CPU and 76 us across
+development VM a redis-py call took about 22 us on one CPU and 75-90 us across
 two. Kept on one CPU, the hand-off is a plain context switch.
 ``bench/simulate.py`` measures both side by side. Parallel runs (a sweep) each
 take their own CPU.
