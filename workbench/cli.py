@@ -309,16 +309,13 @@ def relay(
 @click.option("-v", "--verbose", is_flag=True)
 def timers(database_url: str | None, every: float, verbose: bool) -> None:
     """Expire escrows whose payment, shipping or confirmation deadline passed, until SIGTERM."""
-    import signal
-    import threading
-
     from workbench.service import EscrowService
+    from workbench.shutdown import StopRequest
 
     _setup_logging(verbose)
     service = EscrowService(Store(database_url or _default_database()), clock=clock_from_env())
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopRequest()
+    stop.on_signals()
     while not stop.is_set():
         try:
             expired = service.expire_due()

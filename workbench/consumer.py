@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from workbench import events as ev
 from workbench.clock import Clock, SystemClock
 from workbench.events import AGGREGATE_TYPES, Event
 from workbench.log import SOCKET_TIMEOUT_S, StreamNames, ensure_groups
+from workbench.shutdown import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class ConsumerWorker:
         self.stats = ConsumerStats()
         self.crash_hook = crash_hook
         self.observer = observer  # told of each batch before the handler runs
-        self._stop = threading.Event()
+        self._stop = StopRequest()
         self._reread_own_at: float | None = None  # None: no own pending to revisit
         self._next_heartbeat = 0.0
         self._next_recovery = 0.0
@@ -229,8 +229,7 @@ class ConsumerWorker:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
-        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        self._stop.on_signals(signal.SIGTERM, signal.SIGINT)
 
     def run(self) -> None:
         backoff = ExponentialWithJitterBackoff(cap=2.0, base=0.05)

@@ -12,7 +12,6 @@ could interleave their batches.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from sqlalchemy import bindparam, func, select, update
 from workbench.clock import Clock, SystemClock
 from workbench.events import AGGREGATE_TYPES
 from workbench.log import StreamNames, trim
+from workbench.shutdown import StopRequest
 from workbench.store import Prepared, Store, outbox
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class OutboxRelay:
             .order_by(outbox.c.seq)
             .limit(batch_size)
         )
-        self._stop = threading.Event()
+        self._stop = StopRequest()
 
     def backlog(self) -> int:
         """Outbox rows not yet published."""
