@@ -6,11 +6,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import redis
 
-from workbench.redis_server import RedisServer, RedisServerError, find_binary, redis_url
+from workbench import affinity
+from workbench.redis_server import (
+    KILL_SAFE_FSYNC,
+    RedisServer,
+    RedisServerError,
+    find_binary,
+    redis_url,
+)
 from workbench.waiting import wait_until
 
 
@@ -41,14 +49,42 @@ def test_bundled_binary_is_redis_6_2(tmp_path) -> None:
         assert server.client().info("server")["redis_version"].startswith("6.2")
 
 
-def test_kill_and_restart_keeps_acknowledged_writes_with_aof(tmp_path) -> None:
-    with RedisServer(tmp_path, appendonly=True, appendfsync="everysec") as server:
-        client = server.client()
-        ids = [client.xadd("s", {"n": n}) for n in range(100)]
-        server.kill()
-        assert not server.running
-        server.restart()
-        assert [i for i, _ in client.xrange("s")] == ids
+def _dirty_the_disk(path, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
+    # Another writer keeping the disk busy makes redis-server's background fsync
+    # slow, the window in which `everysec` replies before writing the AOF.
+    with open(path, "wb") as f:
+        while not stop.is_set():
+            f.seek(0)
+            for _ in range(8):
+                f.write(b"y" * (1 << 20))
+            os.fsync(f.fileno())
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_sigkill_loses_no_acknowledged_write_under_the_kill_safe_policy(tmp_path, attempt) -> None:
+    # As a simulation runs it: one CPU for both, unix socket, one write per round trip.
+    cpu = max(affinity.allowed_cpus())
+    stop = threading.Event()
+    writer = threading.Thread(target=_dirty_the_disk, args=(tmp_path / "big", stop))
+    writer.start()
+    try:
+        with (
+            affinity.pinned(cpu),
+            RedisServer(
+                tmp_path / "redis", appendonly=True, appendfsync=KILL_SAFE_FSYNC,
+                cpu=cpu, unix_socket=True,
+            ) as server,
+        ):  # fmt: skip
+            client = server.client()
+            ids = [client.xadd("s", {"n": n, "pad": "x" * 100}) for n in range(15_000)]
+            server.kill()
+            assert not server.running
+            server.restart()
+            assert client.xlen("s") == len(ids)
+            assert [i for i, _ in client.xrange("s", count=10, min=ids[-10])] == ids[-10:]
+    finally:
+        stop.set()
+        writer.join()
 
 
 def test_kill_without_aof_loses_the_data(tmp_path) -> None:
