@@ -131,7 +131,7 @@ def drop(api: str, user: str) -> None:
     """
     wait_until(
         lambda: httpx.post(f"{api}/debug/users/{user}/drop", timeout=5).json()["dropped"] >= 1,
-        timeout=10,
+        timeout=30,
         what=f"a live session of {user} to drop",
     )
 

@@ -189,7 +189,7 @@ def test_two_layer_connections_do_not_grow_with_clients(redis_server: RedisServe
         def none_left() -> bool:  # and closes its connections (named <prefix>:<role>)
             return not [c for c in client.client_list() if str(c["name"]).startswith("dz")]
 
-        wait_until(none_left, timeout=5, what="the runs' connections to close")
+        wait_until(none_left, timeout=30, what="the runs' connections to close")
     finally:
         client.close()
 

@@ -40,7 +40,7 @@ def test_starts_answers_and_stops(tmp_path, binary) -> None:
         pid = server.pid
         assert pid is not None
     assert not server.running
-    wait_until(lambda: not _alive(pid), timeout=5, what="redis-server to exit")
+    wait_until(lambda: not _alive(pid), timeout=30, what="redis-server to exit")
 
 
 def test_bundled_binary_is_redis_6_2(tmp_path) -> None:
@@ -109,7 +109,7 @@ def test_no_orphan_when_the_owner_is_sigkilled(tmp_path) -> None:
     assert _alive(pid)
     owner.send_signal(signal.SIGKILL)
     owner.wait(10)
-    wait_until(lambda: not _alive(pid), timeout=10, what="redis-server to die with its owner")
+    wait_until(lambda: not _alive(pid), timeout=30, what="redis-server to die with its owner")
 
 
 def test_bad_options_and_binaries_fail_clearly(tmp_path) -> None:

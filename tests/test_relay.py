@@ -114,7 +114,7 @@ def test_commands_keep_working_while_redis_is_down(store, clock, tmp_path) -> No
             pass
         assert relay.backlog() == backlog  # nothing marked, nothing lost
         server.start()
-        wait_until(lambda: _ping(client), timeout=10, what="Redis to answer")
+        wait_until(lambda: _ping(client), timeout=30, what="Redis to answer")
         assert relay.drain() == backlog
         assert relay.backlog() == 0
 
