@@ -521,6 +521,34 @@ def test_released_twice_and_released_and_refunded() -> None:
     assert invariant(report, "no escrow released twice")[0]
 
 
+def test_user_streams_in_escrow_order() -> None:
+    def with_sequence(event_id: str, escrow: str, sequence: int) -> dict[str, Any]:
+        return {**pub(event_id, "escrow.shipped", escrow), "sequence": sequence}
+
+    name = "user streams in escrow order"
+    published = [
+        with_sequence("e1", "esc-1", 1),
+        with_sequence("e2", "esc-1", 2),
+        with_sequence("f1", "esc-2", 1),
+    ]
+
+    def report_for(order: list[str]) -> tuple[bool, str]:
+        entries = [
+            {"user": "u", "entry_id": f"{n}-0", "event_id": e} for n, e in enumerate(order, 1)
+        ]
+        return invariant(check(run(published=published, user_streams=entries)), name)
+
+    # Escrows may interleave; one escrow's events may not go back.
+    assert report_for(["e1", "f1", "e2"]) == (True, "3 entries in 1 user streams")
+    ok, detail = report_for(["e2", "f1", "e1"])
+    assert not ok
+    assert "1 entries behind an earlier event of their escrow, e.g. u / esc-1" in detail
+    assert not check(run(published=published, user_streams=[
+        {"user": "u", "entry_id": "2-0", "event_id": "e1"},
+        {"user": "u", "entry_id": "1-0", "event_id": "e2"},  # stream order is id order
+    ])).ok  # fmt: skip
+
+
 def test_ledger_matches_events_only_when_drained() -> None:
     ledger = [r for r in money_run().ledger.to_dict("records") if r["event_id"] != "c1"]
     ok, detail = invariant(check(money_run(ledger=ledger)), "ledger matches events")

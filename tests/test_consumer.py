@@ -128,6 +128,38 @@ def _event(escrow_id: str, n: int) -> Event:
     )
 
 
+class _Recording:
+    """Records every event it is given, in order, from every stream."""
+
+    group = "recording"
+    aggregate_types = ("escrow", "payment")
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def handle(self, events: list[Event]) -> None:
+        self.seen.extend(e.event_id for e in events)
+
+
+def test_a_batch_reaches_the_handler_in_each_escrows_sequence_order(r) -> None:
+    # The relay publishes payment.received (sequence 2, payment stream) before
+    # escrow.funded (3, escrow stream); one read returns them grouped by stream,
+    # escrow first. The handler (the fan-out: phones see this order) gets 2 then 3.
+    handler = _Recording()
+    worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock())
+    worker.setup()
+    paid = Event(
+        event_id="evt-paid", type="payment.received", aggregate_type="payment",
+        aggregate_id="esc-1", sequence=2, user_ids=("b", "s"), occurred_at=1.0,
+        correlation_id="c",
+    )  # fmt: skip
+    r.xadd(NAMES.stream("payment"), to_fields(paid))
+    r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", 3)))
+    r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-2", 1)))
+    worker.poll()
+    assert handler.seen == ["evt-paid", "evt-esc-2-1", "evt-esc-1-3"]
+
+
 def test_poison_entries_go_to_dead_letters_after_max_deliveries(r) -> None:
     clock = ManualClock()
     handler = _Picky()
@@ -380,3 +412,27 @@ def test_a_crash_point_armed_by_signal_kills_there_and_the_handling_log_tells(
     assert len(handled) == _expected(store, types)
     if point != "after-read":  # after-read: the handler never saw the stranded batch
         assert max(count for _, count, *_ in handled.values()) >= 2
+
+
+def test_a_full_read_holds_back_what_may_follow_unread_entries(r) -> None:
+    # Explicit ids stand in for the relay's (ms grows in publish order across
+    # streams). Published: B1 (payment, 5 ms), A2 (payment, 7 ms), A3 (escrow, 8 ms).
+    # Reads of one entry per stream return A3 with B1 first: A3 must wait for A2.
+    handler = _Recording()
+    settings = ConsumerSettings(batch_size=1)
+    worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock(), settings=settings)
+    worker.setup()
+
+    def event(escrow: str, sequence: int, type_: str) -> Event:
+        return Event(
+            event_id=f"{escrow}{sequence}", type=type_, aggregate_type=type_.split(".")[0],
+            aggregate_id=escrow, sequence=sequence, user_ids=("u",), occurred_at=1.0,
+            correlation_id="c",
+        )  # fmt: skip
+
+    r.xadd(NAMES.stream("payment"), to_fields(event("B", 1, "payment.requested")), id="5-0")
+    r.xadd(NAMES.stream("payment"), to_fields(event("A", 2, "payment.received")), id="7-0")
+    r.xadd(NAMES.stream("escrow"), to_fields(event("A", 3, "escrow.funded")), id="8-0")
+    assert worker.drain() == 3
+    assert handler.seen == ["B1", "A2", "A3"]
+    assert _pending(r, "recording", ("escrow", "payment")) == 0

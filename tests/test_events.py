@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from workbench.events import (
     AGGREGATE_TYPES,
@@ -15,6 +17,7 @@ from workbench.events import (
     UnknownEventType,
     decode,
     encode,
+    escrow_order,
     from_fields,
     to_fields,
 )
@@ -198,3 +201,38 @@ def test_from_fields_with_bad_data(data: bytes) -> None:
 def test_from_fields_with_unknown_type_raises_unknown_event_type() -> None:
     with pytest.raises(UnknownEventType):
         from_fields({b"data": encoded(type="payment.teleported", aggregate_type="payment")})
+
+
+# -- handling order within a batch ------------------------------------------------------
+
+
+def test_escrow_order_puts_each_escrow_in_sequence_order_in_its_own_slots() -> None:
+    batch = [
+        make_event(event_id="a3", aggregate_id="a", sequence=3),  # escrow stream first
+        make_event(event_id="b1", aggregate_id="b", sequence=1),
+        make_event(event_id="a2", aggregate_id="a", sequence=2),  # then the payment stream
+        make_event(event_id="c7", aggregate_id="c", sequence=7),
+    ]
+    order = escrow_order(batch)
+    assert [batch[i].event_id for i in order] == ["a2", "b1", "a3", "c7"]
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abc"), st.integers(min_value=1, max_value=50)),
+        max_size=30,
+        unique=True,
+    ).flatmap(st.permutations)
+)
+def test_escrow_order_is_a_permutation_sorted_per_escrow_keeping_slots(
+    keys: list[tuple[str, int]],
+) -> None:
+    batch = [make_event(event_id=f"{e}{n}", aggregate_id=e, sequence=n) for e, n in keys]
+    order = escrow_order(batch)
+    assert sorted(order) == list(range(len(batch)))
+    handled = [batch[i] for i in order]
+    for escrow in "abc":
+        mine = [e.sequence for e in handled if e.aggregate_id == escrow]
+        assert mine == sorted(mine)
+    # Every slot still holds an event of the escrow that held it.
+    assert [e.aggregate_id for e in handled] == [e.aggregate_id for e in batch]

@@ -151,7 +151,7 @@ def check(run: RunTables) -> CheckReport:
     published = _published(run.published)
     groups, delivery_counts, group_problems = _check_groups(published, run.handled, run.final)
     clients, client_problems = check_clients(run.user_streams, run.deliveries, run.phones)
-    invariants = _check_invariants(published, run.escrows, run.ledger, run.final)
+    invariants = _check_invariants(published, run.escrows, run.ledger, run.final, run.user_streams)
     return CheckReport(
         groups=groups,
         clients=clients,
@@ -435,7 +435,11 @@ def check_invariants(
 
 
 def _check_invariants(
-    pub: pd.DataFrame, escrows: pd.DataFrame, ledger: pd.DataFrame, final: pd.DataFrame
+    pub: pd.DataFrame,
+    escrows: pd.DataFrame,
+    ledger: pd.DataFrame,
+    final: pd.DataFrame,
+    user_streams: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     rows = [
         _ledger_balanced(ledger),
@@ -444,7 +448,41 @@ def _check_invariants(
         _released_and_refunded(pub),
         _ledger_matches_events(pub, ledger, final),
     ]
+    if user_streams is not None:
+        rows.append(_user_streams_in_escrow_order(pub, user_streams))
     return pd.DataFrame(rows, columns=INVARIANT_COLUMNS).astype({"ok": bool})
+
+
+def _user_streams_in_escrow_order(
+    pub: pd.DataFrame, user_streams: pd.DataFrame
+) -> tuple[str, bool, str]:
+    """Each user stream holds each escrow's events in ``sequence`` order (phones read
+    a stream in order, so this is the order a user sees an escrow change in)."""
+    name = "user streams in escrow order"
+    if user_streams.empty:
+        return name, True, "no user-stream entries"
+    by_event = pub.set_index("event_id")
+    event_ids = _text(user_streams["event_id"])
+    [rank] = rank_ids(user_streams["entry_id"])
+    frame = pd.DataFrame(
+        {
+            "user": _text(user_streams["user"]).to_numpy(),
+            "rank": rank,
+            "escrow": event_ids.map(by_event["escrow_id"]).to_numpy(),
+            "sequence": event_ids.map(by_event["sequence"]).to_numpy(),
+        }
+    ).dropna(subset=["escrow"])
+    frame = frame.sort_values(["user", "rank"], kind="stable")
+    went_back = frame.groupby(["user", "escrow"], sort=False)["sequence"].diff() < 0
+    bad = frame[went_back.to_numpy()]
+    detail = f"{len(frame):,} entries in {frame['user'].nunique():,} user streams"
+    if len(bad):
+        examples = [f"{u} / {e}" for u, e in zip(bad["user"], bad["escrow"], strict=True)]
+        detail += (
+            f"; {len(bad):,} entries behind an earlier event of their escrow,"
+            f" e.g. {_examples(examples)}"
+        )
+    return name, bad.empty, detail
 
 
 def _ledger_balanced(ledger: pd.DataFrame) -> tuple[str, bool, str]:
@@ -600,6 +638,7 @@ def _published(published: pd.DataFrame) -> pd.DataFrame:
             "type": pub["type"].to_numpy(),
             "stream": names[codes],
             "escrow_id": pub["escrow_id"].to_numpy(),
+            "sequence": _number(pub["sequence"]).to_numpy(),
             "amount": _number(pub["amount"]).to_numpy(),
         }
     )

@@ -106,6 +106,35 @@ class Delivery:
         return not self.fields
 
 
+def ready_to_handle(
+    deliveries: list[Delivery], truncated: set[str]
+) -> tuple[list[Delivery], list[Delivery]]:
+    """Split a read into entries to handle now and entries to hold back.
+
+    The relay publishes an escrow's events to several streams in their order,
+    so entry ids grow (by their millisecond) in publish order across streams.
+    A stream whose read came back full (``truncated``) may have more entries
+    right after its last one, possibly earlier events of escrows whose later
+    events another stream already returned. Only entries from before the
+    earliest millisecond at which a truncated stream stops are certainly not
+    behind anything unread; the rest wait for the next read.
+    """
+    if not truncated:
+        return deliveries, []
+    last: dict[str, int] = {}
+    for d in deliveries:
+        if d.stream in truncated:
+            last[d.stream] = max(last.get(d.stream, 0), _ms(d.entry_id))
+    cutoff = min(last.values(), default=0)
+    now = [d for d in deliveries if _ms(d.entry_id) < cutoff]
+    later = [d for d in deliveries if _ms(d.entry_id) >= cutoff]
+    return now, later
+
+
+def _ms(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
 @dataclass
 class ConsumerStats:
     read: int = 0
@@ -177,6 +206,7 @@ class ConsumerWorker:
         self.observer = observer  # told of each batch before the handler runs
         self._stop = StopRequest()
         self._reread_own_at: float | None = None  # None: no own pending to revisit
+        self._held: list[Delivery] = []  # read, pending, not yet safe to handle in order
         self._next_heartbeat = 0.0
         self._next_recovery = 0.0
         self._ready = False
@@ -192,7 +222,8 @@ class ConsumerWorker:
     # -- one step --------------------------------------------------------------------
 
     def poll(self, block_ms: int | None = None) -> int:
-        """Do one step: heartbeat, recover, own pending, new entries. Return entries read."""
+        """Do one step: heartbeat, recover, own pending, new entries (and those held
+        back before, see :func:`ready_to_handle`). Return entries read."""
         if not self._ready:
             self.setup()
         now = self.clock.now()
@@ -203,9 +234,12 @@ class ConsumerWorker:
             read += self._recover()
         if self._reread_own_at is not None and now >= self._reread_own_at:
             read += self._process_own_pending()
-        deliveries = self._read(">", block_ms if block_ms is not None else 0)
-        if deliveries:
-            self._process(deliveries)
+        held = self._held
+        block = 0 if held or block_ms is None else block_ms  # held entries are due now
+        deliveries, truncated = self._read_new(block)
+        ready, self._held = ready_to_handle(held + deliveries, truncated)
+        if ready:
+            self._process(ready)
         return read + len(deliveries)
 
     def drain(self, max_polls: int = 10_000) -> int:
@@ -218,7 +252,7 @@ class ConsumerWorker:
         for _ in range(max_polls):
             count = self.poll(block_ms=0)
             total += count
-            if not count:
+            if not count and not self._held:
                 break
         return total
 
@@ -254,6 +288,14 @@ class ConsumerWorker:
 
     # -- reading -------------------------------------------------------------------
 
+    def _read_new(self, block_ms: int) -> tuple[list[Delivery], set[str]]:
+        """New entries, and the streams whose read came back full (more may follow)."""
+        deliveries = self._read(">", block_ms)
+        if len(self.streams) == 1 or len(deliveries) < self.settings.batch_size:
+            return deliveries, set()  # one stream is in order; no stream can be full
+        per_stream = Counter(d.stream for d in deliveries)
+        return deliveries, {s for s, n in per_stream.items() if n >= self.settings.batch_size}
+
     def _read(self, start: str | dict[str, str], block_ms: int) -> list[Delivery]:
         ids = start if isinstance(start, dict) else dict.fromkeys(self.streams, start)
         reply = self.client.xreadgroup(
@@ -277,6 +319,7 @@ class ConsumerWorker:
         cursor = dict.fromkeys(self.streams, "0")
         total = 0
         self._reread_own_at = None
+        self._held = []  # pending too: this re-read covers them
         while True:
             deliveries = self._read(cursor, 0)
             if not deliveries:
@@ -422,6 +465,9 @@ class ConsumerWorker:
                 d.error = exc.reason
                 failed.append(d)
         if good:
+            if len(good) > 1:  # reads come grouped by stream; an escrow spans streams
+                events = [d.event for d in good if d.event is not None]  # all: decoded above
+                good = [good[i] for i in ev.escrow_order(events)]
             if self.crash_hook is not None and len(good) > 1:
                 half = len(good) // 2
                 done = self._handle(good[:half], failed)

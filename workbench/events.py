@@ -123,3 +123,24 @@ def from_fields(fields: dict[bytes, bytes] | dict[str, Any] | None) -> Event:
     if data is None:
         raise EventDecodeError("entry has no 'data' field")
     return decode(data)
+
+
+def escrow_order(events: list[Event]) -> list[int]:
+    """The order in which to handle a batch: indices into ``events``.
+
+    One escrow's events live in several streams (``payment.received`` in
+    ``payment``, ``escrow.funded`` in ``escrow``) and XREADGROUP returns a
+    read's entries grouped by stream, so a batch can hold an escrow's events
+    out of ``sequence`` order. Each escrow's events are put back in sequence
+    order in the slots they held; the interleaving of escrows stays as read.
+    """
+    slots: dict[str, list[int]] = {}
+    for i, event in enumerate(events):
+        slots.setdefault(event.aggregate_id, []).append(i)
+    order = list(range(len(events)))
+    for indices in slots.values():
+        if len(indices) > 1:
+            by_sequence = sorted(indices, key=lambda i: events[i].sequence)
+            for slot, i in zip(indices, by_sequence, strict=True):
+                order[slot] = i
+    return order
