@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import json
 import multiprocessing
@@ -82,6 +81,7 @@ import redis
 from rich.table import Table
 
 from workbench.auth import issue_token
+from workbench.children import signal_on_parent_death
 from workbench.events import Event, encode
 from workbench.log import server_version
 from workbench.redis_server import attach_or_start, free_port
@@ -132,13 +132,6 @@ def raise_fd_limit() -> tuple[int, int]:
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def _server_child_setup() -> None:
-    # Between fork and exec: the fd limit (inherited by the exec'd server) and
-    # SIGTERM when the bench goes away, however it goes.
-    raise_fd_limit()
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def rss_kib(pid: int | str = "self") -> int:
@@ -278,7 +271,9 @@ class ApiServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_server_child_setup,
+                # SIGTERM when the bench goes away, however it goes; the fd limit
+                # is inherited by the exec'd server.
+                preexec_fn=signal_on_parent_death(signal.SIGTERM, raise_fd_limit),
             )
 
     def wait_ready(self, timeout: float = 120) -> None:

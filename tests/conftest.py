@@ -17,7 +17,7 @@ from tests.http_support import Deployment
 from workbench.clock import ManualClock
 from workbench.ids import IdFactory
 from workbench.log import connect
-from workbench.redis_server import RedisServer
+from workbench.redis_server import KILL_SAFE_FSYNC, RedisServer
 from workbench.service import EscrowService
 from workbench.store import Store
 
@@ -31,7 +31,10 @@ PG_SKIP = (
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=True)
+    # Some tests SIGKILL it: the policy under which a kill loses nothing acknowledged.
+    server = RedisServer(
+        tmp_path_factory.mktemp("redis"), appendonly=True, appendfsync=KILL_SAFE_FSYNC
+    )
     server.start()
     yield server
     server.close()

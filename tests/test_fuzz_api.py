@@ -99,7 +99,7 @@ def _is_domain_error(response: schemathesis.Response) -> bool:
 
 
 CHECKS = [not_a_server_error, schema_conformance]
-TIMEOUT_S = 5.0
+TIMEOUT_S = 30.0  # a loaded CI machine is slow, not wrong
 CONFIG = schemathesis.Config.from_dict(
     {"max-stream-events": 1, "request-timeout": TIMEOUT_S, "max-redirects": 0}
 )

@@ -114,7 +114,9 @@ class Hub:
         return len(self._topics)
 
     def subscriptions(self) -> int:
-        return sum(len(subs) for subs in self._topics.values())
+        # list() copies in one step: /metrics calls this from a worker thread
+        # while the event loop adds and removes topics.
+        return sum(len(subs) for subs in list(self._topics.values()))
 
     def close_topic(self, topic: str, reason: str) -> int:
         """Close every subscription of one topic; return how many."""

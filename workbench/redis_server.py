@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 import redis
 
 from workbench import affinity
+from workbench.children import signal_on_parent_death
 from workbench.waiting import wait_until
 
 MIN_VERSION = (6, 2)
@@ -84,14 +84,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel for SIGKILL
-    # when the parent goes away, so redis-server never outlives us.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 #: The AOF fsync policy under which a SIGKILL of redis-server loses no write it
@@ -180,8 +172,7 @@ class RedisServer:
         ] + (["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
              if self.socket_path is not None else [])  # fmt: skip
 
-    def _in_child(self) -> None:
-        _die_with_parent()
+    def _pin(self) -> None:
         if self.cpu is not None and hasattr(os, "sched_setaffinity"):  # Linux only
             os.sched_setaffinity(0, {self.cpu})
 
@@ -195,7 +186,8 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=self._in_child,
+            # SIGKILL when we go away: redis-server never outlives us.
+            preexec_fn=signal_on_parent_death(signal.SIGKILL, self._pin),
         )
         _live_servers.add(self)
         probe = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)

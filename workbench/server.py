@@ -9,7 +9,6 @@ Children get SIGTERM when this process exits, however it exits.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.children import signal_on_parent_death
 from workbench.handlers import ALL_GROUPS
 from workbench.redis_server import attach_or_start
 
@@ -38,12 +38,6 @@ class ServeOptions:
     user_maxlen: int = 1000
 
 
-def _term_with_parent() -> None:
-    # Between fork and exec: SIGTERM (a graceful stop) when `serve` goes away.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def spawn_background(
     env: dict[str, str], options: ServeOptions, logs: Path
 ) -> dict[str, subprocess.Popen[bytes]]:
@@ -62,7 +56,11 @@ def spawn_background(
                 argv += ["--user-maxlen", str(options.user_maxlen)]
         log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         processes[name] = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_term_with_parent
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=signal_on_parent_death(signal.SIGTERM),  # graceful when serve goes
         )
     return processes
 

@@ -16,7 +16,7 @@ class WaitTimeout(TimeoutError):
 def wait_until(
     condition: Callable[[], T],
     *,
-    timeout: float = 10.0,
+    timeout: float = 30.0,
     interval: float = 0.01,
     what: str = "condition",
 ) -> T:
