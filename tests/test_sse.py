@@ -260,7 +260,9 @@ def test_clients_that_leave_mid_replay_release_their_sessions(
     swallow a cancel on Python 3.11 (CPython gh-86296). Heartbeats are 60 s apart
     here, so a session that survived the cancel would still be counted."""
     client = redis.Redis.from_url(deployment.redis_url)
-    streams = UserStreams(client, UserStreamNames(deployment.prefix))
+    # The whole history kept (the default cap of 1,000 would trim it and make
+    # every connection a reset, with no replay to leave).
+    streams = UserStreams(client, UserStreamNames(deployment.prefix), maxlen=50_000)
     history = [
         ev.Event(event_id=f"evt_{i}", type="escrow.created", aggregate_type="escrow",
                  aggregate_id=f"esc_{i}", sequence=1, user_ids=(alice,), occurred_at=1.0,
@@ -271,13 +273,16 @@ def test_clients_that_leave_mid_replay_release_their_sessions(
         streams.append([(e, ev.encode(e)) for e in history[start : start + 1000]])
     client.close()
     headers = {**auth(alice), "Last-Event-ID": "0"}
-    with httpx.Client(timeout=10) as http:
+    left_mid_replay = 0
+    with httpx.Client(timeout=30) as http:
         for _ in range(20):
             with http.stream("GET", f"{api}/users/{alice}/events", headers=headers) as response:
                 assert response.status_code == 200
                 for line in response.iter_lines():
                     if line.startswith("id:"):
+                        left_mid_replay += 1
                         break  # the first page is here: the server is replaying the rest
+    assert left_mid_replay == 20
     wait_until(
         lambda: httpx.get(f"{api}/healthz").json()["sessions"] == 0,
         timeout=20,
