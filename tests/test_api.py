@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from tests.http_support import SECRET, auth, read_events, token
+from workbench.api import Settings
 from workbench.auth import issue_token
 from workbench.clock import ManualClock
 from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
@@ -276,3 +277,30 @@ def test_with_redis_dead_commands_work_and_reads_say_503(
     # Back: the event of the command made while Redis was down arrives.
     got, reset = read_events(api, alice, last_event_id="0", until_ready_and=1)
     assert not reset and [e.event for e in got] == ["escrow.created"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("soon", "must be a whole number of milliseconds, not 'soon'"),
+        ("0", "must be positive, not 0"),
+    ],
+)
+def test_a_bad_sse_retry_setting_is_refused_by_name(value: str, message: str) -> None:
+    env = {"REDIS_URL": "redis://127.0.0.1:1", "WORKBENCH_SSE_RETRY_MS": value}
+    with pytest.raises(RuntimeError, match=f"WORKBENCH_SSE_RETRY_MS {message}"):
+        Settings.from_env(env)
+
+
+def test_the_sse_retry_hint_comes_from_the_environment(deployment) -> None:  # type: ignore[no-untyped-def]
+    base = deployment.start_api(extra_env={"WORKBENCH_SSE_RETRY_MS": "4321"})
+    user = "retry-user"
+    with httpx.stream(
+        "GET", f"{base}/users/{user}/events", headers=auth(user), timeout=30
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("retry:"):
+                assert line == "retry: 4321"
+                break
+        else:
+            raise AssertionError("no retry: line")

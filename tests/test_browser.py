@@ -137,9 +137,12 @@ def drop(api: str, user: str) -> None:
 
 
 def test_dashboard_survives_server_side_drops_without_loss_or_duplicates(
-    deployment: Deployment, api: str, service: EscrowService, browser: Any, alice: str, bob: str
+    deployment: Deployment, service: EscrowService, browser: Any, alice: str, bob: str
 ) -> None:
     drops = 4
+    # The browser waits out the retry hint before reconnecting: 3 s, so that
+    # the events of a round are published while it is down even on a slow machine.
+    api = deployment.start_api(extra_env={"WORKBENCH_SSE_RETRY_MS": "3000"})
     open_dashboard(browser, api, alice)
     wait_page(browser, lambda p: p["connects"] == 1, "the page's first connection")
     expected = 0
@@ -153,7 +156,7 @@ def test_dashboard_survives_server_side_drops_without_loss_or_duplicates(
 
         connects = page(browser)["connects"]
         drop(api, alice)
-        # Disconnected: the browser waits ~1 s (the retry hint) before reconnecting,
+        # Disconnected: the browser waits 3 s (the retry hint) before reconnecting,
         # so these reach the page only through the replay after Last-Event-ID.
         expected += produce(service, alice, bob, 2)
         deployment.wait_fanned_out(alice, expected)
