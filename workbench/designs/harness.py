@@ -204,7 +204,9 @@ async def _faults(
     async def fan_out_down() -> None:
         start = await until(schedule.downtime.start_s)
         await design.worker_down()
-        await until(schedule.downtime.end_s)
+        # At least the planned length from when it really went down (a late wake-up
+        # for the start would otherwise shorten it).
+        await until(max(schedule.downtime.end_s, start + schedule.downtime_s))
         await design.worker_up()
         downtime.append(Window(start, loop.time() - t0))
 
