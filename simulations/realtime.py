@@ -145,9 +145,15 @@ class Servers:
                 f"api-{i}", "serve", "--api-only", "--mpesa", "external", "--port", str(port),
                 "--prefix", fleet.env["WORKBENCH_PREFIX"], "--data-dir", str(data / f"api-{i}"),
             )  # fmt: skip
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Until every server answers /healthz (raises if one exited instead)."""
         for i, url in enumerate(self.urls):
             wait_until(
-                lambda i=i, url=url: self._healthy(i, url), timeout=60, what=f"api-{i} to start"
+                lambda i=i, url=url: self._healthy(i, url),
+                timeout=timeout,
+                what=f"api-{i} to answer /healthz",
             )
 
     def _healthy(self, i: int, url: str) -> bool:
@@ -599,6 +605,7 @@ def simulate_realtime_to(
                 if not fleet.alive(f"api-{i}"):
                     fleet.restart(f"api-{i}")
             _wait_settled(store, client, StreamNames(prefix), groups, timeout=60 + 2 * drain_s)
+            servers.wait_healthy()  # a server restarted late may still be starting
             for phone in phones:
                 phone.stop = True
             for phone in phones:

@@ -14,7 +14,9 @@ from workbench.consumer import (
     CRASH_POINTS,
     ConsumerSettings,
     ConsumerWorker,
+    Delivery,
     dead_consumers,
+    ready_to_handle,
 )
 from workbench.events import Event, to_fields
 from workbench.handlers import GROUPS, make_handler
@@ -436,3 +438,26 @@ def test_a_full_read_holds_back_what_may_follow_unread_entries(r) -> None:
     assert worker.drain() == 3
     assert handler.seen == ["B1", "A2", "A3"]
     assert _pending(r, "recording", ("escrow", "payment")) == 0
+
+
+def _delivery(stream: str, entry_id: str) -> Delivery:
+    return Delivery(stream, entry_id, {b"data": b"x"})
+
+
+def test_ready_to_handle_holds_what_an_unread_entry_may_precede() -> None:
+    a1, a2 = _delivery("wb:escrow", "5-0"), _delivery("wb:escrow", "9-0")
+    p1, p2 = _delivery("wb:payment", "3-0"), _delivery("wb:payment", "6-0")
+    # Nothing full: everything now.
+    assert ready_to_handle([a1, p1], set()) == ([a1, p1], [])
+    # Only escrow full, and all from 5 ms on is its own: its unread entries come
+    # after them, and after the payment entries (earlier ms): everything now.
+    assert ready_to_handle([a1, a2, p1], {"wb:escrow"}) == ([a1, a2, p1], [])
+    # Escrow full at 9 ms, a payment entry from 9 ms on: an unread escrow entry
+    # (>= 9 ms) may precede it; hold from 9 ms on.
+    p3 = _delivery("wb:payment", "9-1")
+    assert ready_to_handle([a1, a2, p1, p3], {"wb:escrow"}) == ([a1, p1], [a2, p3])
+    # Both full: hold from the earlier of their last milliseconds (6).
+    assert ready_to_handle([a1, a2, p1, p2], {"wb:escrow", "wb:payment"}) == (
+        [a1, p1],
+        [a2, p2],
+    )

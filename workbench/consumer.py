@@ -117,7 +117,9 @@ def ready_to_handle(
     right after its last one, possibly earlier events of escrows whose later
     events another stream already returned. Only entries from before the
     earliest millisecond at which a truncated stream stops are certainly not
-    behind anything unread; the rest wait for the next read.
+    behind anything unread; the rest wait for the next read. Unless they all
+    belong to the one truncated stream: its unread entries come after them in
+    the stream, and after everything else in hand (earlier milliseconds).
     """
     if not truncated:
         return deliveries, []
@@ -126,9 +128,10 @@ def ready_to_handle(
         if d.stream in truncated:
             last[d.stream] = max(last.get(d.stream, 0), _ms(d.entry_id))
     cutoff = min(last.values(), default=0)
-    now = [d for d in deliveries if _ms(d.entry_id) < cutoff]
     later = [d for d in deliveries if _ms(d.entry_id) >= cutoff]
-    return now, later
+    if len(truncated) == 1 and all(d.stream in truncated for d in later):
+        return deliveries, []
+    return [d for d in deliveries if _ms(d.entry_id) < cutoff], later
 
 
 def _ms(entry_id: str) -> int:
