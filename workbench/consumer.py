@@ -641,6 +641,7 @@ __all__ = [
     "Handler",
     "crash_signal",
     "dead_consumers",
+    "ready_to_handle",
     "should_dead_letter",
     "sigkill_at",
     "sigkill_when_signalled",
