@@ -295,8 +295,10 @@ def test_worker_sigkilled_mid_batch_loses_nothing_and_posts_once(
         "20",
         "--crash-at",
         point,
+        # The first batch: a backlog published within a few milliseconds may be held
+        # back into one batch (entries of one millisecond across full streams).
         "--crash-batch",
-        "2",
+        "1",
         log=tmp_path / "a.log",
     )
     wait_until(lambda: crashed.poll() is not None, timeout=60, what="the worker to crash")
@@ -305,8 +307,9 @@ def test_worker_sigkilled_mid_batch_loses_nothing_and_posts_once(
     assert stranded, "the crash left entries pending"
     handled_before = _inbox_count(store, "ledger")
     if point == "after-effect":
-        # The effect of the stranded batch is durable already: redelivery must not repeat it.
-        assert handled_before >= len(stranded)
+        # The effect of the stranded batch is durable already: redelivery must not repeat
+        # it. (Entries held back unhandled are stranded too, so no count equality.)
+        assert handled_before > 0
 
     name = "ledger-a" if recovery == "restart" else "ledger-b"
     survivor = spawn_worker(

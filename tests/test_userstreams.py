@@ -154,7 +154,7 @@ def test_fanout_worker_sigkilled_mid_batch_creates_no_duplicates(
     }
     crashed = spawn_worker(
         "fanout", "fanout-a", redis_url, store.url,
-        "--batch-size", "20", "--crash-at", point, "--crash-batch", "2",
+        "--batch-size", "20", "--crash-at", point, "--crash-batch", "1",
         log=tmp_path / "a.log",
     )  # fmt: skip
     wait_until(lambda: crashed.poll() is not None, timeout=60, what="the fan-out worker to crash")
