@@ -238,7 +238,7 @@ def _redis_keys(client: Any, prefix: str = "sim") -> dict[str, list[int]]:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run ``simulate`` once against a redis-server of our own; return every figure."""
     import simulations.run as sim
-    from workbench.redis_server import KILL_SAFE_FSYNC, paired
+    from workbench.redis_server import KILLABLE, paired
     from workbench.runs import RunTables
 
     scenario, label = load(spec["scenario"], spec["overrides"]), spec["label"]
@@ -248,7 +248,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     cpu = affinity.resolve(spec.get("cpu", "auto"))  # as `workbench simulate` places them
     with (
         tempfile.TemporaryDirectory(prefix="bench-sim-") as directory,
-        paired(None, directory, cpu, appendonly=True, appendfsync=KILL_SAFE_FSYNC) as (_, server),
+        paired(None, directory, cpu, **KILLABLE) as (_, server),
     ):
         assert server is not None
         probe = server.client()

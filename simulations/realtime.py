@@ -61,7 +61,7 @@ from workbench.consumer import CRASH_POINTS, crash_signal
 from workbench.escrow import DomainError, EscrowState
 from workbench.handlers import ALL_GROUPS
 from workbench.log import StreamNames, connect
-from workbench.redis_server import KILL_SAFE_FSYNC, attach_or_start, free_port
+from workbench.redis_server import KILLABLE, attach_or_start, free_port
 from workbench.runs import RunTables, RunWriter
 from workbench.store import Store, outbox
 from workbench.streamid import parse
@@ -490,8 +490,7 @@ def simulate_realtime_to(
     load_s, drain_s = run_p["duration_s"], run_p["drain_s"]
     work = Path(tempfile.mkdtemp(prefix="workbench-rt-"))
     secret = secrets.token_hex(32)
-    killable = {"appendonly": True, "appendfsync": KILL_SAFE_FSYNC}  # Redis faults SIGKILL it
-    with attach_or_start(redis_url, work / "redis", **killable) as (url, server):
+    with attach_or_start(redis_url, work / "redis", **KILLABLE) as (url, server):
         client = connect(url)
         _clear(client, prefix)
         database_url = f"sqlite:///{work / 'store.db'}"

@@ -40,7 +40,7 @@ from workbench.handlinglog import HandlingIndex
 from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect
 from workbench.mpesa import CallbackError, parse_callback
-from workbench.redis_server import KILL_SAFE_FSYNC, RedisServer, paired
+from workbench.redis_server import KILLABLE, RedisServer, paired
 from workbench.replay import UserEntry
 from workbench.runs import RunTables, RunWriter
 from workbench.service import EscrowService
@@ -87,10 +87,6 @@ class RedisFaults:
             yield self.env.timeout(self.p["down_for_s"])
             self.server.restart()
             fault["t_end"] = self.env.now
-
-
-# Redis faults SIGKILL the server: it must lose no write it acknowledged.
-_KILLABLE = {"appendonly": True, "appendfsync": KILL_SAFE_FSYNC}
 
 
 def simulate(
@@ -147,7 +143,7 @@ def simulate_to(
     writer = RunWriter(out)
     with (
         tempfile.TemporaryDirectory(prefix="workbench-sim-") as tmp,
-        paired(redis_url, Path(tmp) / "redis", on, **_KILLABLE) as (url, server),
+        paired(redis_url, Path(tmp) / "redis", on, **KILLABLE) as (url, server),
     ):
         work = Path(tmp)
         # One thread drives every part: one connection, no pool to check out from

@@ -18,7 +18,7 @@ from tests.http_support import Deployment
 from workbench.clock import ManualClock
 from workbench.ids import IdFactory
 from workbench.log import connect
-from workbench.redis_server import KILL_SAFE_FSYNC, RedisServer
+from workbench.redis_server import KILLABLE, RedisServer
 from workbench.service import EscrowService
 from workbench.store import Store
 
@@ -40,7 +40,8 @@ PG_SKIP = (
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     # Some tests SIGKILL it: the policy under which a kill loses nothing acknowledged.
     server = RedisServer(
-        tmp_path_factory.mktemp("redis"), appendonly=True, appendfsync=KILL_SAFE_FSYNC
+        tmp_path_factory.mktemp("redis"),
+        **KILLABLE,  # type: ignore[arg-type]
     )
     server.start()
     yield server

@@ -18,7 +18,7 @@ from workbench.consumer import ConsumerSettings, ConsumerWorker
 from workbench.handlers import GROUPS, HANDLERS, make_handler
 from workbench.handlers.ledger import check_ledger
 from workbench.log import connect
-from workbench.redis_server import KILL_SAFE_FSYNC, RedisServer
+from workbench.redis_server import KILLABLE, RedisServer
 from workbench.relay import OutboxRelay
 from workbench.store import Store, inbox, outbox
 from workbench.waiting import wait_until
@@ -76,7 +76,7 @@ class _Runtime:
 
 @pytest.mark.parametrize("fault", ["kill-9-restart", "down-for-seconds"])
 def test_redis_fault_mid_run_loses_nothing(store, tmp_path, fault) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True, appendfsync=KILL_SAFE_FSYNC).start()
+    server = RedisServer(tmp_path / "redis", **KILLABLE).start()  # type: ignore[arg-type]
     clock = ManualClock()
     service, gateway = make_service(store, clock, duplicate_rate=0.2)
     try:

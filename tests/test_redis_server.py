@@ -13,7 +13,7 @@ import redis
 
 from workbench import affinity
 from workbench.redis_server import (
-    KILL_SAFE_FSYNC,
+    KILLABLE,
     RedisServer,
     RedisServerError,
     find_binary,
@@ -71,7 +71,7 @@ def test_sigkill_loses_no_acknowledged_write_under_the_kill_safe_policy(tmp_path
         with (
             affinity.pinned(cpu),
             RedisServer(
-                tmp_path / "redis", appendonly=True, appendfsync=KILL_SAFE_FSYNC,
+                tmp_path / "redis", **KILLABLE,  # type: ignore[arg-type]
                 cpu=cpu, unix_socket=True,
             ) as server,
         ):  # fmt: skip

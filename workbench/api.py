@@ -103,11 +103,11 @@ class Settings:
             callback_url=env.get("WORKBENCH_CALLBACK_URL") or None,
             debug=env.get("WORKBENCH_DEBUG", "") in ("1", "true", "yes"),
             ping_s=float(env.get("WORKBENCH_SSE_PING_S", "15")),
-            retry_ms=_positive_int(env, "WORKBENCH_SSE_RETRY_MS", 1000),
+            retry_ms=_milliseconds(env, "WORKBENCH_SSE_RETRY_MS", 1000),
         )
 
 
-def _positive_int(env: dict[str, str], name: str, default: int) -> int:
+def _milliseconds(env: dict[str, str], name: str, default: int) -> int:
     text = env.get(name, str(default))
     try:
         value = int(text)

@@ -123,19 +123,17 @@ def ready_to_handle(
     """
     if not truncated:
         return deliveries, []
+    ms = [int(d.entry_id.partition("-")[0]) for d in deliveries]
     last: dict[str, int] = {}
-    for d in deliveries:
+    for d, m in zip(deliveries, ms, strict=True):
         if d.stream in truncated:
-            last[d.stream] = max(last.get(d.stream, 0), _ms(d.entry_id))
+            last[d.stream] = max(last.get(d.stream, 0), m)
     cutoff = min(last.values(), default=0)
-    later = [d for d in deliveries if _ms(d.entry_id) >= cutoff]
+    now = [d for d, m in zip(deliveries, ms, strict=True) if m < cutoff]
+    later = [d for d, m in zip(deliveries, ms, strict=True) if m >= cutoff]
     if len(truncated) == 1 and all(d.stream in truncated for d in later):
         return deliveries, []
-    return [d for d in deliveries if _ms(d.entry_id) < cutoff], later
-
-
-def _ms(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0])
+    return now, later
 
 
 @dataclass

@@ -96,6 +96,8 @@ def free_port() -> int:
 #: nothing, an OS crash (not modelled) could. ``always`` also survives the OS
 #: but fsyncs before every reply (about 200 us a turn on this machine's disk).
 KILL_SAFE_FSYNC = "no"
+#: Options for a server that faults SIGKILL and restart from its AOF.
+KILLABLE: dict[str, object] = {"appendonly": True, "appendfsync": KILL_SAFE_FSYNC}
 
 # A unix socket path longer than this does not fit sockaddr_un (108 bytes).
 _MAX_SOCKET_PATH = 100
