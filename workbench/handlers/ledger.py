@@ -22,14 +22,15 @@ even a bug that skipped the inbox could not post an event twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
 
 from workbench.events import Event
 from workbench.handlers.base import SqlHandler
-from workbench.store import Store, ledger_entries, outbox
+from workbench.store import Store, escrows, ledger_entries, outbox
 
 
 def postings_for(event: Event) -> list[tuple[str, int]]:
@@ -73,11 +74,25 @@ class LedgerHandler(SqlHandler):
 
 @dataclass(frozen=True)
 class LedgerCheck:
-    """The ledger against itself and against the event log.
+    """The ledger against itself, the event log and the escrows it books.
 
-    ``balanced``: all entries sum to zero. ``conserved``: funded = held +
-    released + refunded. ``matches_outbox``: every money event in the outbox
-    is posted exactly once, and nothing else is.
+    ``balanced``: all entries sum to zero (true by construction of
+    :func:`postings_for`; kept as a cheap guard). ``matches_outbox``: every money
+    event in the outbox is posted exactly once, and nothing else is.
+    ``accounts_match``: every account's balance is what the escrows' states say
+    it must be, which is what can actually go wrong (a posting with the wrong
+    amount, to the wrong party, or a state change whose money never moved):
+
+    * ``hold:<escrow>`` holds the amount while the escrow is funded, shipped or
+      disputed, and nothing in every other state (late and double payments are
+      received and refunded, netting to zero);
+    * ``buyer:<id>`` has paid in the amounts of their escrows that hold money or
+      were released (refunds returned the rest);
+    * ``seller:<id>`` is owed amount minus fee of their released escrows;
+    * ``fees`` is the sum of the released escrows' fees.
+
+    Checked after the ledger group has drained: a ledger behind the escrows
+    fails it, by design.
     """
 
     entries: int
@@ -90,6 +105,8 @@ class LedgerCheck:
     posted_events: int
     expected_events: int
     duplicate_postings: int
+    #: accounts whose balance differs from the escrows': account -> (booked, expected)
+    mismatched_accounts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def balanced(self) -> bool:
@@ -104,11 +121,33 @@ class LedgerCheck:
         return self.posted_events == self.expected_events and self.duplicate_postings == 0
 
     @property
+    def accounts_match(self) -> bool:
+        return not self.mismatched_accounts
+
+    @property
     def ok(self) -> bool:
-        return self.balanced and self.conserved and self.matches_outbox
+        return self.balanced and self.conserved and self.matches_outbox and self.accounts_match
 
 
 MONEY_EVENTS = ("payment.received", "escrow.released", "escrow.refunded", "payment.refunded")
+#: States in which an escrow's hold account carries its amount.
+HOLDING_STATES = ("funded", "shipped", "disputed")
+
+
+def expected_balances(store: Store) -> dict[str, int]:
+    """Every account's balance as the escrows' current states say it must be."""
+    e = escrows.c
+    expected: dict[str, int] = defaultdict(int)
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(e.id, e.buyer_id, e.seller_id, e.amount, e.fee, e.state))
+        for escrow_id, buyer, seller, amount, fee, state in rows:
+            expected[f"hold:{escrow_id}"] += amount if state in HOLDING_STATES else 0
+            if state in HOLDING_STATES or state == "released":
+                expected[f"buyer:{buyer}"] -= amount
+            if state == "released":
+                expected[f"seller:{seller}"] += amount - fee
+                expected["fees"] += fee
+    return dict(expected)
 
 
 def check_ledger(store: Store) -> LedgerCheck:
@@ -145,6 +184,12 @@ def check_ledger(store: Store) -> LedgerCheck:
                 select(func.count()).select_from(per_event).where(per_event.c.n > 3)
             ).scalar_one()
         )
+    booked, should = balances(store), expected_balances(store)
+    mismatched = {
+        account: (booked.get(account, 0), should.get(account, 0))
+        for account in sorted(booked.keys() | should.keys())
+        if booked.get(account, 0) != should.get(account, 0)
+    }
     return LedgerCheck(
         entries=int(entries),
         total=int(total),
@@ -156,6 +201,7 @@ def check_ledger(store: Store) -> LedgerCheck:
         posted_events=posted,
         expected_events=expected,
         duplicate_postings=duplicates,
+        mismatched_accounts=mismatched,
     )
 
 
