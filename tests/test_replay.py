@@ -86,6 +86,7 @@ def test_handoff_delivers_the_stream_once_in_order(
     visible = min(max(published_before_replay, start), n)  # appended before replay began
     session = ReplaySession(cursor)
     sent: list[UserEntry] = []
+    catch_ups = 0
     # Replay over what exists now.
     while True:
         page = after(s[:visible], session.cursor, page_size)
@@ -101,7 +102,17 @@ def test_handoff_delivers_the_stream_once_in_order(
         if decision is Live.SEND:
             sent.append(entry)
         elif decision is Live.CATCH_UP:
+            catch_ups += 1
             sent += session.take_page(after(s, session.cursor, 10**6))
-    # A resync at the end (the feed reconnected) picks up trailing losses.
-    sent += session.take_page(after(s, session.cursor, 10**6))
+    # A resync at the end (the feed reconnected) picks up trailing losses, and only
+    # them: a catch-up read the whole stream (all of it is appended in this model),
+    # otherwise everything up to the last live message that arrived was sent.
+    final = session.take_page(after(s, session.cursor, 10**6))
+    last_arrived = max((i for i in range(n) if i not in lost), default=-1)
+    assert final == ([] if catch_ups else s[max(last_arrived + 1, start, visible) :])
+    # Reading the stream is the exception: only a lost message makes a session do it.
+    assert catch_ups <= len(lost)
+    if not lost:
+        assert final == [] and catch_ups == 0
+    sent += final
     assert sent == s[start:]
