@@ -138,8 +138,11 @@ def test_lost_when_drained_unseen_when_not() -> None:
         behind = check(run(**rows, final=backlog))
         row = group_row(behind, "ledger")
         assert (row["lost"], row["unseen"], row["ok"], row["drained"]) == (0, 2, 1, False)
-        assert behind.ok, "unseen alone does not fail a run"
+        # Nothing is lost, yet the run is not OK: its drain never finished.
+        assert not behind.finished and behind.unseen == 2
+        assert not behind.ok, "an unfinished run (events unseen) must never pass"
         assert set(behind.problems["verdict"]) == {"unseen"}
+    assert drained.finished
 
 
 def test_fewer_effects_than_expected_is_lost() -> None:

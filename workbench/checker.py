@@ -9,7 +9,9 @@ ends with a drain, and each message that should have arrived is **ok**, **lost**
 **duplicated**; a message that arrived but was never sent is **unexpected**; an ok
 message that needed a redelivery is **recovered**; and, as in Jepsen's Kafka
 workload, a message still waiting in a backlog that never drained is **unseen**,
-which is kept apart from lost and does not fail a run.
+which is kept apart from lost. A run with unseen messages is **unfinished**: its
+drain did not end, so nothing can be said of those messages, and an unfinished run
+is never OK (a group that stopped consuming must not pass as "nothing lost").
 
 Consumer groups
     A group consumes the streams ``HANDLERS[group].aggregate_types`` (``fanout``: all
@@ -85,7 +87,7 @@ INVARIANT_COLUMNS = ["name", "ok", "detail"]
 DELIVERY_COUNT_COLUMNS = ["group", "max_delivery_count", "events"]
 PROBLEM_COLUMNS = ["scope", "who", "verdict", "event_id", "entry_id"]
 
-# Verdicts that fail a run; "unseen" and "recovered" do not.
+# Verdicts that fail a run; "recovered" does not, and "unseen" makes it unfinished.
 GROUP_FAILURES = ("lost", "duplicated", "unexpected")
 CLIENT_FAILURES = ("lost", "duplicated", "reordered", "unexpected")
 
@@ -105,8 +107,7 @@ class CheckReport:
     row per phone (:data:`CLIENT_COLUMNS`); ``invariants``: name, ok, detail;
     ``delivery_counts``: how many expected events of each group reached each
     ``max_delivery_count`` (0: no ``handled`` row); ``problems``: one row per item
-    that is not ok (lost, duplicated, unexpected, reordered, and unseen, which is
-    listed for drilling down but does not fail the run).
+    that is not ok (lost, duplicated, unexpected, reordered, and unseen).
     """
 
     groups: pd.DataFrame
@@ -116,12 +117,22 @@ class CheckReport:
     problems: pd.DataFrame
 
     @property
+    def unseen(self) -> int:
+        """Events some group never took because its backlog had not drained."""
+        return int(self.groups["unseen"].sum())
+
+    @property
+    def finished(self) -> bool:
+        """Every group drained: each expected event was judged ok, lost or duplicated."""
+        return self.unseen == 0
+
+    @property
     def ok(self) -> bool:
-        """False when anything is lost, duplicated, unexpected or reordered, or an
-        invariant fails. Unseen events alone do not fail a run."""
+        """False when anything is lost, duplicated, unexpected or reordered, an
+        invariant fails, or the run is unfinished (events unseen)."""
         groups_ok = not self.groups[list(GROUP_FAILURES)].to_numpy().any()
         clients_ok = not self.clients[list(CLIENT_FAILURES)].to_numpy().any()
-        return bool(groups_ok and clients_ok and self.invariants["ok"].all())
+        return bool(groups_ok and clients_ok and self.invariants["ok"].all() and self.finished)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data: ``ok`` and each table as a list of records."""
@@ -131,6 +142,7 @@ class CheckReport:
 
         return {
             "ok": self.ok,
+            "finished": self.finished,
             "groups": records(self.groups),
             "clients": records(self.clients),
             "invariants": records(self.invariants),
@@ -634,8 +646,8 @@ def print_report(report: CheckReport, console: Console | None = None, *, limit: 
     if len(report.problems):
         _print_limited(console, report.problems, "problems", limit)
     verdict = "[bold green]OK[/]" if report.ok else "[bold red]NOT OK[/]"
-    unseen = int(report.groups["unseen"].sum())
-    note = f" ({unseen:,} events unseen: a group had not drained)" if unseen else ""
+    unseen = report.unseen
+    note = f" (UNFINISHED: {unseen:,} events unseen, a group had not drained)" if unseen else ""
     console.print(f"{verdict}{note}")
 
 
