@@ -147,11 +147,16 @@ def test_fanout_worker_sigkilled_mid_batch_creates_no_duplicates(
     service, gateway = make_service(store, clock, failure_rate=0.1, duplicate_rate=0.2)
     run_lifecycles(service, gateway, clock, 30)
     OutboxRelay(store, r).drain()
-    events = {
-        f[b"event_id"]
+    published = [
+        ev.from_fields(f)
         for stream in ("wb:escrow", "wb:payment", "wb:payout", "wb:dispute")
         for _, f in r.xrange(stream)
-    }
+    ]
+    # Each user's truth: the events that concern them, each escrow's in sequence order.
+    owed: dict[str, list[tuple[str, int, str]]] = {}
+    for event in published:
+        for user in dict.fromkeys(event.user_ids):
+            owed.setdefault(user, []).append((event.escrow_id, event.sequence, event.event_id))
     crashed = spawn_worker(
         "fanout", "fanout-a", redis_url, store.url,
         "--batch-size", "20", "--crash-at", point, "--crash-batch", "1",
@@ -177,14 +182,15 @@ def test_fanout_worker_sigkilled_mid_batch_creates_no_duplicates(
         survivor.terminate()
         survivor.wait(10)
     users = {k.decode().split(":", 2)[2] for k in r.scan_iter(match="wb:user:*")}
-    seen: set[bytes] = set()
-    for user in users:
+    assert users == set(owed) and len(users) >= 10
+    for user, truth in owed.items():  # per user: an event missing from one party fails
         entries = _entries(r, user)
-        ids = [f[b"event_id"] for _, f in entries]
+        ids = [f[b"event_id"].decode() for _, f in entries]
         assert len(ids) == len(set(ids)), f"duplicates in the stream of {user}"
+        assert sorted(ids) == sorted(event_id for *_, event_id in truth), user
         _assert_chain(entries)
-        seen |= set(ids)
-    assert seen == events
+    # Order is not asserted: entries claimed from the killed worker are appended after
+    # what the survivor handled meanwhile (crash recovery may reorder; README, Order).
 
 
 def test_append_survives_redis_forgetting_the_script(r) -> None:
