@@ -42,3 +42,11 @@ def test_sse_bench_quick_run(tmp_path) -> None:
     assert set(summary["latency"]) >= {"sse", "anchor", "ratio_sse_vs_anchor"}
     assert set(summary["latency"]["sse"]) >= {"p50_ms", "p99_ms", "p99_9_ms"}
     assert set(summary["latency"]["anchor"]) >= {"p50_ms", "p99_ms", "p99_9_ms"}
+    # What the figures rest on, not only that the keys exist.
+    connections = summary["connections"]
+    assert connections["established"] == connections["target"] > 0
+    assert connections["clients_exact"] == connections["established"]  # each got exactly its own
+    assert connections["all_received"] is True
+    assert summary["replay"]["entries"] > 0
+    assert summary["latency"]["received"] == summary["latency"]["expected"] > 0
+    assert summary["latency"]["anchor_received"] > 0
