@@ -22,8 +22,11 @@ import sqlalchemy as sa
 
 from tests.http_support import Deployment, auth, read_events
 from tests.test_fuzz_api import fingerprint
+from workbench.clock import ManualClock
 from workbench.mpesa import RESULT_OK, stk_callback
 from workbench.redis_server import RedisServer
+from workbench.service import CreateLimit, EscrowService, RateLimited
+from workbench.store import Store
 
 SHORT = {
     "WORKBENCH_HEADER_TIMEOUT_S": "2",
@@ -492,3 +495,35 @@ def test_the_first_snapshot_after_a_redis_restart_answers_200(
     response = httpx.get(f"{api}/users/{alice}/escrows", headers=auth(alice), timeout=30)
     assert response.status_code == 200, response.text
     assert len(response.json()["escrows"]) == 1
+
+
+# -- the create limit on the store itself (SQLite and PostgreSQL) ---------------------------
+
+
+def test_the_create_limit_slides_and_counts_per_pair(store: Store, clock: ManualClock) -> None:
+    service = EscrowService(store, clock=clock, create_limit=CreateLimit(count=3, window_s=100))
+    for _ in range(3):
+        service.create("mallory", "victim", 1500, actor="mallory")
+        clock.advance(10)
+    rows_before = _row_counts(store)
+    with pytest.raises(RateLimited) as refused:
+        service.create("mallory", "victim", 1500, actor="mallory")
+    # The oldest counted create (t=0) leaves the window at t=100; now is t=30.
+    assert refused.value.retry_after_s == 70
+    assert _row_counts(store) == rows_before
+    # Naming someone else, or being named, has its own count; without an actor, no count.
+    service.create("mallory", "someone-else", 1500, actor="mallory")
+    service.create("mallory", "victim", 1500, actor="victim")
+    service.create("mallory", "victim", 1500)
+    clock.advance(70.001)  # the first create has left the window
+    service.create("victim", "mallory", 1500, actor="mallory")
+    with pytest.raises(RateLimited):
+        service.create("mallory", "victim", 1500, actor="mallory")
+
+
+def _row_counts(store: Store) -> tuple[int, ...]:
+    with store.engine.connect() as conn:
+        return tuple(
+            conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in ("escrows", "outbox", "escrow_creates")
+        )
