@@ -172,6 +172,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._awaiting_headers:
             self._header_bytes += len(data)
         super().data_received(data)
+        if self.transport.get_protocol() is not self:  # upgraded (WebSocket): not ours now
+            self._disarm()
+            return
         # Judged after parsing, so a packet holding small headers and a body is fine.
         if (
             self._awaiting_headers
