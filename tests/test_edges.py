@@ -14,6 +14,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -458,6 +459,34 @@ def test_the_attack_that_evicted_a_history_is_refused(
     assert not reset
 
 
+def test_concurrent_creates_on_two_processes_never_pass_the_limit(
+    api: str, short: str, alice: str, bob: str
+) -> None:
+    def attempt(n: int) -> int:
+        return _create([api, short][n % 2], alice, alice, bob).status_code
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = list(pool.map(attempt, range(36)))
+    assert sorted(set(statuses)) == [201, 429], statuses
+    assert statuses.count(201) == 20
+
+
+def test_the_create_limit_holds_while_redis_is_down(
+    deployment: Deployment, redis_server: RedisServer, alice: str, bob: str
+) -> None:
+    """Counted in SQL: commands, and their limit, do not need Redis."""
+    base = deployment.start_api(extra_env={"WORKBENCH_CREATE_LIMIT": "2"})
+    redis_server.kill()
+    try:
+        assert _create(base, alice, alice, bob).status_code == 201
+        assert _create(base, alice, bob, alice).status_code == 201
+        refused = _create(base, alice, alice, bob)
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["Retry-After"]) > 0
+    finally:
+        redis_server.restart()
+
+
 # -- /metrics -------------------------------------------------------------------------------
 
 
@@ -527,3 +556,21 @@ def _row_counts(store: Store) -> tuple[int, ...]:
             conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
             for table in ("escrows", "outbox", "escrow_creates")
         )
+
+
+def test_the_create_limit_is_exact_under_concurrent_creates(
+    store: Store, clock: ManualClock
+) -> None:
+    service = EscrowService(store, clock=clock, create_limit=CreateLimit(count=5, window_s=100))
+
+    def attempt(_: int) -> bool:
+        try:
+            service.create("mallory", "victim", 1500, actor="mallory")
+        except RateLimited:
+            return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        accepted = list(pool.map(attempt, range(24)))
+    assert accepted.count(True) == 5
+    assert _row_counts(store)[0] == 5

@@ -2,8 +2,14 @@
 
 Commands are thin: authenticate, validate, call :class:`EscrowService`, map
 its errors to status codes (illegal transition 409, not a party 403, unknown
-escrow 404, bad body 422). A rejected request changes nothing, because the
-service applies a command in one transaction or not at all.
+escrow 404, bad body 422, too many creates naming the same user 429 with
+``Retry-After``). A rejected request changes nothing, because the service
+applies a command in one transaction or not at all.
+
+Bodies are parsed strictly and validated with strict types (an amount is a
+JSON integer, never ``true``, ``"100"`` or ``100.0``); body size, header size
+and connection deadlines are enforced at the edge (:mod:`workbench.edge`).
+``/metrics`` wants ``WORKBENCH_METRICS_TOKEN`` when that is set.
 
 Phones read their events at ``GET /users/{id}/events`` (SSE, see
 :mod:`workbench.sessions`) and the current state at ``GET /users/{id}/escrows``.
