@@ -508,6 +508,9 @@ def simulate_realtime_to(
             WORKBENCH_SECRET=secret,
             WORKBENCH_PREFIX=prefix,
             WORKBENCH_SSE_PING_S=str(params["realtime"]["sse_ping_s"]),
+            # The market's buyers return to the same sellers at simulated speed;
+            # the per-pair create limit guards against abuse, not trade.
+            WORKBENCH_CREATE_LIMIT="0",
             **clock_env(origin, run_p["epoch"], 1.0 / factor),
         )
         fleet = Fleet(env_vars, work / "logs")

@@ -174,6 +174,16 @@ def judge(
 
 
 @pytest.fixture(scope="module")
+def api(deployment: Deployment) -> str:
+    """The API under fuzz, with the per-pair create limit off.
+
+    Every test seeds escrows between the same two fixed users, far more than
+    the limit allows a pair in a day; the limit itself is tested in test_edges.
+    """
+    return deployment.start_api(extra_env={"WORKBENCH_CREATE_LIMIT": "0"})
+
+
+@pytest.fixture(scope="module")
 def live_schema(api: str) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_url(f"{api}/openapi.json", config=CONFIG)
 

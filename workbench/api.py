@@ -2,8 +2,14 @@
 
 Commands are thin: authenticate, validate, call :class:`EscrowService`, map
 its errors to status codes (illegal transition 409, not a party 403, unknown
-escrow 404, bad body 422). A rejected request changes nothing, because the
-service applies a command in one transaction or not at all.
+escrow 404, bad body 422, too many creates naming the same user 429 with
+``Retry-After``). A rejected request changes nothing, because the service
+applies a command in one transaction or not at all.
+
+Bodies are parsed strictly and validated with strict types (an amount is a
+JSON integer, never ``true``, ``"100"`` or ``100.0``); body size, header size
+and connection deadlines are enforced at the edge (:mod:`workbench.edge`).
+``/metrics`` wants ``WORKBENCH_METRICS_TOKEN`` when that is set.
 
 Phones read their events at ``GET /users/{id}/events`` (SSE, see
 :mod:`workbench.sessions`) and the current state at ``GET /users/{id}/escrows``.
@@ -26,24 +32,23 @@ from typing import Annotated, Any, Literal
 
 import httpx
 import redis
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from workbench import auth
+from workbench import auth, edge
 from workbench.clock import Clock, SystemClock, clock_from_env
 from workbench.escrow import DomainError
 from workbench.ids import IdFactory
 from workbench.live import LiveReader
-from workbench.log import StreamNames, connect
-from workbench.metrics import metrics_text
+from workbench.log import StreamNames, async_client, connect
+from workbench.metrics import metrics_text, scrape_allowed
 from workbench.mpesa import CallbackError, GatewayBehaviour, SimulatedGateway, parse_callback
 from workbench.pubsub import Hub
-from workbench.service import CommandResult, EscrowService
+from workbench.service import CommandResult, CreateLimit, EscrowService, RateLimited
 from workbench.sessions import SessionStats, SseSession
 from workbench.store import Store, database_url
 from workbench.streamid import MalformedStreamId, StreamId, parse
@@ -62,6 +67,7 @@ _STATUS = {
     "illegal_transition": 409,
     "idempotency_conflict": 409,
     "invalid_command": 422,
+    "rate_limited": 429,
 }
 
 
@@ -81,6 +87,9 @@ class Settings:
     page_size: int = 500
     max_queue: int = 1000
     redis_pool: int = 16
+    metrics_token: str | None = None  # when set, /metrics wants "Bearer <token>"
+    create_limit: CreateLimit = field(default_factory=CreateLimit)
+    limits: edge.EdgeLimits = field(default_factory=edge.EdgeLimits)
     gateway: GatewayBehaviour = field(
         default_factory=lambda: GatewayBehaviour(delay_min=1.0, delay_max=3.0, late_rate=0.0)
     )
@@ -104,6 +113,9 @@ class Settings:
             debug=env.get("WORKBENCH_DEBUG", "") in ("1", "true", "yes"),
             ping_s=float(env.get("WORKBENCH_SSE_PING_S", "15")),
             retry_ms=_milliseconds(env, "WORKBENCH_SSE_RETRY_MS", 1000),
+            metrics_token=env.get("WORKBENCH_METRICS_TOKEN") or None,
+            create_limit=CreateLimit.from_env(env),
+            limits=edge.EdgeLimits.from_env(env),
         )
 
 
@@ -149,7 +161,13 @@ class _LockedGateway:
 UserId = Annotated[str, Field(pattern=USER_ID, description="a user id: letters, digits, _.:@-")]
 
 
+# Strict: an amount is a JSON integer (not true, "100" or 100.0), a text is a string.
+_STRICT = ConfigDict(strict=True)
+
+
 class CreateEscrowBody(BaseModel):
+    model_config = _STRICT
+
     buyer_id: UserId
     seller_id: UserId
     amount: int = Field(gt=0, le=10_000_000, description="KES, whole shillings")
@@ -157,18 +175,26 @@ class CreateEscrowBody(BaseModel):
 
 
 class FundBody(BaseModel):
+    model_config = _STRICT
+
     phone: str = Field(default="254700000000", pattern=r"^2547\d{8}$")
 
 
 class ShipBody(BaseModel):
+    model_config = _STRICT
+
     tracking: str = Field(default="", max_length=100, pattern=_NO_NUL)
 
 
 class ReasonBody(BaseModel):
+    model_config = _STRICT
+
     reason: str = Field(default="", max_length=500, pattern=_NO_NUL)
 
 
 class ResolveBody(BaseModel):
+    model_config = _STRICT
+
     outcome: Literal["refund", "release"]
     note: str = Field(default="", max_length=500, pattern=_NO_NUL)
 
@@ -191,16 +217,17 @@ class App:
             gateway = self.sim
         else:
             gateway = ExternalGateway(ids)
-        self.service = EscrowService(self.store, clock=self.clock, ids=ids, gateway=gateway)
+        self.service = EscrowService(
+            self.store,
+            clock=self.clock,
+            ids=ids,
+            gateway=gateway,
+            create_limit=settings.create_limit,
+        )
         self.hub = Hub(max_queue=settings.max_queue)
         self.stats = SessionStats()
         self.redis = connect(settings.redis_url)  # sync: metrics
-        self.aredis = aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_pool, timeout=10
-            ),
-            socket_timeout=5.0,
-        )
+        self.aredis = async_client(settings.redis_url, max_connections=settings.redis_pool)
         self.reader = UserStreamReader(self.aredis, self.user_names)
         self.live = LiveReader(settings.redis_url, self.hub, self.user_names)
         self.callbacks_posted = 0
@@ -303,11 +330,18 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         description="M-Pesa escrow commands, callbacks and per-user event streams (SSE).",
         lifespan=lifespan,
     )
+    app.router.route_class = edge.StrictJsonRoute  # before any route is added
+    app.add_middleware(edge.BodyLimit, max_body_bytes=settings.limits.max_body_bytes)
 
     @app.exception_handler(DomainError)
     async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return JSONResponse(
-            {"error": exc.code, "detail": str(exc)}, status_code=_STATUS.get(exc.code, 409)
+            {"error": exc.code, "detail": str(exc)},
+            status_code=_STATUS.get(exc.code, 409),
+            headers=headers,
         )
 
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
@@ -347,6 +381,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             body.amount,
             body.description,
             idempotency_key=key(user, idem),
+            actor=user,
         )
         return _result(result)
 
@@ -533,8 +568,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         return JSONResponse(body, status_code=200 if redis_ok else 503)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
-    def metrics(state: State) -> Response:
-        """Prometheus text format."""
+    def metrics(state: State, authorization: Annotated[str | None, Header()] = None) -> Response:
+        """Prometheus text format; ``Bearer <WORKBENCH_METRICS_TOKEN>`` when that is set."""
+        if not scrape_allowed(authorization, state.settings.metrics_token):
+            raise _Unauthorized("/metrics needs 'Authorization: Bearer <metrics token>'")
         return Response(metrics_text(state), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)

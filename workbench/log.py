@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -70,6 +72,27 @@ def connect(url: str | None = None, **overrides: object) -> redis.Redis:
     }
     options.update(overrides)
     return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+
+
+def async_client(url: str, *, max_connections: int = 16) -> aioredis.Redis:
+    """An asyncio client on a bounded pool whose connections are retried after a restart.
+
+    A pooled connection goes stale when redis-server restarts; without a
+    retry the first command on it fails (the API answered 503 once per stale
+    connection). Each command is retried twice on a connection or timeout
+    error, reconnecting first, so a restart costs a reconnect, not a failure.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,  # waiting for a free connection
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=2.0,
+        retry=AsyncRetry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), retries=2),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def server_version(client: redis.Redis) -> tuple[int, ...]:

@@ -3,10 +3,15 @@
 Stream figures are read from Redis on each scrape (they are shared by all
 server processes); session figures are this process's own, so a scraper
 should scrape every process (label them by instance).
+
+With ``WORKBENCH_METRICS_TOKEN`` set, a scrape must carry
+``Authorization: Bearer <that token>`` (:func:`scrape_allowed`); user tokens
+do not open it. Unset, ``/metrics`` is open, as before.
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -89,3 +94,16 @@ def metrics_text(app: App) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(app))  # type: ignore[arg-type]
     return generate_latest(registry)
+
+
+def scrape_allowed(authorization: str | None, token: str | None) -> bool:
+    """Whether a scrape with this ``Authorization`` header may read ``/metrics``."""
+    if not token:
+        return True
+    if authorization is None:
+        return False
+    scheme, _, presented = authorization.partition(" ")
+    # Constant time, so the token cannot be guessed byte by byte from timings.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), token.encode()
+    )

@@ -80,6 +80,8 @@ def serve(options: ServeOptions) -> None:
     """Run until Ctrl-C / SIGTERM."""
     import uvicorn
 
+    from workbench.edge import uvicorn_options
+
     options.data_dir.mkdir(parents=True, exist_ok=True)
     database_url = options.database_url or f"sqlite:///{options.data_dir / 'workbench.db'}"
     with attach_or_start(
@@ -114,6 +116,7 @@ def serve(options: ServeOptions) -> None:
                 # ping within this; the default 5 s is too short for a busy
                 # 2-core machine importing the app, and loops forever.
                 timeout_worker_healthcheck=60,
+                **uvicorn_options(),  # body, header and idle limits (workbench.edge)
             )
         finally:
             stop_background(processes)

@@ -5,16 +5,29 @@ store the new state, append the events to the outbox, remember the
 idempotency key. A :class:`DomainError` rolls everything back, so a rejected
 command changes nothing and emits nothing. Redis is not touched here at all:
 commands keep working while Redis is down and the relay catches up later.
+
+**Creates naming another user are limited** (:class:`CreateLimit`, when the
+caller is known: ``create(..., actor=...)``, as the API does). Every escrow
+lands in both parties' user streams, so without a limit one user could push
+another's history out of their stream (``MAXLEN``). A creator may name the same
+other user in at most ``count`` creates per sliding ``window_s``; the count is
+read from ``escrow_creates`` in the create's own transaction (SQLite
+serialises writers; PostgreSQL takes a transaction advisory lock per creator),
+so it holds exactly across API processes and nodes and needs no Redis. A
+refused create raises :class:`RateLimited` with the seconds until a slot frees.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from workbench import events as ev
@@ -38,7 +51,16 @@ from workbench.escrow import (
     evolve,
 )
 from workbench.ids import IdFactory
-from workbench.store import Prepared, Store, binds, checkouts, commands, escrows, outbox
+from workbench.store import (
+    Prepared,
+    Store,
+    binds,
+    checkouts,
+    commands,
+    escrow_creates,
+    escrows,
+    outbox,
+)
 
 
 class EscrowNotFound(DomainError):
@@ -55,6 +77,67 @@ class IdempotencyKeyReused(DomainError):
     """The same idempotency key was sent with a different command."""
 
     code = "idempotency_conflict"
+
+
+class RateLimited(DomainError):
+    """Too many recent creates naming the same other user; retry after ``retry_after_s``."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class CreateLimit:
+    """At most ``count`` creates naming the same other user per ``window_s``; 0: no limit.
+
+    Each create puts at most two entries into the named user's stream without
+    their doing anything (``escrow.created``, then ``escrow.cancelled`` or
+    ``escrow.expired``), so the default lets one user add at most 40 entries a
+    day to another's stream: 25 days of it to push out a default history of
+    1000 entries, and 280 entries within the 7 days the fan-out remembers.
+    """
+
+    count: int = 20
+    window_s: float = 24 * 3600.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CreateLimit:
+        env = os.environ if environ is None else environ
+        count_text = env.get("WORKBENCH_CREATE_LIMIT") or str(cls.count)
+        window_text = env.get("WORKBENCH_CREATE_WINDOW_S") or str(cls.window_s)
+        try:
+            count = int(count_text)
+        except ValueError:
+            raise RuntimeError(
+                f"WORKBENCH_CREATE_LIMIT must be a whole number, not {count_text!r}"
+            ) from None
+        try:
+            window_s = float(window_text)
+        except ValueError:
+            window_s = math.nan
+        if count < 0:
+            raise RuntimeError(f"WORKBENCH_CREATE_LIMIT must be 0 (off) or more, not {count}")
+        if not (window_s > 0 and math.isfinite(window_s)):
+            raise RuntimeError(
+                f"WORKBENCH_CREATE_WINDOW_S must be a positive number of seconds, "
+                f"not {window_text!r}"
+            )
+        return cls(count, window_s)
+
+
+_COUNT_CREATES = Prepared(
+    select(func.count(), func.min(escrow_creates.c.created_at)).where(
+        escrow_creates.c.creator == bindparam("creator"),
+        escrow_creates.c.named == bindparam("named"),
+        escrow_creates.c.created_at > bindparam("since"),
+    )
+)
+_INSERT_CREATE = Prepared(
+    insert(escrow_creates).values(binds("escrow_id", "creator", "named", "created_at"))
+)
 
 
 class PaymentGateway(Protocol):
@@ -163,12 +246,14 @@ class EscrowService:
         ids: IdFactory | None = None,
         timeouts: Timeouts | None = None,
         gateway: PaymentGateway | None = None,
+        create_limit: CreateLimit | None = None,
     ) -> None:
         self.store = store
         self.clock = clock or SystemClock()
         self.ids = ids or IdFactory()
         self.timeouts = timeouts or Timeouts()
         self.gateway = gateway
+        self.create_limit = create_limit or CreateLimit(count=0)
 
     # -- queries ---------------------------------------------------------------
 
@@ -199,7 +284,9 @@ class EscrowService:
         *,
         escrow_id: str | None = None,
         idempotency_key: str | None = None,
+        actor: str | None = None,
     ) -> CommandResult:
+        """Open an escrow. With ``actor`` (the caller), the create is counted and limited."""
         command = CreateEscrow(
             escrow_id=escrow_id or self.ids.new("esc"),
             buyer_id=buyer_id,
@@ -211,7 +298,38 @@ class EscrowService:
         fingerprint = _fingerprint(
             escrow_id, CreateEscrow(escrow_id or "", buyer_id, seller_id, amount, description)
         )
-        return self._execute(command.escrow_id, command, idempotency_key, fingerprint)
+        on_create = None
+        if actor is not None:
+            named = seller_id if actor == buyer_id else buyer_id
+
+            def on_create(conn: Connection, now: float) -> None:
+                self._count_create(conn, command.escrow_id, actor, named, now)
+
+        return self._execute(
+            command.escrow_id, command, idempotency_key, fingerprint, on_create=on_create
+        )
+
+    def _count_create(
+        self, conn: Connection, escrow_id: str, creator: str, named: str, now: float
+    ) -> None:
+        limit = self.create_limit
+        if limit.count > 0 and named != creator:
+            if conn.dialect.name == "postgresql":
+                # Concurrent creates by one creator queue here, so the count is exact.
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:c))"), {"c": creator})
+            recent, oldest = _COUNT_CREATES.first(
+                conn, {"creator": creator, "named": named, "since": now - limit.window_s}
+            )
+            if recent >= limit.count:
+                wait = max(1, math.ceil(oldest + limit.window_s - now))
+                raise RateLimited(
+                    f"{creator!r} created {recent} escrows naming {named!r} in the last "
+                    f"{limit.window_s:g} s (limit {limit.count}); retry in {wait} s",
+                    retry_after_s=wait,
+                )
+        _INSERT_CREATE.execute(
+            conn, {"escrow_id": escrow_id, "creator": creator, "named": named, "created_at": now}
+        )
 
     def fund(
         self, escrow_id: str, actor: str, phone: str = "", *, idempotency_key: str | None = None
@@ -335,6 +453,7 @@ class EscrowService:
         key: str | None,
         fingerprint: str,
         late_command: Any = None,
+        on_create: Callable[[Connection, float], None] | None = None,
     ) -> CommandResult:
         # IntegrityError means a concurrent twin (same key or same new id) won
         # the race; retrying finds its stored result.
@@ -369,6 +488,8 @@ class EscrowService:
                             },
                         )
                     new = self._apply(conn, escrow, new_events)
+                    if on_create is not None:
+                        on_create(conn, now)
                     result = CommandResult(new.to_dict() if new else None, new_events)
                     if key is not None:
                         _INSERT_COMMAND.execute(

@@ -99,6 +99,18 @@ commands = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# Who created each escrow and whom it named, for the per-user create limit
+# (EscrowService.create with an actor); written in the create's transaction.
+escrow_creates = Table(
+    "escrow_creates",
+    metadata,
+    Column("escrow_id", String(64), primary_key=True),
+    Column("creator", String(64), nullable=False),
+    Column("named", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_escrow_creates_pair", "creator", "named", "created_at"),
+)
+
 outbox = Table(
     "outbox",
     metadata,
