@@ -131,9 +131,13 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def read_all(directory: Path = RECORDS_DIR) -> dict[str, dict[str, Any]]:
-    """Every record in ``directory`` by bench name."""
+    """Every record in ``directory`` by bench name; two records of one bench are an error."""
     out: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         record = read(path)
-        out[record["bench"]] = record
+        name = record["bench"]
+        if name in out:
+            raise ValueError(f"two records of bench {name!r}: {paths[name]} and {path}")
+        out[name], paths[name] = record, path
     return out

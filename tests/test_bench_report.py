@@ -111,6 +111,12 @@ def test_markers_that_do_not_pair_are_an_error(tmp_path) -> None:  # type: ignor
         result = run_report(readme, recs, "--check")
         assert result.returncode == 2 and says in result.stderr, result.stderr
         assert readme.read_text() == "# T\n" + broken
+    # Two records of one bench: which one the table shows would be an accident.
+    readme.write_text(f"{START}\n{END}\n")
+    records.write(throughput_record([1, 2, 3]), recs / "throughput-old.json")
+    result = run_report(readme, recs)
+    assert result.returncode == 2 and "two records of bench 'throughput'" in result.stderr
+    assert readme.read_text() == f"{START}\n{END}\n"
 
 
 def test_records_of_the_sse_and_simulate_benches_render(tmp_path) -> None:  # type: ignore[no-untyped-def]
