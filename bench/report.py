@@ -10,7 +10,8 @@ between two markers::
 ``bench/report.py`` replaces each block's text with the tables rendered from
 the record: a line saying when, on which commit (and whether the tree was
 clean), under what load average and on what software the figures were
-measured, then the ratios (median of per-round ratios, min–max, bootstrap
+measured (a record whose verdict does not follow from its own interval is
+refused), then the ratios (median of per-round ratios, min–max, bootstrap
 interval, target, verdict), the rates, and any headline figures the bench
 recorded. The output depends on the records alone, so running it twice
 changes nothing. ``--check`` changes nothing and exits 1 when the README
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
-from bench import records  # noqa: E402
+from bench import records, stats  # noqa: E402
 
 MARKER = re.compile(r"<!-- bench:([A-Za-z0-9_-]+):(start|end) -->")
 
@@ -124,7 +125,14 @@ def _summary_rows(summaries: Mapping[str, Any], with_target: bool) -> list[str]:
 
 
 def render(record: Mapping[str, Any]) -> str:
-    """The Markdown block of one record."""
+    """The Markdown block of one record; a verdict its interval does not give is an error."""
+    for section in ("ratios", "rates"):
+        for name, s in record.get(section, {}).items():
+            if not stats.consistent(s):
+                raise ValueError(
+                    f"record {record['bench']}: the verdict of {name} ({s['verdict']}) is not "
+                    f"what its interval {s['interval']} and target {s['target']} give"
+                )
     out = [provenance(record)]
     method = _method(record)
     if method:

@@ -430,21 +430,31 @@ class FastStream:
 
 
 def faststream_or_reason(option: str | None) -> tuple[Path | None, str | None]:
-    """The interpreter FastStream runs in, or why there is none."""
+    """The interpreter FastStream runs in, or why there is none.
+
+    Without ``--faststream`` a missing ``.venv-bench`` skips the anchor (the record
+    says so); an interpreter named on the command line must work.
+    """
     if option == "none":
         return None, "skipped: --faststream none"
     python = Path(option) if option else FASTSTREAM_PYTHON
+    problem = None
     if not python.exists():
-        return None, (
-            f"skipped: no {python} (`make bench` installs FastStream there from "
-            "bench/requirements-faststream.txt)"
+        problem = f"no {python}"
+    else:
+        check = subprocess.run(
+            [str(python), "-c", "import faststream.redis"], capture_output=True, text=True
         )
-    check = subprocess.run(
-        [str(python), "-c", "import faststream.redis"], capture_output=True, text=True
+        if check.returncode != 0:
+            problem = f"FastStream does not import in {python}: {check.stderr.strip()[-300:]}"
+    if problem is None:
+        return python, None
+    if option:
+        raise click.UsageError(f"--faststream {option}: {problem}")
+    return None, (
+        f"skipped: {problem} (`make bench` installs FastStream there from "
+        "bench/requirements-faststream.txt)"
     )
-    if check.returncode != 0:
-        return None, f"skipped: FastStream does not import in {python}: {check.stderr[-300:]}"
-    return python, None
 
 
 # -- the run --------------------------------------------------------------------------
@@ -816,6 +826,7 @@ def main(
     if not min_seconds >= 0:
         raise click.UsageError("--min-seconds must be 0 or more")
     targets = parse_targets(target_values)
+    faststream_or_reason(faststream_option)  # a bad --faststream: exit 2 before any work
     record = run(escrows, sample, repeat, min_seconds, targets, faststream_option, reset_store)
     if record_path is None and not quick:
         record_path = records.RECORDS_DIR / "throughput.json"

@@ -93,6 +93,18 @@ def test_an_inconclusive_record_renders_without_a_verdict_it_does_not_have(tmp_p
     assert "| ≥ 0.25 | INCONCLUSIVE |" in block and "MET" not in block
 
 
+def test_a_record_whose_verdict_its_interval_does_not_give_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    recs = tmp_path / "records"
+    record = throughput_record([200, 240, 260, 300, 220])  # INCONCLUSIVE
+    record["ratios"]["a_vs_b"]["verdict"] = stats.MET  # as if typed by hand
+    records.write(record, recs / "throughput.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+    result = run_report(readme, recs)
+    assert result.returncode == 2 and "the verdict of a_vs_b (MET)" in result.stderr
+    assert readme.read_text() == f"{START}\n{END}\n"
+
+
 def test_a_dirty_tree_is_said(tmp_path) -> None:  # type: ignore[no-untyped-def]
     record = throughput_record([300, 310, 320])
     record["environment"]["dirty"] = True

@@ -88,10 +88,13 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
         assert judged["per_round"][i] == rate["parallel4"] / rate["raw4"]
 
 
-def test_throughput_bench_rejects_bad_targets() -> None:
-    for value, says in (("nosuch=1", "NAME=NUMBER"), ("noop_vs_raw1=x", "not a number")):
+def test_throughput_bench_rejects_bad_options() -> None:
+    for flag, value, says in (("--target", "nosuch=1", "NAME=NUMBER"),
+                              ("--target", "noop_vs_raw1=x", "not a number"),
+                              ("--faststream", "/nonexistent/python", "no /nonexistent/python"),
+                              ("--faststream", sys.executable, "does not import")):  # fmt: skip
         result = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "throughput.py"), "--target", value],
+            [sys.executable, str(ROOT / "bench" / "throughput.py"), flag, value],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert result.returncode == 2 and says in result.stderr, result.stderr
