@@ -54,6 +54,11 @@ Usage::
     .venv/bin/python bench/simulate.py --rates ''  # no load sweep
 
 Progress goes to stderr; the last line of output is one JSON object with every figure.
+The speed runs are also summarised as rounds (``bench/stats.py``): the median
+runtime events per wall second with its min–max and bootstrap interval, and a
+verdict against the target only where the whole interval is on one side of it.
+A record of the run goes to ``bench/records/simulate.json`` (``--quick`` writes
+none unless ``--record`` is given), for ``bench/report.py``.
 """
 
 from __future__ import annotations
@@ -75,15 +80,20 @@ import numpy as np
 import simpy
 from rich.table import Table
 
-from simulations.gateway import MpesaGateway
-from simulations.market import Market
-from simulations.phones import Phone, ServerFaults, ServerPool
-from simulations.scenario import Scenario, ScenarioError, load
-from workbench import affinity
-from workbench.escrow import DomainError, EscrowState
-from workbench.report import wide_console
-from workbench.service import CommandResult
-from workbench.userstreams import UserStreamNames
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import records, stats  # noqa: E402
+from simulations.gateway import MpesaGateway  # noqa: E402
+from simulations.market import Market  # noqa: E402
+from simulations.phones import Phone, ServerFaults, ServerPool  # noqa: E402
+from simulations.scenario import Scenario, ScenarioError, load  # noqa: E402
+from workbench import affinity  # noqa: E402
+from workbench.escrow import DomainError, EscrowState  # noqa: E402
+from workbench.report import wide_console  # noqa: E402
+from workbench.service import CommandResult  # noqa: E402
+from workbench.userstreams import UserStreamNames  # noqa: E402
 
 TARGET = 20_000  # runtime events per wall-clock second
 FLAT = 1.5  # Nx/1x ratio below which memory counts as flat
@@ -279,6 +289,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         sim_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         client = server.client()
         info, keys = client.info("memory"), _redis_keys(client)
+        redis_version = str(client.info("server")["redis_version"])
         redis_hwm = _proc(server.pid, "VmHWM")
         client.close()
         probe.close()
@@ -292,7 +303,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
     run_p = scenario["run"]
     return {
-        "label": label, "cpu": cpu, "load_s": run_p["duration_s"],
+        "label": label, "cpu": cpu, "load_s": run_p["duration_s"], "redis_version": redis_version,
         "virtual_s": run_p["duration_s"] + run_p["drain_s"], "escrows": len(tables.escrows),
         "events": events, "total_events": sum(events.values()), "wall_s": wall,
         "loop_wall_s": trace[-1][1], "sim_rss_before": rss_before, "sim_rss_run_end": trace[-1][2],
@@ -430,7 +441,8 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
 # -- report -------------------------------------------------------------------------------
 
 
-def print_speed(console: Any, run: dict[str, Any], model: dict[str, Any], phones: int) -> None:
+def print_speed(console: Any, run: dict[str, Any], model: dict[str, Any], phones: int,
+                judged: stats.Summary) -> None:  # fmt: skip
     wall, total, virtual, loop = (run[k] for k in ("wall_s", "total_events", "virtual_s",
                                                    "loop_wall_s"))  # fmt: skip
     print(f"speed: {phones} phones, {run['load_s']:,.0f} s load + {virtual - run['load_s']:,.0f} s "
@@ -446,8 +458,10 @@ def print_speed(console: Any, run: dict[str, Any], model: dict[str, Any], phones
         table.add_row(key.replace("_", " "), f"{n:,}", f"{n / wall:,.0f}")
     console.print(table)
     rate, share = total / wall, 1 - model["wall_s"] / wall
-    print(f"runtime events per wall second: {rate:,.0f}; target >= {TARGET:,}/s: ratio "
-          f"{rate / TARGET:.3f} -> {'MET' if rate >= TARGET else 'NOT MET'}")  # fmt: skip
+    lo, hi = judged.interval
+    print(f"runtime events per wall second: {rate:,.0f}; median of {len(judged.per_round)} "
+          f"run(s) {judged.median:,.0f}, interval {lo:,.0f}-{hi:,.0f}; target >= {TARGET:,}/s: "
+          f"{judged.verdict}")  # fmt: skip
     print(f"model only (stand-in service, phones that read nothing): {model['wall_s']:,.2f} s "
           f"wall, {model['commands']:,} commands and {model['escrows']:,} escrows "
           f"(runtime run: {run['events']['commands']:,}, {run['escrows']:,}); "
@@ -559,11 +573,18 @@ def print_within(console: Any, big: dict[str, Any], n: float, verdicts: dict[str
 )  # fmt: skip
 @click.option("--quick", is_flag=True, help="smoke run: 100 phones, 60 s load, 30 s drain, 3x")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--record",
+    "record_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="where to write the record [bench/records/simulate.json; none with --quick]",
+)
 @click.option("--child", "child_spec", hidden=True)
 def main(scenario: str, seed: int, phones: int, duration: float | None,
          base_duration: float | None, multiplier: float, overrides: tuple[str, ...],
          rates: str | None, rate_duration: float, repeat: int, cpu: str, quick: bool,
-         json_path: Path | None, child_spec: str | None) -> None:  # fmt: skip
+         json_path: Path | None, record_path: Path | None,
+         child_spec: str | None) -> None:  # fmt: skip
     """Virtual-time speed of the baseline simulation, the runtime's share, and memory."""
     if child_spec:
         print(json.dumps(child(json.loads(child_spec))))
@@ -611,17 +632,25 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     # runs with the CPU left to the OS alternate with them, for a fair comparison.
     compare = placed is not None
     runs, unplaced = [], []
+    load_before = records.load_average()
+    rounds: list[stats.Round] = []
     for i in range(repeat):
         runs.append(spawn(spec(duration, f"speed {i + 1}/{repeat}")))
+        rounds.append({"speed": stats.Sample(runs[-1]["total_events"], runs[-1]["wall_s"])})
         if compare:
             unplaced.append(spawn({**spec(duration, f"speed, cpu none {i + 1}/{repeat}"),
                                    "cpu": "none"}))  # fmt: skip
+            rounds[-1]["speed_os_placed"] = stats.Sample(
+                unplaced[-1]["total_events"], unplaced[-1]["wall_s"]
+            )
+    judged = stats.rate_summary("speed", rounds, what="runtime events per wall second",
+                                unit="events/s", target=TARGET)  # fmt: skip
     runs.sort(key=events_per_s)
     unplaced.sort(key=events_per_s)
     speed = runs[len(runs) // 2]
     rates_seen = [events_per_s(r) for r in runs]
     model = model_only(load(scenario, spec(duration, "")["overrides"]), seed)
-    print_speed(console, speed, model, phones)
+    print_speed(console, speed, model, phones, judged)
     if repeat > 1:
         seen = ", ".join(f"{r:,.0f}" for r in rates_seen)
         print(f"speed runs ({repeat}, the median shown above): {seen} runtime events per wall s")
@@ -659,7 +688,8 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     for run in (speed, small, big):
         run.pop("trace", None)  # every sample: printed above, too long for the JSON line
     summary = {"bench": "simulate", "scenario": scenario, "seed": seed, "phones": phones,
-               "events_per_s": round(rate, 1), "target": TARGET, "target_met": rate >= TARGET,
+               "events_per_s": round(rate, 1), "target": TARGET, "verdict": judged.verdict,
+               "interval": [round(x, 1) for x in judged.interval],
                "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
                "events_per_s_runs": [round(r, 1) for r in rates_seen], "placement": placement,
                "floor": {"counts": counting["counts"], "events": counting["total_events"],
@@ -670,10 +700,62 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                "by_rate": [{"rate": r["rate"], **{k: {f: r[k][f] for f in ("escrows", "events",
                             "total_events", "wall_s")} for k in ("woken", "batched")}}
                            for r in by_rate]}  # fmt: skip
+    if record_path is None and not quick:
+        record_path = records.RECORDS_DIR / "simulate.json"
+    if record_path is not None:
+        record = record_of(summary, rounds, judged, load_before, multiplier,
+                           {"scenario": scenario, "seed": seed, "phones": phones,
+                            "duration": duration, "repeat": repeat, "cpu": cpu,
+                            "overrides": sets, "rates": arrival_rates})  # fmt: skip
+        records.write(record, record_path)
     line = json.dumps(summary, sort_keys=True)
     if json_path is not None:
         json_path.write_text(line + "\n")
     print(line)
+
+
+def record_of(summary: dict[str, Any], rounds: list[stats.Round], judged: stats.Summary,
+              load_before: list[float], multiplier: float,
+              parameters: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The bench record: the speed runs as rounds, the headline figures of the rest."""
+    ratios = []
+    if "speed_os_placed" in rounds[0]:
+        ratios.append(stats.ratio_summary("one_cpu_vs_os_placed", rounds, "speed",
+                                          "speed_os_placed",
+                                          what="pinned to one CPU / left to the OS"))  # fmt: skip
+    small, big = summary["memory"]["1x"], summary["memory"][f"{multiplier:g}x"]
+    floor = summary["floor"]
+    trips = floor["counts"]["round_trips"] / floor["events"]
+    commits = floor["counts"]["sql_commits"] / floor["events"]
+    floor_us = trips * floor["redis_single_us"] + commits * floor["sqlite_txn_us"]
+    headline = [
+        ["runtime share of wall time (median speed run)", f"{summary['runtime_share']:.1%}"],
+        [f"simulator peak RSS, 1x / {multiplier:g}x virtual load",
+         f"{small['sim_rss_peak'] / MIB:,.0f} / {big['sim_rss_peak'] / MIB:,.0f} MiB"],
+        [f"redis used_memory, 1x / {multiplier:g}x virtual load",
+         f"{small['redis_used_memory'] / MIB:,.1f} / {big['redis_used_memory'] / MIB:,.1f} MiB"],
+        ["Redis round trips / SQL commits per runtime event (counting run)",
+         f"{trips:.2f} / {commits:.2f}"],
+        ["floor from round trips and commits alone",
+         f"{floor_us:.0f} µs per event: at most {1e6 / floor_us:,.0f} events/s"],
+        *[[f"runtime events per wall s at {row['rate']:g} escrows/s: woken / batched",
+           " / ".join(f"{row[k]['total_events'] / row[k]['wall_s']:,.0f}"
+                      for k in ("woken", "batched"))]
+          for row in summary["by_rate"]],
+    ]  # fmt: skip
+    order = list(rounds[0])
+    return records.build(
+        "simulate",
+        records.environment(summary["speed"].get("redis_version"), load_before),
+        parameters=parameters,
+        rounds=rounds,
+        orders=[order] * len(rounds),
+        ratios=ratios,
+        rates=[judged],
+        figures={"headline": headline, "summary": summary},
+        notes=["each speed run is one round, a fresh process; runs pinned and left to the "
+               "OS alternate"],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ the cores, and the load average is printed with the figures.
 A private redis-server (AOF off) is started unless ``REDIS_URL`` is set; on a
 shared Redis every key lives under a per-run prefix and is deleted at the end.
 
+Besides the summary, a record (``bench/records.py``) goes to
+``bench/records/sse.json`` (``--quick`` writes none unless ``--record`` is
+given): the replay rounds with the median of per-round SSE/XRANGE ratios and
+its interval, and the headline figures of b and c, for ``bench/report.py``.
+
 Usage::
 
     .venv/bin/python bench/sse.py                      # 10k replay, 5000 conns, 15 s
@@ -80,15 +85,19 @@ import numpy as np
 import redis
 from rich.table import Table
 
-from workbench.auth import issue_token
-from workbench.children import signal_on_parent_death
-from workbench.events import Event, encode
-from workbench.log import server_version
-from workbench.redis_server import attach_or_start, free_port
-from workbench.userstreams import UserStreamNames, UserStreams
-from workbench.waiting import wait_until
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import records, stats  # noqa: E402
+from workbench.auth import issue_token  # noqa: E402
+from workbench.children import signal_on_parent_death  # noqa: E402
+from workbench.events import Event, encode  # noqa: E402
+from workbench.log import server_version  # noqa: E402
+from workbench.redis_server import attach_or_start, free_port  # noqa: E402
+from workbench.userstreams import UserStreamNames, UserStreams  # noqa: E402
+from workbench.waiting import wait_until  # noqa: E402
+
 PAGE = 500  # the raw XRANGE page, as the server's page_size default
 POOL_BOUND = 16 + 1 + 1  # Settings.redis_pool + the live reader's pubsub + the sync client
 PING_S = 60  # server heartbeats: slower than any phase, so they are not measured
@@ -1280,6 +1289,63 @@ def print_report(console: Any, summary: dict[str, Any]) -> None:
     )
 
 
+def record_of(
+    summary: dict[str, Any], options: dict[str, Any], load_before: list[float]
+) -> dict[str, Any]:
+    """The bench record: replay rounds with per-round ratios, headline figures of b and c."""
+    rp, cn, lt = summary["replay"], summary["connections"], summary["latency"]
+    rounds = [
+        {
+            "replay_xrange": stats.Sample(rp["entries"], raw),
+            "replay_sse": stats.Sample(rp["entries"], sse),
+        }
+        for raw, sse in zip(rp["raw_runs_seconds"], rp["sse_runs_seconds"], strict=True)
+    ]
+    sse, anchor = lt["sse"], lt["anchor"]
+    latency = [
+        [f"live latency {label}, {lt['connected']:,} clients at {lt['rate']:,.0f} events/s: "
+         "SSE client | XADD -> XREADGROUP", f"{_ms(sse, key)} | {_ms(anchor, key)}"]
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p99_9_ms", "p99.9"))
+    ]  # fmt: skip
+    headline = [
+        ["SSE connections held by one server process",
+         f"{cn['established']:,} of {cn['target']:,}"],
+        ["clients that got exactly their events", f"{cn['clients_exact']:,}"],
+        ["server memory per connection", f"{cn['server_kib_per_connection']:.1f} KiB"],
+        ["server's Redis connections: idle, most, after",
+         f"{cn['server_redis_conns_before']}, {cn['server_redis_conns_max']}, "
+         f"{cn['server_redis_conns_after']} (bound {POOL_BOUND})"],
+        *latency,
+    ]  # fmt: skip
+    env = records.environment(summary["redis_version"], load_before)
+    return records.build(
+        "sse",
+        env,
+        parameters={k: options[k] for k in sorted(options)},
+        rounds=rounds,
+        orders=[["replay_xrange", "replay_sse"]] * len(rounds),
+        ratios=[
+            stats.ratio_summary(
+                "replay_sse_vs_xrange",
+                rounds,
+                "replay_sse",
+                "replay_xrange",
+                what="one SSE client replaying / XRANGE in pages of 500",
+            )
+        ],  # fmt: skip
+        rates=[
+            stats.rate_summary(
+                "replay_sse", rounds, what="SSE replay, Last-Event-ID 0 -> ready", unit="entries/s"
+            ),
+            stats.rate_summary(
+                "replay_xrange", rounds, what=f"XRANGE COUNT {PAGE}", unit="entries/s"
+            ),
+        ],  # fmt: skip
+        figures={"headline": headline, "summary": summary},
+        notes=["the replay rounds run XRANGE then SSE in every round (not reversed)"],
+    )
+
+
 @click.command()
 @click.option("--replay", default=10_000, show_default=True, help="(a) missed entries to replay")
 @click.option("--repeat", default=5, show_default=True, help="(a) rounds; medians are shown")
@@ -1308,7 +1374,13 @@ def print_report(console: Any, summary: dict[str, Any]) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="also write the JSON summary to this file",
 )
-def main(json_path: Path | None, **options: Any) -> None:
+@click.option(
+    "--record",
+    "record_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="where to write the record [bench/records/sse.json; none with --quick]",
+)
+def main(json_path: Path | None, record_path: Path | None, **options: Any) -> None:
     """SSE replay rate, connections per process and live latency vs raw Redis."""
     if options["quick"]:
         options.update(
@@ -1325,7 +1397,12 @@ def main(json_path: Path | None, **options: Any) -> None:
             raise click.UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if options["rate"] <= 0 or options["duration"] <= options["warmup"]:
         raise click.UsageError("--rate must be positive and --duration longer than --warmup")
+    load_before = records.load_average()
     summary = run(options)
+    if record_path is None and not options["quick"]:
+        record_path = records.RECORDS_DIR / "sse.json"
+    if record_path is not None:
+        records.write(record_of(summary, options, load_before), record_path)
     line = json.dumps(summary, sort_keys=True)
     if json_path is not None:
         json_path.write_text(line + "\n")

@@ -1,26 +1,45 @@
-"""Throughput of the escrow runtime against the raw ceiling of the same Redis.
+"""Throughput of the escrow runtime against anchors of the same shape, in interleaved rounds.
 
-One run, four phases, all figures measured side by side:
+Every figure is a rate measured in rounds; every comparison is the median of
+per-round ratios with its spread (``bench/stats.py``), and a verdict is given
+only where the whole bootstrap interval lies on one side of a target. The
+measurements, each at least ``--min-seconds`` of timed work per round (a step
+is repeated until it adds up; its set-up is not timed), order reversed every
+other round:
 
-* **produce**  N escrow lifecycles (create, fund, M-Pesa callback, ship,
-  confirm: 5 commands, 8 events each) through :class:`EscrowService` into the
-  outbox (commands/s), then :meth:`OutboxRelay.drain` to the streams (events/s).
-* **runtime**  :meth:`ConsumerWorker.drain` in this process, one group after
-  another on the same streams: a no-op handler on every stream (the runtime
-  loop's own cost: XREADGROUP, decode, XACK, heartbeats), then the four SQL
-  handler groups. The aggregate "runtime consume" rate is entries handled
-  across the four groups / their total time.
-* **raw**  on the same Redis, with redis-py and no runtime: pipelined XADD
-  (batches of 500) of the same entries, XREADGROUP COUNT 500 + one XACK per
-  batch, and message-at-a-time XREADGROUP COUNT 1 + XACK on a sample.
-* **ratios**  runtime/raw for the no-op loop and for the full handlers, and
-  whether the target (full handlers >= 25% of raw batched consume) is met.
+* ``commands``  escrow lifecycles (create, fund, M-Pesa callback, ship,
+  confirm) through :class:`EscrowService` into the SQL outbox.
+* ``relay``  :meth:`OutboxRelay.drain` of the ``--escrows`` lifecycles' outbox
+  rows (marked unpublished again and their streams deleted between steps).
+  Anchor ``xadd``: the same entries XADDed to the same number of streams by
+  hand-packed pipelines of 500 (prebuilt arguments, one socket write per
+  pipeline, replies read raw): the relay minus SQL and redis-py's pipeline.
+* ``parallel4``  the four SQL handler groups as four processes at once, as
+  deployed (:class:`ConsumerWorker` + the real handlers, one SQLite store;
+  groups, inbox and effects reset between steps). Anchor ``raw4``: four
+  plain redis-py processes at once, each reading the streams of one handler
+  group. Each parallel step runs from the moment the processes leave a
+  barrier to the last one's end.
+* ``noop``  :meth:`ConsumerWorker.drain` with a no-op handler over all streams
+  in this process: the runtime loop's own cost. Anchor ``raw1``: one plain
+  redis-py process on the same streams.
+* ``fs_batch`` and ``fs_one``  FastStream's Redis Streams subscriber (batch of
+  500, and one message per call), one subscriber per stream, a no-op handler:
+  the peer a Python user would pick. It runs in ``.venv-bench/`` (made by
+  ``make bench`` from ``bench/requirements-faststream.txt``) as a child
+  process; without it, these rounds are skipped and the record says why.
 
-The runtime and raw measurements run in ``--repeat`` interleaved rounds (raw
-XADD, raw consume, no-op loop, the four groups; then again), so a noisy
-neighbour slows both sides of a ratio alike; the table shows medians and the
-JSON has every round. Between rounds the handler groups start over: their
-Redis groups are destroyed and the inbox and effect tables emptied.
+The raw consumers are the best plain redis-py loop we know for the job:
+XREADGROUP COUNT 500 on every stream at once with redis-py's reply
+conversion skipped (the command sent and its reply read raw on one
+connection), and the XACK of each batch sent in one pipeline with the next
+read. Every consume step reads the same entries (the real envelopes the
+lifecycles made) through a fresh consumer group.
+
+Ratios (names stable; targets in :data:`TARGETS` or ``--target``):
+``parallel_vs_raw4``, ``noop_vs_raw1``, ``noop_vs_faststream_batch``,
+``noop_vs_faststream_one``, ``relay_vs_xadd``; rates of every measurement,
+``commands`` among them.
 
 A private redis-server (AOF off) is started unless ``REDIS_URL`` is set; on a
 shared Redis every key lives under a per-run prefix and is deleted at the end.
@@ -28,47 +47,56 @@ The store is SQLite in a temporary directory; ``DATABASE_URL`` selects another
 one, but the benchmark drops and recreates its tables, so it insists on
 ``--reset-store`` to say that is fine.
 
+The record (``bench/records.py``) goes to ``bench/records/throughput.json``
+(``--quick`` writes none unless ``--record`` is given); the last line of output
+is the same record as one JSON object.
+
 Usage::
 
-    .venv/bin/python bench/throughput.py                 # 2000 escrows
+    .venv/bin/python bench/throughput.py                 # 2000 escrows, 5 rounds
     .venv/bin/python bench/throughput.py --quick         # smoke run
-    .venv/bin/python bench/throughput.py --escrows 5000 --json out.json
-
-The last line of output is one JSON object with every figure.
+    .venv/bin/python bench/throughput.py --repeat 9 --target noop_vs_raw1=0.5
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 import redis
 from rich.table import Table
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from workbench.clock import ManualClock
-from workbench.consumer import ConsumerSettings, ConsumerWorker
-from workbench.events import AGGREGATE_TYPES, Event
-from workbench.handlers import GROUPS, HANDLERS, make_handler
-from workbench.ids import IdFactory
-from workbench.log import StreamNames, connect, server_version
-from workbench.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback
-from workbench.redis_server import attach_or_start
-from workbench.relay import OutboxRelay
-from workbench.report import wide_console
-from workbench.service import EscrowService
-from workbench.store import (
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import records, stats  # noqa: E402
+from bench.stats import Sample  # noqa: E402
+from workbench.clock import ManualClock  # noqa: E402
+from workbench.consumer import ConsumerSettings, ConsumerWorker  # noqa: E402
+from workbench.events import AGGREGATE_TYPES, Event  # noqa: E402
+from workbench.handlers import GROUPS, HANDLERS, make_handler  # noqa: E402
+from workbench.ids import IdFactory  # noqa: E402
+from workbench.log import StreamNames, connect, server_version  # noqa: E402
+from workbench.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback  # noqa: E402
+from workbench.redis_server import attach_or_start  # noqa: E402
+from workbench.relay import OutboxRelay  # noqa: E402
+from workbench.report import wide_console  # noqa: E402
+from workbench.service import EscrowService  # noqa: E402
+from workbench.store import (  # noqa: E402
     Store,
     dispute_timeline,
     inbox,
@@ -77,44 +105,38 @@ from workbench.store import (
     outbox,
 )
 
-TARGET = 0.25  # full-handler runtime consume rate / raw batched consume rate
-BATCH = 500  # raw XADD pipeline size and XREADGROUP COUNT, as the runtime's default
+BATCH = 500  # XADD pipeline size and XREADGROUP COUNT, as the runtime's default
+STEP_ESCROWS = 50  # lifecycles per ``commands`` step
+FASTSTREAM_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 
+MEASURES: dict[str, str] = {
+    "commands": "EscrowService commands (create, fund, callback, ship, confirm)",
+    "relay": "OutboxRelay.drain: SQL read, XADD pipeline, mark published",
+    "xadd": f"hand-packed XADD, pipelines of {BATCH}, replies read raw",
+    "parallel4": "four handler groups as four processes (ConsumerWorker + SQL handlers)",
+    "raw4": "four raw redis-py processes, each on one handler group's streams",
+    "raw1": f"one raw redis-py process: XREADGROUP COUNT {BATCH}, XACK pipelined with next read",
+    "noop": "ConsumerWorker.drain, no-op handler, every stream",
+    "fs_batch": f"FastStream subscriber, batch of {BATCH}, one per stream",
+    "fs_one": "FastStream subscriber, one message per call, one per stream",
+}
+UNITS = {"commands": "commands/s"}
+FASTSTREAM_MEASURES = ("fs_batch", "fs_one")
 
-@dataclass
-class Figure:
-    """One measurement: ``items`` things done in ``seconds``."""
-
-    key: str
-    phase: str
-    what: str
-    items: int
-    seconds: float
-    unit: str = "events"
-    runs: list[float] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.items / self.seconds if self.seconds > 0 else float("inf")
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "phase": self.phase,
-            "what": self.what,
-            "items": self.items,
-            "unit": self.unit,
-            "seconds": round(self.seconds, 6),
-            "per_second": round(self.rate, 1),
-        }
-        if len(self.runs) > 1:
-            out["runs_seconds"] = [round(s, 6) for s in self.runs]
-        return out
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - started
+# name: (numerator, denominator, what)
+RATIOS: dict[str, tuple[str, str, str]] = {
+    "parallel_vs_raw4": (
+        "parallel4",
+        "raw4",
+        "four handler groups in parallel / four raw processes",
+    ),
+    "noop_vs_raw1": ("noop", "raw1", "runtime no-op loop / one raw process"),
+    "noop_vs_faststream_batch": ("noop", "fs_batch", "runtime no-op loop / FastStream batch"),
+    "noop_vs_faststream_one": ("noop", "fs_one", "runtime no-op loop / FastStream one-by-one"),
+    "relay_vs_xadd": ("relay", "xadd", "relay / hand-packed XADD"),
+}
+# The target the project stated before these anchors existed; issue 16 sets the others.
+TARGETS: dict[str, float] = {"parallel_vs_raw4": 0.25}
 
 
 class NoopHandler:
@@ -163,7 +185,7 @@ def store_for_bench(reset_store: bool) -> Iterator[Store]:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-# -- phase A: produce -----------------------------------------------------------------
+# -- the work: escrow lifecycles -----------------------------------------------------------------
 
 
 def produce(service: EscrowService, gateway: SimulatedGateway, clock: ManualClock, n: int) -> int:
@@ -210,81 +232,242 @@ def outbox_entries(store: Store) -> list[tuple[str, dict[str, bytes | str]]]:
     return [(r.stream, {"event_id": r.event_id, "type": r.type, "data": r.data}) for r in rows]
 
 
-# -- phase B: the runtime -------------------------------------------------------------
-
-
 def expected_entries(entries: list[tuple[str, Any]], aggregate_types: tuple[str, ...]) -> int:
     return sum(1 for aggregate, _ in entries if aggregate in aggregate_types)
 
 
-def drain_group(
-    client: redis.Redis, handler: Any, names: StreamNames, expected: int
-) -> tuple[int, float]:
-    """Time ``ConsumerWorker.drain()`` for one group; return (entries handled, seconds)."""
-    worker = ConsumerWorker(
-        client, handler, consumer=f"{handler.group}-bench", names=names, settings=ConsumerSettings()
-    )
-    worker.setup()  # creates the group, once per worker lifetime: not timed
-    _, seconds = timed(worker.drain)
-    stats = worker.stats
-    if stats.handled != expected or stats.acked != expected or stats.failed:
-        raise RuntimeError(
-            f"group {handler.group}: handled {stats.handled}, acked {stats.acked}, "
-            f"failed {stats.failed}; expected {expected}"
-        )
-    worker.leave()
-    return stats.handled, seconds
+# -- the anchors: plain redis-py at its best --------------------------------------------
 
 
-def _parallel_child(
-    url: str, store_url: str, prefix: str, group: str, barrier: Any, results: Any
-) -> None:
-    """One deployed-shape worker: its own process, store engine and Redis client."""
-    worker = ConsumerWorker(
-        connect(url),
-        make_handler(group, Store(store_url)),
-        consumer=f"{group}-parallel",
-        names=StreamNames(prefix),
-    )
-    worker.setup()
-    barrier.wait()
-    worker.drain()
-    results.put((group, worker.stats.handled, time.monotonic()))
+def raw_consume(client: redis.Redis, streams: list[str], group: str) -> int:
+    """Read ``streams`` to the end through ``group``; return the entries read and acked.
 
-
-def drain_groups_in_parallel(
-    url: str, store: Store, names: StreamNames, entries: list[tuple[str, Any]]
-) -> tuple[int, float]:
-    """The four groups as four processes at once, as deployed; (entries, wall seconds).
-
-    Each process sets up, then all start together at a barrier; the wall time
-    runs from the barrier to the last group's end (CLOCK_MONOTONIC is shared).
+    XREADGROUP COUNT 500 on every stream at once, sent and read raw on one
+    connection (no reply conversion: an entry is only its id here); the XACKs
+    of a batch go in one write with the next read.
     """
-    import multiprocessing
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        read = ("XREADGROUP", "GROUP", group, "raw", "COUNT", BATCH, "STREAMS", *streams)
+        read += (">",) * len(streams)
+        conn.send_command(*read)
+        reply = conn.read_response()
+        total = 0
+        while reply:
+            batches = reply.items() if isinstance(reply, dict) else reply
+            acks = [("XACK", s, group, *[entry[0] for entry in got]) for s, got in batches]
+            total += sum(len(a) - 3 for a in acks)
+            conn.send_packed_command(conn.pack_commands([*acks, read]))
+            for _ in acks:
+                conn.read_response()
+            reply = conn.read_response()
+        return total
+    finally:
+        pool.release(conn)
 
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(GROUPS) + 1)
-    results = ctx.Queue()
-    children = [
-        ctx.Process(
-            target=_parallel_child, args=(url, store.url, names.prefix, group, barrier, results)
-        )
-        for group in GROUPS
+
+def xadd_commands(names: StreamNames, entries: list[tuple[str, Any]]) -> list[list[tuple]]:
+    """The XADD commands of ``entries``, built once, in pipelines of :data:`BATCH`."""
+    commands = [
+        ("XADD", names.stream(aggregate), "*", *[x for kv in fields.items() for x in kv])
+        for aggregate, fields in entries
     ]
-    for child in children:
-        child.start()
-    barrier.wait(timeout=120)
-    started = time.monotonic()
-    done = [results.get(timeout=300) for _ in children]
-    for child in children:
-        child.join(30)
-    handled = 0
-    for group, count, _ in done:
-        expected = expected_entries(entries, HANDLERS[group].aggregate_types)
-        if count != expected:
-            raise RuntimeError(f"parallel {group}: handled {count}, expected {expected}")
-        handled += count
-    return handled, max(end for _, _, end in done) - started
+    return [commands[i : i + BATCH] for i in range(0, len(commands), BATCH)]
+
+
+def hand_packed_xadd(client: redis.Redis, pipelines: list[list[tuple]]) -> int:
+    """Send each pipeline packed in one write, then read its replies raw."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        sent = 0
+        for commands in pipelines:
+            conn.send_packed_command(conn.pack_commands(commands))
+            for _ in commands:
+                conn.read_response()
+            sent += len(commands)
+        return sent
+    finally:
+        pool.release(conn)
+
+
+def create_groups(client: redis.Redis, streams: list[str], group: str) -> None:
+    for stream in streams:
+        client.xgroup_create(stream, group, id="0", mkstream=True)  # a stream may be empty
+
+
+def destroy_groups(client: redis.Redis, streams: list[str], group: str) -> None:
+    for stream in streams:
+        client.xgroup_destroy(stream, group)
+
+
+# -- crews: N processes that run one step at a time, together ---------------------------
+
+
+def _crew_member(
+    kind: str, index: int, url: str, store_url: str, prefix: str, barrier: Any, pipe: Any
+) -> None:
+    """One process of a crew: wait for a step, set up, meet the others, run, report."""
+    names = StreamNames(prefix)
+    group = GROUPS[index]
+    client = connect(url)
+    streams = names.streams(HANDLERS[group].aggregate_types)
+    handler = make_handler(group, Store(store_url)) if kind == "runtime" else None
+    while True:
+        step = pipe.recv()
+        if step is None:
+            return
+        try:
+            if handler is not None:
+                worker = ConsumerWorker(client, handler, consumer=f"{group}-bench", names=names)
+                worker.setup()
+                barrier.wait(timeout=120)
+                started = time.monotonic()
+                worker.drain()
+                ended = time.monotonic()
+                worker.leave()
+                handled, failed = worker.stats.handled, worker.stats.failed
+                pipe.send(("ok", group, handled if not failed else -failed, started, ended))
+            else:
+                raw_group = f"raw-{step}-{index}"
+                create_groups(client, streams, raw_group)
+                barrier.wait(timeout=120)
+                started = time.monotonic()
+                read = raw_consume(client, streams, raw_group)
+                ended = time.monotonic()
+                destroy_groups(client, streams, raw_group)
+                pipe.send(("ok", group, read, started, ended))
+        except Exception:
+            with contextlib.suppress(Exception):
+                barrier.abort()
+            pipe.send(("error", group, traceback.format_exc(), 0.0, 0.0))
+
+
+class Crew:
+    """Four processes, one per handler group: ``runtime`` ones or ``raw`` ones."""
+
+    def __init__(self, kind: str, url: str, store: Store, names: StreamNames) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.kind = kind
+        self.barrier = ctx.Barrier(len(GROUPS))
+        self.pipes: list[Any] = []
+        self.processes: list[Any] = []
+        for index in range(len(GROUPS)):
+            ours, theirs = ctx.Pipe()
+            process = ctx.Process(
+                target=_crew_member,
+                args=(kind, index, url, store.url, names.prefix, self.barrier, theirs),
+                daemon=True,
+            )
+            process.start()
+            self.pipes.append(ours)
+            self.processes.append(process)
+        self.steps = 0
+
+    def step(self, expected: dict[str, int]) -> tuple[int, float]:
+        """All four at once from the barrier; (entries, first start to last end)."""
+        self.steps += 1
+        for pipe in self.pipes:
+            pipe.send(self.steps)
+        replies = []
+        for pipe in self.pipes:
+            if not pipe.poll(600):
+                raise RuntimeError(f"{self.kind} crew: no reply within 600 s")
+            replies.append(pipe.recv())
+        for status, group, count, _, _ in replies:
+            if status != "ok":
+                raise RuntimeError(f"{self.kind} crew, {group}:\n{count}")
+            if count != expected[group]:
+                raise RuntimeError(
+                    f"{self.kind} {group}: {count} entries, expected {expected[group]}"
+                )
+        started = min(r[3] for r in replies)
+        return sum(r[2] for r in replies), max(r[4] for r in replies) - started
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(None)
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+# -- FastStream, in its own environment -------------------------------------------------
+
+
+class FastStream:
+    """``bench/faststream_consume.py`` running in ``.venv-bench/``, one request at a time."""
+
+    def __init__(self, python: Path) -> None:
+        self.process = subprocess.Popen(
+            [str(python), str(ROOT / "bench" / "faststream_consume.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.version = self.ask({"version": True})["faststream"]
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"FastStream child exited ({self.process.wait()})")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def faststream_or_reason(option: str | None) -> tuple[Path | None, str | None]:
+    """The interpreter FastStream runs in, or why there is none.
+
+    Without ``--faststream`` a missing ``.venv-bench`` skips the anchor (the record
+    says so); an interpreter named on the command line must work.
+    """
+    if option == "none":
+        return None, "skipped: --faststream none"
+    python = Path(option) if option else FASTSTREAM_PYTHON
+    problem = None
+    if not python.exists():
+        problem = f"no {python}"
+    else:
+        check = subprocess.run(
+            [str(python), "-c", "import faststream.redis"], capture_output=True, text=True
+        )
+        if check.returncode != 0:
+            problem = f"FastStream does not import in {python}: {check.stderr.strip()[-300:]}"
+    if problem is None:
+        return python, None
+    if option:
+        raise click.UsageError(f"--faststream {option}: {problem}")
+    return None, (
+        f"skipped: {problem} (`make bench` installs FastStream there from "
+        "bench/requirements-faststream.txt)"
+    )
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+def reset_handler_groups(client: redis.Redis, store: Store, names: StreamNames) -> None:
+    """Forget what the four handler groups did: their Redis groups, inbox and effects."""
+    for group, handler_class in HANDLERS.items():
+        for stream in names.streams(handler_class.aggregate_types):
+            client.xgroup_destroy(stream, group)  # 0 when the group is not there
+    with store.begin() as conn:
+        for table in (inbox, ledger_entries, notifications, dispute_timeline):
+            conn.execute(table.delete())
 
 
 def inbox_counts(store: Store) -> dict[str, int]:
@@ -295,117 +478,37 @@ def inbox_counts(store: Store) -> dict[str, int]:
     return {group: int(count) for group, count in rows}
 
 
-# -- phase C: raw redis-py ------------------------------------------------------------
-
-
-def raw_xadd(client: redis.Redis, stream: str, entries: list[tuple[str, Any]]) -> int:
-    for start in range(0, len(entries), BATCH):
-        pipe = client.pipeline(transaction=False)
-        for _, fields in entries[start : start + BATCH]:
-            pipe.xadd(stream, fields)
-        pipe.execute()
-    return len(entries)
-
-
-def raw_consume_batched(client: redis.Redis, stream: str, group: str) -> int:
-    client.xgroup_create(stream, group, id="0")
-    total = 0
-    while True:
-        reply = client.xreadgroup(group, "raw", {stream: ">"}, count=BATCH)
-        if not reply:
-            return total
-        entries = reply[0][1]
-        client.xack(stream, group, *[entry_id for entry_id, _ in entries])
-        total += len(entries)
-
-
-def raw_consume_one_by_one(client: redis.Redis, stream: str, group: str, limit: int) -> int:
-    client.xgroup_create(stream, group, id="0")
-    total = 0
-    while total < limit:
-        reply = client.xreadgroup(group, "raw", {stream: ">"}, count=1)
-        if not reply:
-            break
-        for entry_id, _ in reply[0][1]:
-            client.xack(stream, group, entry_id)
-            total += 1
-    return total
-
-
-# -- the run --------------------------------------------------------------------------
-
-
-def reset_handler_groups(client: redis.Redis, store: Store, names: StreamNames) -> None:
-    """Forget what the four handler groups did: their Redis groups, inbox and effects."""
-    for group, handler_class in HANDLERS.items():
-        for stream in names.streams(handler_class.aggregate_types):
-            client.xgroup_destroy(stream, group)
-    with store.begin() as conn:
-        for table in (inbox, ledger_entries, notifications, dispute_timeline):
-            conn.execute(table.delete())
-
-
-def measure_round(
-    round_no: int,
-    client: redis.Redis,
-    store: Store,
-    names: StreamNames,
-    entries: list[tuple[str, Any]],
-) -> dict[str, tuple[int, float]]:
-    """One round of the side-by-side measurements; (items, seconds) by figure key."""
-    out: dict[str, tuple[int, float]] = {}
-    raw_stream = f"{names.prefix}:raw{round_no}"
-    out["raw_xadd"] = timed(lambda: raw_xadd(client, raw_stream, entries))
-    out["raw_consume"] = timed(lambda: raw_consume_batched(client, raw_stream, "raw"))
-    out["runtime_noop"] = drain_group(client, NoopHandler(f"noop{round_no}"), names, len(entries))
-    if round_no:
-        reset_handler_groups(client, store, names)
-    handled_total, seconds_total = 0, 0.0
-    for group in GROUPS:
-        expected = expected_entries(entries, HANDLERS[group].aggregate_types)
-        handled, seconds = drain_group(client, make_handler(group, store), names, expected)
-        out[f"runtime_{group}"] = (handled, seconds)
-        handled_total += handled
-        seconds_total += seconds
-    out["runtime_handlers"] = (handled_total, seconds_total)
-    counts = inbox_counts(store)
-    for group in GROUPS:
-        expected = expected_entries(entries, HANDLERS[group].aggregate_types)
-        if counts.get(group, 0) != expected:
-            raise RuntimeError(f"inbox of {group}: {counts.get(group, 0)} != {expected}")
-    return out
-
-
-ROUND_FIGURES: dict[str, tuple[str, str]] = {
-    "raw_xadd": ("C raw", f"redis-py pipelined XADD ({BATCH} per pipeline)"),
-    "raw_consume": ("C raw", f"XREADGROUP COUNT {BATCH} + XACK per batch, no handler"),
-    "runtime_noop": ("B runtime", "ConsumerWorker.drain, no-op handler, all streams"),
-    **{
-        f"runtime_{group}": (
-            "B runtime",
-            f"ConsumerWorker.drain, {group} ({','.join(cls.aggregate_types)})",
-        )
-        for group, cls in HANDLERS.items()
-    },
-    "runtime_handlers": ("B runtime", "runtime consume: the four handler groups"),
-}
-
-
-def run(escrows: int, sample: int, repeat: int, reset_store: bool) -> dict[str, Any]:
+def run(
+    escrows: int,
+    sample: int,
+    repeat: int,
+    min_seconds: float,
+    targets: dict[str, float],
+    faststream_option: str | None,
+    reset_store: bool,
+) -> dict[str, Any]:
     console = wide_console()
-    figures: dict[str, Figure] = {}
+    load_before = records.load_average()
     prefix = f"bench{os.getpid()}"
     names = StreamNames(prefix)
+    relay_names = StreamNames(f"{prefix}-relay")
+    xadd_names = StreamNames(f"{prefix}-xadd")
+    faststream_python, faststream_reason = faststream_or_reason(faststream_option)
+    notes: list[str] = []
+    crews: list[Crew] = []
+    peer: FastStream | None = None
     with redis_for_bench() as (url, redis_desc), store_for_bench(reset_store) as store:
         client = connect(url)
         try:
             version = ".".join(map(str, server_version(client)))
+            env = records.environment(version, load_before)
             console.print(
-                f"[bold]throughput[/]: {escrows} escrows, {repeat} round(s); Redis {version}, "
-                f"{redis_desc}; store {store.dialect}; {os.cpu_count()} CPUs"
+                f"[bold]throughput[/]: {escrows} escrows, {repeat} round(s) of >= "
+                f"{min_seconds:g} s per measurement; Redis {version}, {redis_desc}; "
+                f"store {store.dialect}; {os.cpu_count()} CPUs; load {load_before}"
             )
 
-            # A: produce, then publish.
+            # The entries every consume step reads: the lifecycles' real envelopes.
             clock = ManualClock()
             gateway = SimulatedGateway(
                 clock,
@@ -413,157 +516,289 @@ def run(escrows: int, sample: int, repeat: int, reset_store: bool) -> dict[str, 
                 seed=1,
             )
             service = EscrowService(store, clock=clock, ids=IdFactory(1), gateway=gateway)
-            commands, seconds = timed(lambda: produce(service, gateway, clock, escrows))
-            figures["commands"] = Figure(
-                "commands", "A produce", "EscrowService commands", commands, seconds, "commands"
-            )
-            relay = OutboxRelay(store, client, names=names, batch_size=BATCH)
-            published, seconds = timed(relay.drain)
-            figures["relay"] = Figure(
-                "relay", "A produce", "OutboxRelay.drain (SQL read, XADD, mark)", published, seconds
-            )
+            produce(service, gateway, clock, escrows)
             entries = outbox_entries(store)
+            with store.engine.connect() as conn:
+                last_seq = conn.execute(select(func.max(outbox.c.seq))).scalar_one()
+            published = OutboxRelay(store, client, names=names, batch_size=BATCH).drain()
             if published != len(entries):
                 raise RuntimeError(f"relay published {published} of {len(entries)} outbox rows")
+            n = len(entries)
+            streams = names.streams()
+            create_groups(client, streams, "exists")  # every stream exists, empty ones too
+            destroy_groups(client, streams, "exists")
+            per_group = {g: expected_entries(entries, HANDLERS[g].aggregate_types) for g in GROUPS}
+            envelope = sum(len(k) + len(v) for _, f in entries for k, v in f.items()) / n
             console.print(
-                f"produced {len(entries)} events ({len(entries) / escrows:.1f} per lifecycle) "
-                f"from {commands} commands"
+                f"{n} entries ({n / escrows:.1f} per lifecycle, {envelope:.0f} B of fields "
+                "each) on the consume streams"
             )
 
-            # B and C, interleaved: each round measures raw and runtime back to back, so
-            # a noisy neighbour slows both sides of a ratio alike.
-            rounds = [measure_round(r, client, store, names, entries) for r in range(repeat)]
-            for key, (phase, what) in ROUND_FIGURES.items():
-                items = {rnd[key][0] for rnd in rounds}
-                if len(items) != 1:
-                    raise RuntimeError(f"{key}: rounds did different work: {sorted(items)}")
-                runs = [rnd[key][1] for rnd in rounds]
-                figures[key] = Figure(
-                    key, phase, what, items.pop(), statistics.median(runs), runs=runs
+            relay = OutboxRelay(store, client, names=relay_names, batch_size=BATCH)
+            pipelines = xadd_commands(xadd_names, entries)
+            steps = {"noop": 0, "raw1": 0}
+
+            def step_commands() -> tuple[int, float]:
+                done = stats.timed(lambda: produce(service, gateway, clock, STEP_ESCROWS))
+                with store.begin() as conn:  # these rows are not the relay's to publish
+                    conn.execute(
+                        update(outbox)
+                        .where(outbox.c.published_at.is_(None))
+                        .values(published_at=clock.now())
+                    )
+                return done
+
+            def step_relay() -> tuple[int, float]:
+                client.delete(*relay_names.streams())
+                with store.begin() as conn:
+                    conn.execute(
+                        update(outbox).where(outbox.c.seq <= last_seq).values(published_at=None)
+                    )
+                count, seconds = stats.timed(relay.drain)
+                if count != n:
+                    raise RuntimeError(f"relay step published {count}, expected {n}")
+                return count, seconds
+
+            def step_xadd() -> tuple[int, float]:
+                client.delete(*xadd_names.streams())
+                return stats.timed(lambda: hand_packed_xadd(client, pipelines))
+
+            def step_raw1() -> tuple[int, float]:
+                steps["raw1"] += 1
+                group = f"raw1-{steps['raw1']}"
+                create_groups(client, streams, group)
+                count, seconds = stats.timed(lambda: raw_consume(client, streams, group))
+                destroy_groups(client, streams, group)
+                if count != n:
+                    raise RuntimeError(f"raw1 read {count}, expected {n}")
+                return count, seconds
+
+            def step_noop() -> tuple[int, float]:
+                steps["noop"] += 1
+                group = f"noop-{steps['noop']}"
+                worker = ConsumerWorker(
+                    client,
+                    NoopHandler(group),
+                    consumer="noop-bench",
+                    names=names,
+                    settings=ConsumerSettings(),
                 )
-            figures["end_to_end"] = Figure(
-                "end_to_end",
-                "B runtime",
-                "end to end: relay + the four groups (events published / time)",
-                published,
-                figures["relay"].seconds + figures["runtime_handlers"].seconds,
-            )
-            # The deployed shape: the four groups at once, one process each.
-            reset_handler_groups(client, store, names)
-            handled, seconds = drain_groups_in_parallel(url, store, names, entries)
-            figures["runtime_parallel"] = Figure(
-                "runtime_parallel",
-                "B runtime",
-                "runtime consume: the four groups as parallel processes (as deployed)",
-                handled,
-                seconds,
-            )
-            limit = min(sample, len(entries))
-            count, seconds = timed(
-                lambda: raw_consume_one_by_one(client, f"{prefix}:raw0", "raw-one", limit)
-            )
-            figures["raw_one_by_one"] = Figure(
-                "raw_one_by_one", "C raw", "XREADGROUP COUNT 1 + XACK per message", count, seconds
-            )
+                worker.setup()
+                _, seconds = stats.timed(worker.drain)
+                handled = worker.stats.handled
+                worker.leave()
+                destroy_groups(client, streams, group)
+                client.delete(names.heartbeats(group))
+                if handled != n or worker.stats.acked != n:
+                    raise RuntimeError(f"no-op loop handled {handled}, expected {n}")
+                return handled, seconds
+
+            runtime_crew = Crew("runtime", url, store, names)
+            raw_crew = Crew("raw", url, store, names)
+            crews += [runtime_crew, raw_crew]
+
+            def step_parallel4() -> tuple[int, float]:
+                reset_handler_groups(client, store, names)
+                done = runtime_crew.step(per_group)
+                counts = inbox_counts(store)
+                if counts != per_group:
+                    raise RuntimeError(f"inbox rows by group {counts}, expected {per_group}")
+                return done
+
+            def step_raw4() -> tuple[int, float]:
+                return raw_crew.step(per_group)
+
+            measures: dict[str, Callable[[], Sample]] = {}
+            for name, step in (
+                ("commands", step_commands),
+                ("relay", step_relay),
+                ("xadd", step_xadd),
+                ("parallel4", step_parallel4),
+                ("raw4", step_raw4),
+                ("raw1", step_raw1),
+                ("noop", step_noop),
+            ):
+                measures[name] = lambda step=step: stats.accumulate(step, min_seconds)
+
+            faststream_version = None
+            if faststream_python is not None:
+                peer = FastStream(faststream_python)
+                faststream_version = peer.version
+                limit_one = min(sample, n)
+                counter = {"step": 0}
+
+                def step_faststream(batch: bool, limit: int) -> tuple[int, float]:
+                    assert peer is not None
+                    counter["step"] += 1
+                    answer = peer.ask(
+                        {"url": url, "streams": streams, "group": f"fs-{counter['step']}",
+                         "batch": batch, "count": BATCH, "limit": limit}
+                    )  # fmt: skip
+                    if answer["items"] < limit:
+                        raise RuntimeError(f"FastStream read {answer['items']} of {limit}")
+                    return answer["items"], answer["seconds"]
+
+                measures["fs_batch"] = lambda: stats.accumulate(
+                    lambda: step_faststream(True, n), min_seconds
+                )
+                measures["fs_one"] = lambda: stats.accumulate(
+                    lambda: step_faststream(False, limit_one), min_seconds
+                )
+            else:
+                notes.append(f"FastStream anchor {faststream_reason}")
+                console.print(f"[yellow]FastStream anchor {faststream_reason}[/]")
+
+            def progress(r: int, name: str, s: Sample) -> None:
+                print(
+                    f"round {r + 1}/{repeat} {name}: {s.rate:,.0f}/s "
+                    f"({s.items} in {s.seconds:.2f} s, {s.steps} steps)",
+                    file=sys.stderr,
+                )
+
+            rounds, orders = stats.interleave(measures, repeat, progress)
         finally:
+            for crew in crews:
+                crew.close()
+            if peer is not None:
+                peer.close()
             with contextlib.suppress(redis.RedisError):
-                keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-                if keys:
-                    client.delete(*keys)
+                for pattern in (f"{prefix}:*", f"{prefix}-*"):
+                    keys = list(client.scan_iter(pattern, count=1000))
+                    if keys:
+                        client.delete(*keys)
             client.close()
 
-    raw = figures["raw_consume"].rate
-    ratios = {
-        "noop_vs_raw": figures["runtime_noop"].rate / raw,
-        "handlers_vs_raw": figures["runtime_handlers"].rate / raw,
-        "parallel_vs_raw": figures["runtime_parallel"].rate / raw,
-        "one_by_one_vs_raw": figures["raw_one_by_one"].rate / raw,
-        "relay_vs_raw_xadd": figures["relay"].rate / figures["raw_xadd"].rate,
-    }
-    summary: dict[str, Any] = {
-        "bench": "throughput",
-        "escrows": escrows,
-        "events": len(entries),
-        "rounds": repeat,
-        "redis_version": version,
-        "redis": redis_desc,
-        "store": store.dialect,
-        "cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "figures": {key: f.to_dict() for key, f in figures.items()},
-        "ratios": {key: round(value, 4) for key, value in ratios.items()},
-        "target": TARGET,
-        # The groups run as separate processes in production: judge that shape,
-        # and print the one-after-another figure beside it.
-        "target_met": ratios["parallel_vs_raw"] >= TARGET,
-    }
-    print_report(console, figures, ratios, summary)
-    return summary
+    ratios = [
+        stats.ratio_summary(name, rounds, num, den, what=what, target=targets.get(name))
+        for name, (num, den, what) in RATIOS.items()
+        if num in rounds[0] and den in rounds[0]
+    ]
+    rates = [
+        stats.rate_summary(name, rounds, what=MEASURES[name], unit=UNITS.get(name, "entries/s"))
+        for name in MEASURES
+        if name in rounds[0]
+    ]
+    record = records.build(
+        "throughput",
+        env,
+        parameters={
+            "escrows": escrows,
+            "entries": n,
+            "entries_per_group": per_group,
+            "envelope_bytes": round(envelope),
+            "rounds": repeat,
+            "min_seconds": min_seconds,
+            "sample_one_by_one": min(sample, n),
+            "batch": BATCH,
+            "step_escrows": STEP_ESCROWS,
+            "redis": redis_desc,
+            "store": store.dialect,
+            "faststream": faststream_version,
+            "faststream_skipped": faststream_reason,
+        },
+        rounds=rounds,
+        orders=orders,
+        ratios=ratios,
+        rates=rates,
+        notes=notes,
+    )
+    print_report(console, record)
+    return record
 
 
-ORDER = (
-    "commands", "relay", "runtime_noop", *(f"runtime_{g}" for g in GROUPS), "runtime_handlers",
-    "runtime_parallel", "end_to_end", "raw_xadd", "raw_consume", "raw_one_by_one",
-)  # fmt: skip
-CONSUME_RATES = {k for k in ORDER if k.startswith(("runtime_", "raw_consume", "raw_one"))}
+def fmt(value: float, unit: str) -> str:
+    return f"{value:.3f}" if unit == "ratio" else f"{value:,.0f}"
 
 
-def print_report(
-    console: Any, figures: dict[str, Figure], ratios: dict[str, float], summary: dict[str, Any]
-) -> None:
-    raw = figures["raw_consume"].rate
+def print_report(console: Any, record: dict[str, Any]) -> None:
+    p = record["parameters"]
     table = Table(
-        title=f"throughput (medians of {summary['rounds']} interleaved round(s) of B and C)",
+        title=f"throughput: medians of {p['rounds']} interleaved rounds "
+        f"(>= {p['min_seconds']:g} s of work each), 95% bootstrap interval",
         title_justify="left",
     )
-    table.add_column("phase")
-    table.add_column("measurement")
-    for name in ("items", "seconds", "per second", "vs raw consume"):
-        table.add_column(name, justify="right")
-    for key in ORDER:
-        f = figures[key]
-        versus = f"{f.rate / raw:.1%}" if key in CONSUME_RATES else ""
-        table.add_row(
-            f.phase, f.what, f"{f.items} {f.unit}", f"{f.seconds:.3f}", f"{f.rate:,.0f}", versus
-        )
+    for column in ("figure", "what", "median", "min-max", "interval", "target", "verdict"):
+        table.add_column(column, justify="left" if column in ("figure", "what") else "right")
+    for section in ("ratios", "rates"):
+        for name, s in record[section].items():
+            lo, hi = s["interval"]
+            table.add_row(
+                name,
+                s["what"],
+                fmt(s["median"], s["unit"]),
+                f"{fmt(s['min'], s['unit'])}-{fmt(s['max'], s['unit'])}",
+                f"{fmt(lo, s['unit'])}-{fmt(hi, s['unit'])}",
+                "" if s["target"] is None else f">= {s['target']:g}",
+                s["verdict"] or "",
+            )
     console.print(table)
-    met = summary["target_met"]
-    # Plain print: one unwrapped line that scripts and the smoke test can find.
-    print(
-        f"ratio runtime/raw: no-op loop {ratios['noop_vs_raw']:.1%}, "
-        f"four groups one after another {ratios['handlers_vs_raw']:.1%}, "
-        f"four groups as parallel processes {ratios['parallel_vs_raw']:.1%} of raw batched "
-        f"consume ({raw:,.0f} msgs/s); target >= {TARGET:.0%} (parallel, as deployed): "
-        f"{'MET' if met else 'NOT MET'}"
-    )
-    print(
-        f"for scale: message-at-a-time is {ratios['one_by_one_vs_raw']:.1%} of raw batched "
-        f"consume; the relay publishes at {ratios['relay_vs_raw_xadd']:.1%} of raw pipelined XADD"
-    )
+    for note in record["notes"]:
+        print(f"note: {note}")
+    # Plain prints: unwrapped lines that scripts and the smoke test can find.
+    for name, s in record["ratios"].items():
+        lo, hi = s["interval"]
+        judged = (
+            "no target" if s["target"] is None else f"target >= {s['target']:g}: {s['verdict']}"
+        )
+        print(f"ratio {name}: median {s['median']:.3f}, interval {lo:.3f}-{hi:.3f}; {judged}")
+
+
+def parse_targets(values: tuple[str, ...]) -> dict[str, float]:
+    targets = dict(TARGETS)
+    for value in values:
+        name, sep, number = value.partition("=")
+        if not sep or name not in RATIOS:
+            raise click.UsageError(
+                f"--target takes NAME=NUMBER with NAME one of {', '.join(RATIOS)}; got {value!r}"
+            )
+        try:
+            targets[name] = float(number)
+        except ValueError:
+            raise click.UsageError(f"--target {name}: {number!r} is not a number") from None
+    return targets
 
 
 @click.command()
-@click.option("--escrows", default=2000, show_default=True, help="escrow lifecycles to run")
+@click.option(
+    "--escrows", default=2000, show_default=True, help="escrow lifecycles whose events are consumed"
+)
 @click.option(
     "--sample",
-    default=5000,
+    default=2000,
     show_default=True,
-    help="messages for the message-at-a-time raw consume",
+    help="entries per step of FastStream's one-by-one subscriber",
+)
+@click.option("--repeat", default=5, show_default=True, help="interleaved rounds")
+@click.option(
+    "--min-seconds",
+    default=1.0,
+    show_default=True,
+    help="timed work per measurement per round (steps are repeated until it adds up)",
+)
+@click.option("--target", "target_values", multiple=True, metavar="NAME=NUMBER",
+              help="a target for a ratio (repeatable)")  # fmt: skip
+@click.option(
+    "--faststream",
+    "faststream_option",
+    metavar="PYTHON|none",
+    help="the interpreter with FastStream installed [.venv-bench/bin/python]",
 )
 @click.option(
-    "--repeat",
-    default=5,
-    show_default=True,
-    help="interleaved rounds of the runtime and raw measurements; medians are shown",
+    "--quick",
+    is_flag=True,
+    help="a smoke run: 100 escrows, 3 rounds of >= 0.05 s, 200-entry sample, no record file",
 )
 @click.option(
-    "--quick", is_flag=True, help="a small smoke run (100 escrows, 1 round, 500-message sample)"
+    "--record",
+    "record_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="where to write the record [bench/records/throughput.json; none with --quick]",
 )
 @click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="also write the JSON summary to this file",
+    help="also write the record to this file",
 )
 @click.option(
     "--reset-store",
@@ -571,18 +806,35 @@ def print_report(
     help="allow dropping and recreating the tables of DATABASE_URL",
 )
 def main(
-    escrows: int, sample: int, repeat: int, quick: bool, json_path: Path | None, reset_store: bool
+    escrows: int,
+    sample: int,
+    repeat: int,
+    min_seconds: float,
+    target_values: tuple[str, ...],
+    faststream_option: str | None,
+    quick: bool,
+    record_path: Path | None,
+    json_path: Path | None,
+    reset_store: bool,
 ) -> None:
-    """Escrow runtime throughput vs the raw ceiling of the same Redis."""
+    """Escrow runtime throughput against anchors of the same shape, in interleaved rounds."""
     if quick:
-        escrows, sample, repeat = min(escrows, 100), min(sample, 500), 1
+        escrows, sample, repeat = min(escrows, 100), min(sample, 200), 3
+        min_seconds = min(min_seconds, 0.05)
     if escrows < 1 or sample < 1 or repeat < 1:
         raise click.UsageError("--escrows, --sample and --repeat must be at least 1")
-    summary = run(escrows, sample, repeat, reset_store)
-    line = json.dumps(summary, sort_keys=True)
-    if json_path is not None:
-        json_path.write_text(line + "\n")
-    print(line)
+    if not min_seconds >= 0:
+        raise click.UsageError("--min-seconds must be 0 or more")
+    targets = parse_targets(target_values)
+    faststream_or_reason(faststream_option)  # a bad --faststream: exit 2 before any work
+    record = run(escrows, sample, repeat, min_seconds, targets, faststream_option, reset_store)
+    if record_path is None and not quick:
+        record_path = records.RECORDS_DIR / "throughput.json"
+    for path in (record_path, json_path):
+        if path is not None:
+            records.write(record, path)
+            print(f"record written to {path}", file=sys.stderr)
+    print(json.dumps(record, sort_keys=True))
 
 
 if __name__ == "__main__":

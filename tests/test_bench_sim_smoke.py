@@ -6,14 +6,16 @@ import json
 import subprocess
 import sys
 
+from bench import stats
 from tests.support import ROOT
 from workbench import affinity
 
 
 def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = tmp_path / "bench.json"
+    out, record_path = tmp_path / "bench.json", tmp_path / "record.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "simulate.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "simulate.py"), "--quick", "--json", str(out),
+         "--record", str(record_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -40,6 +42,17 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
         assert placement["one_cpu"] > 0 and placement["os_placed"] > 0
         assert "CPU placement" in result.stdout
         assert floor["os_placed"]["redis_single_us"] > 0  # the unit costs both ways
+    # The record: the speed run as a round, a verdict only where its interval allows one
+    # (one run: no spread known, so none), and the headline figures for the README.
+    record = json.loads(record_path.read_text())
+    assert record["bench"] == "simulate" and record["figures"]["summary"] == summary
+    [rnd] = record["rounds"]
+    assert rnd["speed"]["items"] == summary["speed"]["total_events"]
+    speed = record["rates"]["speed"]
+    assert speed["target"] == 20_000 and stats.consistent(speed)
+    assert speed["verdict"] == summary["verdict"] == stats.INCONCLUSIVE
+    assert record["environment"]["redis_server"] == summary["speed"]["redis_version"]
+    assert any("runtime share" in row[0] for row in record["figures"]["headline"])
 
 
 def test_simulation_bench_rejects_bad_rates() -> None:

@@ -1,4 +1,8 @@
-"""``bench/throughput.py --quick`` runs to the end. A smoke test: no timing assertions."""
+"""``bench/throughput.py --quick`` runs to the end and writes a record whose verdicts hold.
+
+A smoke test: no timing assertions, but the record must carry every round, an
+interval for every figure, and only verdicts that its own intervals give.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,90 @@ import os
 import subprocess
 import sys
 
+from bench import stats
 from tests.support import ROOT
 
+RATIOS = {
+    "parallel_vs_raw4",
+    "noop_vs_raw1",
+    "noop_vs_faststream_batch",
+    "noop_vs_faststream_one",
+    "relay_vs_xadd",
+}
 
-def test_throughput_bench_quick_run(tmp_path) -> None:
+
+def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     out = tmp_path / "bench.json"
+    committed = ROOT / "bench" / "records" / "throughput.json"  # a quick run leaves it alone
+    before = committed.read_bytes() if committed.exists() else None
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--quick", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "ratio runtime/raw:" in result.stdout
-    summary = json.loads(out.read_text())
-    assert summary["events"] == 8 * summary["escrows"]
-    assert set(summary["ratios"]) >= {"noop_vs_raw", "handlers_vs_raw"}
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == record
+    assert "ratio parallel_vs_raw4: median" in result.stdout
+    assert committed.read_bytes() == before if before is not None else not committed.exists()
+
+    p, e = record["parameters"], record["environment"]
+    assert p["entries"] == 8 * p["escrows"] == 800 and p["rounds"] == 3
+    assert len(e["commit"]) == 40 and e["redis_server"] and e["redis_py"] and e["python"]
+    assert len(e["load_before"]) == len(e["load_after"]) == 3
+
+    faststream = p["faststream"] is not None
+    measured = {"commands", "relay", "xadd", "parallel4", "raw4", "raw1", "noop"}
+    if faststream:
+        measured |= {"fs_batch", "fs_one"}
+    else:  # the record says why the peer anchor is missing
+        assert p["faststream_skipped"].startswith("skipped:") and record["notes"]
+    assert len(record["rounds"]) == 3 and len(record["orders"]) == 3
+    for rnd in record["rounds"]:
+        assert set(rnd) == measured
+        for sample in rnd.values():
+            assert sample["items"] > 0 and sample["seconds"] > 0 and sample["steps"] >= 1
+    assert record["orders"][1] == record["orders"][0][::-1]  # interleaved, order reversed
+    # Every step did all its work: each entry once, in the parallel shapes once per group
+    # that reads its stream (the FastStream one-by-one sample aside).
+    per_step = {name: p["entries"] for name in ("relay", "xadd", "raw1", "noop", "fs_batch")}
+    per_step |= dict.fromkeys(("parallel4", "raw4"), sum(p["entries_per_group"].values()))
+    assert per_step["raw4"] > p["entries"]  # the escrow stream is read by all four groups
+    for name in measured - {"commands", "fs_one"}:
+        for rnd in record["rounds"]:
+            assert rnd[name]["items"] == rnd[name]["steps"] * per_step[name]
+
+    expected = RATIOS if faststream else RATIOS - {n for n in RATIOS if "faststream" in n}
+    assert set(record["ratios"]) == expected
+    assert set(record["rates"]) == measured
+    for summary in [*record["ratios"].values(), *record["rates"].values()]:
+        assert len(summary["per_round"]) == 3
+        lo, hi = summary["interval"]
+        assert summary["min"] <= lo <= hi <= summary["max"]
+        assert stats.consistent(summary), summary
+    judged = record["ratios"]["parallel_vs_raw4"]
+    assert judged["target"] == 0.25 and judged["verdict"] in (
+        stats.MET,
+        stats.NOT_MET,
+        stats.INCONCLUSIVE,
+    )
+    # Per-round ratios are each round's own rates divided.
+    for i, rnd in enumerate(record["rounds"]):
+        rate = {k: v["items"] / v["seconds"] for k, v in rnd.items()}
+        assert judged["per_round"][i] == rate["parallel4"] / rate["raw4"]
+
+
+def test_throughput_bench_rejects_bad_options() -> None:
+    for flag, value, says in (("--target", "nosuch=1", "NAME=NUMBER"),
+                              ("--target", "noop_vs_raw1=x", "not a number"),
+                              ("--faststream", "/nonexistent/python", "no /nonexistent/python"),
+                              ("--faststream", sys.executable, "does not import")):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "throughput.py"), flag, value],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2 and says in result.stderr, result.stderr

@@ -7,14 +7,23 @@ import os
 import subprocess
 import sys
 
+from bench import stats
 from tests.support import ROOT
 
 
 def test_sse_bench_quick_run(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    out = tmp_path / "sse.json"
+    out, record_path = tmp_path / "sse.json", tmp_path / "record.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "sse.py"), "--quick", "--json", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "sse.py"),
+            "--quick",
+            "--json",
+            str(out),
+            "--record",
+            str(record_path),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -50,3 +59,16 @@ def test_sse_bench_quick_run(tmp_path) -> None:
     assert summary["replay"]["entries"] > 0
     assert summary["latency"]["received"] == summary["latency"]["expected"] > 0
     assert summary["latency"]["anchor_received"] > 0
+    # The record: the replay rounds, their per-round ratio with its interval, the headline.
+    record = json.loads(record_path.read_text())
+    assert record["bench"] == "sse" and record["figures"]["summary"] == summary
+    [rnd] = record["rounds"]  # --quick: one replay round
+    assert rnd["replay_sse"]["items"] == rnd["replay_xrange"]["items"] == 1000
+    ratio = record["ratios"]["replay_sse_vs_xrange"]
+    sse_rate = rnd["replay_sse"]["items"] / rnd["replay_sse"]["seconds"]
+    raw_rate = rnd["replay_xrange"]["items"] / rnd["replay_xrange"]["seconds"]
+    assert ratio["per_round"] == [sse_rate / raw_rate] and stats.consistent(ratio)
+    assert len(record["environment"]["load_after"]) == 3 and record["environment"]["commit"]
+    assert record["figures"]["headline"][0][1] == f"{connections['target']:,} of " + (
+        f"{connections['target']:,}"
+    )
