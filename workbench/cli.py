@@ -427,8 +427,8 @@ def serve(
     """
     from workbench.auth import issue_token, secret_from_env
     from workbench.server import ServeOptions, ServeRefused, check_secret
-    from workbench.supervision import RestartPolicy
     from workbench.server import serve as run_server
+    from workbench.supervision import RestartPolicy
 
     try:
         warning = check_secret(host, os.environ)
