@@ -31,7 +31,7 @@ from workbench.handlers import GROUPS, aggregate_types_of
 from workbench.handlers.ledger import check_ledger
 from workbench.redis_server import free_port
 from workbench.store import Store, inbox, outbox
-from workbench.waiting import wait_until
+from workbench.waiting import WaitTimeout, wait_until
 
 
 class Serve:
@@ -101,8 +101,9 @@ class Serve:
 
 def _redis_port(serve: Serve) -> int:
     pid = serve.components()["redis"]["pid"]
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return int(argv[argv.index(b"--port") + 1])
+    # redis-server sets its process title to "<binary> 127.0.0.1:<port>".
+    title = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    return int(re.search(r"127\.0\.0\.1:(\d+)", title).group(1))  # type: ignore[union-attr]
 
 
 def _alive(pid: int) -> bool:
@@ -208,29 +209,35 @@ def _nothing_lost_or_doubled(serve: Serve) -> None:
     store = serve.store()
     client = serve.redis()
     try:
-        with store.engine.connect() as conn:
 
-            def drained() -> bool:
-                return not conn.execute(
-                    select(outbox.c.seq).where(outbox.c.published_at.is_(None)).limit(1)
-                ).first()
+        def query(statement: Any) -> list[Any]:
+            # A fresh connection each time: one held open would read one snapshot.
+            with store.engine.connect() as conn:
+                return list(conn.execute(statement).all())
 
-            wait_until(drained, timeout=30, what="the relay to publish the whole outbox")
-            rows = conn.execute(select(outbox.c.stream, outbox.c.data).order_by(outbox.c.seq)).all()
-            published = [(stream, ev.decode(data)) for stream, data in rows]
-            assert len(published) > 20  # the load got through
+        wait_until(
+            lambda: not query(select(outbox.c.seq).where(outbox.c.published_at.is_(None))),
+            timeout=30,
+            what="the relay to publish the whole outbox",
+        )
+        rows = query(select(outbox.c.stream, outbox.c.data).order_by(outbox.c.seq))
+        published = [(stream, ev.decode(data)) for stream, data in rows]
+        assert len(published) > 20  # the load got through
 
-            for group in GROUPS:
-                wanted = {e.event_id for s, e in published if s in aggregate_types_of(group)}
+        for group in GROUPS:
+            wanted = {e.event_id for s, e in published if s in aggregate_types_of(group)}
 
-                def handled(group: str = group) -> set[str]:
-                    got = conn.execute(
-                        select(inbox.c.event_id).where(inbox.c.group_name == group)
-                    ).scalars()
-                    return set(got)
+            def handled(group: str = group) -> set[str]:
+                return {row[0] for row in query(
+                    select(inbox.c.event_id).where(inbox.c.group_name == group)
+                )}  # fmt: skip
 
+            try:
                 wait_until(lambda g=group, w=wanted: handled(g) == w,  # type: ignore[misc]
-                           timeout=30, what=f"the {group} inbox to hold every event")  # fmt: skip
+                           timeout=45, what=f"the {group} inbox to hold every event")  # fmt: skip
+            except WaitTimeout:
+                pending = client.xpending(f"{serve.prefix}:escrow", group)
+                assert handled(group) == wanted, (group, pending, serve.log()[-2000:])
 
         ledger = check_ledger(store)
         assert ledger.total == 0
