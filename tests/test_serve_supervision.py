@@ -402,3 +402,22 @@ def test_a_reachable_host_without_a_secret_is_refused(tmp_path) -> None:  # type
     assert "export WORKBENCH_SECRET=" in serve.log()
     assert "Traceback" not in serve.log()
     assert not serve.data.exists()  # nothing started, nothing written
+
+
+def test_a_crash_looping_child_stops_serve_with_exit_1_naming_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    serve = Serve(tmp_path, "--restart-limit", "1", "--restart-backoff", "0.2")
+    try:
+        serve.wait_healthy()
+        children = _descendants(serve.process.pid)
+        _kill_and_see_it_come_back(serve, "relay")
+        os.kill(serve.components()["relay"]["pid"], signal.SIGKILL)  # a 2nd crash within 60 s
+        assert serve.process.wait(60) == 1, serve.log()
+    finally:
+        serve.stop()
+    assert "giving up: relay exited (signal 9) after 1 restarts in 60 s" in serve.log()
+    assert serve.components()["relay"]["state"] == "failed"
+    wait_until(
+        lambda: not [pid for pid in children if _alive(pid)],
+        timeout=15,
+        what="every child of serve to be stopped",
+    )
