@@ -191,6 +191,9 @@ class Spawned:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 pass_fds=self.pass_fds,
+                # Its own process group: a Ctrl-C in the terminal reaches serve
+                # alone, which then stops the children in order (API first).
+                process_group=0,
                 # SIGKILL when serve dies, however it dies: nothing outlives it.
                 preexec_fn=signal_on_parent_death(signal.SIGKILL),
             )
