@@ -7,8 +7,9 @@ from workbench.health import BEATING, assess
 NOW = 1_000.0
 
 
-def _running(pid: int, restarts: int = 0) -> dict[str, object]:
-    return {"state": "running", "pid": pid, "restarts": restarts, "last_exit": None}
+def _running(pid: int, restarts: int = 0, started_at: float = NOW - 60) -> dict[str, object]:
+    return {"state": "running", "pid": pid, "restarts": restarts, "last_exit": None,
+            "started_at": started_at}  # fmt: skip
 
 
 def _all_beating() -> dict[str, dict[str, float]]:
@@ -30,9 +31,10 @@ def test_everything_beating_under_its_supervisor_is_up() -> None:
     }  # fmt: skip
 
 
-def test_a_restarted_worker_is_down_until_its_new_pid_beats() -> None:
+def test_a_restarted_worker_is_down_until_it_beats_again() -> None:
     supervised = _all_supervised()
-    supervised["ledger"] = _running(555, restarts=1)  # the old pid's beat is still fresh
+    # Restarted 0.2 s ago; the last beat (0.5 s ago) was its killed predecessor's.
+    supervised["ledger"] = _running(555, restarts=1, started_at=NOW - 0.2)
     down, report = assess(now=NOW, redis_ok=True, heartbeats=_all_beating(), supervised=supervised)
     assert down == ["ledger"]
     assert report["ledger"]["detail"] == "starting: no heartbeat yet from pid 555"

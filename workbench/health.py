@@ -7,9 +7,10 @@ every component that is down. The rules:
 * **redis** is down when it does not answer PING, or when serve supervises it
   and has not (yet) restarted it.
 * A component **serve supervises** (its name is in the state file) is up only
-  when the supervisor has it running *and* the process it started (that pid)
-  beat within ``stale_after_s`` — so a killed worker is down from the moment
-  serve sees it exit until its replacement has beaten. API processes do not
+  when the supervisor has it running *and* it beat since the supervisor
+  (re)started it (``started_at``, wall time like the beats), within
+  ``stale_after_s`` — so a killed worker is down from the moment serve sees
+  it exit until its replacement has beaten (whatever its consumer name). API processes do not
   beat: they are up while the supervisor has them running.
 * A component **not supervised here** (``--api-only``: another serve or an
   operator runs it) is reported from its heartbeats if any exist (``up`` is
@@ -98,12 +99,12 @@ def assess(
             if state is not None:
                 verdict(name, None, "unknown: Redis down, heartbeats unreadable")
         elif state is not None:
-            pid = state.get("pid")
-            beat = beats.get(f"{name}-{pid}")
-            if beat is None:
-                verdict(name, False, f"starting: no heartbeat yet from pid {pid}")
+            since = float(state.get("started_at") or 0.0)
+            mine = [t for t in beats.values() if t >= since]  # beats of the current process
+            if not mine:
+                verdict(name, False, f"starting: no heartbeat yet from pid {state.get('pid')}")
             else:
-                age = max(0.0, now - beat)
+                age = max(0.0, now - max(mine))
                 fresh = age <= stale_after_s
                 verdict(name, fresh, "beating" if fresh else f"no heartbeat for {age:.1f} s",
                         heartbeat_age_s=round(age, 3))  # fmt: skip

@@ -251,7 +251,11 @@ def children_of(
             elif name == "timers":
                 argv = ["timers", "--prefix", options.prefix]
             else:
-                argv = ["worker", name, "--prefix", options.prefix, "--block-ms", "1000"]
+                # One consumer name for every incarnation in this serve: a restarted
+                # worker re-reads its predecessor's pending entries first, in order,
+                # instead of leaving them to be claimed when it is known dead.
+                argv = ["worker", name, "--prefix", options.prefix, "--block-ms", "1000",
+                        "--consumer", f"{name}-serve{os.getpid()}"]  # fmt: skip
                 if name == "fanout":
                     argv += ["--user-maxlen", str(options.user_maxlen)]
             found[name] = Spawned(name, argv, env, logs)
