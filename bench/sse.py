@@ -240,7 +240,7 @@ def redis_for_bench() -> Iterator[tuple[str, str]]:
 
 
 class ApiServer:
-    """One ``workbench serve --api-only`` process (uvicorn, one worker: this very pid)."""
+    """One ``workbench serve --api-only`` process and the one API process it supervises."""
 
     def __init__(self, redis_url: str, prefix: str, secret: str, directory: Path) -> None:
         self.redis_url = redis_url
@@ -256,8 +256,10 @@ class ApiServer:
 
     @property
     def pid(self) -> int:
+        """The API process (uvicorn) serve runs, the one whose CPU, memory and sockets count."""
         assert self.process is not None
-        return self.process.pid
+        state = json.loads((self.dir / "supervision.json").read_text())
+        return int(state["components"]["api-0"]["pid"])
 
     def launch(self) -> None:
         """Start the process; :meth:`wait_ready` waits for it to serve."""

@@ -143,3 +143,32 @@ def test_unix_socket_falls_back_to_tcp_when_the_path_is_too_long(tmp_path) -> No
     with RedisServer(deep, unix_socket=True) as server:
         assert server.socket_path is None and server.url.startswith("redis://127.0.0.1:")
         assert server.client().ping()
+
+
+@pytest.mark.parametrize("unix_socket", [False, True])
+def test_password_is_required_kept_across_restarts_and_not_on_the_command_line(
+    tmp_path, unix_socket
+) -> None:  # type: ignore[no-untyped-def]
+    password = "s3cret-" + os.urandom(8).hex()
+    server = RedisServer(tmp_path / "r", password=password, unix_socket=unix_socket, **KILLABLE)
+    with server:
+        assert server.client().set("k", "v")
+        stranger = redis.Redis(port=server.port, socket_timeout=2)
+        with pytest.raises(redis.AuthenticationError):
+            stranger.ping()
+        stranger.close()
+        with open(f"/proc/{server.pid}/cmdline", "rb") as f:
+            assert password.encode() not in f.read()
+        conf = tmp_path / "r" / "redis-auth.conf"
+        assert conf.stat().st_mode & 0o777 == 0o600
+        server.kill()
+        assert not server.running
+        server.start()
+        assert server.client().get("k") == b"v"  # same dir and AOF, same password
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port, socket_timeout=2).ping()
+
+
+def test_a_password_that_does_not_fit_a_url_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="password"):
+        RedisServer(tmp_path, password='a"b c')

@@ -35,6 +35,7 @@ import redis
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -42,6 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from workbench import auth, edge
 from workbench.clock import Clock, SystemClock, clock_from_env
 from workbench.escrow import DomainError
+from workbench.health import BEATING, DEFAULT_STALE_AFTER_S, assess, read_supervision
 from workbench.ids import IdFactory
 from workbench.live import LiveReader
 from workbench.log import StreamNames, async_client, connect
@@ -50,7 +52,7 @@ from workbench.mpesa import CallbackError, GatewayBehaviour, SimulatedGateway, p
 from workbench.pubsub import Hub
 from workbench.service import CommandResult, CreateLimit, EscrowService, RateLimited
 from workbench.sessions import SessionStats, SseSession
-from workbench.store import Store, database_url
+from workbench.store import Store, database_url, outbox
 from workbench.streamid import MalformedStreamId, StreamId, parse
 from workbench.userstreams import UserStreamNames, UserStreamReader
 
@@ -90,6 +92,8 @@ class Settings:
     metrics_token: str | None = None  # when set, /metrics wants "Bearer <token>"
     create_limit: CreateLimit = field(default_factory=CreateLimit)
     limits: edge.EdgeLimits = field(default_factory=edge.EdgeLimits)
+    supervision_file: str | None = None  # set by `serve` for the API processes it runs
+    stale_after_s: float = DEFAULT_STALE_AFTER_S  # a heartbeat older than this: down
     gateway: GatewayBehaviour = field(
         default_factory=lambda: GatewayBehaviour(delay_min=1.0, delay_max=3.0, late_rate=0.0)
     )
@@ -116,6 +120,8 @@ class Settings:
             metrics_token=env.get("WORKBENCH_METRICS_TOKEN") or None,
             create_limit=CreateLimit.from_env(env),
             limits=edge.EdgeLimits.from_env(env),
+            supervision_file=env.get("WORKBENCH_SUPERVISION_FILE") or None,
+            stale_after_s=float(env.get("WORKBENCH_STALE_AFTER_S", DEFAULT_STALE_AFTER_S)),
         )
 
 
@@ -247,6 +253,16 @@ class App:
                     except Exception as exc:  # noqa: BLE001 - a gateway just logs and moves on
                         log.warning("simulated callback failed: %s", exc)
                 await asyncio.sleep(0.1)
+
+    def service_outbox_backlog(self) -> tuple[int, float | None]:
+        """(outbox rows not yet published, created_at of the oldest of them)."""
+        with self.store.engine.connect() as conn:
+            count, oldest = conn.execute(
+                select(func.count(), func.min(outbox.c.created_at)).where(
+                    outbox.c.published_at.is_(None)
+                )
+            ).one()
+        return int(count), None if oldest is None else float(oldest)
 
     def _record_callback(self, body: Any) -> CommandResult:
         return self.service.record_payment_result(parse_callback(body))
@@ -554,18 +570,54 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(state: State) -> JSONResponse:
+        """200 when every component is up; 503 naming those that are down (``down``)."""
+        heartbeats: dict[str, dict[str, float]] | None = None
+        last_publish: float | None = None
         try:
-            await state.aredis.ping()
+            pipe = state.aredis.pipeline(transaction=False)
+            for name in BEATING:
+                pipe.hgetall(state.names.heartbeats(name))
+            pipe.get(state.names.last_publish())
+            *beats, published = await pipe.execute()
+            heartbeats = {
+                name: {_text(k): float(v) for k, v in raw.items()}
+                for name, raw in zip(BEATING, beats, strict=True)
+            }
+            last_publish = float(published) if published is not None else None
             redis_ok = True
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, OSError, ValueError):
             redis_ok = False
+        supervision = read_supervision(state.settings.supervision_file)
+        now = state.clock.now()
+        down, components = assess(
+            now=now,
+            redis_ok=redis_ok,
+            heartbeats=heartbeats,
+            supervised=supervision["components"] if supervision else None,
+            stale_after_s=state.settings.stale_after_s,
+        )
+        try:
+            unpublished, oldest = await run_in_threadpool(state.service_outbox_backlog)
+            outbox_state: dict[str, Any] = {
+                "unpublished": unpublished,
+                "oldest_unpublished_age_s": None if oldest is None else round(now - oldest, 3),
+            }
+        except Exception as exc:  # noqa: BLE001 - the store down is a finding, not a crash
+            outbox_state = {"error": str(exc)}
+            down.append("store")
+        outbox_state["last_publish_age_s"] = (
+            None if last_publish is None else round(now - last_publish, 3)
+        )
         body = {
-            "ok": redis_ok,
+            "ok": not down,
+            "down": down,
             "redis": redis_ok,
             "live_feed": state.live.connected.is_set(),
             "sessions": state.hub.subscriptions(),
+            "components": components,
+            "outbox": outbox_state,
         }
-        return JSONResponse(body, status_code=200 if redis_ok else 503)
+        return JSONResponse(body, status_code=503 if down else 200)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     def metrics(state: State, authorization: Annotated[str | None, Header()] = None) -> Response:
@@ -590,6 +642,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             return {"dropped": state.hub.close_topic(user_id, "dropped by the server")}
 
     return app
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _Unauthorized(Exception):

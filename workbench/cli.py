@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -305,26 +306,50 @@ def relay(
 
 @main.command()
 @database_option
+@click.option(
+    "--redis-url", envvar="REDIS_URL",
+    help="beat in <prefix>:heartbeats:timers (for /healthz) [env REDIS_URL]",
+)  # fmt: skip
+@prefix_option
 @click.option("--every", default=5.0, show_default=True, help="seconds between sweeps")
 @click.option("-v", "--verbose", is_flag=True)
-def timers(database_url: str | None, every: float, verbose: bool) -> None:
+def timers(
+    database_url: str | None, redis_url: str | None, prefix: str, every: float, verbose: bool
+) -> None:
     """Expire escrows whose payment, shipping or confirmation deadline passed, until SIGTERM."""
+    import time
+
+    from workbench.log import StreamNames
     from workbench.service import EscrowService
     from workbench.shutdown import StopRequest
 
     _setup_logging(verbose)
-    service = EscrowService(Store(database_url or _default_database()), clock=clock_from_env())
+    clock = clock_from_env()
+    service = EscrowService(Store(database_url or _default_database()), clock=clock)
+    beats = connect(redis_url) if redis_url else None
+    key, me = StreamNames(prefix).heartbeats("timers"), f"timers-{os.getpid()}"
     stop = StopRequest()
     stop.on_signals()
+    next_sweep = 0.0
     while not stop.is_set():
-        try:
-            expired = service.expire_due()
-        except Exception as exc:  # noqa: BLE001 - a database hiccup: try again next sweep
-            click.echo(f"timers: {exc}; retrying", err=True)
-            expired = 0
-        if expired:
-            click.echo(f"timers: {expired} events from expired escrows", err=True)
-        stop.wait(every)
+        if beats is not None:
+            try:
+                beats.hset(key, me, repr(clock.now()))
+            except Exception as exc:  # noqa: BLE001 - Redis down: the sweeps go on
+                click.echo(f"timers: heartbeat failed: {exc}", err=True)
+        if time.monotonic() >= next_sweep:
+            next_sweep = time.monotonic() + every
+            try:
+                expired = service.expire_due()
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: try again next sweep
+                click.echo(f"timers: {exc}; retrying", err=True)
+                expired = 0
+            if expired:
+                click.echo(f"timers: {expired} events from expired escrows", err=True)
+        stop.wait(min(every, 1.0))  # beat every second even when sweeps are rarer
+    if beats is not None:
+        with contextlib.suppress(Exception):  # a clean exit is not a death
+            beats.hdel(key, me)
 
 
 @main.command(name="inspect")
@@ -372,6 +397,14 @@ def inspect_command(redis_url: str | None, prefix: str, as_json: bool) -> None:
     default=Path("data") / "serve", show_default=True,
     help="embedded Redis, SQLite file and worker logs",
 )  # fmt: skip
+@click.option(
+    "--restart-backoff", default=0.5, show_default=True, type=click.FloatRange(0.01, 60),
+    help="seconds before restarting a crashed child (doubles per crash in a row, up to 30 s)",
+)  # fmt: skip
+@click.option(
+    "--restart-limit", default=5, show_default=True, type=click.IntRange(0, 1000),
+    help="restarts of one child within 60 s before serve gives up and exits 1",
+)  # fmt: skip
 def serve(
     host: str,
     port: int,
@@ -384,36 +417,83 @@ def serve(
     api_only: bool,
     debug: bool,
     data_dir: Path,
+    restart_backoff: float,
+    restart_limit: int,
 ) -> None:
-    """Serve the HTTP API, the relay and the workers (embedded Redis unless REDIS_URL)."""
-    from workbench.auth import issue_token, secret_from_env
-    from workbench.server import ServeOptions
-    from workbench.server import serve as run_server
+    """Serve the HTTP API, the relay and the workers (embedded Redis unless REDIS_URL).
 
+    Every process it starts is supervised (restarted with backoff; a crash loop
+    stops serve with exit 1) and dies with it. Exit 2: a startup check failed.
+    """
+    from workbench.auth import issue_token, secret_from_env
+    from workbench.server import ServeOptions, ServeRefused, check_secret
+    from workbench.server import serve as run_server
+    from workbench.supervision import RestartPolicy
+
+    try:
+        warning = check_secret(host, os.environ)
+    except ServeRefused as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    if warning:
+        click.echo(click.style(warning, fg="red", bold=True), err=True)
     demo_user = "buyer-1"
-    token = issue_token(demo_user, secret_from_env(), ttl_s=7 * 24 * 3600)
-    click.echo(
-        f"serving on http://{host}:{port}  (API docs: /docs)\n"
-        f"dashboard for {demo_user}: http://{host}:{port}/dashboard?user={demo_user}"
-        f"&access_token={token}\n"
-        f"other users: `workbench token USER_ID`",
-        err=True,
+    token = issue_token(demo_user, secret_from_env(), ttl_s=DEMO_TOKEN_TTL_S)
+    options = ServeOptions(
+        host=host,
+        port=port,
+        workers=workers,
+        mpesa=mpesa,
+        redis_url=redis_url,
+        database_url=database_url,
+        prefix=prefix,
+        debug=debug,
+        api_only=api_only,
+        data_dir=data_dir,
+        user_maxlen=user_maxlen,
+        policy=RestartPolicy(
+            initial_backoff_s=restart_backoff,
+            max_backoff_s=max(30.0, restart_backoff),
+            max_restarts=restart_limit,
+        ),
+    )  # fmt: skip
+    try:
+        code = run_server(options, ready=lambda: click.echo(
+            f"serving on http://{host}:{port}  (API docs: /docs)\n"
+            f"dashboard for {demo_user} (link valid {DEMO_TOKEN_TTL_S // 60:.0f} min): "
+            f"http://{host}:{port}/dashboard?user={demo_user}&access_token={token}\n"
+            f"other users, or a fresh link: `workbench token USER_ID`",
+            err=True,
+        ))  # fmt: skip
+    except ServeRefused as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+#: Lifetime of the dashboard token serve prints (it lands in terminals and logs).
+DEMO_TOKEN_TTL_S = 30 * 60
+
+
+@main.command(name="api-process", hidden=True)
+@click.option("--fd", type=int, required=True, help="the listening socket, inherited")
+def api_process(fd: int) -> None:
+    """One HTTP server process of `serve`, accepting on the socket serve bound."""
+    import socket
+
+    import uvicorn
+
+    from workbench.edge import uvicorn_options
+
+    listener = socket.socket(fileno=fd)  # family and type read from the socket itself
+    config = uvicorn.Config(
+        "workbench.api:app_from_env",
+        factory=True,
+        log_level="warning",
+        timeout_graceful_shutdown=3,
+        **uvicorn_options(),  # body, header and idle limits (workbench.edge)
     )
-    run_server(
-        ServeOptions(
-            host=host,
-            port=port,
-            workers=workers,
-            mpesa=mpesa,
-            redis_url=redis_url,
-            database_url=database_url,
-            prefix=prefix,
-            debug=debug,
-            api_only=api_only,
-            data_dir=data_dir,
-            user_maxlen=user_maxlen,
-        )  # fmt: skip
-    )
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 @main.command()

@@ -51,7 +51,13 @@ class StreamNames:
         return f"{self.prefix}:dead:{group}"
 
     def heartbeats(self, group: str) -> str:
+        """Hash of ``consumer -> time of its last beat``: a group's workers, or
+        ``relay`` / ``timers`` (one field per process, named ``<role>-<pid>``)."""
         return f"{self.prefix}:heartbeats:{group}"
+
+    def last_publish(self) -> str:
+        """When the relay last published a batch (its clock's time)."""
+        return f"{self.prefix}:relay:last_publish"
 
 
 def connect(url: str | None = None, **overrides: object) -> redis.Redis:

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workbench.events import AGGREGATE_TYPES
 from workbench.handlers import ALL_GROUPS
+from workbench.health import read_supervision
 
 if TYPE_CHECKING:
     from workbench.api import App
@@ -32,6 +33,7 @@ class _Collector:
     def collect(self) -> Any:
         app = self.app
         yield from _stream_metrics(app.redis, app.names)
+        yield from _supervision_metrics(app.settings.supervision_file)
         stats = app.stats
         sessions = GaugeMetricFamily("workbench_sse_sessions", "SSE sessions held now")
         sessions.add_metric([], app.hub.subscriptions())
@@ -51,6 +53,24 @@ class _Collector:
             counter = CounterMetricFamily(f"workbench_{name}", help_)
             counter.add_metric([], value)
             yield counter
+
+
+def _supervision_metrics(path: str | None) -> Any:
+    """Restarts per supervised process, from serve's state file (readable with Redis down)."""
+    state = read_supervision(path)
+    if state is None:
+        return
+    restarts = CounterMetricFamily(
+        "workbench_component_restarts", "restarts by serve's supervisor", labels=["component"]
+    )
+    running = GaugeMetricFamily(
+        "workbench_component_running", "1 while serve has the process running", labels=["component"]
+    )
+    for name, child in sorted(state["components"].items()):
+        restarts.add_metric([name], int(child.get("restarts", 0)))
+        running.add_metric([name], 1 if child.get("state") == "running" else 0)
+    yield restarts
+    yield running
 
 
 def _stream_metrics(client: redis.Redis, names: Any) -> Any:

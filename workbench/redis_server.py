@@ -25,6 +25,7 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -112,6 +113,9 @@ class RedisServer:
     :mod:`workbench.affinity`). ``unix_socket`` also listens on a unix socket in
     the directory and makes :attr:`url` point there: a round trip skips the TCP
     stack (it falls back to TCP when the path would be too long for a socket).
+    ``password`` makes the server require it (``requirepass``, every restart
+    too); :attr:`url` then carries it. It goes to redis-server in a config file
+    readable only by its owner, not on the command line, where ``ps`` shows it.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class RedisServer:
         start_timeout: float = 10.0,
         cpu: int | None = None,
         unix_socket: bool = False,
+        password: str | None = None,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
@@ -142,6 +147,9 @@ class RedisServer:
         self.socket_path = (
             socket_path if unix_socket and len(str(socket_path)) <= _MAX_SOCKET_PATH else None
         )
+        if password is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{1,512}", password):
+            raise ValueError("password: 1 to 512 of A-Z a-z 0-9 . _ ~ - (it goes into a URL)")
+        self.password = password
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -149,8 +157,10 @@ class RedisServer:
     @property
     def url(self) -> str:
         if self.socket_path is not None:
-            return f"unix://{self.socket_path}?db=0"
-        return f"redis://127.0.0.1:{self.port}/0"
+            secret = f"&password={quote(self.password, safe='')}" if self.password else ""
+            return f"unix://{self.socket_path}?db=0{secret}"
+        secret = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{secret}127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -160,9 +170,24 @@ class RedisServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def poll(self) -> int | None:
+        """The exit code if the server process has exited (see Popen.poll), else None."""
+        return self._process.poll() if self._process is not None else None
+
+    def _config_file(self) -> list[str]:
+        if self.password is None:
+            return []
+        path = self.directory / "redis-auth.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as conf:
+            os.fchmod(conf.fileno(), 0o600)  # an older file may have had other modes
+            conf.write(f'requirepass "{self.password}"\n')
+        return [str(path)]
+
     def _argv(self) -> list[str]:
         return [
             self.binary,
+            *self._config_file(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
@@ -192,7 +217,9 @@ class RedisServer:
             preexec_fn=signal_on_parent_death(signal.SIGKILL, self._pin),
         )
         _live_servers.add(self)
-        probe = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        probe = redis.Redis(
+            port=self.port, password=self.password, socket_timeout=1, socket_connect_timeout=1
+        )
         try:
 
             def answers() -> bool:

@@ -7,11 +7,18 @@ wait in the outbox and the relay backs off; nothing is lost.
 
 Run one relay per store: two relays would each keep per-escrow order but
 could interleave their batches.
+
+While running it beats, like the workers: ``<prefix>:heartbeats:relay`` holds
+``relay-<pid> -> time`` at least every ``heartbeat_every_s``, and each batch
+also sets ``<prefix>:relay:last_publish`` (in the same pipeline as its XADDs),
+so ``/healthz`` tells a stalled relay from an idle one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +64,7 @@ class OutboxRelay:
         retention_s: float = 24 * 3600,
         trim_every: int = 200,
         crash_hook: Callable[[str, int], None] | None = None,
+        heartbeat_every_s: float = 1.0,
     ) -> None:
         self.store = store
         self.client = client
@@ -74,6 +82,16 @@ class OutboxRelay:
             .limit(batch_size)
         )
         self._stop = StopRequest()
+        self.heartbeat_every_s = heartbeat_every_s
+        self.name = f"relay-{os.getpid()}"
+        self._next_heartbeat = 0.0
+
+    def heartbeat(self, force: bool = False) -> None:
+        """Beat (at most every ``heartbeat_every_s``); raises if Redis is down."""
+        now = self.clock.now()
+        if force or now >= self._next_heartbeat:
+            self.client.hset(self.names.heartbeats("relay"), self.name, repr(now))
+            self._next_heartbeat = now + self.heartbeat_every_s
 
     def backlog(self) -> int:
         """Outbox rows not yet published."""
@@ -94,6 +112,7 @@ class OutboxRelay:
         stream = self.names.stream
         for _, event_id, aggregate, type_, data in rows:
             pipe.xadd(stream(aggregate), {"event_id": event_id, "type": type_, "data": data})
+        pipe.set(self.names.last_publish(), repr(self.clock.now()))
         pipe.execute()
         if self.crash_hook is not None:
             self.crash_hook("after-xadd", self.stats.batches + 1)
@@ -138,6 +157,7 @@ class OutboxRelay:
         failures = 0
         while not self._stop.is_set():
             try:
+                self.heartbeat()
                 published = self.publish_batch()
                 failures = 0
             except TRANSIENT as exc:
@@ -148,3 +168,5 @@ class OutboxRelay:
                 continue
             if not published:
                 self._stop.wait(idle_wait)
+        with contextlib.suppress(*REDIS_DOWN):  # a clean exit is not a death
+            self.client.hdel(self.names.heartbeats("relay"), self.name)
