@@ -77,6 +77,7 @@ def test_success_round_trip() -> None:
         result_desc="The service request is processed successfully.",
         receipt="QKX1ABCD23",
         amount=2500,
+        phone="254700000000",  # the callback's PhoneNumber, checked against the request
     )
 
 

@@ -50,7 +50,15 @@ class FixedGateway:
     def __init__(self) -> None:
         self.pushes: list[tuple[str, str, int, str]] = []
 
-    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+    def stk_push(
+        self,
+        escrow_id: str,
+        amount: int,
+        phone: str,
+        *,
+        reference: str = "",
+        callback_url: str = "",
+    ) -> str:
         checkout = f"co-{escrow_id}-{len(self.pushes) + 1}"
         self.pushes.append((checkout, escrow_id, amount, phone))
         return checkout

@@ -584,6 +584,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             host = request.client.host if request.client else "?"
             log.warning("M-Pesa callback from %s refused: not in WORKBENCH_MPESA_ALLOW", host)
             return _daraja(403, "callbacks are accepted from the gateway's addresses only")
+        if not state.service.genuine_callback_token(token):
+            # Before reading the body: a forger's request costs us one HMAC.
+            outcome = state.service.reject_token()
+            return _daraja(outcome.status, outcome.detail)
         try:
             body = await request.json()
         except ValueError:

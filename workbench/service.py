@@ -663,7 +663,7 @@ class EscrowService:
         """
         reference = reference_of(self.payments.callback_secret, token)
         if reference is None:
-            return self._reject(403, "bad_token", "not a callback URL this service made")
+            return self.reject_token()
         try:
             claim = parse_callback(body)
         except CallbackError as exc:
@@ -713,6 +713,13 @@ class EscrowService:
         return CallbackOutcome(
             202, "unverified", f"received; not recorded until the gateway confirms it ({outcome})"
         )
+
+    def genuine_callback_token(self, token: str) -> bool:
+        """Whether ``token`` is a callback token this service made (no I/O)."""
+        return reference_of(self.payments.callback_secret, token) is not None
+
+    def reject_token(self) -> CallbackOutcome:
+        return self._reject(403, "bad_token", "not a callback URL this service made")
 
     def _reject(self, status: int, reason: str, detail: str) -> CallbackOutcome:
         self.payment_stats.count("callbacks", f"rejected_{reason}")
