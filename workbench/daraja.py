@@ -179,8 +179,9 @@ class DarajaStub:
     """A local Daraja: STK push and STK Push Query over real HTTP.
 
     Results are what the owner says (:meth:`settle`); until then a query is
-    "being processed". ``unavailable`` makes every request answer 503, and
-    ``push_delay_s`` makes the STK push slow.
+    "being processed". ``unavailable`` makes every request answer 503,
+    ``push_delay_s`` makes the STK push slow, and ``drop_pushes`` makes it
+    answer 503 (after the delay) without taking the push.
     """
 
     def __init__(self, shortcode: str = "174379", passkey: str = "stub-passkey") -> None:
@@ -190,6 +191,8 @@ class DarajaStub:
         self.results: dict[str, tuple[int, str]] = {}
         self.unavailable = False
         self.push_delay_s = 0.0
+        self.drop_pushes = False
+        self.pushes_started = 0
         self.queries = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -230,8 +233,13 @@ class DarajaStub:
         if not password_ok:
             return 400, {"errorCode": "400.002.02", "errorMessage": "Invalid Password"}
         if path == "/mpesa/stkpush/v1/processrequest":
-            if self.push_delay_s:
-                time.sleep(self.push_delay_s)
+            with self._lock:
+                self.pushes_started += 1
+            delay, drop = self.push_delay_s, self.drop_pushes
+            if delay:
+                time.sleep(delay)
+            if drop:
+                return 503, {"errorCode": "503.001.01", "errorMessage": "push dropped"}
             checkout = f"ws_CO_stub{next(self._ids):08d}"
             push = Push(
                 checkout,

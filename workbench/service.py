@@ -701,7 +701,8 @@ class EscrowService:
             self.payment_stats.count("callbacks", "duplicate")
             return CallbackOutcome(200, "duplicate", "duplicate, already recorded")
         outcome, result = self.verify_payment(checkout)
-        self.payment_stats.count("callbacks", outcome)
+        unverified = outcome in ("pending", "unavailable")
+        self.payment_stats.count("callbacks", "unverified" if unverified else outcome)
         if outcome == "applied":
             return CallbackOutcome(200, outcome, "Accepted", result)
         if outcome == "duplicate":
