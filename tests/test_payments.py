@@ -259,6 +259,7 @@ def test_a_crash_between_commit_and_push_is_recovered(
     started = deployment.daraja.pushes_started
     deployment.daraja.push_delay_s, deployment.daraja.drop_pushes = 2.0, True
     try:
+
         def fund() -> None:
             with contextlib.suppress(httpx.HTTPError):  # its server is killed mid-request
                 httpx.post(
