@@ -50,6 +50,14 @@ class GatewayUnavailable(RuntimeError):
     """The gateway did not answer (network error, 5xx, throttled): try again later."""
 
 
+class NotThisGateway(GatewayUnavailable):
+    """This process's simulated gateway never made that checkout (another API worker's did).
+
+    Not the gateway failing: ask again soon without backing off, so the worker
+    whose gateway made it answers.
+    """
+
+
 @dataclass(frozen=True)
 class QueryResult:
     """The gateway's answer to an STK Push Query.
@@ -290,7 +298,7 @@ class SimulatedGateway:
             raise GatewayUnavailable("simulated M-Pesa: the query service is unavailable")
         decided = self.results.get(checkout_request_id)
         if decided is None:
-            raise GatewayUnavailable(f"simulated M-Pesa: no checkout {checkout_request_id!r}")
+            raise NotThisGateway(f"simulated M-Pesa: no checkout {checkout_request_id!r}")
         code, at = decided
         if self.clock.now() < at:
             return QueryResult(checkout_request_id, None, "The transaction is being processed")

@@ -59,6 +59,7 @@ from workbench.ids import IdFactory
 from workbench.mpesa import (
     CallbackError,
     GatewayUnavailable,
+    NotThisGateway,
     QueryResult,
     callback_token,
     parse_callback,
@@ -285,7 +286,11 @@ _SET_REQUEST_CHECKOUT = Prepared(
 _CLAIM_CALLBACK = Prepared(
     update(checkouts)
     .where(checkouts.c.checkout_request_id == bindparam("id"), checkouts.c.result_code.is_(None))
-    .values(claimed_code=bindparam("code"), claimed_receipt=bindparam("receipt"))
+    .values(
+        claimed_code=bindparam("code"),
+        claimed_receipt=bindparam("receipt"),
+        verify_due_at=bindparam("due"),
+    )
 )
 _RETRY_VERIFY = Prepared(
     update(checkouts)
@@ -694,8 +699,15 @@ class EscrowService:
                     400, "phone_mismatch", f"phone {claim.phone} was not the phone prompted"
                 )
         with self.store.begin() as conn:
+            # Due now: if this query goes unanswered, any process's next pass asks again.
             claimed = _CLAIM_CALLBACK.execute(
-                conn, {"id": checkout, "code": claim.result_code, "receipt": claim.receipt}
+                conn,
+                {
+                    "id": checkout,
+                    "code": claim.result_code,
+                    "receipt": claim.receipt,
+                    "due": self.clock.now(),
+                },
             ).rowcount
         if not claimed:
             self.payment_stats.count("callbacks", "duplicate")
@@ -745,6 +757,9 @@ class EscrowService:
             return "duplicate", None
         try:
             answer = self.gateway.query(checkout)
+        except NotThisGateway:
+            self.payment_stats.count("verifications", "not_this_gateway")
+            return "unavailable", None  # due as it was: another process's gateway answers
         except GatewayUnavailable as exc:
             log.info("STK query for %s unanswered: %s", checkout, exc)
             self._retry_later(checkout, c["verify_attempts"])
