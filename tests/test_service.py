@@ -684,11 +684,16 @@ class SimGateway(SimulatedGateway):
         )
         self.down = False
         self.crash_next_push = False
+        self.crash_after_next_push = False
         self.during_push: Any = None
 
     def stk_push(self, *args: Any, **kwargs: Any) -> str:
         if self.crash_next_push:
             self.crash_next_push = False
+            raise CrashAfterCommit
+        if self.crash_after_next_push:  # the gateway took it; its answer is lost with us
+            self.crash_after_next_push = False
+            super().stk_push(*args, **kwargs)
             raise CrashAfterCommit
         if self.during_push is not None:
             self.during_push()
@@ -915,3 +920,26 @@ def test_a_crash_between_commit_and_push_is_recovered(
     assert escrow.state is S.AWAITING_PAYMENT and escrow.checkout_request_id
     assert service.handle_callback(*_delivery(gateway, clock)).outcome == "applied"
     assert service.get("e1").state is S.FUNDED
+
+
+def test_a_crash_after_the_gateway_took_the_push_is_recovered_by_its_callback(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    gateway.crash_after_next_push = True
+    with pytest.raises(CrashAfterCommit):
+        service.fund("e1", "b1", "254700000001")
+    assert service.get("e1").state is S.CREATED and len(gateway.requests) == 1
+    # The callback comes to the URL made for this payment: its checkout is adopted.
+    assert service.handle_callback(*_delivery(gateway, clock)).outcome == "applied"
+    escrow = service.get("e1")
+    assert escrow.state is S.FUNDED and escrow.checkout_request_id in gateway.requests
+    assert [e.type for e in outbox_events(store)][-3:] == [
+        "payment.requested",
+        "payment.received",
+        "escrow.funded",
+    ]
+    clock.advance(PAY.push_grace_s + 1)
+    assert "push_sent" not in service.verify_payments()  # not pushed a second time
+    assert len(gateway.requests) == 1
