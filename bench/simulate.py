@@ -91,6 +91,7 @@ from simulations.phones import Phone, ServerFaults, ServerPool  # noqa: E402
 from simulations.scenario import Scenario, ScenarioError, load  # noqa: E402
 from workbench import affinity  # noqa: E402
 from workbench.escrow import DomainError, EscrowState  # noqa: E402
+from workbench.mpesa import GatewayUnavailable  # noqa: E402
 from workbench.report import wide_console  # noqa: E402
 from workbench.service import CommandResult  # noqa: E402
 from workbench.userstreams import UserStreamNames  # noqa: E402
@@ -106,8 +107,10 @@ S = EscrowState
 class ModelService:
     """Stands in for EscrowService: escrow states in a dict, deadlines applied lazily."""
 
-    def __init__(self, env: simpy.Environment, m: dict[str, Any]) -> None:
+    def __init__(self, env: simpy.Environment, m: dict[str, Any], mpesa: dict[str, Any]) -> None:
         self.env, self.ids, self.commands = env, count(1), 0
+        self.verify_after_s, self.retry_s = mpesa["verify_after_s"], mpesa["verify_retry_s"]
+        self.unsettled: dict[str, list[float]] = {}
         pay, ship, confirm = (m[f"{k}_timeout_s"] for k in ("payment", "shipping", "confirmation"))
         self.timeouts = {S.CREATED: pay, S.AWAITING_PAYMENT: pay, S.FUNDED: ship,
                          S.SHIPPED: confirm}  # fmt: skip
@@ -143,16 +146,46 @@ class ModelService:
         assert self.gateway is not None
         row[3] = self.gateway.stk_push(escrow_id, row[2], phone)
         self.checkouts[row[3]] = escrow_id
+        self.unsettled[row[3]] = [self.env.now + self.verify_after_s, 0]  # [due, attempts]
         return self._set(row, S.AWAITING_PAYMENT)
 
-    def callback(self, body: dict[str, Any]) -> None:
+    # Payments as EscrowService verifies them: a callback is handled after the
+    # query's latency and recorded only when the STK Push Query answers; an
+    # unanswered query is asked again by the timer (every 10 s) after a backoff.
+    # Same query draws in the same order, so the market sees the same states.
+
+    def callback(self, url: str, body: dict[str, Any]) -> None:
+        self.env.process(self._handle_callback(body["Body"]["stkCallback"]["CheckoutRequestID"]))
+
+    def _handle_callback(self, checkout: str) -> Any:
+        assert self.gateway is not None
+        yield self.env.timeout(self.gateway.query_latency())
         self.commands += 1
-        cb = body["Body"]["stkCallback"]
-        escrow_id = self.checkouts.pop(cb["CheckoutRequestID"], None)  # None: a duplicate
-        if escrow_id is not None:
-            row = self._row(escrow_id)
-            if row[3] == cb["CheckoutRequestID"] and row[0] is S.AWAITING_PAYMENT:
-                self._set(row, S.FUNDED if cb["ResultCode"] == 0 else S.CREATED)
+        if checkout in self.unsettled:
+            self._verify(checkout)
+
+    def _verify(self, checkout: str) -> None:
+        assert self.gateway is not None
+        try:
+            answer = self.gateway.query(checkout)
+        except GatewayUnavailable:
+            answer = None
+        if answer is None or answer.pending:
+            attempts = self.unsettled[checkout][1]
+            delay = min(self.retry_s * 2 ** min(attempts, 20), 300.0)
+            self.unsettled[checkout] = [self.env.now + delay, attempts + 1]
+            return
+        del self.unsettled[checkout]
+        row = self._row(self.checkouts.pop(checkout))
+        if row[3] == checkout and row[0] is S.AWAITING_PAYMENT:
+            self._set(row, S.FUNDED if answer.result_code == 0 else S.CREATED)
+
+    def timer(self, every: float = 10.0) -> Any:
+        while True:
+            yield self.env.timeout(every)
+            due = sorted((d, c) for c, (d, _) in self.unsettled.items() if d <= self.env.now)
+            for _, checkout in due[:100]:
+                self._verify(checkout)
 
     def get(self, escrow_id: str) -> SimpleNamespace:
         return SimpleNamespace(state=self._row(escrow_id)[0])
@@ -190,8 +223,11 @@ def model_only(scenario: Scenario, seed: int) -> dict[str, Any]:
     params, run_p, servers = scenario.params, scenario.params["run"], scenario.params["servers"]
     env = simpy.Environment()
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
-    service = ModelService(env, params["market"])
-    service.gateway = MpesaGateway(env, rngs[0], params["mpesa"], service.callback)
+    service = ModelService(env, params["market"], params["mpesa"])
+    service.gateway = MpesaGateway(
+        env, rngs[0], params["mpesa"], service.callback, query_rng=rngs[6]
+    )
+    env.process(service.timer())
     market = Market(env, rngs[1], params["market"], service, service.record,  # type: ignore[arg-type]
                     until=run_p["duration_s"])  # fmt: skip
     env.process(market.run())

@@ -8,7 +8,9 @@ timers; redis-server and a SQLite store underneath. So here:
 
 * the market's commands are HTTP requests with an ``Idempotency-Key`` (a
   request that dies with its server is retried on another one, safely);
-* the gateway posts Daraja callbacks to ``/mpesa/callback``;
+* the gateway posts Daraja callbacks to each push's ``/mpesa/callback/{token}``,
+  and the servers confirm them with the STK Push Query of a local Daraja
+  (:class:`~workbench.daraja.DarajaStub`, which also takes the pushes);
 * each phone holds a real SSE connection (``Last-Event-ID`` on reconnect,
   ``reset`` -> snapshot -> resume), dropped by closing the socket;
 * a consumer crash is SIGKILL of the worker process; a new one (a new
@@ -43,6 +45,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -59,6 +62,7 @@ from simulations.scenario import Scenario
 from workbench.auth import issue_token
 from workbench.clock import ScaledClock, clock_env
 from workbench.consumer import CRASH_POINTS, crash_signal
+from workbench.daraja import DarajaStub
 from workbench.escrow import DomainError, EscrowState
 from workbench.handlers import ALL_GROUPS
 from workbench.log import StreamNames, connect
@@ -193,8 +197,10 @@ class HttpService:
     request whose server died mid-way cannot apply it twice.
     """
 
-    def __init__(self, servers: Servers, tokens: Tokens, gateway: MpesaGateway) -> None:
-        self.servers, self.tokens, self.gateway = servers, tokens, gateway
+    def __init__(
+        self, servers: Servers, tokens: Tokens, gateway: MpesaGateway, daraja: DarajaStub
+    ) -> None:
+        self.servers, self.tokens, self.gateway, self.daraja = servers, tokens, gateway, daraja
         self._keys = 0
 
     def _command(
@@ -217,8 +223,10 @@ class HttpService:
 
     def fund(self, escrow_id: str, buyer: str, phone: str) -> SimpleNamespace:
         result = self._command(buyer, f"/escrows/{escrow_id}/fund", {"phone": phone})
-        if not result.replayed and result.checkout_request_id:
-            self.gateway.answer(result.checkout_request_id, int(result.escrow["amount"]))
+        push = self.daraja.pushes.get(result.checkout_request_id or "")
+        if not result.replayed and push is not None:
+            # The CallBackURL is the gateway's to know: the stub saw it with the push.
+            self.gateway.answer(push.checkout_request_id, push.amount, push.callback_url, phone)
         return result
 
     def get(self, escrow_id: str) -> SimpleNamespace:
@@ -501,6 +509,9 @@ def simulate_realtime_to(
         store.reset()
         origin = time.time()
         timeline = ScaledClock(origin, run_p["epoch"], 1.0 / factor)
+        # Daraja for the API servers: pushes and queries over HTTP; the results
+        # are what the simulated gateway decides, set as it sends each callback.
+        daraja = DarajaStub()
         env_vars = dict(
             os.environ,
             REDIS_URL=url,
@@ -512,6 +523,7 @@ def simulate_realtime_to(
             # the per-pair create limit guards against abuse, not trade.
             WORKBENCH_CREATE_LIMIT="0",
             **clock_env(origin, run_p["epoch"], 1.0 / factor),
+            **daraja.env,
         )
         fleet = Fleet(env_vars, work / "logs")
         handled_dir = work / "handled"
@@ -545,20 +557,21 @@ def simulate_realtime_to(
                 commands.append({"t": env.now, "command": command, "escrow_id": escrow_id,
                                  "actor": actor, "ok": ok, "error": error})  # fmt: skip
 
-            def callback(body: dict[str, Any]) -> None:
+            def callback(url: str, body: dict[str, Any]) -> None:
                 assert servers is not None
+                stk = body["Body"]["stkCallback"]
+                daraja.settle(stk["CheckoutRequestID"], int(stk["ResultCode"]))
                 try:
-                    r = servers.request("POST", "/mpesa/callback", None, json=body)
+                    r = servers.request("POST", urlsplit(url).path, None, json=body)
                 except Rejected as exc:
                     record("callback", None, "mpesa", False, str(exc))
                     return
                 desc = r.json().get("ResultDesc", "")
-                ok = r.status_code == 200
-                record("callback", None, "mpesa", ok, None if ok and "duplicate" not in desc
-                       else desc)  # fmt: skip
+                ok = r.status_code in (200, 202)  # 202: recorded once the query confirms it
+                record("callback", None, "mpesa", ok, None if desc == "Accepted" else desc)
 
             gateway = MpesaGateway(env, rngs[0], params["mpesa"], callback)
-            service = HttpService(servers, tokens, gateway)
+            service = HttpService(servers, tokens, gateway, daraja)
             until = t0 + load_s
             market = Market(env, rngs[1], m, service, record, until=until)  # type: ignore[arg-type]
             env.process(market.run())
@@ -635,6 +648,7 @@ def simulate_realtime_to(
             if servers is not None:
                 servers.close()
             fleet.stop()
+            daraja.close()
             client.close()
             store.close()
 

@@ -34,16 +34,16 @@ from simulations.runtime import Runtime, backlog
 from simulations.scenario import Scenario
 from workbench import affinity
 from workbench import events as ev
-from workbench.escrow import DomainError, Timeouts
+from workbench.escrow import Timeouts
 from workbench.handlers import HANDLERS, aggregate_types_of, make_handler
 from workbench.handlinglog import HandlingIndex
 from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect
-from workbench.mpesa import CallbackError, parse_callback
+from workbench.mpesa import token_of
 from workbench.redis_server import KILLABLE, RedisServer, paired
 from workbench.replay import UserEntry
 from workbench.runs import RunTables, RunWriter
-from workbench.service import EscrowService
+from workbench.service import EscrowService, PaymentSettings
 from workbench.store import (
     Store,
     analytics_facts,
@@ -178,18 +178,28 @@ def simulate_to(
                 shipping=m["shipping_timeout_s"],
                 confirmation=m["confirmation_timeout_s"],
             ),
+            payments=PaymentSettings(
+                callback_base_url="sim://mpesa/callback",
+                verify_after_s=params["mpesa"]["verify_after_s"],
+                retry_s=params["mpesa"]["verify_retry_s"],
+            ),
         )
 
-        def callback(body: dict[str, Any]) -> None:
-            checkout = body["Body"]["stkCallback"]["CheckoutRequestID"]
-            try:
-                result = service.record_payment_result(parse_callback(body))
-            except (DomainError, CallbackError) as exc:
-                record("callback", None, "mpesa", False, f"{checkout}: {exc}")
-                return
-            record("callback", None, "mpesa", True, "duplicate" if result.replayed else None)
+        def callback(url: str, body: dict[str, Any]) -> None:
+            # The claim is confirmed by a query that takes virtual time to answer.
+            env.process(handle_callback(url, body))
 
-        service.gateway = MpesaGateway(env, rngs[0], params["mpesa"], callback)
+        def handle_callback(url: str, body: dict[str, Any]) -> Any:
+            yield env.timeout(gateway.query_latency())
+            outcome = service.handle_callback(token_of(url), body)
+            if outcome.status >= 400:
+                record("callback", None, "mpesa", False, f"{outcome.outcome}: {outcome.detail}")
+            else:
+                record("callback", None, "mpesa", True,
+                       None if outcome.outcome == "applied" else outcome.outcome)  # fmt: skip
+
+        gateway = MpesaGateway(env, rngs[0], params["mpesa"], callback, query_rng=rngs[6])
+        service.gateway = gateway
         handling_dir = work / "handled"
         handling_dir.mkdir()
         runtime = Runtime(env, clock, service, store, client, names, params, faults, handling_dir)

@@ -398,6 +398,8 @@ class Runtime:
         while True:
             yield self.env.timeout(every)
             self.service.expire_due()
+            # The payment reconciliation pass: re-ask unanswered queries, find lost callbacks.
+            self.service.verify_payments()
 
     def finish(self) -> None:
         """At the end of the drain: publish what the last instant committed and

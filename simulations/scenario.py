@@ -51,6 +51,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "delay_max_s": 30.0,
         "failure_p": 0.1,
         "duplicate_p": 0.05,
+        # STK Push Query: every callback is confirmed with one before it is recorded.
+        "query_delay_min_s": 0.2,
+        "query_delay_max_s": 2.0,
+        "query_unavailable_p": 0.05,  # then asked again by the verification pass
+        "verify_after_s": 60.0,  # ask about a checkout whose callback has not come
+        "verify_retry_s": 5.0,
     },
     "phones": {
         "count": 40,  # users with the app open, taken from the buyers

@@ -15,6 +15,7 @@ import redis
 from httpx_sse import EventSource, ServerSentEvent, connect_sse
 
 from workbench.auth import issue_token
+from workbench.daraja import DarajaStub
 from workbench.redis_server import free_port
 from workbench.waiting import wait_until
 
@@ -32,6 +33,8 @@ class Deployment:
     prefix: str = "wb"
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
+    # The API processes' M-Pesa (``--mpesa external``): a local Daraja over real HTTP.
+    daraja: DarajaStub = field(default_factory=DarajaStub)
 
     @property
     def env(self) -> dict[str, str]:
@@ -44,6 +47,9 @@ class Deployment:
             # Heartbeats slower than the clients' read timeout, so a stalled
             # stream fails the test instead of idling forever.
             WORKBENCH_SSE_PING_S="60",
+            # Unanswered STK queries are asked again soon, so tests need not wait.
+            WORKBENCH_MPESA_RETRY_S="0.3",
+            **self.daraja.env,
         )
 
     def _spawn(
@@ -104,6 +110,7 @@ class Deployment:
         )
 
     def stop(self) -> None:
+        self.daraja.close()
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -187,3 +194,24 @@ def _check(source: EventSource) -> None:
     if response.status_code != 200:
         response.read()
         raise AssertionError(f"SSE answered {response.status_code}: {response.text}")
+
+
+def gateway_callback(
+    deployment: Deployment,
+    checkout: str,
+    code: int,
+    *,
+    amount: int = 1500,
+    phone: str = "254700000000",
+    receipt: str = "SAB12CD34E",
+    settle: bool = True,
+) -> httpx.Response:
+    """What Daraja does when the buyer answers: settle the result, post the callback
+    to the CallBackURL given with the push (only the gateway knows it)."""
+    from workbench.mpesa import stk_callback
+
+    push = deployment.daraja.pushes[checkout]
+    if settle:
+        deployment.daraja.settle(checkout, code)
+    body = stk_callback(checkout, code, amount=amount, receipt=receipt, phone=phone)
+    return httpx.post(push.callback_url, json=body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.http_support import SECRET, auth, read_events, token
+from tests.http_support import SECRET, Deployment, auth, gateway_callback, read_events, token
 from workbench.api import Settings
 from workbench.auth import issue_token
 from workbench.clock import ManualClock
@@ -30,7 +30,7 @@ def test_openapi_spec_is_published(api: str) -> None:
     for path in (
         "/escrows",
         "/escrows/{escrow_id}/fund",
-        "/mpesa/callback",
+        "/mpesa/callback/{token}",
         "/users/{user_id}/events",
     ):
         assert path in spec["paths"]
@@ -112,7 +112,7 @@ def test_a_stranger_cannot_open_an_escrow_for_others(api: str, alice: str, bob: 
 
 
 def test_full_lifecycle_with_callbacks_and_errors_that_change_nothing(
-    api: str, alice: str, bob: str
+    api: str, deployment: Deployment, alice: str, bob: str
 ) -> None:
     escrow_id = _create(api, alice, bob).json()["escrow"]["id"]
 
@@ -133,16 +133,16 @@ def test_full_lifecycle_with_callbacks_and_errors_that_change_nothing(
     checkout = funded.json()["checkout_request_id"]
     assert checkout
 
-    callback = stk_callback(checkout, RESULT_OK, amount=1500, receipt="SAB12CD34E")
-    first = httpx.post(f"{api}/mpesa/callback", json=callback)
+    first = gateway_callback(deployment, checkout, RESULT_OK, phone="254711000111")
     assert first.status_code == 200
     assert first.json() == {"ResultCode": 0, "ResultDesc": "Accepted"}
-    duplicate = httpx.post(f"{api}/mpesa/callback", json=callback)
+    assert _escrow(api, escrow_id, alice)["mpesa_receipt"] == "SAB12CD34E"
+    duplicate = gateway_callback(deployment, checkout, RESULT_OK, phone="254711000111")
     assert duplicate.status_code == 200
     assert "duplicate" in duplicate.json()["ResultDesc"]
     # A late contradicting result for the same checkout changes nothing either.
-    late = stk_callback(checkout, RESULT_CANCELLED_BY_USER)
-    assert httpx.post(f"{api}/mpesa/callback", json=late).status_code == 200
+    late = gateway_callback(deployment, checkout, RESULT_CANCELLED_BY_USER, settle=False)
+    assert late.status_code == 200
     assert _escrow(api, escrow_id, alice)["state"] == "funded"
 
     assert httpx.post(f"{api}/escrows/{escrow_id}/ship", headers=auth(bob)).status_code == 200
@@ -153,14 +153,14 @@ def test_full_lifecycle_with_callbacks_and_errors_that_change_nothing(
     assert again.status_code == 409
 
 
-def test_dispute_and_resolution_need_the_admin(api: str, alice: str, bob: str) -> None:
+def test_dispute_and_resolution_need_the_admin(
+    api: str, deployment: Deployment, alice: str, bob: str
+) -> None:
     escrow_id = _create(api, alice, bob).json()["escrow"]["id"]
     checkout = httpx.post(f"{api}/escrows/{escrow_id}/fund", headers=auth(alice)).json()[
         "checkout_request_id"
     ]
-    httpx.post(
-        f"{api}/mpesa/callback", json=stk_callback(checkout, RESULT_OK, amount=1500, receipt="R1")
-    )
+    assert gateway_callback(deployment, checkout, RESULT_OK).status_code == 200
     opened = httpx.post(
         f"{api}/escrows/{escrow_id}/dispute",
         json={"reason": "never arrived"},
@@ -191,19 +191,32 @@ def test_dispute_and_resolution_need_the_admin(api: str, alice: str, bob: str) -
     ],
     ids=["not-json", "array", "no-callback", "success-without-metadata"],
 )
-def test_malformed_callbacks_are_rejected_not_500(api: str, body: bytes, status: int) -> None:
-    response = httpx.post(
-        f"{api}/mpesa/callback", content=body, headers={"content-type": "application/json"}
-    )
+def test_malformed_callbacks_are_rejected_not_500(
+    api: str, deployment: Deployment, alice: str, bob: str, body: bytes, status: int
+) -> None:
+    escrow_id = _create(api, alice, bob).json()["escrow"]["id"]
+    fund = httpx.post(f"{api}/escrows/{escrow_id}/fund", headers=auth(alice))
+    url = deployment.daraja.pushes[fund.json()["checkout_request_id"]].callback_url
+    before = _escrow(api, escrow_id, alice)
+    response = httpx.post(url, content=body, headers={"content-type": "application/json"})
     assert response.status_code == status
     assert response.json()["ResultCode"] == 1
+    assert _escrow(api, escrow_id, alice) == before
 
 
-def test_callback_for_an_unknown_checkout_is_404(api: str) -> None:
+@pytest.mark.parametrize(
+    "path",
+    ["/mpesa/callback", "/mpesa/callback/nonsense", "/mpesa/callback/pay_1.AAAAAAAAAAAAAAAA"],
+    ids=["retired-route", "no-mac", "wrong-mac"],
+)
+def test_callbacks_without_a_genuine_token_are_refused_before_any_work(api: str, path: str) -> None:
+    # Not even the body is read: a bare junk body gets the same answer.
     body = stk_callback("ws_CO_never_made", RESULT_OK, amount=10, receipt="R")
-    response = httpx.post(f"{api}/mpesa/callback", json=body)
-    assert response.status_code == 404
+    response = httpx.post(f"{api}{path}", json=body)
+    assert response.status_code in (403, 410)
     assert response.json()["ResultCode"] == 1
+    junk = httpx.post(f"{api}{path}", content=b"not json")
+    assert junk.status_code == response.status_code
 
 
 def test_cancel_and_unknown_escrow(api: str, alice: str, bob: str) -> None:

@@ -49,7 +49,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup, ServerError
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from tests.http_support import Deployment, auth, token
+from tests.http_support import Deployment, auth, gateway_callback, token
 from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
 
 BUYER = "fuzz-buyer"  # the fixed test user: most cases carry its token
@@ -70,6 +70,7 @@ OPERATIONS = [
     ("POST", "/escrows/{escrow_id}/resolve"),
     ("POST", "/escrows/{escrow_id}/cancel"),
     ("POST", "/mpesa/callback"),
+    ("POST", "/mpesa/callback/{token}"),
     ("GET", "/users/{user_id}/escrows"),
     ("GET", "/users/{user_id}/events"),
     ("GET", "/healthz"),
@@ -220,27 +221,32 @@ def _new(api: str, buyer: str = BUYER, seller: str = SELLER) -> str:
     return str(_post(api, "/escrows", buyer, body)["escrow"]["id"])
 
 
-def _fund(api: str, escrow_id: str, *, pay: bool) -> str:
+def _fund(api: str, escrow_id: str, *, pay: bool, deployment: Deployment) -> str:
     checkout = str(_post(api, f"/escrows/{escrow_id}/fund", BUYER)["checkout_request_id"])
     if pay:
-        callback = stk_callback(checkout, RESULT_OK, amount=AMOUNT, receipt=f"R{escrow_id[-8:]}")
-        assert httpx.post(f"{api}/mpesa/callback", json=callback).status_code == 200
+        receipt = f"R{escrow_id[-8:]}"
+        paid = gateway_callback(deployment, checkout, RESULT_OK, amount=AMOUNT, receipt=receipt)
+        assert paid.status_code == 200, paid.text
     return checkout
 
 
+def _token(deployment: Deployment, checkout: str) -> str:
+    return deployment.daraja.pushes[checkout].callback_url.rsplit("/", 1)[1]
+
+
 @pytest.fixture
-def seed(api: str) -> Seed:
+def seed(api: str, deployment: Deployment) -> Seed:
     """Fresh escrows of the fixed users in every state, so path ids hit real rows."""
     created = _new(api)
     awaiting = _new(api)
-    open_checkout = _fund(api, awaiting, pay=False)
+    open_checkout = _fund(api, awaiting, pay=False, deployment=deployment)
     funded = _new(api)
-    settled_checkout = _fund(api, funded, pay=True)
+    settled_checkout = _fund(api, funded, pay=True, deployment=deployment)
     shipped = _new(api)
-    _fund(api, shipped, pay=True)
+    _fund(api, shipped, pay=True, deployment=deployment)
     _post(api, f"/escrows/{shipped}/ship", SELLER)
     disputed = _new(api)
-    _fund(api, disputed, pay=True)
+    _fund(api, disputed, pay=True, deployment=deployment)
     _post(api, f"/escrows/{disputed}/dispute", BUYER, {"reason": "fuzz"})
     foreign = _new(api, "fuzz-other-a", "fuzz-other-b")
     return Seed(
@@ -435,16 +441,26 @@ def test_fuzz_mpesa_callback_bodies(
     api_log: str,
     seed: Seed,
 ) -> None:
-    operation = live_schema["/mpesa/callback"]["POST"]
+    operation = live_schema["/mpesa/callback/{token}"]["POST"]
     # The first result per checkout is final, so give the fuzzer several open ones.
-    checkouts = [seed.open_checkout, *(_fund(api, _new(api), pay=False) for _ in range(5))]
+    checkouts = [
+        seed.open_checkout,
+        *(_fund(api, _new(api), pay=False, deployment=deployment) for _ in range(5)),
+    ]
     checkouts.append(seed.settled_checkout)
+    # Each checkout's genuine callback URL, and one that is not genuine.
+    tokens = [_token(deployment, c) for c in checkouts] + ["pay_0.AAAA"]
 
     @settings(FUZZ, max_examples=60)
-    @given(case=operation.as_strategy(), body=_callback_bodies(checkouts))
+    @given(
+        case=operation.as_strategy(),
+        token=st.sampled_from(tokens),
+        body=_callback_bodies(checkouts),
+    )
     # Once a 500: a non-object in CallbackMetadata.Item.
-    @example(case=operation.Case(), body=NON_OBJECT_ITEM)
-    def fuzz(case: schemathesis.Case, body: Any) -> None:
+    @example(case=operation.Case(), token=tokens[0], body=NON_OBJECT_ITEM)
+    def fuzz(case: schemathesis.Case, token: str, body: Any) -> None:
+        case.path_parameters = {"token": token}
         _exchange(
             case,
             api=api,
@@ -495,14 +511,16 @@ def test_the_checks_reject_a_500_and_a_changed_store(
         judge(case, fake(409), state, changed)
 
 
-def test_fingerprint_sees_checkout_results(api: str, engine: sa.Engine) -> None:
+def test_fingerprint_sees_checkout_results(
+    api: str, engine: sa.Engine, deployment: Deployment
+) -> None:
     escrow_id = _new(api)
     before = fingerprint(engine)
-    checkout = _fund(api, escrow_id, pay=False)
+    checkout = _fund(api, escrow_id, pay=False, deployment=deployment)
     requested = fingerprint(engine)
     assert requested["checkouts"] == before["checkouts"] + 1
-    callback = stk_callback(checkout, RESULT_CANCELLED_BY_USER)
-    assert httpx.post(f"{api}/mpesa/callback", json=callback).status_code == 200
+    response = gateway_callback(deployment, checkout, RESULT_CANCELLED_BY_USER)
+    assert response.status_code == 200
     settled = fingerprint(engine)
     assert settled["checkouts_hash"] != requested["checkouts_hash"]
     assert settled["escrows_hash"] != requested["escrows_hash"]
@@ -517,13 +535,13 @@ class KnownBug(AssertionError):
 
 @pytest.mark.parametrize("code", [2**63, -(2**63) - 1, "9" * 30], ids=["2**63", "-2**63-1", "str"])
 def test_callback_with_an_out_of_range_result_code_is_rejected_not_500(
-    api: str, engine: sa.Engine, code: int | str
+    api: str, engine: sa.Engine, deployment: Deployment, code: int | str
 ) -> None:
     escrow_id = _new(api)
-    checkout = _fund(api, escrow_id, pay=False)
+    checkout = _fund(api, escrow_id, pay=False, deployment=deployment)
     before = fingerprint(engine)
     body = {"Body": {"stkCallback": {"CheckoutRequestID": checkout, "ResultCode": code}}}
-    response = httpx.post(f"{api}/mpesa/callback", json=body)
+    response = httpx.post(deployment.daraja.pushes[checkout].callback_url, json=body)
     assert fingerprint(engine) == before  # holds today: the transaction rolls back
     if response.status_code >= 500:
         raise KnownBug(f"{response.status_code}: {response.text}")
@@ -532,14 +550,14 @@ def test_callback_with_an_out_of_range_result_code_is_rejected_not_500(
 
 @pytest.mark.parametrize("item", [1, "Amount", None, ["Amount", AMOUNT]])
 def test_callback_with_a_non_object_metadata_item_is_rejected_not_500(
-    api: str, engine: sa.Engine, item: Any
+    api: str, engine: sa.Engine, deployment: Deployment, item: Any
 ) -> None:
-    # An unknown checkout: rejecting the item (400) and skipping it (404) are both fine fixes.
-    callback = stk_callback("ws_CO_never_made", RESULT_OK, amount=AMOUNT, receipt="FUZZ0003")
+    checkout = _fund(api, _new(api), pay=False, deployment=deployment)
+    callback = stk_callback(checkout, RESULT_OK, amount=AMOUNT, receipt="FUZZ0003")
     callback["Body"]["stkCallback"]["CallbackMetadata"]["Item"].append(item)
     before = fingerprint(engine)
-    response = httpx.post(f"{api}/mpesa/callback", json=callback)
+    response = httpx.post(deployment.daraja.pushes[checkout].callback_url, json=callback)
     assert fingerprint(engine) == before
     if response.status_code >= 500:
         raise KnownBug(f"{response.status_code}: {response.text}")
-    assert response.status_code in (400, 404), response.text
+    assert response.status_code == 400, response.text

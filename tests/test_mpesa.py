@@ -17,8 +17,11 @@ from workbench.mpesa import (
     RESULT_TIMEOUT,
     CallbackError,
     GatewayBehaviour,
+    GatewayUnavailable,
     SimulatedGateway,
+    callback_token,
     parse_callback,
+    reference_of,
     stk_callback,
 )
 
@@ -77,6 +80,7 @@ def test_success_round_trip() -> None:
         result_desc="The service request is processed successfully.",
         receipt="QKX1ABCD23",
         amount=2500,
+        phone="254700000000",  # the callback's PhoneNumber, checked against the request
     )
 
 
@@ -367,3 +371,119 @@ def test_due_with_the_clock_delivers_in_waves() -> None:
         assert nxt is None or nxt > clock.now()
     assert sorted(seen) == sorted(checkouts)
     assert gateway.next_due() is None
+
+
+# -- callback tokens ----------------------------------------------------------------------
+
+
+def test_a_callback_token_names_its_reference_and_only_its_secret_makes_it() -> None:
+    token = callback_token("secret-a", "pay_123")
+    assert token.startswith("pay_123.")
+    assert reference_of("secret-a", token) == "pay_123"
+    assert reference_of("secret-b", token) is None  # another deployment's key
+    other = callback_token("secret-a", "pay_124")
+    # A genuine MAC moved to another reference, a truncated MAC, no MAC at all.
+    assert reference_of("secret-a", "pay_124." + token.split(".", 1)[1]) is None
+    assert reference_of("secret-a", other[:-1]) is None
+    for junk in ("pay_123", "", ".", "pay_123.", "x" * 500):
+        assert reference_of("secret-a", junk) is None
+
+
+# -- the STK Push Query -------------------------------------------------------------------
+
+
+def test_query_is_pending_until_the_buyer_answers_then_final() -> None:
+    behaviour = GatewayBehaviour(failure_rate=0.5, duplicate_rate=0, late_rate=0)
+    clock, gateway, checkouts = _run(seed=12, pushes=50, behaviour=behaviour)
+    assert all(gateway.query(c).pending for c in checkouts)
+    clock.advance(behaviour.delay_max + 1)
+    by_callback = {
+        parse_callback(b).checkout_request_id: parse_callback(b).result_code for b in gateway.due()
+    }
+    answers = {c: gateway.query(c).result_code for c in checkouts}
+    assert answers == by_callback  # the query says what the callback said
+    assert {RESULT_OK} < set(answers.values())  # both outcomes occur
+    with pytest.raises(GatewayUnavailable):
+        gateway.query("ws_CO_never_made")
+
+
+def test_query_answers_even_when_the_callback_is_lost() -> None:
+    behaviour = GatewayBehaviour(lost_rate=1.0)
+    clock, gateway, checkouts = _run(seed=13, pushes=5, behaviour=behaviour)
+    clock.advance(behaviour.delay_max + 1)
+    assert gateway.due() == []
+    assert {gateway.query(c).result_code for c in checkouts} == {RESULT_OK}
+
+
+def test_query_is_sometimes_unavailable_and_asking_never_changes_the_callbacks() -> None:
+    behaviour = GatewayBehaviour(query_unavailable_rate=0.3)
+    clock, asked, checkouts = _run(seed=14, pushes=400, behaviour=behaviour)
+    _, quiet, _ = _run(seed=14, pushes=400, behaviour=behaviour)
+    clock.advance(1e6)
+    unavailable = 0
+    for checkout in checkouts:
+        try:
+            asked.query(checkout)
+        except GatewayUnavailable:
+            unavailable += 1
+    assert 0.3 * 400 - 45 < unavailable < 0.3 * 400 + 45
+    assert asked.due(1e12) == quiet.due(1e12)
+
+
+def test_query_waits_its_delay_with_the_given_sleep() -> None:
+    waited: list[float] = []
+    behaviour = GatewayBehaviour(query_delay_min=0.1, query_delay_max=0.4)
+    gateway = SimulatedGateway(ManualClock(), behaviour, seed=1, sleep=waited.append)
+    checkout = gateway.stk_push("e1", 100, "254700000001")
+    gateway.query(checkout)
+    gateway.query(checkout)
+    assert len(waited) == 2 and all(0.1 <= w <= 0.4 for w in waited)
+
+
+def test_deliveries_carry_the_callback_url_of_their_push() -> None:
+    clock = ManualClock()
+    gateway = SimulatedGateway(clock, GatewayBehaviour(duplicate_rate=1.0), seed=2)
+    checkout = gateway.stk_push("e1", 100, "254700000001", callback_url="https://x/cb/tok1")
+    clock.advance(1e6)
+    deliveries = gateway.due_deliveries()
+    assert len(deliveries) == 2
+    assert {d.url for d in deliveries} == {"https://x/cb/tok1"}
+    assert {parse_callback(d.body).checkout_request_id for d in deliveries} == {checkout}
+
+
+# -- Daraja over HTTP ---------------------------------------------------------------------
+
+
+def test_daraja_client_pushes_and_queries_a_daraja_over_http() -> None:
+    from workbench.daraja import DarajaClient, DarajaConfig, DarajaStub
+
+    stub = DarajaStub(passkey="the-passkey")
+    client = DarajaClient(DarajaConfig(stub.url, stub.shortcode, "the-passkey"))
+    wrong = DarajaClient(DarajaConfig(stub.url, stub.shortcode, "not-the-passkey"))
+    try:
+        checkout = client.stk_push(
+            "e1", 1500, "254711000111", reference="pay_abc", callback_url="https://x/cb/t"
+        )
+        push = stub.pushes[checkout]
+        assert (push.amount, push.phone, push.callback_url) == (
+            1500,
+            "254711000111",
+            "https://x/cb/t",
+        )
+        assert client.query(checkout).pending
+        stub.settle(checkout, RESULT_CANCELLED_BY_USER)
+        answer = client.query(checkout)
+        assert (answer.pending, answer.result_code) == (False, RESULT_CANCELLED_BY_USER)
+        with pytest.raises(GatewayUnavailable):  # a password Daraja refuses is no answer
+            wrong.query(checkout)
+        with pytest.raises(GatewayUnavailable):
+            client.query("ws_CO_never_made")
+        stub.unavailable = True
+        with pytest.raises(GatewayUnavailable):
+            client.query(checkout)
+        with pytest.raises(GatewayUnavailable):
+            client.stk_push("e2", 10, "254711000111", reference="pay_d", callback_url="u")
+    finally:
+        client.close()
+        wrong.close()
+        stub.close()

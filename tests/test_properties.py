@@ -76,7 +76,15 @@ class Gateway:
         self.by_escrow: dict[str, list[str]] = defaultdict(list)
         self.count = 0
 
-    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+    def stk_push(
+        self,
+        escrow_id: str,
+        amount: int,
+        phone: str,
+        *,
+        reference: str = "",
+        callback_url: str = "",
+    ) -> str:
         self.count += 1
         checkout = f"ws_CO_{self.count:06d}"
         self.by_escrow[escrow_id].append(checkout)

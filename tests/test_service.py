@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections import Counter
 from typing import Any
 
@@ -28,14 +29,19 @@ from workbench.mpesa import (
     RESULT_CANCELLED_BY_USER,
     RESULT_OK,
     GatewayBehaviour,
+    GatewayUnavailable,
+    QueryResult,
     SimulatedGateway,
     parse_callback,
     stk_callback,
+    token_of,
 )
 from workbench.service import (
     EscrowNotFound,
     EscrowService,
     IdempotencyKeyReused,
+    PaymentInProgress,
+    PaymentSettings,
     UnknownCheckout,
 )
 from workbench.store import Store, checkouts, commands, escrows, ledger_entries, outbox
@@ -50,7 +56,15 @@ class FixedGateway:
     def __init__(self) -> None:
         self.pushes: list[tuple[str, str, int, str]] = []
 
-    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+    def stk_push(
+        self,
+        escrow_id: str,
+        amount: int,
+        phone: str,
+        *,
+        reference: str = "",
+        callback_url: str = "",
+    ) -> str:
         checkout = f"co-{escrow_id}-{len(self.pushes) + 1}"
         self.pushes.append((checkout, escrow_id, amount, phone))
         return checkout
@@ -652,3 +666,280 @@ def test_ledger_check_notices_missing_postings(
     assert (check.posted_events, check.expected_events) == (4, 5)
     LedgerHandler(store, clock).handle(events)
     assert check_ledger(store).ok
+
+
+# -- payments that can't be forged ------------------------------------------------------
+
+
+class CrashAfterCommit(BaseException):
+    """The process dies between the commit of a payment request and its push."""
+
+
+class SimGateway(SimulatedGateway):
+    """The project's simulated gateway, with switches for one test's faults."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(
+            clock, GatewayBehaviour(failure_rate=0, duplicate_rate=0, late_rate=0), seed=3
+        )
+        self.down = False
+        self.crash_next_push = False
+        self.crash_after_next_push = False
+        self.during_push: Any = None
+
+    def stk_push(self, *args: Any, **kwargs: Any) -> str:
+        if self.crash_next_push:
+            self.crash_next_push = False
+            raise CrashAfterCommit
+        if self.crash_after_next_push:  # the gateway took it; its answer is lost with us
+            self.crash_after_next_push = False
+            super().stk_push(*args, **kwargs)
+            raise CrashAfterCommit
+        if self.during_push is not None:
+            self.during_push()
+        return super().stk_push(*args, **kwargs)
+
+    def query(self, checkout_request_id: str) -> QueryResult:
+        if self.down:
+            raise GatewayUnavailable("test: gateway down")
+        return super().query(checkout_request_id)
+
+
+PAY = PaymentSettings(callback_secret="test-callback-secret", verify_after_s=60, retry_s=5)
+
+
+@pytest.fixture
+def paying(store: Store, clock: ManualClock, ids: IdFactory) -> tuple[EscrowService, SimGateway]:
+    gateway = SimGateway(clock)
+    return EscrowService(store, clock=clock, ids=ids, gateway=gateway, payments=PAY), gateway
+
+
+def _state_of(store: Store, escrow_id: str) -> dict[str, Any]:
+    """Everything about one escrow: its row, its events, its checkouts and its ledger."""
+    events = [e.event_id for e in outbox_events(store) if e.aggregate_id == escrow_id]
+    with store.engine.connect() as conn:
+        return {
+            "escrow": conn.execute(select(escrows).where(escrows.c.id == escrow_id)).all(),
+            "events": events,
+            "checkouts": conn.execute(
+                select(checkouts.c.checkout_request_id, checkouts.c.result_code).where(
+                    checkouts.c.escrow_id == escrow_id
+                )
+            ).all(),
+            "ledger": conn.execute(
+                select(ledger_entries).where(ledger_entries.c.escrow_id == escrow_id)
+            ).all(),
+        }
+
+
+def _delivery(gateway: SimGateway, clock: ManualClock) -> tuple[str, dict[str, Any]]:
+    clock.advance(gateway.behaviour.delay_max + 1)
+    (delivery,) = gateway.due_deliveries()
+    return token_of(delivery.url), delivery.body
+
+
+def test_a_forged_failure_before_the_result_changes_nothing_and_never_shadows_it(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    checkout = service.fund("e1", "b1", "254700000001").escrow["checkout_request_id"]
+    (push,) = gateway._queue  # the genuine callback, not yet due
+    token = token_of(push.url)  # a forger who somehow has the genuine URL
+    before = _state_of(store, "e1")
+    forged = service.handle_callback(token, stk_callback(checkout, RESULT_CANCELLED_BY_USER))
+    assert (forged.status, forged.outcome) == (202, "unverified")  # the query says: pending
+    run_ledger(store, clock)
+    assert _state_of(store, "e1") == before
+    # The genuine success still applies, with its receipt.
+    applied = service.handle_callback(*_delivery(gateway, clock))
+    assert (applied.status, applied.outcome) == (200, "applied")
+    assert service.get("e1").state is S.FUNDED
+    assert service.get("e1").mpesa_receipt is not None
+
+
+def test_a_forged_success_is_not_recorded_and_the_genuine_failure_is(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    gateway.behaviour = GatewayBehaviour(failure_rate=1.0, duplicate_rate=0, late_rate=0)
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    checkout = service.fund("e1", "b1", "254700000001").escrow["checkout_request_id"]
+    token = token_of(gateway._queue[0].url)
+    before = _state_of(store, "e1")
+    body = stk_callback(checkout, RESULT_OK, amount=1000, receipt="FORGED", phone="254700000001")
+    assert service.handle_callback(token, body).outcome == "unverified"
+    assert _state_of(store, "e1") == before
+    assert service.handle_callback(*_delivery(gateway, clock)).outcome == "applied"
+    escrow = service.get("e1")
+    assert escrow.state is S.CREATED and escrow.mpesa_receipt is None
+    assert [e.type for e in outbox_events(store)][-1] == "payment.failed"
+
+
+def test_a_success_claimed_after_the_gateway_said_failure_is_contradicted(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    gateway.behaviour = GatewayBehaviour(failure_rate=1.0, duplicate_rate=0, late_rate=0)
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    checkout = service.fund("e1", "b1", "254700000001").escrow["checkout_request_id"]
+    token = token_of(gateway._queue[0].url)
+    clock.advance(gateway.behaviour.delay_max + 1)  # the buyer has cancelled by now
+    body = stk_callback(checkout, RESULT_OK, amount=1000, receipt="FORGED", phone="254700000001")
+    outcome = service.handle_callback(token, body)
+    assert (outcome.status, outcome.outcome) == (409, "contradicted")
+    escrow = service.get("e1")
+    assert escrow.state is S.CREATED and escrow.mpesa_receipt is None
+    assert service.payment_stats.verifications["contradicted"] == 1
+
+
+@pytest.mark.parametrize(
+    ("amount", "phone", "reason"),
+    [(999, "254700000001", "amount_mismatch"), (1000, "254799999999", "phone_mismatch")],
+)
+def test_a_callback_that_differs_from_the_request_is_refused(
+    paying: tuple[EscrowService, SimGateway],
+    store: Store,
+    clock: ManualClock,
+    amount: int,
+    phone: str,
+    reason: str,
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    checkout = service.fund("e1", "b1", "254700000001").escrow["checkout_request_id"]
+    token, genuine = _delivery(gateway, clock)  # the result is decided: the query would say OK
+    before = _state_of(store, "e1")
+    body = stk_callback(checkout, RESULT_OK, amount=amount, receipt="R", phone=phone)
+    refused = service.handle_callback(token, body)
+    assert (refused.status, refused.outcome) == (400, f"rejected_{reason}")
+    assert _state_of(store, "e1") == before
+    assert gateway.queries == 0  # refused before asking anyone
+    assert service.handle_callback(token, genuine).outcome == "applied"
+
+
+def test_a_token_for_another_payment_is_refused(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="victim")
+    service.create("m1", "s9", 1000, escrow_id="own")
+    victim = service.fund("victim", "b1", "254700000001").escrow["checkout_request_id"]
+    service.fund("own", "m1", "254700000009")
+    own_token = token_of(gateway._queue[1].url)
+    clock.advance(gateway.behaviour.delay_max + 1)  # the victim's payment has succeeded
+    before = _state_of(store, "victim")
+    body = stk_callback(victim, RESULT_CANCELLED_BY_USER)
+    outcome = service.handle_callback(own_token, body)
+    assert (outcome.status, outcome.outcome) == (403, "rejected_checkout_mismatch")
+    bad = service.handle_callback(own_token[:-2] + "xx", body)
+    assert (bad.status, bad.outcome) == (403, "rejected_bad_token")
+    assert _state_of(store, "victim") == before
+
+
+def test_an_unanswered_query_changes_nothing_until_the_gateway_answers(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    service.fund("e1", "b1", "254700000001")
+    gateway.down = True
+    token, body = _delivery(gateway, clock)
+    before = _state_of(store, "e1")
+    assert service.handle_callback(token, body).outcome == "unverified"
+    clock.advance(PAY.retry_s + 1)
+    assert service.verify_payments() == {"unavailable": 1}
+    assert _state_of(store, "e1") == before
+    gateway.down = False
+    assert service.verify_payments() == {}  # not due yet: the retry backs off (10 s now)
+    clock.advance(2 * PAY.retry_s + 1)
+    assert service.verify_payments() == {"applied": 1}
+    escrow = service.get("e1")
+    assert escrow.state is S.FUNDED and escrow.mpesa_receipt is not None  # the claim's receipt
+
+
+def test_a_result_whose_callback_never_came_is_found_by_the_verification_pass(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    service.fund("e1", "b1", "254700000001")
+    gateway._queue.clear()  # the callback is lost
+    clock.advance(PAY.verify_after_s - 1)
+    assert service.verify_payments() == {}
+    clock.advance(2)
+    assert service.verify_payments() == {"applied": 1}
+    assert service.get("e1").state is S.FUNDED
+
+
+def test_the_push_runs_outside_any_transaction(
+    paying: tuple[EscrowService, SimGateway], store: Store
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    seen: list[str] = []
+
+    def cancel_meanwhile() -> None:
+        # Another thread cancels the same escrow while its push is in flight: were
+        # the escrow row locked (PostgreSQL) or the database (SQLite), this would wait.
+        def cancel() -> None:
+            seen.append(service.cancel("e1", "b1", "changed my mind").escrow["state"])
+
+        worker = threading.Thread(target=cancel)
+        worker.start()
+        worker.join(timeout=5)
+        assert not worker.is_alive(), "the cancel waited for the push's transaction"
+
+    gateway.during_push = cancel_meanwhile
+    funded = service.fund("e1", "b1", "254700000001")
+    assert seen == ["cancelled"]
+    # The escrow moved on: no payment.requested, but the checkout is kept, so
+    # money that arrives for it anyway is recorded and refunded.
+    assert funded.events == []
+    assert service.get("e1").state is S.CANCELLED
+    assert count(store, checkouts) == 1
+
+
+def test_a_crash_between_commit_and_push_is_recovered(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    gateway.crash_next_push = True
+    with pytest.raises(CrashAfterCommit):
+        service.fund("e1", "b1", "254700000001", idempotency_key="k1")
+    assert service.get("e1").state is S.CREATED and len(gateway.requests) == 0
+    # The buyer's retry while the owed push may still be on its way: refused, not doubled.
+    with pytest.raises(PaymentInProgress):
+        service.fund("e1", "b1", "254700000001", idempotency_key="k2")
+    assert service.verify_payments() == {}  # not owed yet
+    clock.advance(PAY.push_grace_s + 1)
+    assert service.verify_payments() == {"push_sent": 1}
+    assert len(gateway.requests) == 1
+    escrow = service.get("e1")
+    assert escrow.state is S.AWAITING_PAYMENT and escrow.checkout_request_id
+    assert service.handle_callback(*_delivery(gateway, clock)).outcome == "applied"
+    assert service.get("e1").state is S.FUNDED
+
+
+def test_a_crash_after_the_gateway_took_the_push_is_recovered_by_its_callback(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="e1")
+    gateway.crash_after_next_push = True
+    with pytest.raises(CrashAfterCommit):
+        service.fund("e1", "b1", "254700000001")
+    assert service.get("e1").state is S.CREATED and len(gateway.requests) == 1
+    # The callback comes to the URL made for this payment: its checkout is adopted.
+    assert service.handle_callback(*_delivery(gateway, clock)).outcome == "applied"
+    escrow = service.get("e1")
+    assert escrow.state is S.FUNDED and escrow.checkout_request_id in gateway.requests
+    assert [e.type for e in outbox_events(store)][-3:] == [
+        "payment.requested",
+        "payment.received",
+        "escrow.funded",
+    ]
+    clock.advance(PAY.push_grace_s + 1)
+    assert "push_sent" not in service.verify_payments()  # not pushed a second time
+    assert len(gateway.requests) == 1

@@ -11,6 +11,11 @@ JSON integer, never ``true``, ``"100"`` or ``100.0``); body size, header size
 and connection deadlines are enforced at the edge (:mod:`workbench.edge`).
 ``/metrics`` wants ``WORKBENCH_METRICS_TOKEN`` when that is set.
 
+M-Pesa results come in at ``POST /mpesa/callback/{token}``, the per-push URL
+the service gave the gateway (see :mod:`workbench.mpesa`); a callback is only a
+claim, recorded once the gateway's STK Push Query confirms it. A background
+task runs the verification pass (:meth:`EscrowService.verify_payments`).
+
 Phones read their events at ``GET /users/{id}/events`` (SSE, see
 :mod:`workbench.sessions`) and the current state at ``GET /users/{id}/escrows``.
 Each process runs one :class:`~workbench.live.LiveReader` and one
@@ -22,9 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import ipaddress
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,15 +52,30 @@ from starlette.concurrency import run_in_threadpool
 
 from workbench import auth, edge
 from workbench.clock import Clock, SystemClock, clock_from_env
+from workbench.daraja import DarajaClient, DarajaConfig
 from workbench.escrow import DomainError
 from workbench.health import BEATING, DEFAULT_STALE_AFTER_S, assess, read_supervision
 from workbench.ids import IdFactory
 from workbench.live import LiveReader
 from workbench.log import StreamNames, async_client, connect
 from workbench.metrics import metrics_text, scrape_allowed
-from workbench.mpesa import CallbackError, GatewayBehaviour, SimulatedGateway, parse_callback
+from workbench.mpesa import (
+    Delivery,
+    GatewayBehaviour,
+    GatewayUnavailable,
+    QueryResult,
+    SimulatedGateway,
+    token_of,
+)
 from workbench.pubsub import Hub
-from workbench.service import CommandResult, CreateLimit, EscrowService, RateLimited
+from workbench.service import (
+    CallbackOutcome,
+    CommandResult,
+    CreateLimit,
+    EscrowService,
+    PaymentSettings,
+    RateLimited,
+)
 from workbench.sessions import SessionStats, SseSession
 from workbench.store import Store, database_url, outbox
 from workbench.streamid import MalformedStreamId, StreamId, parse
@@ -68,9 +93,12 @@ _STATUS = {
     "not_allowed": 403,
     "illegal_transition": 409,
     "idempotency_conflict": 409,
+    "payment_in_progress": 409,
     "invalid_command": 422,
     "rate_limited": 429,
 }
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -95,8 +123,39 @@ class Settings:
     supervision_file: str | None = None  # set by `serve` for the API processes it runs
     stale_after_s: float = DEFAULT_STALE_AFTER_S  # a heartbeat older than this: down
     gateway: GatewayBehaviour = field(
-        default_factory=lambda: GatewayBehaviour(delay_min=1.0, delay_max=3.0, late_rate=0.0)
+        default_factory=lambda: GatewayBehaviour(
+            delay_min=1.0,
+            delay_max=3.0,
+            late_rate=0.0,
+            query_delay_min=0.05,
+            query_delay_max=0.3,
+            query_unavailable_rate=0.05,
+        )
     )
+    callback_secret: str = ""  # "" = derived from ``secret``
+    gateway_allow: tuple[Network, ...] = ()  # callback source addresses; () = any
+    daraja: DarajaConfig | None = None
+    verify_every_s: float = 1.0
+    verify_after_s: float | None = None  # None: 5 s for the simulated gateway, 90 s for Daraja
+    verify_retry_s: float = 5.0
+    push_grace_s: float = 30.0
+
+    def payments(self) -> PaymentSettings:
+        # A dedicated key, or one derived from the token secret (never the secret itself).
+        secret = (
+            self.callback_secret
+            or hmac.new(self.secret.encode(), b"mpesa-callback", hashlib.sha256).hexdigest()
+        )
+        verify_after = self.verify_after_s
+        if verify_after is None:
+            verify_after = self.gateway.delay_max + 2.0 if self.mpesa == "sim" else 90.0
+        return PaymentSettings(
+            callback_secret=secret,
+            callback_base_url=self.callback_url or "http://localhost/mpesa/callback",
+            push_grace_s=self.push_grace_s,
+            verify_after_s=verify_after,
+            retry_s=self.verify_retry_s,
+        )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -122,7 +181,40 @@ class Settings:
             limits=edge.EdgeLimits.from_env(env),
             supervision_file=env.get("WORKBENCH_SUPERVISION_FILE") or None,
             stale_after_s=float(env.get("WORKBENCH_STALE_AFTER_S", DEFAULT_STALE_AFTER_S)),
+            callback_secret=env.get("WORKBENCH_CALLBACK_SECRET", ""),
+            gateway_allow=_networks(env.get("WORKBENCH_MPESA_ALLOW", "")),
+            daraja=DarajaConfig.from_env(env),
+            verify_after_s=_seconds(env, "WORKBENCH_MPESA_VERIFY_AFTER_S", None),
+            verify_retry_s=_seconds(env, "WORKBENCH_MPESA_RETRY_S", 5.0) or 5.0,
+            push_grace_s=_seconds(env, "WORKBENCH_MPESA_PUSH_GRACE_S", 30.0) or 30.0,
         )
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            out.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise RuntimeError(
+                f"WORKBENCH_MPESA_ALLOW: {part!r} is not an address or CIDR"
+            ) from None
+    return tuple(out)
+
+
+def _seconds(env: dict[str, str], name: str, default: float | None) -> float | None:
+    text = env.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise RuntimeError(f"{name} must be a number of seconds, not {text!r}") from None
+    if not 0 < value < 1e6:
+        raise RuntimeError(f"{name} must be positive, not {value}")
+    return value
 
 
 def _milliseconds(env: dict[str, str], name: str, default: int) -> int:
@@ -136,30 +228,48 @@ def _milliseconds(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
-class ExternalGateway:
-    """M-Pesa outside this process: we only make the CheckoutRequestID."""
+class UnconfiguredGateway:
+    """``external`` without ``WORKBENCH_DARAJA_URL``: every push and query is refused."""
 
-    def __init__(self, ids: IdFactory) -> None:
-        self.ids = ids
+    def stk_push(
+        self, escrow_id: str, amount: int, phone: str, *, reference: str, callback_url: str
+    ) -> str:
+        raise GatewayUnavailable("no M-Pesa gateway configured (set WORKBENCH_DARAJA_URL)")
 
-    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
-        return self.ids.new("ws_CO")
+    def query(self, checkout_request_id: str) -> QueryResult:
+        raise GatewayUnavailable("no M-Pesa gateway configured (set WORKBENCH_DARAJA_URL)")
 
 
 class _LockedGateway:
-    """The simulated gateway shared by request threads and the callback task."""
+    """The simulated gateway shared by request threads and the callback task.
+
+    A query waits its simulated network delay outside the lock, so a slow
+    answer does not hold up pushes.
+    """
 
     def __init__(self, gateway: SimulatedGateway) -> None:
         self.gateway = gateway
         self.lock = threading.Lock()
+        self.rng = random.Random()
 
-    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
+    def stk_push(
+        self, escrow_id: str, amount: int, phone: str, *, reference: str, callback_url: str
+    ) -> str:
         with self.lock:
-            return self.gateway.stk_push(escrow_id, amount, phone)
+            return self.gateway.stk_push(
+                escrow_id, amount, phone, reference=reference, callback_url=callback_url
+            )
 
-    def due(self) -> list[dict[str, Any]]:
+    def query(self, checkout_request_id: str) -> QueryResult:
+        b = self.gateway.behaviour
+        if b.query_delay_max > 0:
+            time.sleep(self.rng.uniform(b.query_delay_min, b.query_delay_max))
         with self.lock:
-            return self.gateway.due()
+            return self.gateway.query(checkout_request_id)
+
+    def due(self) -> list[Delivery]:
+        with self.lock:
+            return self.gateway.due_deliveries()
 
 
 # -- request bodies ---------------------------------------------------------------------
@@ -218,17 +328,22 @@ class App:
         ids = IdFactory()
         self.sim: _LockedGateway | None = None
         gateway: Any
+        self.daraja: DarajaClient | None = None
         if settings.mpesa == "sim":
             self.sim = _LockedGateway(SimulatedGateway(self.clock, settings.gateway))
             gateway = self.sim
+        elif settings.daraja is not None:
+            self.daraja = gateway = DarajaClient(settings.daraja)
         else:
-            gateway = ExternalGateway(ids)
+            log.warning("WORKBENCH_MPESA=external without WORKBENCH_DARAJA_URL: funding is refused")
+            gateway = UnconfiguredGateway()
         self.service = EscrowService(
             self.store,
             clock=self.clock,
             ids=ids,
             gateway=gateway,
             create_limit=settings.create_limit,
+            payments=settings.payments(),
         )
         self.hub = Hub(max_queue=settings.max_queue)
         self.stats = SessionStats()
@@ -239,16 +354,18 @@ class App:
         self.callbacks_posted = 0
 
     async def run_callbacks(self) -> None:
-        """The simulated M-Pesa: post due callbacks (to ourselves over HTTP, or in-process)."""
+        """The simulated M-Pesa: post due callbacks to their CallBackURL (or in-process)."""
         assert self.sim is not None
         async with httpx.AsyncClient(timeout=10) as http:
             while True:
-                for body in self.sim.due():
+                for delivery in self.sim.due():
                     try:
                         if self.settings.callback_url:
-                            await http.post(self.settings.callback_url, json=body)
+                            await http.post(delivery.url, json=delivery.body)
                         else:
-                            await run_in_threadpool(self._record_callback, body)
+                            await run_in_threadpool(
+                                self.service.handle_callback, token_of(delivery.url), delivery.body
+                            )
                         self.callbacks_posted += 1
                     except Exception as exc:  # noqa: BLE001 - a gateway just logs and moves on
                         log.warning("simulated callback failed: %s", exc)
@@ -264,13 +381,21 @@ class App:
             ).one()
         return int(count), None if oldest is None else float(oldest)
 
-    def _record_callback(self, body: Any) -> CommandResult:
-        return self.service.record_payment_result(parse_callback(body))
+    async def run_verification(self) -> None:
+        """The reconciliation pass, every ``verify_every_s``: owed pushes, due queries."""
+        while True:
+            await asyncio.sleep(self.settings.verify_every_s)
+            try:
+                await run_in_threadpool(self.service.verify_payments)
+            except Exception as exc:  # noqa: BLE001 - the next pass tries again
+                log.warning("payment verification pass failed: %s", exc)
 
     async def close(self) -> None:
         self.hub.close_all("server shutting down")
         await self.aredis.aclose(close_connection_pool=True)  # the pool was passed in
         self.redis.close()
+        if self.daraja is not None:
+            self.daraja.close()
         self.store.close()
 
 
@@ -332,6 +457,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         tasks = [asyncio.create_task(state.live.run(), name="live-reader")]
         if state.sim is not None:
             tasks.append(asyncio.create_task(state.run_callbacks(), name="mpesa-sim"))
+        tasks.append(asyncio.create_task(state.run_verification(), name="mpesa-verify"))
         try:
             yield
         finally:
@@ -365,6 +491,15 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             {"error": "redis_unavailable", "detail": f"the event log is unreachable: {exc}"},
             status_code=503,
             headers={"Retry-After": "2"},
+        )
+
+    @app.exception_handler(GatewayUnavailable)
+    async def _gateway_down(request: Request, exc: GatewayUnavailable) -> JSONResponse:
+        # Only fund reaches the gateway from a request: nothing was emitted, retry is safe.
+        return JSONResponse(
+            {"error": "gateway_unavailable", "detail": f"M-Pesa did not take the request: {exc}"},
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     app.add_exception_handler(redis.ConnectionError, _redis_down)
@@ -418,7 +553,17 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     ) -> dict[str, Any]:
         """Start the M-Pesa STK push to the buyer's phone."""
         phone = (body or FundBody()).phone
-        result = state.service.fund(escrow_id, user, phone, idempotency_key=key(user, idem))
+        try:
+            result = state.service.fund(escrow_id, user, phone, idempotency_key=key(user, idem))
+        except GatewayUnavailable as exc:
+            return JSONResponse(  # type: ignore[return-value]
+                {
+                    "error": "gateway_unavailable",
+                    "detail": f"M-Pesa did not take the request: {exc}",
+                },
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
         checkout = (result.escrow or {}).get("checkout_request_id")
         return _result(result, checkout_request_id=checkout)
 
@@ -482,23 +627,39 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     # -- M-Pesa ------------------------------------------------------------------------
 
-    @app.post("/mpesa/callback", tags=["mpesa"])
-    async def mpesa_callback(request: Request, state: State) -> JSONResponse:
-        """Daraja STK callback. Duplicates are accepted and change nothing."""
+    @app.post("/mpesa/callback/{token}", tags=["mpesa"])
+    async def mpesa_callback(token: str, request: Request, state: State) -> JSONResponse:
+        """Daraja STK callback, at the URL made for one push.
+
+        A claim, not a fact: rejected unless the token is this push's and the
+        checkout, amount and phone are what was requested; recorded only when
+        the gateway's STK Push Query confirms a final result (202 until then).
+        Duplicates are accepted and change nothing.
+        """
+        if state.settings.gateway_allow and not _allowed(request, state.settings.gateway_allow):
+            state.service.payment_stats.count("callbacks", "rejected_source")
+            host = request.client.host if request.client else "?"
+            log.warning("M-Pesa callback from %s refused: not in WORKBENCH_MPESA_ALLOW", host)
+            return _daraja(403, "callbacks are accepted from the gateway's addresses only")
+        if not state.service.genuine_callback_token(token):
+            # Before reading the body: a forger's request costs us one HMAC.
+            outcome = state.service.reject_token()
+            return _daraja(outcome.status, outcome.detail)
         try:
             body = await request.json()
         except ValueError:
+            state.service.payment_stats.count("callbacks", "rejected_malformed")
             return _daraja(400, "body is not JSON")
-        try:
-            parsed = parse_callback(body)
-        except CallbackError as exc:
-            return _daraja(400, f"not an STK callback: {exc}")
-        try:
-            result = await run_in_threadpool(state.service.record_payment_result, parsed)
-        except DomainError as exc:
-            status = _STATUS.get(exc.code, 409)
-            return _daraja(status, str(exc))
-        return _daraja(200, "duplicate, already recorded" if result.replayed else "Accepted")
+        outcome: CallbackOutcome = await run_in_threadpool(
+            state.service.handle_callback, token, body
+        )
+        return _daraja(outcome.status, outcome.detail)
+
+    @app.post("/mpesa/callback", tags=["mpesa"], status_code=410)
+    async def mpesa_callback_retired(state: State) -> JSONResponse:
+        """Retired: callbacks go to the per-push URL ``/mpesa/callback/{token}``."""
+        state.service.payment_stats.count("callbacks", "rejected_bad_token")
+        return _daraja(410, "callbacks go to the per-checkout CallBackURL given with the push")
 
     # -- reading -----------------------------------------------------------------------
 
@@ -666,8 +827,19 @@ def _same_user(user: str, user_id: str) -> None:
 def _daraja(status: int, description: str) -> JSONResponse:
     # Daraja's acknowledgement shape: ResultCode 0 accepted, anything else rejected.
     return JSONResponse(
-        {"ResultCode": 0 if status == 200 else 1, "ResultDesc": description}, status_code=status
+        {"ResultCode": 0 if status in (200, 202) else 1, "ResultDesc": description},
+        status_code=status,
     )
+
+
+def _allowed(request: Request, networks: tuple[Network, ...]) -> bool:
+    if request.client is None:
+        return False
+    try:
+        address = ipaddress.ip_address(request.client.host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
 
 
 def app_from_env() -> FastAPI:

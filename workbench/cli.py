@@ -383,7 +383,8 @@ def inspect_command(redis_url: str | None, prefix: str, as_json: bool) -> None:
 )  # fmt: skip
 @click.option(
     "--mpesa", type=click.Choice(["sim", "external"]), default="sim", show_default=True,
-    help="sim: a simulated M-Pesa posts callbacks to this server; external: only real ones",
+    help="sim: a simulated M-Pesa pushes, calls back and answers queries in this server; "
+    "external: Daraja at WORKBENCH_DARAJA_URL",
 )  # fmt: skip
 @redis_option
 @database_option

@@ -39,7 +39,7 @@ from workbench.handlers.ledger import check_ledger
 from workbench.ids import IdFactory
 from workbench.inspection import inspect
 from workbench.log import StreamNames, connect, ensure_groups
-from workbench.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback
+from workbench.mpesa import GatewayBehaviour, SimulatedGateway, token_of
 from workbench.redis_server import RedisServer
 from workbench.relay import OutboxRelay
 from workbench.report import frame_table, wide_console
@@ -114,9 +114,12 @@ class _Market:
             self.rejected += 1  # e.g. confirming an escrow whose payment failed
 
     def deliver_callbacks(self) -> None:
-        for body in self.gateway.due():
-            result = self.service.record_payment_result(parse_callback(body))
-            self.callbacks["duplicate" if result.replayed else "applied"] += 1
+        # Each callback goes to its push's URL and is confirmed with the gateway's query.
+        for delivery in self.gateway.due_deliveries():
+            outcome = self.service.handle_callback(token_of(delivery.url), delivery.body)
+            self.callbacks[outcome.outcome] += 1
+        # The verification pass: anything a callback could not settle.
+        self.callbacks.update(f"verified_{k}" for k in self.service.verify_payments().elements())
 
     def phases(self) -> list[tuple[str, Any]]:
         return [

@@ -180,6 +180,7 @@ class RecordPaymentResult:
     result_desc: str = ""
     receipt: str | None = None
     amount: int | None = None
+    phone: str | None = None  # the callback's PhoneNumber, checked against the request
     name = "record payment for"
 
 

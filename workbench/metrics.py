@@ -1,5 +1,9 @@
 """``/metrics``: Prometheus text, built at scrape time.
 
+M-Pesa callbacks (``workbench_mpesa_callbacks_total{outcome}``: applied,
+unverified, contradicted, duplicate, rejected_<reason>), verification queries
+and pushes are counted per process, like the session figures.
+
 Stream figures are read from Redis on each scrape (they are shared by all
 server processes); session figures are this process's own, so a scraper
 should scrape every process (label them by instance).
@@ -52,6 +56,16 @@ class _Collector:
         ):
             counter = CounterMetricFamily(f"workbench_{name}", help_)
             counter.add_metric([], value)
+            yield counter
+        payments = app.service.payment_stats
+        for name, counts, help_ in (
+            ("mpesa_callbacks", payments.callbacks, "M-Pesa callbacks by outcome"),
+            ("mpesa_verifications", payments.verifications, "STK Push Queries by outcome"),
+            ("mpesa_pushes", payments.pushes, "STK pushes by outcome"),
+        ):
+            counter = CounterMetricFamily(f"workbench_{name}", help_, labels=["outcome"])
+            for outcome, value in sorted(counts.items()):
+                counter.add_metric([outcome], value)
             yield counter
 
 

@@ -15,14 +15,32 @@ read from ``escrow_creates`` in the create's own transaction (SQLite
 serialises writers; PostgreSQL takes a transaction advisory lock per creator),
 so it holds exactly across API processes and nodes and needs no Redis. A
 refused create raises :class:`RateLimited` with the seconds until a slot frees.
+
+Payments never trust a caller. ``fund`` commits a payment request (a row in
+``payment_requests``) and sends the STK push after the commit, outside any
+transaction, so a slow gateway holds no lock; a second transaction records the
+gateway's CheckoutRequestID and emits ``payment.requested``. A push owed by a
+process that died is sent by :meth:`EscrowService.verify_payments`.
+
+A callback (:meth:`EscrowService.handle_callback`) must come to the URL made
+for its payment (an HMAC token, :func:`workbench.mpesa.callback_token`), name
+that payment's checkout and, on success, the amount and phone requested;
+even then it is only a claim: the result is recorded once the gateway's STK
+Push Query confirms it, and the queried result is the one recorded. An
+unanswered query changes nothing and is asked again later by
+:meth:`EscrowService.verify_payments`, which also finds results whose
+callback never came. A recorded result is final.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import threading
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,6 +69,15 @@ from workbench.escrow import (
     evolve,
 )
 from workbench.ids import IdFactory
+from workbench.mpesa import (
+    CallbackError,
+    GatewayUnavailable,
+    NotThisGateway,
+    QueryResult,
+    callback_token,
+    parse_callback,
+    reference_of,
+)
 from workbench.store import (
     Prepared,
     Store,
@@ -60,7 +87,10 @@ from workbench.store import (
     escrow_creates,
     escrows,
     outbox,
+    payment_requests,
 )
+
+log = logging.getLogger(__name__)
 
 
 class EscrowNotFound(DomainError):
@@ -140,10 +170,73 @@ _INSERT_CREATE = Prepared(
 )
 
 
+class PaymentInProgress(DomainError):
+    """An STK push for this escrow is being sent right now: retry shortly."""
+
+    code = "payment_in_progress"
+
+
 class PaymentGateway(Protocol):
-    def stk_push(self, escrow_id: str, amount: int, phone: str) -> str:
-        """Ask M-Pesa to prompt the buyer's phone; return the CheckoutRequestID."""
+    def stk_push(
+        self, escrow_id: str, amount: int, phone: str, *, reference: str, callback_url: str
+    ) -> str:
+        """Ask M-Pesa to prompt the buyer's phone; return the CheckoutRequestID.
+
+        Raises :class:`~workbench.mpesa.GatewayUnavailable` if it could not.
+        """
         ...
+
+    def query(self, checkout_request_id: str) -> QueryResult:
+        """STK Push Query: the payment's result as the gateway knows it.
+
+        Raises :class:`~workbench.mpesa.GatewayUnavailable` if it cannot answer.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class PaymentSettings:
+    """How payments are pushed, called back and verified. Times are in seconds."""
+
+    callback_secret: str = "workbench-dev-callback-secret"
+    callback_base_url: str = "http://localhost/mpesa/callback"
+    push_grace_s: float = 30.0  # a push owed this long is sent by the verification pass
+    verify_after_s: float = 90.0  # ask about a checkout whose callback has not come
+    retry_s: float = 5.0  # first retry of an unanswered query; doubles up to retry_max_s
+    retry_max_s: float = 300.0
+
+    def callback_url(self, reference: str) -> str:
+        token = callback_token(self.callback_secret, reference)
+        return f"{self.callback_base_url.rstrip('/')}/{token}"
+
+
+@dataclass(frozen=True)
+class CallbackOutcome:
+    """What :meth:`EscrowService.handle_callback` did with a callback.
+
+    ``status`` is the HTTP status to answer with; ``outcome`` names it for logs
+    and metrics (``applied``, ``duplicate``, ``unverified``, ``contradicted``,
+    or the reason a callback was rejected).
+    """
+
+    status: int
+    outcome: str
+    detail: str
+    result: CommandResult | None = None
+
+
+class PaymentStats:
+    """Counts of callback outcomes and verification results (for ``/metrics``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.callbacks: Counter[str] = Counter()
+        self.verifications: Counter[str] = Counter()
+        self.pushes: Counter[str] = Counter()
+
+    def count(self, kind: str, outcome: str) -> None:
+        with self._lock:
+            getattr(self, kind)[outcome] += 1
 
 
 @dataclass
@@ -197,7 +290,87 @@ _SELECT_COMMAND = Prepared(
 )
 _INSERT_COMMAND = Prepared(insert(commands).values(binds(*(c.name for c in commands.c))))
 _INSERT_CHECKOUT = Prepared(
-    insert(checkouts).values(binds("checkout_request_id", "escrow_id", "requested_at"))
+    insert(checkouts).values(
+        binds(
+            "checkout_request_id",
+            "escrow_id",
+            "requested_at",
+            "reference",
+            "amount",
+            "phone",
+            "verify_due_at",
+            "verify_attempts",
+        )
+    )
+)
+_CHECKOUT_COLUMNS = tuple(c.name for c in checkouts.c)
+_SELECT_CHECKOUT = Prepared(
+    select(checkouts).where(checkouts.c.checkout_request_id == bindparam("id"))
+)
+_REQUEST_COLUMNS = tuple(c.name for c in payment_requests.c)
+_SELECT_REQUEST = Prepared(
+    select(payment_requests).where(payment_requests.c.reference == bindparam("reference"))
+)
+_LOCK_REQUEST = Prepared(
+    select(payment_requests)
+    .where(payment_requests.c.reference == bindparam("reference"))
+    .with_for_update()
+)
+_OPEN_REQUEST = Prepared(
+    select(payment_requests.c.reference, payment_requests.c.push_due_at).where(
+        payment_requests.c.escrow_id == bindparam("escrow_id"),
+        payment_requests.c.state == "pushing",
+    )
+)
+_INSERT_REQUEST = Prepared(
+    insert(payment_requests).values(
+        binds(
+            "reference",
+            "escrow_id",
+            "actor",
+            "amount",
+            "phone",
+            "requested_at",
+            "state",
+            "push_due_at",
+        )
+    )
+)
+_CLAIM_PUSH = Prepared(
+    update(payment_requests)
+    .where(
+        payment_requests.c.reference == bindparam("reference"),
+        payment_requests.c.state == "pushing",
+        payment_requests.c.push_due_at == bindparam("old"),
+    )
+    .values(push_due_at=bindparam("due"))
+)
+_ABANDON_REQUEST = Prepared(
+    update(payment_requests)
+    .where(
+        payment_requests.c.reference == bindparam("reference"),
+        payment_requests.c.state == "pushing",
+    )
+    .values(state="abandoned", push_due_at=None)
+)
+_SET_REQUEST_CHECKOUT = Prepared(
+    update(payment_requests)
+    .where(payment_requests.c.reference == bindparam("reference"))
+    .values(checkout_request_id=bindparam("checkout"), state=bindparam("state"), push_due_at=None)
+)
+_CLAIM_CALLBACK = Prepared(
+    update(checkouts)
+    .where(checkouts.c.checkout_request_id == bindparam("id"), checkouts.c.result_code.is_(None))
+    .values(
+        claimed_code=bindparam("code"),
+        claimed_receipt=bindparam("receipt"),
+        verify_due_at=bindparam("due"),
+    )
+)
+_RETRY_VERIFY = Prepared(
+    update(checkouts)
+    .where(checkouts.c.checkout_request_id == bindparam("id"), checkouts.c.result_code.is_(None))
+    .values(verify_due_at=bindparam("due"), verify_attempts=bindparam("attempts"))
 )
 _LOCK_CHECKOUT = Prepared(
     select(checkouts.c.escrow_id, checkouts.c.result_code)
@@ -247,6 +420,7 @@ class EscrowService:
         timeouts: Timeouts | None = None,
         gateway: PaymentGateway | None = None,
         create_limit: CreateLimit | None = None,
+        payments: PaymentSettings | None = None,
     ) -> None:
         self.store = store
         self.clock = clock or SystemClock()
@@ -254,6 +428,8 @@ class EscrowService:
         self.timeouts = timeouts or Timeouts()
         self.gateway = gateway
         self.create_limit = create_limit or CreateLimit(count=0)
+        self.payments = payments or PaymentSettings()
+        self.payment_stats = PaymentStats()
 
     # -- queries ---------------------------------------------------------------
 
@@ -334,30 +510,175 @@ class EscrowService:
     def fund(
         self, escrow_id: str, actor: str, phone: str = "", *, idempotency_key: str | None = None
     ) -> CommandResult:
-        """Start the STK push. The gateway's CheckoutRequestID is recorded with the escrow."""
+        """Start the STK push; the gateway's CheckoutRequestID is recorded with the escrow.
+
+        The request is committed first (escrow row locked, validated); the push
+        runs after the commit, outside any transaction; a second transaction
+        records the checkout and emits ``payment.requested``. If the gateway
+        fails, the request is abandoned and :class:`GatewayUnavailable` raised
+        (nothing was emitted: the buyer may fund again).
+        """
         if self.gateway is None:
             raise RuntimeError("this EscrowService has no payment gateway")
-        gateway = self.gateway
-
-        def command_for(escrow: Escrow | None) -> Command:
+        fingerprint = _fingerprint(escrow_id, RequestPayment(actor, "", phone))
+        now = self.clock.now()
+        with self.store.begin() as conn:
+            if idempotency_key is not None:
+                stored = _SELECT_COMMAND.first(conn, {"key": idempotency_key})
+                if stored is not None:
+                    if stored[0] != fingerprint:
+                        raise IdempotencyKeyReused(
+                            f"idempotency key {idempotency_key!r} was used for a different "
+                            f"{stored[1]} command"
+                        )
+                    return CommandResult.from_json(stored[2], replayed=True)
+            escrow = self._load(conn, escrow_id, lock=True)
+            if escrow is None:
+                raise EscrowNotFound(f"no escrow {escrow_id!r}")
             # Validate on a placeholder first so an illegal request never reaches M-Pesa.
-            decide(
-                escrow,
-                RequestPayment(actor, "pending", phone),
-                now=self.clock.now(),
-                ids=IdFactory(0),
-            )
-            assert escrow is not None
-            checkout = gateway.stk_push(escrow.id, escrow.amount, phone)
-            return RequestPayment(actor, checkout, phone)
-
-        return self._execute(
-            escrow_id,
-            RequestPayment(actor, "", phone),
-            idempotency_key,
-            _fingerprint(escrow_id, RequestPayment(actor, "", phone)),
-            late_command=command_for,
+            decide(escrow, RequestPayment(actor, "pending", phone), now=now, ids=IdFactory(0))
+            open_request = _OPEN_REQUEST.first(conn, {"escrow_id": escrow_id})
+            if open_request is not None and open_request[1] > now:
+                raise PaymentInProgress(
+                    f"an M-Pesa request for {escrow_id} is being sent; retry in a few seconds"
+                )
+            if open_request is not None:  # owed by a process that died: ours now
+                reference = open_request[0]
+                _CLAIM_PUSH.execute(
+                    conn,
+                    {
+                        "reference": reference,
+                        "due": now + self.payments.push_grace_s,
+                        "old": open_request[1],
+                    },
+                )
+            else:
+                reference = self.ids.new("pay")
+                _INSERT_REQUEST.execute(
+                    conn,
+                    {
+                        "reference": reference,
+                        "escrow_id": escrow_id,
+                        "actor": actor,
+                        "amount": escrow.amount,
+                        "phone": phone,
+                        "requested_at": now,
+                        "state": "pushing",
+                        "push_due_at": now + self.payments.push_grace_s,
+                    },
+                )
+        try:
+            checkout = self._push(reference, escrow_id, escrow.amount, phone)
+        except GatewayUnavailable:
+            self._abandon(reference)
+            raise
+        return self._record_push(
+            reference, checkout, idempotency_key=idempotency_key, fingerprint=fingerprint
         )
+
+    def _push(self, reference: str, escrow_id: str, amount: int, phone: str) -> str:
+        assert self.gateway is not None
+        try:
+            checkout = self.gateway.stk_push(
+                escrow_id,
+                amount,
+                phone,
+                reference=reference,
+                callback_url=self.payments.callback_url(reference),
+            )
+        except GatewayUnavailable as exc:
+            self.payment_stats.count("pushes", "failed")
+            log.warning("STK push for %s (%s) failed: %s", escrow_id, reference, exc)
+            raise
+        self.payment_stats.count("pushes", "sent")
+        return checkout
+
+    def _abandon(self, reference: str) -> None:
+        with self.store.begin() as conn:
+            _ABANDON_REQUEST.execute(conn, {"reference": reference})
+
+    def _record_push(
+        self,
+        reference: str,
+        checkout: str,
+        *,
+        idempotency_key: str | None = None,
+        fingerprint: str = "",
+    ) -> CommandResult:
+        """Record the gateway's CheckoutRequestID for a request, and request the payment.
+
+        Idempotent per reference. If the escrow moved on while the push was in
+        flight (cancelled, say), the checkout is still recorded, so money that
+        arrives for it is refunded; no ``payment.requested`` is emitted.
+        """
+        for attempt in range(3):
+            try:
+                with self.store.begin() as conn:
+                    request = _LOCK_REQUEST.first(conn, {"reference": reference})
+                    assert request is not None, reference
+                    r = dict(zip(_REQUEST_COLUMNS, request, strict=True))
+                    escrow = self._load(conn, r["escrow_id"], lock=True)
+                    assert escrow is not None
+                    if r["checkout_request_id"] not in (None, checkout):
+                        raise UnknownCheckout(
+                            f"payment {reference} already has checkout {r['checkout_request_id']}"
+                        )
+                    if _SELECT_CHECKOUT.first(conn, {"id": checkout}) is not None:
+                        return CommandResult(escrow.to_dict(), [], True)
+                    now = self.clock.now()
+                    _SET_REQUEST_CHECKOUT.execute(
+                        conn,
+                        {
+                            "reference": reference,
+                            "checkout": checkout,
+                            "state": "requested" if r["state"] == "pushing" else r["state"],
+                        },
+                    )
+                    _INSERT_CHECKOUT.execute(
+                        conn,
+                        {
+                            "checkout_request_id": checkout,
+                            "escrow_id": r["escrow_id"],
+                            "requested_at": now,
+                            "reference": reference,
+                            "amount": r["amount"],
+                            "phone": r["phone"],
+                            "verify_due_at": now + self.payments.verify_after_s,
+                            "verify_attempts": 0,
+                        },
+                    )
+                    new_events: list[ev.Event] = []
+                    if r["state"] == "pushing":
+                        try:
+                            new_events = decide(
+                                escrow,
+                                RequestPayment(r["actor"], checkout, r["phone"]),
+                                now=now,
+                                ids=self.ids,
+                            )
+                        except DomainError as exc:  # moved on meanwhile: keep the checkout
+                            log.info(
+                                "payment %s pushed after %s moved on: %s", reference, escrow.id, exc
+                            )
+                    new = self._apply(conn, escrow, new_events)
+                    result = CommandResult(new.to_dict() if new else None, new_events)
+                    if idempotency_key is not None:
+                        _INSERT_COMMAND.execute(
+                            conn,
+                            {
+                                "idempotency_key": idempotency_key,
+                                "command": "fund",
+                                "escrow_id": r["escrow_id"],
+                                "fingerprint": fingerprint,
+                                "response": result.to_json(),
+                                "created_at": now,
+                            },
+                        )
+                    return result
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def ship(
         self, escrow_id: str, actor: str, tracking: str = "", *, idempotency_key: str | None = None
@@ -407,10 +728,13 @@ class EscrowService:
         return sum(len(self.expire(escrow_id).events) for escrow_id in due)
 
     def record_payment_result(self, result: RecordPaymentResult) -> CommandResult:
-        """Apply an M-Pesa callback. The first result per checkout is final.
+        """Record a *verified* payment result. The first result per checkout is final.
 
-        Duplicates (same checkout id again) return ``replayed=True`` and change
-        nothing; an unknown checkout raises :class:`UnknownCheckout`.
+        Callers must have confirmed ``result`` with the gateway (see
+        :meth:`handle_callback` and :meth:`verify_payments`); callbacks from
+        the network never come here directly. Duplicates (same checkout id
+        again) return ``replayed=True`` and change nothing; an unknown checkout
+        raises :class:`UnknownCheckout`.
         """
         for attempt in range(3):
             try:
@@ -441,6 +765,215 @@ class EscrowService:
                     raise
         raise AssertionError("unreachable")
 
+    # -- callbacks and verification -------------------------------------------
+
+    def handle_callback(self, token: str, body: Any) -> CallbackOutcome:
+        """A callback that came to ``/mpesa/callback/{token}``: check it, then verify it.
+
+        Rejected before any work: a token that is not ours (403), a body that is
+        not a callback (400), a checkout that is not the token's (403), an amount
+        or phone that differs from the request (400). Nothing is recorded until
+        the gateway's STK Push Query confirms a final result; the queried result
+        is the one recorded.
+        """
+        reference = reference_of(self.payments.callback_secret, token)
+        if reference is None:
+            return self.reject_token()
+        try:
+            claim = parse_callback(body)
+        except CallbackError as exc:
+            return self._reject(400, "malformed", f"not an STK callback: {exc}")
+        with self.store.engine.connect() as conn:
+            request = _SELECT_REQUEST.first(conn, {"reference": reference})
+        if request is None:
+            return self._reject(404, "unknown_payment", f"no payment {reference}")
+        r = dict(zip(_REQUEST_COLUMNS, request, strict=True))
+        checkout = claim.checkout_request_id
+        if r["checkout_request_id"] is None:
+            # Pushed, but the id was never stored (the pusher died or its answer
+            # was lost): only the gateway knows this URL, so adopt its id.
+            self._record_push(reference, checkout)
+        elif r["checkout_request_id"] != checkout:
+            return self._reject(
+                403, "checkout_mismatch", f"{checkout} is not the checkout of this callback URL"
+            )
+        if claim.result_code == 0:
+            if claim.amount != r["amount"]:
+                return self._reject(
+                    400,
+                    "amount_mismatch",
+                    f"amount {claim.amount} was not requested ({r['amount']})",
+                )
+            if r["phone"] and claim.phone != r["phone"]:
+                return self._reject(
+                    400, "phone_mismatch", f"phone {claim.phone} was not the phone prompted"
+                )
+        with self.store.begin() as conn:
+            # Due now: if this query goes unanswered, any process's next pass asks again.
+            claimed = _CLAIM_CALLBACK.execute(
+                conn,
+                {
+                    "id": checkout,
+                    "code": claim.result_code,
+                    "receipt": claim.receipt,
+                    "due": self.clock.now(),
+                },
+            ).rowcount
+        if not claimed:
+            self.payment_stats.count("callbacks", "duplicate")
+            return CallbackOutcome(200, "duplicate", "duplicate, already recorded")
+        outcome, result = self.verify_payment(checkout)
+        unverified = outcome in ("pending", "unavailable")
+        self.payment_stats.count("callbacks", "unverified" if unverified else outcome)
+        if outcome == "applied":
+            return CallbackOutcome(200, outcome, "Accepted", result)
+        if outcome == "duplicate":
+            return CallbackOutcome(200, outcome, "duplicate, already recorded", result)
+        if outcome == "contradicted":
+            return CallbackOutcome(
+                409, outcome, "the gateway reports a different result; the gateway's was recorded"
+            )
+        return CallbackOutcome(
+            202, "unverified", f"received; not recorded until the gateway confirms it ({outcome})"
+        )
+
+    def genuine_callback_token(self, token: str) -> bool:
+        """Whether ``token`` is a callback token this service made (no I/O)."""
+        return reference_of(self.payments.callback_secret, token) is not None
+
+    def reject_token(self) -> CallbackOutcome:
+        return self._reject(403, "bad_token", "not a callback URL this service made")
+
+    def _reject(self, status: int, reason: str, detail: str) -> CallbackOutcome:
+        self.payment_stats.count("callbacks", f"rejected_{reason}")
+        log.warning("M-Pesa callback rejected (%s): %s", reason, detail)
+        return CallbackOutcome(status, f"rejected_{reason}", detail)
+
+    def verify_payment(self, checkout: str) -> tuple[str, CommandResult | None]:
+        """Ask the gateway about one unsettled checkout and record a final answer.
+
+        Returns ``(outcome, result)``: ``applied`` (or ``contradicted``, when a
+        trusted callback had claimed otherwise: the gateway's answer is
+        recorded either way), ``pending`` / ``unavailable`` (nothing changed,
+        asked again later), or ``duplicate`` (already settled).
+        """
+        assert self.gateway is not None
+        with self.store.engine.connect() as conn:
+            row = _SELECT_CHECKOUT.first(conn, {"id": checkout})
+        if row is None:
+            raise UnknownCheckout(f"no checkout request {checkout!r}")
+        c = dict(zip(_CHECKOUT_COLUMNS, row, strict=True))
+        if c["result_code"] is not None:
+            return "duplicate", None
+        try:
+            answer = self.gateway.query(checkout)
+        except NotThisGateway:
+            self.payment_stats.count("verifications", "not_this_gateway")
+            return "unavailable", None  # due as it was: another process's gateway answers
+        except GatewayUnavailable as exc:
+            log.info("STK query for %s unanswered: %s", checkout, exc)
+            self._retry_later(checkout, c["verify_attempts"])
+            self.payment_stats.count("verifications", "unavailable")
+            return "unavailable", None
+        if answer.pending:
+            self._retry_later(checkout, c["verify_attempts"])
+            self.payment_stats.count("verifications", "pending")
+            return "pending", None
+        code = answer.result_code
+        assert code is not None
+        contradicted = c["claimed_code"] is not None and c["claimed_code"] != code
+        if contradicted:
+            log.warning(
+                "callback for %s claimed %s, the gateway says %s", checkout, c["claimed_code"], code
+            )
+        receipt = c["claimed_receipt"] if code == 0 and c["claimed_code"] == 0 else None
+        result = self.record_payment_result(
+            RecordPaymentResult(
+                checkout_request_id=checkout,
+                result_code=code,
+                result_desc=answer.result_desc,
+                receipt=receipt,
+                amount=c["amount"],
+            )
+        )
+        if result.replayed:
+            return "duplicate", result
+        outcome = "contradicted" if contradicted else "applied"
+        self.payment_stats.count("verifications", outcome)
+        return outcome, result
+
+    def _retry_later(self, checkout: str, attempts: int) -> None:
+        p = self.payments
+        delay = min(p.retry_s * 2 ** min(attempts, 20), p.retry_max_s)
+        with self.store.begin() as conn:
+            _RETRY_VERIFY.execute(
+                conn,
+                {"id": checkout, "due": self.clock.now() + delay, "attempts": attempts + 1},
+            )
+
+    def verify_payments(self, limit: int = 100) -> Counter[str]:
+        """The reconciliation pass: send owed pushes, verify checkouts that are due.
+
+        A push is owed when the process that committed it died before sending
+        it (or before recording the gateway's answer); it is sent again once its
+        ``push_due_at`` has passed. A checkout is due when its callback has not
+        come within ``verify_after_s`` or an earlier query went unanswered.
+        Safe to run in several processes at once. Returns counts by outcome.
+        """
+        outcomes: Counter[str] = Counter()
+        now = self.clock.now()
+        owed = (
+            select(payment_requests.c.reference, payment_requests.c.push_due_at)
+            .where(payment_requests.c.state == "pushing", payment_requests.c.push_due_at <= now)
+            .order_by(payment_requests.c.push_due_at)
+            .limit(limit)
+        )
+        due = (
+            select(checkouts.c.checkout_request_id)
+            .where(checkouts.c.result_code.is_(None), checkouts.c.verify_due_at <= now)
+            .order_by(checkouts.c.verify_due_at)
+            .limit(limit)
+        )
+        with self.store.engine.connect() as conn:
+            owed_rows = list(conn.execute(owed))
+            due_ids = list(conn.execute(due).scalars())
+        for reference, push_due_at in owed_rows:
+            outcomes["push_" + self._resend(reference, push_due_at)] += 1
+        for checkout in due_ids:
+            outcomes[self.verify_payment(checkout)[0]] += 1
+        return outcomes
+
+    def _resend(self, reference: str, push_due_at: float) -> str:
+        with self.store.begin() as conn:
+            claimed = _CLAIM_PUSH.execute(
+                conn,
+                {
+                    "reference": reference,
+                    "due": self.clock.now() + self.payments.push_grace_s,
+                    "old": push_due_at,
+                },
+            ).rowcount
+            if not claimed:
+                return "taken"  # another pass has it
+            r = dict(
+                zip(
+                    _REQUEST_COLUMNS,
+                    _SELECT_REQUEST.first(conn, {"reference": reference}),
+                    strict=True,
+                )
+            )
+            escrow = self._load(conn, r["escrow_id"], lock=False)
+        if escrow is None or escrow.state is not EscrowState.CREATED:
+            self._abandon(reference)  # the escrow moved on; nobody wants this prompt now
+            return "abandoned"
+        self.payment_stats.count("pushes", "resent")
+        try:
+            checkout = self._push(reference, r["escrow_id"], r["amount"], r["phone"])
+        except GatewayUnavailable:
+            return "failed"  # stays owed: the next pass after push_grace_s tries again
+        self._record_push(reference, checkout)
+        return "sent"
+
     # -- the transaction -------------------------------------------------------
 
     def _run(self, escrow_id: str, command: Command, key: str | None) -> CommandResult:
@@ -452,7 +985,6 @@ class EscrowService:
         command: Command,
         key: str | None,
         fingerprint: str,
-        late_command: Any = None,
         on_create: Callable[[Connection, float], None] | None = None,
     ) -> CommandResult:
         # IntegrityError means a concurrent twin (same key or same new id) won
@@ -475,18 +1007,8 @@ class EscrowService:
                         raise DomainError(f"escrow {escrow_id!r} already exists")
                     if not isinstance(command, CreateEscrow) and escrow is None:
                         raise EscrowNotFound(f"no escrow {escrow_id!r}")
-                    actual = late_command(escrow) if late_command else command
                     now = self.clock.now()
-                    new_events = decide(escrow, actual, now=now, ids=self.ids)
-                    if isinstance(actual, RequestPayment):
-                        _INSERT_CHECKOUT.execute(
-                            conn,
-                            {
-                                "checkout_request_id": actual.checkout_request_id,
-                                "escrow_id": escrow_id,
-                                "requested_at": now,
-                            },
-                        )
+                    new_events = decide(escrow, command, now=now, ids=self.ids)
                     new = self._apply(conn, escrow, new_events)
                     if on_create is not None:
                         on_create(conn, now)

@@ -85,6 +85,35 @@ checkouts = Table(
     Column("result_desc", Text),
     Column("receipt", String(64)),
     Column("settled_at", Float),
+    # What was requested, so a callback's amount and phone can be checked.
+    Column("reference", String(64)),
+    Column("amount", BigInteger),
+    Column("phone", String(16)),
+    # Verification: when to ask the gateway next, and what a trusted callback claimed.
+    Column("verify_due_at", Float),
+    Column("verify_attempts", Integer, nullable=False, default=0),
+    Column("claimed_code", Integer),
+    Column("claimed_receipt", String(64)),
+    Index("ix_checkouts_verify", "verify_due_at"),
+)
+
+# An STK push we owe: committed with the escrow row locked, sent after the commit.
+# ``push_due_at`` is set while the push is owed (the reconciliation pass sends it
+# when it is due: the process that should have sent it died or the gateway failed).
+payment_requests = Table(
+    "payment_requests",
+    metadata,
+    Column("reference", String(64), primary_key=True),
+    Column("escrow_id", String(64), nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("phone", String(16), nullable=False),
+    Column("requested_at", Float, nullable=False),
+    Column("state", String(16), nullable=False),  # pushing | requested | abandoned
+    Column("push_due_at", Float),
+    Column("checkout_request_id", String(64), unique=True),
+    Index("ix_payment_requests_escrow", "escrow_id", "state"),
+    Index("ix_payment_requests_due", "push_due_at"),
 )
 
 # Idempotency keys: a retried command returns the stored response, changes nothing.
