@@ -44,6 +44,19 @@ def engine(deployment: Deployment) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+def _push_path(deployment: Deployment, api: str, buyer: str, seller: str) -> str:
+    """Fund a new escrow; return the path of its push's CallBackURL (the genuine route)."""
+    created = httpx.post(
+        f"{api}/escrows",
+        json={"buyer_id": buyer, "seller_id": seller, "amount": 1500},
+        headers=auth(buyer),
+    )
+    escrow_id = created.json()["escrow"]["id"]
+    funded = httpx.post(f"{api}/escrows/{escrow_id}/fund", headers=auth(buyer), timeout=30)
+    checkout = funded.json()["checkout_request_id"]
+    return httpx.URL(deployment.daraja.pushes[checkout].callback_url).path
+
+
 @pytest.fixture(scope="module")
 def short(deployment: Deployment) -> str:
     """An API process with short connection timeouts and a metrics token."""
@@ -314,11 +327,12 @@ def _raw_post(
 
 @pytest.mark.parametrize("case", sorted(RAW_BODIES))
 def test_malformed_json_is_a_4xx_and_changes_nothing(
-    api: str, engine: sa.Engine, alice: str, bob: str, case: str
+    deployment: Deployment, api: str, engine: sa.Engine, alice: str, bob: str, case: str
 ) -> None:
     body = RAW_BODIES[case] % {b"a": alice.encode(), b"b": bob.encode()}
+    callback = _push_path(deployment, api, alice, bob)  # a genuine per-push URL
     before = fingerprint(engine)
-    for path, user in (("/escrows", alice), ("/mpesa/callback", None)):
+    for path, user in (("/escrows", alice), (callback, None)):
         response = _raw_post(api, path, body, user, "application/json")
         assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
         response.json()  # a readable error, not a traceback page
@@ -377,22 +391,18 @@ def test_a_body_that_is_not_declared_json_is_refused(
 
 
 def test_the_callback_refuses_a_non_finite_amount(
-    api: str, engine: sa.Engine, alice: str, bob: str
+    deployment: Deployment, api: str, engine: sa.Engine, alice: str, bob: str
 ) -> None:
-    created = httpx.post(
-        f"{api}/escrows",
-        json={"buyer_id": alice, "seller_id": bob, "amount": 1500},
-        headers=auth(alice),
+    callback = _push_path(deployment, api, alice, bob)
+    checkout = next(
+        c for c, p in deployment.daraja.pushes.items() if p.callback_url.endswith(callback)
     )
-    escrow_id = created.json()["escrow"]["id"]
-    funded = httpx.post(f"{api}/escrows/{escrow_id}/fund", headers=auth(alice))
-    checkout = funded.json()["checkout_request_id"]
     text = json.dumps(stk_callback(checkout, RESULT_OK, amount=1500, receipt="RCPT1"))
     before = fingerprint(engine)
     for bad in ("1e400", "NaN", "Infinity"):
         body = text.replace('"Value": 1500', f'"Value": {bad}').encode()
         assert bad.encode() in body
-        response = _raw_post(api, "/mpesa/callback", body, None, "application/json")
+        response = _raw_post(api, callback, body, None, "application/json")
         assert response.status_code == 400, response.text
     assert fingerprint(engine) == before
 
