@@ -27,6 +27,7 @@ import numpy as np
 import redis
 import simpy
 
+from simulations.supervision import SupervisedRestarts
 from workbench.consumer import TRANSIENT
 from workbench.replay import HistoryLost, Live, ReplaySession, UserEntry, resume_point_known
 from workbench.streamid import ZERO, StreamId
@@ -64,8 +65,9 @@ class ServerPool:
 
 
 class ServerFaults:
-    """SIGKILL an SSE server now and then (per server MTBF, exponential) and bring
-    it back after ``mttr_s``. ``kill``/``restart`` do the real thing in real time."""
+    """SIGKILL an SSE server now and then (per server MTBF, exponential); it comes
+    back when serve's supervisor restarts it (``restarts``: its backoff, or never
+    after a crash loop). ``kill``/``restart`` do the real thing in real time."""
 
     def __init__(
         self,
@@ -75,9 +77,10 @@ class ServerFaults:
         pool: ServerPool,
         faults: list[dict[str, Any]],
         until: float,
+        restarts: SupervisedRestarts,
     ) -> None:
         self.env, self.rng, self.p, self.pool = env, rng, params, pool
-        self.faults, self.until = faults, until
+        self.faults, self.until, self.restarts = faults, until, restarts
 
     def kill(self, server: int) -> None:  # overridden where a process dies for real
         pass
@@ -98,8 +101,14 @@ class ServerFaults:
                      "target": f"sse-server-{server}",
                      "detail": f"SIGKILL with {sessions} sessions"}  # fmt: skip
             self.faults.append(fault)
-            yield self.env.timeout(self.p["mttr_s"])
+            name = f"sse-server-{server}"
+            down_for = self.restarts.down_for(name, self.env.now)
+            if down_for is None:  # serve gave up on it: it stays down
+                fault["detail"] += f"; {self.restarts.given_up[name]}"
+                return
+            yield self.env.timeout(down_for)
             self.restart(server)
+            self.restarts.started(name, self.env.now)
             self.pool.up[server] = True
             fault["t_end"] = self.env.now
 

@@ -59,6 +59,7 @@ from simulations.phones import Phone, ServerFaults, ServerPool
 from simulations.run import Progress, RedisFaults, _clear, _manifest, collect
 from simulations.runtime import sample_backlog, waiting
 from simulations.scenario import Scenario
+from simulations.supervision import SupervisedRestarts, policy_of
 from workbench.auth import issue_token
 from workbench.clock import ScaledClock, clock_env
 from workbench.consumer import CRASH_POINTS, crash_signal
@@ -66,7 +67,7 @@ from workbench.daraja import DarajaStub
 from workbench.escrow import DomainError, EscrowState
 from workbench.handlers import ALL_GROUPS
 from workbench.log import StreamNames, connect
-from workbench.redis_server import KILLABLE, attach_or_start, free_port
+from workbench.redis_server import attach_or_start, free_port
 from workbench.runs import RunTables, RunWriter
 from workbench.store import Store, outbox
 from workbench.streamid import parse
@@ -408,9 +409,10 @@ class ConsumerFaults:
         params: dict[str, Any],
         faults: list[dict[str, Any]],
         workers: _Workers,
+        restarts: SupervisedRestarts,
     ) -> None:
         self.env, self.fleet, self.p, self.faults = env, fleet, params, faults
-        self.workers = workers
+        self.workers, self.restarts = workers, restarts
         self.healed = False
 
     def run(self, group: str, rng: np.random.Generator) -> Any:
@@ -435,13 +437,22 @@ class ConsumerFaults:
             fault = {"t_start": self.env.now, "t_end": None, "kind": "consumer_crash",
                      "target": consumer, "detail": f"SIGKILL {way}"}  # fmt: skip
             self.faults.append(fault)
-            yield self.env.timeout(self.p["mttr_s"])
+            if self.p["restart"] == "replacement":
+                down_for: float | None = self.p["mttr_s"]
+            else:
+                down_for = self.restarts.down_for(group, self.env.now)
+            if down_for is None:  # serve gives up on a crash loop: the group stays down
+                fault["detail"] += f"; {self.restarts.given_up[group]}"
+                return
+            yield self.env.timeout(down_for)
             self.workers(group)
+            self.restarts.started(group, self.env.now)
             fault["t_end"] = self.env.now
 
 
 class _Workers:
-    """Starts a group's worker process, a new consumer name each time."""
+    """Starts a group's worker process: as serve does, under one consumer name
+    (``consumers.restart = "supervisor"``), or a new name each time (a replacement)."""
 
     def __init__(self, fleet: Fleet, params: dict[str, Any], prefix: str, handled: Path) -> None:
         self.fleet, self.p, self.prefix, self.handled = fleet, params, prefix, handled
@@ -450,12 +461,13 @@ class _Workers:
 
     def __call__(self, group: str) -> None:
         n = self.generation[group] = self.generation.get(group, 0) + 1
-        consumer = self.names[group] = f"{group}-{n}"
+        consumer = f"{group}-1" if self.p["restart"] == "supervisor" else f"{group}-{n}"
+        self.names[group] = consumer
         self.fleet.start(
             group, "worker", group, "--prefix", self.prefix, "--consumer", consumer,
             "--block-ms", "100", "--batch-size", str(self.p["batch_size"]),
             "--dead-after", str(self.p["dead_after_s"]),
-            "--record", str(self.handled / f"{consumer}.log"), "--crash-on-signal",
+            "--record", str(self.handled / f"{group}-{n}.log"), "--crash-on-signal",
             *(["--user-maxlen", str(self.p["user_maxlen"])] if group == "fanout" else []),
             *(["--ack-before-effect"] if self.p["ack_before_effect"] else []),
         )  # fmt: skip
@@ -501,7 +513,9 @@ def simulate_realtime_to(
     load_s, drain_s = run_p["duration_s"], run_p["drain_s"]
     work = Path(tempfile.mkdtemp(prefix="workbench-rt-"))
     secret = secrets.token_hex(32)
-    with attach_or_start(redis_url, work / "redis", **KILLABLE) as (url, server):
+    with attach_or_start(
+        redis_url, work / "redis", appendonly=True, appendfsync=params["redis"]["appendfsync"]
+    ) as (url, server):
         client = connect(url)
         _clear(client, prefix)
         database_url = f"sqlite:///{work / 'store.db'}"
@@ -577,11 +591,14 @@ def simulate_realtime_to(
             env.process(market.run())
             env.process(sample_backlog(env, client, StreamNames(prefix), groups,
                                        run_p["sample_every_s"], samples))  # fmt: skip
-            consumer_faults = ConsumerFaults(env, fleet, params["consumers"], faults, start_worker)
+            restarts = SupervisedRestarts(policy_of(params["supervisor"]))
+            consumer_faults = ConsumerFaults(
+                env, fleet, params["consumers"], faults, start_worker, restarts
+            )
             for i, group in enumerate(groups):
                 rng = np.random.default_rng(rngs[2].integers(2**63) + i)
                 env.process(consumer_faults.run(group, rng))
-            env.process(RedisFaults(env, server, params["redis"], faults, until).run())
+            env.process(RedisFaults(env, server, params["redis"], faults, until, restarts).run())
             user_names = UserStreamNames(prefix)
             pool = ServerPool(params["servers"]["count"])
             phones: list[SsePhone] = []
@@ -599,7 +616,9 @@ def simulate_realtime_to(
                 pool.phones.append(phone)
                 phones.append(phone)
                 env.process(phone.run())
-            server_faults = _ServerKills(env, rngs[5], params["servers"], pool, faults, until)
+            server_faults = _ServerKills(
+                env, rngs[5], params["servers"], pool, faults, until, restarts
+            )
             server_faults.fleet = fleet
             for i in range(params["servers"]["count"]):
                 env.process(server_faults.run(i))

@@ -32,6 +32,7 @@ from simulations.market import Market
 from simulations.phones import Phone, ServerFaults, ServerPool
 from simulations.runtime import Runtime, backlog
 from simulations.scenario import Scenario
+from simulations.supervision import SupervisedRestarts
 from workbench import affinity
 from workbench import events as ev
 from workbench.escrow import Timeouts
@@ -40,7 +41,7 @@ from workbench.handlinglog import HandlingIndex
 from workbench.ids import IdFactory
 from workbench.log import StreamNames, connect
 from workbench.mpesa import token_of
-from workbench.redis_server import KILLABLE, RedisServer, paired
+from workbench.redis_server import RedisServer, paired
 from workbench.replay import UserEntry
 from workbench.runs import RunTables, RunWriter
 from workbench.service import EscrowService, PaymentSettings
@@ -60,7 +61,13 @@ Progress = Callable[[float, float], None]
 
 
 class RedisFaults:
-    """kill -9 the redis-server every ``restart_every_s`` and restart it from its AOF."""
+    """kill -9 the redis-server every ``restart_every_s``; serve's supervisor restarts it
+    from its AOF after its backoff (``restarts``).
+
+    The server runs with the scenario's ``appendfsync`` (``everysec``, what ``serve``
+    ships, by default), so a kill can lose writes Redis acknowledged; the relay's
+    repair puts lost stream entries back from the outbox (:mod:`workbench.relay`).
+    """
 
     def __init__(
         self,
@@ -69,8 +76,10 @@ class RedisFaults:
         params: dict[str, Any],
         faults: list[dict[str, Any]],
         until: float,
+        restarts: SupervisedRestarts,
     ) -> None:
         self.env, self.server, self.p, self.faults, self.until = env, server, params, faults, until
+        self.restarts = restarts
 
     def run(self) -> Any:
         every = self.p["restart_every_s"]
@@ -84,8 +93,13 @@ class RedisFaults:
                      "target": "redis-server", "detail": "SIGKILL, restart from AOF"}  # fmt: skip
             self.faults.append(fault)
             self.server.kill()
-            yield self.env.timeout(self.p["down_for_s"])
+            down_for = self.restarts.down_for("redis-server", self.env.now)
+            if down_for is None:
+                fault["detail"] += f"; {self.restarts.given_up['redis-server']}"
+                return
+            yield self.env.timeout(down_for)
             self.server.restart()
+            self.restarts.started("redis-server", self.env.now)
             fault["t_end"] = self.env.now
 
 
@@ -143,7 +157,13 @@ def simulate_to(
     writer = RunWriter(out)
     with (
         tempfile.TemporaryDirectory(prefix="workbench-sim-") as tmp,
-        paired(redis_url, Path(tmp) / "redis", on, **KILLABLE) as (url, server),
+        paired(
+            redis_url,
+            Path(tmp) / "redis",
+            on,
+            appendonly=True,
+            appendfsync=params["redis"]["appendfsync"],
+        ) as (url, server),  # fmt: skip
     ):
         work = Path(tmp)
         # One thread drives every part: one connection, no pool to check out from
@@ -215,7 +235,9 @@ def simulate_to(
             env.process(
                 runtime.crash_loop(group, np.random.default_rng(rngs[2].integers(2**63) + i))
             )
-        env.process(RedisFaults(env, server, params["redis"], faults, load_s).run())
+        env.process(
+            RedisFaults(env, server, params["redis"], faults, load_s, runtime.restarts).run()
+        )
         user_names = UserStreamNames(prefix)
         phones = [
             Phone(env, np.random.default_rng(rngs[3].integers(2**63)), params["phones"],
@@ -237,7 +259,9 @@ def simulate_to(
             phone.pool = pool
             pool.phones.append(phone)
             env.process(phone.run())
-        server_faults = ServerFaults(env, rngs[5], params["servers"], pool, faults, load_s)
+        server_faults = ServerFaults(
+            env, rngs[5], params["servers"], pool, faults, load_s, runtime.restarts
+        )
         for server_no in range(params["servers"]["count"]):
             env.process(server_faults.run(server_no))
 

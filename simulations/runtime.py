@@ -29,6 +29,7 @@ import redis
 import simpy
 
 from simulations.clock import SimClock
+from simulations.supervision import SupervisedRestarts, policy_of
 from workbench.consumer import (
     CRASH_POINTS,
     TRANSIENT,
@@ -48,6 +49,9 @@ from workbench.store import Store
 from workbench.streamid import parse
 
 SIM_GROUPS = ALL_GROUPS
+#: How a crashed consumer comes back: restarted by serve's supervisor (same consumer
+#: name, after its backoff) or replaced by another consumer after ``mttr_s``.
+RESTART_MODES = ("supervisor", "replacement")
 
 
 def backlog(client: redis.Redis, names: StreamNames, group: str) -> tuple[int, int, int]:
@@ -242,6 +246,13 @@ class Runtime:
             available = (*SIM_GROUPS, "analytics")
         self.groups = tuple(g for g in available if not only or g in only)
         self.slots = {group: GroupSlot(group) for group in self.groups}
+        restart = params["consumers"]["restart"]
+        if restart not in RESTART_MODES:
+            raise ValueError(
+                f"consumers.restart must be one of {', '.join(RESTART_MODES)}, not {restart!r}"
+            )
+        # serve's supervisor decides when a crashed process is back (simulations.supervision).
+        self.restarts = SupervisedRestarts(policy_of(params["supervisor"]))
         self.healed = False
         self.on_fanout: Callable[[dict[str, list[UserEntry]]], None] = lambda live: None
         self.on_user_entry: Callable[[dict[str, Any]], None] = lambda row: None
@@ -285,7 +296,12 @@ class Runtime:
         worker = cls(
             self.client,
             handler,
-            consumer=f"{slot.name}-{slot.generation}",
+            # As serve does, a restarted worker keeps its consumer name and so re-reads
+            # its own pending entries first; a replacement is another consumer, whose
+            # predecessor's entries wait for the claim (heartbeat older than dead_after_s).
+            consumer=f"{slot.name}-1"
+            if c["restart"] == "supervisor"
+            else f"{slot.name}-{slot.generation}",
             names=self.names,
             settings=ConsumerSettings(
                 batch_size=batch_size,
@@ -356,9 +372,20 @@ class Runtime:
                 self.redis_errors[group] += 1
 
     def _repair(self, slot: GroupSlot) -> Any:
+        """Bring the group's consumer back: after serve's backoff (``restart =
+        "supervisor"``), or a replacement consumer after ``mttr_s``."""
         fault = self.faults[-1]
-        yield self.env.timeout(self.p["consumers"]["mttr_s"])
+        c = self.p["consumers"]
+        if c["restart"] == "replacement":
+            down_for: float | None = c["mttr_s"]
+        else:
+            down_for = self.restarts.down_for(slot.name, self.env.now)
+        if down_for is None:  # serve gives up on a crash loop: the group stays down
+            fault["detail"] += f"; {self.restarts.given_up[slot.name]}"
+            return
+        yield self.env.timeout(down_for)
         self._start_worker(slot)
+        self.restarts.started(slot.name, self.env.now)
         fault["t_end"] = self.env.now
 
     def crash_loop(self, group: str, rng: np.random.Generator) -> Any:

@@ -72,7 +72,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "wake_on_publish": True,  # false: poll every poll_every_s only (bigger batches)
         "batch_size": 100,
         "mtbf_s": 0.0,  # per group; 0: never crash
-        "mttr_s": 10.0,
+        # "supervisor": serve restarts the crashed worker after its backoff (the
+        # supervisor section), same consumer name; "replacement": another consumer
+        # starts after mttr_s and claims the dead one's entries (a lost machine).
+        "restart": "supervisor",
+        "mttr_s": 10.0,  # restart = "replacement" only
         "dead_after_s": 5.0,
         "ack_before_effect": False,  # a deliberately broken runtime, for the checker
         "service_rate": 0.0,  # > 0: one entry at a time, exponential service (M/M/1 studies)
@@ -95,7 +99,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "servers": {
         "count": 2,  # SSE/API server processes; phones are spread over them
         "mtbf_s": 0.0,  # per server: SIGKILL with all its sessions; 0: never
-        "mttr_s": 5.0,  # until the killed server is back
+        # back after serve's backoff (the supervisor section)
     },
     "analytics": {
         # A trained risk model's directory (workbench.analytics.save): runs the
@@ -107,8 +111,22 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "sse_ping_s": 1.0,  # server heartbeats (wall seconds)
     },
     "redis": {
-        "restart_every_s": 0.0,  # kill -9 + restart with AOF; 0: never
-        "down_for_s": 3.0,
+        # kill -9 + restart from the AOF, after serve's backoff (the supervisor
+        # section); 0: never
+        "restart_every_s": 0.0,
+        # What serve ships: everysec. A kill while a background fsync is pending
+        # loses acknowledged writes; the relay's repair puts the lost entries back.
+        "appendfsync": "everysec",
+    },
+    "supervisor": {
+        # serve's restart policy (workbench.supervision.RestartPolicy, same defaults):
+        # back after initial_backoff_s, doubling per crash in a row up to
+        # max_backoff_s; more than max_restarts within window_s: given up.
+        "initial_backoff_s": 0.5,
+        "max_backoff_s": 30.0,
+        "stable_after_s": 30.0,
+        "max_restarts": 5,
+        "window_s": 60.0,
     },
 }
 

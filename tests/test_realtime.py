@@ -25,7 +25,7 @@ SMALL = [
     "phones.count=12", "phones.connection_mean_s=12", "phones.reconnect_mean_s=2",
     "phones.poll_every_s=0.5", "phones.lose_id_p=0.1",
     "consumers.mtbf_s=8", "consumers.mttr_s=3", "consumers.dead_after_s=3",
-    "servers.mtbf_s=20", "servers.mttr_s=3", "realtime.factor=0.5",
+    "servers.mtbf_s=20", "realtime.factor=0.5",
 ]  # fmt: skip
 
 
