@@ -379,7 +379,10 @@ class OutboxRelay:
         retention window are left out (retention would trim them again), as are
         rows published before the outbox recorded ids; both are counted.
         """
-        floor = self.clock.now() - self.retention_s
+        seconds, micros = self.client.time()  # retention is in stream-id time: Redis' clock
+        floor = StreamId(
+            int(seconds) * 1000 + int(micros) // 1000 - int(self.retention_s * 1000), 0
+        )
         query = (
             select(
                 outbox.c.seq,
@@ -388,7 +391,6 @@ class OutboxRelay:
                 outbox.c.type,
                 outbox.c.data,
                 outbox.c.stream_id,
-                outbox.c.created_at,
             )
             .where(outbox.c.stream == loss.aggregate, outbox.c.published_at.is_not(None))
             .order_by(outbox.c.seq.desc())
@@ -399,12 +401,13 @@ class OutboxRelay:
                 if row.stream_id is None:
                     self.stats.unrepairable += 1
                     continue
-                if parse(row.stream_id) <= loss.found:
+                sid = parse(row.stream_id)
+                if sid <= loss.found:
                     break
-                if row.created_at < floor:
+                if sid < floor:
                     self.stats.unrepairable += 1
                     continue
-                rows.append(tuple(row[:6]))
+                rows.append(tuple(row))
         rows.reverse()
         return rows
 

@@ -151,8 +151,11 @@ class SseSession:
                 yield page_chunk(page)
 
     async def _page(self, session: ReplaySession) -> tuple[list[UserEntry], bool]:
-        page = await self.reader.page_after(self.user_id, session.cursor, self.page_size)
-        entries = session.take_page(page)
+        # With the cursor's existence: an empty page after a lost cursor is a reset.
+        page, exists = await self.reader.first_page_and_exists(
+            self.user_id, session.cursor, self.page_size
+        )
+        entries = session.take_page(page, cursor_exists=exists)
         self.stats.replayed_entries += len(entries)
         return entries, len(page) == self.page_size
 
