@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +30,7 @@ import redis
 import redis.asyncio as aioredis
 from sqlalchemy import func, select
 
-from tests.support import make_service, run_lifecycles
+from tests.support import ROOT, make_service, run_lifecycles
 from workbench import events as ev
 from workbench.clock import ManualClock
 from workbench.consumer import ConsumerSettings, ConsumerWorker
@@ -494,3 +497,20 @@ def test_durable_mode_refuses_a_server_without_waitaof(r, store) -> None:
         pytest.skip("this PATH server has WAITAOF")
     with pytest.raises(DurabilityUnavailable, match="WAITAOF"):
         relay.check_durability()
+
+
+def test_relay_cli_refuses_the_durable_mode_without_waitaof(redis_url, tmp_path) -> None:
+    if RedisServer(binary="auto").version[:2] >= (7, 2):
+        pytest.skip("this PATH server has WAITAOF")
+    env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=f"sqlite:///{tmp_path / 'wb.db'}")
+    Store(env["DATABASE_URL"]).create_schema()
+    result = subprocess.run(
+        [sys.executable, "-m", "workbench", "relay", "--wait-fsync"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "WAITAOF" in result.stderr and "Traceback" not in result.stderr
