@@ -9,8 +9,9 @@ if the replay already sent it. Messages on the wire:
   for each event;
 * ``event: ready`` once replay is done (its ``id`` is the cursor, so even a
   client that received nothing can resume from the right place);
-* ``event: reset`` when the requested position is no longer retained or was
-  never an entry of this user's stream: fetch the snapshot
+* ``event: reset`` when the requested position (or the session's cursor,
+  checked with every page it reads) is no longer retained, was lost by Redis,
+  or was never an entry of this user's stream: fetch the snapshot
   (``GET /users/{id}/escrows``) and reconnect with its ``as_of``. The stream
   ends after a reset;
 * ``:`` comments as heartbeats (sent by the response).
