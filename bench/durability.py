@@ -5,9 +5,12 @@ escrows created as fast as ``--rate`` allows (one outbox row each), the relay
 publishing them, and one consumer group (counting the event ids it handles).
 After ``--load`` seconds a bounded ``dd ... conv=fsync`` starts writing into
 the server's data directory (a busy disk: the AOF's background fsync stalls
-behind it), and ``--kill-after`` seconds later redis-server gets SIGKILL. The
-file is removed when dd is done; the server restarts from its AOF; a new relay
-(repair on or off, as the cell says) and more load follow, and the trial ends
+behind it); from ``--kill-after`` seconds into it, redis-server gets SIGKILL at
+the first moment INFO shows a background fsync pending (or after
+``--kill-window`` seconds without one): the moment in which ``everysec`` holds
+acknowledged writes back. The file is removed when dd is done; the server
+restarts from its AOF; a new relay (repair on or off, as the cell says) and
+more load follow, and the trial ends
 when the group has handled every published event or ``--settle`` seconds pass.
 
 Per trial it records:
@@ -60,7 +63,7 @@ from typing import Any
 import click
 import redis
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import delete, insert, select
 
 from workbench.consumer import ConsumerSettings, ConsumerWorker
 from workbench.events import AGGREGATE_TYPES, Event
@@ -201,6 +204,33 @@ def relay_for(store: Store, url: str, cell: Cell) -> OutboxRelay:
     return OutboxRelay(store, connect(url), repair=cell.repair, wait_fsync=cell.waitaof)
 
 
+def drain_rate(store: Store, url: str, cell: Cell, rows: int) -> float:
+    """The relay's publishing rate on a backlog of ``rows`` (its ceiling in this
+    mode); the rows and their stream entries are removed afterwards."""
+    data = b'{"padding":"' + b"x" * 400 + b'"}'  # the relay does not decode rows
+    with store.begin() as conn:
+        conn.execute(
+            insert(outbox),
+            [
+                {"event_id": f"drain-{n}", "stream": AGGREGATE_TYPES[n % 4],
+                 "type": "escrow.created", "data": data, "created_at": time.time()}
+                for n in range(rows)
+            ],
+        )  # fmt: skip
+    relay = relay_for(store, url, cell)
+    started = time.perf_counter()
+    published = relay.drain()
+    seconds = time.perf_counter() - started
+    with store.begin() as conn:
+        conn.execute(delete(outbox))
+    client = connect(url)
+    client.delete(*StreamNames().streams())
+    client.close()
+    if published != rows:
+        raise RuntimeError(f"the relay published {published} of {rows} rows")
+    return round(rows / seconds, 1)
+
+
 def trial(cell: Cell, number: int, options: dict[str, Any], parent: Path) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="trial-", dir=parent))
     server = RedisServer(
@@ -219,6 +249,7 @@ def trial(cell: Cell, number: int, options: dict[str, Any], parent: Path) -> dic
     busy = tmp / "redis" / "busy.bin"
     record: dict[str, Any] = {"cell": cell.name, "trial": number}
     try:
+        record["drain_rows_per_s"] = drain_rate(store, server.url, cell, options["drain_rows"])
         in_thread(worker.run)
         relay = relay_for(store, server.url, cell)
         relay_thread = in_thread(relay.run)
@@ -231,7 +262,8 @@ def trial(cell: Cell, number: int, options: dict[str, Any], parent: Path) -> dic
             )  # fmt: skip
             time.sleep(options["kill_after"])
             dd_running = dd.poll() is None
-            server.kill()
+            # Within the busy window, at a moment a background fsync is pending.
+            fsync_pending = server.kill_during_fsync(timeout=options["kill_window"])
         relay.stop()
         relay_thread.join(30)
         dd.wait(120)
@@ -247,6 +279,7 @@ def trial(cell: Cell, number: int, options: dict[str, Any], parent: Path) -> dic
             "latency_p99_ms": percentile(latencies, 0.99),
             "dd_exit": dd.returncode,
             "killed_during_dd": dd_running,
+            "killed_while_fsync_pending": fsync_pending,
         }
         server.start()
         restarted = time.perf_counter()
@@ -310,6 +343,7 @@ def summarise(cell: Cell, trials: list[dict[str, Any]]) -> dict[str, Any]:
         "lost_after_total": sum(t["lost_after"] for t in trials),
         "repair_s_max": max(repairs) if repairs else None,
         "recovered_s_median": med("recovered_s"),
+        "drain_rows_per_s_median": med("drain_rows_per_s"),
         "throughput_rows_per_s_median": med("throughput_rows_per_s"),
         "latency_p50_ms_median": med("latency_p50_ms"),
         "latency_p99_ms_median": med("latency_p99_ms"),
@@ -341,7 +375,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="durability: kill -9 of redis-server during a busy disk")
     for column in (
         "cell", "trials", "kills with loss", "acked lost (max)", "lost after",
-        "repair s (max)", "recovered s", "rows/s", "p50 ms", "p99 ms",
+        "repair s (max)", "recovered s", "relay max rows/s", "p50 ms", "p99 ms",
     ):  # fmt: skip
         table.add_column(column, justify="left" if column == "cell" else "right")
 
@@ -357,7 +391,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             show(r["lost_after_total"]),
             show(r["repair_s_max"]),
             show(r["recovered_s_median"]),
-            show(r["throughput_rows_per_s_median"]),
+            show(r["drain_rows_per_s_median"]),
             show(r["latency_p50_ms_median"]),
             show(r["latency_p99_ms_median"]),
         )
@@ -369,9 +403,21 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 @click.option("--trials", default=5, show_default=True, help="kills per cell")
 @click.option("--rate", default=1000.0, show_default=True, help="escrows created per second")
 @click.option("--load", default=2.0, show_default=True, help="seconds of load before the busy disk")
-@click.option("--kill-after", default=0.5, show_default=True, help="seconds into dd to kill")
+@click.option(
+    "--kill-after", default=0.2, show_default=True,
+    help="seconds into dd before watching for a pending background fsync to kill at",
+)  # fmt: skip
+@click.option(
+    "--kill-window", default=3.0, show_default=True,
+    help="seconds to wait for a pending fsync before killing anyway",
+)  # fmt: skip
 @click.option("--dd-mb", default=400, show_default=True, help="MB dd writes (bounds disk use)")
 @click.option("--settle", default=15.0, show_default=True, help="seconds to wait for recovery")
+@click.option(
+    "--drain-rows", default=5000, show_default=True,
+    help="backlog the relay publishes flat out at the start of each trial (its ceiling)",
+)  # fmt: skip
+@click.option("--cells", "only", default="", help="comma-separated cell names (default: all)")
 @click.option(
     "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="where trials put their data (a real disk; default: the system temp dir)",
@@ -383,28 +429,42 @@ def main(
     rate: float,
     load: float,
     kill_after: float,
+    kill_window: float,
     dd_mb: int,
     settle: float,
+    drain_rows: int,
+    only: str,
     directory: Path | None,
     out: Path | None,
 ) -> None:
     """Run the durability matrix; write a JSON record and print a table."""
     logging.getLogger("workbench").setLevel(logging.ERROR)  # restarts are the point here
-    if trials < 1 or rate <= 0 or load <= 0 or kill_after < 0 or dd_mb < 1 or settle <= 0:
+    if (
+        min(trials, dd_mb, drain_rows) < 1
+        or min(rate, load, settle, kill_window) <= 0
+        or (kill_after < 0)
+    ):
         raise click.UsageError(
-            "--trials and --dd-mb must be at least 1; --rate, --load and --settle "
-            "positive; --kill-after not negative"
+            "--trials, --dd-mb and --drain-rows must be at least 1; --rate, --load, "
+            "--settle and --kill-window positive; --kill-after not negative"
         )
-    if quick:
-        trials, rate, load, kill_after, dd_mb, settle = 1, 500.0, 0.4, 0.1, 16, 4.0
+    if quick:  # a smoke run: small load, a short busy window
+        trials, rate, load, dd_mb, settle, drain_rows = 1, 500.0, 0.4, 16, 4.0, 1000
+        kill_after, kill_window = 0.05, 0.5
     options = {
-        "rate": rate,
-        "load": load,
-        "kill_after": kill_after,
-        "dd_mb": dd_mb,
-        "settle": settle,
-    }
+        "rate": rate, "load": load, "kill_after": kill_after, "kill_window": kill_window,
+        "dd_mb": dd_mb, "settle": settle, "drain_rows": drain_rows,
+    }  # fmt: skip
     chosen = cells(quick)
+    if only:
+        wanted = [name.strip() for name in only.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {c.name for c in cells(False)})
+        if unknown:
+            raise click.UsageError(
+                f"--cells: unknown {', '.join(unknown)}; cells: "
+                + ", ".join(c.name for c in cells(False))
+            )
+        chosen = [c for c in cells(False) if c.name in wanted]
     load_before = os.getloadavg()[0]
     parent = Path(tempfile.mkdtemp(prefix="workbench-durability-", dir=directory))
     all_trials: list[dict[str, Any]] = []

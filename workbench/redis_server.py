@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +259,31 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL redis-server, as a crash would."""
         self._terminate(signal.SIGKILL)
+
+    def kill_during_fsync(self, timeout: float, poll_s: float = 0.003) -> bool:
+        """SIGKILL redis-server while a background AOF fsync is pending, or when
+        ``timeout`` seconds pass without one; return whether one was pending.
+
+        Under ``appendfsync everysec`` Redis holds new AOF data back (and still
+        replies) while the previous fsync runs, so a kill at that moment loses
+        acknowledged writes: the natural loss that the relay's repair handles.
+        A busy disk (another writer's fsync) makes such moments last.
+        """
+        probe = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        pending = False
+        try:
+            while time.monotonic() < deadline and self.running:
+                if int(probe.info("persistence").get("aof_pending_bio_fsync", 0)):
+                    pending = True
+                    break
+                time.sleep(poll_s)  # a poll interval, not synchronisation
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            pass
+        finally:
+            self.kill()
+            probe.close()
+        return pending
 
     def restart(self) -> RedisServer:
         """Start again on the same port and directory (AOF, if on, is replayed)."""
