@@ -389,13 +389,19 @@ class ConsumerWorker:
             deliveries = self._read(cursor, 0)
             if not deliveries:
                 return total
-            total += len(deliveries)
-            for d in deliveries:
+            # A page can stop a stream short (a large pending list, e.g. after a
+            # Redis restart): as for new entries, what may sit behind unread
+            # entries of another stream waits for the next page.
+            ready, later = ready_to_handle(deliveries, self._full_streams(deliveries))
+            if not ready:  # all at one millisecond: no order to keep between them
+                ready, later = deliveries, []
+            total += len(ready)
+            for d in ready:
                 cursor[d.stream] = d.entry_id
-            self._fill_delivery_counts(deliveries)
-            self._process(deliveries)
+            self._fill_delivery_counts(ready)
+            self._process(ready)
             # Failures stay pending but are retried only after the backoff.
-            if len(deliveries) < self.settings.batch_size:
+            if len(deliveries) < self.settings.batch_size and not later:
                 return total
 
     def _fill_delivery_counts(self, deliveries: list[Delivery]) -> None:
