@@ -341,6 +341,7 @@ def summarise(cell: Cell, trials: list[dict[str, Any]]) -> dict[str, Any]:
         "acked_lost_total": sum(t["acked_lost"] for t in trials),
         "acked_lost_max": max(t["acked_lost"] for t in trials),
         "lost_after_total": sum(t["lost_after"] for t in trials),
+        "missing_after_total": sum(t["missing_entries_after"] for t in trials),
         "repair_s_max": max(repairs) if repairs else None,
         "recovered_s_median": med("recovered_s"),
         "drain_rows_per_s_median": med("drain_rows_per_s"),
