@@ -6,7 +6,8 @@ call, and XACKs only after the handler returned (its effect is durable by
 then: SQL handlers commit the effect and the inbox row together). Then:
 
 * **Own pending first.** On start, and after any failure, the worker re-reads
-  its own pending entries (id ``0``) before new ones (``>``).
+  its own pending entries (id ``0``) and handles them together with the new
+  ones (``>``) read right after, in order (:func:`ready_to_handle`).
 * **Dead consumers.** Each worker writes a heartbeat (its clock's time) to a
   hash. A consumer whose heartbeat is older than ``dead_after_s`` is dead: its
   pending entries are XCLAIMed by a live one. As a backstop, entries idle in
@@ -255,15 +256,15 @@ class ConsumerWorker:
             self._next_recovery = now + self.settings.recover_every_s
             read += self._recover()
         if self._reread_own_at is not None and now >= self._reread_own_at:
-            read += self._process_own_pending()
+            read += self._reread_own_pending()
         held = self._held
         block = 0 if held or block_ms is None else block_ms  # held entries are due now
         deliveries, truncated = self._read_new(block)
         if self._reconnected:
             # The read went over a new connection (redis-py retried it quietly):
-            # Redis may have restarted with older group state, so what is pending
-            # for us (these entries included) comes first, in order.
-            self._process_own_pending()
+            # Redis may have restarted with older group state, so re-read what is
+            # pending for us (these entries included) and merge it with the next read.
+            self._reread_own_pending()
             return read + len(deliveries)
         ready, self._held = ready_to_handle(held + deliveries, truncated)
         if ready:
@@ -378,31 +379,30 @@ class ConsumerWorker:
         self.stats.read += len(deliveries)
         return deliveries
 
-    def _process_own_pending(self) -> int:
-        """Re-read this consumer's pending entries from id 0, page by page."""
+    def _reread_own_pending(self) -> int:
+        """Re-read this consumer's pending entries from id 0, page by page, into
+        ``_held``; return how many.
+
+        They are not handled here: the poll merges them with a read of new
+        entries and hands both to :func:`ready_to_handle`. Pending entries can sit
+        beyond entries of another stream not delivered yet (a read cut short by
+        ``batch_size`` held them back, then the worker or Redis restarted), and
+        only the new read shows which of them are safe to handle now.
+        """
         cursor = dict.fromkeys(self.streams, "0")
-        total = 0
         self._reread_own_at = None
         self._reconnected = False
-        self._held = []  # pending too: this re-read covers them
+        pending: list[Delivery] = []  # the old _held is pending too: this covers it
         while True:
             deliveries = self._read(cursor, 0)
-            if not deliveries:
-                return total
-            # A page can stop a stream short (a large pending list, e.g. after a
-            # Redis restart): as for new entries, what may sit behind unread
-            # entries of another stream waits for the next page.
-            ready, later = ready_to_handle(deliveries, self._full_streams(deliveries))
-            if not ready:  # all at one millisecond: no order to keep between them
-                ready, later = deliveries, []
-            total += len(ready)
-            for d in ready:
-                cursor[d.stream] = d.entry_id
-            self._fill_delivery_counts(ready)
-            self._process(ready)
-            # Failures stay pending but are retried only after the backoff.
-            if len(deliveries) < self.settings.batch_size and not later:
-                return total
+            if deliveries:
+                for d in deliveries:
+                    cursor[d.stream] = d.entry_id
+                self._fill_delivery_counts(deliveries)
+                pending += deliveries
+            if len(deliveries) < self.settings.batch_size:
+                self._held = pending
+                return len(pending)
 
     def _fill_delivery_counts(self, deliveries: list[Delivery]) -> None:
         by_stream: dict[str, list[Delivery]] = {}
@@ -453,8 +453,7 @@ class ConsumerWorker:
                 claimed_any += self._claim_from(stream, dead)
             claimed_any += self._autoclaim(stream)
         if claimed_any:
-            self._reread_own_at = self.clock.now()
-            self._process_own_pending()
+            self._reread_own_pending()  # handled with the poll's read of new entries
         return claimed_any
 
     def _claim_from(self, stream: str, dead: str) -> int:
