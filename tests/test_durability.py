@@ -1,7 +1,7 @@
 """Redis losing acknowledged writes, and the repair from the SQL outbox.
 
 Losses are forced deterministically on real redis-server processes: kill -9
-and restart from an AOF cut to a prefix at a command boundary (what a kill
+and restart from an AOF cut back to a command boundary (what a kill
 during a delayed ``everysec`` fsync leaves: streams, groups, dedupe markers and
 user streams regressed together), FLUSHALL, and deleted streams. The relay,
 every SQL group and the fan-out run their real loops in threads; afterwards
@@ -85,23 +85,16 @@ def aof_units(data: bytes) -> list[tuple[int, list[list[bytes]]]]:
     return units
 
 
-def cut_aof_before_last_publishes(directory: Path, publishes: int = 2) -> int:
-    """Cut the write AOF of a killed server just before the last ``publishes``
-    units that XADD to an aggregate stream (the relay's batches), at a unit
-    boundary: the prefix a kill during a delayed fsync leaves. Return how many
-    publishing units were cut."""
-    aggregate_keys = {name.encode() for name in StreamNames().streams()}
+def cut_aof_at(directory: Path, size: int) -> int:
+    """Cut the write AOF of a killed server back to ``size`` bytes, which must be a
+    unit boundary (never inside a MULTI/EXEC): the prefix a kill during a
+    delayed fsync leaves. Return how many units were cut."""
     path = aof_with_writes(directory)
     data = path.read_bytes()
-    units = aof_units(data)
-    publishing = [
-        start
-        for start, commands in units
-        if any(c[0].upper() == b"XADD" and c[1] in aggregate_keys for c in commands)
-    ]
-    cut = publishing[-min(publishes, len(publishing) - 1)]  # keep the first one
-    path.write_bytes(data[:cut])
-    return sum(1 for start in publishing if start >= cut)
+    starts = [start for start, _ in aof_units(data)]
+    assert size in starts, f"{size} is not a command boundary of {path.name}"
+    path.write_bytes(data[:size])
+    return len(starts) - starts.index(size)
 
 
 # -- the truth and what Redis holds ------------------------------------------------
@@ -290,11 +283,24 @@ def test_lost_writes_are_repaired_and_phones_never_see_a_silent_gap(store, tmp_p
         with Runtime(store, server.url) as runtime:
             run_lifecycles(service, gateway, clock, 20, prefix="before")
             wait_until(lambda: settled(runtime, store, client), timeout=60, what="a first catch-up")
+            # All of that is in the AOF now (appendfsync no writes before it replies).
+            first_part = aof_with_writes(server.directory).stat().st_size
+            # More events for the same users: what the cut AOF will lack.
+            for i in range(14):
+                service.create(
+                    f"before-buyer-{i % 7}",
+                    f"before-seller-{i % 5}",
+                    500 + i,
+                    escrow_id=f"more-{i}",
+                )
+            wait_until(
+                lambda: settled(runtime, store, client), timeout=60, what="a second catch-up"
+            )
             phones = phones_of(client, store)
             before = {u: {i for i, _ in user_stream(client, u)} for u in user_truth(store)}
             if fault == "aof-prefix":
                 server.kill()
-                assert cut_aof_before_last_publishes(server.directory) > 0
+                assert cut_aof_at(server.directory, first_part) > 0
                 server.start()
             elif fault == "flushall":
                 client.flushall()
