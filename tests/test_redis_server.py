@@ -1,4 +1,5 @@
-"""The embedded redis-server: both binaries, fault injection, no orphans."""
+"""The embedded redis-server: every binary (PATH, Valkey, Redis 6.2), fault
+injection, no orphans."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-@pytest.mark.parametrize("binary", ["auto", "bundled"])
+@pytest.mark.parametrize("binary", ["auto", "bundled", "valkey"])
 def test_starts_answers_and_stops(tmp_path, binary) -> None:
     server = RedisServer(tmp_path, binary=binary)
     with server:
@@ -47,6 +48,22 @@ def test_bundled_binary_is_redis_6_2(tmp_path) -> None:
     with RedisServer(tmp_path, binary="bundled") as server:
         assert server.version[:2] == (6, 2)
         assert server.client().info("server")["redis_version"].startswith("6.2")
+
+
+def test_valkey_binary_speaks_redis_7_2_and_has_waitaof(tmp_path) -> None:
+    with RedisServer(tmp_path, binary="valkey", appendonly=True) as server:
+        assert server.version[0] >= 8
+        client = server.client()
+        assert client.info("server")["redis_version"] >= "7.2"
+        client.xadd("s", {"f": "v"})
+        assert client.execute_command("WAITAOF", 1, 0, 2000)[0] == 1
+
+
+def test_without_a_usable_path_server_the_fallback_is_valkey(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on PATH
+    assert "valkey" in find_binary("auto")
+    with pytest.raises(RedisServerError, match="PATH"):
+        find_binary("path")
 
 
 def _dirty_the_disk(path, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]

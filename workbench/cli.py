@@ -26,6 +26,7 @@ from workbench.handlers import ALL_GROUPS, make_handler
 from workbench.handlers.fanout import FanoutHandler
 from workbench.handlinglog import HandlingLog
 from workbench.log import connect
+from workbench.relay import DEFAULT_FSYNC_TIMEOUT_MS
 from workbench.store import Store, database_url
 from workbench.userstreams import DEFAULT_USER_MAXLEN
 
@@ -275,6 +276,22 @@ def _risk_scorer(
     "--crash-batch", default=1, show_default=True,
     help="...of this batch number (or the first later one that has the point)",
 )  # fmt: skip
+@click.option(
+    "--wait-fsync/--no-wait-fsync", default=False, show_default=True,
+    envvar="WORKBENCH_WAIT_FSYNC",
+    help="durable mode: mark rows published only after WAITAOF confirms the AOF fsync "
+    "(Redis >= 7.2 or Valkey, appendonly yes) [env WORKBENCH_WAIT_FSYNC]",
+)  # fmt: skip
+@click.option(
+    "--fsync-timeout-ms", type=click.IntRange(min=1), default=DEFAULT_FSYNC_TIMEOUT_MS,
+    show_default=True, envvar="WORKBENCH_FSYNC_TIMEOUT_MS",
+    help="WAITAOF timeout; on timeout the batch goes out again [env WORKBENCH_FSYNC_TIMEOUT_MS]",
+)  # fmt: skip
+@click.option(
+    "--repair/--no-repair", default=True, show_default=True, envvar="WORKBENCH_RELAY_REPAIR",
+    help="check the streams against the outbox and put back what Redis lost "
+    "(off only to measure its cost) [env WORKBENCH_RELAY_REPAIR]",
+)  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True)
 def relay(
     redis_url: str | None,
@@ -282,13 +299,16 @@ def relay(
     prefix: str,
     crash_at: str | None,
     crash_batch: int,
+    wait_fsync: bool,
+    fsync_timeout_ms: int,
+    repair: bool,
     verbose: bool,
 ) -> None:
-    """Publish the outbox to the streams until SIGTERM."""
+    """Publish the outbox to the streams until SIGTERM, repairing what Redis lost."""
     import signal
 
     from workbench.log import StreamNames
-    from workbench.relay import OutboxRelay
+    from workbench.relay import TRANSIENT, DurabilityUnavailable, OutboxRelay
 
     _setup_logging(verbose)
     hook = sigkill_at(crash_at, crash_batch, ("after-xadd",)) if crash_at else None
@@ -298,10 +318,20 @@ def relay(
         names=StreamNames(prefix),
         clock=clock_from_env(),
         crash_hook=hook,
+        repair=repair,
+        wait_fsync=wait_fsync,
+        fsync_timeout_ms=fsync_timeout_ms,
     )
     signal.signal(signal.SIGTERM, lambda *_: r.stop())
     signal.signal(signal.SIGINT, lambda *_: r.stop())
-    r.run()
+    try:
+        if wait_fsync:
+            with contextlib.suppress(TRANSIENT):  # Redis down: checked at the first batch
+                r.check_durability()
+        r.run()
+    except DurabilityUnavailable as exc:
+        click.echo(f"workbench relay --wait-fsync: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command()

@@ -6,7 +6,8 @@ call, and XACKs only after the handler returned (its effect is durable by
 then: SQL handlers commit the effect and the inbox row together). Then:
 
 * **Own pending first.** On start, and after any failure, the worker re-reads
-  its own pending entries (id ``0``) before new ones (``>``).
+  its own pending entries (id ``0``) and handles them together with the new
+  ones (``>``) read right after, in order (:func:`ready_to_handle`).
 * **Dead consumers.** Each worker writes a heartbeat (its clock's time) to a
   hash. A consumer whose heartbeat is older than ``dead_after_s`` is dead: its
   pending entries are XCLAIMed by a live one. As a backstop, entries idle in
@@ -16,6 +17,17 @@ then: SQL handlers commit the effect and the inbox row together). Then:
   ``retry_backoff_s``. When it has been delivered ``max_deliveries`` times it
   goes to the group's dead-letter stream with the reason, and is acked on the
   source in the same MULTI, so the group keeps moving.
+* **Redis lost data.** A redis-server restarted from an AOF that lacks its
+  last writes (see :mod:`workbench.relay`) has regressed group state: entries
+  acked before the loss may be pending again, under this consumer. The
+  worker re-reads its own pending before handling anything new when a read
+  was served over a new connection (redis-py's retry can hide a reconnect)
+  and, as a backstop, when its recovery pass sees a new server ``run_id``;
+  ``>`` re-delivers what the group's regressed position no longer covers, and
+  the relay's repair puts lost entries back under their original ids. A group
+  that is gone (FLUSHALL, a deleted stream) answers NOGROUP: the worker
+  recreates it from ``0`` and re-reads every retained entry. The handlers'
+  inboxes make all of this redelivery harmless.
 * **Deleted while pending** (trimmed, XDEL): Redis 7 reports such ids from
   XAUTOCLAIM and drops them; Redis 6.2 returns nil entries and keeps them
   pending. Both end acked and counted in ``stats.deleted``.
@@ -171,6 +183,13 @@ def dead_consumers(
     )
 
 
+def group_gone(exc: redis.ResponseError) -> bool:
+    """Is this error Redis saying our group or its stream no longer exists?
+    (NOGROUP; or, to a read blocked when the stream was deleted, UNBLOCKED.)"""
+    text = str(exc)
+    return "NOGROUP" in text or ("UNBLOCKED" in text and "no longer exists" in text)
+
+
 def should_dead_letter(delivery: Delivery, max_deliveries: int) -> bool:
     """Dead-letter once the entry failed on its last allowed delivery."""
     return delivery.delivery_count >= max_deliveries
@@ -210,6 +229,9 @@ class ConsumerWorker:
         self._held: list[Delivery] = []  # read, pending, not yet safe to handle in order
         self._next_heartbeat = 0.0
         self._next_recovery = 0.0
+        self._run_id: str | None = None  # of the server at the last recovery pass
+        self._client_id: int | None = None  # of the connection of the last new-entry read
+        self._reconnected = False
         self._ready = False
 
     # -- setup ---------------------------------------------------------------------
@@ -234,10 +256,16 @@ class ConsumerWorker:
             self._next_recovery = now + self.settings.recover_every_s
             read += self._recover()
         if self._reread_own_at is not None and now >= self._reread_own_at:
-            read += self._process_own_pending()
+            read += self._reread_own_pending()
         held = self._held
         block = 0 if held or block_ms is None else block_ms  # held entries are due now
         deliveries, truncated = self._read_new(block)
+        if self._reconnected:
+            # The read went over a new connection (redis-py retried it quietly):
+            # Redis may have restarted with older group state, so re-read what is
+            # pending for us (these entries included) and merge it with the next read.
+            self._reread_own_pending()
+            return read + len(deliveries)
         ready, self._held = ready_to_handle(held + deliveries, truncated)
         if ready:
             self._process(ready)
@@ -281,9 +309,10 @@ class ConsumerWorker:
                 log.warning("%s: %s; retrying", self.consumer, exc)
                 self._stop.wait(backoff.compute(failures))
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not group_gone(exc):
                     raise
-                # Redis came back without our groups (no persistence): recreate them.
+                # Redis came back without our groups (no persistence, a FLUSHALL, a
+                # deleted stream): recreate them from 0 and re-read what is there.
                 log.warning("%s: %s; recreating the group", self.consumer, exc)
                 self._ready = False
 
@@ -291,21 +320,56 @@ class ConsumerWorker:
 
     def _read_new(self, block_ms: int) -> tuple[list[Delivery], set[str]]:
         """New entries, and the streams whose read came back full (more may follow)."""
-        deliveries = self._read(">", block_ms)
-        if len(self.streams) == 1 or len(deliveries) < self.settings.batch_size:
-            return deliveries, set()  # one stream is in order; no stream can be full
-        per_stream = Counter(d.stream for d in deliveries)
-        return deliveries, {s for s, n in per_stream.items() if n >= self.settings.batch_size}
+        deliveries = self._read(">", block_ms, check_connection=True)
+        if len(self.streams) == 1:
+            return deliveries, set()  # one stream is in order
+        truncated = self._full_streams(deliveries)
+        if block_ms and deliveries:
+            # Redis < 7.2 serves a blocked multi-stream read with the entries of the
+            # one stream that woke it. The relay's publish is atomic (one script), so
+            # the other streams may already hold earlier events of the same batch:
+            # read them too before handling anything.
+            more = self._read(">", 0)
+            truncated |= self._full_streams(more)
+            deliveries += more
+        return deliveries, truncated
 
-    def _read(self, start: str | dict[str, str], block_ms: int) -> list[Delivery]:
+    def _full_streams(self, deliveries: list[Delivery]) -> set[str]:
+        """Streams whose read came back full (more entries may follow)."""
+        if len(deliveries) < self.settings.batch_size:
+            return set()  # no stream can be full
+        per_stream = Counter(d.stream for d in deliveries)
+        return {s for s, n in per_stream.items() if n >= self.settings.batch_size}
+
+    def _read(
+        self, start: str | dict[str, str], block_ms: int, *, check_connection: bool = False
+    ) -> list[Delivery]:
+        """XREADGROUP; with ``check_connection``, also note (in ``_reconnected``)
+        whether it was served over a different connection than the last check's."""
         ids = start if isinstance(start, dict) else dict.fromkeys(self.streams, start)
-        reply = self.client.xreadgroup(
-            self.group,
-            self.consumer,
-            ids,  # type: ignore[arg-type]
-            count=self.settings.batch_size,
-            block=block_ms or None,
-        )
+        if not check_connection:
+            reply = self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                ids,  # type: ignore[arg-type]
+                count=self.settings.batch_size,
+                block=block_ms or None,
+            )
+        else:
+            # CLIENT ID in the same pipeline: a retried pipeline is retried whole,
+            # so the id is that of the connection that served the read.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.client_id()
+            pipe.xreadgroup(
+                self.group,
+                self.consumer,
+                ids,  # type: ignore[arg-type]
+                count=self.settings.batch_size,
+                block=block_ms or None,
+            )
+            client_id, reply = pipe.execute()
+            self._reconnected = self._client_id is not None and client_id != self._client_id
+            self._client_id = client_id
         deliveries = []
         for stream, entries in reply or []:
             name = _text(stream)
@@ -315,24 +379,30 @@ class ConsumerWorker:
         self.stats.read += len(deliveries)
         return deliveries
 
-    def _process_own_pending(self) -> int:
-        """Re-read this consumer's pending entries from id 0, page by page."""
+    def _reread_own_pending(self) -> int:
+        """Re-read this consumer's pending entries from id 0, page by page, into
+        ``_held``; return how many.
+
+        They are not handled here: the poll merges them with a read of new
+        entries and hands both to :func:`ready_to_handle`. Pending entries can sit
+        beyond entries of another stream not delivered yet (a read cut short by
+        ``batch_size`` held them back, then the worker or Redis restarted), and
+        only the new read shows which of them are safe to handle now.
+        """
         cursor = dict.fromkeys(self.streams, "0")
-        total = 0
         self._reread_own_at = None
-        self._held = []  # pending too: this re-read covers them
+        self._reconnected = False
+        pending: list[Delivery] = []  # the old _held is pending too: this covers it
         while True:
             deliveries = self._read(cursor, 0)
-            if not deliveries:
-                return total
-            total += len(deliveries)
-            for d in deliveries:
-                cursor[d.stream] = d.entry_id
-            self._fill_delivery_counts(deliveries)
-            self._process(deliveries)
-            # Failures stay pending but are retried only after the backoff.
+            if deliveries:
+                for d in deliveries:
+                    cursor[d.stream] = d.entry_id
+                self._fill_delivery_counts(deliveries)
+                pending += deliveries
             if len(deliveries) < self.settings.batch_size:
-                return total
+                self._held = pending
+                return len(pending)
 
     def _fill_delivery_counts(self, deliveries: list[Delivery]) -> None:
         by_stream: dict[str, list[Delivery]] = {}
@@ -356,12 +426,19 @@ class ConsumerWorker:
     def _recover(self) -> int:
         """Claim entries from dead consumers (heartbeats) and long-idle ones (backstop)."""
         pipe = self.client.pipeline(transaction=False)  # one round trip, not 1 + streams
+        pipe.info("server")
         pipe.hgetall(self.names.heartbeats(self.group))
         for stream in self.streams:
             pipe.xpending(stream, self.group)
-        raw, *summaries = pipe.execute()
+        server, raw, *summaries = pipe.execute()
         heartbeats = {_text(k): float(v) for k, v in raw.items()}
         claimed_any = 0
+        run_id = str(server.get("run_id", ""))
+        if self._run_id is not None and run_id != self._run_id:
+            # A restarted server: its group state may have regressed (lost acks).
+            log.warning("%s: Redis restarted (new run_id); re-reading own pending", self.consumer)
+            self._reread_own_at = self.clock.now()
+        self._run_id = run_id
         for stream, summary in zip(self.streams, summaries, strict=True):
             if not summary["pending"]:
                 continue
@@ -376,8 +453,7 @@ class ConsumerWorker:
                 claimed_any += self._claim_from(stream, dead)
             claimed_any += self._autoclaim(stream)
         if claimed_any:
-            self._reread_own_at = self.clock.now()
-            self._process_own_pending()
+            self._reread_own_pending()  # handled with the poll's read of new entries
         return claimed_any
 
     def _claim_from(self, stream: str, dead: str) -> int:

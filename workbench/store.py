@@ -150,6 +150,9 @@ outbox = Table(
     Column("data", LargeBinary, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("published_at", Float),
+    # The id the relay's XADD gave the row: the repair re-adds a row Redis lost
+    # under this id (workbench.relay). NULL until published.
+    Column("stream_id", String(48)),
     Index("ix_outbox_unpublished", "published_at", "seq"),
 )
 
@@ -337,6 +340,17 @@ class Store:
 
     def create_schema(self) -> None:
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to a table after a database was made (create_all skips
+        existing tables): nullable ones, added in place."""
+        from sqlalchemy import inspect
+
+        have = {c["name"] for c in inspect(self.engine).get_columns("outbox")}
+        if "stream_id" not in have:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE outbox ADD COLUMN stream_id VARCHAR(48)")
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)

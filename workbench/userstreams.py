@@ -17,6 +17,16 @@ concerns (``wb:user:<user id>``) with one Lua script per event, which also
   (``wb:live``). Each server process reads that channel over one connection
   and fans out locally, so Redis connections stay O(1) per process.
 
+**When Redis loses writes** (see :mod:`workbench.relay`): what survives a
+restart from a shortened AOF is a prefix of the history, so a user stream and
+the dedupe markers of the events it lost regress together. When the fan-out
+group gets those events again (the relay puts lost aggregate entries back, the
+group's regressed position redelivers them), their markers are gone and they
+are appended again, with new ids after the last surviving entry and ``prev``
+naming it; events whose entries survived keep their markers and are not
+appended twice. A phone whose Last-Event-ID was lost can never see such an
+entry as "next" (its ``prev`` is not the lost id): it gets ``reset``.
+
 **Retention.** ``XADD ... MAXLEN ~ user_maxlen`` (default 1000 entries per
 user) and, with ``max_age_s`` set, ``XTRIM MINID`` to that many seconds of
 Redis' clock (history by size and by age, like Centrifugo's history size and

