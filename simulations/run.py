@@ -77,9 +77,10 @@ class RedisFaults:
         faults: list[dict[str, Any]],
         until: float,
         restarts: SupervisedRestarts,
+        on_restart: Callable[[], int] | None = None,
     ) -> None:
         self.env, self.server, self.p, self.faults, self.until = env, server, params, faults, until
-        self.restarts = restarts
+        self.restarts, self.on_restart = restarts, on_restart
 
     def run(self) -> Any:
         every = self.p["restart_every_s"]
@@ -93,6 +94,10 @@ class RedisFaults:
                      "target": "redis-server", "detail": "SIGKILL, restart from AOF"}  # fmt: skip
             self.faults.append(fault)
             self.server.kill()
+            if lose := self.p["lose_last_writes"]:
+                # What a kill during an everysec fsync does, every time: the last
+                # acknowledged writes are gone (a prefix of the history survives).
+                fault["detail"] += f"; lost the last {self.server.lose_last_writes(lose)} writes"
             down_for = self.restarts.down_for("redis-server", self.env.now)
             if down_for is None:
                 fault["detail"] += f"; {self.restarts.given_up['redis-server']}"
@@ -100,6 +105,8 @@ class RedisFaults:
             yield self.env.timeout(down_for)
             self.server.restart()
             self.restarts.started("redis-server", self.env.now)
+            if self.on_restart is not None and (lost := self.on_restart()):
+                fault["detail"] += f"; {lost} user-stream entries lost"
             fault["t_end"] = self.env.now
 
 
@@ -236,7 +243,10 @@ def simulate_to(
                 runtime.crash_loop(group, np.random.default_rng(rngs[2].integers(2**63) + i))
             )
         env.process(
-            RedisFaults(env, server, params["redis"], faults, load_s, runtime.restarts).run()
+            RedisFaults(
+                env, server, params["redis"], faults, load_s, runtime.restarts,
+                on_restart=runtime.redis_restarted,
+            ).run()  # fmt: skip
         )
         user_names = UserStreamNames(prefix)
         phones = [
@@ -254,6 +264,7 @@ def simulate_to(
 
         runtime.on_fanout = fanned_out
         runtime.on_user_entry = writer["user_streams"].append
+        runtime.on_lost_entry = writer["lost_entries"].append
         pool = ServerPool(params["servers"]["count"])
         for phone in phones:
             phone.pool = pool
@@ -291,6 +302,14 @@ def simulate_to(
         )  # fmt: skip
         manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
         manifest["cpu"] = on
+        stats = runtime.relay.stats  # what the repair put back after Redis lost writes
+        manifest["relay"] = {
+            "published": stats.published,
+            "repairs": stats.repairs,
+            "repaired": stats.repaired,
+            "unrepairable": stats.unrepairable,
+        }
+        manifest["supervisor_gave_up"] = dict(runtime.restarts.given_up)
         client.close()
         store.close()
     writer.close(manifest)

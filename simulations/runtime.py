@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +46,15 @@ from workbench.relay import OutboxRelay
 from workbench.replay import UserEntry
 from workbench.service import EscrowService
 from workbench.store import Store
-from workbench.streamid import parse
+from workbench.streamid import ZERO, parse
+from workbench.userstreams import UserStreamNames
 
 SIM_GROUPS = ALL_GROUPS
 #: How a crashed consumer comes back: restarted by serve's supervisor (same consumer
 #: name, after its backoff) or replaced by another consumer after ``mttr_s``.
 RESTART_MODES = ("supervisor", "replacement")
+#: How many of the fan-out's latest entries are kept to judge a Redis loss by.
+RECENT_ENTRIES = 100_000
 
 
 def backlog(client: redis.Redis, names: StreamNames, group: str) -> tuple[int, int, int]:
@@ -188,6 +191,12 @@ class NotifyingFanout(FanoutHandler):
             os.write(self._effects, "".join(lines).encode())
         self.notify(live)
 
+    def unrecord(self, per_event: Counter[str]) -> None:
+        """Take back entries Redis lost: negative counts in the effects log."""
+        now = self.clock.now()
+        lines = "".join(f"{event_id} {-n} {now!r}\n" for event_id, n in per_event.items())
+        os.write(self._effects, lines.encode())
+
     def close(self) -> None:
         os.close(self._effects)
 
@@ -224,6 +233,7 @@ class Runtime:
         self.store = store
         self.client = client
         self.names = names
+        self.user_names = UserStreamNames.of(names)
         self.p = params
         self.faults = faults
         self.relay = OutboxRelay(
@@ -256,6 +266,10 @@ class Runtime:
         self.healed = False
         self.on_fanout: Callable[[dict[str, list[UserEntry]]], None] = lambda live: None
         self.on_user_entry: Callable[[dict[str, Any]], None] = lambda row: None
+        self.on_lost_entry: Callable[[dict[str, Any]], None] = lambda row: None
+        # The fan-out's latest entries, to tell which a Redis loss took back (a loss
+        # takes the newest writes; this holds far more than a kill can lose).
+        self._recent_entries: deque[tuple[str, str, str]] = deque(maxlen=RECENT_ENTRIES)
         self.redis_errors: dict[str, int] = defaultdict(int)
         # Wake-ups standing in for XREADGROUP BLOCK and the relay's idle wait:
         # a command nudges the relay, a publish wakes the consumers.
@@ -276,7 +290,7 @@ class Runtime:
                 self.names,
                 c,
                 lambda live: self.on_fanout(live),
-                lambda row: self.on_user_entry(row),
+                self._made_user_entry,
                 self.handling_dir / f"effects-fanout-{slot.generation}.log",
                 self.clock,
             )
@@ -387,6 +401,44 @@ class Runtime:
         self._start_worker(slot)
         self.restarts.started(slot.name, self.env.now)
         fault["t_end"] = self.env.now
+
+    def _made_user_entry(self, row: dict[str, Any]) -> None:
+        self._recent_entries.append((row["user"], row["entry_id"], row["event_id"]))
+        self.on_user_entry(row)
+
+    def redis_restarted(self) -> int:
+        """Redis came back, maybe without its last writes: take the fan-out's entries it
+        lost out of the truth; return how many.
+
+        A loss takes a suffix of each user stream (the AOF keeps a prefix), so an entry
+        made by the fan-out is lost when its id is past its stream's surviving last id.
+        Each goes to ``lost_entries`` and its count comes off the fan-out's effects
+        log (negative lines): the fan-out makes those entries again when the relay's
+        repair republishes the events, and the run's truth must count them once.
+        """
+        recent = list(self._recent_entries)
+        users = sorted({user for user, _, _ in recent})
+        pipe = self.client.pipeline(transaction=False)
+        for user in users:
+            pipe.xrevrange(self.user_names.stream(user), count=1)
+        last = {
+            user: parse(tail[0][0]) if tail else ZERO
+            for user, tail in zip(users, pipe.execute(), strict=True)
+        }
+        lost = [entry for entry in recent if parse(entry[1]) > last[entry[0]]]
+        if not lost:
+            return 0
+        gone = set(lost)
+        self._recent_entries = deque((e for e in recent if e not in gone), maxlen=RECENT_ENTRIES)
+        per_event = Counter(event_id for _, _, event_id in lost)
+        handler = self.slots["fanout"].handler if "fanout" in self.slots else None
+        if isinstance(handler, NotifyingFanout):
+            handler.unrecord(per_event)
+        for user, entry_id, event_id in lost:
+            self.on_lost_entry(
+                {"user": user, "entry_id": entry_id, "event_id": event_id, "t": self.env.now}
+            )
+        return len(lost)
 
     def crash_loop(self, group: str, rng: np.random.Generator) -> Any:
         """Arm a crash at a random crash point every MTBF (exponential) on average."""

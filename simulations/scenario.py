@@ -117,6 +117,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # What serve ships: everysec. A kill while a background fsync is pending
         # loses acknowledged writes; the relay's repair puts the lost entries back.
         "appendfsync": "everysec",
+        # Writes (commands, or scripts' MULTI/EXEC) cut off the AOF at each kill:
+        # the loss an everysec kill can cause, forced so that every kill has one.
+        "lose_last_writes": 0,
     },
     "supervisor": {
         # serve's restart policy (workbench.supervision.RestartPolicy, same defaults):

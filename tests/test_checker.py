@@ -727,3 +727,22 @@ def test_valid_delivery_is_ok_and_one_drop_is_one_loss(process, random) -> None:
     )  # fmt: skip
     assert list(problems["verdict"]) == ["lost"]
     assert list(problems["entry_id"]) == [rows[dropped]["entry_id"]]
+
+
+def test_entries_redis_lost_are_out_of_the_truth_and_their_deliveries_forgiven() -> None:
+    # The fan-out made 2-0 and 3-0; Redis lost both (a kill that lost writes), the phone
+    # had received 2-0 live; the fan-out made the events again as 4-0 and 5-0; the phone
+    # was reset, resynced from the snapshot as of 1-0 and replayed 4-0 and 5-0.
+    ids = ["1-0", "2-0", "3-0", "4-0", "5-0"]
+    rows = [delivery("p1", "1-0"), delivery("p1", "2-0"), snapshot("p1", "1-0", "c2")]
+    rows += [delivery("p1", e, connection="c2") for e in ("4-0", "5-0")]
+    lost = [{"user": "p1", "entry_id": e, "event_id": f"evt-{e}", "t": 1.0} for e in ("2-0", "3-0")]
+    tables = {"user_streams": truth("p1", ids), "deliveries": rows,
+              "phones": [{"phone": "p1", "start_after": "0"}]}  # fmt: skip
+    report = check(run(**tables, lost_entries=lost))
+    assert client_row(report, "p1")["expected"] == 3  # 1-0, 4-0, 5-0
+    assert (client_row(report, "p1")["lost"], client_row(report, "p1")["unexpected"]) == (0, 0)
+    assert report.clients["reordered"].sum() == 0
+    # Without the record of the loss, the same run has a lost entry (3-0, never sent).
+    blind = check(run(**tables))
+    assert client_row(blind, "p1")["lost"] == 1

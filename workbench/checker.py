@@ -162,9 +162,15 @@ def check(run: RunTables) -> CheckReport:
     """
     published = _published(run.published)
     groups, delivery_counts, group_problems = _check_groups(published, run.handled, run.final)
-    clients, client_problems = check_clients(run.user_streams, run.deliveries, run.phones)
+    # Entries Redis lost (``lost_entries``) were rolled back: they are no part of any
+    # user's history, and a phone that had one was sent a reset (checked by its
+    # snapshot row), so neither the truth nor the deliveries hold them.
+    lost = _lost_keys(run.lost_entries)
+    user_streams = _drop_lost(run.user_streams, "user", lost)
+    deliveries = _drop_lost(run.deliveries, "phone", lost)
+    clients, client_problems = check_clients(user_streams, deliveries, run.phones)
     invariants = _check_invariants(
-        published, run.escrows, run.ledger, run.final, run.user_streams, run.handled
+        published, run.escrows, run.ledger, run.final, user_streams, run.handled
     )
     return CheckReport(
         groups=groups,
@@ -658,6 +664,25 @@ def _print_limited(console: Console, df: pd.DataFrame, title: str, limit: int) -
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+def _lost_keys(lost_entries: pd.DataFrame) -> pd.Index:
+    """(user, entry id) of every entry Redis lost, as an index to filter by."""
+    return pd.MultiIndex.from_arrays(
+        [_text(lost_entries["user"]), _text(lost_entries["entry_id"])]
+    )
+
+
+def _drop_lost(frame: pd.DataFrame, who: str, lost: pd.Index) -> pd.DataFrame:
+    """``frame`` without the rows whose (``who``, entry_id) Redis lost; snapshot rows
+    stay (their id is a position the phone resynced to, not an entry received)."""
+    if lost.empty or frame.empty:
+        return frame
+    keys = pd.MultiIndex.from_arrays([_text(frame[who]), _text(frame["entry_id"])])
+    drop = keys.isin(lost)
+    if "source" in frame:
+        drop &= (_text(frame["source"]) != "snapshot").to_numpy()
+    return frame[~drop].reset_index(drop=True)
 
 
 def _published(published: pd.DataFrame) -> pd.DataFrame:

@@ -287,6 +287,28 @@ class RedisServer:
         """SIGKILL redis-server, as a crash would."""
         self._terminate(signal.SIGKILL)
 
+    def lose_last_writes(self, units: int) -> int:
+        """On a killed server, cut the last ``units`` writes off its AOF; return how many.
+
+        A unit is what a restart replays whole: one command, or one MULTI..EXEC (a
+        script's effects). What is left is a prefix of the history, exactly what a
+        kill -9 during an ``everysec`` fsync leaves (streams, consumer groups and
+        dedupe markers regress together), but on demand: a fault that loses
+        acknowledged writes every time, for tests and simulations.
+        """
+        if self.running:
+            raise RedisServerError("lose_last_writes needs a killed server (kill() first)")
+        path = aof_with_writes(self.directory)
+        if units <= 0 or not path.exists():
+            return 0
+        data = path.read_bytes()
+        starts = [start for start, _ in aof_units(data)]
+        # Never cut into the preamble of a single-file AOF (its SELECT is unit 0).
+        cut = min(units, max(len(starts) - 1, 0))
+        if cut:
+            path.write_bytes(data[: starts[len(starts) - cut]])
+        return cut
+
     def kill_during_fsync(self, timeout: float, poll_s: float = 0.003) -> bool:
         """SIGKILL redis-server while a background AOF fsync is pending, or when
         ``timeout`` seconds pass without one; return whether one was pending.
@@ -380,3 +402,34 @@ def redis_url(directory: str | os.PathLike[str] | None = None, **options: object
     """Yield ``REDIS_URL`` if set, else the URL of a private server started here."""
     with attach_or_start(os.environ.get("REDIS_URL"), directory, **options) as (url, _):
         yield url
+
+
+def aof_with_writes(directory: Path) -> Path:
+    """The AOF file that receives writes: the newest incr file of a multi-part AOF
+    (Redis >= 7, Valkey), or the single ``appendonly.aof`` (Redis 6.2)."""
+    parts = sorted((directory / "appendonlydir").glob("*.incr.aof"))
+    return parts[-1] if parts else directory / "appendonly.aof"
+
+
+def aof_units(data: bytes) -> list[tuple[int, list[list[bytes]]]]:
+    """An AOF as the units a restart replays whole: (start offset, commands) of each
+    command outside MULTI/EXEC, and of each MULTI..EXEC (a script's effects)."""
+    units: list[tuple[int, list[list[bytes]]]] = []
+    pos, in_multi = 0, False
+    while pos < len(data):
+        if not in_multi:
+            units.append((pos, []))
+        if data[pos : pos + 1] != b"*":
+            raise RedisServerError(f"not a RESP array at offset {pos} of the AOF")
+        end = data.index(b"\r\n", pos)
+        argc, pos = int(data[pos + 1 : end]), end + 2
+        args = []
+        for _ in range(argc):
+            end = data.index(b"\r\n", pos)
+            size = int(data[pos + 1 : end])
+            args.append(data[end + 2 : end + 2 + size])
+            pos = end + 2 + size + 2
+        units[-1][1].append(args)
+        name = args[0].upper()
+        in_multi = (in_multi or name == b"MULTI") and name != b"EXEC"
+    return units

@@ -24,6 +24,9 @@ SimPy run). Tables and their columns:
 ``ledger``       event_id, escrow_id, account, amount
 ``risk``         event_id, event_type, seller_id, score, model_version, t_event, t_scored:
                  the ``analytics`` group's online risk scores (empty without it)
+``lost_entries`` user, entry_id, event_id, t: user-stream entries the fan-out made that
+                 Redis then lost (a kill that lost acknowledged writes); they are not
+                 part of the user's history, and the fan-out made them again
 
 Every table is written even when empty, so readers need no special cases.
 The simulator writes tables *as the run goes* (:class:`RunWriter`: Parquet row
@@ -63,6 +66,7 @@ COLUMNS: dict[str, list[str]] = {
     "ledger": ["event_id", "escrow_id", "account", "amount"],
     "risk": ["event_id", "event_type", "seller_id", "score", "model_version", "t_event",
              "t_scored"],
+    "lost_entries": ["user", "entry_id", "event_id", "t"],
 }  # fmt: skip
 
 
@@ -82,6 +86,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         "escrows": [_S, _S, _S, _I, _S, _S, _S],
         "ledger": [_S, _S, _S, _I],
         "risk": [_S, _S, _S, _F, _S, _F, _F],
+        "lost_entries": [_S, _S, _S, _F],
     }.items()
 }
 
@@ -174,6 +179,7 @@ class RunTables:
     escrows: pd.DataFrame = field(default_factory=lambda: empty("escrows"))
     ledger: pd.DataFrame = field(default_factory=lambda: empty("ledger"))
     risk: pd.DataFrame = field(default_factory=lambda: empty("risk"))
+    lost_entries: pd.DataFrame = field(default_factory=lambda: empty("lost_entries"))
 
     @classmethod
     def table_names(cls) -> list[str]:
