@@ -173,6 +173,7 @@ class NotifyingFanout(FanoutHandler):
         super().__init__(
             client, names, dedupe_ttl_s=settings["dedupe_ttl_s"],
             user_maxlen=settings["user_maxlen"], user_max_age_s=settings["user_max_age_s"],
+            clock=clock,  # entry ids, history window and dedupe lifetime on virtual time
         )  # fmt: skip
         self.notify, self.record, self.clock = notify, record, clock
         self._effects = os.open(effects_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -238,7 +239,7 @@ class Runtime:
         self.faults = faults
         self.relay = OutboxRelay(
             store, client, names=names, clock=clock, batch_size=500,
-            retention_s=params["relay"]["retention_s"],
+            retention_s=params["relay"]["retention_s"], ids_on_clock=True,
         )  # fmt: skip
         only = [g.strip() for g in params["consumers"]["only"].split(",") if g.strip()]
         known = (*SIM_GROUPS, *OPTIONAL_GROUPS)

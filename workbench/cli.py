@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from workbench.clock import clock_from_env
+from workbench.clock import clock_from_env, simulated
 from workbench.consumer import (
     CRASH_POINTS,
     AckFirstWorker,
@@ -209,8 +209,9 @@ def worker(
     clock = clock_from_env()
     if group == "fanout":
         handler: Any = FanoutHandler(
-            client, StreamNames(prefix), user_maxlen=user_maxlen, user_max_age_s=user_max_age
-        )
+            client, StreamNames(prefix), user_maxlen=user_maxlen, user_max_age_s=user_max_age,
+            clock=simulated(clock),
+        )  # fmt: skip
     elif group == "analytics":
         handler = _risk_scorer(store, client, clock, model_dir, prefix, risk_prefix, group_name)
     else:
@@ -312,11 +313,13 @@ def relay(
 
     _setup_logging(verbose)
     hook = sigkill_at(crash_at, crash_batch, ("after-xadd",)) if crash_at else None
+    clock = clock_from_env()
     r = OutboxRelay(
         Store(database_url or _default_database()),
         connect(_redis_url(redis_url)),
         names=StreamNames(prefix),
-        clock=clock_from_env(),
+        clock=clock,
+        ids_on_clock=simulated(clock) is not None,  # a real-time simulation's timeline
         crash_hook=hook,
         repair=repair,
         wait_fsync=wait_fsync,

@@ -50,6 +50,13 @@ def now_ms(clock: Clock) -> int:
     return int(clock.now() * 1000)
 
 
+def simulated(clock: Clock) -> Clock | None:
+    """``clock`` when it is a simulation's (a :class:`ScaledClock` from the environment),
+    else None: the clock that stream ids, retention windows and dedupe lifetimes
+    follow in a process a real-time simulation started (production keeps Redis')."""
+    return clock if isinstance(clock, ScaledClock) else None
+
+
 class ScaledClock:
     """Wall time mapped onto a simulation's timeline: ``rate`` virtual seconds per
     wall second, virtual ``epoch`` at wall instant ``origin``.

@@ -135,10 +135,22 @@ class TrimResult:
     held_by_groups: bool
 
 
-def trim(client: redis.Redis, stream: str, *, retention_s: float = 24 * 3600) -> TrimResult:
-    """Trim ``stream`` to the retention window without passing any group's unacked entries."""
-    seconds, micros = client.time()
-    window_start = (int(seconds) * 1000 + int(micros) // 1000 - int(retention_s * 1000), 0)
+def trim(
+    client: redis.Redis,
+    stream: str,
+    *,
+    retention_s: float = 24 * 3600,
+    now_ms: int | None = None,
+) -> TrimResult:
+    """Trim ``stream`` to the retention window without passing any group's unacked entries.
+
+    The window ends at ``now_ms``: Redis' own clock when None (entry ids are Redis
+    time), the simulation's when ids come from it.
+    """
+    if now_ms is None:
+        seconds, micros = client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+    window_start = (now_ms - int(retention_s * 1000), 0)
     safe = window_start
     held = False
     try:

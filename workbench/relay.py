@@ -57,12 +57,12 @@ import sqlalchemy.exc
 from redis.backoff import ExponentialWithJitterBackoff
 from sqlalchemy import bindparam, func, select, update
 
-from workbench.clock import Clock, SystemClock
+from workbench.clock import Clock, SystemClock, now_ms
 from workbench.events import AGGREGATE_TYPES
 from workbench.log import StreamNames, server_version, trim
 from workbench.shutdown import StopRequest
 from workbench.store import Prepared, Store, outbox
-from workbench.streamid import ZERO, StreamId, parse
+from workbench.streamid import ZERO, StreamId, next_id, parse
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ _MARK_PUBLISHED = Prepared(
 
 # KEYS: every aggregate stream. ARGV[1..#KEYS]: the id each stream's
 # last-generated-id must have reached (what the relay published last; 0-0:
-# nothing). Then per row: key index, event_id, type, data.
+# nothing). Then per row: key index, entry id ('*': Redis' clock), event_id, type, data.
 # Returns {1, id...} after XADDing every row, or {0, key index, its
 # last-generated-id, ...} for the streams found behind, having written nothing.
 _CHECKED_XADD_LUA = """
@@ -109,9 +109,9 @@ for i = 1, n do
 end
 if #behind > 1 then return behind end
 local ids = {1}
-for k = n + 1, #ARGV, 4 do
-  ids[#ids + 1] = redis.call('XADD', KEYS[tonumber(ARGV[k])], '*',
-    'event_id', ARGV[k + 1], 'type', ARGV[k + 2], 'data', ARGV[k + 3])
+for k = n + 1, #ARGV, 5 do
+  ids[#ids + 1] = redis.call('XADD', KEYS[tonumber(ARGV[k])], ARGV[k + 1],
+    'event_id', ARGV[k + 2], 'type', ARGV[k + 3], 'data', ARGV[k + 4])
 end
 return ids
 """
@@ -171,6 +171,7 @@ class OutboxRelay:
         verify_every_s: float = 0.25,
         wait_fsync: bool = False,
         fsync_timeout_ms: int = DEFAULT_FSYNC_TIMEOUT_MS,
+        ids_on_clock: bool = False,
     ) -> None:
         if fsync_timeout_ms < 1:
             raise ValueError("fsync_timeout_ms must be at least 1 (WAITAOF 0 would wait forever)")
@@ -187,6 +188,8 @@ class OutboxRelay:
         self.verify_every_s = verify_every_s
         self.wait_fsync = wait_fsync
         self.fsync_timeout_ms = fsync_timeout_ms
+        # Simulations: entry ids from ``clock`` (see workbench.streamid.next_id), not Redis'.
+        self.ids_on_clock = ids_on_clock
         self.losses: list[Loss] = []  # every loss found, oldest first
         self._unpublished = Prepared(
             select(outbox.c.seq, outbox.c.event_id, outbox.c.stream, outbox.c.type, outbox.c.data)
@@ -237,7 +240,7 @@ class OutboxRelay:
         with self.store.begin() as conn:  # SQLite: the thread's held connection, no checkout
             rows = self._unpublished.execute(conn).fetchall()
         if not rows:
-            if self.repair and time.monotonic() >= self._next_verify:
+            if self.repair and self.clock.now() >= self._next_verify:
                 self.verify()
             return 0
         if self.wait_fsync and not self._durability_checked:
@@ -264,19 +267,38 @@ class OutboxRelay:
             self.trim()
         return len(rows)
 
+    def _entry_ids(self, rows: list[Any]) -> list[str]:
+        """Each row's entry id: ``*`` (Redis' clock), or, with ``ids_on_clock``, the
+        next id after its stream's last on the relay's clock (simulation time)."""
+        if not self.ids_on_clock:
+            return ["*"] * len(rows)
+        last = list(self._expected_ids())
+        now = now_ms(self.clock)
+        ids = []
+        for row in rows:
+            i = self._index[row[2]]
+            last[i] = next_id(last[i], now)
+            ids.append(str(last[i]))
+        return ids
+
     def _publish_plain(self, rows: list[Any]) -> list[str]:
         pipe = self.client.pipeline(transaction=False)
         stream = self.names.stream
-        for _, event_id, aggregate, type_, data in rows:
-            pipe.xadd(stream(aggregate), {"event_id": event_id, "type": type_, "data": data})
+        for (_, event_id, aggregate, type_, data), id_ in zip(
+            rows, self._entry_ids(rows), strict=True
+        ):
+            fields = {"event_id": event_id, "type": type_, "data": data}
+            pipe.xadd(stream(aggregate), fields, id=id_)  # type: ignore[arg-type]
         return [_text(i) for i in self._send(pipe)]
 
     def _publish_checked(self, rows: list[Any]) -> list[str]:
         """XADD ``rows`` through the checking script, repairing first if needed."""
         argv: list[Any] = []
         index = self._index
-        for _, event_id, aggregate, type_, data in rows:
-            argv += (index[aggregate] + 1, event_id, type_, data)
+        for (_, event_id, aggregate, type_, data), id_ in zip(
+            rows, self._entry_ids(rows), strict=True
+        ):
+            argv += (index[aggregate] + 1, id_, event_id, type_, data)
         while True:
             reply = self._script(argv)
             if reply[0] == 1:
@@ -285,7 +307,7 @@ class OutboxRelay:
 
     def verify(self) -> list[Loss]:
         """Check every stream against what was published; repair what Redis lost."""
-        self._next_verify = time.monotonic() + self.verify_every_s
+        self._next_verify = self.clock.now() + self.verify_every_s
         reply = self._script([])
         if reply[0] == 1:
             return []
@@ -453,7 +475,12 @@ class OutboxRelay:
     def trim(self) -> int:
         trimmed = 0
         for aggregate in AGGREGATE_TYPES:
-            result = trim(self.client, self.names.stream(aggregate), retention_s=self.retention_s)
+            result = trim(
+                self.client,
+                self.names.stream(aggregate),
+                retention_s=self.retention_s,
+                now_ms=now_ms(self.clock) if self.ids_on_clock else None,
+            )
             if result.held_by_groups:
                 log.info("retention of %s held back by an unacked group", result.stream)
             trimmed += result.trimmed

@@ -52,3 +52,18 @@ def parse(text: str | bytes) -> StreamId:
     if ms > _MAX or seq > _MAX:
         raise MalformedStreamId(f"{text!r} is out of range for a stream id")
     return StreamId(ms, seq)
+
+
+def next_id(last: StreamId, now_ms: int) -> StreamId:
+    """The id an entry appended at ``now_ms`` gets after ``last``: what Redis' ``*``
+    does, on a clock of our own.
+
+    ``now_ms-0`` when the clock has passed ``last``'s millisecond, otherwise the next
+    sequence number in ``last``'s millisecond, so ids grow strictly even when the
+    clock stands still (many entries at one virtual instant) or is behind ``last``.
+    Simulations give every entry an id this way, from the simulation's clock, so
+    ids, retention windows and dedupe lifetimes all run on simulation time.
+    """
+    if now_ms > last.ms:
+        return StreamId(now_ms, 0)
+    return StreamId(last.ms, last.seq + 1)

@@ -48,6 +48,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from workbench.clock import Clock, now_ms
 from workbench.events import Event
 from workbench.log import StreamNames
 from workbench.replay import UserEntry
@@ -57,27 +58,50 @@ DEFAULT_USER_MAXLEN = 1000
 DEFAULT_DEDUPE_TTL_S = 7 * 24 * 3600
 
 # KEYS[1] dedupe marker; KEYS[2..] user streams.
-# ARGV: event_id, type, data, maxlen, dedupe ttl, live channel, max age s, user ids...
+# ARGV: event_id, type, data, maxlen, dedupe ttl, live channel, max age s,
+#       now ms ('': Redis' clock and ids), user ids...
+# With a clock of our own (simulations) entry ids, the age window and the marker's
+# lifetime all run on it: the marker holds its expiry in that clock's ms, and EX is
+# only its garbage collection.
 _FANOUT_LUA = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
+local now_ms = tonumber(ARGV[8])
+if now_ms then
+  local seen = redis.call('GET', KEYS[1])
+  if seen and tonumber(seen) and tonumber(seen) > now_ms then return {} end
+  redis.call('SET', KEYS[1], string.format('%.0f', now_ms + tonumber(ARGV[5]) * 1000),
+    'EX', ARGV[5])
+elseif not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
   return {}
 end
 local ids = {}
 local min_id = nil
 if tonumber(ARGV[7]) > 0 then
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  min_id = string.format('%d-0', ms - math.floor(tonumber(ARGV[7]) * 1000))
+  local ms = now_ms
+  if not ms then
+    local now = redis.call('TIME')
+    ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  end
+  min_id = string.format('%.0f-0', ms - math.floor(tonumber(ARGV[7]) * 1000))
 end
 for i = 2, #KEYS do
   local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
   local prev = '0-0'
   if #last > 0 then prev = last[1][1] end
-  local id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[4], '*',
+  local id = '*'
+  if now_ms then
+    local dash = string.find(prev, '-', 1, true)
+    local pms = tonumber(string.sub(prev, 1, dash - 1))
+    if now_ms > pms then
+      id = string.format('%.0f-0', now_ms)
+    else
+      id = string.format('%.0f-%.0f', pms, tonumber(string.sub(prev, dash + 1)) + 1)
+    end
+  end
+  id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[4], id,
     'event_id', ARGV[1], 'type', ARGV[2], 'prev', prev, 'data', ARGV[3])
   if min_id then redis.call('XTRIM', KEYS[i], 'MINID', min_id) end
   redis.call('PUBLISH', ARGV[6],
-    cjson.encode({ARGV[6 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
+    cjson.encode({ARGV[7 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
   ids[#ids + 1] = id
   ids[#ids + 1] = prev
 end
@@ -117,6 +141,7 @@ class UserStreams:
         maxlen: int = DEFAULT_USER_MAXLEN,
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
         max_age_s: float = 0.0,
+        clock: Clock | None = None,
     ) -> None:
         if maxlen < 1:
             raise ValueError("user stream maxlen must be at least 1")
@@ -127,6 +152,9 @@ class UserStreams:
         self.maxlen = maxlen
         self.dedupe_ttl_s = dedupe_ttl_s
         self.max_age_s = max_age_s
+        # None: Redis' clock and ids (production); a simulation's clock: ids, the age
+        # window and dedupe lifetimes on simulation time (workbench.streamid.next_id).
+        self.clock = clock
         self._sha = hashlib.sha1(_FANOUT_LUA.encode()).hexdigest()
 
     def append(self, events: list[tuple[Event, bytes]]) -> list[int]:
@@ -164,6 +192,7 @@ class UserStreams:
         # EVALSHA directly: redis-py's Script in a pipeline asks SCRIPT EXISTS
         # on every execute, an extra round trip per batch.
         pipe = self.client.pipeline(transaction=False)
+        now = "" if self.clock is None else now_ms(self.clock)
         for event, data in events:
             users = _users(event)
             keys = [self.names.fanout_marker(event.event_id)] + [
@@ -180,6 +209,7 @@ class UserStreams:
                 self.dedupe_ttl_s,
                 self.names.live_channel,
                 self.max_age_s,
+                now,
                 *users,
             )
         return pipe.execute()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import redis
 
 from workbench import events as ev
+from workbench.clock import Clock
 from workbench.log import StreamNames
 from workbench.replay import UserEntry
 from workbench.userstreams import (
@@ -33,6 +34,7 @@ class FanoutHandler:
         user_maxlen: int = DEFAULT_USER_MAXLEN,
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
         user_max_age_s: float = 0.0,
+        clock: Clock | None = None,
     ) -> None:
         self.user_streams = UserStreams(
             client,
@@ -40,6 +42,7 @@ class FanoutHandler:
             maxlen=user_maxlen,
             dedupe_ttl_s=dedupe_ttl_s,
             max_age_s=user_max_age_s,
+            clock=clock,  # a simulation's: entry ids and windows on its time
         )
         self.appended = 0
         self.duplicates = 0
