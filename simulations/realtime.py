@@ -590,7 +590,7 @@ def simulate_realtime_to(
             market = Market(env, rngs[1], m, service, record, until=until)  # type: ignore[arg-type]
             env.process(market.run())
             env.process(sample_backlog(env, client, StreamNames(prefix), groups,
-                                       run_p["sample_every_s"], samples))  # fmt: skip
+                                       run_p["sample_every_s"], samples, clock))  # fmt: skip
             restarts = SupervisedRestarts(policy_of(params["supervisor"]))
             consumer_faults = ConsumerFaults(
                 env, fleet, params["consumers"], faults, start_worker, restarts

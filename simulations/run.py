@@ -390,7 +390,7 @@ def collect(
     index.close()
     final = []
     for group in groups:
-        pending, _, lag = backlog(client, names, group)
+        pending, _, lag, _ = backlog(client, names, group)
         final.append({"group": group, "pending": pending, "lag": lag})
     writer["final"].extend(final)
     writer["phones"].extend({"phone": p.user, "start_after": "0-0"} for p in phones)

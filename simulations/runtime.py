@@ -30,6 +30,7 @@ import simpy
 
 from simulations.clock import SimClock
 from simulations.supervision import SupervisedRestarts, policy_of
+from workbench.clock import Clock, now_ms
 from workbench.consumer import (
     CRASH_POINTS,
     TRANSIENT,
@@ -57,23 +58,34 @@ RESTART_MODES = ("supervisor", "replacement")
 RECENT_ENTRIES = 100_000
 
 
-def backlog(client: redis.Redis, names: StreamNames, group: str) -> tuple[int, int, int]:
-    """(pending, oldest pending idle in ms, lag) of a group over its streams."""
-    return backlogs(client, names, (group,))[group]
+def backlog(
+    client: redis.Redis, names: StreamNames, group: str, now_ms: int = 0
+) -> tuple[int, float, int, float]:
+    """(pending, oldest pending age in s, lag, lag in s) of a group over its streams."""
+    return backlogs(client, names, (group,), now_ms)[group]
 
 
 def backlogs(
-    client: redis.Redis, names: StreamNames, groups: tuple[str, ...]
-) -> dict[str, tuple[int, int, int]]:
+    client: redis.Redis, names: StreamNames, groups: tuple[str, ...], now_ms: int = 0
+) -> dict[str, tuple[int, float, int, float]]:
     """:func:`backlog` of several groups in two round trips: XINFO GROUPS of every
-    stream they read, then the oldest pending entry where anything is pending."""
+    stream they read, then the oldest pending entry and the oldest undelivered entry
+    where there are any.
+
+    Ages are ``now_ms`` minus the entry id's time: with ids from the simulation's
+    clock (the relay's ``ids_on_clock``) they are seconds of simulation time, so the
+    tables do not depend on how fast the machine ran the model. (Redis' own idle
+    times are wall-clock readings and would.) ``lag`` in seconds is the age of the
+    oldest entry not yet delivered to the group: how far behind it is, in time.
+    """
     streams = list(dict.fromkeys(s for g in groups for s in names.streams(aggregate_types_of(g))))
     pipe = client.pipeline(transaction=False)
     for stream in streams:
         pipe.xinfo_groups(stream)
     infos = dict(zip(streams, pipe.execute(raise_on_error=False), strict=True))
-    totals = {group: [0, 0, 0] for group in groups}
-    heads = []
+    pending = dict.fromkeys(groups, 0)
+    lag = dict.fromkeys(groups, 0)
+    heads: list[tuple[str, str, str]] = []  # (group, stream, "pending" | last-delivered id)
     for group in groups:
         for stream in names.streams(aggregate_types_of(group)):
             info = infos[stream]
@@ -84,18 +96,29 @@ def backlogs(
             for g in info:
                 if _text(g["name"]) != group:
                     continue
-                totals[group][0] += int(g["pending"])
-                totals[group][2] += int(g.get("lag") or 0)
+                pending[group] += int(g["pending"])
+                lag[group] += int(g.get("lag") or 0)
                 if int(g["pending"]):
-                    heads.append((group, stream))
+                    heads.append((group, stream, "pending"))
+                if int(g.get("lag") or 0):
+                    heads.append((group, stream, _text(g["last-delivered-id"])))
+    oldest = dict.fromkeys(groups, 0.0)
+    behind = dict.fromkeys(groups, 0.0)
     if heads:
         pipe = client.pipeline(transaction=False)
-        for group, stream in heads:
-            pipe.xpending_range(stream, group, "-", "+", 1)
-        for (group, _), rows in zip(heads, pipe.execute(), strict=True):
-            if rows:
-                totals[group][1] = max(totals[group][1], int(rows[0]["time_since_delivered"]))
-    return {group: (p, idle, lag) for group, (p, idle, lag) in totals.items()}
+        for group, stream, what in heads:
+            if what == "pending":
+                pipe.xpending_range(stream, group, "-", "+", 1)
+            else:
+                pipe.xrange(stream, f"({what}", "+", count=1)
+        for (group, _, what), rows in zip(heads, pipe.execute(), strict=True):
+            if not rows:
+                continue
+            entry = rows[0]["message_id"] if what == "pending" else rows[0][0]
+            age = max(0.0, (now_ms - parse(entry).ms) / 1000)
+            into = oldest if what == "pending" else behind
+            into[group] = max(into[group], age)
+    return {g: (pending[g], oldest[g], lag[g], behind[g]) for g in groups}
 
 
 def sample_backlog(
@@ -105,17 +128,19 @@ def sample_backlog(
     groups: tuple[str, ...],
     every: float,
     samples: list[dict[str, Any]],
+    clock: Clock,
 ) -> Any:
-    """A SimPy process: every ``every`` seconds, a backlog row per group."""
+    """A SimPy process: every ``every`` seconds, a backlog row per group, with ages
+    on ``clock`` (the simulation's)."""
     while True:
         try:
-            found = backlogs(client, names, groups)
+            found = backlogs(client, names, groups, now_ms(clock))
         except TRANSIENT:
             found = {}
-        for group, (pending, idle, lag) in found.items():
+        for group, (pending, age, lag, lag_s) in found.items():
             samples.append(
                 {"t": env.now, "group": group, "pending": pending,
-                 "oldest_idle_ms": idle, "lag": lag}
+                 "oldest_pending_age_s": age, "lag": lag, "lag_s": lag_s}
             )  # fmt: skip
         yield env.timeout(every)
 
@@ -510,4 +535,6 @@ class Runtime:
         return backlog(self.client, self.names, group)
 
     def sampler(self, every: float, samples: list[dict[str, Any]]) -> Any:
-        return sample_backlog(self.env, self.client, self.names, self.groups, every, samples)
+        return sample_backlog(
+            self.env, self.client, self.names, self.groups, every, samples, self.clock
+        )

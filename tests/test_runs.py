@@ -31,8 +31,8 @@ def test_rows_are_flushed_in_row_groups_and_read_back_in_order(tmp_path: Path) -
 
 def test_an_unfinished_run_is_refused(tmp_path: Path) -> None:
     writer = RunWriter(tmp_path)
-    writer["samples"].append({"t": 1.0, "group": "ledger", "pending": 0, "oldest_idle_ms": 0,
-                              "lag": 0})  # fmt: skip
+    writer["samples"].append({"t": 1.0, "group": "ledger", "pending": 0,
+                              "oldest_pending_age_s": 0.0, "lag": 0, "lag_s": 0.0})  # fmt: skip
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         RunTables.load(tmp_path)
 

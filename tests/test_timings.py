@@ -30,7 +30,7 @@ def _run() -> RunTables:
     )  # fmt: skip
     run.samples = pd.DataFrame(
         {"t": [0.0, 0.0, 5.0, 5.0], "group": ["ledger", "push"] * 2, "pending": [3, 1, 0, 0],
-         "oldest_idle_ms": [0] * 4, "lag": [2, 0, 0, 0]}
+         "oldest_pending_age_s": [0.0] * 4, "lag": [2, 0, 0, 0], "lag_s": [0.0] * 4}
     )  # fmt: skip
     return run
 
@@ -85,7 +85,8 @@ def test_recovery_time_runs_from_crash_to_the_first_empty_sample_after_restart()
     )  # fmt: skip
     run.samples = pd.DataFrame(
         {"t": [9.0, 11.0, 13.0, 15.0, 49.0, 52.0], "group": ["ledger"] * 4 + ["push"] * 2,
-         "pending": [0, 4, 2, 0, 0, 3], "oldest_idle_ms": [0] * 6, "lag": [0] * 6}
+         "pending": [0, 4, 2, 0, 0, 3], "oldest_pending_age_s": [0.0] * 6, "lag": [0] * 6,
+         "lag_s": [0.0] * 6}
     )  # fmt: skip
     times = recovery_times(run).set_index("target")
     assert times.loc["ledger-1", "group"] == "ledger"
@@ -112,8 +113,8 @@ def test_littles_law_compares_redis_samples_with_the_event_log() -> None:
     t = [float(i) for i in range(11)]
     level = [1 if 1 <= x < 3 or 5 <= x < 7 else 0 for x in t]
     run.samples = pd.DataFrame(
-        {"t": t, "group": ["ledger"] * 11, "pending": level, "oldest_idle_ms": [0] * 11,
-         "lag": [0] * 11}
+        {"t": t, "group": ["ledger"] * 11, "pending": level,
+         "oldest_pending_age_s": [0.0] * 11, "lag": [0] * 11, "lag_s": [0.0] * 11}
     )  # fmt: skip
     law = littles_law(run, "ledger")
     assert law["lambda"] == pytest.approx(0.2) and law["W"] == pytest.approx(2.0)

@@ -18,7 +18,8 @@ SimPy run). Tables and their columns:
                  entry_id, event_id, t. A "snapshot" row marks a resync: the phone lost
                  its Last-Event-ID and fetched the snapshot, whose ``as_of`` is entry_id
 ``phones``       phone, start_after: the id each phone's first connection resumed from
-``samples``      t, group, pending, oldest_idle_ms, lag
+``samples``      t, group, pending, oldest_pending_age_s, lag, lag_s: the backlog
+                 sampled from Redis; ages on the simulation's clock (entry ids are)
 ``faults``       t_start, t_end, kind, target, detail
 ``escrows``      id, buyer_id, seller_id, amount, state, seller_class, buyer_class
 ``ledger``       event_id, escrow_id, account, amount
@@ -60,7 +61,7 @@ COLUMNS: dict[str, list[str]] = {
     "user_streams": ["user", "entry_id", "event_id"],
     "deliveries": ["phone", "connection", "source", "entry_id", "event_id", "t"],
     "phones": ["phone", "start_after"],
-    "samples": ["t", "group", "pending", "oldest_idle_ms", "lag"],
+    "samples": ["t", "group", "pending", "oldest_pending_age_s", "lag", "lag_s"],
     "faults": ["t_start", "t_end", "kind", "target", "detail"],
     "escrows": ["id", "buyer_id", "seller_id", "amount", "state", "seller_class", "buyer_class"],
     "ledger": ["event_id", "escrow_id", "account", "amount"],
@@ -81,7 +82,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         "user_streams": [_S, _S, _S],
         "deliveries": [_S, _I, _S, _S, _S, _F],
         "phones": [_S, _S],
-        "samples": [_F, _S, _I, _I, _I],
+        "samples": [_F, _S, _I, _F, _I, _F],
         "faults": [_F, _F, _S, _S, _S],
         "escrows": [_S, _S, _S, _I, _S, _S, _S],
         "ledger": [_S, _S, _S, _I],

@@ -50,7 +50,7 @@ def replays(run: RunTables) -> pd.DataFrame:
 
 
 def backlog(run: RunTables, column: str = "pending") -> pd.DataFrame:
-    """t x group table of ``pending`` (or ``lag``, ``oldest_idle_ms``)."""
+    """t x group table of ``pending`` (or ``lag``, ``lag_s``, ``oldest_pending_age_s``)."""
     if run.samples.empty:
         return pd.DataFrame()
     return run.samples.pivot_table(index="t", columns="group", values=column, aggfunc="max")
