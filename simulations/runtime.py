@@ -349,6 +349,7 @@ class Runtime:
                 heartbeat_every_s=1.0,
                 recover_every_s=2.0,
                 retry_backoff_s=1.0,
+                ids_on_clock=True,  # dead letters and the idle backstop on virtual time
             ),
             clock=self.clock,
             crash_hook=lambda point, _batch, slot=slot: self._maybe_crash(slot, point),
@@ -362,7 +363,10 @@ class Runtime:
     def _risk_scorer(self) -> Any:
         from workbench.analytics import RiskScorer
 
-        return RiskScorer(self.store, self.client, self.model, names=self.names, clock=self.clock)
+        return RiskScorer(
+            self.store, self.client, self.model, names=self.names, clock=self.clock,
+            ids_on_clock=True,
+        )  # fmt: skip
 
     def _maybe_crash(self, slot: GroupSlot, point: str) -> None:
         if slot.crash_at == point:

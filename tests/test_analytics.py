@@ -149,6 +149,7 @@ def test_streaming_features_equal_batch_features(
     scorer = RiskScorer(
         store, client, model, group=group, names=run.names, risk_names=risk,
         clock=ManualClock(run.end),  # scored "at the end of the run", on its timeline
+        ids_on_clock=True,  # the run's entry ids are on that timeline too
     )  # fmt: skip
     worker = ConsumerWorker(
         client, scorer, consumer=f"{group}-1", names=run.names,

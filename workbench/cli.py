@@ -195,6 +195,7 @@ def worker(
     _setup_logging(verbose)
     store = Store(database_url or _default_database())
     client = connect(_redis_url(redis_url))
+    clock = clock_from_env()
     try:
         settings = ConsumerSettings(
             batch_size=batch_size,
@@ -203,10 +204,10 @@ def worker(
             retry_backoff_s=retry_backoff,
             dead_after_s=dead_after,
             claim_idle_ms=claim_idle_ms,
+            ids_on_clock=simulated(clock) is not None,  # a real-time simulation's timeline
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    clock = clock_from_env()
     if group == "fanout":
         handler: Any = FanoutHandler(
             client, StreamNames(prefix), user_maxlen=user_maxlen, user_max_age_s=user_max_age,
@@ -261,6 +262,7 @@ def _risk_scorer(
     return RiskScorer(
         store, client, model, group=group_name or "analytics", names=StreamNames(prefix),
         risk_names=RiskNames(risk_prefix or prefix), clock=clock,
+        ids_on_clock=simulated(clock) is not None,
     )  # fmt: skip
 
 

@@ -52,9 +52,9 @@ import sqlalchemy.exc
 from redis.backoff import ExponentialWithJitterBackoff
 
 from workbench import events as ev
-from workbench.clock import Clock, SystemClock
+from workbench.clock import Clock, SystemClock, now_ms
 from workbench.events import AGGREGATE_TYPES, Event
-from workbench.log import SOCKET_TIMEOUT_S, StreamNames, ensure_groups
+from workbench.log import SOCKET_TIMEOUT_S, StreamNames, ensure_groups, xadd_at
 from workbench.shutdown import StopRequest
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ class ConsumerSettings:
     recover_every_s: float = 2.0
     claim_idle_ms: int = 60_000
     claim_guard_ms: int = 0
+    # Simulations: dead letters get ids on the worker's clock, and the idle backstop
+    # judges an entry by its id's age on that clock (Redis' idle time is wall time).
+    ids_on_clock: bool = False
 
     def __post_init__(self) -> None:
         if self.block_ms >= SOCKET_TIMEOUT_S * 1000:
@@ -492,6 +495,8 @@ class ConsumerWorker:
         return claimed
 
     def _autoclaim(self, stream: str) -> int:
+        if self.settings.ids_on_clock:
+            return self._claim_by_age(stream)
         reply = self.client.xautoclaim(
             stream,
             self.group,
@@ -516,6 +521,25 @@ class ConsumerWorker:
         # under our name: the own-pending pass sees them with no fields and acks.
         self.stats.claimed += len(entries)
         return len(entries)
+
+    def _claim_by_age(self, stream: str) -> int:
+        """The idle backstop on the worker's clock (simulations): claim pending entries
+        whose id is older than ``claim_idle_ms``. An entry's age since publish is at
+        least its idle time since delivery, so this claims no later than XAUTOCLAIM
+        would on that clock; Redis' own idle times are wall time and would make a
+        simulation depend on how fast the machine runs it."""
+        cutoff = now_ms(self.clock) - self.settings.claim_idle_ms
+        if cutoff <= 0:
+            return 0
+        rows = self.client.xpending_range(
+            stream, self.group, "-", f"{cutoff}-{2**64 - 1}", self.settings.batch_size
+        )
+        ids = [row["message_id"] for row in rows if _text(row["consumer"]) != self.consumer]
+        if not ids:
+            return 0
+        self.client.xclaim(stream, self.group, self.consumer, 0, ids, justid=True)
+        self.stats.claimed += len(ids)
+        return len(ids)
 
     # -- handling ------------------------------------------------------------------
 
@@ -617,7 +641,8 @@ class ConsumerWorker:
         for key, value in (d.fields or {}).items():
             fields[f"entry.{_text(key)}"] = value
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.names.dead_letter(self.group), fields)  # type: ignore[arg-type]
+        now = now_ms(self.clock) if self.settings.ids_on_clock else None
+        xadd_at(pipe, self.names.dead_letter(self.group), fields, now)
         pipe.xack(d.stream, self.group, d.entry_id)
         pipe.execute()
         self.stats.dead_lettered += 1

@@ -48,9 +48,9 @@ from sqlalchemy import Connection, func, select
 
 from workbench.analytics.features import ANALYTICS_AGGREGATES, Fact, FeatureState, Role
 from workbench.analytics.model import RiskModel
-from workbench.clock import Clock, SystemClock
+from workbench.clock import Clock, SystemClock, now_ms
 from workbench.events import Event
-from workbench.log import StreamNames
+from workbench.log import XADD_AT_LUA, StreamNames
 from workbench.store import Store, analytics_facts, claim_inbox, insert_many, risk_scores
 
 GROUP = "analytics"
@@ -60,15 +60,18 @@ CACHE_SELLERS = 50_000
 _IN_CHUNK = 500  # ids per IN (...) list
 
 # KEYS[1] dedupe marker, KEYS[2] the risk stream.
-# ARGV: dedupe ttl, maxlen (0: none), then field, value, field, value...
-_PUBLISH_LUA = """
+# ARGV: dedupe ttl, maxlen (0: none), now ms ('': Redis' clock and ids), then field,
+# value, field, value... With a clock of our own (simulations) the entry id is the next
+# after the stream's last on that clock (workbench.streamid.next_id).
+_PUBLISH_LUA = XADD_AT_LUA + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return 0
 end
+local id = next_id(KEYS[2], ARGV[3])
 if tonumber(ARGV[2]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], id, unpack(ARGV, 4))
 else
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+  redis.call('XADD', KEYS[2], id, unpack(ARGV, 4))
 end
 return 1
 """
@@ -113,6 +116,7 @@ class RiskScorer:
         names: StreamNames | None = None,
         risk_names: RiskNames | None = None,
         clock: Clock | None = None,
+        ids_on_clock: bool = False,
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
         maxlen: int | None = None,
     ) -> None:
@@ -123,6 +127,7 @@ class RiskScorer:
         self.names = names or StreamNames()
         self.risk_names = risk_names or RiskNames.of(self.names)
         self.clock = clock or SystemClock()
+        self.ids_on_clock = ids_on_clock  # simulations: risk entries' ids on its clock
         self.dedupe_ttl_s = dedupe_ttl_s
         self.maxlen = maxlen or 0
         self._sha = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
@@ -287,6 +292,7 @@ class RiskScorer:
                 self.risk_names.stream,
                 self.dedupe_ttl_s,
                 self.maxlen,
+                now_ms(self.clock) if self.ids_on_clock else "",
                 *self._fields(row),
             )
         return [int(n) for n in pipe.execute()]
@@ -429,7 +435,8 @@ def scorer_lag(
       seconds in a simulation): from the event's commit to its score, relay
       and queueing included;
     * ``stream_lag_ms``: the risk entry's id time minus the source entry's id
-      time, both Redis' own clock: from the source entry's append to the risk
+      time, both on the clock ids come from (Redis' in production, the
+      simulation's in a simulation): from the source entry's append to the risk
       entry's. NaN where the source entry was trimmed.
     """
     names = names or StreamNames()
