@@ -139,3 +139,41 @@ def test_cli_worker_checks_the_analytics_options(tmp_path, args: list[str], says
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "s.db").exists()  # refused before touching the store
+
+
+def test_ages_are_seconds_of_the_runtime_clock(r) -> None:
+    """Lag and the oldest pending entry in seconds, read from entry ids on the runtime's
+    clock: a simulation's ids and clock give simulation seconds, whatever Redis' clock."""
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CollectorRegistry
+
+    from workbench.clock import ManualClock
+    from workbench.metrics import _stream_metrics
+
+    stream = NAMES.stream("escrow")
+    ensure_groups(r, NAMES.streams(), "ledger")
+    for n, ms in enumerate((1_000_000, 1_004_000, 1_010_000), start=1):
+        r.xadd(stream, to_fields(_event("esc-1", n)), id=f"{ms}-0")
+    r.xreadgroup("ledger", "c1", {stream: ">"}, count=1)  # 1_000_000 pending; two undelivered
+    clock = ManualClock(1_030.5)  # 1_030_500 ms
+    row = workbench.inspect(r, clock=clock).groups.set_index(["stream", "group"])
+    row = row.loc[("escrow", "ledger")]
+    assert row["oldest_pending_age_s"] == 30.5
+    assert row["lag_s"] == 26.5  # the oldest undelivered entry: 1_004_000
+    assert row["lag"] == 2
+    # Nothing pending, nothing behind: no age and zero lag.
+    other = workbench.inspect(r, clock=clock).groups.set_index(["stream", "group"])
+    assert other.loc[("payment", "ledger"), "lag_s"] == 0.0
+    assert _isna(other.loc[("payment", "ledger"), "oldest_pending_age_s"])
+
+    class Collector:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return _stream_metrics(r, NAMES, clock)
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    text = generate_latest(registry).decode()
+    assert 'workbench_group_lag_seconds{group="ledger",stream="wb:escrow"} 26.5' in text
+    assert (
+        'workbench_group_oldest_pending_age_seconds{group="ledger",stream="wb:escrow"} 30.5' in text
+    )

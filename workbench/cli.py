@@ -398,7 +398,8 @@ def inspect_command(redis_url: str | None, prefix: str, as_json: bool) -> None:
     from workbench.report import print_inspection
 
     try:
-        result = inspect(connect(_redis_url(redis_url)), StreamNames(prefix))
+        client = connect(_redis_url(redis_url))
+        result = inspect(client, StreamNames(prefix), clock=clock_from_env())
     except Exception as exc:  # redis down, wrong URL: say so plainly
         if isinstance(exc, click.UsageError):
             raise

@@ -1,5 +1,13 @@
 """What the log looks like right now: lengths, groups, pending, lag, dead letters.
 
+Ages are in seconds of the runtime's clock (``clock``): ``oldest_pending_age_s``
+is how long ago the oldest entry a group has not acked was appended, and
+``lag_s`` how long ago the oldest entry not yet delivered to it was, both read
+from the entry ids. In production ids are Redis' clock and the runtime's is the
+wall clock; in a simulation both are the simulation's, so operators and analysts
+read the same units. (``oldest_pending_idle_ms`` is Redis' own idle time since the
+last delivery, on Redis' clock.)
+
 ``inspect(client)`` returns pandas DataFrames; ``workbench inspect`` prints
 them (``--json`` for machines). Lag comes from ``XINFO GROUPS`` where Redis
 has it (7.0+, and not after some deletions); otherwise it is computed by
@@ -15,14 +23,16 @@ from typing import Any
 import pandas as pd
 import redis
 
+from workbench.clock import Clock, SystemClock, now_ms
 from workbench.events import AGGREGATE_TYPES
 from workbench.handlers import GROUPS
-from workbench.log import StreamNames, server_version
+from workbench.log import StreamNames, group_ages, server_version
 
 STREAM_COLUMNS = ["stream", "length", "first_id", "last_id", "groups"]
 GROUP_COLUMNS = [
     "stream", "group", "consumers", "pending", "oldest_pending_idle_ms",
-    "last_delivered_id", "lag", "lag_xinfo", "lag_source", "dead_letters",
+    "oldest_pending_age_s", "last_delivered_id", "lag", "lag_xinfo", "lag_source", "lag_s",
+    "dead_letters",
 ]  # fmt: skip
 CONSUMER_COLUMNS = ["stream", "group", "consumer", "pending", "idle_ms"]
 
@@ -69,9 +79,12 @@ def inspect(
     client: redis.Redis,
     names: StreamNames | None = None,
     dead_letter_groups: tuple[str, ...] = GROUPS,
+    clock: Clock | None = None,
 ) -> Inspection:
-    """Snapshot every aggregate stream, its groups and consumers, and the dead letters."""
+    """Snapshot every aggregate stream, its groups and consumers, and the dead letters;
+    ages on ``clock`` (the wall clock by default; a simulation's in a simulation)."""
     names = names or StreamNames()
+    now = now_ms(clock or SystemClock())
     version = ".".join(map(str, server_version(client)))
     stream_rows, group_rows, consumer_rows = [], [], []
     for aggregate in AGGREGATE_TYPES:
@@ -83,6 +96,7 @@ def inspect(
         first = info.get("first-entry")
         last = info.get("last-entry")
         groups = client.xinfo_groups(key)
+        ages = group_ages(client, key, groups, now)
         stream_rows.append(
             [
                 aggregate,
@@ -112,10 +126,12 @@ def inspect(
                     int(g["consumers"]),
                     int(g["pending"]),
                     oldest_idle,
+                    ages[group][0],
                     last_delivered,
                     lag,
                     lag_xinfo,
                     source,
+                    ages[group][1],
                     int(client.xlen(names.dead_letter(group))),
                 ]
             )

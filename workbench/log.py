@@ -27,6 +27,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from workbench.events import AGGREGATE_TYPES
+from workbench.streamid import parse
 
 # BLOCK must stay below this, or redis-py raises TimeoutError mid-read.
 SOCKET_TIMEOUT_S = 5.0
@@ -201,3 +202,31 @@ def trim(
     min_id = f"{safe[0]}-{safe[1]}"
     trimmed = int(client.xtrim(stream, minid=min_id, approximate=True)) if safe > (0, 0) else 0
     return TrimResult(stream, min_id, trimmed, held)
+
+
+def group_ages(
+    client: redis.Redis, stream: str, groups: list[dict[Any, Any]], now: int
+) -> dict[str, tuple[float | None, float]]:
+    """Per group of ``stream`` (its ``XINFO GROUPS`` rows): the age in seconds at
+    ``now`` (ms) of its oldest pending entry (None: nothing pending) and its lag in
+    seconds (the age of the oldest entry not yet delivered to it; 0: none)."""
+    pipe = client.pipeline(transaction=False)
+    for g in groups:
+        pipe.xpending_range(stream, _str(g["name"]), "-", "+", 1)
+        pipe.xrange(stream, f"({_str(g['last-delivered-id'])}", "+", count=1)
+    replies = pipe.execute() if groups else []
+    ages: dict[str, tuple[float | None, float]] = {}
+    for i, g in enumerate(groups):
+        oldest, undelivered = replies[2 * i], replies[2 * i + 1]
+        pending_age = _age_s(oldest[0]["message_id"], now) if oldest else None
+        lag_s = _age_s(undelivered[0][0], now) if undelivered else 0.0
+        ages[_str(g["name"])] = (pending_age, lag_s)
+    return ages
+
+
+def _age_s(entry_id: Any, now: int) -> float:
+    return max(0.0, (now - parse(_str(entry_id)).ms) / 1000)
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -22,9 +22,11 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from workbench.clock import Clock, now_ms
 from workbench.events import AGGREGATE_TYPES
 from workbench.handlers import ALL_GROUPS
 from workbench.health import read_supervision
+from workbench.log import group_ages
 
 if TYPE_CHECKING:
     from workbench.api import App
@@ -36,7 +38,7 @@ class _Collector:
 
     def collect(self) -> Any:
         app = self.app
-        yield from _stream_metrics(app.redis, app.names)
+        yield from _stream_metrics(app.redis, app.names, app.clock)
         yield from _supervision_metrics(app.settings.supervision_file)
         stats = app.stats
         sessions = GaugeMetricFamily("workbench_sse_sessions", "SSE sessions held now")
@@ -87,7 +89,7 @@ def _supervision_metrics(path: str | None) -> Any:
     yield running
 
 
-def _stream_metrics(client: redis.Redis, names: Any) -> Any:
+def _stream_metrics(client: redis.Redis, names: Any, clock: Clock) -> Any:
     length = GaugeMetricFamily(
         "workbench_stream_length", "entries in the stream", labels=["stream"]
     )
@@ -96,6 +98,16 @@ def _stream_metrics(client: redis.Redis, names: Any) -> Any:
     )
     lag = GaugeMetricFamily(
         "workbench_group_lag", "entries not yet delivered (Redis 7)", labels=["stream", "group"]
+    )
+    lag_s = GaugeMetricFamily(
+        "workbench_group_lag_seconds",
+        "age of the oldest entry not yet delivered to the group (0: none)",
+        labels=["stream", "group"],
+    )
+    pending_age = GaugeMetricFamily(
+        "workbench_group_oldest_pending_age_seconds",
+        "age of the oldest delivered, unacked entry (0: none)",
+        labels=["stream", "group"],
     )
     dead = GaugeMetricFamily("workbench_dead_letters", "dead-lettered entries", labels=["group"])
     up = GaugeMetricFamily("workbench_redis_up", "1 if Redis answered this scrape")
@@ -107,17 +119,21 @@ def _stream_metrics(client: redis.Redis, names: Any) -> Any:
                 groups = client.xinfo_groups(stream)
             except redis.ResponseError:
                 groups = []
+            ages = group_ages(client, stream, groups, now_ms(clock))
             for g in groups:
                 group = _text(g["name"])
                 pending.add_metric([stream, group], int(g["pending"]))
                 if g.get("lag") is not None:
                     lag.add_metric([stream, group], int(g["lag"]))
+                oldest, behind = ages[group]
+                lag_s.add_metric([stream, group], behind)
+                pending_age.add_metric([stream, group], oldest or 0.0)
         for group in ALL_GROUPS:
             dead.add_metric([group], client.xlen(names.dead_letter(group)))
         up.add_metric([], 1)
     except (redis.ConnectionError, redis.TimeoutError):
         up.add_metric([], 0)
-    yield from (length, pending, lag, dead, up)
+    yield from (length, pending, lag, lag_s, pending_age, dead, up)
 
 
 def _text(value: bytes | str) -> str:
