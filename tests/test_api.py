@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from tests.http_support import SECRET, Deployment, auth, gateway_callback, read_events, token
 from workbench.api import Settings
 from workbench.auth import issue_token
 from workbench.clock import ManualClock
+from workbench.events import decode
+from workbench.handlers.ledger import MONEY_EVENTS
 from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
 
 EXPIRED = issue_token("alice", SECRET, ttl_s=1, clock=ManualClock(1e9))
@@ -111,6 +114,18 @@ def test_a_stranger_cannot_open_an_escrow_for_others(api: str, alice: str, bob: 
     assert response.status_code == 403
 
 
+def _money_events(deployment: Deployment, escrow_id: str) -> list[str]:
+    """The escrow's events that move money, in outbox order, read from the store."""
+    engine = sa.create_engine(deployment.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT data FROM outbox ORDER BY seq")).scalars().all()
+    finally:
+        engine.dispose()
+    events = [decode(bytes(data)) for data in rows]
+    return [e.type for e in events if e.escrow_id == escrow_id and e.type in MONEY_EVENTS]
+
+
 def test_full_lifecycle_with_callbacks_and_errors_that_change_nothing(
     api: str, deployment: Deployment, alice: str, bob: str
 ) -> None:
@@ -137,13 +152,17 @@ def test_full_lifecycle_with_callbacks_and_errors_that_change_nothing(
     assert first.status_code == 200
     assert first.json() == {"ResultCode": 0, "ResultDesc": "Accepted"}
     assert _escrow(api, escrow_id, alice)["mpesa_receipt"] == "SAB12CD34E"
+    recorded = (_escrow(api, escrow_id, alice), _money_events(deployment, escrow_id))
+    assert recorded[1] == ["payment.received"]
     duplicate = gateway_callback(deployment, checkout, RESULT_OK, phone="254711000111")
     assert duplicate.status_code == 200
     assert "duplicate" in duplicate.json()["ResultDesc"]
-    # A late contradicting result for the same checkout changes nothing either.
+    # A late contradicting result for the same checkout changes nothing either: the
+    # whole escrow and its money events (a payment recorded twice would be received and
+    # refunded, leaving the state "funded") are as they were.
     late = gateway_callback(deployment, checkout, RESULT_CANCELLED_BY_USER, settle=False)
     assert late.status_code == 200
-    assert _escrow(api, escrow_id, alice)["state"] == "funded"
+    assert (_escrow(api, escrow_id, alice), _money_events(deployment, escrow_id)) == recorded
 
     assert httpx.post(f"{api}/escrows/{escrow_id}/ship", headers=auth(bob)).status_code == 200
     confirmed = httpx.post(f"{api}/escrows/{escrow_id}/confirm", headers=auth(alice))
