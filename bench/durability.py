@@ -35,7 +35,9 @@ Costs are compared as :mod:`bench.stats` compares them: the trials run in
 interleaved rounds (round *n* runs trial *n* of every cell, the order reversed
 every other round), and a cell's cost against its plain cell is the median of
 per-round ratios with min–max and a bootstrap interval: the relay's publishing
-rate on a backlog (its ceiling in that mode) and the publish latency p50. The
+rate on backlogs of ``--drain-rows`` rows (its ceiling in that mode; repeated
+until ``--min-seconds`` of timed work, so one figure is never a fraction of a
+second) and the publish latency p50. The
 plain cell of a WAITAOF cell is the same server and ``appendfsync`` without
 WAITAOF; of any other cell, the same server with ``appendfsync no`` and no
 repair. No target is set, so no verdict is given: the figures are costs.
@@ -223,9 +225,15 @@ def relay_for(store: Store, url: str, cell: Cell) -> OutboxRelay:
     return OutboxRelay(store, connect(url), repair=cell.repair, wait_fsync=cell.waitaof)
 
 
-def drain(store: Store, url: str, cell: Cell, rows: int) -> Sample:
-    """The relay publishing a backlog of ``rows`` flat out (its ceiling in this
-    mode), timed; the rows and their stream entries are removed afterwards."""
+def drain(store: Store, url: str, cell: Cell, rows: int, min_seconds: float) -> Sample:
+    """The relay publishing backlogs of ``rows`` flat out (its ceiling in this mode)
+    until its timed work adds up to ``min_seconds``; only ``relay.drain()`` is timed."""
+    return stats.accumulate(lambda: drain_once(store, url, cell, rows), min_seconds)
+
+
+def drain_once(store: Store, url: str, cell: Cell, rows: int) -> tuple[int, float]:
+    """One backlog of ``rows`` drained: (rows, seconds); the rows and their stream
+    entries are removed afterwards, so every step starts from the same state."""
     data = b'{"padding":"' + b"x" * 400 + b'"}'  # the relay does not decode rows
     with store.begin() as conn:
         conn.execute(
@@ -247,7 +255,7 @@ def drain(store: Store, url: str, cell: Cell, rows: int) -> Sample:
     client.close()
     if published != rows:
         raise RuntimeError(f"the relay published {published} of {rows} rows")
-    return Sample(rows, seconds)
+    return rows, seconds
 
 
 def trial(
@@ -271,8 +279,9 @@ def trial(
     busy = tmp / "redis" / "busy.bin"
     record: dict[str, Any] = {"cell": cell.name, "trial": number}
     try:
-        drained = drain(store, server.url, cell, options["drain_rows"])
+        drained = drain(store, server.url, cell, options["drain_rows"], options["min_seconds"])
         record["drain_rows_per_s"] = round(drained.rate, 1)
+        record["drain_steps"] = drained.steps
         in_thread(worker.run)
         relay = relay_for(store, server.url, cell)
         relay_thread = in_thread(relay.run)
@@ -465,6 +474,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     "--drain-rows", default=5000, show_default=True,
     help="backlog the relay publishes flat out at the start of each trial (its ceiling)",
 )  # fmt: skip
+@click.option(
+    "--min-seconds", default=1.0, show_default=True,
+    help="timed relay drain per trial: backlogs of --drain-rows until this much work",
+)  # fmt: skip
 @click.option("--cells", "only", default="", help="comma-separated cell names (default: all)")
 @click.option(
     "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -481,6 +494,7 @@ def main(
     dd_mb: int,
     settle: float,
     drain_rows: int,
+    min_seconds: float,
     only: str,
     directory: Path | None,
     out: Path | None,
@@ -489,19 +503,19 @@ def main(
     logging.getLogger("workbench").setLevel(logging.ERROR)  # restarts are the point here
     if (
         min(trials, dd_mb, drain_rows) < 1
-        or min(rate, load, settle, kill_window) <= 0
+        or min(rate, load, settle, kill_window, min_seconds) <= 0
         or (kill_after < 0)
     ):
         raise click.UsageError(
             "--trials, --dd-mb and --drain-rows must be at least 1; --rate, --load, "
-            "--settle and --kill-window positive; --kill-after not negative"
+            "--settle, --kill-window and --min-seconds positive; --kill-after not negative"
         )
     if quick:  # a smoke run: small load, a short busy window
         trials, rate, load, dd_mb, settle, drain_rows = 1, 500.0, 0.4, 16, 4.0, 1000
-        kill_after, kill_window = 0.05, 0.5
+        kill_after, kill_window, min_seconds = 0.05, 0.5, 0.05
     options = {
         "rate": rate, "load": load, "kill_after": kill_after, "kill_window": kill_window,
-        "dd_mb": dd_mb, "settle": settle, "drain_rows": drain_rows,
+        "dd_mb": dd_mb, "settle": settle, "drain_rows": drain_rows, "min_seconds": min_seconds,
     }  # fmt: skip
     chosen = cells(quick)
     if only:

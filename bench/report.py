@@ -205,7 +205,9 @@ def render_durability(record: Mapping[str, Any]) -> str:
         "says how many kills it is made of. "
         f"Per kill: {_opt(load, '{:g}')} s of load at {_opt(rate, '{:g}')} escrows/s, then a "
         f"{_opt(dd_mb, '{:g}')} MB `dd conv=fsync` into the data directory and SIGKILL while "
-        "a background fsync is pending (or at the end of the window)."
+        "a background fsync is pending (or at the end of the window). The relay rate: "
+        f"backlogs of {_opt(p.get('drain_rows'), '{:,}')} rows drained flat out, at least "
+        f"{_opt(p.get('min_seconds'), '{:g}')} s of timed work per kill."
     ]
     out += [f"Note: {note}" for note in record.get("notes", [])]
     rates = record.get("rates", {})
@@ -266,8 +268,8 @@ def render_mutation(record: Mapping[str, Any]) -> str:
         + (f"`{sha[:10]}`" if sha else "an unknown commit")
         + (f" with {tool}" if tool else "")
         + (f", Python {record['python']}" if record.get("python") else "")
-        + f". Score: {record.get('score_definition', 'killed / (total - equivalent)')}"
-        + " (an equivalent mutant cannot change behaviour, so no test can kill it)."
+        + f". Score = {record.get('score_definition', 'killed / (total - equivalent)')};"
+        + " an equivalent mutant cannot change behaviour, so no test can kill it."
     )
     if record.get("method"):
         head += f" Method: {record['method']}."

@@ -48,7 +48,8 @@ def test_durability_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     # One round: every cell once, each with its relay drain timed.
     assert record["orders"] == [QUICK_CELLS]
     assert [sorted(r) for r in record["rounds"]] == [sorted(QUICK_CELLS)]
-    assert all(s["items"] == 1000 and s["seconds"] > 0 for s in record["rounds"][0].values())
+    for s in record["rounds"][0].values():  # backlogs of 1000 rows until 0.05 s of work
+        assert s["items"] == 1000 * s["steps"] and s["seconds"] >= 0.05, s
     assert [c["cell"] for c in record["figures"]["cells"]] == QUICK_CELLS
     assert all(c["trials"] == 1 for c in record["figures"]["cells"])
     trials = record["figures"]["trials"]
