@@ -565,7 +565,7 @@ def main(
         figures={"servers": servers, "cells": summary, "trials": all_trials},
         notes=[
             "publish throughput under load is the offered rate (--rate) as long as the relay "
-            "keeps up; the relay's ceiling per mode is its drain rate"
+            "keeps up; the relay's ceiling per mode is its drain rate."
         ],
     )
     path = records.write(record, out)
