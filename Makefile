@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run demo serve test test-notebooks lab notebooks lint bench bench-sse bench-sim \
-	bench-report bench-report-check inspect clean venv
+	bench-report bench-report-check bench-durability inspect clean venv
 
 venv: $(STAMP)
 
@@ -61,13 +61,17 @@ $(BENCH_STAMP): bench/requirements-faststream.txt $(STAMP)
 	@touch $(BENCH_STAMP)
 
 # Each bench writes its record to bench/records/<bench>.json; `make bench-report` then
-# regenerates the README's figure tables from them.
+# regenerates the README's figure tables from them (throughput, sse, simulate,
+# durability, and mutation from `make mutation`). The durability matrix: 10 cells x
+# DURABILITY_TRIALS interleaved rounds, each trial a kill -9 of redis-server.
+DURABILITY_TRIALS ?= 5
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory $(BENCH_STAMP) || \
 		echo "bench: FastStream could not be installed in $(BENCH_VENV): its anchor is skipped"
 	$(BIN)/python bench/throughput.py $(BENCH_ARGS)
 	$(BIN)/python bench/sse.py
 	$(BIN)/python bench/simulate.py
+	$(BIN)/python bench/durability.py --trials $(DURABILITY_TRIALS)
 
 bench-report: $(STAMP)
 	$(BIN)/python bench/report.py
@@ -80,6 +84,9 @@ bench-sim: $(STAMP)
 
 bench-sse: $(STAMP)
 	$(BIN)/python bench/sse.py $(BENCH_ARGS)
+
+bench-durability: $(STAMP)
+	$(BIN)/python bench/durability.py --trials $(DURABILITY_TRIALS) $(BENCH_ARGS)
 
 inspect: $(STAMP)
 	$(BIN)/workbench inspect

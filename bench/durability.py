@@ -31,23 +31,34 @@ mode (the relay marks rows published only after ``WAITAOF 1 0``). A natural
 loss is rare (about one kill in ten during a busy disk, under everysec): run
 enough ``--trials`` for the lost columns to mean something.
 
+Costs are compared as :mod:`bench.stats` compares them: the trials run in
+interleaved rounds (round *n* runs trial *n* of every cell, the order reversed
+every other round), and a cell's cost against its plain cell is the median of
+per-round ratios with min–max and a bootstrap interval: the relay's publishing
+rate on backlogs of ``--drain-rows`` rows (its ceiling in that mode; repeated
+until ``--min-seconds`` of timed work, so one figure is never a fraction of a
+second) and the publish latency p50. The
+plain cell of a WAITAOF cell is the same server and ``appendfsync`` without
+WAITAOF; of any other cell, the same server with ``appendfsync no`` and no
+repair. No target is set, so no verdict is given: the figures are costs.
+
 Usage::
 
-    .venv/bin/python bench/durability.py --quick          # smoke: 3 cells, 1 trial
-    .venv/bin/python bench/durability.py --trials 10      # the matrix
+    .venv/bin/python bench/durability.py --quick          # smoke: 4 cells, 1 trial
+    .venv/bin/python bench/durability.py --trials 5       # the matrix
 
-It writes a JSON record (commit, date, load average, versions, every trial)
-to ``bench/records/durability-<date>-<commit>.json`` (or ``--out``) and prints
-a table. Disk use is bounded by ``--dd-mb`` plus the trial's AOF and SQLite
-file; every trial's directory is removed after it.
+It writes its record through :mod:`bench.records` to
+``bench/records/durability.json`` (or ``--out``): the environment (commit,
+date, load average before and after, versions of both servers), the options,
+every round's relay drain and the order it ran in, the ratios, and under
+``figures`` a summary per cell and every trial; and prints a table. Disk use
+is bounded by ``--dd-mb`` plus the trial's AOF and SQLite file; every trial's
+directory is removed after it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -56,7 +67,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +75,21 @@ import redis
 from rich.table import Table
 from sqlalchemy import delete, insert, select
 
-from workbench.consumer import ConsumerSettings, ConsumerWorker
-from workbench.events import AGGREGATE_TYPES, Event
-from workbench.ids import IdFactory
-from workbench.log import StreamNames, connect
-from workbench.redis_server import RedisServer
-from workbench.relay import OutboxRelay
-from workbench.service import EscrowService
-from workbench.store import Store, outbox
-from workbench.waiting import WaitTimeout, wait_until
-
 ROOT = Path(__file__).resolve().parent.parent
-RECORDS = ROOT / "bench" / "records"
+if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import records, stats  # noqa: E402
+from bench.stats import Sample  # noqa: E402
+from workbench.consumer import ConsumerSettings, ConsumerWorker  # noqa: E402
+from workbench.events import AGGREGATE_TYPES, Event  # noqa: E402
+from workbench.ids import IdFactory  # noqa: E402
+from workbench.log import StreamNames, connect  # noqa: E402
+from workbench.redis_server import RedisServer  # noqa: E402
+from workbench.relay import OutboxRelay  # noqa: E402
+from workbench.service import EscrowService  # noqa: E402
+from workbench.store import Store, outbox  # noqa: E402
+from workbench.waiting import WaitTimeout, wait_until  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -91,12 +104,20 @@ class Cell:
         mode = "waitaof" if self.waitaof else ("repair" if self.repair else "no repair")
         return f"{self.server}/{self.appendfsync}/{mode}"
 
+    @property
+    def plain(self) -> Cell:
+        """The cell its costs are compared with (see the module's docstring)."""
+        if self.waitaof:
+            return Cell(self.server, self.appendfsync, self.repair, False)
+        return Cell(self.server, "no", False, False)
+
 
 def cells(quick: bool) -> list[Cell]:
     if quick:
         return [
             Cell("auto", "everysec", True, False),
             Cell("auto", "everysec", False, False),
+            Cell("valkey", "everysec", True, False),
             Cell("valkey", "everysec", True, True),
         ]
     out = [
@@ -204,9 +225,15 @@ def relay_for(store: Store, url: str, cell: Cell) -> OutboxRelay:
     return OutboxRelay(store, connect(url), repair=cell.repair, wait_fsync=cell.waitaof)
 
 
-def drain_rate(store: Store, url: str, cell: Cell, rows: int) -> float:
-    """The relay's publishing rate on a backlog of ``rows`` (its ceiling in this
-    mode); the rows and their stream entries are removed afterwards."""
+def drain(store: Store, url: str, cell: Cell, rows: int, min_seconds: float) -> Sample:
+    """The relay publishing backlogs of ``rows`` flat out (its ceiling in this mode)
+    until its timed work adds up to ``min_seconds``; only ``relay.drain()`` is timed."""
+    return stats.accumulate(lambda: drain_once(store, url, cell, rows), min_seconds)
+
+
+def drain_once(store: Store, url: str, cell: Cell, rows: int) -> tuple[int, float]:
+    """One backlog of ``rows`` drained: (rows, seconds); the rows and their stream
+    entries are removed afterwards, so every step starts from the same state."""
     data = b'{"padding":"' + b"x" * 400 + b'"}'  # the relay does not decode rows
     with store.begin() as conn:
         conn.execute(
@@ -228,10 +255,13 @@ def drain_rate(store: Store, url: str, cell: Cell, rows: int) -> float:
     client.close()
     if published != rows:
         raise RuntimeError(f"the relay published {published} of {rows} rows")
-    return round(rows / seconds, 1)
+    return rows, seconds
 
 
-def trial(cell: Cell, number: int, options: dict[str, Any], parent: Path) -> dict[str, Any]:
+def trial(
+    cell: Cell, number: int, options: dict[str, Any], parent: Path
+) -> tuple[dict[str, Any], Sample]:
+    """One kill of ``cell``: its record and the relay's timed drain."""
     tmp = Path(tempfile.mkdtemp(prefix="trial-", dir=parent))
     server = RedisServer(
         tmp / "redis", appendonly=True, appendfsync=cell.appendfsync, binary=cell.server
@@ -249,7 +279,9 @@ def trial(cell: Cell, number: int, options: dict[str, Any], parent: Path) -> dic
     busy = tmp / "redis" / "busy.bin"
     record: dict[str, Any] = {"cell": cell.name, "trial": number}
     try:
-        record["drain_rows_per_s"] = drain_rate(store, server.url, cell, options["drain_rows"])
+        drained = drain(store, server.url, cell, options["drain_rows"], options["min_seconds"])
+        record["drain_rows_per_s"] = round(drained.rate, 1)
+        record["drain_steps"] = drained.steps
         in_thread(worker.run)
         relay = relay_for(store, server.url, cell)
         relay_thread = in_thread(relay.run)
@@ -321,7 +353,7 @@ def trial(cell: Cell, number: int, options: dict[str, Any], parent: Path) -> dic
         busy.unlink(missing_ok=True)
         store.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return record
+    return record, drained
 
 
 def summarise(cell: Cell, trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -351,14 +383,38 @@ def summarise(cell: Cell, trials: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def cost_ratios(
+    chosen: list[Cell], rounds: list[dict[str, Sample]], by_round: list[dict[str, dict[str, Any]]]
+) -> list[stats.Summary]:
+    """Per cell whose plain cell also ran: relay rate and publish p50 against it, per round."""
+    names = {c.name for c in chosen}
+    out = []
+    for cell in chosen:
+        plain = cell.plain.name
+        if plain == cell.name or plain not in names:
+            continue
+        out.append(
+            stats.ratio_summary(
+                f"relay rate {cell.name} / {plain}",
+                rounds,
+                cell.name,
+                plain,
+                what="the relay draining a backlog: rows/s against the plain cell's",
+            )
+        )
+        p50 = [(r[cell.name]["latency_p50_ms"], r[plain]["latency_p50_ms"]) for r in by_round]
+        if all(a is not None and b for a, b in p50):
+            out.append(
+                stats.summarise(
+                    f"publish p50 {cell.name} / {plain}",
+                    [a / b for a, b in p50],
+                    what="commit to published, p50 under load, against the plain cell's",
+                    unit="ratio",
+                    numerator=cell.name,
+                    denominator=plain,
+                )
+            )
+    return out
 
 
 def server_versions(kinds: set[str]) -> dict[str, str]:
@@ -400,8 +456,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="smoke run: 3 cells, 1 trial each, small load")
-@click.option("--trials", default=5, show_default=True, help="kills per cell")
+@click.option("--quick", is_flag=True, help="smoke run: 4 cells, 1 trial each, small load")
+@click.option("--trials", default=5, show_default=True, help="kills per cell (rounds of all cells)")
 @click.option("--rate", default=1000.0, show_default=True, help="escrows created per second")
 @click.option("--load", default=2.0, show_default=True, help="seconds of load before the busy disk")
 @click.option(
@@ -417,6 +473,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 @click.option(
     "--drain-rows", default=5000, show_default=True,
     help="backlog the relay publishes flat out at the start of each trial (its ceiling)",
+)  # fmt: skip
+@click.option(
+    "--min-seconds", default=1.0, show_default=True,
+    help="timed relay drain per trial: backlogs of --drain-rows until this much work",
 )  # fmt: skip
 @click.option("--cells", "only", default="", help="comma-separated cell names (default: all)")
 @click.option(
@@ -434,6 +494,7 @@ def main(
     dd_mb: int,
     settle: float,
     drain_rows: int,
+    min_seconds: float,
     only: str,
     directory: Path | None,
     out: Path | None,
@@ -442,19 +503,19 @@ def main(
     logging.getLogger("workbench").setLevel(logging.ERROR)  # restarts are the point here
     if (
         min(trials, dd_mb, drain_rows) < 1
-        or min(rate, load, settle, kill_window) <= 0
+        or min(rate, load, settle, kill_window, min_seconds) <= 0
         or (kill_after < 0)
     ):
         raise click.UsageError(
             "--trials, --dd-mb and --drain-rows must be at least 1; --rate, --load, "
-            "--settle and --kill-window positive; --kill-after not negative"
+            "--settle, --kill-window and --min-seconds positive; --kill-after not negative"
         )
     if quick:  # a smoke run: small load, a short busy window
         trials, rate, load, dd_mb, settle, drain_rows = 1, 500.0, 0.4, 16, 4.0, 1000
-        kill_after, kill_window = 0.05, 0.5
+        kill_after, kill_window, min_seconds = 0.05, 0.5, 0.05
     options = {
         "rate": rate, "load": load, "kill_after": kill_after, "kill_window": kill_window,
-        "dd_mb": dd_mb, "settle": settle, "drain_rows": drain_rows,
+        "dd_mb": dd_mb, "settle": settle, "drain_rows": drain_rows, "min_seconds": min_seconds,
     }  # fmt: skip
     chosen = cells(quick)
     if only:
@@ -466,43 +527,50 @@ def main(
                 + ", ".join(c.name for c in cells(False))
             )
         chosen = [c for c in cells(False) if c.name in wanted]
-    load_before = os.getloadavg()[0]
+    env = records.environment(None, records.load_average())
     parent = Path(tempfile.mkdtemp(prefix="workbench-durability-", dir=directory))
-    all_trials: list[dict[str, Any]] = []
-    summary: list[dict[str, Any]] = []
+    by_round: list[dict[str, dict[str, Any]]] = []
+    rounds: list[dict[str, Sample]] = []
+    orders: list[list[str]] = []
     try:
-        for cell in chosen:
-            done = [trial(cell, n, options, parent) for n in range(trials)]
-            all_trials += done
-            summary.append(summarise(cell, done))
-            lost = summary[-1]["kills_with_loss"]
-            print(f"{cell.name}: {lost} of {trials} kills lost acked entries", flush=True)
+        for n in range(trials):
+            # Interleaved: a slow spell of the machine lands on every cell alike.
+            order = chosen if n % 2 == 0 else chosen[::-1]
+            done: dict[str, dict[str, Any]] = {}
+            drained: dict[str, Sample] = {}
+            for cell in order:
+                done[cell.name], drained[cell.name] = trial(cell, n, options, parent)
+            by_round.append(done)
+            rounds.append(drained)
+            orders.append([c.name for c in order])
+            lost = sum(1 for t in done.values() if t["acked_lost"])
+            print(f"round {n + 1} of {trials}: {lost} of {len(order)} kills lost acked entries")
     finally:
         shutil.rmtree(parent, ignore_errors=True)
-    commit = git_commit()
-    now = datetime.now(UTC)
-    record = {
-        "bench": "durability",
-        "quick": quick,
-        "commit": commit,
-        "date": now.isoformat(timespec="seconds"),
-        "load_average_before": round(load_before, 2),
-        "load_average_after": round(os.getloadavg()[0], 2),
-        "cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "redis_py": redis.__version__,
-        "platform": platform.platform(),
-        "servers": server_versions({c.server for c in chosen}),
-        "options": options,
-        "cells": summary,
-        "trials": all_trials,
-    }
-    if out is None:
-        RECORDS.mkdir(parents=True, exist_ok=True)
-        out = RECORDS / f"durability-{now:%Y%m%dT%H%M%S}-{commit}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    all_trials = [r[c.name] for c in chosen for r in by_round]
+    summary = [summarise(c, [r[c.name] for r in by_round]) for c in chosen]
+    servers = server_versions({c.server for c in chosen})
+    env["redis_server"] = ", ".join(f"{v} ({k})" for k, v in servers.items())
+    record = records.build(
+        "durability",
+        env,
+        parameters={**options, "trials": trials, "quick": quick, "cells": [c.name for c in chosen]},
+        rounds=rounds,
+        orders=orders,
+        ratios=cost_ratios(chosen, rounds, by_round),
+        rates=[
+            stats.rate_summary(c.name, rounds, what="the relay draining a backlog", unit="rows/s")
+            for c in chosen
+        ],
+        figures={"servers": servers, "cells": summary, "trials": all_trials},
+        notes=[
+            "publish throughput under load is the offered rate (--rate) as long as the relay "
+            "keeps up; the relay's ceiling per mode is its drain rate."
+        ],
+    )
+    path = records.write(record, out)
     print_table(summary)
-    print(f"record: {out}")
+    print(f"record: {path}")
 
 
 if __name__ == "__main__":

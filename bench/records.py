@@ -13,7 +13,8 @@ person who ran it:
   measurement) and ``orders``, the order each round ran in;
 * ``ratios`` and ``rates``: :class:`bench.stats.Summary` dicts, each with its
   per-round values, median, min–max, bootstrap interval, target and verdict;
-* whatever else the bench reports, under ``figures``.
+* whatever else the bench reports, under ``figures`` (the durability bench:
+  its servers, a summary per cell and every trial).
 
 Records are written to ``bench/records/<bench>.json`` unless a path is given.
 """
@@ -124,7 +125,11 @@ def write(record: Mapping[str, Any], path: Path | None = None) -> Path:
 
 
 def read(path: Path) -> dict[str, Any]:
+    """One record. A record written by another tool (``bench/mutation_score.py``
+    writes ``commit`` and ``date`` but no ``bench``) is named by its file."""
     data = json.loads(path.read_text())
+    if isinstance(data, dict) and "bench" not in data and {"commit", "date"} <= set(data):
+        data["bench"] = path.stem
     if not isinstance(data, dict) or "bench" not in data:
         raise ValueError(f"{path}: not a bench record (no 'bench' key)")
     return data

@@ -13,7 +13,12 @@ clean), under what load average and on what software the figures were
 measured (a record whose verdict does not follow from its own interval is
 refused), then the ratios (median of per-round ratios, min–max, bootstrap
 interval, target, verdict), the rates, and any headline figures the bench
-recorded. The output depends on the records alone, so running it twice
+recorded. Two benches have tables of their own: ``durability`` (the matrix,
+one row per cell: kills, kills that lost acknowledged entries, entries lost,
+events lost after repair, time to repair, publish cost, each with its number
+of trials; then its cost ratios against the plain cells) and ``mutation`` (per
+mutated module: mutants, killed, survived, equivalent, score; the record
+``bench/mutation_score.py`` writes). The output depends on the records alone, so running it twice
 changes nothing. ``--check`` changes nothing and exits 1 when the README
 differs from what the records give (a stale or hand-edited table), naming the
 blocks; markers without a record and records without markers are reported,
@@ -126,6 +131,13 @@ def _summary_rows(summaries: Mapping[str, Any], with_target: bool) -> list[str]:
 
 def render(record: Mapping[str, Any]) -> str:
     """The Markdown block of one record; a verdict its interval does not give is an error."""
+    special = RENDERERS.get(record["bench"])
+    if special is not None:
+        return special(record)
+    return _render_generic(record)
+
+
+def _check_verdicts(record: Mapping[str, Any]) -> None:
     for section in ("ratios", "rates"):
         for name, s in record.get(section, {}).items():
             if not stats.consistent(s):
@@ -133,6 +145,10 @@ def render(record: Mapping[str, Any]) -> str:
                     f"record {record['bench']}: the verdict of {name} ({s['verdict']}) is not "
                     f"what its interval {s['interval']} and target {s['target']} give"
                 )
+
+
+def _render_generic(record: Mapping[str, Any]) -> str:
+    _check_verdicts(record)
     out = [provenance(record)]
     method = _method(record)
     if method:
@@ -158,6 +174,133 @@ def render(record: Mapping[str, Any]) -> str:
         out += ["", "| figure | value |", "|---|---|"]
         out += [f"| {row[0]} | {row[1]} |" for row in headline]
     return "\n".join(out)
+
+
+def _opt(value: Any, fmt: str = "{:.3g}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _yes(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def render_durability(record: Mapping[str, Any]) -> str:
+    """The durability matrix: one row per cell, then its costs against the plain cells."""
+    _check_verdicts(record)
+    p = record.get("parameters", {})
+    rounds = len(record.get("rounds") or [])
+    load, rate, dd_mb = p.get("load"), p.get("rate"), p.get("dd_mb")
+    # Two servers ran; provenance's single "Redis" would name them wrongly.
+    env = {k: v for k, v in record["environment"].items() if k != "redis_server"}
+    servers = record.get("figures", {}).get("servers", {})
+    out = [
+        provenance({**record, "environment": env})
+        + (
+            " Servers: " + ", ".join(f"{v} (cells `{k}`)" for k, v in servers.items()) + "."
+            if servers
+            else ""
+        )
+        + f" {rounds} interleaved round{'s' if rounds != 1 else ''} (each round kills "
+        "redis-server once in every cell, the order reversed every other round); each row "
+        "says how many kills it is made of. "
+        f"Per kill: {_opt(load, '{:g}')} s of load at {_opt(rate, '{:g}')} escrows/s, then a "
+        f"{_opt(dd_mb, '{:g}')} MB `dd conv=fsync` into the data directory and SIGKILL while "
+        "a background fsync is pending (or at the end of the window). The relay rate: "
+        f"backlogs of {_opt(p.get('drain_rows'), '{:,}')} rows drained flat out, at least "
+        f"{_opt(p.get('min_seconds'), '{:g}')} s of timed work per kill."
+    ]
+    out += [f"Note: {note}" for note in record.get("notes", [])]
+    rates = record.get("rates", {})
+    out += [
+        "",
+        "| server | appendfsync | repair | WAITAOF | kills | kills that lost acked entries "
+        "| acked entries lost (max in one kill) | events lost after repair | repair s (max) "
+        "| recovered s (median) | relay rows/s, median (min–max) "
+        "| publish p50 / p99 ms (median) | publish rows/s under load (median) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in record["figures"]["cells"]:
+        rate = rates.get(c["cell"])
+        relay = (
+            f"{_number(rate['median'], '')} ({_number(rate['min'], '')}–{_number(rate['max'], '')})"
+            if rate
+            else _opt(c.get("drain_rows_per_s_median"), "{:,.0f}")
+        )
+        cells = [
+            c["server"],
+            c["appendfsync"],
+            _yes(c["repair"]),
+            _yes(c["waitaof"]),
+            str(c["trials"]),
+            f"{c['kills_with_loss']} of {c['trials']}",
+            f"{c['acked_lost_total']:,} ({c['acked_lost_max']:,})",
+            f"{c['lost_after_total']:,}",
+            _opt(c.get("repair_s_max")),
+            _opt(c.get("recovered_s_median")),
+            relay,
+            f"{_opt(c.get('latency_p50_ms_median'))} / {_opt(c.get('latency_p99_ms_median'))}",
+            _opt(c.get("throughput_rows_per_s_median"), "{:,.0f}"),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    ratios = record.get("ratios", {})
+    if ratios:
+        out += [
+            "",
+            "| cost | what | rounds | median | min–max | interval |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for name, s in ratios.items():
+            lo, hi = s["interval"]
+            out.append(
+                f"| `{name}` | {s.get('what', '')} | {len(s['per_round'])} | "
+                f"{_number(s['median'], 'ratio')} | {_number(s['min'], 'ratio')}–"
+                f"{_number(s['max'], 'ratio')} | {_number(lo, 'ratio')}–{_number(hi, 'ratio')} |"
+            )
+    return "\n".join(out)
+
+
+def render_mutation(record: Mapping[str, Any]) -> str:
+    """The mutation score per mutated module, from ``bench/mutation_score.py``'s record."""
+    sha = record.get("commit")
+    tool = " ".join(str(record[k]) for k in ("tool", "tool_version") if record.get(k))
+    head = (
+        f"Measured {record.get('date', 'at an unknown date')} on commit "
+        + (f"`{sha[:10]}`" if sha else "an unknown commit")
+        + (f" with {tool}" if tool else "")
+        + (f", Python {record['python']}" if record.get("python") else "")
+        + f". Score = {record.get('score_definition', 'killed / (total - equivalent)')};"
+        + " an equivalent mutant cannot change behaviour, so no test can kill it."
+    )
+    if record.get("method"):
+        head += f" Method: {record['method']}."
+    out = [
+        head,
+        "",
+        "| module | mutants | killed | survived | equivalent | score |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    totals = dict.fromkeys(("total", "killed", "survived", "equivalent"), 0)
+    unexplained: list[str] = []
+    for module, m in record["modules"].items():
+        for key in totals:
+            totals[key] += m[key]
+        unexplained += m.get("unexplained_survivors", []) + list(m.get("not_run", {}))
+        out.append(
+            f"| `{module}` | {m['total']:,} | {m['killed']:,} | {m['survived']:,} | "
+            f"{m['equivalent']:,} | {m['score']:.1%} |"
+        )
+    judged = totals["total"] - totals["equivalent"]
+    score = totals["killed"] / judged if judged else 1.0
+    out.append(
+        f"| all | {totals['total']:,} | {totals['killed']:,} | {totals['survived']:,} | "
+        f"{totals['equivalent']:,} | {score:.1%} |"
+    )
+    if unexplained:
+        out += ["", f"Not killed and not explained: {', '.join(f'`{u}`' for u in unexplained)}."]
+    return "\n".join(out)
+
+
+RENDERERS = {"durability": render_durability, "mutation": render_mutation}
 
 
 def blocks(text: str) -> list[tuple[str, int, int]]:

@@ -148,3 +148,165 @@ def test_records_of_the_sse_and_simulate_benches_render(tmp_path) -> None:  # ty
     block = report.render(json.loads(path.read_text()))
     assert "| `replay_sse_vs_xrange` |  | 0.1 | 0.1–0.1 | 0.1–0.1 | none |  |" in block
     assert "| SSE connections held by one process | 200 of 200 |" in block
+
+
+def durability_record() -> dict:  # type: ignore[type-arg]
+    """Three rounds of two cells: everysec with repair (one kill lost 4 entries, all
+    given back) and the plain cell; relay drains of 1000 rows."""
+    fast, slow = "auto/no/no repair", "auto/everysec/repair"
+    rounds = [{fast: Sample(1000, 0.020), slow: Sample(1000, s)} for s in (0.040, 0.050, 0.025)]
+    env = records.environment("7.0.15 (auto)", [1.0, 1.0, 1.0])
+    env.update(commit="fedcba9876543210fedcba9876543210fedcba98", dirty=False,
+               date="2026-12-06T04:00:00+00:00")  # fmt: skip
+
+    def cell(name: str, fsync: str, repair: bool, **figures: object) -> dict:  # type: ignore[type-arg]
+        return {"cell": name, "server": "auto", "appendfsync": fsync, "repair": repair,
+                "waitaof": False, "trials": 3, "kills_with_loss": 0, "acked_lost_total": 0,
+                "acked_lost_max": 0, "lost_after_total": 0, "missing_after_total": 0,
+                "repair_s_max": None, "recovered_s_median": 1.1,
+                "drain_rows_per_s_median": 50000.0, "throughput_rows_per_s_median": 1000.0,
+                "latency_p50_ms_median": 11.5, "latency_p99_ms_median": 55.0,
+                **figures}  # fmt: skip
+
+    return records.build(
+        "durability",
+        env,
+        parameters={
+            "rate": 1000.0,
+            "load": 2.0,
+            "dd_mb": 400,
+            "trials": 3,
+            "drain_rows": 5000,
+            "min_seconds": 1.0,
+        },  # fmt: skip
+        rounds=rounds,
+        orders=[[fast, slow], [slow, fast], [fast, slow]],
+        ratios=[
+            stats.ratio_summary(
+                f"relay rate {slow} / {fast}",
+                rounds,
+                slow,
+                fast,
+                what="relay drain against the plain cell",
+            )
+        ],  # fmt: skip
+        rates=[stats.rate_summary(n, rounds, unit="rows/s") for n in (slow, fast)],
+        figures={
+            "servers": {"auto": "redis-server 7.0.15"},
+            "cells": [
+                cell(
+                    slow,
+                    "everysec",
+                    True,
+                    kills_with_loss=1,
+                    acked_lost_total=4,
+                    acked_lost_max=4,
+                    repair_s_max=0.0019,
+                    latency_p50_ms_median=26.5,
+                ),
+                cell(fast, "no", False),
+            ],  # fmt: skip
+            "trials": [],
+        },
+    )
+
+
+def test_the_durability_record_renders_as_a_matrix_with_its_trials_and_costs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = records.write(durability_record(), tmp_path / "durability.json")
+    block = report.render(records.read(path))
+    assert "commit `fedcba9876`" in block and "2026-12-06T04:00:00+00:00" in block
+    assert "Servers: redis-server 7.0.15 (cells `auto`)." in block
+    assert "Redis 7.0.15" not in block  # two servers may run: named per cell instead
+    assert "3 interleaved rounds" in block and "2 s of load at 1000 escrows/s" in block
+    assert "400 MB `dd conv=fsync`" in block
+    assert "backlogs of 5,000 rows drained flat out, at least 1 s of timed work per kill" in block
+    # everysec with repair: 3 kills, 1 lost 4 acked entries, 0 lost after repair;
+    # relay 25,000 (20,000–40,000) rows/s; p50 26.5 ms.
+    assert (
+        "| auto | everysec | on | off | 3 | 1 of 3 | 4 (4) | 0 | 0.0019 | 1.1 | "
+        "25,000 (20,000–40,000) | 26.5 / 55 | 1,000 |"
+    ) in block
+    assert (
+        "| auto | no | off | off | 3 | 0 of 3 | 0 (0) | 0 | – | 1.1 | 50,000 (50,000–50,000)"
+        in block
+    )
+    # The cost: median of per-round ratios 0.5, 0.4, 0.8 -> 0.5 (0.4–0.8), over 3 rounds.
+    assert (
+        "| `relay rate auto/everysec/repair / auto/no/no repair` | relay drain against the "
+        "plain cell | 3 | 0.5 | 0.4–0.8 |"
+    ) in block
+
+
+def mutation_record() -> dict:  # type: ignore[type-arg]
+    """As bench/mutation_score.py --record writes it (no ``bench`` key)."""
+
+    def module(total: int, killed: int, survived: int, equivalent: int) -> dict:  # type: ignore[type-arg]
+        judged = total - equivalent
+        return {"total": total, "killed": killed, "survived": survived,
+                "equivalent": equivalent, "score": round(killed / judged, 4),
+                "unexplained_survivors": [], "not_run": {}, "equivalents": []}  # fmt: skip
+
+    return {
+        "commit": "abcdef0123456789abcdef0123456789abcdef01",
+        "date": "2026-12-06T03:34:33+00:00",
+        "tool": "mutmut",
+        "tool_version": "3.8.1",
+        "python": "3.11.7",
+        "score_definition": "killed / (total - equivalent)",
+        "mutated": ["workbench/escrow.py", "workbench/replay.py"],
+        "modules": {
+            "workbench.escrow": module(664, 663, 1, 1),
+            "workbench.replay": module(40, 36, 4, 2),
+        },
+    }
+
+
+def test_the_mutation_record_renders_per_module_and_a_stale_table_fails_check(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    recs = tmp_path / "records"
+    recs.mkdir()
+    (recs / "mutation.json").write_text(json.dumps(mutation_record(), indent=2))
+    records.write(durability_record(), recs / "durability.json")
+    assert sorted(records.read_all(recs)) == ["durability", "mutation"]  # named by its file
+
+    block = report.render(records.read_all(recs)["mutation"])
+    assert "Measured 2026-12-06T03:34:33+00:00 on commit `abcdef0123` with mutmut 3.8.1" in block
+    assert "killed / (total - equivalent)" in block
+    assert "| `workbench.escrow` | 664 | 663 | 1 | 1 | 100.0% |" in block
+    assert "| `workbench.replay` | 40 | 36 | 4 | 2 | 94.7% |" in block
+    # All modules: 699 killed of 704 - 3 judged.
+    assert "| all | 704 | 699 | 5 | 3 | 99.7% |" in block
+    assert "Not killed and not explained" not in block
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# T\n<!-- bench:mutation:start -->\nhand-typed 100%\n<!-- bench:mutation:end -->\n"
+        "<!-- bench:durability:start -->\n<!-- bench:durability:end -->\n"
+    )
+    stale = run_report(readme, recs, "--check")
+    assert stale.returncode == 1 and "mutation, durability" in stale.stdout
+    assert run_report(readme, recs).returncode == 0
+    assert run_report(readme, recs, "--check").returncode == 0
+    text = readme.read_text()
+    assert "hand-typed" not in text and "| all | 704 | 699 |" in text
+
+    # A new record (a later run) makes each table stale again.
+    changed = mutation_record()
+    replay = changed["modules"]["workbench.replay"]
+    replay.update(killed=38, survived=2, score=1.0)
+    (recs / "mutation.json").write_text(json.dumps(changed))
+    result = run_report(readme, recs, "--check")
+    assert result.returncode == 1 and "stale bench blocks: mutation" in result.stdout
+    (recs / "mutation.json").write_text(json.dumps(mutation_record()))
+    other = durability_record()
+    other["figures"]["cells"][0]["lost_after_total"] = 2
+    records.write(other, recs / "durability.json")
+    result = run_report(readme, recs, "--check")
+    assert result.returncode == 1 and "stale bench blocks: durability" in result.stdout
+
+
+def test_unexplained_survivors_are_named_under_the_mutation_table() -> None:
+    record = mutation_record()
+    record["bench"] = "mutation"
+    record["modules"]["workbench.replay"]["unexplained_survivors"] = ["x_take_live__mutmut_3"]
+    block = report.render(record)
+    assert "Not killed and not explained: `x_take_live__mutmut_3`." in block
