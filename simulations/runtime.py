@@ -509,6 +509,8 @@ class Runtime:
             self.service.expire_due()
             # The payment reconciliation pass: re-ask unanswered queries, find lost callbacks.
             self.service.verify_payments()
+            # What these committed goes out now, as a command's rows do (the relay's BLOCK).
+            self.nudge()
 
     def finish(self) -> None:
         """At the end of the drain: publish what the last instant committed and

@@ -81,19 +81,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ack_before_effect": False,  # a deliberately broken runtime, for the checker
         "service_rate": 0.0,  # > 0: one entry at a time, exponential service (M/M/1 studies)
         "only": "",  # comma-separated groups to run; "": all
-        # The fan-out: dedupe markers and user-stream history, in seconds of Redis'
-        # clock (wall time, also in virtual runs, which run ~30-80x faster than that:
-        # 5 s of history is several virtual minutes). Short, so Redis reaches its
-        # steady size early in a run.
-        "dedupe_ttl_s": 10,
+        # The fan-out: dedupe markers and user-stream history, in seconds of the
+        # simulation's clock (entry ids are simulation time). A marker must outlive
+        # any redelivery of its event (a crashed consumer's entries are claimed after
+        # dead_after_s, or re-read after the supervisor's backoff), or the event is
+        # appended twice. Short enough that Redis reaches its steady size early.
+        "dedupe_ttl_s": 600,
         "user_maxlen": 1000,
-        "user_max_age_s": 5.0,
+        "user_max_age_s": 300.0,
     },
     "relay": {
         "every_s": 0.5,
-        # Acked entries stay in the aggregate streams this long, in seconds of Redis'
-        # own clock (entry ids are Redis time, in virtual runs too); then trimmed.
-        "retention_s": 5.0,
+        # Acked entries stay in the aggregate streams this long, in seconds of the
+        # simulation's clock (entry ids are simulation time); then trimmed.
+        "retention_s": 300.0,
         "wake_on_commit": True,  # false: publish every every_s only (bigger batches)
     },
     "servers": {
