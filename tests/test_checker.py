@@ -20,6 +20,8 @@ from workbench.checker import (
     check,
     check_clients,
     check_dir,
+    check_groups,
+    check_invariants,
     print_report,
     rank_ids,
     streams_of,
@@ -727,3 +729,133 @@ def test_valid_delivery_is_ok_and_one_drop_is_one_loss(process, random) -> None:
     )  # fmt: skip
     assert list(problems["verdict"]) == ["lost"]
     assert list(problems["entry_id"]) == [rows[dropped]["entry_id"]]
+
+
+# -- found by mutation testing (make mutation) ----------------------------------------
+
+
+def test_to_dict_holds_every_table_under_its_name() -> None:
+    report = check(FAILURES["client lost"])
+    as_dict = report.to_dict()
+    assert list(as_dict) == [
+        "ok", "finished", "groups", "clients", "invariants", "delivery_counts", "problems",
+    ]  # fmt: skip
+    assert (as_dict["ok"], as_dict["finished"]) == (False, True)
+    for name in ("groups", "clients", "invariants", "delivery_counts", "problems"):
+        table = getattr(report, name)
+        assert len(as_dict[name]) == len(table)
+        assert all(list(row) == list(table.columns) for row in as_dict[name])
+    assert as_dict["problems"][0]["verdict"] == "lost"
+
+
+def test_public_group_and_invariant_checks_agree_with_check() -> None:
+    # The ledger group is behind (c1 never handled, one pending): c1 is unseen.
+    behind = [r for r in money_run().handled.to_dict("records") if r["event_id"] != "c1"]
+    tables = money_run(handled=behind, final=[final("ledger", pending=1)])
+    whole = check(tables)
+    groups, counts, problems = check_groups(tables.published, tables.handled, tables.final)
+    pd.testing.assert_frame_equal(groups, whole.groups)
+    pd.testing.assert_frame_equal(counts, whole.delivery_counts)
+    assert list(problems["event_id"]) == ["c1"] and set(problems["verdict"]) == {"unseen"}
+    invariants = check_invariants(tables.published, tables.escrows, tables.ledger, tables.final)
+    pd.testing.assert_frame_equal(invariants, whole.invariants.iloc[: len(invariants)])
+    assert list(invariants["name"]) == list(whole.invariants["name"])[:-1]
+
+
+def test_the_same_event_twice_in_a_user_stream_is_not_out_of_escrow_order() -> None:
+    # A duplicate entry is the phones' verdict (duplicated); it does not go back.
+    published = [{**pub("e1", "escrow.shipped"), "sequence": 1}]
+    entries = [{"user": "u", "entry_id": f"{n}-0", "event_id": "e1"} for n in (1, 2)]
+    ok, detail = invariant(
+        check(run(published=published, user_streams=entries)), "user streams in escrow order"
+    )
+    assert (ok, detail) == (True, "2 entries in 1 user streams")
+
+
+def test_an_entry_out_of_order_without_a_redelivery_fails_and_says_how_many() -> None:
+    published = [
+        {**pub(e, "escrow.shipped", "esc-1"), "sequence": s} for e, s in [("e1", 1), ("e2", 2)]
+    ]
+    entries = [
+        {"user": "u", "entry_id": f"{n}-0", "event_id": e} for n, e in [(1, "e2"), (2, "e1")]
+    ]
+    once = [handled("fanout", "e1", deliveries=1), handled("fanout", "e2")]
+    ok, detail = invariant(
+        check(run(published=published, user_streams=entries, handled=once)),
+        "user streams in escrow order",
+    )
+    assert not ok
+    assert detail == (
+        "2 entries in 1 user streams; 1 entries placed after a later event of their escrow,"
+        " e.g. u / esc-1"
+    )
+
+
+def test_an_empty_user_stream_table_says_so() -> None:
+    ok, detail = invariant(check(run(published=[pub("e1")])), "user streams in escrow order")
+    assert (ok, detail) == (True, "no user-stream entries")
+
+
+def test_the_last_row_of_an_escrow_is_its_final_state() -> None:
+    tables = _tables(money_run())
+    rows = tables["escrows"]
+    stale = next(r for r in rows if r["id"] == "esc-1") | {"state": "funded"}
+    # esc-1's last row (released) wins over an earlier "funded" row...
+    ok, _ = invariant(check(run(**{**tables, "escrows": [stale, *rows]})), "money conserved")
+    assert ok
+    # ...and a later "funded" row wins over "released": then its hold must be 1,000.
+    ok, detail = invariant(check(run(**{**tables, "escrows": [*rows, stale]})), "money conserved")
+    assert not ok and "esc-1 (funded: holds 0, should hold 1,000)" in detail
+
+
+def _tables(tables: RunTables) -> dict[str, list[dict[str, Any]]]:
+    return {name: getattr(tables, name).to_dict("records") for name in COLUMNS}
+
+
+def test_a_failing_invariant_names_its_first_three_examples() -> None:
+    released = [pub(f"r{i}", "escrow.released", f"esc-{i}", 10) for i in range(5)]
+    twice = released + [pub(f"s{i}", "escrow.released", f"esc-{i}", 10) for i in range(5)]
+    ok, detail = invariant(check(run(published=twice)), "no escrow released twice")
+    assert not ok
+    assert detail == "5 escrows released; 5 more than once, e.g. esc-0, esc-1, esc-2"
+
+
+def _printed(report: CheckReport, limit: int) -> list[str]:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    print_report(report, console, limit=limit)
+    return console.export_text().splitlines()
+
+
+def test_print_report_shows_every_table_and_the_verdict() -> None:
+    text = _printed(check(money_run()), limit=20)
+    joined = "\n".join(text)
+    for title in ("consumer groups", "delivery counts", "phones", "invariants"):
+        assert title in joined
+    assert text[-1] == "OK"
+    assert "problems" not in joined
+    behind = [r for r in money_run().handled.to_dict("records") if r["event_id"] != "c1"]
+    unfinished = _printed(check(money_run(handled=behind, final=[final("ledger", pending=1)])), 20)
+    assert unfinished[-1] == "NOT OK (UNFINISHED: 1 events unseen, a group had not drained)"
+    assert "problems" in "\n".join(unfinished)
+
+
+def test_print_report_summarises_many_phones_and_limits_long_tables() -> None:
+    phones = [f"p{i}" for i in range(4)]
+    tables = run(
+        user_streams=[row for p in phones for row in truth(p, ["1-0", "2-0"])],
+        deliveries=[delivery(p, "1-0") for p in phones],  # each phone lost 2-0
+        phones=[{"phone": p, "start_after": "0-0"} for p in phones],
+    )
+    report = check(tables)
+    text = "\n".join(_printed(report, limit=3))
+    assert (
+        "4 phones: expected 8, delivered 4, ok 4, lost 4, duplicated 0, reordered 0,"
+        " unexpected 0, connections 4, snapshots 0" in text
+    )
+    assert "phones with problems" in text and "... and 1 more phones with problems" in text
+    assert "... and 1 more problems" in text
+    at_limit = "\n".join(_printed(report, limit=4))
+    assert "more problems" not in at_limit and "4 phones:" not in at_limit
+    assert text.splitlines()[-1] == "NOT OK"
