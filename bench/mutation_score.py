@@ -155,6 +155,11 @@ def git_commit(root: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", type=Path, help="write the JSON record here")
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="print only the names of the mutants not killed and not explained (to re-run them)",
+    )
     args = parser.parse_args(argv)
     try:
         equivalents = load_equivalents(EQUIVALENTS)
@@ -162,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, tomllib.TOMLDecodeError) as exc:
         print(f"mutation_score: {exc}", file=sys.stderr)
         return 2
+    if args.survivors:
+        for m in modules:
+            print("\n".join([*m.unexplained, *m.not_killed_otherwise]))
+        return 0
     print_table(modules)
     failed = False
     for m in modules:

@@ -67,6 +67,8 @@ def test_a_full_stream_absent_from_the_read_holds_everything_back() -> None:
     # Its unread entries may come before anything in hand: nothing is certain.
     p1, p2 = _delivery("wb:payment", "3-0"), _delivery("wb:payment", "7-0")
     assert ready_to_handle([p1, p2], {"wb:escrow", "wb:dispute"}) == ([], [p1, p2])
+    p0 = _delivery("wb:payment", "0-5")
+    assert ready_to_handle([p0], {"wb:escrow"}) == ([], [p0])
 
 
 _reads = st.lists(

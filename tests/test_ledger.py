@@ -138,7 +138,7 @@ def test_corruptions_that_balance_are_caught(
 
 @pytest.fixture
 def known(store: Store, clock: ManualClock) -> Store:
-    """Four escrows, one per way money moves, each with its own buyer and seller:
+    """Five escrows, one per way money moves, each with its own buyer and seller:
 
     released (10,000, fee 150), refunded on cancel (1 KES, the smallest refund),
     still funded (500, held), and a payment of 300 that arrived after its escrow
@@ -156,14 +156,21 @@ def known(store: Store, clock: ManualClock) -> Store:
     service.ship("rel", "s-rel")
     service.confirm("rel", "b-rel")
     service.cancel("ref", "b-ref")
+    service.create("b-idle", "s-idle", 700, escrow_id="idle")  # never paid: no postings
     service.create("b-late", "s-late", 300, escrow_id="late")
     service.fund("late", "b-late")
     clock.advance(Timeouts().payment + 1)
-    assert service.expire_due() == 1
+    assert service.expire_due() == 2  # late, and idle
     for body in gateway.due():
         service.record_payment_result(parse_callback(body))
-    states = {e: service.get(e).state.value for e in ("rel", "ref", "held", "late")}
-    assert states == {"rel": "released", "ref": "refunded", "held": "funded", "late": "expired"}
+    states = {e: service.get(e).state.value for e in ("rel", "ref", "held", "late", "idle")}
+    assert states == {
+        "rel": "released",
+        "ref": "refunded",
+        "held": "funded",
+        "late": "expired",
+        "idle": "expired",
+    }
     _post_everything(store, clock)
     return store
 
@@ -186,6 +193,7 @@ def test_every_figure_of_a_known_ledger(known: Store) -> None:
         "hold:ref": 0,
         "hold:held": 500,
         "hold:late": 0,
+        "hold:idle": 0,
         "buyer:b-rel": -10_000,
         "buyer:b-held": -500,
         "seller:s-rel": 9_850,
@@ -243,3 +251,10 @@ def _one_posting_of(store: Store, escrow_id: str, event_type: str) -> str:
             .where(ledger_entries.c.escrow_id == escrow_id)
             .distinct()
         ).scalar_one()
+
+
+def test_an_empty_ledger_is_all_zero_and_ok(store: Store) -> None:
+    check = check_ledger(store)
+    figures = (check.entries, check.total, check.funded, check.held, check.released)
+    assert figures + (check.refunded, check.fees, check.posted_events) == (0,) * 8
+    assert check.ok

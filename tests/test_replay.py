@@ -133,7 +133,7 @@ def test_history_lost_names_the_cursor_and_the_oldest_following_entry() -> None:
 
 def test_sent_counts_every_entry_handed_over_and_skipped_every_duplicate() -> None:
     # ``sent`` is what the session reports as "replayed"; both start at zero.
-    s = stream(6)
+    s = stream(8)
     session = ReplaySession(s[0].id)
     assert (session.sent, session.skipped) == (0, 0)
     session.take_page(s[1:4])
@@ -147,3 +147,5 @@ def test_sent_counts_every_entry_handed_over_and_skipped_every_duplicate() -> No
     session.take_page([])
     assert session.take_live(s[5]) is Live.SKIP
     assert (session.sent, session.skipped) == (5, 3)
+    session.take_page(s[6:8])  # a later page (a catch-up) adds to what was sent
+    assert (session.sent, session.skipped) == (7, 3)
