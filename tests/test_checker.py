@@ -929,3 +929,46 @@ def test_print_report_by_default_lists_twenty_phones_and_summarises_more() -> No
 
     assert "phones:" not in printed(report_of(20))
     assert "21 phones: expected 21" in printed(report_of(21))
+
+
+def test_handled_rows_without_an_event_id_are_unexpected_unless_placeholders() -> None:
+    def ledger_with(extra: dict[str, Any]) -> dict[str, Any]:
+        report = check(
+            run(published=[pub("e1")], handled=[handled("ledger", "e1"), extra],
+                final=[final("ledger")])
+        )  # fmt: skip
+        return group_row(report, "ledger")
+
+    worked = ledger_with(handled("ledger", None))  # type: ignore[arg-type]
+    assert (worked["ok"], worked["unexpected"]) == (1, 1)
+    idle = ledger_with(handled("ledger", None, effects=0, calls=0))  # type: ignore[arg-type]
+    assert (idle["ok"], idle["unexpected"]) == (1, 0)
+
+
+def test_a_group_with_no_handled_rows_is_not_credited_with_another_groups() -> None:
+    # Three groups handled e1; "disputes" handled nothing at all (it only has a final row).
+    published = [pub("e1"), pub("d1", "dispute.opened")]
+    rows = [handled(g, e) for g in ("ledger", "notifications", "push") for e in ("e1", "d1")]
+    finals = [final(g) for g in ("ledger", "notifications", "push", "disputes")]
+    report = check(run(published=published, handled=rows, final=finals))
+    row = group_row(report, "disputes")
+    assert (row["expected"], row["ok"], row["lost"]) == (2, 0, 2)
+
+
+def test_to_dict_counts_are_whole_numbers() -> None:
+    as_dict = check(money_run()).to_dict()
+    group = as_dict["groups"][0]
+    assert all(type(group[c]) is int for c in ("expected", "ok", "lost", "max_delivery_count"))
+    assert all(type(v) is int for r in as_dict["delivery_counts"] for v in list(r.values())[1:])
+
+
+def test_a_hold_booked_for_an_escrow_without_money_events_is_a_difference() -> None:
+    tables = _tables(money_run())
+    ledger = [*tables["ledger"], {"event_id": "x", "escrow_id": "esc-9", "account": "hold:esc-9"}]
+    ledger[-1]["amount"] = 5
+    ok, detail = invariant(check(run(**{**tables, "ledger": ledger})), "ledger matches events")
+    assert not ok
+    assert detail == (
+        "5 escrow holds, 205 KES held in the ledger;"
+        " 1 differ from the events, e.g. esc-9 (ledger 5, events 0)"
+    )
