@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workbench.checker import (
+    GROUP_COLUMNS,
     CheckReport,
     check,
     check_clients,
@@ -952,7 +953,7 @@ def test_a_group_with_no_handled_rows_is_not_credited_with_another_groups() -> N
     finals = [final(g) for g in ("ledger", "notifications", "push", "disputes")]
     report = check(run(published=published, handled=rows, final=finals))
     row = group_row(report, "disputes")
-    assert (row["expected"], row["ok"], row["lost"]) == (2, 0, 2)
+    assert (row["expected"], row["ok"], row["lost"], row["max_delivery_count"]) == (2, 0, 2, 0)
 
 
 def test_to_dict_counts_are_whole_numbers() -> None:
@@ -972,3 +973,54 @@ def test_a_hold_booked_for_an_escrow_without_money_events_is_a_difference() -> N
         "5 escrow holds, 205 KES held in the ledger;"
         " 1 differ from the events, e.g. esc-9 (ledger 5, events 0)"
     )
+
+
+def test_any_sign_of_handling_an_event_not_expected_is_unexpected() -> None:
+    report = check(
+        run(
+            published=[pub("e1")],
+            handled=[
+                handled("ledger", "e1"),
+                handled("ledger", "called", effects=0, calls=1),  # ran, left nothing
+                handled("ledger", "effect", effects=1, calls=0),  # left a row, no call
+            ],
+            final=[final("ledger")],
+        )
+    )
+    assert group_row(report, "ledger")["unexpected"] == 2
+    assert sorted(report.problems["event_id"]) == ["called", "effect"]
+
+
+def test_one_redelivery_is_recovered() -> None:
+    report = check(
+        run(
+            published=[pub("e1")],
+            handled=[handled("push", "e1", deliveries=2)],
+            final=[final("push")],
+        )
+    )
+    row = group_row(report, "push")
+    assert (row["ok"], row["recovered"], row["max_delivery_count"]) == (1, 1, 2)
+
+
+def test_a_group_that_handled_nothing_has_delivery_count_zero() -> None:
+    report = check(run(published=[pub("e1")], final=[final("ledger")]))
+    row = group_row(report, "ledger")
+    assert (row["lost"], row["max_delivery_count"]) == (1, 0)
+
+
+def test_empty_tables_keep_their_integer_columns() -> None:
+    # An empty report concatenates with others (sweeps, notebooks) without turning
+    # its count columns into objects.
+    report = check(RunTables())
+    assert set(report.groups.dtypes[GROUP_COLUMNS[1:-1]].astype(str)) == {"int64"}
+    assert set(report.delivery_counts.dtypes[["max_delivery_count", "events"]].astype(str)) == {
+        "int64"
+    }
+
+
+def test_a_backlog_figure_that_is_not_a_number_means_not_drained() -> None:
+    rows = {"published": [pub("e1")], "handled": [handled("ledger", "e1")]}
+    for backlog in ({"pending": "", "lag": 0}, {"pending": 0, "lag": "n/a"}):
+        report = check(run(**rows, final=[{"group": "ledger", **backlog}]))
+        assert group_row(report, "ledger")["drained"] is False, backlog
