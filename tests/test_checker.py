@@ -1024,3 +1024,45 @@ def test_a_backlog_figure_that_is_not_a_number_means_not_drained() -> None:
     for backlog in ({"pending": "", "lag": 0}, {"pending": 0, "lag": "n/a"}):
         report = check(run(**rows, final=[{"group": "ledger", **backlog}]))
         assert group_row(report, "ledger")["drained"] is False, backlog
+
+
+def test_final_rows_without_a_group_are_ignored() -> None:
+    blank = [{"group": g, "pending": 5, "lag": 5} for g in ("", None)]
+    report = check(
+        run(published=[pub("e1")], handled=[handled("ledger", "e1")],
+            final=[final("ledger"), *blank])
+    )  # fmt: skip
+    assert list(report.groups["group"]) == ["ledger"]
+    assert report.ok
+
+
+def test_delivery_rows_without_a_phone_are_ignored() -> None:
+    stray = [delivery(p, "9-0") for p in ("", None)]  # type: ignore[arg-type]
+    report = clients_of(IDS, [delivery("p1", e) for e in IDS] + stray)
+    assert list(report.clients["phone"]) == ["p1"]
+    assert client_row(report, "p1")["unexpected"] == 0
+    assert report.ok
+
+
+def test_streams_are_named_by_the_last_part_of_a_prefixed_name() -> None:
+    published = [
+        {**pub("e1"), "stream": "wb:escrow"},
+        {**pub("p1", "payment.requested"), "stream": "run-7:wb:payment"},
+        {**pub("d1", "dispute.opened"), "stream": "run-7:wb:dispute"},
+    ]
+    report = check(
+        run(published=published, handled=[handled("ledger", "e1"), handled("ledger", "p1")],
+            final=[final("ledger")])
+    )  # fmt: skip
+    assert (group_row(report, "ledger")["expected"], group_row(report, "ledger")["ok"]) == (2, 2)
+    assert report.ok
+
+
+def test_missing_or_unreadable_handling_figures_count_as_nothing_done() -> None:
+    placeholder = handled("ledger", "ghost") | {"handler_calls": None, "effects": ""}
+    report = check(
+        run(published=[pub("e1")], handled=[handled("ledger", "e1"), placeholder],
+            final=[final("ledger")])
+    )  # fmt: skip
+    assert group_row(report, "ledger")["unexpected"] == 0
+    assert report.ok
