@@ -1066,3 +1066,66 @@ def test_missing_or_unreadable_handling_figures_count_as_nothing_done() -> None:
     )  # fmt: skip
     assert group_row(report, "ledger")["unexpected"] == 0
     assert report.ok
+
+
+def test_the_first_start_after_of_a_phone_wins() -> None:
+    report = check(
+        run(
+            user_streams=truth("p1", IDS),
+            deliveries=[delivery("p1", e) for e in IDS[2:]],
+            phones=[{"phone": "p1", "start_after": "1-1"}, {"phone": "p1", "start_after": "0-0"}],
+        )
+    )
+    assert (client_row(report, "p1")["expected"], client_row(report, "p1")["lost"]) == (4, 0)
+    assert report.ok
+
+
+def test_a_drop_after_a_resync_is_reordered() -> None:
+    rows = [
+        delivery("p1", "5-0"),
+        snapshot("p1", "5-0"),
+        delivery("p1", "8-0"),
+        delivery("p1", "3-0"),  # after 8-0 with no snapshot between
+    ]
+    report = clients_of(IDS, rows)
+    assert client_row(report, "p1")["reordered"] == 1
+    assert verdicts(report)[-1] == ("client", "p1", "reordered", "evt-3-0", "3-0")
+
+
+def test_row_order_decides_reordering_in_long_interleaved_deliveries() -> None:
+    ids = [f"{i}-0" for i in range(1, 101)]
+    rows = [delivery(p, e) for e in ids for p in ("p1", "p2")]
+    report = check(
+        run(
+            user_streams=truth("p1", ids) + truth("p2", ids),
+            deliveries=rows,
+            phones=[{"phone": p, "start_after": "0-0"} for p in ("p1", "p2")],
+        )
+    )
+    assert report.clients["reordered"].tolist() == [0, 0]
+    assert report.ok
+
+
+def test_a_delivery_without_an_event_id_counts_for_its_entry() -> None:
+    rows = [delivery("p1", e) for e in IDS[:4]]
+    rows += [
+        {**delivery("p1", IDS[4]), "event_id": ""},
+        {**delivery("p1", IDS[5]), "event_id": None},
+    ]
+    report = clients_of(IDS, rows)
+    assert (client_row(report, "p1")["ok"], client_row(report, "p1")["unexpected"]) == (6, 0)
+
+
+def test_connections_count_only_named_ones() -> None:
+    rows = [delivery("p1", e) for e in IDS[:3]]
+    rows += [{**delivery("p1", e), "connection": None} for e in IDS[3:]]
+    assert client_row(clients_of(IDS, rows), "p1")["connections"] == 1
+
+
+def test_client_problems_name_their_phone_and_counts_are_whole_numbers() -> None:
+    report = check(FAILURES["client unexpected"])
+    assert verdicts(report) == [("client", "p1", "unexpected", "evt-1-0", "1-0")]
+    reordered = check(FAILURES["client reordered"])
+    assert verdicts(reordered) == [("client", "p1", "reordered", "evt-1-0", "1-0")]
+    client = report.to_dict()["clients"][0]
+    assert all(type(v) is int for k, v in client.items() if k != "phone")
