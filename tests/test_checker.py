@@ -1021,7 +1021,7 @@ def test_empty_tables_keep_their_integer_columns() -> None:
 
 def test_a_backlog_figure_that_is_not_a_number_means_not_drained() -> None:
     rows = {"published": [pub("e1")], "handled": [handled("ledger", "e1")]}
-    for backlog in ({"pending": "", "lag": 0}, {"pending": 0, "lag": "n/a"}):
+    for backlog in ({"pending": "n/a", "lag": 0}, {"pending": 0, "lag": "n/a"}):
         report = check(run(**rows, final=[{"group": "ledger", **backlog}]))
         assert group_row(report, "ledger")["drained"] is False, backlog
 
@@ -1059,7 +1059,7 @@ def test_streams_are_named_by_the_last_part_of_a_prefixed_name() -> None:
 
 
 def test_missing_or_unreadable_handling_figures_count_as_nothing_done() -> None:
-    placeholder = handled("ledger", "ghost") | {"handler_calls": None, "effects": ""}
+    placeholder = handled("ledger", "ghost") | {"handler_calls": None, "effects": "n/a"}
     report = check(
         run(published=[pub("e1")], handled=[handled("ledger", "e1"), placeholder],
             final=[final("ledger")])
@@ -1071,13 +1071,32 @@ def test_missing_or_unreadable_handling_figures_count_as_nothing_done() -> None:
 def test_the_first_start_after_of_a_phone_wins() -> None:
     report = check(
         run(
-            user_streams=truth("p1", IDS),
-            deliveries=[delivery("p1", e) for e in IDS[2:]],
-            phones=[{"phone": "p1", "start_after": "1-1"}, {"phone": "p1", "start_after": "0-0"}],
+            user_streams=truth("p1", IDS) + truth("p2", IDS),
+            deliveries=[delivery("p1", e) for e in IDS[2:]] + [delivery("p2", e) for e in IDS[3:]],
+            phones=[
+                {"phone": "p1", "start_after": "1-1"},
+                {"phone": "p1", "start_after": "0-0"},
+                {"phone": "p2", "start_after": "2-0"},
+            ],
         )
     )
     assert (client_row(report, "p1")["expected"], client_row(report, "p1")["lost"]) == (4, 0)
+    assert (client_row(report, "p2")["expected"], client_row(report, "p2")["lost"]) == (3, 0)
     assert report.ok
+
+
+def test_blank_ids_mean_from_the_start_and_no_event() -> None:
+    # start_after "" is 0-0 (like NULL and "0"); an empty event id is no event id.
+    report = clients_of(IDS, [delivery("p1", e) for e in IDS], start_after="")
+    assert (client_row(report, "p1")["expected"], client_row(report, "p1")["ok"]) == (6, 6)
+    groups = check(
+        run(published=[pub("e1"), pub("e2")],
+            handled=[handled("ledger", ""), handled("ledger", "e2"), handled("ledger", "e1")],
+            final=[final("ledger")])
+    )  # fmt: skip
+    row = group_row(groups, "ledger")
+    assert (row["expected"], row["ok"], row["unexpected"]) == (2, 2, 1)
+    assert list(groups.problems["event_id"]) == [None]
 
 
 def test_a_drop_after_a_resync_is_reordered() -> None:
