@@ -1091,12 +1091,13 @@ def test_blank_ids_mean_from_the_start_and_no_event() -> None:
     assert (client_row(report, "p1")["expected"], client_row(report, "p1")["ok"]) == (6, 6)
     groups = check(
         run(published=[pub("e1"), pub("e2")],
-            handled=[handled("ledger", ""), handled("ledger", "e2"), handled("ledger", "e1")],
+            handled=[handled("ledger", ""), handled("ledger", "e2"), handled("ledger", "e1"),
+                     handled("ledger", "ghost")],
             final=[final("ledger")])
     )  # fmt: skip
     row = group_row(groups, "ledger")
-    assert (row["expected"], row["ok"], row["unexpected"]) == (2, 2, 1)
-    assert list(groups.problems["event_id"]) == [None]
+    assert (row["expected"], row["ok"], row["unexpected"]) == (2, 2, 2)
+    assert groups.problems["event_id"].fillna("(none)").tolist() == ["ghost", "(none)"]
 
 
 def test_a_drop_after_a_resync_is_reordered() -> None:
