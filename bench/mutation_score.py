@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", type=Path, help="write the JSON record here")
     parser.add_argument(
+        "--method",
+        default="one mutmut run from scratch (make mutation)",
+        help="how the verdicts were obtained, for the record",
+    )
+    parser.add_argument(
         "--survivors",
         action="store_true",
         help="print only the names of the mutants not killed and not explained (to re-run them)",
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             "tool_version": version("mutmut"),
             "python": sys.version.split()[0],
             "score_definition": "killed / (total - equivalent)",
+            "method": args.method,
+            "mutated": mutated_files(ROOT / "pyproject.toml"),
             "modules": {m.module: m.to_dict() for m in modules},
         }
         args.record.parent.mkdir(parents=True, exist_ok=True)
