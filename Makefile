@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run demo serve test test-notebooks lab notebooks lint bench bench-sse bench-sim \
-	bench-report bench-report-check bench-durability inspect clean venv
+	bench-report bench-report-check bench-durability inspect clean venv mutation mutation-again
 
 venv: $(STAMP)
 
@@ -88,8 +88,23 @@ bench-sse: $(STAMP)
 bench-durability: $(STAMP)
 	$(BIN)/python bench/durability.py --trials $(DURABILITY_TRIALS) $(BENCH_ARGS)
 
+# Mutation testing of the pure cores ([tool.mutmut] in pyproject.toml); not part of
+# `make test`. A fresh run from scratch, then the score per module; exit 1 when a
+# mutant survived that bench/mutation_equivalents.toml does not explain.
+# MUTATION_ARGS="--record bench/records/mutation.json" also writes the record.
+mutation: $(STAMP)
+	rm -rf mutants
+	nice -n 15 $(BIN)/mutmut run $(MUTMUT_ARGS)
+	$(BIN)/python bench/mutation_score.py $(MUTATION_ARGS)
+
+# After adding tests: re-run only the mutants that survived last time (mutmut keeps
+# every verdict in mutants/ and re-runs a decided mutant only when named).
+mutation-again: $(STAMP)
+	nice -n 15 $(BIN)/mutmut run $$($(BIN)/python bench/mutation_score.py --survivors) $(MUTMUT_ARGS)
+	$(BIN)/python bench/mutation_score.py $(MUTATION_ARGS)
+
 inspect: $(STAMP)
 	$(BIN)/workbench inspect
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) data/demo
+	rm -rf $(VENV) $(BENCH_VENV) data/demo mutants

@@ -16,10 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workbench.checker import (
+    GROUP_COLUMNS,
     CheckReport,
     check,
     check_clients,
     check_dir,
+    check_groups,
+    check_invariants,
     print_report,
     rank_ids,
     streams_of,
@@ -746,3 +749,422 @@ def test_entries_redis_lost_are_out_of_the_truth_and_their_deliveries_forgiven()
     # Without the record of the loss, the same run has a lost entry (3-0, never sent).
     blind = check(run(**tables))
     assert client_row(blind, "p1")["lost"] == 1
+
+
+# -- found by mutation testing (make mutation) ----------------------------------------
+
+
+def test_to_dict_holds_every_table_under_its_name() -> None:
+    report = check(FAILURES["client lost"])
+    as_dict = report.to_dict()
+    assert list(as_dict) == [
+        "ok", "finished", "groups", "clients", "invariants", "delivery_counts", "problems",
+    ]  # fmt: skip
+    assert (as_dict["ok"], as_dict["finished"]) == (False, True)
+    for name in ("groups", "clients", "invariants", "delivery_counts", "problems"):
+        table = getattr(report, name)
+        assert len(as_dict[name]) == len(table)
+        assert all(list(row) == list(table.columns) for row in as_dict[name])
+    assert as_dict["problems"][0]["verdict"] == "lost"
+
+
+def test_public_group_and_invariant_checks_agree_with_check() -> None:
+    # The ledger group is behind (c1 never handled, one pending): c1 is unseen.
+    behind = [r for r in money_run().handled.to_dict("records") if r["event_id"] != "c1"]
+    tables = money_run(handled=behind, final=[final("ledger", pending=1)])
+    whole = check(tables)
+    groups, counts, problems = check_groups(tables.published, tables.handled, tables.final)
+    pd.testing.assert_frame_equal(groups, whole.groups)
+    pd.testing.assert_frame_equal(counts, whole.delivery_counts)
+    assert list(problems["event_id"]) == ["c1"] and set(problems["verdict"]) == {"unseen"}
+    invariants = check_invariants(tables.published, tables.escrows, tables.ledger, tables.final)
+    pd.testing.assert_frame_equal(invariants, whole.invariants.iloc[: len(invariants)])
+    assert list(invariants["name"]) == list(whole.invariants["name"])[:-1]
+
+
+def test_the_same_event_twice_in_a_user_stream_is_not_out_of_escrow_order() -> None:
+    # A duplicate entry is the phones' verdict (duplicated); it does not go back.
+    published = [{**pub("e1", "escrow.shipped"), "sequence": 1}]
+    entries = [{"user": "u", "entry_id": f"{n}-0", "event_id": "e1"} for n in (1, 2)]
+    ok, detail = invariant(
+        check(run(published=published, user_streams=entries)), "user streams in escrow order"
+    )
+    assert (ok, detail) == (True, "2 entries in 1 user streams")
+
+
+def test_an_entry_out_of_order_without_a_redelivery_fails_and_says_how_many() -> None:
+    published = [
+        {**pub(e, "escrow.shipped", "esc-1"), "sequence": s} for e, s in [("e1", 1), ("e2", 2)]
+    ]
+    entries = [
+        {"user": "u", "entry_id": f"{n}-0", "event_id": e} for n, e in [(1, "e2"), (2, "e1")]
+    ]
+    once = [handled("fanout", "e1", deliveries=1), handled("fanout", "e2")]
+    ok, detail = invariant(
+        check(run(published=published, user_streams=entries, handled=once)),
+        "user streams in escrow order",
+    )
+    assert not ok
+    assert detail == (
+        "2 entries in 1 user streams; 1 entries placed after a later event of their escrow,"
+        " e.g. u / esc-1"
+    )
+
+
+def test_an_empty_user_stream_table_says_so() -> None:
+    ok, detail = invariant(check(run(published=[pub("e1")])), "user streams in escrow order")
+    assert (ok, detail) == (True, "no user-stream entries")
+
+
+def test_the_last_row_of_an_escrow_is_its_final_state() -> None:
+    tables = _tables(money_run())
+    rows = tables["escrows"]
+    stale = next(r for r in rows if r["id"] == "esc-1") | {"state": "funded"}
+    # esc-1's last row (released) wins over an earlier "funded" row...
+    ok, _ = invariant(check(run(**{**tables, "escrows": [stale, *rows]})), "money conserved")
+    assert ok
+    # ...and a later "funded" row wins over "released": then its hold must be 1,000.
+    ok, detail = invariant(check(run(**{**tables, "escrows": [*rows, stale]})), "money conserved")
+    assert not ok and "esc-1 (funded: holds 0, should hold 1,000)" in detail
+
+
+def _tables(tables: RunTables) -> dict[str, list[dict[str, Any]]]:
+    return {name: getattr(tables, name).to_dict("records") for name in COLUMNS}
+
+
+def test_a_failing_invariant_names_its_first_three_examples() -> None:
+    released = [pub(f"r{i}", "escrow.released", f"esc-{i}", 10) for i in range(5)]
+    twice = released + [pub(f"s{i}", "escrow.released", f"esc-{i}", 10) for i in range(5)]
+    ok, detail = invariant(check(run(published=twice)), "no escrow released twice")
+    assert not ok
+    assert detail == "5 escrows released; 5 more than once, e.g. esc-0, esc-1, esc-2"
+
+
+def _printed(report: CheckReport, limit: int) -> list[str]:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    print_report(report, console, limit=limit)
+    return console.export_text().splitlines()
+
+
+def test_print_report_shows_every_table_and_the_verdict() -> None:
+    text = _printed(check(money_run()), limit=20)
+    joined = "\n".join(text)
+    titles = {line.strip() for line in text}
+    assert {"consumer groups", "delivery counts", "phones", "invariants"} <= titles
+    assert text[-1] == "OK"
+    assert "problems" not in joined
+    behind = [r for r in money_run().handled.to_dict("records") if r["event_id"] != "c1"]
+    unfinished = _printed(check(money_run(handled=behind, final=[final("ledger", pending=1)])), 20)
+    assert unfinished[-1] == "NOT OK (UNFINISHED: 1 events unseen, a group had not drained)"
+    assert "problems" in "\n".join(unfinished)
+
+
+def test_print_report_summarises_many_phones_and_limits_long_tables() -> None:
+    phones = [f"p{i}" for i in range(4)]
+    tables = run(
+        user_streams=[row for p in phones for row in truth(p, ["1-0", "2-0"])],
+        deliveries=[delivery(p, "1-0") for p in phones],  # each phone lost 2-0
+        phones=[{"phone": p, "start_after": "0-0"} for p in phones],
+    )
+    report = check(tables)
+    text = "\n".join(_printed(report, limit=3))
+    assert (
+        "4 phones: expected 8, delivered 4, ok 4, lost 4, duplicated 0, reordered 0,"
+        " unexpected 0, connections 4, snapshots 0" in text
+    )
+    assert "phones with problems" in text and "... and 1 more phones with problems" in text
+    assert "p3" not in text  # the fourth phone is past the limit in both tables
+    assert "... and 1 more problems" in text
+    at_limit = "\n".join(_printed(report, limit=4))
+    assert "more problems" not in at_limit and "4 phones:" not in at_limit
+    assert text.splitlines()[-1] == "NOT OK"
+
+
+def test_a_redelivered_entry_out_of_order_is_counted_after_the_totals() -> None:
+    published = [{**pub(e, "escrow.shipped"), "sequence": s} for e, s in [("e1", 1), ("e2", 2)]]
+    order = [(1, "e2"), (2, "e1")]
+    entries = [{"user": "u", "entry_id": f"{n}-0", "event_id": e} for n, e in order]
+    redelivered = [handled("fanout", "e1", deliveries=2), handled("fanout", "e2")]
+    ok, detail = invariant(
+        check(run(published=published, user_streams=entries, handled=redelivered)),
+        "user streams in escrow order",
+    )
+    assert ok
+    assert detail == (
+        "2 entries in 1 user streams; 1 placed after a later event because the fan-out"
+        " had them redelivered (crash recovery)"
+    )
+
+
+def test_a_ledger_group_missing_from_final_is_not_checked_against_the_events() -> None:
+    ledger = [r for r in money_run().ledger.to_dict("records") if r["event_id"] != "c1"]
+    ok, detail = invariant(check(money_run(ledger=ledger, final=[])), "ledger matches events")
+    assert ok and detail.startswith("not checked")
+
+
+def test_money_conserved_names_escrows_missing_from_the_table_or_without_a_state() -> None:
+    tables = _tables(money_run())
+    rows = [r for r in tables["escrows"] if r["id"] not in ("esc-3", "esc-4")]
+    # esc-4 was paid and refunded (holds 0): fine without a row. esc-3 holds 200.
+    ok, detail = invariant(check(run(**{**tables, "escrows": rows})), "money conserved")
+    assert not ok
+    assert detail == (
+        "received 2,000 = held 200 + released 1,000 + refunded 800;"
+        " 1 escrows hold the wrong amount, e.g. esc-3 (not in escrows: holds 200, should hold 0)"
+    )
+    no_state = [r | {"state": None} if r["id"] == "esc-3" else r for r in tables["escrows"]]
+    ok, detail = invariant(check(run(**{**tables, "escrows": no_state})), "money conserved")
+    assert not ok and "e.g. esc-3 (no state: holds 200, should hold 0)" in detail
+
+
+def test_released_and_refunded_details_count_both() -> None:
+    published = [
+        pub("r1", "escrow.released", "esc-1", 10),
+        pub("f1", "escrow.refunded", "esc-1", 10),
+        pub("f2", "escrow.refunded", "esc-2", 10),
+    ]
+    ok, detail = invariant(check(run(published=published)), "no escrow both released and refunded")
+    assert (ok, detail) == (False, "1 released, 2 refunded; 1 both, e.g. esc-1")
+
+
+def test_print_report_by_default_lists_twenty_phones_and_summarises_more() -> None:
+    def report_of(n: int) -> CheckReport:
+        phones = [f"p{i}" for i in range(n)]
+        return check(
+            run(
+                user_streams=[row for p in phones for row in truth(p, ["1-0"])],
+                deliveries=[delivery(p, "1-0") for p in phones],
+                phones=[{"phone": p, "start_after": "0-0"} for p in phones],
+            )
+        )
+
+    from rich.console import Console
+
+    def printed(report: CheckReport) -> str:
+        console = Console(record=True, width=200)
+        print_report(report, console)
+        return console.export_text()
+
+    assert "phones:" not in printed(report_of(20))
+    assert "21 phones: expected 21" in printed(report_of(21))
+
+
+def test_handled_rows_without_an_event_id_are_unexpected_unless_placeholders() -> None:
+    def ledger_with(extra: dict[str, Any]) -> dict[str, Any]:
+        report = check(
+            run(published=[pub("e1")], handled=[handled("ledger", "e1"), extra],
+                final=[final("ledger")])
+        )  # fmt: skip
+        return group_row(report, "ledger")
+
+    worked = ledger_with(handled("ledger", None))  # type: ignore[arg-type]
+    assert (worked["ok"], worked["unexpected"]) == (1, 1)
+    idle = ledger_with(handled("ledger", None, effects=0, calls=0))  # type: ignore[arg-type]
+    assert (idle["ok"], idle["unexpected"]) == (1, 0)
+
+
+def test_a_group_with_no_handled_rows_is_not_credited_with_another_groups() -> None:
+    # Three groups handled e1; "disputes" handled nothing at all (it only has a final row).
+    published = [pub("e1"), pub("d1", "dispute.opened")]
+    rows = [handled(g, e) for g in ("ledger", "notifications", "push") for e in ("e1", "d1")]
+    finals = [final(g) for g in ("ledger", "notifications", "push", "disputes")]
+    report = check(run(published=published, handled=rows, final=finals))
+    row = group_row(report, "disputes")
+    assert (row["expected"], row["ok"], row["lost"], row["max_delivery_count"]) == (2, 0, 2, 0)
+
+
+def test_to_dict_counts_are_whole_numbers() -> None:
+    as_dict = check(money_run()).to_dict()
+    group = as_dict["groups"][0]
+    assert all(type(group[c]) is int for c in ("expected", "ok", "lost", "max_delivery_count"))
+    assert all(type(v) is int for r in as_dict["delivery_counts"] for v in list(r.values())[1:])
+
+
+def test_a_hold_booked_for_an_escrow_without_money_events_is_a_difference() -> None:
+    tables = _tables(money_run())
+    ledger = [*tables["ledger"], {"event_id": "x", "escrow_id": "esc-9", "account": "hold:esc-9"}]
+    ledger[-1]["amount"] = 5
+    ok, detail = invariant(check(run(**{**tables, "ledger": ledger})), "ledger matches events")
+    assert not ok
+    assert detail == (
+        "5 escrow holds, 205 KES held in the ledger;"
+        " 1 differ from the events, e.g. esc-9 (ledger 5, events 0)"
+    )
+
+
+def test_any_sign_of_handling_an_event_not_expected_is_unexpected() -> None:
+    report = check(
+        run(
+            published=[pub("e1")],
+            handled=[
+                handled("ledger", "e1"),
+                handled("ledger", "called", effects=0, calls=1),  # ran, left nothing
+                handled("ledger", "effect", effects=1, calls=0),  # left a row, no call
+            ],
+            final=[final("ledger")],
+        )
+    )
+    assert group_row(report, "ledger")["unexpected"] == 2
+    assert sorted(report.problems["event_id"]) == ["called", "effect"]
+
+
+def test_one_redelivery_is_recovered() -> None:
+    report = check(
+        run(
+            published=[pub("e1")],
+            handled=[handled("push", "e1", deliveries=2)],
+            final=[final("push")],
+        )
+    )
+    row = group_row(report, "push")
+    assert (row["ok"], row["recovered"], row["max_delivery_count"]) == (1, 1, 2)
+
+
+def test_a_group_that_handled_nothing_has_delivery_count_zero() -> None:
+    report = check(run(published=[pub("e1")], final=[final("ledger")]))
+    row = group_row(report, "ledger")
+    assert (row["lost"], row["max_delivery_count"]) == (1, 0)
+
+
+def test_empty_tables_keep_their_integer_columns() -> None:
+    # An empty report concatenates with others (sweeps, notebooks) without turning
+    # its count columns into objects.
+    report = check(RunTables())
+    assert set(report.groups.dtypes[GROUP_COLUMNS[1:-1]].astype(str)) == {"int64"}
+    assert set(report.delivery_counts.dtypes[["max_delivery_count", "events"]].astype(str)) == {
+        "int64"
+    }
+
+
+def test_a_backlog_figure_that_is_not_a_number_means_not_drained() -> None:
+    rows = {"published": [pub("e1")], "handled": [handled("ledger", "e1")]}
+    for backlog in ({"pending": "n/a", "lag": 0}, {"pending": 0, "lag": "n/a"}):
+        report = check(run(**rows, final=[{"group": "ledger", **backlog}]))
+        assert group_row(report, "ledger")["drained"] is False, backlog
+
+
+def test_final_rows_without_a_group_are_ignored() -> None:
+    blank = [{"group": g, "pending": 5, "lag": 5} for g in ("", None)]
+    report = check(
+        run(published=[pub("e1")], handled=[handled("ledger", "e1")],
+            final=[final("ledger"), *blank])
+    )  # fmt: skip
+    assert list(report.groups["group"]) == ["ledger"]
+    assert report.ok
+
+
+def test_delivery_rows_without_a_phone_are_ignored() -> None:
+    stray = [delivery(p, "9-0") for p in ("", None)]  # type: ignore[arg-type]
+    report = clients_of(IDS, [delivery("p1", e) for e in IDS] + stray)
+    assert list(report.clients["phone"]) == ["p1"]
+    assert client_row(report, "p1")["unexpected"] == 0
+    assert report.ok
+
+
+def test_streams_are_named_by_the_last_part_of_a_prefixed_name() -> None:
+    published = [
+        {**pub("e1"), "stream": "wb:escrow"},
+        {**pub("p1", "payment.requested"), "stream": "run-7:wb:payment"},
+        {**pub("d1", "dispute.opened"), "stream": "run-7:wb:dispute"},
+    ]
+    report = check(
+        run(published=published, handled=[handled("ledger", "e1"), handled("ledger", "p1")],
+            final=[final("ledger")])
+    )  # fmt: skip
+    assert (group_row(report, "ledger")["expected"], group_row(report, "ledger")["ok"]) == (2, 2)
+    assert report.ok
+
+
+def test_missing_or_unreadable_handling_figures_count_as_nothing_done() -> None:
+    placeholder = handled("ledger", "ghost") | {"handler_calls": None, "effects": "n/a"}
+    report = check(
+        run(published=[pub("e1")], handled=[handled("ledger", "e1"), placeholder],
+            final=[final("ledger")])
+    )  # fmt: skip
+    assert group_row(report, "ledger")["unexpected"] == 0
+    assert report.ok
+
+
+def test_the_first_start_after_of_a_phone_wins() -> None:
+    report = check(
+        run(
+            user_streams=truth("p1", IDS) + truth("p2", IDS),
+            deliveries=[delivery("p1", e) for e in IDS[2:]] + [delivery("p2", e) for e in IDS[3:]],
+            phones=[
+                {"phone": "p1", "start_after": "1-1"},
+                {"phone": "p1", "start_after": "0-0"},
+                {"phone": "p2", "start_after": "2-0"},
+            ],
+        )
+    )
+    assert (client_row(report, "p1")["expected"], client_row(report, "p1")["lost"]) == (4, 0)
+    assert (client_row(report, "p2")["expected"], client_row(report, "p2")["lost"]) == (3, 0)
+    assert report.ok
+
+
+def test_blank_ids_mean_from_the_start_and_no_event() -> None:
+    # start_after "" is 0-0 (like NULL and "0"); an empty event id is no event id.
+    report = clients_of(IDS, [delivery("p1", e) for e in IDS], start_after="")
+    assert (client_row(report, "p1")["expected"], client_row(report, "p1")["ok"]) == (6, 6)
+    groups = check(
+        run(published=[pub("e1"), pub("e2")],
+            handled=[handled("ledger", ""), handled("ledger", "e2"), handled("ledger", "e1"),
+                     handled("ledger", "ghost")],
+            final=[final("ledger")])
+    )  # fmt: skip
+    row = group_row(groups, "ledger")
+    assert (row["expected"], row["ok"], row["unexpected"]) == (2, 2, 2)
+    assert groups.problems["event_id"].fillna("(none)").tolist() == ["ghost", "(none)"]
+
+
+def test_a_drop_after_a_resync_is_reordered() -> None:
+    rows = [
+        delivery("p1", "5-0"),
+        snapshot("p1", "5-0"),
+        delivery("p1", "8-0"),
+        delivery("p1", "3-0"),  # after 8-0 with no snapshot between
+    ]
+    report = clients_of(IDS, rows)
+    assert client_row(report, "p1")["reordered"] == 1
+    assert verdicts(report)[-1] == ("client", "p1", "reordered", "evt-3-0", "3-0")
+
+
+def test_row_order_decides_reordering_in_long_interleaved_deliveries() -> None:
+    ids = [f"{i}-0" for i in range(1, 101)]
+    rows = [delivery(p, e) for e in ids for p in ("p1", "p2")]
+    report = check(
+        run(
+            user_streams=truth("p1", ids) + truth("p2", ids),
+            deliveries=rows,
+            phones=[{"phone": p, "start_after": "0-0"} for p in ("p1", "p2")],
+        )
+    )
+    assert report.clients["reordered"].tolist() == [0, 0]
+    assert report.ok
+
+
+def test_a_delivery_without_an_event_id_counts_for_its_entry() -> None:
+    rows = [delivery("p1", e) for e in IDS[:4]]
+    rows += [
+        {**delivery("p1", IDS[4]), "event_id": ""},
+        {**delivery("p1", IDS[5]), "event_id": None},
+    ]
+    report = clients_of(IDS, rows)
+    assert (client_row(report, "p1")["ok"], client_row(report, "p1")["unexpected"]) == (6, 0)
+
+
+def test_connections_count_only_named_ones() -> None:
+    rows = [delivery("p1", e) for e in IDS[:3]]
+    rows += [{**delivery("p1", e), "connection": None} for e in IDS[3:]]
+    assert client_row(clients_of(IDS, rows), "p1")["connections"] == 1
+
+
+def test_client_problems_name_their_phone_and_counts_are_whole_numbers() -> None:
+    report = check(FAILURES["client unexpected"])
+    assert verdicts(report) == [("client", "p1", "unexpected", "evt-1-0", "1-0")]
+    reordered = check(FAILURES["client reordered"])
+    assert verdicts(reordered) == [("client", "p1", "reordered", "evt-1-0", "1-0")]
+    client = report.to_dict()["clients"][0]
+    assert all(type(v) is int for k, v in client.items() if k != "phone")

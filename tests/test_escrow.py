@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -723,3 +724,57 @@ def test_replay_with_custom_timeouts_uses_them() -> None:
     escrow = replay(flow.events, short)
     assert escrow is not None
     assert escrow.deadline == flow.events[-1].occurred_at + 2
+
+
+# -- found by mutation testing (make mutation) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make", [created, awaiting, funded, shipped, disputed, released, refunded, cancelled]
+)
+def test_to_dict_is_every_field_under_its_own_name(make: Callable[[], Flow]) -> None:
+    escrow = make().escrow
+    assert escrow is not None
+    as_dict = escrow.to_dict()
+    assert list(as_dict) == [f.name for f in dataclasses.fields(Escrow)]
+    assert Escrow(**{**as_dict, "state": EscrowState(as_dict["state"])}) == escrow
+
+
+def test_a_created_escrow_carries_the_given_correlation_id() -> None:
+    events = decide(
+        None, CreateEscrow("e", BUYER, SELLER, AMOUNT), now=T0, ids=IdFactory(1), correlation_id="c"
+    )
+    assert [e.correlation_id for e in events] == ["c"]
+
+
+def test_ids_say_what_they_identify_when_the_decider_makes_them() -> None:
+    # Event and correlation ids travel side by side in every envelope and log line.
+    flow = Flow()
+    flow.do(RequestPayment(BUYER, "co-1"))
+    assert len(flow.events) == 2
+    for event in flow.events:
+        assert event.event_id.startswith("evt_"), event.event_id
+        assert event.correlation_id.startswith("cor_"), event.correlation_id
+
+
+def test_a_command_the_decider_does_not_know_is_refused() -> None:
+    flow = created()
+    with pytest.raises(InvalidCommand, match="unknown command"):
+        flow.decide_only("ship it")  # type: ignore[arg-type]
+
+
+def test_a_payment_request_without_a_checkout_id_is_refused_and_says_why() -> None:
+    with pytest.raises(InvalidCommand, match="^a payment request needs a checkout request id$"):
+        created().decide_only(RequestPayment(BUYER, ""))
+
+
+def test_shipping_records_the_tracking_reference() -> None:
+    events = funded().decide_only(Ship(SELLER, "TRACK-9"))
+    assert [(e.type, e.payload) for e in events] == [("escrow.shipped", {"tracking": "TRACK-9"})]
+
+
+def test_a_created_event_without_a_description_replays_to_an_empty_one() -> None:
+    event = Flow().events[0]
+    payload = {k: v for k, v in event.payload.items() if k != "description"}
+    escrow = evolve(None, msgspec.structs.replace(event, payload=payload))
+    assert escrow.description == ""

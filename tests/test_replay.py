@@ -116,3 +116,36 @@ def test_handoff_delivers_the_stream_once_in_order(
         assert final == [] and catch_ups == 0
     sent += final
     assert sent == s[start:]
+
+
+def test_history_lost_names_the_cursor_and_the_oldest_following_entry() -> None:
+    # The reason goes to the client in the ``reset`` event, so it must say what is gone.
+    s = stream(6)
+    session = ReplaySession(s[0].id)
+    with pytest.raises(HistoryLost) as lost:
+        session.take_page(s[3:])  # s[1] and s[2] were trimmed
+    reason = lost.value.reason
+    assert str(lost.value) == reason
+    assert f"entries after {s[0].id} are no longer retained" in reason
+    assert f"oldest following entry {s[3].id} follows {s[2].id}" in reason
+    assert session.cursor == s[0].id and session.sent == 0  # nothing was taken
+
+
+def test_sent_counts_every_entry_handed_over_and_skipped_every_duplicate() -> None:
+    # ``sent`` is what the session reports as "replayed"; both start at zero.
+    s = stream(8)
+    session = ReplaySession(s[0].id)
+    assert (session.sent, session.skipped) == (0, 0)
+    session.take_page(s[1:4])
+    assert (session.sent, session.skipped) == (3, 0)
+    assert session.take_live(s[2]) is Live.SKIP
+    assert session.take_live(s[3]) is Live.SKIP
+    assert (session.sent, session.skipped) == (3, 2)
+    assert session.take_live(s[4]) is Live.SEND
+    assert session.take_live(s[5]) is Live.SEND
+    assert (session.sent, session.skipped) == (5, 2)
+    session.take_page([])
+    assert session.take_live(s[5]) is Live.SKIP
+    assert (session.sent, session.skipped) == (5, 3)
+    session.take_page(s[6:8])  # a later page (a catch-up) adds to what was sent
+    assert (session.sent, session.skipped) == (7, 3)

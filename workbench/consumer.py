@@ -199,6 +199,9 @@ def should_dead_letter(delivery: Delivery, max_deliveries: int) -> bool:
 
 
 # -- the loop ---------------------------------------------------------------------
+# Mutation testing (`make mutation`) covers the pure decisions above; the Redis loop
+# below is tested against a real Redis in test_consumer.py, too slow per mutant.
+# pragma: no mutate block
 
 
 class ConsumerWorker:

@@ -1,0 +1,101 @@
+"""The consumer's pure decisions, at their boundaries.
+
+``ready_to_handle`` (what of a read may be handled now), ``dead_consumers`` (whose
+pending entries to claim), ``should_dead_letter`` and the settings' validation
+decide without Redis, so they are checked here directly; the Redis loop around them
+is tested against a real Redis in test_consumer.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from workbench.consumer import (
+    ConsumerSettings,
+    Delivery,
+    dead_consumers,
+    ready_to_handle,
+    should_dead_letter,
+)
+from workbench.log import SOCKET_TIMEOUT_S
+
+
+def _delivery(stream: str, entry_id: str) -> Delivery:
+    return Delivery(stream, entry_id, {b"data": b"x"})
+
+
+def test_an_entry_is_dead_lettered_on_its_last_allowed_delivery_not_before() -> None:
+    def delivered(times: int) -> Delivery:
+        return Delivery("wb:escrow", "1-0", {b"data": b"{}"}, delivery_count=times)
+
+    assert not should_dead_letter(delivered(4), max_deliveries=5)
+    assert should_dead_letter(delivered(5), max_deliveries=5)
+    assert should_dead_letter(delivered(6), max_deliveries=5)
+
+
+def test_a_consumer_is_dead_only_once_its_heartbeat_is_older_than_the_limit() -> None:
+    pending = {"c1": 1}
+    at_limit = dead_consumers(pending, {"c1": 90.0}, me="me", now=100.0, dead_after_s=10.0)
+    past_limit = dead_consumers(pending, {"c1": 89.5}, me="me", now=100.0, dead_after_s=10.0)
+    assert (at_limit, past_limit) == ([], ["c1"])
+
+
+def test_block_ms_just_below_the_socket_timeout_is_accepted_and_at_it_refused() -> None:
+    limit_ms = int(SOCKET_TIMEOUT_S * 1000)
+    assert ConsumerSettings(block_ms=limit_ms - 1).block_ms == limit_ms - 1
+    with pytest.raises(ValueError, match=rf"block_ms={limit_ms} .*\({limit_ms} ms\)"):
+        ConsumerSettings(block_ms=limit_ms)
+
+
+def test_a_single_delivery_is_allowed_and_none_is_refused() -> None:
+    assert ConsumerSettings(max_deliveries=1).max_deliveries == 1
+    with pytest.raises(ValueError, match="^max_deliveries must be at least 1$"):
+        ConsumerSettings(max_deliveries=0)
+
+
+def test_entries_at_millisecond_zero_wait_for_a_full_stream_stopping_there() -> None:
+    # Explicit ids from a simulation clock can start at 0 ms: a full stream that
+    # stops at 0 ms may have more 0 ms entries unread, so nothing else is certain.
+    a = _delivery("wb:escrow", "0-1")
+    p = _delivery("wb:payment", "0-2")
+    assert ready_to_handle([a, p], {"wb:escrow"}) == ([], [a, p])
+
+
+def test_a_full_stream_absent_from_the_read_holds_everything_back() -> None:
+    # Its unread entries may come before anything in hand: nothing is certain.
+    p1, p2 = _delivery("wb:payment", "3-0"), _delivery("wb:payment", "7-0")
+    assert ready_to_handle([p1, p2], {"wb:escrow", "wb:dispute"}) == ([], [p1, p2])
+    p0 = _delivery("wb:payment", "0-5")
+    assert ready_to_handle([p0], {"wb:escrow"}) == ([], [p0])
+
+
+_reads = st.lists(
+    st.tuples(
+        st.sampled_from(["wb:escrow", "wb:payment", "wb:payout"]),
+        st.integers(0, 30),
+        st.integers(0, 3),
+    ),
+    max_size=12,
+    unique_by=lambda t: (t[0], t[1], t[2]),
+)
+
+
+@given(_reads, st.sets(st.sampled_from(["wb:escrow", "wb:payment", "wb:payout"])), st.randoms())
+def test_what_is_held_back_does_not_depend_on_the_order_of_the_read(
+    read: list[tuple[str, int, int]], truncated: set[str], rnd
+) -> None:  # type: ignore[no-untyped-def]
+    deliveries = [_delivery(stream, f"{ms}-{seq}") for stream, ms, seq in read]
+    now, later = ready_to_handle(deliveries, truncated)
+    shuffled = list(deliveries)
+    rnd.shuffle(shuffled)
+    now2, later2 = ready_to_handle(shuffled, truncated)
+    key = lambda d: (d.stream, d.entry_id)  # noqa: E731
+    assert sorted(map(key, now)) == sorted(map(key, now2))
+    assert sorted(map(key, later)) == sorted(map(key, later2))
+    # Nothing is lost or doubled, and what is handled now precedes what waits.
+    assert sorted(map(key, now + later)) == sorted(map(key, deliveries))
+    ms = lambda d: int(d.entry_id.split("-")[0])  # noqa: E731
+    if later and now:
+        assert max(map(ms, now)) < min(map(ms, later))
