@@ -39,6 +39,7 @@ bottom of this module; the class is the thin Redis loop around them, and
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -58,6 +59,8 @@ from workbench.log import SOCKET_TIMEOUT_S, StreamNames, ensure_groups, xadd_at
 from workbench.shutdown import StopRequest
 
 log = logging.getLogger(__name__)
+#: Names given to connections, unique in this process (see ``_read``).
+_CONNECTION_NAMES = itertools.count(1)
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 # Failures of the infrastructure, not of the entry: back off and retry the
@@ -236,7 +239,7 @@ class ConsumerWorker:
         self._next_heartbeat = 0.0
         self._next_recovery = 0.0
         self._run_id: str | None = None  # of the server at the last recovery pass
-        self._client_id: int | None = None  # of the connection of the last new-entry read
+        self._client_id: str | None = None  # name of the connection of the last new-entry read
         self._reconnected = False
         self._ready = False
 
@@ -362,10 +365,13 @@ class ConsumerWorker:
                 block=block_ms or None,
             )
         else:
-            # CLIENT ID in the same pipeline: a retried pipeline is retried whole,
-            # so the id is that of the connection that served the read.
+            # The connection's name in the same pipeline: a retried pipeline is
+            # retried whole, so it is that of the connection that served the read. A
+            # new connection has no name; we give it one never used before. (Not
+            # CLIENT ID: a restarted server numbers connections from 1 again, so a
+            # new connection can get the id the old one had.)
             pipe = self.client.pipeline(transaction=False)
-            pipe.client_id()
+            pipe.client_getname()
             pipe.xreadgroup(
                 self.group,
                 self.consumer,
@@ -373,9 +379,17 @@ class ConsumerWorker:
                 count=self.settings.batch_size,
                 block=block_ms or None,
             )
-            client_id, reply = pipe.execute()
-            self._reconnected = self._client_id is not None and client_id != self._client_id
-            self._client_id = client_id
+            name, reply = pipe.execute()
+            if name is None:
+                name = f"wb-{os.getpid()}-{next(_CONNECTION_NAMES)}"
+                # Through a pipeline too: it takes the connection the read's pipeline
+                # just gave back (a single-connection client runs pipelines on its pool).
+                naming = self.client.pipeline(transaction=False)
+                naming.client_setname(name)
+                naming.execute()
+            name = _text(name)
+            self._reconnected = self._client_id is not None and name != self._client_id
+            self._client_id = name
         deliveries = []
         for stream, entries in reply or []:
             name = _text(stream)
