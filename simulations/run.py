@@ -244,7 +244,12 @@ def simulate_to(
             )
         env.process(
             RedisFaults(
-                env, server, params["redis"], faults, load_s, runtime.restarts,
+                env,
+                server,
+                params["redis"],
+                faults,
+                load_s,
+                runtime.restarts,
                 on_restart=runtime.redis_restarted,
             ).run()  # fmt: skip
         )

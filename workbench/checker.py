@@ -668,9 +668,7 @@ def _print_limited(console: Console, df: pd.DataFrame, title: str, limit: int) -
 
 def _lost_keys(lost_entries: pd.DataFrame) -> pd.Index:
     """(user, entry id) of every entry Redis lost, as an index to filter by."""
-    return pd.MultiIndex.from_arrays(
-        [_text(lost_entries["user"]), _text(lost_entries["entry_id"])]
-    )
+    return pd.MultiIndex.from_arrays([_text(lost_entries["user"]), _text(lost_entries["entry_id"])])
 
 
 def _drop_lost(frame: pd.DataFrame, who: str, lost: pd.Index) -> pd.DataFrame:

@@ -108,14 +108,14 @@ def free_port() -> int:
 
 
 #: The AOF fsync policy under which a SIGKILL of redis-server loses no write it
-#: acknowledged (servers whose kill is a fault use it). Not ``everysec``: while
-#: the previous second's fsync still runs, Redis postpones writing new AOF data
-#: to the file for up to 2 s but replies all the same, so a kill in that window
-#: loses acknowledged writes (CI saw a simulation lose the last ~40 ms of
-#: stream entries, group state and fan-out markers). ``no`` writes the AOF
-#: before every reply and leaves fsync to the OS: a process crash loses
-#: nothing, an OS crash (not modelled) could. ``always`` also survives the OS
-#: but fsyncs before every reply (about 200 us a turn on this machine's disk).
+#: acknowledged: for tests that kill the server and must not see a loss. Not
+#: ``everysec``: while the previous second's fsync still runs, Redis postpones
+#: writing new AOF data for up to 2 s but replies all the same, so a kill in that
+#: window loses acknowledged writes. (``serve`` and the simulations run
+#: ``everysec`` and repair such losses from the outbox: workbench.relay.) ``no``
+#: writes the AOF before every reply and leaves fsync to the OS: a process crash
+#: loses nothing, an OS crash could. ``always`` also survives the OS but fsyncs
+#: before every reply.
 KILL_SAFE_FSYNC = "no"
 #: Options for a server that faults SIGKILL and restart from its AOF.
 KILLABLE: dict[str, object] = {"appendonly": True, "appendfsync": KILL_SAFE_FSYNC}

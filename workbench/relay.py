@@ -425,10 +425,12 @@ class OutboxRelay:
         retention window are left out (retention would trim them again), as are
         rows published before the outbox recorded ids; both are counted.
         """
-        seconds, micros = self.client.time()  # retention is in stream-id time: Redis' clock
-        floor = StreamId(
-            int(seconds) * 1000 + int(micros) // 1000 - int(self.retention_s * 1000), 0
-        )
+        if self.ids_on_clock:  # retention is in stream-id time: the clock ids come from
+            now = now_ms(self.clock)
+        else:
+            seconds, micros = self.client.time()
+            now = int(seconds) * 1000 + int(micros) // 1000
+        floor = StreamId(now - int(self.retention_s * 1000), 0)
         query = (
             select(
                 outbox.c.seq,

@@ -29,7 +29,8 @@ entry as "next" (its ``prev`` is not the lost id): it gets ``reset``.
 
 **Retention.** ``XADD ... MAXLEN ~ user_maxlen`` (default 1000 entries per
 user) and, with ``max_age_s`` set, ``XTRIM MINID`` to that many seconds of
-Redis' clock (history by size and by age, like Centrifugo's history size and
+stream-id time: Redis' clock, or a simulation's when ids come from it
+(history by size and by age, like Centrifugo's history size and
 TTL). ``~`` trims whole internal nodes (100 entries), so a stream can hold
 somewhat more than ``maxlen``; the age trim is exact, because a phone's stream
 is usually smaller than one node and ``~`` would never trim it.

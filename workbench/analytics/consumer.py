@@ -63,7 +63,9 @@ _IN_CHUNK = 500  # ids per IN (...) list
 # ARGV: dedupe ttl, maxlen (0: none), now ms ('': Redis' clock and ids), then field,
 # value, field, value... With a clock of our own (simulations) the entry id is the next
 # after the stream's last on that clock (workbench.streamid.next_id).
-_PUBLISH_LUA = XADD_AT_LUA + """
+_PUBLISH_LUA = (
+    XADD_AT_LUA
+    + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return 0
 end
@@ -75,6 +77,7 @@ else
 end
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
