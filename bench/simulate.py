@@ -89,6 +89,7 @@ from simulations.gateway import MpesaGateway  # noqa: E402
 from simulations.market import Market  # noqa: E402
 from simulations.phones import Phone, ServerFaults, ServerPool  # noqa: E402
 from simulations.scenario import Scenario, ScenarioError, load  # noqa: E402
+from simulations.supervision import SupervisedRestarts, policy_of  # noqa: E402
 from workbench import affinity  # noqa: E402
 from workbench.escrow import DomainError, EscrowState  # noqa: E402
 from workbench.mpesa import GatewayUnavailable  # noqa: E402
@@ -238,7 +239,8 @@ def model_only(scenario: Scenario, seed: int) -> dict[str, Any]:
         phone.pool = pool
         pool.phones.append(phone)
         env.process(phone.run())
-    server_faults = ServerFaults(env, rngs[5], servers, pool, [], run_p["duration_s"])
+    restarts = SupervisedRestarts(policy_of(params["supervisor"]))  # serve's, as the runs
+    server_faults = ServerFaults(env, rngs[5], servers, pool, [], run_p["duration_s"], restarts)
     for server in range(servers["count"]):
         env.process(server_faults.run(server))
     env.run(until=run_p["duration_s"] + run_p["drain_s"])
