@@ -40,7 +40,7 @@ from workbench.handlers.ledger import check_ledger
 from workbench.live import Resync
 from workbench.log import StreamNames, connect
 from workbench.pubsub import Hub
-from workbench.redis_server import KILLABLE, RedisServer
+from workbench.redis_server import KILLABLE, RedisServer, aof_units, aof_with_writes
 from workbench.relay import DurabilityUnavailable, NotFsynced, OutboxRelay
 from workbench.replay import HistoryLost, ReplaySession, UserEntry
 from workbench.sessions import SessionStats, SseSession
@@ -53,36 +53,6 @@ USERS = UserStreamNames()
 
 
 # -- forcing a loss ------------------------------------------------------------------
-
-
-def aof_with_writes(directory: Path) -> Path:
-    """The AOF file that receives writes: the newest incr file of a multi-part
-    AOF (Redis >= 7, Valkey), or the single appendonly.aof (Redis 6.2)."""
-    parts = sorted((directory / "appendonlydir").glob("*.incr.aof"))
-    return parts[-1] if parts else directory / "appendonly.aof"
-
-
-def aof_units(data: bytes) -> list[tuple[int, list[list[bytes]]]]:
-    """The AOF as units a restart replays whole: (start offset, commands) of each
-    command outside MULTI/EXEC, or of each MULTI..EXEC (a script's effects)."""
-    units: list[tuple[int, list[list[bytes]]]] = []
-    pos, in_multi = 0, False
-    while pos < len(data):
-        if not in_multi:
-            units.append((pos, []))
-        assert data[pos : pos + 1] == b"*", f"not a RESP array at {pos}"
-        end = data.index(b"\r\n", pos)
-        argc, pos = int(data[pos + 1 : end]), end + 2
-        args = []
-        for _ in range(argc):
-            end = data.index(b"\r\n", pos)
-            size = int(data[pos + 1 : end])
-            args.append(data[end + 2 : end + 2 + size])
-            pos = end + 2 + size + 2
-        units[-1][1].append(args)
-        name = args[0].upper()
-        in_multi = (in_multi or name == b"MULTI") and name != b"EXEC"
-    return units
 
 
 def cut_aof_at(directory: Path, size: int) -> int:
