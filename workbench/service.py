@@ -663,16 +663,8 @@ class EscrowService:
                     new = self._apply(conn, escrow, new_events)
                     result = CommandResult(new.to_dict() if new else None, new_events)
                     if idempotency_key is not None:
-                        _INSERT_COMMAND.execute(
-                            conn,
-                            {
-                                "idempotency_key": idempotency_key,
-                                "command": "fund",
-                                "escrow_id": r["escrow_id"],
-                                "fingerprint": fingerprint,
-                                "response": result.to_json(),
-                                "created_at": now,
-                            },
+                        _store_response(
+                            conn, idempotency_key, "fund", r["escrow_id"], fingerprint, result, now
                         )
                     return result
             except IntegrityError:
@@ -1014,16 +1006,8 @@ class EscrowService:
                         on_create(conn, now)
                     result = CommandResult(new.to_dict() if new else None, new_events)
                     if key is not None:
-                        _INSERT_COMMAND.execute(
-                            conn,
-                            {
-                                "idempotency_key": key,
-                                "command": command.name,
-                                "escrow_id": escrow_id,
-                                "fingerprint": fingerprint,
-                                "response": result.to_json(),
-                                "created_at": now,
-                            },
+                        _store_response(
+                            conn, key, command.name, escrow_id, fingerprint, result, now
                         )
                     return result
             except IntegrityError:
@@ -1066,3 +1050,26 @@ class EscrowService:
             ],
         )
         return new
+
+
+def _store_response(
+    conn: Connection,
+    key: str,
+    command: str,
+    escrow_id: str,
+    fingerprint: str,
+    result: CommandResult,
+    now: float,
+) -> None:
+    """Keep a command's response under its idempotency key, in its own transaction."""
+    _INSERT_COMMAND.execute(
+        conn,
+        {
+            "idempotency_key": key,
+            "command": command,
+            "escrow_id": escrow_id,
+            "fingerprint": fingerprint,
+            "response": result.to_json(),
+            "created_at": now,
+        },
+    )
