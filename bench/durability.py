@@ -81,15 +81,16 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
 
 from bench import records, stats  # noqa: E402
 from bench.stats import Sample  # noqa: E402
-from workbench.consumer import ConsumerSettings, ConsumerWorker  # noqa: E402
-from workbench.events import AGGREGATE_TYPES, Event  # noqa: E402
-from workbench.ids import IdFactory  # noqa: E402
-from workbench.log import StreamNames, connect  # noqa: E402
-from workbench.redis_server import RedisServer  # noqa: E402
-from workbench.relay import OutboxRelay  # noqa: E402
+from workbench.domain.events import AGGREGATE_TYPES, Event  # noqa: E402
+from workbench.domain.ids import IdFactory  # noqa: E402
+from workbench.ops.redis_server import RedisServer  # noqa: E402
+from workbench.ops.waiting import WaitTimeout, wait_until  # noqa: E402
 from workbench.service import EscrowService  # noqa: E402
 from workbench.store import Store, outbox  # noqa: E402
-from workbench.waiting import WaitTimeout, wait_until  # noqa: E402
+from workbench.streams.connection import connect  # noqa: E402
+from workbench.streams.consumer import ConsumerSettings, ConsumerWorker  # noqa: E402
+from workbench.streams.keys import StreamNames  # noqa: E402
+from workbench.streams.relay import OutboxRelay  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -427,7 +428,7 @@ def server_versions(kinds: set[str]) -> dict[str, str]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    from workbench.report import wide_console
+    from simulations.analysis.report import wide_console
 
     table = Table(title="durability: kill -9 of redis-server during a busy disk")
     for column in (

@@ -1,6 +1,6 @@
 """Virtual-time speed and memory of the baseline simulation (issue #4).
 
-**Speed.** :func:`simulations.run.simulate` on the baseline scenario with 1000
+**Speed.** :func:`simulations.drivers.virtual.simulate` on the baseline scenario with 1000
 phones (``market.buyers`` raised to match: phones are taken from the buyers),
 timed on the wall clock. *Runtime events*, read from the run's tables, are the
 runtime's units of work; their sum per wall second is set against 20k/s:
@@ -85,17 +85,17 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
 from bench import records, stats  # noqa: E402
-from simulations.gateway import MpesaGateway  # noqa: E402
-from simulations.market import Market  # noqa: E402
-from simulations.phones import Phone, ServerFaults, ServerPool  # noqa: E402
+from simulations.analysis.report import wide_console  # noqa: E402
+from simulations.models.gateway import MpesaGateway  # noqa: E402
+from simulations.models.market import Market  # noqa: E402
+from simulations.models.phones import Phone, ServerFaults, ServerPool  # noqa: E402
+from simulations.models.supervision import SupervisedRestarts, policy_of  # noqa: E402
 from simulations.scenario import Scenario, ScenarioError, load  # noqa: E402
-from simulations.supervision import SupervisedRestarts, policy_of  # noqa: E402
-from workbench import affinity  # noqa: E402
-from workbench.escrow import DomainError, EscrowState  # noqa: E402
-from workbench.mpesa import GatewayUnavailable  # noqa: E402
-from workbench.report import wide_console  # noqa: E402
+from workbench.domain.escrow import DomainError, EscrowState  # noqa: E402
+from workbench.ops import affinity  # noqa: E402
+from workbench.payments.mpesa import GatewayUnavailable  # noqa: E402
 from workbench.service import CommandResult  # noqa: E402
-from workbench.userstreams import UserStreamNames  # noqa: E402
+from workbench.streams.keys import UserStreamNames  # noqa: E402
 
 TARGET = 20_000  # runtime events per wall-clock second
 FLAT = 1.5  # Nx/1x ratio below which memory counts as flat
@@ -285,9 +285,9 @@ def _redis_keys(client: Any, prefix: str = "sim") -> dict[str, list[int]]:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run ``simulate`` once against a redis-server of our own; return every figure."""
-    import simulations.run as sim
-    from workbench.redis_server import KILLABLE, paired
-    from workbench.runs import RunTables
+    import simulations.drivers.virtual as sim
+    from simulations.analysis.tables import RunTables
+    from workbench.ops.redis_server import KILLABLE, paired
 
     scenario, label = load(spec["scenario"], spec["overrides"]), spec["label"]
     rss_before, trace = _proc(os.getpid(), "VmRSS"), []
@@ -383,7 +383,7 @@ def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
     placed as the runs are (``cpu``, a unix socket)."""
     from sqlalchemy import insert
 
-    from workbench.redis_server import paired
+    from workbench.ops.redis_server import paired
     from workbench.store import Prepared, Store, binds, inbox
 
     def per_call(fn: Any) -> float:

@@ -90,13 +90,14 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
 from bench import records, stats  # noqa: E402
-from workbench.auth import issue_token  # noqa: E402
-from workbench.children import signal_on_parent_death  # noqa: E402
-from workbench.events import Event, encode  # noqa: E402
-from workbench.log import server_version  # noqa: E402
-from workbench.redis_server import attach_or_start, free_port  # noqa: E402
-from workbench.userstreams import UserStreamNames, UserStreams  # noqa: E402
-from workbench.waiting import wait_until  # noqa: E402
+from workbench.delivery.userstreams import UserStreams  # noqa: E402
+from workbench.domain.events import Event, encode  # noqa: E402
+from workbench.http.auth import issue_token  # noqa: E402
+from workbench.ops.children import signal_on_parent_death  # noqa: E402
+from workbench.ops.redis_server import attach_or_start, free_port  # noqa: E402
+from workbench.ops.waiting import wait_until  # noqa: E402
+from workbench.streams.connection import server_version  # noqa: E402
+from workbench.streams.keys import UserStreamNames  # noqa: E402
 
 PAGE = 500  # the raw XRANGE page, as the server's page_size default
 POOL_BOUND = 16 + 1 + 1  # Settings.redis_pool + the live reader's pubsub + the sync client
@@ -1025,7 +1026,9 @@ def loop_kind() -> str:
 
 
 def run(options: dict[str, Any]) -> dict[str, Any]:
-    from workbench.report import wide_console  # here: it imports pandas, the helper need not
+    from simulations.analysis.report import (
+        wide_console,  # here: it imports pandas, the helper need not
+    )
 
     console = wide_console()
     soft, hard = raise_fd_limit()

@@ -85,16 +85,13 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
 
 from bench import records, stats  # noqa: E402
 from bench.stats import Sample  # noqa: E402
-from workbench.clock import ManualClock  # noqa: E402
-from workbench.consumer import ConsumerSettings, ConsumerWorker  # noqa: E402
-from workbench.events import AGGREGATE_TYPES, Event  # noqa: E402
+from simulations.analysis.report import wide_console  # noqa: E402
+from workbench.domain.clock import ManualClock  # noqa: E402
+from workbench.domain.events import AGGREGATE_TYPES, Event  # noqa: E402
+from workbench.domain.ids import IdFactory  # noqa: E402
 from workbench.handlers import GROUPS, HANDLERS, make_handler  # noqa: E402
-from workbench.ids import IdFactory  # noqa: E402
-from workbench.log import StreamNames, connect, server_version  # noqa: E402
-from workbench.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback  # noqa: E402
-from workbench.redis_server import attach_or_start  # noqa: E402
-from workbench.relay import OutboxRelay  # noqa: E402
-from workbench.report import wide_console  # noqa: E402
+from workbench.ops.redis_server import attach_or_start  # noqa: E402
+from workbench.payments.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback  # noqa: E402
 from workbench.service import EscrowService  # noqa: E402
 from workbench.store import (  # noqa: E402
     Store,
@@ -104,6 +101,10 @@ from workbench.store import (  # noqa: E402
     notifications,
     outbox,
 )
+from workbench.streams.connection import connect, server_version  # noqa: E402
+from workbench.streams.consumer import ConsumerSettings, ConsumerWorker  # noqa: E402
+from workbench.streams.keys import StreamNames  # noqa: E402
+from workbench.streams.relay import OutboxRelay  # noqa: E402
 
 BATCH = 500  # XADD pipeline size and XREADGROUP COUNT, as the runtime's default
 STEP_ESCROWS = 50  # lifecycles per ``commands`` step

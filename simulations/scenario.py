@@ -123,7 +123,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lose_last_writes": 0,
     },
     "supervisor": {
-        # serve's restart policy (workbench.supervision.RestartPolicy, same defaults):
+        # serve's restart policy (workbench.ops.supervision.RestartPolicy, same defaults):
         # back after initial_backoff_s, doubling per crash in a row up to
         # max_backoff_s; more than max_restarts within window_s: given up.
         "initial_backoff_s": 0.5,

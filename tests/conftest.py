@@ -15,12 +15,12 @@ import redis
 from hypothesis import settings
 
 from tests.http_support import Deployment
-from workbench.clock import ManualClock
-from workbench.ids import IdFactory
-from workbench.log import connect
-from workbench.redis_server import KILLABLE, RedisServer
+from workbench.domain.clock import ManualClock
+from workbench.domain.ids import IdFactory
+from workbench.ops.redis_server import KILLABLE, RedisServer
 from workbench.service import EscrowService
 from workbench.store import Store
+from workbench.streams.connection import connect
 
 # No deadline: a loaded CI machine stalls an example now and then, which is not a
 # failure. Derandomized: the same examples every run, so a failure is reproducible

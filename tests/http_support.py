@@ -14,10 +14,10 @@ import httpx
 import redis
 from httpx_sse import EventSource, ServerSentEvent, connect_sse
 
-from workbench.auth import issue_token
-from workbench.daraja import DarajaStub
-from workbench.redis_server import free_port
-from workbench.waiting import wait_until
+from workbench.http.auth import issue_token
+from workbench.ops.redis_server import free_port
+from workbench.ops.waiting import wait_until
+from workbench.payments.daraja import DarajaStub
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
@@ -208,7 +208,7 @@ def gateway_callback(
 ) -> httpx.Response:
     """What Daraja does when the buyer answers: settle the result, post the callback
     to the CallBackURL given with the push (only the gateway knows it)."""
-    from workbench.mpesa import stk_callback
+    from workbench.payments.mpesa import stk_callback
 
     push = deployment.daraja.pushes[checkout]
     if settle:

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workbench.clock import ManualClock
-from workbench.escrow import ADMIN
-from workbench.ids import IdFactory
-from workbench.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback
+from workbench.domain.clock import ManualClock
+from workbench.domain.escrow import ADMIN
+from workbench.domain.ids import IdFactory
+from workbench.payments.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback
 from workbench.service import EscrowService
 from workbench.store import Store
 
@@ -66,6 +66,9 @@ def run_lifecycles(
     return ids
 
 
+_LAB_WORKER_OPTIONS = {"--crash-at", "--crash-on-signal", "--record", "--ack-before-effect"}
+
+
 def spawn_worker(
     group: str,
     consumer: str,
@@ -74,13 +77,15 @@ def spawn_worker(
     *args: str,
     log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A real ``workbench worker`` OS process."""
+    """A real ``workbench worker`` OS process (``sim-worker``, the lab's, when ``args``
+    ask for fault injection or a handling log)."""
     env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url)
+    lab = any(a in _LAB_WORKER_OPTIONS for a in args)
     argv = [
         sys.executable,
         "-m",
         "workbench",
-        "worker",
+        "sim-worker" if lab else "worker",
         group,
         "--consumer",
         consumer,

@@ -1,4 +1,4 @@
-"""CPU pinning of the simulator and its redis-server (workbench.affinity)."""
+"""CPU pinning of the simulator and its redis-server (workbench.ops.affinity)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from workbench import affinity
-from workbench.redis_server import RedisServer
+from workbench.ops import affinity
+from workbench.ops.redis_server import RedisServer
 
 CPUS = sorted(affinity.allowed_cpus())
 
@@ -68,7 +68,7 @@ def test_an_unpinned_server_may_run_anywhere(tmp_path) -> None:  # type: ignore[
 
 
 def test_paired_puts_this_thread_and_its_server_on_one_cpu_over_a_unix_socket(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from workbench.redis_server import paired
+    from workbench.ops.redis_server import paired
 
     before = _allowed_of(0)
     with paired(None, tmp_path, CPUS[-1]) as (url, server):

@@ -29,11 +29,9 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from simulations.run import simulate
-from simulations.scenario import load as load_scenario
-from workbench.analytics.consumer import (
-    RiskNames,
-    RiskScorer,
+from simulations.analysis.tables import RunTables
+from simulations.analytics.frames import batch_features, facts_from_published
+from simulations.analytics.online import (
     backlog,
     lag_summary,
     online_scores,
@@ -41,24 +39,19 @@ from workbench.analytics.consumer import (
     scorer_lag,
     streaming_features,
 )
-from workbench.analytics.features import batch_features, facts_from_published
-from workbench.analytics.model import (
-    RiskModel,
-    coefficients,
-    evaluate,
-    load,
-    replay_scores,
-    save,
-    train,
-)
-from workbench.clock import ManualClock
-from workbench.consumer import ConsumerSettings, ConsumerWorker
-from workbench.events import from_fields
-from workbench.log import StreamNames, connect
-from workbench.redis_server import RedisServer
-from workbench.runs import RunTables
+from simulations.analytics.training import coefficients, evaluate, replay_scores, save, train
+from simulations.drivers.virtual import simulate
+from simulations.scenario import load as load_scenario
+from workbench.analytics.model import RiskModel, load
+from workbench.analytics.scorer import RiskScorer
+from workbench.domain.clock import ManualClock
+from workbench.domain.events import from_fields
+from workbench.ops.redis_server import RedisServer
+from workbench.ops.waiting import wait_until
 from workbench.store import Store, analytics_facts, inbox, risk_scores
-from workbench.waiting import wait_until
+from workbench.streams.connection import connect
+from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
+from workbench.streams.keys import RiskNames, StreamNames
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKET = [
@@ -212,7 +205,8 @@ def _spawn(
     *args: str,
 ) -> subprocess.Popen[bytes]:  # fmt: skip
     argv = [
-        sys.executable, "-m", "workbench", "worker", "analytics", "--model", str(model_dir),
+        sys.executable, "-m", "workbench", "sim-worker" if args else "worker", "analytics",
+        "--model", str(model_dir),
         "--redis-url", url, "--database-url", db, "--prefix", run.names.prefix,
         "--risk-prefix", risk.prefix, "--group-name", group, "--consumer", consumer,
         "--batch-size", "50", "--block-ms", "100", "--dead-after", "1", *args,

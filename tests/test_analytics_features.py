@@ -15,16 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.analytics.features import (
-    COLUMNS,
-    MIN_SPAN_S,
-    Fact,
-    FeatureState,
+from simulations.analytics.frames import (
     facts_from_published,
     features_from_facts,
     online_features,
+    state_frame,
 )
-from workbench.events import Event
+from workbench.analytics.features import COLUMNS, MIN_SPAN_S, Fact, FeatureState
+from workbench.domain.events import Event
 
 
 def _facts_frame(facts: list[Fact]) -> pd.DataFrame:
@@ -70,8 +68,8 @@ def test_a_seller_by_hand() -> None:
     assert v["mean_amount"] == 1500.0 and v["total_amount"] == 4500.0
     buyer = state.vector("buyer", "b1")
     assert buyer["escrows"] == 2 and buyer["cancelled"] == 1
-    _assert_same(state.frame("seller"), features_from_facts(_facts_frame(facts), "seller"))
-    _assert_same(state.frame("buyer"), features_from_facts(_facts_frame(facts), "buyer"))
+    _assert_same(state_frame(state, "seller"), features_from_facts(_facts_frame(facts), "seller"))
+    _assert_same(state_frame(state, "buyer"), features_from_facts(_facts_frame(facts), "buyer"))
 
 
 def test_undefined_rates_are_nan_and_a_short_span_counts_a_minute() -> None:
@@ -156,9 +154,9 @@ def test_order_and_redelivery_do_not_change_features(
     assert once.apply_all(facts) == len(facts)
     assert many.apply_all(delivered) == len(facts)  # duplicates are not new
     for role in ("seller", "buyer"):
-        expected = once.frame(role)
+        expected = state_frame(once, role)
         assert list(expected.columns) == list(COLUMNS)
-        _assert_same(many.frame(role), expected)
+        _assert_same(state_frame(many, role), expected)
         _assert_same(features_from_facts(_facts_frame(delivered), role), expected)
 
 

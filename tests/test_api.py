@@ -7,12 +7,12 @@ import pytest
 import sqlalchemy as sa
 
 from tests.http_support import SECRET, Deployment, auth, gateway_callback, read_events, token
-from workbench.api import Settings
-from workbench.auth import issue_token
-from workbench.clock import ManualClock
-from workbench.events import decode
+from workbench.domain.clock import ManualClock
+from workbench.domain.events import decode
 from workbench.handlers.ledger import MONEY_EVENTS
-from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
+from workbench.http.app import Settings
+from workbench.http.auth import issue_token
+from workbench.payments.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
 
 EXPIRED = issue_token("alice", SECRET, ttl_s=1, clock=ManualClock(1e9))
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workbench.auth import TokenError, bearer_token, issue_token, secret_from_env, verify_token
-from workbench.clock import ManualClock
+from workbench.domain.clock import ManualClock
+from workbench.http.auth import TokenError, bearer_token, issue_token, secret_from_env, verify_token
 
 # 64 bytes and more, so PyJWT has no reason to warn about the key length (HS512 included).
 SECRET = "test-secret-" + "0123456789abcdef" * 4

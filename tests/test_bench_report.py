@@ -260,10 +260,10 @@ def mutation_record() -> dict:  # type: ignore[type-arg]
         "tool_version": "3.8.1",
         "python": "3.11.7",
         "score_definition": "killed / (total - equivalent)",
-        "mutated": ["workbench/escrow.py", "workbench/replay.py"],
+        "mutated": ["workbench/domain/escrow.py", "workbench/delivery/handoff.py"],
         "modules": {
-            "workbench.escrow": module(664, 663, 1, 1),
-            "workbench.replay": module(40, 36, 4, 2),
+            "workbench.domain.escrow": module(664, 663, 1, 1),
+            "workbench.delivery.handoff": module(40, 36, 4, 2),
         },
     }
 
@@ -278,8 +278,8 @@ def test_the_mutation_record_renders_per_module_and_a_stale_table_fails_check(tm
     block = report.render(records.read_all(recs)["mutation"])
     assert "Measured 2026-12-06T03:34:33+00:00 on commit `abcdef0123` with mutmut 3.8.1" in block
     assert "killed / (total - equivalent)" in block
-    assert "| `workbench.escrow` | 664 | 663 | 1 | 1 | 100.0% |" in block
-    assert "| `workbench.replay` | 40 | 36 | 4 | 2 | 94.7% |" in block
+    assert "| `workbench.domain.escrow` | 664 | 663 | 1 | 1 | 100.0% |" in block
+    assert "| `workbench.delivery.handoff` | 40 | 36 | 4 | 2 | 94.7% |" in block
     # All modules: 699 killed of 704 - 3 judged.
     assert "| all | 704 | 699 | 5 | 3 | 99.7% |" in block
     assert "Not killed and not explained" not in block
@@ -298,7 +298,7 @@ def test_the_mutation_record_renders_per_module_and_a_stale_table_fails_check(tm
 
     # A new record (a later run) makes each table stale again.
     changed = mutation_record()
-    replay = changed["modules"]["workbench.replay"]
+    replay = changed["modules"]["workbench.delivery.handoff"]
     replay.update(killed=38, survived=2, score=1.0)
     (recs / "mutation.json").write_text(json.dumps(changed))
     result = run_report(readme, recs, "--check")
@@ -314,6 +314,8 @@ def test_the_mutation_record_renders_per_module_and_a_stale_table_fails_check(tm
 def test_unexplained_survivors_are_named_under_the_mutation_table() -> None:
     record = mutation_record()
     record["bench"] = "mutation"
-    record["modules"]["workbench.replay"]["unexplained_survivors"] = ["x_take_live__mutmut_3"]
+    record["modules"]["workbench.delivery.handoff"]["unexplained_survivors"] = [
+        "x_take_live__mutmut_3"
+    ]
     block = report.render(record)
     assert "Not killed and not explained: `x_take_live__mutmut_3`." in block

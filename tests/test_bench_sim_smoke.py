@@ -8,7 +8,7 @@ import sys
 
 from bench import stats
 from tests.support import ROOT
-from workbench import affinity
+from workbench.ops import affinity
 
 
 def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-def]

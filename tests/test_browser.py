@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from tests.http_support import Deployment, token
+from workbench.ops.waiting import wait_until
 from workbench.service import EscrowService
-from workbench.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.checker import (
+from simulations.analysis.checker import (
     GROUP_COLUMNS,
     CheckReport,
     check,
@@ -27,10 +27,10 @@ from workbench.checker import (
     rank_ids,
     streams_of,
 )
+from simulations.analysis.tables import COLUMNS, RunTables
 from workbench.cli import main
-from workbench.events import AGGREGATE_TYPES, EVENT_TYPES
-from workbench.runs import COLUMNS, RunTables
-from workbench.streamid import MalformedStreamId
+from workbench.domain.events import AGGREGATE_TYPES, EVENT_TYPES
+from workbench.domain.streamid import MalformedStreamId
 
 # -- builders -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PG_SKIP
-from workbench.redis_server import _version_of
+from workbench.ops.redis_server import _version_of
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from workbench.clock import ScaledClock, SystemClock, clock_env, clock_from_env
+from workbench.domain.clock import ScaledClock, SystemClock, clock_env, clock_from_env
 
 
 def test_scaled_clock_maps_wall_time_onto_the_timeline() -> None:

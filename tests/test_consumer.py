@@ -8,24 +8,20 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from simulations.faults import CRASH_POINTS
 from tests.support import make_service, run_lifecycles, spawn_worker
-from workbench.clock import ManualClock
-from workbench.consumer import (
-    CRASH_POINTS,
-    ConsumerSettings,
-    ConsumerWorker,
-    Delivery,
-    dead_consumers,
-    ready_to_handle,
-)
-from workbench.events import Event, to_fields
+from workbench.domain.clock import ManualClock
+from workbench.domain.events import Event, to_fields
 from workbench.handlers import GROUPS, make_handler
 from workbench.handlers.ledger import check_ledger
-from workbench.log import StreamNames, ensure_groups
-from workbench.redis_server import RedisServer
-from workbench.relay import OutboxRelay
+from workbench.ops.redis_server import RedisServer
+from workbench.ops.waiting import wait_until
 from workbench.store import Store, inbox, outbox
-from workbench.waiting import wait_until
+from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
+from workbench.streams.decisions import Delivery, dead_consumers, ready_to_handle
+from workbench.streams.keys import StreamNames
+from workbench.streams.log import ensure_groups
+from workbench.streams.relay import OutboxRelay
 
 NAMES = StreamNames()
 
@@ -370,8 +366,8 @@ def test_groups_are_created_from_the_start_of_the_stream(r) -> None:
 def test_a_crash_point_armed_by_signal_kills_there_and_the_handling_log_tells(
     r, redis_url, store, clock, tmp_path, point
 ) -> None:
-    from workbench.consumer import crash_signal
-    from workbench.handlinglog import read_handling_logs
+    from simulations.analysis.handling import read_handling_logs
+    from simulations.faults import crash_signal
 
     worker = spawn_worker(
         "ledger", "ledger-a", redis_url, store.url, "--batch-size", "20", "--crash-on-signal",

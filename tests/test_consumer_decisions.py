@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workbench.consumer import (
-    ConsumerSettings,
+from workbench.streams.connection import SOCKET_TIMEOUT_S
+from workbench.streams.consumer import ConsumerSettings
+from workbench.streams.decisions import (
     Delivery,
     dead_consumers,
     ready_to_handle,
     should_dead_letter,
 )
-from workbench.log import SOCKET_TIMEOUT_S
 
 
 def _delivery(stream: str, entry_id: str) -> Delivery:

@@ -13,7 +13,7 @@ import time
 import pandas as pd
 import pytest
 
-from workbench.designs import (
+from simulations.designs import (
     DesignResult,
     Schedule,
     StreamsOnly,
@@ -22,13 +22,13 @@ from workbench.designs import (
     compare,
     run_design,
 )
-from workbench.designs.claims import CLAIMS
-from workbench.designs.two_layer import sse_frames
-from workbench.redis_server import RedisServer
-from workbench.replay import UserEntry
-from workbench.sessions import page_chunk
-from workbench.streamid import StreamId
-from workbench.waiting import wait_until
+from simulations.designs.claims import CLAIMS
+from simulations.designs.two_layer import sse_frames
+from workbench.delivery.handoff import UserEntry
+from workbench.delivery.sessions import page_chunk
+from workbench.domain.streamid import StreamId
+from workbench.ops.redis_server import RedisServer
+from workbench.ops.waiting import wait_until
 
 PUBSUB, STREAMS, TWO_LAYER = "pubsub_only", "streams_only", "streams_plus_local_pubsub"
 LOGGED = (STREAMS, TWO_LAYER)

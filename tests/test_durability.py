@@ -31,23 +31,24 @@ import redis.asyncio as aioredis
 from sqlalchemy import func, select
 
 from tests.support import ROOT, make_service, run_lifecycles
-from workbench import events as ev
-from workbench.clock import ManualClock
-from workbench.consumer import ConsumerSettings, ConsumerWorker
+from workbench.delivery.handoff import HistoryLost, ReplaySession, UserEntry
+from workbench.delivery.hub import Hub
+from workbench.delivery.live import Resync
+from workbench.delivery.sessions import SessionStats, SseSession
+from workbench.delivery.userstreams import UserStreamReader
+from workbench.domain import events as ev
+from workbench.domain.clock import ManualClock
+from workbench.domain.streamid import ZERO, StreamId, parse
 from workbench.handlers import GROUPS, HANDLERS, make_handler
 from workbench.handlers.fanout import FanoutHandler
 from workbench.handlers.ledger import check_ledger
-from workbench.live import Resync
-from workbench.log import StreamNames, connect
-from workbench.pubsub import Hub
-from workbench.redis_server import KILLABLE, RedisServer, aof_units, aof_with_writes
-from workbench.relay import DurabilityUnavailable, NotFsynced, OutboxRelay
-from workbench.replay import HistoryLost, ReplaySession, UserEntry
-from workbench.sessions import SessionStats, SseSession
+from workbench.ops.redis_server import KILLABLE, RedisServer, aof_units, aof_with_writes
+from workbench.ops.waiting import wait_until
 from workbench.store import Store, inbox, outbox
-from workbench.streamid import ZERO, StreamId, parse
-from workbench.userstreams import UserStreamNames, UserStreamReader
-from workbench.waiting import wait_until
+from workbench.streams.connection import connect
+from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
+from workbench.streams.keys import StreamNames, UserStreamNames
+from workbench.streams.relay import DurabilityUnavailable, NotFsynced, OutboxRelay
 
 USERS = UserStreamNames()
 

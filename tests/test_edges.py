@@ -23,9 +23,9 @@ import sqlalchemy as sa
 
 from tests.http_support import Deployment, auth, read_events
 from tests.test_fuzz_api import fingerprint
-from workbench.clock import ManualClock
-from workbench.mpesa import RESULT_OK, stk_callback
-from workbench.redis_server import RedisServer
+from workbench.domain.clock import ManualClock
+from workbench.ops.redis_server import RedisServer
+from workbench.payments.mpesa import RESULT_OK, stk_callback
 from workbench.service import CreateLimit, EscrowService, RateLimited
 from workbench.store import Store
 

@@ -1,4 +1,4 @@
-"""Unit tests of the pure escrow state machine (workbench.escrow): no I/O at all."""
+"""Unit tests of the pure escrow state machine (workbench.domain.escrow): no I/O at all."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import msgspec
 import pytest
 
-from workbench.escrow import (
+from workbench.domain.escrow import (
     ADMIN,
     MAX_AMOUNT,
     MIN_AMOUNT,
@@ -34,8 +34,8 @@ from workbench.escrow import (
     fee_for,
     replay,
 )
-from workbench.events import EVENT_TYPES, Event
-from workbench.ids import IdFactory
+from workbench.domain.events import EVENT_TYPES, Event
+from workbench.domain.ids import IdFactory
 
 T0 = 1_700_000_000.0
 BUYER, SELLER, STRANGER = "buyer-1", "seller-1", "stranger-9"

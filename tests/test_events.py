@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workbench.events import (
+from workbench.domain.events import (
     AGGREGATE_TYPES,
     EVENT_TYPES,
     SCHEMA_VERSION,

@@ -13,15 +13,15 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.support import make_service, run_lifecycles
-from workbench.clock import ManualClock
-from workbench.consumer import ConsumerSettings, ConsumerWorker
+from workbench.domain.clock import ManualClock
 from workbench.handlers import GROUPS, HANDLERS, make_handler
 from workbench.handlers.ledger import check_ledger
-from workbench.log import connect
-from workbench.redis_server import KILLABLE, RedisServer
-from workbench.relay import OutboxRelay
+from workbench.ops.redis_server import KILLABLE, RedisServer
+from workbench.ops.waiting import wait_until
 from workbench.store import Store, inbox, outbox
-from workbench.waiting import wait_until
+from workbench.streams.connection import connect
+from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
+from workbench.streams.relay import OutboxRelay
 
 
 def _handled(store: Store) -> dict[str, int]:

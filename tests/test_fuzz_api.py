@@ -15,7 +15,7 @@ Checks on every response:
   schemathesis. ``status_code_conformance`` is not run: the routes answer
   401/403/404/409 without declaring them (FastAPI only documents 2xx/422), so
   it would fail on every rejection. The schema check skips one known gap: a
-  :class:`~workbench.escrow.DomainError` answered 422 (``invalid_command``,
+  :class:`~workbench.domain.escrow.DomainError` answered 422 (``invalid_command``,
   e.g. an amount above the domain's 250 000 KES cap, which the spec allows up
   to 10 000 000) has the body ``{"error", "detail": "<text>"}``, not the
   documented ``HTTPValidationError`` (``detail`` a list).
@@ -50,7 +50,7 @@ from schemathesis.core.failures import FailureGroup, ServerError
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.http_support import Deployment, auth, gateway_callback, token
-from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
+from workbench.payments.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
 
 BUYER = "fuzz-buyer"  # the fixed test user: most cases carry its token
 SELLER = "fuzz-seller"

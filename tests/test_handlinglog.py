@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workbench.handlinglog import read_handling_logs
+from simulations.analysis.handling import read_handling_logs
 
 
 def test_logs_fold_into_calls_and_highest_delivery_count(tmp_path: Path) -> None:

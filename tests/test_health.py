@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.health import BEATING, assess
+from workbench.http.health import BEATING, assess
 
 NOW = 1_000.0
 

@@ -10,11 +10,13 @@ import sys
 import pytest
 
 import workbench
+from simulations.analysis import inspection_frames
 from tests.support import ROOT
 from tests.test_consumer import _event
-from workbench.events import to_fields
-from workbench.log import StreamNames, ensure_groups
-from workbench.redis_server import RedisServer
+from workbench.domain.events import to_fields
+from workbench.ops.redis_server import RedisServer
+from workbench.streams.keys import StreamNames
+from workbench.streams.log import ensure_groups
 
 NAMES = StreamNames()
 
@@ -36,7 +38,8 @@ def test_inspect_reports_pending_lag_and_dead_letters(tmp_path, binary) -> None:
     with RedisServer(tmp_path, binary=binary) as server:
         client = server.client()
         _scene(client)
-        result = workbench.inspect(client)
+        snapshot = workbench.inspect(client)
+        result = inspection_frames(snapshot)
         streams = result.streams.set_index("stream")
         assert streams.loc["escrow", "length"] == 5
         assert streams.loc["payment", "length"] == 0
@@ -53,7 +56,7 @@ def test_inspect_reports_pending_lag_and_dead_letters(tmp_path, binary) -> None:
             assert row["lag_source"] == "computed"
             assert result.groups["lag_xinfo"].isna().all()
         assert list(result.dead_letters["reason"]) == ["boom"]
-        as_json = result.to_dict()
+        as_json = snapshot.to_dict()
         assert json.dumps(as_json)  # serialisable
         if server.version[0] < 7:
             assert as_json["groups"][0]["lag_xinfo"] is None
@@ -65,7 +68,11 @@ def test_lag_null_after_deletion_is_kept_apart_from_zero(r) -> None:
     first = r.xrange(stream, count=1)[0][0]
     last = r.xrevrange(stream, count=1)[0][0]
     r.xdel(stream, last)  # a deletion past the group's position: Redis 7 cannot tell the lag
-    row = workbench.inspect(r).groups.set_index(["stream", "group"]).loc[("escrow", "ledger")]
+    row = (
+        inspection_frames(workbench.inspect(r))
+        .groups.set_index(["stream", "group"])
+        .loc[("escrow", "ledger")]
+    )
     assert first
     if row["lag_xinfo"] is not None and not _isna(row["lag_xinfo"]):
         pytest.skip("this Redis still computes lag after the deletion")
@@ -147,8 +154,8 @@ def test_ages_are_seconds_of_the_runtime_clock(r) -> None:
     from prometheus_client import generate_latest
     from prometheus_client.core import CollectorRegistry
 
-    from workbench.clock import ManualClock
-    from workbench.metrics import _stream_metrics
+    from workbench.domain.clock import ManualClock
+    from workbench.http.metrics import _stream_metrics
 
     stream = NAMES.stream("escrow")
     ensure_groups(r, NAMES.streams(), "ledger")
@@ -156,13 +163,15 @@ def test_ages_are_seconds_of_the_runtime_clock(r) -> None:
         r.xadd(stream, to_fields(_event("esc-1", n)), id=f"{ms}-0")
     r.xreadgroup("ledger", "c1", {stream: ">"}, count=1)  # 1_000_000 pending; two undelivered
     clock = ManualClock(1_030.5)  # 1_030_500 ms
-    row = workbench.inspect(r, clock=clock).groups.set_index(["stream", "group"])
+    row = inspection_frames(workbench.inspect(r, clock=clock)).groups.set_index(["stream", "group"])
     row = row.loc[("escrow", "ledger")]
     assert row["oldest_pending_age_s"] == 30.5
     assert row["lag_s"] == 26.5  # the oldest undelivered entry: 1_004_000
     assert row["lag"] == 2
     # Nothing pending, nothing behind: no age and zero lag.
-    other = workbench.inspect(r, clock=clock).groups.set_index(["stream", "group"])
+    other = inspection_frames(workbench.inspect(r, clock=clock)).groups.set_index(
+        ["stream", "group"]
+    )
     assert other.loc[("payment", "ledger"), "lag_s"] == 0.0
     assert _isna(other.loc[("payment", "ledger"), "oldest_pending_age_s"])
 

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import select, update
 
 from tests.support import make_service, run_lifecycles
-from workbench import events as ev
-from workbench.clock import ManualClock
-from workbench.escrow import Timeouts
+from workbench.domain import events as ev
+from workbench.domain.clock import ManualClock
+from workbench.domain.escrow import Timeouts
 from workbench.handlers.ledger import LedgerHandler, check_ledger, expected_balances
-from workbench.mpesa import parse_callback
+from workbench.payments.mpesa import parse_callback
 from workbench.store import Store, escrows, ledger_entries, outbox
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from workbench.clock import ManualClock
-from workbench.escrow import RecordPaymentResult
-from workbench.mpesa import (
+from workbench.domain.clock import ManualClock
+from workbench.domain.escrow import RecordPaymentResult
+from workbench.payments.mpesa import (
     RESULT_CANCELLED_BY_USER,
     RESULT_INSUFFICIENT_FUNDS,
     RESULT_OK,
@@ -455,7 +455,7 @@ def test_deliveries_carry_the_callback_url_of_their_push() -> None:
 
 
 def test_daraja_client_pushes_and_queries_a_daraja_over_http() -> None:
-    from workbench.daraja import DarajaClient, DarajaConfig, DarajaStub
+    from workbench.payments.daraja import DarajaClient, DarajaConfig, DarajaStub
 
     stub = DarajaStub(passkey="the-passkey")
     client = DarajaClient(DarajaConfig(stub.url, stub.shortcode, "the-passkey"))

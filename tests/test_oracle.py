@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulations.run import simulate
+from simulations.analysis.timings import littles_law
+from simulations.drivers.virtual import simulate
 from simulations.scenario import load
-from workbench.timings import littles_law
 
 SEEDS = (1, 2, 3, 4, 5, 6)
 T_975_DF5 = 2.571  # Student's t, 97.5% quantile, 5 degrees of freedom

@@ -1,7 +1,7 @@
 """Payments that can't be forged, over real HTTP.
 
 Real API processes (``--mpesa external``) whose gateway is a local Daraja over
-real HTTP (:class:`~workbench.daraja.DarajaStub`: it takes the pushes, knows each
+real HTTP (:class:`~workbench.payments.daraja.DarajaStub`: it takes the pushes, knows each
 CallBackURL, answers STK Push Queries with what the test says the buyer did),
 the relay, the ledger and fan-out workers as real processes, real SQLite.
 """
@@ -18,8 +18,9 @@ import pytest
 from sqlalchemy import select
 
 from tests.http_support import Deployment, auth, gateway_callback
-from workbench import events as ev
-from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
+from workbench.domain import events as ev
+from workbench.ops.waiting import wait_until
+from workbench.payments.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
 from workbench.store import (
     Store,
     checkouts,
@@ -29,7 +30,6 @@ from workbench.store import (
     outbox,
     payment_requests,
 )
-from workbench.waiting import wait_until
 
 PHONE = "254711000111"
 

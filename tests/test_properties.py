@@ -26,12 +26,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from workbench import events as ev
-from workbench.clock import ManualClock
-from workbench.escrow import ADMIN, MAX_AMOUNT, MIN_AMOUNT, DomainError, EscrowState, replay
+from workbench.domain import events as ev
+from workbench.domain.clock import ManualClock
+from workbench.domain.escrow import ADMIN, MAX_AMOUNT, MIN_AMOUNT, DomainError, EscrowState, replay
+from workbench.domain.ids import IdFactory
 from workbench.handlers.ledger import LedgerHandler, balances, check_ledger
-from workbench.ids import IdFactory
-from workbench.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, parse_callback, stk_callback
+from workbench.payments.mpesa import (
+    RESULT_CANCELLED_BY_USER,
+    RESULT_OK,
+    parse_callback,
+    stk_callback,
+)
 from workbench.service import CommandResult, EscrowService
 from workbench.store import Store, checkouts, commands, escrows, outbox
 

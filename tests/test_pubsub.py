@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workbench.pubsub import Hub, Subscription, SubscriptionClosed
+from workbench.delivery.hub import Hub, Subscription, SubscriptionClosed
 
 # Only a guard against a hang turning into a 300 s pytest-timeout: nothing here
 # waits for time to pass, so a correct hub finishes in microseconds.

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from simulations.realtime import simulate_realtime
-from simulations.run import simulate
+from simulations.analysis.checker import check
+from simulations.analysis.tables import RunTables
+from simulations.drivers.realtime import simulate_realtime
+from simulations.drivers.virtual import simulate
 from simulations.scenario import load
 from tests.support import ROOT
-from workbench.checker import check
-from workbench.runs import RunTables
 
 # Small and busy: every phone is a buyer, lifecycles are short, consumers crash
 # every few seconds, an SSE server dies now and then. 60 virtual s at factor 0.5.

@@ -12,15 +12,15 @@ import threading
 import pytest
 import redis
 
-from workbench import affinity
-from workbench.redis_server import (
+from workbench.ops import affinity
+from workbench.ops.redis_server import (
     KILLABLE,
     RedisServer,
     RedisServerError,
     find_binary,
     redis_url,
 )
-from workbench.waiting import wait_until
+from workbench.ops.waiting import wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -116,7 +116,7 @@ def test_kill_without_aof_loses_the_data(tmp_path) -> None:
 def test_no_orphan_when_the_owner_is_sigkilled(tmp_path) -> None:
     code = (
         "import sys, time\n"
-        "from workbench.redis_server import RedisServer\n"
+        "from workbench.ops.redis_server import RedisServer\n"
         f"s = RedisServer({str(tmp_path)!r}).start()\n"
         "print(s.pid, flush=True)\n"
         "time.sleep(60)\n"

@@ -11,14 +11,15 @@ import redis
 from sqlalchemy import func, select
 
 from tests.support import ROOT, make_service, run_lifecycles
-from workbench.consumer import ConsumerWorker
-from workbench.events import from_fields, to_fields
+from workbench.domain.events import from_fields, to_fields
 from workbench.handlers import GROUPS, make_handler
 from workbench.handlers.ledger import check_ledger
-from workbench.log import StreamNames, ensure_groups, trim
-from workbench.relay import OutboxRelay
+from workbench.ops.waiting import wait_until
 from workbench.store import inbox, outbox
-from workbench.waiting import wait_until
+from workbench.streams.consumer import ConsumerWorker
+from workbench.streams.keys import StreamNames
+from workbench.streams.log import ensure_groups, trim
+from workbench.streams.relay import OutboxRelay
 
 NAMES = StreamNames()
 
@@ -66,7 +67,7 @@ def test_relay_sigkilled_after_xadd_republishes_but_effects_happen_once(
     run_lifecycles(service, gateway, clock, 12)
     env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=store.url)
     crashed = subprocess.run(
-        [sys.executable, "-m", "workbench", "relay", "--crash-at", "after-xadd"],
+        [sys.executable, "-m", "workbench", "sim-relay", "--crash-at", "after-xadd"],
         env=env,
         cwd=ROOT,
         timeout=60,
@@ -98,8 +99,8 @@ def test_relay_sigkilled_after_xadd_republishes_but_effects_happen_once(
 
 
 def test_commands_keep_working_while_redis_is_down(store, clock, tmp_path) -> None:
-    from workbench.log import connect
-    from workbench.redis_server import RedisServer
+    from workbench.ops.redis_server import RedisServer
+    from workbench.streams.connection import connect
 
     with RedisServer(tmp_path / "redis", appendonly=True) as server:
         client = connect(server.url, retry=None)

@@ -6,8 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.replay import HistoryLost, Live, ReplaySession, UserEntry, resume_point_known
-from workbench.streamid import ZERO, StreamId
+from workbench.delivery.handoff import (
+    HistoryLost,
+    Live,
+    ReplaySession,
+    UserEntry,
+    resume_point_known,
+)
+from workbench.domain.streamid import ZERO, StreamId
 
 
 def stream(n: int) -> list[UserEntry]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from workbench.runs import COLUMNS, RunTables, RunWriter
+from simulations.analysis.tables import COLUMNS, RunTables, RunWriter
 
 
 def test_rows_are_flushed_in_row_groups_and_read_back_in_order(tmp_path: Path) -> None:

@@ -27,12 +27,12 @@ import redis
 from sqlalchemy import func, select
 
 from tests.http_support import ROOT, SECRET, auth
-from workbench import events as ev
+from workbench.domain import events as ev
 from workbench.handlers import GROUPS, aggregate_types_of
 from workbench.handlers.ledger import check_ledger
-from workbench.redis_server import free_port
+from workbench.ops.redis_server import free_port
+from workbench.ops.waiting import WaitTimeout, wait_until
 from workbench.store import Store, inbox, outbox
-from workbench.waiting import WaitTimeout, wait_until
 
 
 class Serve:
@@ -371,7 +371,7 @@ def test_serve_sigkilled_leaves_no_process_and_a_new_serve_starts(tmp_path) -> N
 
 
 def _dev_token(user: str) -> str:
-    from workbench.auth import issue_token, secret_from_env
+    from workbench.http.auth import issue_token, secret_from_env
 
     return issue_token(user, secret_from_env({}), ttl_s=600)
 

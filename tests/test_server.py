@@ -11,8 +11,8 @@ import uuid
 import httpx
 
 from tests.http_support import ROOT, SECRET, auth, read_events
-from workbench.redis_server import free_port
-from workbench.waiting import wait_until
+from workbench.ops.redis_server import free_port
+from workbench.ops.waiting import wait_until
 
 
 def _processes_mentioning(marker: str) -> list[str]:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from workbench import events as ev
-from workbench.clock import ManualClock
-from workbench.escrow import (
+from workbench.domain import events as ev
+from workbench.domain.clock import ManualClock
+from workbench.domain.escrow import (
     ADMIN,
     DomainError,
     EscrowState,
@@ -23,9 +23,9 @@ from workbench.escrow import (
     Timeouts,
     fee_for,
 )
+from workbench.domain.ids import IdFactory
 from workbench.handlers.ledger import LedgerHandler, balances, check_ledger
-from workbench.ids import IdFactory
-from workbench.mpesa import (
+from workbench.payments.mpesa import (
     RESULT_CANCELLED_BY_USER,
     RESULT_OK,
     GatewayBehaviour,

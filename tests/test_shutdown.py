@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from tests.support import ROOT
-from workbench.shutdown import StopRequest
+from workbench.ops.shutdown import StopRequest
 
 
 def test_wait_times_out_unset_and_returns_at_once_when_set() -> None:
@@ -43,7 +43,7 @@ def test_set_before_the_first_wait_needs_no_pipe() -> None:
 # With threading.Event in place of StopRequest this hangs in about two runs of three
 # (Event.set in the handler waits for the lock its own thread holds).
 _SPIN_UNTIL_SIGTERM = """
-from workbench.shutdown import StopRequest
+from workbench.ops.shutdown import StopRequest
 stop = StopRequest()
 stop.on_signals()
 print("ready", flush=True)

@@ -8,10 +8,10 @@ import sys
 import pandas as pd
 import pytest
 
-from simulations.run import simulate
+from simulations.analysis.checker import check
+from simulations.drivers.virtual import simulate
 from simulations.scenario import ScenarioError, available, load
-from workbench import affinity
-from workbench.checker import check
+from workbench.ops import affinity
 
 SHORT = ["run.duration_s=90", "run.drain_s=90", "market.arrival_rate=1.5", "phones.count=15"]
 
@@ -153,8 +153,8 @@ def test_simulate_command_writes_the_run_and_reports(tmp_path) -> None:  # type:
     import subprocess
     import sys
 
+    from simulations.analysis.tables import RunTables
     from tests.support import ROOT
-    from workbench.runs import RunTables
 
     out = tmp_path / "run"
     result = subprocess.run(

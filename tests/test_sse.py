@@ -10,10 +10,11 @@ import redis
 from httpx_sse import connect_sse
 
 from tests.http_support import Deployment, auth, read_events
-from workbench import events as ev
+from workbench.delivery.userstreams import UserStreams
+from workbench.domain import events as ev
+from workbench.ops.waiting import wait_until
 from workbench.service import EscrowService
-from workbench.userstreams import UserStreamNames, UserStreams
-from workbench.waiting import wait_until
+from workbench.streams.keys import UserStreamNames
 
 
 def produce(service: EscrowService, buyer: str, seller: str, escrows: int) -> int:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workbench.streamid import ZERO, MalformedStreamId, StreamId, parse
+from workbench.domain.streamid import ZERO, MalformedStreamId, StreamId, parse
 
 
 def test_parses_redis_ids_and_zero() -> None:

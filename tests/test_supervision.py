@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.supervision import GiveUp, Restart, RestartPolicy, Supervisor, describe_exit
+from workbench.ops.supervision import GiveUp, Restart, RestartPolicy, Supervisor, describe_exit
 
 POLICY = RestartPolicy(
     initial_backoff_s=0.5, max_backoff_s=4.0, stable_after_s=30, max_restarts=5, window_s=60

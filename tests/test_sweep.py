@@ -8,10 +8,10 @@ import sys
 import pandas as pd
 import pytest
 
+from simulations.drivers.sweep import parse_grid, points
 from simulations.scenario import ScenarioError
-from simulations.sweep import parse_grid, points
 from tests.support import ROOT
-from workbench import affinity
+from workbench.ops import affinity
 
 
 def test_grid_parsing_and_points() -> None:

@@ -9,10 +9,10 @@ import sys
 import time
 
 from tests.support import ROOT
-from workbench.clock import ScaledClock, clock_env
-from workbench.escrow import EscrowState
+from workbench.domain.clock import ScaledClock, clock_env
+from workbench.domain.escrow import EscrowState
+from workbench.ops.waiting import wait_until
 from workbench.service import EscrowService
-from workbench.waiting import wait_until
 
 
 def test_timers_expire_escrows_on_the_shared_scaled_clock(store, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from workbench.runs import RunTables
-from workbench.timings import backlog, client_latency, handling_latency, replays, summarise
+from simulations.analysis.tables import RunTables
+from simulations.analysis.timings import (
+    backlog,
+    client_latency,
+    handling_latency,
+    replays,
+    summarise,
+)
 
 
 def _run() -> RunTables:
@@ -76,7 +82,7 @@ def test_empty_run() -> None:
 
 
 def test_recovery_time_runs_from_crash_to_the_first_empty_sample_after_restart() -> None:
-    from workbench.timings import recovery_times
+    from simulations.analysis.timings import recovery_times
 
     run = RunTables()
     run.faults = pd.DataFrame(
@@ -95,7 +101,7 @@ def test_recovery_time_runs_from_crash_to_the_first_empty_sample_after_restart()
 
 
 def test_littles_law_compares_redis_samples_with_the_event_log() -> None:
-    from workbench.timings import littles_law
+    from simulations.analysis.timings import littles_law
 
     run = RunTables()
     # Two events, each in the system for 2 s, over a 10 s window: λ = 0.2/s, W = 2 s.

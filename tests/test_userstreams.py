@@ -8,13 +8,14 @@ import time
 import pytest
 
 from tests.support import make_service, run_lifecycles, spawn_worker
-from workbench import events as ev
-from workbench.consumer import ConsumerWorker
+from workbench.delivery.userstreams import UserStreams, entry_from_fields, live_message
+from workbench.domain import events as ev
+from workbench.domain.streamid import ZERO, parse
 from workbench.handlers.fanout import FanoutHandler
-from workbench.relay import OutboxRelay
-from workbench.streamid import ZERO, parse
-from workbench.userstreams import UserStreamNames, UserStreams, entry_from_fields, live_message
-from workbench.waiting import wait_until
+from workbench.ops.waiting import wait_until
+from workbench.streams.consumer import ConsumerWorker
+from workbench.streams.keys import UserStreamNames
+from workbench.streams.relay import OutboxRelay
 
 NAMES = UserStreamNames()
 

@@ -1,34 +1,35 @@
-"""The ``workbench`` command line."""
+"""The ``workbench`` command line: the runtime's commands, and the lab's when installed.
+
+The runtime's commands (``serve``, ``worker``, ``relay``, ``timers``,
+``inspect``, ``token``) live here. The lab's (``simulate``, ``check``,
+``sweep``, ``run``, …) are named by the ``workbench.commands`` entry points
+(see ``pyproject.toml``) and imported only when called, so this module never
+imports the lab; without the ``lab`` extra such a command explains how to
+install it and exits 2.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import click
 
-from workbench.clock import clock_from_env, simulated
-from workbench.consumer import (
-    CRASH_POINTS,
-    AckFirstWorker,
-    ConsumerSettings,
-    ConsumerWorker,
-    sigkill_at,
-    sigkill_when_signalled,
-)
+from workbench.delivery.userstreams import DEFAULT_USER_MAXLEN
+from workbench.domain.clock import clock_from_env, simulated
 from workbench.handlers import ALL_GROUPS, make_handler
 from workbench.handlers.fanout import FanoutHandler
-from workbench.handlinglog import HandlingLog
-from workbench.log import connect
-from workbench.relay import DEFAULT_FSYNC_TIMEOUT_MS
 from workbench.store import Store, database_url
-from workbench.userstreams import DEFAULT_USER_MAXLEN
+from workbench.streams.connection import connect
+from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
+from workbench.streams.relay import DEFAULT_FSYNC_TIMEOUT_MS, OutboxRelay
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -59,41 +60,53 @@ prefix_option = click.option(
 )
 
 
-@click.group()
+#: Entry-point group through which the lab (``simulations``) adds its commands.
+COMMANDS_GROUP = "workbench.commands"
+LAB_INSTALL_HINT = (
+    "it is part of the lab: install it with `pip install 'escrow-workbench[lab]'` "
+    "(`make venv` does)"
+)
+
+
+class _WithLabCommands(click.Group):
+    """A group that also offers the commands named by :data:`COMMANDS_GROUP`, loaded
+    when called (so ``workbench worker`` never imports SimPy or pandas)."""
+
+    def _plugins(self) -> dict[str, Any]:
+        return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in (plugins := self._plugins()):
+            return command
+        try:
+            return plugins[cmd_name].load()
+        except ImportError as exc:
+            return _unavailable(cmd_name, exc)
+
+
+def _unavailable(name: str, exc: ImportError) -> click.Command:
+    missing = getattr(exc, "name", None) or str(exc)
+
+    @click.command(
+        name=name,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        help=f"(not installed: {LAB_INSTALL_HINT})",
+    )
+    def command() -> None:
+        click.echo(f"workbench {name}: {LAB_INSTALL_HINT}; missing module {missing!r}", err=True)
+        sys.exit(2)
+
+    return command
+
+
+@click.group(cls=_WithLabCommands)
 @click.version_option(package_name="escrow-workbench")
 def main() -> None:
     """Escrow event workbench: an M-Pesa escrow runtime on Redis Streams."""
-
-
-@main.command()
-@click.option("--escrows", default=300, show_default=True, help="how many escrows to run")
-@click.option("--seed", default=42, show_default=True, help="seed of the demo's randomness")
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=Path("data/demo"),
-    show_default=True,
-    help="where results are written",
-)
-@click.option(
-    "--crash/--no-crash",
-    default=True,
-    show_default=True,
-    help="SIGKILL the ledger worker mid-batch and recover",
-)
-@click.option(
-    "--timeout", default=120.0, show_default=True, help="seconds to wait for the groups to drain"
-)
-def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None:
-    """Run the end-to-end escrow demo against an embedded Redis."""
-    from workbench.demo import DemoConfig, run_demo
-
-    _setup_logging(False)
-    summary = run_demo(
-        DemoConfig(escrows=escrows, seed=seed, out=out, crash=crash, timeout=timeout)
-    )
-    if not summary["ok"]:
-        raise SystemExit(1)
 
 
 @main.command()
@@ -119,15 +132,6 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
     help="backstop: claim any entry idle this long",
 )
 @click.option(
-    "--crash-at",
-    type=click.Choice(CRASH_POINTS),
-    help="fault injection: SIGKILL this process at this point",
-)
-@click.option(
-    "--crash-batch", default=1, show_default=True,
-    help="...of this batch number (or the first later one that has the point)",
-)  # fmt: skip
-@click.option(
     "--user-maxlen",
     default=DEFAULT_USER_MAXLEN,
     show_default=True,
@@ -136,15 +140,6 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
 @click.option(
     "--user-max-age", default=0.0, show_default=True, type=click.FloatRange(min=0),
     help="fanout only: seconds of history kept per user stream (0: no age limit)",
-)  # fmt: skip
-@click.option(
-    "--crash-on-signal", is_flag=True,
-    help="fault injection: SIGRTMIN+i arms a SIGKILL at crash point i (simulations)",
-)  # fmt: skip
-@click.option("--ack-before-effect", is_flag=True, hidden=True)  # the checker's broken runtime
-@click.option(
-    "--record", type=click.Path(dir_okay=False, path_type=Path),
-    help="append a line per entry handed to the handler (simulations' handling log)",
 )  # fmt: skip
 @click.option(
     "--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -168,17 +163,13 @@ def worker(
     retry_backoff: float,
     dead_after: float,
     claim_idle_ms: int,
-    crash_at: str | None,
-    crash_batch: int,
     user_maxlen: int,
     user_max_age: float,
-    crash_on_signal: bool,
-    ack_before_effect: bool,
-    record: Path | None,
     model_dir: Path | None,
     risk_prefix: str | None,
     group_name: str | None,
     verbose: bool,
+    make_worker: Callable[..., ConsumerWorker] = ConsumerWorker,
 ) -> None:
     """Consume GROUP until SIGTERM (finishes the batch, acks, exits).
 
@@ -186,7 +177,7 @@ def worker(
     ``analytics`` (score sellers with the risk model of ``--model``, publishing
     ``risk.scored`` entries).
     """
-    from workbench.log import StreamNames
+    from workbench.streams.keys import StreamNames
 
     if (group == "analytics") != (model_dir is not None):
         raise click.UsageError("--model is required for the analytics group, and only for it")
@@ -217,25 +208,10 @@ def worker(
         handler = _risk_scorer(store, client, clock, model_dir, prefix, risk_prefix, group_name)
     else:
         handler = make_handler(group, store, clock)
-    if crash_at and crash_on_signal:
-        raise click.UsageError("--crash-at and --crash-on-signal exclude each other")
-    hook = (
-        sigkill_at(crash_at, crash_batch)
-        if crash_at
-        else sigkill_when_signalled()
-        if crash_on_signal
-        else None
-    )
-    w = (AckFirstWorker if ack_before_effect else ConsumerWorker)(
-        client,
-        handler,
-        consumer=consumer,
-        names=StreamNames(prefix),
-        settings=settings,
+    w = make_worker(
+        client, handler, consumer=consumer, names=StreamNames(prefix), settings=settings,
         clock=clock,
-        crash_hook=hook,
-        observer=HandlingLog(record) if record else None,
-    )
+    )  # fmt: skip
     w.install_signal_handlers()
     w.setup()
     click.echo(f"{w.consumer}: consuming {group} from {', '.join(w.streams)}", err=True)
@@ -249,9 +225,9 @@ def _risk_scorer(
     store: Store, client: Any, clock: Any, model_dir: Path | None, prefix: str,
     risk_prefix: str | None, group_name: str | None,
 ) -> Any:  # fmt: skip
-    from workbench.analytics.consumer import RiskNames, RiskScorer
     from workbench.analytics.model import load
-    from workbench.log import StreamNames
+    from workbench.analytics.scorer import RiskScorer
+    from workbench.streams.keys import RiskNames, StreamNames
 
     assert model_dir is not None
     try:
@@ -270,15 +246,6 @@ def _risk_scorer(
 @redis_option
 @database_option
 @prefix_option
-@click.option(
-    "--crash-at",
-    type=click.Choice(["after-xadd"]),
-    help="fault injection: SIGKILL after XADD, before marking the rows published",
-)
-@click.option(
-    "--crash-batch", default=1, show_default=True,
-    help="...of this batch number (or the first later one that has the point)",
-)  # fmt: skip
 @click.option(
     "--wait-fsync/--no-wait-fsync", default=False, show_default=True,
     envvar="WORKBENCH_WAIT_FSYNC",
@@ -300,29 +267,27 @@ def relay(
     redis_url: str | None,
     database_url: str | None,
     prefix: str,
-    crash_at: str | None,
-    crash_batch: int,
     wait_fsync: bool,
     fsync_timeout_ms: int,
     repair: bool,
     verbose: bool,
+    make_relay: Callable[..., OutboxRelay] = OutboxRelay,
 ) -> None:
     """Publish the outbox to the streams until SIGTERM, repairing what Redis lost."""
     import signal
 
-    from workbench.log import StreamNames
-    from workbench.relay import TRANSIENT, DurabilityUnavailable, OutboxRelay
+    from workbench.streams.connection import TRANSIENT
+    from workbench.streams.keys import StreamNames
+    from workbench.streams.relay import DurabilityUnavailable
 
     _setup_logging(verbose)
-    hook = sigkill_at(crash_at, crash_batch, ("after-xadd",)) if crash_at else None
     clock = clock_from_env()
-    r = OutboxRelay(
+    r = make_relay(
         Store(database_url or _default_database()),
         connect(_redis_url(redis_url)),
         names=StreamNames(prefix),
         clock=clock,
         ids_on_clock=simulated(clock) is not None,  # a real-time simulation's timeline
-        crash_hook=hook,
         repair=repair,
         wait_fsync=wait_fsync,
         fsync_timeout_ms=fsync_timeout_ms,
@@ -354,9 +319,9 @@ def timers(
     """Expire escrows whose payment, shipping or confirmation deadline passed, until SIGTERM."""
     import time
 
-    from workbench.log import StreamNames
+    from workbench.ops.shutdown import StopRequest
     from workbench.service import EscrowService
-    from workbench.shutdown import StopRequest
+    from workbench.streams.keys import StreamNames
 
     _setup_logging(verbose)
     clock = clock_from_env()
@@ -393,9 +358,8 @@ def timers(
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 def inspect_command(redis_url: str | None, prefix: str, as_json: bool) -> None:
     """Print streams, groups (pending, lag), consumers and dead letters."""
-    from workbench.inspection import inspect
-    from workbench.log import StreamNames
-    from workbench.report import print_inspection
+    from workbench.ops.inspection import inspect, print_inspection
+    from workbench.streams.keys import StreamNames
 
     try:
         client = connect(_redis_url(redis_url))
@@ -462,10 +426,10 @@ def serve(
     Every process it starts is supervised (restarted with backoff; a crash loop
     stops serve with exit 1) and dies with it. Exit 2: a startup check failed.
     """
-    from workbench.auth import issue_token, secret_from_env
-    from workbench.server import ServeOptions, ServeRefused, check_secret
-    from workbench.server import serve as run_server
-    from workbench.supervision import RestartPolicy
+    from workbench.http.auth import issue_token, secret_from_env
+    from workbench.ops.serve import ServeOptions, ServeRefused, check_secret
+    from workbench.ops.serve import serve as run_server
+    from workbench.ops.supervision import RestartPolicy
 
     try:
         warning = check_secret(host, os.environ)
@@ -520,15 +484,15 @@ def api_process(fd: int) -> None:
 
     import uvicorn
 
-    from workbench.edge import uvicorn_options
+    from workbench.http.edge import uvicorn_options
 
     listener = socket.socket(fileno=fd)  # family and type read from the socket itself
     config = uvicorn.Config(
-        "workbench.api:app_from_env",
+        "workbench.http.app:app_from_env",
         factory=True,
         log_level="warning",
         timeout_graceful_shutdown=3,
-        **uvicorn_options(),  # body, header and idle limits (workbench.edge)
+        **uvicorn_options(),  # body, header and idle limits (workbench.http.edge)
     )
     uvicorn.Server(config).run(sockets=[listener])
 
@@ -538,206 +502,12 @@ def api_process(fd: int) -> None:
 @click.option("--ttl", default=3600.0, show_default=True, help="seconds until it expires")
 def token(user_id: str, ttl: float) -> None:
     """Print a signed bearer token for USER_ID (HMAC with WORKBENCH_SECRET)."""
-    from workbench.auth import issue_token, secret_from_env
+    from workbench.http.auth import issue_token, secret_from_env
 
     try:
         click.echo(issue_token(user_id, secret_from_env(), ttl_s=ttl))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-
-
-@main.command()
-@click.argument("scenario")
-@click.option("--seed", default=1, show_default=True, help="seed of every random choice")
-@click.option(
-    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-    help="override a scenario parameter (repeatable), e.g. market.arrival_rate=5",
-)  # fmt: skip
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path),
-    help="run directory [default data/runs/SCENARIO-SEED]",
-)  # fmt: skip
-@redis_option
-@click.option("--no-check", is_flag=True, help="write the tables, skip the checker")
-@click.option(
-    "--realtime", is_flag=True,
-    help="wall-clock time against the served runtime: real processes, HTTP, SSE",
-)  # fmt: skip
-@click.option(
-    "--factor", type=click.FloatRange(min=0, min_open=True),
-    help="--realtime: wall seconds per virtual second [default realtime.factor]",
-)  # fmt: skip
-@click.option(
-    "--cpu", default="auto", show_default=True, metavar="auto|none|N",
-    help="virtual time: run the simulator and its private redis-server on one CPU "
-    "(they take turns; one CPU spares a cross-CPU wake-up per round trip)",
-)  # fmt: skip
-def simulate(
-    scenario: str,
-    seed: int,
-    overrides: tuple[str, ...],
-    out: Path | None,
-    redis_url: str | None,
-    no_check: bool,
-    realtime: bool,
-    factor: float | None,
-    cpu: str,
-) -> None:
-    """Run SCENARIO (a name in simulations/scenarios or a .toml path).
-
-    Virtual time (the default): the real runtime's code runs at SimPy's
-    instants against a private redis-server (or REDIS_URL) and a SQLite store.
-    --realtime: the same models drive the served runtime in wall time (API/SSE
-    servers, relay, workers as processes; SIGKILL as the crash). The run's
-    tables go to the run directory, then the checker reports on them (exit 1 if
-    anything is lost, unexpected or an invariant fails).
-    """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from simulations.run import simulate_to
-    from simulations.scenario import ScenarioError, load
-    from workbench import affinity
-
-    if factor is not None and not realtime:
-        raise click.UsageError("--factor only applies with --realtime")
-    if cpu != "auto" and realtime:
-        raise click.UsageError("--cpu only applies in virtual time (without --realtime)")
-    try:
-        loaded = load(scenario, overrides)
-        affinity.resolve(cpu)
-    except (ScenarioError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
-    run: Any = functools.partial(simulate_to, cpu=cpu)
-    if realtime:
-        from simulations.realtime import simulate_realtime_to
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            return simulate_realtime_to(*args, factor=factor, **kwargs)
-
-    directory = out or Path("data") / "runs" / f"{loaded.name}-{seed}"
-    with Progress(
-        TextColumn(f"[bold]{loaded.name}[/] seed {seed}"),
-        BarColumn(),
-        TextColumn(
-            "{task.completed:.0f}/{task.total:.0f} virtual s" + (" (real time)" if realtime else "")
-        ),  # fmt: skip
-        TimeElapsedColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task("simulate", total=1.0)
-
-        def progress(t: float, total: float) -> None:
-            bar.update(task, completed=t, total=total)
-
-        manifest = run(loaded, seed, directory, redis_url=redis_url, progress=progress)
-    rows = manifest["rows"]
-    click.echo(
-        f"{rows['published']} events, {rows['commands']} commands, "
-        f"{rows['faults']} faults in {manifest['wall_seconds']:.1f} s; tables in {directory}/",
-        err=True,
-    )
-    if not no_check:
-        _check_and_exit(directory)
-
-
-@main.command()
-@click.argument("scenario")
-@click.option(
-    "--grid", "grid_items", multiple=True, metavar="SECTION.KEY=V1,V2,...",
-    help="values to sweep (repeatable; the grid is their product)",
-)  # fmt: skip
-@click.option("--seeds", default=3, show_default=True, help="seeds 1..N per grid point")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="fixed overrides for every run")  # fmt: skip
-@click.option("--workers", type=int, help="parallel runs [default: CPUs]")
-@click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path),
-    help="sweep directory [default data/sweeps/SCENARIO]",
-)  # fmt: skip
-def sweep(
-    scenario: str,
-    grid_items: tuple[str, ...],
-    seeds: int,
-    overrides: tuple[str, ...],
-    workers: int | None,
-    out: Path | None,
-) -> None:
-    """Run SCENARIO over a grid of values and seeds in parallel; one table out.
-
-    Every run has its own private redis-server. Writes results.parquet and each
-    run's directory; exits 1 if any run failed the checker.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from simulations.scenario import ScenarioError
-    from simulations.sweep import parse_grid
-    from simulations.sweep import sweep as run_sweep
-    from workbench.report import wide_console
-
-    try:
-        grid = parse_grid(grid_items)
-    except ScenarioError as exc:
-        raise click.UsageError(str(exc)) from None
-    directory = out or Path("data") / "sweeps" / scenario
-    with Progress(TextColumn("[bold]sweep[/]"), BarColumn(), MofNCompleteColumn()) as bar:
-        task = bar.add_task("runs", total=None)
-        try:
-            table = run_sweep(
-                scenario, grid, seeds, out=directory, workers=workers,
-                base_overrides=overrides,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )  # fmt: skip
-        except ScenarioError as exc:
-            raise click.UsageError(str(exc)) from None
-    wide_console().print(table.to_string(index=False))
-    click.echo(f"results in {directory / 'results.parquet'}", err=True)
-    if not table["ok"].all():
-        raise SystemExit(1)
-
-
-def _check_and_exit(directory: Path) -> None:
-    from workbench.checker import check_dir, print_report
-
-    report = check_dir(directory)
-    print_report(report)
-    if not report.ok:
-        raise SystemExit(1)
-
-
-@main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
-def check(run_dir: Path, as_json: bool) -> None:
-    """Check a simulation run in RUN_DIR: delivery per group and phone, money invariants.
-
-    Exits 0 when the run is ok, 1 when something is lost, duplicated, unexpected,
-    reordered or an invariant fails, and 2 when RUN_DIR cannot be checked.
-    """
-    from workbench.checker import check as check_run
-    from workbench.checker import print_report
-    from workbench.runs import RunTables
-
-    def cannot(message: str) -> click.ClickException:
-        error = click.ClickException(message)
-        error.exit_code = 2
-        return error
-
-    try:
-        run = RunTables.load(run_dir)
-    except FileNotFoundError as exc:  # "... is not a run directory", "... lacks x.parquet"
-        raise cannot(str(exc)) from None
-    except (OSError, ValueError) as exc:  # unreadable manifest or Parquet file
-        raise cannot(f"cannot read the run in {run_dir}: {exc}") from None
-    try:
-        report = check_run(run)
-    except ValueError as exc:  # unknown group, malformed entry id
-        raise cannot(f"cannot check the run in {run_dir}: {exc}") from None
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-    else:
-        print_report(report)
-    if not report.ok:
-        raise SystemExit(1)
 
 
 def _default_database() -> str:

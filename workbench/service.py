@@ -23,7 +23,7 @@ gateway's CheckoutRequestID and emits ``payment.requested``. A push owed by a
 process that died is sent by :meth:`EscrowService.verify_payments`.
 
 A callback (:meth:`EscrowService.handle_callback`) must come to the URL made
-for its payment (an HMAC token, :func:`workbench.mpesa.callback_token`), name
+for its payment (an HMAC token, :func:`workbench.payments.mpesa.callback_token`), name
 that payment's checkout and, on success, the amount and phone requested;
 even then it is only a claim: the result is recorded once the gateway's STK
 Push Query confirms it, and the queried result is the one recorded. An
@@ -48,9 +48,9 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from workbench import events as ev
-from workbench.clock import Clock, SystemClock
-from workbench.escrow import (
+from workbench.domain import events as ev
+from workbench.domain.clock import Clock, SystemClock
+from workbench.domain.escrow import (
     Cancel,
     Command,
     Confirm,
@@ -68,8 +68,8 @@ from workbench.escrow import (
     decide,
     evolve,
 )
-from workbench.ids import IdFactory
-from workbench.mpesa import (
+from workbench.domain.ids import IdFactory
+from workbench.payments.mpesa import (
     CallbackError,
     GatewayUnavailable,
     NotThisGateway,
@@ -182,14 +182,14 @@ class PaymentGateway(Protocol):
     ) -> str:
         """Ask M-Pesa to prompt the buyer's phone; return the CheckoutRequestID.
 
-        Raises :class:`~workbench.mpesa.GatewayUnavailable` if it could not.
+        Raises :class:`~workbench.payments.mpesa.GatewayUnavailable` if it could not.
         """
         ...
 
     def query(self, checkout_request_id: str) -> QueryResult:
         """STK Push Query: the payment's result as the gateway knows it.
 
-        Raises :class:`~workbench.mpesa.GatewayUnavailable` if it cannot answer.
+        Raises :class:`~workbench.payments.mpesa.GatewayUnavailable` if it cannot answer.
         """
         ...
 

@@ -2,7 +2,7 @@
 
 Redis carries events but money does not live there. A command changes the
 escrow row and appends its events to ``outbox`` in one transaction; the relay
-(:mod:`workbench.relay`) publishes outbox rows to the streams. Handlers record
+(:mod:`workbench.streams.relay`) publishes outbox rows to the streams. Handlers record
 ``(group, event_id)`` in ``inbox`` in the same transaction as their effect, so
 a redelivered or republished event has no second effect.
 
@@ -151,7 +151,7 @@ outbox = Table(
     Column("created_at", Float, nullable=False),
     Column("published_at", Float),
     # The id the relay's XADD gave the row: the repair re-adds a row Redis lost
-    # under this id (workbench.relay). NULL until published.
+    # under this id (workbench.streams.relay). NULL until published.
     Column("stream_id", String(48)),
     Index("ix_outbox_unpublished", "published_at", "seq"),
 )

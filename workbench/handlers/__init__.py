@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workbench.clock import Clock
-from workbench.events import AGGREGATE_TYPES
+from workbench.domain.clock import Clock
+from workbench.domain.events import AGGREGATE_TYPES
 from workbench.handlers.base import SqlHandler
 from workbench.handlers.disputes import DisputeTimelineHandler
 from workbench.handlers.ledger import LedgerHandler

@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy import Table
 
-from workbench.clock import Clock, SystemClock
-from workbench.events import Event
+from workbench.domain.clock import Clock, SystemClock
+from workbench.domain.events import Event
 from workbench.store import Store, claim_inbox, insert_many
 
 

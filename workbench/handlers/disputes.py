@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from workbench.events import Event
+from workbench.domain.events import Event
 from workbench.handlers.base import SqlHandler
 from workbench.store import Store, dispute_timeline
 

@@ -1,7 +1,7 @@
 """Fan-out: copy each event into the stream of every user it concerns.
 
 Unlike the SQL handlers its effect lives in Redis: the append and its dedupe
-are one Lua script per event (:class:`workbench.userstreams.UserStreams`), so
+are one Lua script per event (:class:`workbench.delivery.userstreams.UserStreams`), so
 a redelivered batch appends nothing twice and the consumer runtime can ack
 after ``handle`` returns, as for every other group.
 """
@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import redis
 
-from workbench import events as ev
-from workbench.clock import Clock
-from workbench.log import StreamNames
-from workbench.replay import UserEntry
-from workbench.userstreams import (
-    DEFAULT_DEDUPE_TTL_S,
-    DEFAULT_USER_MAXLEN,
-    UserStreamNames,
-    UserStreams,
-)
+from workbench.delivery.handoff import UserEntry
+from workbench.delivery.userstreams import DEFAULT_DEDUPE_TTL_S, DEFAULT_USER_MAXLEN, UserStreams
+from workbench.domain import events as ev
+from workbench.domain.clock import Clock
+from workbench.streams.keys import StreamNames, UserStreamNames
 
 
 class FanoutHandler:

@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from workbench.events import Event
+from workbench.domain.events import Event
 from workbench.handlers.base import SqlHandler
 from workbench.store import Store, escrows, ledger_entries, outbox
 

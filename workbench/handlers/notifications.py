@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workbench.events import Event
+from workbench.domain.events import Event
 from workbench.handlers.base import SqlHandler
 from workbench.store import notifications
 

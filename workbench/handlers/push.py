@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from workbench.events import Event
+from workbench.domain.events import Event
 from workbench.handlers.base import SqlHandler
 from workbench.store import notifications
 

@@ -1,0 +1,92 @@
+"""One run, as analysts and notebooks use it: every table, the verdict, the metrics.
+
+``load_run(path)`` is the single entry point the notebooks share::
+
+    run = workbench.load_run("data/runs/baseline-1")
+    run.published, run.deliveries, ...   # every table of simulations.analysis.tables, as DataFrames
+    run.ok, run.report.groups            # the checker's verdict (simulations.analysis.checker)
+    run.metrics["handling"]              # latency quantiles etc. (simulations.analysis.timings)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from simulations.analysis.checker import CheckReport, check
+from simulations.analysis.tables import RunTables
+from simulations.analysis.timings import summarise
+
+
+@dataclass
+class Run(RunTables):
+    """A run's tables (see :mod:`simulations.analysis.tables`) plus what is derived from them.
+
+    ``report`` and ``metrics`` are computed on first use, from the same tables.
+    """
+
+    path: Path = field(default_factory=Path)
+
+    @cached_property
+    def report(self) -> CheckReport:
+        return check(self)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok
+
+    @cached_property
+    def metrics(self) -> dict[str, pd.DataFrame]:
+        return summarise(self)
+
+    def summary(self) -> dict[str, Any]:
+        """A one-line overview: scenario, seed, mode, sizes, verdict."""
+        m = self.manifest
+        return {
+            "scenario": m.get("scenario"), "seed": m.get("seed"),
+            "mode": m.get("mode", "virtual"), "events": len(self.published),
+            "commands": len(self.commands), "faults": len(self.faults),
+            "deliveries": len(self.deliveries), "ok": self.ok,
+            "wall_seconds": m.get("wall_seconds"),
+        }  # fmt: skip
+
+
+def run_scenario(
+    scenario: str,
+    seed: int = 1,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    out: str | Path | None = None,
+    redis_url: str | None = None,
+) -> Run:
+    """Simulate ``scenario`` (a name or .toml path) with ``overrides`` (``--set``
+    syntax) in virtual time, write it to ``out`` (default
+    ``data/runs/<scenario>-<seed>``) and return it loaded.
+
+    The notebooks' way in: one call per run, the same tables as ``workbench
+    simulate`` writes.
+    """
+    from simulations.drivers.virtual import simulate_to
+    from simulations.scenario import load
+
+    loaded = load(scenario, list(overrides))
+    directory = Path(out) if out is not None else Path("data") / "runs" / f"{loaded.name}-{seed}"
+    simulate_to(loaded, seed, directory, redis_url=redis_url)
+    return load_run(directory)
+
+
+def load_run(path: str | Path) -> Run:
+    """Every table of the run directory ``path``, with the verdict and metrics.
+
+    Raises ``FileNotFoundError`` (saying what is missing) for a directory that is
+    not a finished run.
+    """
+    tables = RunTables.load(path)
+    run = Run(path=Path(path))
+    for name in ["manifest", *RunTables.table_names()]:
+        setattr(run, name, getattr(tables, name))
+    return run

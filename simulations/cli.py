@@ -1,0 +1,329 @@
+"""The lab's commands, offered by ``workbench`` when the lab is installed.
+
+``workbench.cli`` finds these through the ``workbench.commands`` entry points
+and imports this module only when one of them is called: ``simulate``,
+``check``, ``sweep``, ``run`` (the demo), and the fault-injecting
+``sim-worker`` and ``sim-relay`` that real-time runs and the demo start in
+place of ``worker`` and ``relay``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+# The lab extra, checked on import: without it `workbench` tells how to install it.
+import numpy  # noqa: F401
+import pandas  # noqa: F401
+import simpy  # noqa: F401
+
+from simulations.analysis.handling import HandlingLog
+from simulations.faults import (
+    CRASH_POINTS,
+    RELAY_CRASH_POINTS,
+    AckFirstWorker,
+    CrashingRelay,
+    CrashingWorker,
+    sigkill_at,
+    sigkill_when_signalled,
+)
+from workbench.cli import _setup_logging, redis_option
+from workbench.cli import relay as relay_command
+from workbench.cli import worker as worker_command
+
+
+@click.command()
+@click.option("--escrows", default=300, show_default=True, help="how many escrows to run")
+@click.option("--seed", default=42, show_default=True, help="seed of the demo's randomness")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("data/demo"),
+    show_default=True,
+    help="where results are written",
+)
+@click.option(
+    "--crash/--no-crash",
+    default=True,
+    show_default=True,
+    help="SIGKILL the ledger worker mid-batch and recover",
+)
+@click.option(
+    "--timeout", default=120.0, show_default=True, help="seconds to wait for the groups to drain"
+)
+def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None:
+    """Run the end-to-end escrow demo against an embedded Redis."""
+    from simulations.drivers.demo import DemoConfig, run_demo
+
+    _setup_logging(False)
+    summary = run_demo(
+        DemoConfig(escrows=escrows, seed=seed, out=out, crash=crash, timeout=timeout)
+    )
+    if not summary["ok"]:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("scenario")
+@click.option("--seed", default=1, show_default=True, help="seed of every random choice")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    help="override a scenario parameter (repeatable), e.g. market.arrival_rate=5",
+)  # fmt: skip
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path),
+    help="run directory [default data/runs/SCENARIO-SEED]",
+)  # fmt: skip
+@redis_option
+@click.option("--no-check", is_flag=True, help="write the tables, skip the checker")
+@click.option(
+    "--realtime", is_flag=True,
+    help="wall-clock time against the served runtime: real processes, HTTP, SSE",
+)  # fmt: skip
+@click.option(
+    "--factor", type=click.FloatRange(min=0, min_open=True),
+    help="--realtime: wall seconds per virtual second [default realtime.factor]",
+)  # fmt: skip
+@click.option(
+    "--cpu", default="auto", show_default=True, metavar="auto|none|N",
+    help="virtual time: run the simulator and its private redis-server on one CPU "
+    "(they take turns; one CPU spares a cross-CPU wake-up per round trip)",
+)  # fmt: skip
+def simulate(
+    scenario: str,
+    seed: int,
+    overrides: tuple[str, ...],
+    out: Path | None,
+    redis_url: str | None,
+    no_check: bool,
+    realtime: bool,
+    factor: float | None,
+    cpu: str,
+) -> None:
+    """Run SCENARIO (a name in simulations/scenarios or a .toml path).
+
+    Virtual time (the default): the real runtime's code runs at SimPy's
+    instants against a private redis-server (or REDIS_URL) and a SQLite store.
+    --realtime: the same models drive the served runtime in wall time (API/SSE
+    servers, relay, workers as processes; SIGKILL as the crash). The run's
+    tables go to the run directory, then the checker reports on them (exit 1 if
+    anything is lost, unexpected or an invariant fails).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulations.drivers.virtual import simulate_to
+    from simulations.scenario import ScenarioError, load
+    from workbench.ops import affinity
+
+    if factor is not None and not realtime:
+        raise click.UsageError("--factor only applies with --realtime")
+    if cpu != "auto" and realtime:
+        raise click.UsageError("--cpu only applies in virtual time (without --realtime)")
+    try:
+        loaded = load(scenario, overrides)
+        affinity.resolve(cpu)
+    except (ScenarioError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    run: Any = functools.partial(simulate_to, cpu=cpu)
+    if realtime:
+        from simulations.drivers.realtime import simulate_realtime_to
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return simulate_realtime_to(*args, factor=factor, **kwargs)
+
+    directory = out or Path("data") / "runs" / f"{loaded.name}-{seed}"
+    with Progress(
+        TextColumn(f"[bold]{loaded.name}[/] seed {seed}"),
+        BarColumn(),
+        TextColumn(
+            "{task.completed:.0f}/{task.total:.0f} virtual s" + (" (real time)" if realtime else "")
+        ),  # fmt: skip
+        TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
+        task = bar.add_task("simulate", total=1.0)
+
+        def progress(t: float, total: float) -> None:
+            bar.update(task, completed=t, total=total)
+
+        manifest = run(loaded, seed, directory, redis_url=redis_url, progress=progress)
+    rows = manifest["rows"]
+    click.echo(
+        f"{rows['published']} events, {rows['commands']} commands, "
+        f"{rows['faults']} faults in {manifest['wall_seconds']:.1f} s; tables in {directory}/",
+        err=True,
+    )
+    if not no_check:
+        _check_and_exit(directory)
+
+
+@click.command()
+@click.argument("scenario")
+@click.option(
+    "--grid", "grid_items", multiple=True, metavar="SECTION.KEY=V1,V2,...",
+    help="values to sweep (repeatable; the grid is their product)",
+)  # fmt: skip
+@click.option("--seeds", default=3, show_default=True, help="seeds 1..N per grid point")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="fixed overrides for every run")  # fmt: skip
+@click.option("--workers", type=int, help="parallel runs [default: CPUs]")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path),
+    help="sweep directory [default data/sweeps/SCENARIO]",
+)  # fmt: skip
+def sweep(
+    scenario: str,
+    grid_items: tuple[str, ...],
+    seeds: int,
+    overrides: tuple[str, ...],
+    workers: int | None,
+    out: Path | None,
+) -> None:
+    """Run SCENARIO over a grid of values and seeds in parallel; one table out.
+
+    Every run has its own private redis-server. Writes results.parquet and each
+    run's directory; exits 1 if any run failed the checker.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from simulations.analysis.report import wide_console
+    from simulations.drivers.sweep import parse_grid
+    from simulations.drivers.sweep import sweep as run_sweep
+    from simulations.scenario import ScenarioError
+
+    try:
+        grid = parse_grid(grid_items)
+    except ScenarioError as exc:
+        raise click.UsageError(str(exc)) from None
+    directory = out or Path("data") / "sweeps" / scenario
+    with Progress(TextColumn("[bold]sweep[/]"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("runs", total=None)
+        try:
+            table = run_sweep(
+                scenario, grid, seeds, out=directory, workers=workers,
+                base_overrides=overrides,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+        except ScenarioError as exc:
+            raise click.UsageError(str(exc)) from None
+    wide_console().print(table.to_string(index=False))
+    click.echo(f"results in {directory / 'results.parquet'}", err=True)
+    if not table["ok"].all():
+        raise SystemExit(1)
+
+
+def _check_and_exit(directory: Path) -> None:
+    from simulations.analysis.checker import check_dir, print_report
+
+    report = check_dir(directory)
+    print_report(report)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+def check(run_dir: Path, as_json: bool) -> None:
+    """Check a simulation run in RUN_DIR: delivery per group and phone, money invariants.
+
+    Exits 0 when the run is ok, 1 when something is lost, duplicated, unexpected,
+    reordered or an invariant fails, and 2 when RUN_DIR cannot be checked.
+    """
+    from simulations.analysis.checker import check as check_run
+    from simulations.analysis.checker import print_report
+    from simulations.analysis.tables import RunTables
+
+    def cannot(message: str) -> click.ClickException:
+        error = click.ClickException(message)
+        error.exit_code = 2
+        return error
+
+    try:
+        run = RunTables.load(run_dir)
+    except FileNotFoundError as exc:  # "... is not a run directory", "... lacks x.parquet"
+        raise cannot(str(exc)) from None
+    except (OSError, ValueError) as exc:  # unreadable manifest or Parquet file
+        raise cannot(f"cannot read the run in {run_dir}: {exc}") from None
+    try:
+        report = check_run(run)
+    except ValueError as exc:  # unknown group, malformed entry id
+        raise cannot(f"cannot check the run in {run_dir}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+# -- fault-injecting runtime processes -----------------------------------------------
+
+
+@click.command(
+    name="sim-worker", params=list(worker_command.params), hidden=True,
+    help="`workbench worker` with the lab's fault injection and handling log.",
+)  # fmt: skip
+@click.option(
+    "--crash-at", type=click.Choice(CRASH_POINTS),
+    help="fault injection: SIGKILL this process at this point",
+)  # fmt: skip
+@click.option(
+    "--crash-batch", default=1, show_default=True,
+    help="...of this batch number (or the first later one that has the point)",
+)  # fmt: skip
+@click.option(
+    "--crash-on-signal", is_flag=True,
+    help="fault injection: SIGRTMIN+i arms a SIGKILL at crash point i (simulations)",
+)  # fmt: skip
+@click.option("--ack-before-effect", is_flag=True, help="the checker's broken runtime")
+@click.option(
+    "--record", type=click.Path(dir_okay=False, path_type=Path),
+    help="append a line per entry handed to the handler (the handling log)",
+)  # fmt: skip
+def sim_worker(
+    crash_at: str | None,
+    crash_batch: int,
+    crash_on_signal: bool,
+    ack_before_effect: bool,
+    record: Path | None,
+    **options: Any,
+) -> None:
+    if crash_at and crash_on_signal:
+        raise click.UsageError("--crash-at and --crash-on-signal exclude each other")
+    hook = (
+        sigkill_at(crash_at, crash_batch)
+        if crash_at
+        else sigkill_when_signalled()
+        if crash_on_signal
+        else None
+    )
+    make = functools.partial(
+        AckFirstWorker if ack_before_effect else CrashingWorker,
+        crash_hook=hook,
+        observer=HandlingLog(record) if record else None,
+    )
+    assert worker_command.callback is not None
+    worker_command.callback(**options, make_worker=make)
+
+
+@click.command(
+    name="sim-relay", params=list(relay_command.params), hidden=True,
+    help="`workbench relay` with the lab's fault injection.",
+)  # fmt: skip
+@click.option(
+    "--crash-at", type=click.Choice(RELAY_CRASH_POINTS),
+    help="fault injection: SIGKILL after XADD, before marking the rows published",
+)  # fmt: skip
+@click.option(
+    "--crash-batch", default=1, show_default=True,
+    help="...of this batch number (or the first later one that has the point)",
+)  # fmt: skip
+def sim_relay(crash_at: str | None, crash_batch: int, **options: Any) -> None:
+    hook = sigkill_at(crash_at, crash_batch, RELAY_CRASH_POINTS) if crash_at else None
+    assert relay_command.callback is not None
+    relay_command.callback(**options, make_relay=functools.partial(CrashingRelay, crash_hook=hook))

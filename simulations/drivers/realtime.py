@@ -1,0 +1,710 @@
+"""Real time: the same models drive the *served* runtime, over HTTP, in wall time.
+
+``simpy.rt.RealtimeEnvironment(factor)`` paces the market, the M-Pesa gateway
+and the phones exactly as in virtual time, but the runtime they drive is the
+deployment ``workbench serve`` runs, every part a real process: API/SSE
+servers (uvicorn), the outbox relay, one worker per consumer group, the expiry
+timers; redis-server and a SQLite store underneath. So here:
+
+* the market's commands are HTTP requests with an ``Idempotency-Key`` (a
+  request that dies with its server is retried on another one, safely);
+* the gateway posts Daraja callbacks to each push's ``/mpesa/callback/{token}``,
+  and the servers confirm them with the STK Push Query of a local Daraja
+  (:class:`~workbench.payments.daraja.DarajaStub`, which also takes the pushes);
+* each phone holds a real SSE connection (``Last-Event-ID`` on reconnect,
+  ``reset`` -> snapshot -> resume), dropped by closing the socket;
+* a consumer crash is SIGKILL of the worker process; a new one (a new
+  consumer name) starts after ``mttr_s`` and the runtime's own recovery
+  claims the dead one's pending entries;
+* a server fault is SIGKILL of an SSE server with all its sessions;
+* Redis faults are the same kill -9 and restart from the AOF.
+
+Every process reads a :class:`~workbench.domain.clock.ScaledClock` that maps wall
+time onto the simulation's timeline, so expiry, heartbeats and the tables'
+times are in virtual seconds as in virtual mode. Workers write handling logs
+(``workbench sim-worker --record``) for the checker; the tables are then built
+by the same :func:`simulations.drivers.virtual.collect`. Runs are not bit-for-bit
+reproducible (the OS schedules the processes), but the checker's verdict is
+the same as in virtual time: that is what ``tests/test_realtime.py`` proves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import simpy.rt
+from httpx_sse import aconnect_sse
+
+from simulations.analysis.tables import RunTables, RunWriter
+from simulations.drivers.loops import sample_backlog, waiting
+from simulations.drivers.virtual import Progress, RedisFaults, _clear, _manifest, collect
+from simulations.faults import CRASH_POINTS, crash_signal
+from simulations.models.clock import SimClock
+from simulations.models.gateway import MpesaGateway
+from simulations.models.market import Market
+from simulations.models.phones import Phone, ServerFaults, ServerPool
+from simulations.models.supervision import SupervisedRestarts, policy_of
+from simulations.scenario import Scenario
+from workbench.domain.clock import ScaledClock, clock_env
+from workbench.domain.escrow import DomainError, EscrowState
+from workbench.domain.streamid import parse
+from workbench.handlers import ALL_GROUPS
+from workbench.http.auth import issue_token
+from workbench.ops.redis_server import attach_or_start, free_port
+from workbench.ops.waiting import WaitTimeout, wait_until
+from workbench.payments.daraja import DarajaStub
+from workbench.store import Store, outbox
+from workbench.streams.connection import connect
+from workbench.streams.keys import StreamNames, UserStreamNames
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(DomainError):
+    """The service answered a command with an error (or no server answered)."""
+
+    def __init__(self, detail: str, code: str = "rejected") -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+class Fleet:
+    """The served runtime's processes, by name: started, SIGKILLed, restarted."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.argv: dict[str, list[str]] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        self.argv[name] = [sys.executable, "-m", "workbench", *argv]
+        return self._spawn(name)
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        process = subprocess.Popen(
+            self.argv[name], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: no cleanup, no acks, sockets reset."""
+        process = self.processes[name]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def reap(self, name: str) -> None:
+        """Forget a process that has died."""
+        self.processes.pop(name).wait()
+
+    def restart(self, name: str) -> None:
+        self._spawn(name)
+
+    def alive(self, name: str) -> bool:
+        process = self.processes.get(name)
+        return process is not None and process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+
+class Servers:
+    """The API/SSE server processes, and HTTP calls that fail over between them."""
+
+    def __init__(self, fleet: Fleet, count: int, data: Path) -> None:
+        self.fleet = fleet
+        self.urls: list[str] = []
+        self.http = httpx.Client(timeout=httpx.Timeout(10.0, connect=2.0))
+        self._next = 0
+        for i in range(count):
+            port = free_port()
+            self.urls.append(f"http://127.0.0.1:{port}")
+            fleet.start(
+                f"api-{i}", "serve", "--api-only", "--mpesa", "external", "--port", str(port),
+                "--prefix", fleet.env["WORKBENCH_PREFIX"], "--data-dir", str(data / f"api-{i}"),
+            )  # fmt: skip
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Until every server answers /healthz (raises if one exited instead)."""
+        for i, url in enumerate(self.urls):
+            wait_until(
+                lambda i=i, url=url: self._healthy(i, url),
+                timeout=timeout,
+                what=f"api-{i} to answer /healthz",
+            )
+
+    def _healthy(self, i: int, url: str) -> bool:
+        if not self.fleet.alive(f"api-{i}"):
+            log = (self.fleet.logs / f"api-{i}.log").read_text()[-2000:]
+            raise RuntimeError(f"api-{i} exited while starting:\n{log}")
+        with contextlib.suppress(httpx.TransportError):
+            return self.http.get(f"{url}/healthz").status_code == 200
+        return False
+
+    def request(self, method: str, path: str, token: str | None, **kwargs: Any) -> httpx.Response:
+        """Send to the servers in turn until one answers (a load balancer's retry)."""
+        headers = kwargs.pop("headers", {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        errors = []
+        for _ in range(len(self.urls)):
+            url = self.urls[self._next % len(self.urls)]
+            self._next += 1
+            try:
+                return self.http.request(method, url + path, headers=headers, **kwargs)
+            except httpx.TransportError as exc:
+                errors.append(f"{url}: {type(exc).__name__}")
+        raise Rejected("no server answered: " + "; ".join(errors), "unavailable")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class HttpService:
+    """The command surface the :class:`~simulations.models.market.Market` calls, over HTTP.
+
+    Every command carries an ``Idempotency-Key``, so the failover retry of a
+    request whose server died mid-way cannot apply it twice.
+    """
+
+    def __init__(
+        self, servers: Servers, tokens: Tokens, gateway: MpesaGateway, daraja: DarajaStub
+    ) -> None:
+        self.servers, self.tokens, self.gateway, self.daraja = servers, tokens, gateway, daraja
+        self._keys = 0
+
+    def _command(
+        self, actor: str, path: str, body: dict[str, Any] | None = None
+    ) -> SimpleNamespace:
+        self._keys += 1
+        r = self.servers.request(
+            "POST", path, self.tokens(actor), json=body or {},
+            headers={"Idempotency-Key": f"sim-{self._keys}"},
+        )  # fmt: skip
+        data = r.json()
+        if r.status_code >= 400:
+            raise Rejected(data.get("detail", r.text), data.get("error", str(r.status_code)))
+        return SimpleNamespace(**data)
+
+    def create(self, buyer: str, seller: str, amount: int) -> SimpleNamespace:
+        return self._command(
+            buyer, "/escrows", {"buyer_id": buyer, "seller_id": seller, "amount": amount}
+        )
+
+    def fund(self, escrow_id: str, buyer: str, phone: str) -> SimpleNamespace:
+        result = self._command(buyer, f"/escrows/{escrow_id}/fund", {"phone": phone})
+        push = self.daraja.pushes.get(result.checkout_request_id or "")
+        if not result.replayed and push is not None:
+            # The CallBackURL is the gateway's to know: the stub saw it with the push.
+            self.gateway.answer(push.checkout_request_id, push.amount, push.callback_url, phone)
+        return result
+
+    def get(self, escrow_id: str) -> SimpleNamespace:
+        r = self.servers.request("GET", f"/escrows/{escrow_id}", self.tokens("admin"))
+        if r.status_code != 200:
+            raise Rejected(f"GET /escrows/{escrow_id}: {r.status_code}", "unavailable")
+        return SimpleNamespace(state=EscrowState(r.json()["state"]))
+
+    def cancel(self, escrow_id: str, actor: str) -> SimpleNamespace:
+        return self._command(actor, f"/escrows/{escrow_id}/cancel", {"reason": "changed mind"})
+
+    def ship(self, escrow_id: str, seller: str) -> SimpleNamespace:
+        return self._command(seller, f"/escrows/{escrow_id}/ship", {})
+
+    def confirm(self, escrow_id: str, buyer: str) -> SimpleNamespace:
+        return self._command(buyer, f"/escrows/{escrow_id}/confirm")
+
+    def dispute(self, escrow_id: str, buyer: str, reason: str) -> SimpleNamespace:
+        return self._command(buyer, f"/escrows/{escrow_id}/dispute", {"reason": reason})
+
+    def resolve(self, escrow_id: str, admin: str, outcome: str) -> SimpleNamespace:
+        return self._command(admin, f"/escrows/{escrow_id}/resolve", {"outcome": outcome})
+
+
+class Tokens:
+    """Bearer tokens per user, issued on the simulation's clock."""
+
+    def __init__(self, secret: str, clock: ScaledClock, ttl_s: float) -> None:
+        self.secret, self.clock, self.ttl_s = secret, clock, ttl_s
+        self._cache: dict[str, str] = {}
+
+    def __call__(self, user: str) -> str:
+        if user not in self._cache:
+            self._cache[user] = issue_token(user, self.secret, ttl_s=self.ttl_s, clock=self.clock)
+        return self._cache[user]
+
+
+class Radio:
+    """Every phone's SSE connection, as tasks on one asyncio loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="radio", daemon=True)
+        self.thread.start()
+        self.http: httpx.AsyncClient = self.call(self._client())
+
+    @staticmethod
+    async def _client() -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        return httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), limits=limits)
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, coro: Any) -> asyncio.Task[Any]:
+        async def spawn() -> asyncio.Task[Any]:
+            return asyncio.ensure_future(coro)
+
+        return self.call(spawn())
+
+    def hang_up(self, task: asyncio.Task[Any]) -> None:
+        """Close the connection and wait until its task has finished recording."""
+
+        async def cancel() -> None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+        if not self.loop.is_closed():
+            self.call(cancel())
+
+    def close(self) -> None:
+        self.call(self.http.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class SsePhone(Phone):
+    """A :class:`~simulations.models.phones.Phone` whose connections are real SSE requests.
+
+    The lifecycle (connection lifetimes, reconnect delays, lost ids, server
+    choice) is the base class's; only the connection itself differs.
+    """
+
+    radio: Radio
+    servers: Servers
+    tokens: Tokens
+    timeline: ScaledClock
+
+    def _t(self) -> float:
+        return self.timeline.now() - self.timeline.epoch
+
+    def _record(self, source: str, entry_id: str, event_id: str) -> None:
+        self.deliveries.append(
+            {"phone": self.user, "connection": self.connection, "source": source,
+             "entry_id": entry_id, "event_id": event_id, "t": self._t()}
+        )  # fmt: skip
+
+    async def _snapshot_async(self, url: str) -> None:
+        r = await self.radio.http.get(
+            f"{url}/users/{self.user}/escrows",
+            headers={"Authorization": f"Bearer {self.tokens(self.user)}"},
+        )
+        r.raise_for_status()
+        as_of = parse(r.json()["as_of"])
+        self._record("snapshot", str(as_of), "")
+        self.cursor = as_of
+
+    async def _listen(self, url: str, until_ready: bool = False) -> None:
+        """One connection: replay, then live until cancelled; a reset resyncs and
+        reconnects at once, as the server tells the client to."""
+        with contextlib.suppress(httpx.HTTPError):
+            await self._session(url, until_ready)
+        # An HTTP error ends the connection (server gone, Redis down: 503); the
+        # phone's lifecycle reconnects after its usual delay.
+
+    async def _session(self, url: str, until_ready: bool) -> None:
+        while True:
+            if self.cursor is None:
+                await self._snapshot_async(url)
+            assert self.cursor is not None
+            headers = {
+                "Authorization": f"Bearer {self.tokens(self.user)}",
+                "Last-Event-ID": str(self.cursor),
+            }
+            source = "replay"
+            async with aconnect_sse(
+                self.radio.http, "GET", f"{url}/users/{self.user}/events", headers=headers
+            ) as events:
+                events.response.raise_for_status()
+                async for sse in events.aiter_sse():
+                    if sse.event == "ready":
+                        source = "live"
+                        if until_ready:
+                            return
+                    elif sse.event == "reset":
+                        self.cursor = None
+                        break
+                    elif sse.data and sse.event != "message":
+                        # (an id-less "message" with no data is a heartbeat: the
+                        # parser repeats the last id on it)
+                        self._record(source, sse.id, json.loads(sse.data)["event_id"])
+                        self.cursor = parse(sse.id)
+                else:
+                    return  # the server ended the stream
+
+    def _connected_until(self, ends: float) -> Any:
+        assert self.server is not None
+        task = self.radio.start(self._listen(self.servers.urls[self.server]))
+        try:
+            while self.env.now < ends and not self.stop:
+                yield self.env.timeout(self.p["poll_every_s"])
+                if self.dropped or task.done():
+                    return
+        finally:
+            self.radio.hang_up(task)
+
+    def final_drain(self) -> None:
+        self.connection += 1
+        server = self.pool.choose(self.rng) if self.pool else 0
+        url = self.servers.urls[server or 0]
+        with contextlib.suppress(Exception):
+            self.radio.call(self._listen(url, until_ready=True), timeout=60)
+
+
+class ConsumerFaults:
+    """Crash a group's worker process every MTBF (exponential); restart after MTTR.
+
+    Each crash is, at random, a SIGKILL from outside at whatever the worker is
+    doing, or one of the runtime's crash points (after read, mid-batch, after
+    effect): the worker is signalled to SIGKILL itself when it next reaches it.
+    """
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        fleet: Fleet,
+        params: dict[str, Any],
+        faults: list[dict[str, Any]],
+        workers: _Workers,
+        restarts: SupervisedRestarts,
+    ) -> None:
+        self.env, self.fleet, self.p, self.faults = env, fleet, params, faults
+        self.workers, self.restarts = workers, restarts
+        self.healed = False
+
+    def run(self, group: str, rng: np.random.Generator) -> Any:
+        if self.p["mtbf_s"] <= 0:
+            return
+        ways = ("anywhere", *CRASH_POINTS)
+        while not self.healed:
+            yield self.env.timeout(rng.exponential(self.p["mtbf_s"]))
+            if self.healed or not self.fleet.alive(group):
+                continue
+            consumer = self.workers.names[group]
+            way = ways[int(rng.integers(len(ways)))]
+            if way != "anywhere":
+                self.fleet.processes[group].send_signal(crash_signal(way))
+                # It dies when it next reaches the point: when entries come.
+                while self.fleet.alive(group) and not self.healed:
+                    yield self.env.timeout(0.1)
+            if self.fleet.alive(group):
+                self.fleet.kill(group)
+                way = "anywhere"
+            self.fleet.reap(group)
+            fault = {"t_start": self.env.now, "t_end": None, "kind": "consumer_crash",
+                     "target": consumer, "detail": f"SIGKILL {way}"}  # fmt: skip
+            self.faults.append(fault)
+            if self.p["restart"] == "replacement":
+                down_for: float | None = self.p["mttr_s"]
+            else:
+                down_for = self.restarts.down_for(group, self.env.now)
+            if down_for is None:  # serve gives up on a crash loop: the group stays down
+                fault["detail"] += f"; {self.restarts.given_up[group]}"
+                return
+            yield self.env.timeout(down_for)
+            self.workers(group)
+            self.restarts.started(group, self.env.now)
+            fault["t_end"] = self.env.now
+
+
+class _Workers:
+    """Starts a group's worker process: as serve does, under one consumer name
+    (``consumers.restart = "supervisor"``), or a new name each time (a replacement)."""
+
+    def __init__(self, fleet: Fleet, params: dict[str, Any], prefix: str, handled: Path) -> None:
+        self.fleet, self.p, self.prefix, self.handled = fleet, params, prefix, handled
+        self.generation: dict[str, int] = {}
+        self.names: dict[str, str] = {}
+
+    def __call__(self, group: str) -> None:
+        n = self.generation[group] = self.generation.get(group, 0) + 1
+        consumer = f"{group}-1" if self.p["restart"] == "supervisor" else f"{group}-{n}"
+        self.names[group] = consumer
+        self.fleet.start(
+            group, "sim-worker", group, "--prefix", self.prefix, "--consumer", consumer,
+            "--block-ms", "100", "--batch-size", str(self.p["batch_size"]),
+            "--dead-after", str(self.p["dead_after_s"]),
+            "--record", str(self.handled / f"{group}-{n}.log"), "--crash-on-signal",
+            *(["--user-maxlen", str(self.p["user_maxlen"])] if group == "fanout" else []),
+            *(["--ack-before-effect"] if self.p["ack_before_effect"] else []),
+        )  # fmt: skip
+
+
+def simulate_realtime(
+    scenario: Scenario,
+    seed: int,
+    *,
+    redis_url: str | None = None,
+    progress: Progress | None = None,
+    prefix: str = "rt",
+    factor: float | None = None,
+    out: str | Path | None = None,
+) -> RunTables:
+    """Run ``scenario`` against the served runtime in real time; return its tables
+    (written to ``out``, or a temporary directory, then loaded)."""
+    with tempfile.TemporaryDirectory(prefix="workbench-run-") as tmp:
+        directory = out if out is not None else tmp
+        simulate_realtime_to(
+            scenario, seed, directory, redis_url=redis_url, progress=progress, prefix=prefix,
+            factor=factor,
+        )  # fmt: skip
+        return RunTables.load(directory)
+
+
+def simulate_realtime_to(
+    scenario: Scenario,
+    seed: int,
+    out: str | Path,
+    *,
+    redis_url: str | None = None,
+    progress: Progress | None = None,
+    prefix: str = "rt",
+    factor: float | None = None,
+) -> dict[str, Any]:
+    """Run ``scenario`` against the served runtime in real time, writing its tables
+    to ``out``; return the manifest."""
+    started = time.monotonic()
+    params = scenario.params
+    run_p, m = params["run"], params["market"]
+    factor = factor or params["realtime"]["factor"]
+    load_s, drain_s = run_p["duration_s"], run_p["drain_s"]
+    work = Path(tempfile.mkdtemp(prefix="workbench-rt-"))
+    secret = secrets.token_hex(32)
+    with attach_or_start(
+        redis_url, work / "redis", appendonly=True, appendfsync=params["redis"]["appendfsync"]
+    ) as (url, server):
+        client = connect(url)
+        _clear(client, prefix)
+        database_url = f"sqlite:///{work / 'store.db'}"
+        store = Store(database_url)
+        store.reset()
+        origin = time.time()
+        timeline = ScaledClock(origin, run_p["epoch"], 1.0 / factor)
+        # Daraja for the API servers: pushes and queries over HTTP; the results
+        # are what the simulated gateway decides, set as it sends each callback.
+        daraja = DarajaStub()
+        env_vars = dict(
+            os.environ,
+            REDIS_URL=url,
+            DATABASE_URL=database_url,
+            WORKBENCH_SECRET=secret,
+            WORKBENCH_PREFIX=prefix,
+            WORKBENCH_SSE_PING_S=str(params["realtime"]["sse_ping_s"]),
+            # The market's buyers return to the same sellers at simulated speed;
+            # the per-pair create limit guards against abuse, not trade.
+            WORKBENCH_CREATE_LIMIT="0",
+            **clock_env(origin, run_p["epoch"], 1.0 / factor),
+            **daraja.env,
+        )
+        fleet = Fleet(env_vars, work / "logs")
+        handled_dir = work / "handled"
+        handled_dir.mkdir()
+        only = [g.strip() for g in params["consumers"]["only"].split(",") if g.strip()]
+        groups = tuple(g for g in ALL_GROUPS if not only or g in only)
+        start_worker = _Workers(fleet, params["consumers"], prefix, handled_dir)
+        radio: Radio | None = None
+        servers: Servers | None = None
+        try:
+            fleet.start("relay", "relay", "--prefix", prefix)
+            fleet.start("timers", "timers", "--every", "1")
+            for group in groups:
+                start_worker(group)
+            servers = Servers(fleet, params["servers"]["count"], work)
+            radio = Radio()
+            # The timeline began at `origin`; SimPy starts where it is now.
+            t0 = timeline.now() - timeline.epoch
+            env = simpy.rt.RealtimeEnvironment(initial_time=t0, factor=factor, strict=False)
+            clock = SimClock(env, run_p["epoch"])
+            tokens = Tokens(secret, timeline, ttl_s=10 * (load_s + drain_s) + 3600)
+            rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
+            commands: list[dict[str, Any]] = []
+            faults: list[dict[str, Any]] = []
+            deliveries: list[dict[str, Any]] = []
+            samples: list[dict[str, Any]] = []
+
+            def record(
+                command: str, escrow_id: str | None, actor: str, ok: bool, error: str | None
+            ) -> None:
+                commands.append({"t": env.now, "command": command, "escrow_id": escrow_id,
+                                 "actor": actor, "ok": ok, "error": error})  # fmt: skip
+
+            def callback(url: str, body: dict[str, Any]) -> None:
+                assert servers is not None
+                stk = body["Body"]["stkCallback"]
+                daraja.settle(stk["CheckoutRequestID"], int(stk["ResultCode"]))
+                try:
+                    r = servers.request("POST", urlsplit(url).path, None, json=body)
+                except Rejected as exc:
+                    record("callback", None, "mpesa", False, str(exc))
+                    return
+                desc = r.json().get("ResultDesc", "")
+                ok = r.status_code in (200, 202)  # 202: recorded once the query confirms it
+                record("callback", None, "mpesa", ok, None if desc == "Accepted" else desc)
+
+            gateway = MpesaGateway(env, rngs[0], params["mpesa"], callback)
+            service = HttpService(servers, tokens, gateway, daraja)
+            until = t0 + load_s
+            market = Market(env, rngs[1], m, service, record, until=until)  # type: ignore[arg-type]
+            env.process(market.run())
+            env.process(sample_backlog(env, client, StreamNames(prefix), groups,
+                                       run_p["sample_every_s"], samples, clock))  # fmt: skip
+            restarts = SupervisedRestarts(policy_of(params["supervisor"]))
+            consumer_faults = ConsumerFaults(
+                env, fleet, params["consumers"], faults, start_worker, restarts
+            )
+            for i, group in enumerate(groups):
+                rng = np.random.default_rng(rngs[2].integers(2**63) + i)
+                env.process(consumer_faults.run(group, rng))
+            env.process(RedisFaults(env, server, params["redis"], faults, until, restarts).run())
+            user_names = UserStreamNames(prefix)
+            pool = ServerPool(params["servers"]["count"])
+            phones: list[SsePhone] = []
+            for i in range(min(params["phones"]["count"], len(market.buyers))):
+                phone = SsePhone(env, np.random.default_rng(rngs[3].integers(2**63)),
+                                 params["phones"], market.buyers[i % len(market.buyers)],
+                                 client, user_names, deliveries)  # fmt: skip
+                phone.radio, phone.servers, phone.tokens, phone.timeline = (
+                    radio,
+                    servers,
+                    tokens,
+                    timeline,
+                )
+                phone.pool = pool
+                pool.phones.append(phone)
+                phones.append(phone)
+                env.process(phone.run())
+            server_faults = _ServerKills(
+                env, rngs[5], params["servers"], pool, faults, until, restarts
+            )
+            server_faults.fleet = fleet
+            for i in range(params["servers"]["count"]):
+                env.process(server_faults.run(i))
+
+            total = load_s + drain_s
+            step = max(total / 200, 0.5)
+            t = 0.0
+            while t < total:
+                t = min(total, t + step)
+                if t >= load_s and not consumer_faults.healed:
+                    consumer_faults.healed = True
+                env.run(until=t0 + t)
+                if progress:
+                    progress(t, total)
+            # Faults healed: every worker and server is up again; wait (in wall
+            # time) until the service has published and handled everything.
+            for group in groups:
+                if not fleet.alive(group):
+                    start_worker(group)
+            for i in range(len(servers.urls)):
+                if not fleet.alive(f"api-{i}"):
+                    fleet.restart(f"api-{i}")
+            settled = _wait_settled(
+                store, client, StreamNames(prefix), groups, timeout=60 + 2 * drain_s
+            )
+            servers.wait_healthy()  # a server restarted late may still be starting
+            for phone in phones:
+                phone.stop = True
+            for phone in phones:
+                phone.final_drain()
+            writer = RunWriter(out)
+            for table, rows in (("commands", commands), ("deliveries", deliveries),
+                                ("samples", samples), ("faults", faults)):  # fmt: skip
+                writer[table].extend(rows)
+            collect(
+                writer, store, client, StreamNames(prefix), user_names, groups, handled_dir,
+                clock.epoch, market, phones,  # type: ignore[arg-type]
+            )  # fmt: skip
+            manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
+            manifest.update(mode="realtime", factor=factor, t_start=t0, settled=settled)
+            writer.close(manifest)
+            return manifest
+        finally:
+            if radio is not None:
+                radio.close()
+            if servers is not None:
+                servers.close()
+            fleet.stop()
+            daraja.close()
+            client.close()
+            store.close()
+
+
+class _ServerKills(ServerFaults):
+    """Server faults done for real: SIGKILL the process, start it again."""
+
+    fleet: Fleet
+
+    def kill(self, server: int) -> None:
+        self.fleet.kill(f"api-{server}")
+
+    def restart(self, server: int) -> None:
+        self.fleet.restart(f"api-{server}")
+
+
+def _wait_settled(
+    store: Store, client: Any, names: StreamNames, groups: tuple[str, ...], timeout: float
+) -> bool:
+    """Wait until the outbox is published and every group has taken everything.
+
+    Not settling is recorded, not raised: the run's tables are still written, the
+    manifest says ``settled: false`` and the checker reports the run unfinished
+    (events unseen), which fails it.
+    """
+    from sqlalchemy import func, select
+
+    def settled() -> bool:
+        with store.engine.connect() as conn:
+            unpublished = conn.execute(
+                select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
+            ).scalar_one()
+        return not unpublished and not any(waiting(client, names, g) for g in groups)
+
+    try:
+        wait_until(settled, timeout=timeout, interval=0.1, what="the service to settle")
+    except WaitTimeout as exc:
+        log.warning("real-time run did not settle: %s; the checker will call it unfinished", exc)
+        return False
+    return True

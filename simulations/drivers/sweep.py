@@ -1,0 +1,115 @@
+"""Sweeps: one scenario over a grid of parameter values and seeds.
+
+Each point of the grid times each seed is one :func:`simulations.drivers.virtual.simulate`
+in its own process with its own private redis-server, so runs do not share
+state and use every core: worker *i* and its servers run on CPU *i* (mod the
+CPUs allowed), since a simulator and its Redis take turns (see
+:mod:`workbench.ops.affinity`). The result is one table, a row per run: the
+parameters, the seed, the checker's verdict and the main figures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from simulations.scenario import ScenarioError, load
+from workbench.ops import affinity
+
+_worker_cpu: int | None = None  # set in each worker process by _take_cpu
+
+
+def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
+    """``["market.arrival_rate=1,2", ...]`` -> {"market.arrival_rate": ["1", "2"]}."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or "." not in key or not values:
+            raise ScenarioError(f"--grid takes section.key=v1,v2,..., not {item!r}")
+        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+    return grid
+
+
+def points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
+
+
+def _take_cpu(counter: Any, cpus: list[int]) -> None:
+    """Pool initializer: the n-th worker started takes the n-th CPU."""
+    global _worker_cpu
+    with counter.get_lock():
+        n = counter.value
+        counter.value += 1
+    _worker_cpu = cpus[n % len(cpus)] if len(cpus) > 1 else None
+
+
+def _one(scenario: str, overrides: list[str], seed: int, out: str | None) -> dict[str, Any]:
+    from simulations.analysis.checker import check
+    from simulations.analysis.timings import summarise
+    from simulations.drivers.virtual import simulate
+
+    loaded = load(scenario, overrides)
+    tables = simulate(loaded, seed, out=out, cpu=_worker_cpu)
+    report = check(tables)
+    handling = summarise(tables)["handling"]
+    groups = report.groups
+    return {
+        "seed": seed,
+        "events": len(tables.published),
+        "faults": len(tables.faults),
+        "ok": report.ok,
+        "lost": int(groups["lost"].sum()),
+        "duplicated": int(groups["duplicated"].sum()),
+        "unseen": int(groups["unseen"].sum()),
+        "client_lost": int(report.clients["lost"].sum()) if not report.clients.empty else 0,
+        "handling_p99_s": float(handling["p99"].max()) if not handling.empty else None,
+        "wall_seconds": tables.manifest.get("wall_seconds"),
+        "cpu": tables.manifest.get("cpu"),
+    }
+
+
+def sweep(
+    scenario: str,
+    grid: dict[str, list[str]],
+    seeds: int,
+    *,
+    out: Path | None = None,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    base_overrides: tuple[str, ...] = (),
+) -> pd.DataFrame:
+    """Run every grid point with seeds 1..``seeds``; one row per run."""
+    grid_points = points(grid) or [{}]
+    for point in grid_points:  # fail fast on a bad key or value, before any run
+        load(scenario, [*base_overrides, *(f"{k}={v}" for k, v in point.items())])
+    jobs = [(point, seed) for point in grid_points for seed in range(1, seeds + 1)]
+    rows: list[dict[str, Any]] = []
+    context = multiprocessing.get_context()
+    started = context.Value("i", 0)
+    cpus = sorted(affinity.allowed_cpus())
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_take_cpu, initargs=(started, cpus)
+    ) as pool:
+        futures = {}
+        for i, (point, seed) in enumerate(jobs):
+            overrides = [*base_overrides, *(f"{k}={v}" for k, v in point.items())]
+            run_dir = str(out / f"run-{i:03d}") if out else None
+            futures[pool.submit(_one, scenario, overrides, seed, run_dir)] = point
+        for done, future in enumerate(as_completed(futures), 1):
+            rows.append({**futures[future], **future.result()})
+            if progress:
+                progress(done, len(jobs))
+    table = pd.DataFrame(rows)
+    keys = [*grid, "seed"] if grid else ["seed"]
+    table = table.sort_values(keys).reset_index(drop=True)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(out / "results.parquet", index=False)
+    return table

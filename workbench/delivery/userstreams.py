@@ -1,0 +1,256 @@
+"""Per-user streams: where a phone's events wait for it.
+
+The fan-out worker appends every event to the stream of each user it
+concerns (``wb:user:<user id>``) with one Lua script per event, which also
+
+* dedupes by event id (``wb:fanout:<event id>``, kept as long as user-stream
+  history): a worker killed between its appends and its XACK gets the batch
+  again and appends nothing twice, because the script is atomic and the
+  second run finds the marker;
+* records in each entry ``prev``, the id of the entry before it, so readers
+  can prove a page or a live message follows on without a gap
+  (:mod:`workbench.delivery.handoff`);
+* returns the entries it appended (id and ``prev``; none for a duplicate), so
+  a caller can keep its own record of every entry ever made (simulations do,
+  for the checker, and hand them to phones as their live messages);
+* publishes one live message per user entry on a single channel
+  (``wb:live``). Each server process reads that channel over one connection
+  and fans out locally, so Redis connections stay O(1) per process.
+
+**When Redis loses writes** (see :mod:`workbench.streams.relay`): what survives a
+restart from a shortened AOF is a prefix of the history, so a user stream and
+the dedupe markers of the events it lost regress together. When the fan-out
+group gets those events again (the relay puts lost aggregate entries back, the
+group's regressed position redelivers them), their markers are gone and they
+are appended again, with new ids after the last surviving entry and ``prev``
+naming it; events whose entries survived keep their markers and are not
+appended twice. A phone whose Last-Event-ID was lost can never see such an
+entry as "next" (its ``prev`` is not the lost id): it gets ``reset``.
+
+**Retention.** ``XADD ... MAXLEN ~ user_maxlen`` (default 1000 entries per
+user) and, with ``max_age_s`` set, ``XTRIM MINID`` to that many seconds of
+stream-id time: Redis' clock, or a simulation's when ids come from it
+(history by size and by age, like Centrifugo's history size and
+TTL). ``~`` trims whole internal nodes (100 entries), so a stream can hold
+somewhat more than ``maxlen``; the age trim is exact, because a phone's stream
+is usually smaller than one node and ``~`` would never trim it.
+The entry just appended is never trimmed, so the ``prev`` chain survives. A
+client whose Last-Event-ID fell out of the window gets ``event: reset`` and
+resyncs from the snapshot; it is never silently skipped ahead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from workbench.delivery.handoff import UserEntry
+from workbench.domain.clock import Clock, now_ms
+from workbench.domain.events import Event
+from workbench.domain.streamid import ZERO, StreamId, parse
+from workbench.streams.keys import UserStreamNames
+
+DEFAULT_USER_MAXLEN = 1000
+DEFAULT_DEDUPE_TTL_S = 7 * 24 * 3600
+
+# KEYS[1] dedupe marker; KEYS[2..] user streams.
+# ARGV: event_id, type, data, maxlen, dedupe ttl, live channel, max age s,
+#       now ms ('': Redis' clock and ids), user ids...
+# With a clock of our own (simulations) entry ids, the age window and the marker's
+# lifetime all run on it: the marker holds its expiry in that clock's ms, and EX is
+# only its garbage collection.
+_FANOUT_LUA = """
+local now_ms = tonumber(ARGV[8])
+if now_ms then
+  local seen = redis.call('GET', KEYS[1])
+  if seen and tonumber(seen) and tonumber(seen) > now_ms then return {} end
+  redis.call('SET', KEYS[1], string.format('%.0f', now_ms + tonumber(ARGV[5]) * 1000),
+    'EX', ARGV[5])
+elseif not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
+  return {}
+end
+local ids = {}
+local min_id = nil
+if tonumber(ARGV[7]) > 0 then
+  local ms = now_ms
+  if not ms then
+    local now = redis.call('TIME')
+    ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  end
+  min_id = string.format('%.0f-0', ms - math.floor(tonumber(ARGV[7]) * 1000))
+end
+for i = 2, #KEYS do
+  local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  local prev = '0-0'
+  if #last > 0 then prev = last[1][1] end
+  local id = '*'
+  if now_ms then
+    local dash = string.find(prev, '-', 1, true)
+    local pms = tonumber(string.sub(prev, 1, dash - 1))
+    if now_ms > pms then
+      id = string.format('%.0f-0', now_ms)
+    else
+      id = string.format('%.0f-%.0f', pms, tonumber(string.sub(prev, dash + 1)) + 1)
+    end
+  end
+  id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[4], id,
+    'event_id', ARGV[1], 'type', ARGV[2], 'prev', prev, 'data', ARGV[3])
+  if min_id then redis.call('XTRIM', KEYS[i], 'MINID', min_id) end
+  redis.call('PUBLISH', ARGV[6],
+    cjson.encode({ARGV[7 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
+  ids[#ids + 1] = id
+  ids[#ids + 1] = prev
+end
+return ids
+"""
+
+
+class UserStreams:
+    """Append side (sync, used by the fan-out worker)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        names: UserStreamNames | None = None,
+        *,
+        maxlen: int = DEFAULT_USER_MAXLEN,
+        dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
+        max_age_s: float = 0.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if maxlen < 1:
+            raise ValueError("user stream maxlen must be at least 1")
+        if max_age_s < 0:
+            raise ValueError("user stream max age must not be negative (0: no limit)")
+        self.client = client
+        self.names = names or UserStreamNames()
+        self.maxlen = maxlen
+        self.dedupe_ttl_s = dedupe_ttl_s
+        self.max_age_s = max_age_s
+        # None: Redis' clock and ids (production); a simulation's clock: ids, the age
+        # window and dedupe lifetimes on simulation time (workbench.domain.streamid.next_id).
+        self.clock = clock
+        self._sha = hashlib.sha1(_FANOUT_LUA.encode()).hexdigest()
+
+    def append(self, events: list[tuple[Event, bytes]]) -> list[int]:
+        """Append each (event, encoded envelope) to its users' streams, atomically per
+        event; return per event the number of entries appended (0: a duplicate)."""
+        return [len(entries) for entries in self.append_entries(events)]
+
+    def append_entries(
+        self, events: list[tuple[Event, bytes]]
+    ) -> list[list[tuple[str, UserEntry]]]:
+        """:meth:`append`, returning per event the (user, entry) pairs appended:
+        each entry as a reader of the user's stream (or its live message) has it."""
+        if not events:
+            return []
+        try:
+            replies = self._append(events)
+        except redis.exceptions.NoScriptError:
+            # A restarted Redis forgot the script. Every call in the pipeline
+            # failed alike, and the dedupe marker would make a repeat harmless.
+            self._sha = self.client.script_load(_FANOUT_LUA)
+            replies = self._append(events)
+        out = []
+        for (event, data), reply in zip(events, replies, strict=True):
+            made = zip(_users(event), reply[0::2], reply[1::2], strict=False)
+            text = data.decode()
+            out.append(
+                [
+                    (user, UserEntry(parse(id_), parse(prev), event.event_id, event.type, text))
+                    for user, id_, prev in made
+                ]
+            )
+        return out
+
+    def _append(self, events: list[tuple[Event, bytes]]) -> list[Any]:
+        # EVALSHA directly: redis-py's Script in a pipeline asks SCRIPT EXISTS
+        # on every execute, an extra round trip per batch.
+        pipe = self.client.pipeline(transaction=False)
+        now = "" if self.clock is None else now_ms(self.clock)
+        for event, data in events:
+            users = _users(event)
+            keys = [self.names.fanout_marker(event.event_id)] + [
+                self.names.stream(u) for u in users
+            ]
+            pipe.evalsha(
+                self._sha,
+                len(keys),
+                *keys,
+                event.event_id,
+                event.type,
+                data,
+                self.maxlen,
+                self.dedupe_ttl_s,
+                self.names.live_channel,
+                self.max_age_s,
+                now,
+                *users,
+            )
+        return pipe.execute()
+
+
+def _users(event: Event) -> list[str]:
+    return list(dict.fromkeys(event.user_ids))
+
+
+# -- reading (async, used by the HTTP server) ---------------------------------------
+
+
+def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> UserEntry:
+    return UserEntry(
+        id=parse(entry_id),
+        prev=parse(fields[b"prev"]),
+        event_id=fields[b"event_id"].decode(),
+        type=fields[b"type"].decode(),
+        data=fields[b"data"].decode(),
+    )
+
+
+def live_message(raw: bytes | str) -> tuple[str, UserEntry]:
+    """Decode a message of the live channel: (user id, entry)."""
+    user, entry_id, prev, event_id, type_, data = json.loads(raw)
+    return user, UserEntry(parse(entry_id), parse(prev), event_id, type_, data)
+
+
+class UserStreamReader:
+    """Read side: tail, existence and pages after a cursor (async)."""
+
+    def __init__(self, client: aioredis.Redis, names: UserStreamNames | None = None) -> None:
+        self.client = client
+        self.names = names or UserStreamNames()
+
+    async def tail(self, user_id: str) -> StreamId:
+        """The id of the user's newest entry (``0-0`` if none)."""
+        last = await self.client.xrevrange(self.names.stream(user_id), "+", "-", count=1)
+        return parse(last[0][0]) if last else ZERO
+
+    async def page_after(self, user_id: str, cursor: StreamId, count: int) -> list[UserEntry]:
+        """Up to ``count`` entries strictly after ``cursor``."""
+        rows = await self.client.xrange(self.names.stream(user_id), f"({cursor}", "+", count=count)
+        return [entry_from_fields(entry_id, fields) for entry_id, fields in rows]
+
+    async def first_page_and_exists(
+        self, user_id: str, cursor: StreamId, count: int
+    ) -> tuple[list[UserEntry], bool]:
+        """The first page after ``cursor`` and whether ``cursor`` is an entry, read together."""
+        pipe = self.client.pipeline(transaction=True)
+        queue_first_page(pipe, self.names.stream(user_id), cursor, count)
+        return first_page_from(await pipe.execute())
+
+
+def queue_first_page(pipe: Any, key: str, cursor: StreamId, count: int) -> None:
+    """Queue a session's first read on a pipeline (sync or asyncio): the page
+    after ``cursor`` and ``cursor`` itself; :func:`first_page_from` reads the replies."""
+    pipe.xrange(key, f"({cursor}", "+", count=count)
+    pipe.xrange(key, str(cursor), str(cursor), count=1)
+
+
+def first_page_from(replies: list[Any]) -> tuple[list[UserEntry], bool]:
+    """(the first page, whether the cursor is an entry) from :func:`queue_first_page`'s replies."""
+    rows, itself = replies
+    return [entry_from_fields(entry_id, fields) for entry_id, fields in rows], bool(itself)

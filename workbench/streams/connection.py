@@ -1,0 +1,70 @@
+"""Connections to Redis: bounded timeouts, quick retries, and what counts as "Redis is down".
+
+Loops above these clients (relay, consumers, timers) add their own backoff; the
+retries here only smooth over a dropped connection or a restarted server.
+"""
+
+from __future__ import annotations
+
+import os
+
+import redis
+import redis.asyncio as aioredis
+import sqlalchemy.exc
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+# BLOCK must stay below this, or redis-py raises TimeoutError mid-read.
+SOCKET_TIMEOUT_S = 5.0
+
+#: Redis is unreachable (restarting, or the connection dropped): retry later.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+#: Failures a loop retries after a pause: Redis down, or the database connection lost.
+TRANSIENT = (*REDIS_DOWN, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+
+
+def connect(url: str | None = None, **overrides: object) -> redis.Redis:
+    """A client with bounded timeouts and a few quick retries.
+
+    Loops above this (relay, consumers) add their own backoff; the retry here
+    only smooths over a dropped connection. A retried XADD may append an event
+    twice: consumers dedupe by event id.
+    """
+    url = url or os.environ.get("REDIS_URL")
+    if not url:
+        raise RuntimeError("no Redis URL: set REDIS_URL or start the embedded server")
+    options: dict[str, object] = {
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": 2.0,
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), retries=2),
+        "health_check_interval": 30,
+    }
+    options.update(overrides)
+    return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+
+
+def async_client(url: str, *, max_connections: int = 16) -> aioredis.Redis:
+    """An asyncio client on a bounded pool whose connections are retried after a restart.
+
+    A pooled connection goes stale when redis-server restarts; without a
+    retry the first command on it fails (the API answered 503 once per stale
+    connection). Each command is retried twice on a connection or timeout
+    error, reconnecting first, so a restart costs a reconnect, not a failure.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,  # waiting for a free connection
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=2.0,
+        retry=AsyncRetry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), retries=2),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def server_version(client: redis.Redis) -> tuple[int, ...]:
+    version = client.info("server")["redis_version"]
+    return tuple(int(part) for part in str(version).split(".")[:3])

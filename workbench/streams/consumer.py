@@ -1,0 +1,611 @@
+"""The consumer-group runtime: at-least-once delivery to idempotent handlers.
+
+A :class:`ConsumerWorker` reads a batch with XREADGROUP from every aggregate
+stream its handler wants, decodes it, hands the events to the handler in one
+call, and XACKs only after the handler returned (its effect is durable by
+then: SQL handlers commit the effect and the inbox row together). Then:
+
+* **Own pending first.** On start, and after any failure, the worker re-reads
+  its own pending entries (id ``0``) and handles them together with the new
+  ones (``>``) read right after, in order (:func:`ready_to_handle`).
+* **Dead consumers.** Each worker writes a heartbeat (its clock's time) to a
+  hash. A consumer whose heartbeat is older than ``dead_after_s`` is dead: its
+  pending entries are XCLAIMed by a live one. As a backstop, entries idle in
+  Redis longer than ``claim_idle_ms`` are XAUTOCLAIMed whoever owns them; a
+  low value would steal from slow but live consumers, so it is long.
+* **Poison.** A failing entry stays pending and is retried after
+  ``retry_backoff_s``. When it has been delivered ``max_deliveries`` times it
+  goes to the group's dead-letter stream with the reason, and is acked on the
+  source in the same MULTI, so the group keeps moving.
+* **Redis lost data.** A redis-server restarted from an AOF that lacks its
+  last writes (see :mod:`workbench.streams.relay`) has regressed group state: entries
+  acked before the loss may be pending again, under this consumer. The
+  worker re-reads its own pending before handling anything new when a read
+  was served over a new connection (redis-py's retry can hide a reconnect)
+  and, as a backstop, when its recovery pass sees a new server ``run_id``;
+  ``>`` re-delivers what the group's regressed position no longer covers, and
+  the relay's repair puts lost entries back under their original ids. A group
+  that is gone (FLUSHALL, a deleted stream) answers NOGROUP: the worker
+  recreates it from ``0`` and re-reads every retained entry. The handlers'
+  inboxes make all of this redelivery harmless.
+* **Deleted while pending** (trimmed, XDEL): Redis 7 reports such ids from
+  XAUTOCLAIM and drops them; Redis 6.2 returns nil entries and keeps them
+  pending. Both end acked and counted in ``stats.deleted``.
+
+The decisions (what to handle now, whom to claim from, what to dead-letter) are
+pure functions in :mod:`workbench.streams.decisions`; the class is the thin
+Redis loop around them, and
+``poll()`` is one step of it, so a simulation can drive it at virtual instants.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+
+from workbench.domain import events as ev
+from workbench.domain.clock import Clock, SystemClock, now_ms
+from workbench.domain.events import Event
+from workbench.ops.shutdown import StopRequest
+from workbench.streams.connection import REDIS_DOWN, SOCKET_TIMEOUT_S, TRANSIENT
+from workbench.streams.decisions import (
+    Delivery,
+    dead_consumers,
+    group_gone,
+    ready_to_handle,
+    should_dead_letter,
+)
+from workbench.streams.keys import StreamNames
+from workbench.streams.log import ensure_groups, xadd_at
+from workbench.streams.replies import text
+
+log = logging.getLogger(__name__)
+#: Names given to connections, unique in this process (see ``_read``).
+_CONNECTION_NAMES = itertools.count(1)
+
+
+
+class Handler(Protocol):
+    """What a consumer group does with events. No Redis in here.
+
+    ``handle`` must be idempotent per event id and must make its effect
+    durable before returning: the runtime acks as soon as it returns.
+    """
+
+    group: str
+    aggregate_types: tuple[str, ...]
+
+    def handle(self, events: list[Event]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    batch_size: int = 500
+    block_ms: int = 1000
+    max_deliveries: int = 5
+    retry_backoff_s: float = 1.0
+    heartbeat_every_s: float = 1.0
+    dead_after_s: float = 10.0
+    recover_every_s: float = 2.0
+    claim_idle_ms: int = 60_000
+    claim_guard_ms: int = 0
+    # Simulations: dead letters get ids on the worker's clock, and the idle backstop
+    # judges an entry by its id's age on that clock (Redis' idle time is wall time).
+    ids_on_clock: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_ms >= SOCKET_TIMEOUT_S * 1000:
+            raise ValueError(
+                f"block_ms={self.block_ms} must stay below the socket timeout "
+                f"({SOCKET_TIMEOUT_S * 1000:.0f} ms) or reads time out"
+            )
+        if self.max_deliveries < 1:
+            raise ValueError("max_deliveries must be at least 1")
+
+
+@dataclass
+class ConsumerStats:
+    read: int = 0
+    handled: int = 0
+    acked: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    claimed: int = 0
+    deleted: int = 0
+    batches: int = 0
+    redis_errors: int = 0
+    delivery_counts: dict[int, int] = field(default_factory=dict)
+
+
+
+
+class ConsumerWorker:
+    """One consumer of one group; ``run()`` in a process, ``poll()`` from tests or SimPy."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        handler: Handler,
+        *,
+        consumer: str | None = None,
+        names: StreamNames | None = None,
+        settings: ConsumerSettings | None = None,
+        clock: Clock | None = None,
+        observer: Callable[[list[Delivery], float], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.handler = handler
+        self.group = handler.group
+        self.consumer = consumer or f"{handler.group}-{os.getpid()}"
+        self.names = names or StreamNames()
+        self.settings = settings or ConsumerSettings()
+        self.clock = clock or SystemClock()
+        self.streams = self.names.streams(handler.aggregate_types)
+        self.stats = ConsumerStats()
+        self.observer = observer  # told of each batch before the handler runs
+        self._stop = StopRequest()
+        self._reread_own_at: float | None = None  # None: no own pending to revisit
+        self._held: list[Delivery] = []  # read, pending, not yet safe to handle in order
+        self._next_heartbeat = 0.0
+        self._next_recovery = 0.0
+        self._run_id: str | None = None  # of the server at the last recovery pass
+        self._client_id: str | None = None  # name of the connection of the last new-entry read
+        self._reconnected = False
+        self._ready = False
+
+    # -- setup ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ensure_groups(self.client, self.streams, self.group)
+        self._heartbeat(force=True)
+        self._reread_own_at = self.clock.now()  # own pending before new entries
+        self._ready = True
+
+    # -- one step --------------------------------------------------------------------
+
+    def poll(self, block_ms: int | None = None) -> int:
+        """Do one step: heartbeat, recover, own pending, new entries (and those held
+        back before, see :func:`ready_to_handle`). Return entries read."""
+        if not self._ready:
+            self.setup()
+        now = self.clock.now()
+        self._heartbeat()
+        read = 0
+        if now >= self._next_recovery:
+            self._next_recovery = now + self.settings.recover_every_s
+            read += self._recover()
+        if self._reread_own_at is not None and now >= self._reread_own_at:
+            read += self._reread_own_pending()
+        held = self._held
+        block = 0 if held or block_ms is None else block_ms  # held entries are due now
+        deliveries, truncated = self._read_new(block)
+        if self._reconnected:
+            # The read went over a new connection (redis-py retried it quietly):
+            # Redis may have restarted with older group state, so re-read what is
+            # pending for us (these entries included) and merge it with the next read.
+            self._reread_own_pending()
+            return read + len(deliveries)
+        ready, self._held = ready_to_handle(held + deliveries, truncated)
+        if ready:
+            self._process(ready)
+        return read + len(deliveries)
+
+    def drain(self, max_polls: int = 10_000) -> int:
+        """Poll without blocking until a poll reads nothing; return entries read.
+
+        Failed entries waiting for their retry backoff are not waited for: the
+        caller moves the clock on and drains again.
+        """
+        total = 0
+        for _ in range(max_polls):
+            count = self.poll(block_ms=0)
+            total += count
+            if not count and not self._held:
+                break
+        return total
+
+    # -- run forever ---------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the current batch, ack it, and return from :meth:`run`."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        self._stop.on_signals(signal.SIGTERM, signal.SIGINT)
+
+    def run(self) -> None:
+        backoff = ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.poll(block_ms=self.settings.block_ms)
+                failures = 0
+            except TRANSIENT as exc:
+                failures += 1
+                self.stats.redis_errors += isinstance(exc, REDIS_DOWN)
+                # Whatever was read but not acked is still ours: revisit it.
+                self._reread_own_at = self.clock.now()
+                log.warning("%s: %s; retrying", self.consumer, exc)
+                self._stop.wait(backoff.compute(failures))
+            except redis.ResponseError as exc:
+                if not group_gone(exc):
+                    raise
+                # Redis came back without our groups (no persistence, a FLUSHALL, a
+                # deleted stream): recreate them from 0 and re-read what is there.
+                log.warning("%s: %s; recreating the group", self.consumer, exc)
+                self._ready = False
+
+    # -- reading -------------------------------------------------------------------
+
+    def _read_new(self, block_ms: int) -> tuple[list[Delivery], set[str]]:
+        """New entries, and the streams whose read came back full (more may follow)."""
+        deliveries = self._read(">", block_ms, check_connection=True)
+        if len(self.streams) == 1:
+            return deliveries, set()  # one stream is in order
+        truncated = self._full_streams(deliveries)
+        if block_ms and deliveries:
+            # Redis < 7.2 serves a blocked multi-stream read with the entries of the
+            # one stream that woke it. The relay's publish is atomic (one script), so
+            # the other streams may already hold earlier events of the same batch:
+            # read them too before handling anything.
+            more = self._read(">", 0)
+            truncated |= self._full_streams(more)
+            deliveries += more
+        return deliveries, truncated
+
+    def _full_streams(self, deliveries: list[Delivery]) -> set[str]:
+        """Streams whose read came back full (more entries may follow)."""
+        if len(deliveries) < self.settings.batch_size:
+            return set()  # no stream can be full
+        per_stream = Counter(d.stream for d in deliveries)
+        return {s for s, n in per_stream.items() if n >= self.settings.batch_size}
+
+    def _read(
+        self, start: str | dict[str, str], block_ms: int, *, check_connection: bool = False
+    ) -> list[Delivery]:
+        """XREADGROUP; with ``check_connection``, also note (in ``_reconnected``)
+        whether it was served over a different connection than the last check's."""
+        ids = start if isinstance(start, dict) else dict.fromkeys(self.streams, start)
+        if not check_connection:
+            reply = self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                ids,  # type: ignore[arg-type]
+                count=self.settings.batch_size,
+                block=block_ms or None,
+            )
+        else:
+            # The connection's name in the same pipeline: a retried pipeline is
+            # retried whole, so it is that of the connection that served the read. A
+            # new connection has no name; we give it one never used before. (Not
+            # CLIENT ID: a restarted server numbers connections from 1 again, so a
+            # new connection can get the id the old one had.)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.client_getname()
+            pipe.xreadgroup(
+                self.group,
+                self.consumer,
+                ids,  # type: ignore[arg-type]
+                count=self.settings.batch_size,
+                block=block_ms or None,
+            )
+            name, reply = pipe.execute()
+            if name is None:
+                name = f"wb-{os.getpid()}-{next(_CONNECTION_NAMES)}"
+                # Through a pipeline too: it takes the connection the read's pipeline
+                # just gave back (a single-connection client runs pipelines on its pool).
+                naming = self.client.pipeline(transaction=False)
+                naming.client_setname(name)
+                naming.execute()
+            name = text(name)
+            self._reconnected = self._client_id is not None and name != self._client_id
+            self._client_id = name
+        deliveries = []
+        for stream, entries in reply or []:
+            name = text(stream)
+            deliveries += [
+                Delivery(name, entry_id.decode(), fields) for entry_id, fields in entries
+            ]
+        self.stats.read += len(deliveries)
+        return deliveries
+
+    def _reread_own_pending(self) -> int:
+        """Re-read this consumer's pending entries from id 0, page by page, into
+        ``_held``; return how many.
+
+        They are not handled here: the poll merges them with a read of new
+        entries and hands both to :func:`ready_to_handle`. Pending entries can sit
+        beyond entries of another stream not delivered yet (a read cut short by
+        ``batch_size`` held them back, then the worker or Redis restarted), and
+        only the new read shows which of them are safe to handle now.
+        """
+        cursor = dict.fromkeys(self.streams, "0")
+        self._reread_own_at = None
+        self._reconnected = False
+        pending: list[Delivery] = []  # the old _held is pending too: this covers it
+        while True:
+            deliveries = self._read(cursor, 0)
+            if deliveries:
+                for d in deliveries:
+                    cursor[d.stream] = d.entry_id
+                self._fill_delivery_counts(deliveries)
+                pending += deliveries
+            if len(deliveries) < self.settings.batch_size:
+                self._held = pending
+                return len(pending)
+
+    def _fill_delivery_counts(self, deliveries: list[Delivery]) -> None:
+        by_stream: dict[str, list[Delivery]] = {}
+        for d in deliveries:
+            by_stream.setdefault(d.stream, []).append(d)
+        for stream, items in by_stream.items():
+            rows = self.client.xpending_range(
+                stream,
+                self.group,
+                items[0].entry_id,
+                items[-1].entry_id,
+                len(items) + 100,
+                consumername=self.consumer,
+            )
+            counts = {text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+            for d in items:
+                d.delivery_count = counts.get(d.entry_id, d.delivery_count)
+
+    # -- recovery ------------------------------------------------------------------
+
+    def _recover(self) -> int:
+        """Claim entries from dead consumers (heartbeats) and long-idle ones (backstop)."""
+        pipe = self.client.pipeline(transaction=False)  # one round trip, not 1 + streams
+        pipe.info("server")
+        pipe.hgetall(self.names.heartbeats(self.group))
+        for stream in self.streams:
+            pipe.xpending(stream, self.group)
+        server, raw, *summaries = pipe.execute()
+        heartbeats = {text(k): float(v) for k, v in raw.items()}
+        claimed_any = 0
+        run_id = str(server.get("run_id", ""))
+        if self._run_id is not None and run_id != self._run_id:
+            # A restarted server: its group state may have regressed (lost acks).
+            log.warning("%s: Redis restarted (new run_id); re-reading own pending", self.consumer)
+            self._reread_own_at = self.clock.now()
+        self._run_id = run_id
+        for stream, summary in zip(self.streams, summaries, strict=True):
+            if not summary["pending"]:
+                continue
+            pending = {text(c["name"]): int(c["pending"]) for c in summary["consumers"]}
+            for dead in dead_consumers(
+                pending,
+                heartbeats,
+                me=self.consumer,
+                now=self.clock.now(),
+                dead_after_s=self.settings.dead_after_s,
+            ):
+                claimed_any += self._claim_from(stream, dead)
+            claimed_any += self._autoclaim(stream)
+        if claimed_any:
+            self._reread_own_pending()  # handled with the poll's read of new entries
+        return claimed_any
+
+    def _claim_from(self, stream: str, dead: str) -> int:
+        claimed = 0
+        while True:
+            rows = self.client.xpending_range(
+                stream, self.group, "-", "+", self.settings.batch_size, consumername=dead
+            )
+            if not rows:
+                break
+            ids = [text(r["message_id"]) for r in rows]
+            got = self.client.xclaim(
+                stream, self.group, self.consumer, self.settings.claim_guard_ms, ids, justid=True
+            )
+            # Redis 7 drops entries deleted while pending from the PEL and the reply;
+            # 6.2 claims them and the own-pending pass sees them without fields.
+            missing = set(ids) - {text(i) for i in got}
+            for entry_id in missing:
+                if not self.client.xrange(stream, entry_id, entry_id):
+                    self.stats.deleted += 1
+            claimed += len(ids) - len(missing)
+            if len(rows) < self.settings.batch_size:
+                break
+        if claimed:
+            log.info(
+                "%s claimed %d entries of dead consumer %s on %s",
+                self.consumer,
+                claimed,
+                dead,
+                stream,
+            )
+        self.stats.claimed += claimed
+        remaining = self.client.xpending_range(stream, self.group, "-", "+", 1, consumername=dead)
+        if not remaining:
+            self.client.xgroup_delconsumer(stream, self.group, dead)
+        return claimed
+
+    def _autoclaim(self, stream: str) -> int:
+        if self.settings.ids_on_clock:
+            return self._claim_by_age(stream)
+        reply = self.client.xautoclaim(
+            stream,
+            self.group,
+            self.consumer,
+            self.settings.claim_idle_ms,
+            "0-0",
+            count=self.settings.batch_size,
+            justid=False,
+        )
+        entries = reply[1] if len(reply) > 1 else []
+        deleted_ids = [text(i) for i in reply[2]] if len(reply) > 2 else []
+        if deleted_ids:
+            # Redis 7 already dropped them from the PEL; just count them.
+            self.stats.deleted += len(deleted_ids)
+            log.warning(
+                "%s: %d pending entries of %s were deleted before handling",
+                self.group,
+                len(deleted_ids),
+                stream,
+            )
+        # Redis 6.2 returns (nil, nil) for deleted entries and keeps them pending
+        # under our name: the own-pending pass sees them with no fields and acks.
+        self.stats.claimed += len(entries)
+        return len(entries)
+
+    def _claim_by_age(self, stream: str) -> int:
+        """The idle backstop on the worker's clock (simulations): claim pending entries
+        whose id is older than ``claim_idle_ms``. An entry's age since publish is at
+        least its idle time since delivery, so this claims no later than XAUTOCLAIM
+        would on that clock; Redis' own idle times are wall time and would make a
+        simulation depend on how fast the machine runs it."""
+        cutoff = now_ms(self.clock) - self.settings.claim_idle_ms
+        if cutoff <= 0:
+            return 0
+        rows = self.client.xpending_range(
+            stream, self.group, "-", f"{cutoff}-{2**64 - 1}", self.settings.batch_size
+        )
+        ids = [row["message_id"] for row in rows if text(row["consumer"]) != self.consumer]
+        if not ids:
+            return 0
+        self.client.xclaim(stream, self.group, self.consumer, 0, ids, justid=True)
+        self.stats.claimed += len(ids)
+        return len(ids)
+
+    # -- handling ------------------------------------------------------------------
+
+    def _process(self, deliveries: list[Delivery]) -> None:
+        self.stats.batches += 1
+        to_ack: list[Delivery] = []
+        good: list[Delivery] = []
+        failed: list[Delivery] = []
+        counts = self.stats.delivery_counts
+        for n, k in Counter(d.delivery_count for d in deliveries).items():
+            counts[n] = counts.get(n, 0) + k
+        decode = ev.from_fields
+        for d in deliveries:
+            if not d.fields:
+                self.stats.deleted += 1
+                to_ack.append(d)
+                continue
+            try:
+                d.event = decode(d.fields)
+                good.append(d)
+            except ev.EventDecodeError as exc:
+                d.error = exc.reason
+                failed.append(d)
+        if good:
+            if len(good) > 1:  # reads come grouped by stream; an escrow spans streams
+                events = [d.event for d in good if d.event is not None]  # all: decoded above
+                good = [good[i] for i in ev.escrow_order(events)]
+            to_ack.extend(self._handle_in_order(good, failed))
+        self._ack_handled(to_ack)
+        for d in failed:
+            self.stats.failed += 1
+            reason = d.error or "handler failed"
+            if should_dead_letter(d, self.settings.max_deliveries):
+                self._dead_letter(d, reason)
+        if any(not should_dead_letter(d, self.settings.max_deliveries) for d in failed):
+            retry_at = self.clock.now() + self.settings.retry_backoff_s
+            if self._reread_own_at is None or retry_at < self._reread_own_at:
+                self._reread_own_at = retry_at
+
+    def _handle_in_order(self, good: list[Delivery], failed: list[Delivery]) -> list[Delivery]:
+        """Handle the decoded entries, already in escrow order; return those handled.
+        (A seam for fault injection: :mod:`simulations.faults` splits it to crash mid-batch.)"""
+        return self._handle(good, failed)
+
+    def _ack_handled(self, deliveries: list[Delivery]) -> None:
+        """Ack what the handler made durable (a seam: the lab crashes right before it)."""
+        self._ack(deliveries)
+
+    def _handle(self, batch: list[Delivery], failed: list[Delivery]) -> list[Delivery]:
+        """Run the handler on the batch; on error, one by one to isolate the poison."""
+        if self.observer is not None:
+            self.observer(batch, self.clock.now())
+        try:
+            self.handler.handle([d.event for d in batch if d.event is not None])
+            self.stats.handled += len(batch)
+            return batch
+        except TRANSIENT:
+            raise  # not the entries' fault: leave them pending, back off
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = f"{type(exc).__name__}: {exc}"
+                failed.append(batch[0])
+                log.warning(
+                    "%s: %s failed on %s: %s", self.group, self.consumer, batch[0].entry_id, exc
+                )
+                return []
+        done: list[Delivery] = []
+        for d in batch:
+            done.extend(self._handle([d], failed))
+        return done
+
+    def _ack(self, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        by_stream: dict[str, list[str]] = {}
+        for d in deliveries:
+            by_stream.setdefault(d.stream, []).append(d.entry_id)
+        if len(by_stream) == 1:  # the usual batch: no pipeline to build
+            [(stream, ids)] = by_stream.items()
+            self.client.xack(stream, self.group, *ids)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.group, *ids)
+            pipe.execute()
+        self.stats.acked += len(deliveries)
+
+    def _dead_letter(self, d: Delivery, reason: str) -> None:
+        fields: dict[str, str | bytes] = {
+            "source_stream": d.stream,
+            "source_id": d.entry_id,
+            "group": self.group,
+            "consumer": self.consumer,
+            "reason": reason,
+            "deliveries": str(d.delivery_count),
+            "dead_lettered_at": repr(self.clock.now()),
+        }
+        for key, value in (d.fields or {}).items():
+            fields[f"entry.{text(key)}"] = value
+        pipe = self.client.pipeline(transaction=True)
+        now = now_ms(self.clock) if self.settings.ids_on_clock else None
+        xadd_at(pipe, self.names.dead_letter(self.group), fields, now)
+        pipe.xack(d.stream, self.group, d.entry_id)
+        pipe.execute()
+        self.stats.dead_lettered += 1
+        log.error(
+            "%s: dead-lettered %s %s after %d deliveries: %s",
+            self.group,
+            d.stream,
+            d.entry_id,
+            d.delivery_count,
+            reason,
+        )
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = self.clock.now()
+        if force or now >= self._next_heartbeat:
+            self.client.hset(self.names.heartbeats(self.group), self.consumer, repr(now))
+            self._next_heartbeat = now + self.settings.heartbeat_every_s
+
+    def leave(self) -> None:
+        """Remove this consumer's heartbeat (a clean exit is not a death)."""
+        self.client.hdel(self.names.heartbeats(self.group), self.consumer)
+
+
+
+
+__all__ = [
+    "ConsumerSettings",
+    "ConsumerStats",
+    "ConsumerWorker",
+    "Handler",
+]

@@ -1,0 +1,94 @@
+"""The consumer's decisions, as pure functions: no Redis, no clock, no I/O.
+
+:class:`~workbench.streams.consumer.ConsumerWorker` is the thin loop around
+these: which entries of a read it may handle now without overtaking an unread
+earlier event of the same escrow (:func:`ready_to_handle`), which consumers are
+dead and may be claimed from (:func:`dead_consumers`), when an error means the
+group is gone (:func:`group_gone`), and when a failing entry goes to the dead
+letters (:func:`should_dead_letter`). Mutation testing (``make mutation``)
+covers this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from workbench.domain.events import Event
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One stream entry as delivered to this consumer."""
+
+    stream: str
+    entry_id: str
+    fields: dict[bytes, bytes] | None
+    delivery_count: int = 1
+    event: Event | None = None
+    error: str | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return not self.fields
+
+
+def ready_to_handle(
+    deliveries: list[Delivery], truncated: set[str]
+) -> tuple[list[Delivery], list[Delivery]]:
+    """Split a read into entries to handle now and entries to hold back.
+
+    The relay publishes an escrow's events to several streams in their order,
+    so entry ids grow (by their millisecond) in publish order across streams.
+    A stream whose read came back full (``truncated``) may have more entries
+    right after its last one, possibly earlier events of escrows whose later
+    events another stream already returned. Only entries from before the
+    earliest millisecond at which a truncated stream stops are certainly not
+    behind anything unread; the rest wait for the next read. Unless they all
+    belong to the one truncated stream: its unread entries come after them in
+    the stream, and after everything else in hand (earlier milliseconds).
+    """
+    if not truncated:
+        return deliveries, []
+    ms = [int(d.entry_id.partition("-")[0]) for d in deliveries]
+    last: dict[str, int] = {}
+    for d, m in zip(deliveries, ms, strict=True):
+        if d.stream in truncated:
+            last[d.stream] = max(last.get(d.stream, 0), m)
+    cutoff = min(last.values(), default=0)
+    now = [d for d, m in zip(deliveries, ms, strict=True) if m < cutoff]
+    later = [d for d, m in zip(deliveries, ms, strict=True) if m >= cutoff]
+    if len(truncated) == 1 and all(d.stream in truncated for d in later):
+        return deliveries, []
+    return now, later
+
+
+def dead_consumers(
+    pending_by_consumer: dict[str, int],
+    heartbeats: dict[str, float],
+    *,
+    me: str,
+    now: float,
+    dead_after_s: float,
+) -> list[str]:
+    """Consumers holding pending entries whose heartbeat is stale or missing."""
+    return sorted(
+        name
+        for name, count in pending_by_consumer.items()
+        if count
+        and name != me
+        and (name not in heartbeats or now - heartbeats[name] > dead_after_s)
+    )
+
+
+def group_gone(exc: redis.ResponseError) -> bool:
+    """Is this error Redis saying our group or its stream no longer exists?
+    (NOGROUP; or, to a read blocked when the stream was deleted, UNBLOCKED.)"""
+    text = str(exc)
+    return "NOGROUP" in text or ("UNBLOCKED" in text and "no longer exists" in text)
+
+
+def should_dead_letter(delivery: Delivery, max_deliveries: int) -> bool:
+    """Dead-letter once the entry failed on its last allowed delivery."""
+    return delivery.delivery_count >= max_deliveries
