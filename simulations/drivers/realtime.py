@@ -25,7 +25,7 @@ times are in virtual seconds as in virtual mode. Workers write handling logs
 (``workbench sim-worker --record``) for the checker; the tables are then built
 by the same :func:`simulations.drivers.virtual.collect`. Runs are not bit-for-bit
 reproducible (the OS schedules the processes), but the checker's verdict is
-the same as in virtual time: that is what ``tests/test_realtime.py`` proves.
+the same as in virtual time: that is what ``tests/lab/test_realtime.py`` proves.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ refused before they are read, silent and slowloris connections are closed,
 parser edge cases and loose types are 4xx (never 500), one user cannot flood
 another's history with escrows, ``/metrics`` can sit behind a token, and the
 first request after a Redis restart does not fail. Every rejection is checked
-to have changed nothing in the SQL store (:func:`tests.test_fuzz_api.fingerprint`).
+to have changed nothing in the SQL store (:func:`tests.http.test_fuzz_api.fingerprint`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from tests.http.test_fuzz_api import fingerprint
 from tests.http_support import Deployment, auth, read_events
-from tests.test_fuzz_api import fingerprint
 from workbench.domain.clock import ManualClock
 from workbench.ops.redis_server import RedisServer
 from workbench.payments.mpesa import RESULT_OK, stk_callback

@@ -11,8 +11,8 @@ import pytest
 
 import workbench
 from simulations.analysis import inspection_frames
+from tests.streams.test_consumer import _event
 from tests.support import ROOT
-from tests.test_consumer import _event
 from workbench.domain.events import to_fields
 from workbench.ops.redis_server import RedisServer
 from workbench.streams.keys import StreamNames

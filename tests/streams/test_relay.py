@@ -133,7 +133,7 @@ def test_trim_never_removes_entries_a_group_has_not_acked(r) -> None:
     stream = NAMES.stream("escrow")
     ensure_groups(r, [stream], "fast")
     ensure_groups(r, [stream], "slow")
-    from tests.test_consumer import _event
+    from tests.streams.test_consumer import _event
 
     pipe = r.pipeline(transaction=False)
     for n in range(1, 2001):
@@ -163,7 +163,7 @@ def test_trim_never_removes_entries_a_group_has_not_acked(r) -> None:
 def test_trim_keeps_the_retention_window(r) -> None:
     stream = NAMES.stream("escrow")
     ensure_groups(r, [stream], "g")
-    from tests.test_consumer import _event
+    from tests.streams.test_consumer import _event
 
     for n in range(1, 300):
         r.xadd(stream, to_fields(_event("esc-1", n)))

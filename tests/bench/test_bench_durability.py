@@ -1,6 +1,6 @@
 """``bench/durability.py --quick`` runs to the end and writes its record through
 ``bench/records.py``. A smoke test: no timing assertions, and no claim that a kill
-lost anything (a natural loss is rare; tests/test_durability.py forces losses).
+lost anything (a natural loss is rare; tests/streams/test_durability.py forces losses).
 What it does claim: every cell ran its kill, every cell with repair on ends with
 every published event handled and every published row in its stream, the costs
 are per-round ratios of the interleaved rounds, and the README renders it."""

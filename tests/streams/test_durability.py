@@ -11,7 +11,7 @@ phone whose Last-Event-ID was lost gets ``reset`` through the real session
 code, while one whose cursor survived gets exactly the events it missed.
 
 The natural loss (kill -9 during a busy disk) is in ``bench/durability.py``
-(non-deterministic); its quick mode runs in tests/test_bench_durability.py.
+(non-deterministic); its quick mode runs in tests/bench/test_bench_durability.py.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from workbench.streams.connection import connect
 from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
 from workbench.streams.keys import RiskNames, StreamNames
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MARKET = [
     "run.duration_s=300",
     "market.arrival_rate=2",
