@@ -1,4 +1,4 @@
-"""``make run``: the end-to-end escrow demo against an embedded Redis.
+"""``workbench run`` (``make demo``): the end-to-end escrow demo against an embedded Redis.
 
 A few hundred escrows go through every lifecycle path (release on confirm,
 auto-release, dispute with refund or release, cancel before and after
