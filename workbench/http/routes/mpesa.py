@@ -47,8 +47,8 @@ async def mpesa_callback(token: str, request: Request, state: State) -> JSONResp
         return _daraja(403, "callbacks are accepted from the gateway's addresses only")
     if not state.service.genuine_callback_token(token):
         # Before reading the body: a forger's request costs us one HMAC.
-        outcome = state.service.reject_token()
-        return _daraja(outcome.status, outcome.detail)
+        refused = state.service.reject_token()
+        return _daraja(refused.status, refused.detail)
     try:
         body = await request.json()
     except ValueError:
