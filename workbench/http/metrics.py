@@ -16,7 +16,7 @@ do not open it. Unset, ``/metrics`` is open, as before.
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,11 +30,47 @@ from workbench.streams.log import group_ages
 from workbench.streams.replies import text
 
 if TYPE_CHECKING:
-    from workbench.http.app import App
+    from workbench.delivery.hub import Hub
+    from workbench.delivery.live import LiveReader
+    from workbench.delivery.sessions import SessionStats
+    from workbench.service import EscrowService
+    from workbench.streams.keys import StreamNames
+
+
+class _SupervisionSettings(Protocol):
+    @property
+    def supervision_file(self) -> str | None: ...
+
+
+class MetricsSource(Protocol):
+    """What a scrape reads from the app (:class:`workbench.http.state.App` is one).
+
+    Read-only: a scrape never changes what it reads. Typed as a protocol so
+    this module need not import the app that serves it.
+    """
+
+    @property
+    def redis(self) -> redis.Redis: ...  # sync client: scrapes run in a thread
+    @property
+    def names(self) -> StreamNames: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def settings(self) -> _SupervisionSettings: ...
+    @property
+    def stats(self) -> SessionStats: ...
+    @property
+    def hub(self) -> Hub: ...
+    @property
+    def live(self) -> LiveReader: ...
+    @property
+    def service(self) -> EscrowService: ...  # its payment_stats
+    @property
+    def callbacks_posted(self) -> int: ...
 
 
 class _Collector:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: MetricsSource) -> None:
         self.app = app
 
     def collect(self) -> Any:
@@ -90,7 +126,7 @@ def _supervision_metrics(path: str | None) -> Any:
     yield running
 
 
-def _stream_metrics(client: redis.Redis, names: Any, clock: Clock) -> Any:
+def _stream_metrics(client: redis.Redis, names: StreamNames, clock: Clock) -> Any:
     length = GaugeMetricFamily(
         "workbench_stream_length", "entries in the stream", labels=["stream"]
     )
@@ -137,9 +173,8 @@ def _stream_metrics(client: redis.Redis, names: Any, clock: Clock) -> Any:
     yield from (length, pending, lag, lag_s, pending_age, dead, up)
 
 
-
-
-def metrics_text(app: App) -> bytes:
+def metrics_text(app: MetricsSource) -> bytes:
+    """The Prometheus exposition of ``app``'s figures, read now."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(app))  # type: ignore[arg-type]
     return generate_latest(registry)

@@ -1,0 +1,82 @@
+"""The one path every escrow command takes: parse, authenticate, call, map.
+
+A command route is a few lines because everything but its own arguments is
+shared, in this order:
+
+1. **parse**: FastAPI validates the body against the route's strict model
+   (:mod:`workbench.http.routes.escrows`); a bad body is 422 before anything
+   else runs;
+2. **authenticate**: the :data:`Caller` dependency resolves the bearer token
+   to a user (401 otherwise) and scopes the ``Idempotency-Key`` to them
+   (``"<user>:<key>"``), so two users can never collide on one key;
+3. **call**: :meth:`CommandCaller.run` calls the service once, as that user,
+   with that key; a retry with the same key replays the stored response;
+4. **map**: the :class:`~workbench.service.CommandResult` becomes the body
+   ``{"escrow", "events", "replayed", ...}``; a
+   :class:`~workbench.domain.escrow.DomainError` or an unavailable gateway
+   propagates to the handlers of :mod:`workbench.http.errors`, the one table
+   from refusal to status.
+
+A refused command changed nothing (the service commits a command whole or
+not at all), so every refusal is safe to retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends
+
+from workbench.http.dependencies import IdemKey, State, User
+from workbench.http.state import App
+from workbench.service import CommandResult, EscrowService
+
+#: What a route asks of the service: given it, the acting user and the scoped key.
+ServiceCall = Callable[[EscrowService, str, str | None], CommandResult]
+
+
+def scoped_key(user: str, idempotency_key: str | None) -> str | None:
+    """The stored idempotency key: per user, so two users cannot collide on one key."""
+    return f"{user}:{idempotency_key}" if idempotency_key else None
+
+
+def command_response(result: CommandResult, **extra: Any) -> dict[str, Any]:
+    """The body of an accepted (or replayed) command."""
+    return {
+        "escrow": result.escrow,
+        "events": result.event_types,
+        "replayed": result.replayed,
+        **extra,
+    }
+
+
+@dataclass(frozen=True)
+class CommandCaller:
+    """An authenticated user about to issue one command, with their scoped key."""
+
+    user: str
+    app: App
+    idempotency_key: str | None  # already scoped to ``user``; None without the header
+
+    def run(
+        self,
+        call: ServiceCall,
+        extra: Callable[[CommandResult], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Call the service as this user with this key; the accepted command's body.
+
+        ``extra`` adds fields a command's caller needs beyond the escrow (fund:
+        the checkout id). Refusals raise, and :mod:`workbench.http.errors` answers them.
+        """
+        result = call(self.app.service, self.user, self.idempotency_key)
+        return command_response(result, **(extra(result) if extra else {}))
+
+
+async def command_caller(user: User, state: State, idem: IdemKey = None) -> CommandCaller:
+    """The dependency behind :data:`Caller`: authenticate, then scope the key."""
+    return CommandCaller(user, state, scoped_key(user, idem))
+
+
+Caller = Annotated[CommandCaller, Depends(command_caller)]
