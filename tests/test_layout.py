@@ -154,5 +154,8 @@ def test_the_runtime_installs_and_runs_without_the_lab(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert lab.returncode == 2
     assert "pip install 'escrow-workbench[lab]'" in lab.stderr and "Traceback" not in lab.stderr
+    dashboard = "from importlib.resources import files; " \
+        "assert (files('workbench.http') / 'static' / 'dashboard.html').is_file()"
+    subprocess.run([str(venv / "bin/python"), "-c", dashboard], cwd=tmp_path, check=True)
     pandas = subprocess.run([str(venv / "bin/python"), "-c", "import pandas"], capture_output=True)
     assert pandas.returncode != 0  # the lab's dependencies really are absent
