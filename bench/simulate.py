@@ -221,27 +221,25 @@ class ModelPhone(Phone):
 def model_only(scenario: Scenario, seed: int) -> dict[str, Any]:
     """The SimPy model of ``simulate`` minus the runtime: same seeds, same draws."""
     started = time.perf_counter()
-    params, run_p, servers = scenario.params, scenario.params["run"], scenario.params["servers"]
+    params, run_p, servers = scenario.params, scenario.params["run"], scenario.servers
     env = simpy.Environment()
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
     service = ModelService(env, params["market"], params["mpesa"])
     service.gateway = MpesaGateway(
-        env, rngs[0], params["mpesa"], service.callback, query_rng=rngs[6]
+        env, rngs[0], scenario.mpesa, service.callback, query_rng=rngs[6]
     )
     env.process(service.timer())
-    market = Market(env, rngs[1], params["market"], service, service.record,  # type: ignore[arg-type]
+    market = Market(env, rngs[1], scenario.market, service, service.record,  # type: ignore[arg-type]
                     until=run_p["duration_s"])  # fmt: skip
     env.process(market.run())
-    names, buyers, pool = UserStreamNames("sim"), market.buyers, ServerPool(servers["count"])
-    for i in range(min(params["phones"]["count"], len(buyers))):
+    names, buyers, pool = UserStreamNames("sim"), market.buyers, ServerPool(servers.count)
+    for i in range(min(scenario.phones.count, len(buyers))):
         rng = np.random.default_rng(rngs[3].integers(2**63))
-        phone = ModelPhone(env, rng, params["phones"], buyers[i], None, names, [])  # type: ignore[arg-type]
-        phone.pool = pool
-        pool.phones.append(phone)
+        phone = ModelPhone(env, rng, scenario.phones, buyers[i], None, names, [], pool=pool)  # type: ignore[arg-type]
         env.process(phone.run())
-    restarts = SupervisedRestarts(policy_of(params["supervisor"]))  # serve's, as the runs
+    restarts = SupervisedRestarts(policy_of(scenario.supervisor))  # serve's, as the runs
     server_faults = ServerFaults(env, rngs[5], servers, pool, [], run_p["duration_s"], restarts)
-    for server in range(servers["count"]):
+    for server in range(servers.count):
         env.process(server_faults.run(server))
     env.run(until=run_p["duration_s"] + run_p["drain_s"])
     connects = sum(p.connects for p in pool.phones)
@@ -339,10 +337,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "user_entries": len(tables.user_streams),
         "phone_deliveries": int((tables.deliveries["source"] != "snapshot").sum()),
     }
-    run_p = scenario["run"]
+    run_p = scenario.run
     return {
-        "label": label, "cpu": cpu, "load_s": run_p["duration_s"], "redis_version": redis_version,
-        "virtual_s": run_p["duration_s"] + run_p["drain_s"], "escrows": len(tables.escrows),
+        "label": label, "cpu": cpu, "load_s": run_p.duration_s, "redis_version": redis_version,
+        "virtual_s": run_p.duration_s + run_p.drain_s, "escrows": len(tables.escrows),
         "events": events, "total_events": sum(events.values()), "wall_s": wall,
         "loop_wall_s": trace[-1][1], "sim_rss_before": rss_before, "sim_rss_run_end": trace[-1][2],
         "sim_rss_peak": sim_peak,
@@ -652,9 +650,9 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         ) from None
     if any(r <= 0 for r in arrival_rates):
         raise click.UsageError("--rates must be positive (escrows per virtual second)")
-    duration = duration or loaded["run"]["duration_s"]
-    base_duration = base_duration or loaded["run"]["duration_s"]
-    buyers = max(phones, loaded["market"]["buyers"])
+    duration = duration or loaded.run.duration_s
+    base_duration = base_duration or loaded.run.duration_s
+    buyers = max(phones, loaded.market.buyers)
 
     def spec(load_s: float, label: str, more: list[str] | None = None) -> dict[str, Any]:
         extra = [f"phones.count={phones}", f"market.buyers={buyers}", f"run.duration_s={load_s}"]

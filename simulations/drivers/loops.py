@@ -32,6 +32,7 @@ from simulations.analysis.handling import HandlingLog
 from simulations.faults import CRASH_POINTS, AckFirstWorker, CrashingWorker
 from simulations.models.clock import SimClock
 from simulations.models.supervision import SupervisedRestarts, policy_of
+from simulations.scenario import ConsumersParams, Scenario
 from workbench.delivery.handoff import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
@@ -163,8 +164,6 @@ def waiting(client: redis.Redis, names: StreamNames, group: str) -> bool:
     return False
 
 
-
-
 class SimCrash(Exception):
     """Raised by a crash hook: this consumer "process" dies here."""
 
@@ -183,15 +182,15 @@ class NotifyingFanout(FanoutHandler):
         self,
         client: redis.Redis,
         names: StreamNames,
-        settings: dict[str, Any],
+        settings: ConsumersParams,
         notify: Callable[[dict[str, list[UserEntry]]], None],
         record: Callable[[dict[str, Any]], None],
         effects_log: Path,
         clock: SimClock,
     ) -> None:
         super().__init__(
-            client, names, dedupe_ttl_s=settings["dedupe_ttl_s"],
-            user_maxlen=settings["user_maxlen"], user_max_age_s=settings["user_max_age_s"],
+            client, names, dedupe_ttl_s=settings.dedupe_ttl_s,
+            user_maxlen=settings.user_maxlen, user_max_age_s=settings.user_max_age_s,
             clock=clock,  # entry ids, history window and dedupe lifetime on virtual time
         )  # fmt: skip
         self.notify, self.record, self.clock = notify, record, clock
@@ -221,6 +220,33 @@ class NotifyingFanout(FanoutHandler):
         os.close(self._effects)
 
 
+class Doorbell:
+    r"""A wake-up standing in for a blocking wait (the relay's idle ``BLOCK``): whoever
+    has work for the sleeper rings; the sleeper waits on :attr:`event` or its poll
+    timeout, whichever comes first, then :meth:`answer`\ s.
+
+    A disabled bell never rings, so the sleeper only polls (bigger batches, more
+    latency: ``relay.wake_on_commit = false``).
+    """
+
+    def __init__(self, env: simpy.Environment, enabled: bool = True) -> None:
+        self.env, self.enabled = env, enabled
+        self.event = env.event()
+
+    def ring(self) -> None:
+        if self.enabled and not self.event.triggered:
+            self.event.succeed()
+
+    def answer(self) -> None:
+        """The sleeper woke: a rung bell is reset for the next wait."""
+        if self.event.triggered:
+            self.event = self.env.event()
+
+
+def _ignore(_: Any) -> None:
+    pass
+
+
 @dataclass
 class GroupSlot:
     """One consumer group's current consumer, and its crash plan."""
@@ -234,6 +260,14 @@ class GroupSlot:
 
 
 class Runtime:
+    """The runtime's loops as SimPy processes, over the real relay, workers and service.
+
+    Everything it reports to is given at construction: ``outbox_bell`` (rung when
+    commands commit outbox rows, it wakes the relay), ``on_fanout`` (the live
+    messages of each fan-out batch, for the phones), ``on_user_entry`` and
+    ``on_lost_entry`` (rows of the ``user_streams`` and ``lost_entries`` tables).
+    """
+
     def __init__(
         self,
         env: simpy.Environment,
@@ -242,9 +276,14 @@ class Runtime:
         store: Store,
         client: redis.Redis,
         names: StreamNames,
-        params: dict[str, dict[str, Any]],
+        scenario: Scenario,
         faults: list[dict[str, Any]],
         handling_dir: Path,
+        *,
+        outbox_bell: Doorbell,
+        on_fanout: Callable[[dict[str, list[UserEntry]]], None] = _ignore,
+        on_user_entry: Callable[[dict[str, Any]], None] = _ignore,
+        on_lost_entry: Callable[[dict[str, Any]], None] = _ignore,
     ) -> None:
         self.env = env
         self.handling_dir = handling_dir
@@ -254,13 +293,14 @@ class Runtime:
         self.client = client
         self.names = names
         self.user_names = UserStreamNames.of(names)
-        self.p = params
+        self.consumers = scenario.consumers
+        self.relay_params = scenario.relay
         self.faults = faults
         self.relay = OutboxRelay(
             store, client, names=names, clock=clock, batch_size=500,
-            retention_s=params["relay"]["retention_s"], ids_on_clock=True,
+            retention_s=scenario.relay.retention_s, ids_on_clock=True,
         )  # fmt: skip
-        only = [g.strip() for g in params["consumers"]["only"].split(",") if g.strip()]
+        only = scenario.consumers.only_groups
         known = (*SIM_GROUPS, *OPTIONAL_GROUPS)
         unknown = set(only) - set(known)
         if unknown:
@@ -269,32 +309,32 @@ class Runtime:
             )
         self.model: Any = None
         available = SIM_GROUPS
-        if params["analytics"]["model"]:
+        if scenario.analytics.model:
             from workbench.analytics import load as load_model
 
-            self.model = load_model(params["analytics"]["model"])
+            self.model = load_model(scenario.analytics.model)
             available = (*SIM_GROUPS, "analytics")
         self.groups = tuple(g for g in available if not only or g in only)
         self.slots = {group: GroupSlot(group) for group in self.groups}
-        restart = params["consumers"]["restart"]
+        restart = scenario.consumers.restart
         if restart not in RESTART_MODES:
             raise ValueError(
                 f"consumers.restart must be one of {', '.join(RESTART_MODES)}, not {restart!r}"
             )
         # serve's supervisor decides when a crashed process is back
         # (simulations.models.supervision).
-        self.restarts = SupervisedRestarts(policy_of(params["supervisor"]))
+        self.restarts = SupervisedRestarts(policy_of(scenario.supervisor))
         self.healed = False
-        self.on_fanout: Callable[[dict[str, list[UserEntry]]], None] = lambda live: None
-        self.on_user_entry: Callable[[dict[str, Any]], None] = lambda row: None
-        self.on_lost_entry: Callable[[dict[str, Any]], None] = lambda row: None
+        self.on_fanout = on_fanout
+        self.on_user_entry = on_user_entry
+        self.on_lost_entry = on_lost_entry
         # The fan-out's latest entries, to tell which a Redis loss took back (a loss
         # takes the newest writes; this holds far more than a kill can lose).
         self._recent_entries: deque[tuple[str, str, str]] = deque(maxlen=RECENT_ENTRIES)
         self.redis_errors: dict[str, int] = defaultdict(int)
         # Wake-ups standing in for XREADGROUP BLOCK and the relay's idle wait:
-        # a command nudges the relay, a publish wakes the consumers.
-        self._outbox = env.event()
+        # a command rings the relay's bell, a publish wakes the consumers.
+        self._outbox = outbox_bell
         self._published = env.event()
         for slot in self.slots.values():
             self._start_worker(slot)
@@ -302,15 +342,15 @@ class Runtime:
     # -- consumers ---------------------------------------------------------------------
 
     def _start_worker(self, slot: GroupSlot) -> None:
-        c = self.p["consumers"]
+        c = self.consumers
         slot.generation += 1
-        batch_size = 1 if c["service_rate"] > 0 else c["batch_size"]
+        batch_size = 1 if c.service_rate > 0 else c.batch_size
         handler: Any = (
             NotifyingFanout(
                 self.client,
                 self.names,
                 c,
-                lambda live: self.on_fanout(live),
+                self.on_fanout,
                 self._made_user_entry,
                 self.handling_dir / f"effects-fanout-{slot.generation}.log",
                 self.clock,
@@ -320,7 +360,7 @@ class Runtime:
             if slot.name == "analytics"
             else make_handler(slot.name, self.store, self.clock)
         )
-        cls = AckFirstWorker if c["ack_before_effect"] else CrashingWorker
+        cls = AckFirstWorker if c.ack_before_effect else CrashingWorker
         if slot.log is not None:
             slot.log.close()
         if isinstance(slot.handler, NotifyingFanout):
@@ -335,12 +375,12 @@ class Runtime:
             # its own pending entries first; a replacement is another consumer, whose
             # predecessor's entries wait for the claim (heartbeat older than dead_after_s).
             consumer=f"{slot.name}-1"
-            if c["restart"] == "supervisor"
+            if c.restart == "supervisor"
             else f"{slot.name}-{slot.generation}",
             names=self.names,
             settings=ConsumerSettings(
                 batch_size=batch_size,
-                dead_after_s=c["dead_after_s"],
+                dead_after_s=c.dead_after_s,
                 heartbeat_every_s=1.0,
                 recover_every_s=2.0,
                 retry_backoff_s=1.0,
@@ -368,31 +408,30 @@ class Runtime:
             raise SimCrash(point)
 
     def nudge(self) -> None:
-        """A command committed outbox rows: wake the relay now (unless the scenario
-        trades that latency for batches: ``relay.wake_on_commit = false``)."""
-        if self.p["relay"]["wake_on_commit"] and not self._outbox.triggered:
-            self._outbox.succeed()
+        """Outbox rows were committed: wake the relay now (unless the scenario trades
+        that latency for batches: ``relay.wake_on_commit = false``)."""
+        self._outbox.ring()
 
     def _wake_on_publish(self, every: float) -> Any:
-        if not self.p["consumers"]["wake_on_publish"]:
+        if not self.consumers.wake_on_publish:
             return self.env.timeout(every)  # batches: a poll every `every` seconds only
         return self.env.any_of([self.env.timeout(every), self._published])
 
     def consumer_loop(self, group: str, rng: np.random.Generator | None = None) -> Any:
         slot = self.slots[group]
-        c = self.p["consumers"]
-        every = c["poll_every_s"]
+        c = self.consumers
+        every = c.poll_every_s
         while True:
-            if c["service_rate"] > 0 and slot.worker is not None and self._waiting(group):
+            if c.service_rate > 0 and slot.worker is not None and self._waiting(group):
                 # A single server: the head entry is in service for an exponential
                 # time, then handled and acked (batch_size 1).
                 assert rng is not None
-                yield self.env.timeout(rng.exponential(1.0 / c["service_rate"]))
+                yield self.env.timeout(rng.exponential(1.0 / c.service_rate))
                 polls = 1
             else:
                 yield self._wake_on_publish(every)
-                polls = 0 if c["service_rate"] > 0 else 50
-            if slot.worker is None or not polls and c["service_rate"] > 0:
+                polls = 0 if c.service_rate > 0 else 50
+            if slot.worker is None or not polls and c.service_rate > 0:
                 continue
             try:
                 # Poll until a poll comes back short of a full batch: nothing else
@@ -414,9 +453,9 @@ class Runtime:
         """Bring the group's consumer back: after serve's backoff (``restart =
         "supervisor"``), or a replacement consumer after ``mttr_s``."""
         fault = self.faults[-1]
-        c = self.p["consumers"]
-        if c["restart"] == "replacement":
-            down_for: float | None = c["mttr_s"]
+        c = self.consumers
+        if c.restart == "replacement":
+            down_for: float | None = c.mttr_s
         else:
             down_for = self.restarts.down_for(slot.name, self.env.now)
         if down_for is None:  # serve gives up on a crash loop: the group stays down
@@ -467,7 +506,7 @@ class Runtime:
 
     def crash_loop(self, group: str, rng: np.random.Generator) -> Any:
         """Arm a crash at a random crash point every MTBF (exponential) on average."""
-        mtbf = self.p["consumers"]["mtbf_s"]
+        mtbf = self.consumers.mtbf_s
         if mtbf <= 0:
             return
         slot = self.slots[group]
@@ -481,11 +520,10 @@ class Runtime:
     # -- relay and timers ----------------------------------------------------------------
 
     def relay_loop(self) -> Any:
-        every = self.p["relay"]["every_s"]
+        every = self.relay_params.every_s
         while True:
-            yield self.env.any_of([self.env.timeout(every), self._outbox])
-            if self._outbox.triggered:
-                self._outbox = self.env.event()
+            yield self.env.any_of([self.env.timeout(every), self._outbox.event])
+            self._outbox.answer()
             try:
                 published = self.relay.drain()
             except TRANSIENT:

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -49,6 +50,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+import redis
+import simpy
 import simpy.rt
 from httpx_sse import aconnect_sse
 
@@ -61,13 +64,13 @@ from simulations.models.gateway import MpesaGateway
 from simulations.models.market import Market
 from simulations.models.phones import Phone, ServerFaults, ServerPool
 from simulations.models.supervision import SupervisedRestarts, policy_of
-from simulations.scenario import Scenario
+from simulations.scenario import ConsumersParams, PhonesParams, Scenario
 from workbench.domain.clock import ScaledClock, clock_env
 from workbench.domain.escrow import DomainError, EscrowState
 from workbench.domain.streamid import parse
 from workbench.handlers import ALL_GROUPS
 from workbench.http.auth import issue_token
-from workbench.ops.redis_server import attach_or_start, free_port
+from workbench.ops.redis_server import RedisServer, attach_or_start, free_port
 from workbench.ops.waiting import WaitTimeout, wait_until
 from workbench.payments.daraja import DarajaStub
 from workbench.store import Store, outbox
@@ -313,10 +316,24 @@ class SsePhone(Phone):
     choice) is the base class's; only the connection itself differs.
     """
 
-    radio: Radio
-    servers: Servers
-    tokens: Tokens
-    timeline: ScaledClock
+    def __init__(
+        self,
+        env: simpy.Environment,
+        rng: np.random.Generator,
+        params: PhonesParams,
+        user: str,
+        client: redis.Redis,
+        names: UserStreamNames,
+        deliveries: list[dict[str, Any]],
+        *,
+        pool: ServerPool,
+        radio: Radio,
+        servers: Servers,
+        tokens: Tokens,
+        timeline: ScaledClock,
+    ) -> None:
+        super().__init__(env, rng, params, user, client, names, deliveries, pool=pool)
+        self.radio, self.servers, self.tokens, self.timeline = radio, servers, tokens, timeline
 
     def _t(self) -> float:
         return self.timeline.now() - self.timeline.epoch
@@ -380,7 +397,7 @@ class SsePhone(Phone):
         task = self.radio.start(self._listen(self.servers.urls[self.server]))
         try:
             while self.env.now < ends and not self.stop:
-                yield self.env.timeout(self.p["poll_every_s"])
+                yield self.env.timeout(self.p.poll_every_s)
                 if self.dropped or task.done():
                     return
         finally:
@@ -406,7 +423,7 @@ class ConsumerFaults:
         self,
         env: simpy.Environment,
         fleet: Fleet,
-        params: dict[str, Any],
+        params: ConsumersParams,
         faults: list[dict[str, Any]],
         workers: _Workers,
         restarts: SupervisedRestarts,
@@ -415,12 +432,16 @@ class ConsumerFaults:
         self.workers, self.restarts = workers, restarts
         self.healed = False
 
+    def heal(self) -> None:
+        """The drain begins: no more crashes (one under way still completes)."""
+        self.healed = True
+
     def run(self, group: str, rng: np.random.Generator) -> Any:
-        if self.p["mtbf_s"] <= 0:
+        if self.p.mtbf_s <= 0:
             return
         ways = ("anywhere", *CRASH_POINTS)
         while not self.healed:
-            yield self.env.timeout(rng.exponential(self.p["mtbf_s"]))
+            yield self.env.timeout(rng.exponential(self.p.mtbf_s))
             if self.healed or not self.fleet.alive(group):
                 continue
             consumer = self.workers.names[group]
@@ -437,8 +458,8 @@ class ConsumerFaults:
             fault = {"t_start": self.env.now, "t_end": None, "kind": "consumer_crash",
                      "target": consumer, "detail": f"SIGKILL {way}"}  # fmt: skip
             self.faults.append(fault)
-            if self.p["restart"] == "replacement":
-                down_for: float | None = self.p["mttr_s"]
+            if self.p.restart == "replacement":
+                down_for: float | None = self.p.mttr_s
             else:
                 down_for = self.restarts.down_for(group, self.env.now)
             if down_for is None:  # serve gives up on a crash loop: the group stays down
@@ -454,23 +475,73 @@ class _Workers:
     """Starts a group's worker process: as serve does, under one consumer name
     (``consumers.restart = "supervisor"``), or a new name each time (a replacement)."""
 
-    def __init__(self, fleet: Fleet, params: dict[str, Any], prefix: str, handled: Path) -> None:
+    def __init__(self, fleet: Fleet, params: ConsumersParams, prefix: str, handled: Path) -> None:
         self.fleet, self.p, self.prefix, self.handled = fleet, params, prefix, handled
         self.generation: dict[str, int] = {}
         self.names: dict[str, str] = {}
 
     def __call__(self, group: str) -> None:
         n = self.generation[group] = self.generation.get(group, 0) + 1
-        consumer = f"{group}-1" if self.p["restart"] == "supervisor" else f"{group}-{n}"
+        consumer = f"{group}-1" if self.p.restart == "supervisor" else f"{group}-{n}"
         self.names[group] = consumer
         self.fleet.start(
             group, "sim-worker", group, "--prefix", self.prefix, "--consumer", consumer,
-            "--block-ms", "100", "--batch-size", str(self.p["batch_size"]),
-            "--dead-after", str(self.p["dead_after_s"]),
+            "--block-ms", "100", "--batch-size", str(self.p.batch_size),
+            "--dead-after", str(self.p.dead_after_s),
             "--record", str(self.handled / f"{group}-{n}.log"), "--crash-on-signal",
-            *(["--user-maxlen", str(self.p["user_maxlen"])] if group == "fanout" else []),
-            *(["--ack-before-effect"] if self.p["ack_before_effect"] else []),
+            *(["--user-maxlen", str(self.p.user_maxlen)] if group == "fanout" else []),
+            *(["--ack-before-effect"] if self.p.ack_before_effect else []),
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RealtimeWorld:
+    """Everything a real-time run is made of, built once by :func:`_build_world`: the
+    served runtime's processes (``fleet``: relay, timers, a worker per group, API/SSE
+    servers), the clocks, and the same models as in virtual time driving it.
+
+    The rows are kept in lists until the end (the phones' SSE connections record
+    from the radio's thread); :func:`_write` turns them into the run's tables.
+    """
+
+    scenario: Scenario
+    seed: int
+    factor: float  # wall seconds per virtual second
+    url: str
+    server: RedisServer | None
+    client: redis.Redis
+    names: StreamNames
+    user_names: UserStreamNames
+    store: Store
+    timeline: ScaledClock  # what every process reads: wall time on the simulation's timeline
+    fleet: Fleet
+    workers: _Workers
+    groups: tuple[str, ...]
+    handling_dir: Path
+    servers: Servers
+    radio: Radio
+    t0: float  # where the simulation's time was when SimPy started
+    env: simpy.rt.RealtimeEnvironment
+    clock: SimClock
+    rngs: list[np.random.Generator]
+    rows: _Rows
+    market: Market
+    restarts: SupervisedRestarts
+    consumer_faults: ConsumerFaults
+    redis_faults: RedisFaults
+    pool: ServerPool
+    phones: list[SsePhone]
+    server_faults: _ServerKills
+
+
+@dataclass
+class _Rows:
+    """The tables a real-time run fills as it goes (written at the end)."""
+
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 def simulate_realtime(
@@ -505,177 +576,247 @@ def simulate_realtime_to(
     factor: float | None = None,
 ) -> dict[str, Any]:
     """Run ``scenario`` against the served runtime in real time, writing its tables
-    to ``out``; return the manifest."""
+    to ``out``; return the manifest.
+
+    The phases: build the world (redis-server, store, the served processes, the
+    models), schedule the models' processes, run the load and the drain in wall
+    time, settle (every process up again, everything published and handled, the
+    phones' last connection), write the tables. Every process and connection is
+    closed on the way out, whatever happened.
+    """
     started = time.monotonic()
-    params = scenario.params
-    run_p, m = params["run"], params["market"]
-    factor = factor or params["realtime"]["factor"]
-    load_s, drain_s = run_p["duration_s"], run_p["drain_s"]
+    factor = factor or scenario.realtime.factor
+    with contextlib.ExitStack() as resources:
+        world = _build_world(resources, scenario, seed, redis_url, prefix, factor)
+        _schedule(world)
+        _run(world, progress)
+        settled = _settle(world)
+        return _write(world, out, started, settled)
+
+
+def _build_world(
+    resources: contextlib.ExitStack,
+    scenario: Scenario,
+    seed: int,
+    redis_url: str | None,
+    prefix: str,
+    factor: float,
+) -> RealtimeWorld:
+    """Start the served runtime and build the models that drive it; ``resources``
+    stops and closes everything in reverse order."""
+    run_p = scenario.run
+    load_s, drain_s = run_p.duration_s, run_p.drain_s
     work = Path(tempfile.mkdtemp(prefix="workbench-rt-"))
-    secret = secrets.token_hex(32)
-    with attach_or_start(
-        redis_url, work / "redis", appendonly=True, appendfsync=params["redis"]["appendfsync"]
-    ) as (url, server):
-        client = connect(url)
-        _clear(client, prefix)
-        database_url = f"sqlite:///{work / 'store.db'}"
-        store = Store(database_url)
-        store.reset()
-        origin = time.time()
-        timeline = ScaledClock(origin, run_p["epoch"], 1.0 / factor)
-        # Daraja for the API servers: pushes and queries over HTTP; the results
-        # are what the simulated gateway decides, set as it sends each callback.
-        daraja = DarajaStub()
-        env_vars = dict(
-            os.environ,
-            REDIS_URL=url,
-            DATABASE_URL=database_url,
-            WORKBENCH_SECRET=secret,
-            WORKBENCH_PREFIX=prefix,
-            WORKBENCH_SSE_PING_S=str(params["realtime"]["sse_ping_s"]),
-            # The market's buyers return to the same sellers at simulated speed;
-            # the per-pair create limit guards against abuse, not trade.
-            WORKBENCH_CREATE_LIMIT="0",
-            **clock_env(origin, run_p["epoch"], 1.0 / factor),
-            **daraja.env,
+    url, server = resources.enter_context(
+        attach_or_start(
+            redis_url, work / "redis", appendonly=True, appendfsync=scenario.redis.appendfsync
         )
-        fleet = Fleet(env_vars, work / "logs")
-        handled_dir = work / "handled"
-        handled_dir.mkdir()
-        only = [g.strip() for g in params["consumers"]["only"].split(",") if g.strip()]
-        groups = tuple(g for g in ALL_GROUPS if not only or g in only)
-        start_worker = _Workers(fleet, params["consumers"], prefix, handled_dir)
-        radio: Radio | None = None
-        servers: Servers | None = None
+    )
+    client = connect(url)
+    resources.callback(client.close)
+    _clear(client, prefix)
+    database_url = f"sqlite:///{work / 'store.db'}"
+    store = Store(database_url)
+    resources.callback(store.close)
+    store.reset()
+    origin = time.time()
+    timeline = ScaledClock(origin, run_p.epoch, 1.0 / factor)
+    # Daraja for the API servers: pushes and queries over HTTP; the results
+    # are what the simulated gateway decides, set as it sends each callback.
+    daraja = DarajaStub()
+    resources.callback(daraja.close)
+    secret = secrets.token_hex(32)
+    fleet = Fleet(_fleet_env(scenario, url, database_url, secret, prefix, origin, factor, daraja),
+                  work / "logs")  # fmt: skip
+    resources.callback(fleet.stop)
+    handling_dir = work / "handled"
+    handling_dir.mkdir()
+    only = scenario.consumers.only_groups
+    groups = tuple(g for g in ALL_GROUPS if not only or g in only)
+    workers = _Workers(fleet, scenario.consumers, prefix, handling_dir)
+    fleet.start("relay", "relay", "--prefix", prefix)
+    fleet.start("timers", "timers", "--every", "1")
+    for group in groups:
+        workers(group)
+    servers = Servers(fleet, scenario.servers.count, work)
+    resources.callback(servers.close)
+    radio = Radio()
+    resources.callback(radio.close)
+    # The timeline began at `origin`; SimPy starts where it is now.
+    t0 = timeline.now() - timeline.epoch
+    env = simpy.rt.RealtimeEnvironment(initial_time=t0, factor=factor, strict=False)
+    tokens = Tokens(secret, timeline, ttl_s=10 * (load_s + drain_s) + 3600)
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
+    rows = _Rows()
+    record = _command_record(env, rows.commands)
+    gateway = MpesaGateway(env, rngs[0], scenario.mpesa, _callback_poster(servers, daraja, record))
+    service = HttpService(servers, tokens, gateway, daraja)
+    until = t0 + load_s
+    market = Market(env, rngs[1], scenario.market, service, record, until=until)  # type: ignore[arg-type]
+    restarts = SupervisedRestarts(policy_of(scenario.supervisor))
+    user_names = UserStreamNames(prefix)
+    pool = ServerPool(scenario.servers.count)
+    buyers = market.buyers
+    phones = [
+        SsePhone(env, np.random.default_rng(rngs[3].integers(2**63)), scenario.phones,
+                 buyers[i % len(buyers)], client, user_names, rows.deliveries, pool=pool,
+                 radio=radio, servers=servers, tokens=tokens, timeline=timeline)
+        for i in range(min(scenario.phones.count, len(buyers)))
+    ]  # fmt: skip
+    return RealtimeWorld(
+        scenario=scenario, seed=seed, factor=factor, url=url, server=server, client=client,
+        names=StreamNames(prefix), user_names=user_names, store=store, timeline=timeline,
+        fleet=fleet, workers=workers, groups=groups, handling_dir=handling_dir,
+        servers=servers, radio=radio, t0=t0, env=env, clock=SimClock(env, run_p.epoch),
+        rngs=rngs, rows=rows, market=market, restarts=restarts,
+        consumer_faults=ConsumerFaults(
+            env, fleet, scenario.consumers, rows.faults, workers, restarts
+        ),
+        redis_faults=RedisFaults(env, server, scenario.redis, rows.faults, until, restarts),
+        pool=pool, phones=phones,
+        server_faults=_ServerKills(
+            env, rngs[5], scenario.servers, pool, rows.faults, until, restarts, fleet=fleet
+        ),
+    )  # fmt: skip
+
+
+def _fleet_env(
+    scenario: Scenario,
+    redis_url: str,
+    database_url: str,
+    secret: str,
+    prefix: str,
+    origin: float,
+    factor: float,
+    daraja: DarajaStub,
+) -> dict[str, str]:
+    """The environment every served process starts with: where Redis, the store and
+    Daraja are, and the clock that maps wall time onto the simulation's timeline."""
+    return dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        DATABASE_URL=database_url,
+        WORKBENCH_SECRET=secret,
+        WORKBENCH_PREFIX=prefix,
+        WORKBENCH_SSE_PING_S=str(scenario.realtime.sse_ping_s),
+        # The market's buyers return to the same sellers at simulated speed;
+        # the per-pair create limit guards against abuse, not trade.
+        WORKBENCH_CREATE_LIMIT="0",
+        **clock_env(origin, scenario.run.epoch, 1.0 / factor),
+        **daraja.env,
+    )
+
+
+def _command_record(env: simpy.Environment, commands: list[dict[str, Any]]) -> Any:
+    """The ``commands`` table's rows, on the simulation's clock."""
+
+    def record(
+        command: str, escrow_id: str | None, actor: str, ok: bool, error: str | None
+    ) -> None:
+        commands.append({"t": env.now, "command": command, "escrow_id": escrow_id,
+                         "actor": actor, "ok": ok, "error": error})  # fmt: skip
+
+    return record
+
+
+def _callback_poster(servers: Servers, daraja: DarajaStub, record: Any) -> Any:
+    """What the gateway does with a callback: settle the push at the Daraja stub (so the
+    servers' STK Push Query sees the result), then POST it to the servers."""
+
+    def callback(url: str, body: dict[str, Any]) -> None:
+        stk = body["Body"]["stkCallback"]
+        daraja.settle(stk["CheckoutRequestID"], int(stk["ResultCode"]))
         try:
-            fleet.start("relay", "relay", "--prefix", prefix)
-            fleet.start("timers", "timers", "--every", "1")
-            for group in groups:
-                start_worker(group)
-            servers = Servers(fleet, params["servers"]["count"], work)
-            radio = Radio()
-            # The timeline began at `origin`; SimPy starts where it is now.
-            t0 = timeline.now() - timeline.epoch
-            env = simpy.rt.RealtimeEnvironment(initial_time=t0, factor=factor, strict=False)
-            clock = SimClock(env, run_p["epoch"])
-            tokens = Tokens(secret, timeline, ttl_s=10 * (load_s + drain_s) + 3600)
-            rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
-            commands: list[dict[str, Any]] = []
-            faults: list[dict[str, Any]] = []
-            deliveries: list[dict[str, Any]] = []
-            samples: list[dict[str, Any]] = []
+            r = servers.request("POST", urlsplit(url).path, None, json=body)
+        except Rejected as exc:
+            record("callback", None, "mpesa", False, str(exc))
+            return
+        desc = r.json().get("ResultDesc", "")
+        ok = r.status_code in (200, 202)  # 202: recorded once the query confirms it
+        record("callback", None, "mpesa", ok, None if desc == "Accepted" else desc)
 
-            def record(
-                command: str, escrow_id: str | None, actor: str, ok: bool, error: str | None
-            ) -> None:
-                commands.append({"t": env.now, "command": command, "escrow_id": escrow_id,
-                                 "actor": actor, "ok": ok, "error": error})  # fmt: skip
+    return callback
 
-            def callback(url: str, body: dict[str, Any]) -> None:
-                assert servers is not None
-                stk = body["Body"]["stkCallback"]
-                daraja.settle(stk["CheckoutRequestID"], int(stk["ResultCode"]))
-                try:
-                    r = servers.request("POST", urlsplit(url).path, None, json=body)
-                except Rejected as exc:
-                    record("callback", None, "mpesa", False, str(exc))
-                    return
-                desc = r.json().get("ResultDesc", "")
-                ok = r.status_code in (200, 202)  # 202: recorded once the query confirms it
-                record("callback", None, "mpesa", ok, None if desc == "Accepted" else desc)
 
-            gateway = MpesaGateway(env, rngs[0], params["mpesa"], callback)
-            service = HttpService(servers, tokens, gateway, daraja)
-            until = t0 + load_s
-            market = Market(env, rngs[1], m, service, record, until=until)  # type: ignore[arg-type]
-            env.process(market.run())
-            env.process(sample_backlog(env, client, StreamNames(prefix), groups,
-                                       run_p["sample_every_s"], samples, clock))  # fmt: skip
-            restarts = SupervisedRestarts(policy_of(params["supervisor"]))
-            consumer_faults = ConsumerFaults(
-                env, fleet, params["consumers"], faults, start_worker, restarts
-            )
-            for i, group in enumerate(groups):
-                rng = np.random.default_rng(rngs[2].integers(2**63) + i)
-                env.process(consumer_faults.run(group, rng))
-            env.process(RedisFaults(env, server, params["redis"], faults, until, restarts).run())
-            user_names = UserStreamNames(prefix)
-            pool = ServerPool(params["servers"]["count"])
-            phones: list[SsePhone] = []
-            for i in range(min(params["phones"]["count"], len(market.buyers))):
-                phone = SsePhone(env, np.random.default_rng(rngs[3].integers(2**63)),
-                                 params["phones"], market.buyers[i % len(market.buyers)],
-                                 client, user_names, deliveries)  # fmt: skip
-                phone.radio, phone.servers, phone.tokens, phone.timeline = (
-                    radio,
-                    servers,
-                    tokens,
-                    timeline,
-                )
-                phone.pool = pool
-                pool.phones.append(phone)
-                phones.append(phone)
-                env.process(phone.run())
-            server_faults = _ServerKills(
-                env, rngs[5], params["servers"], pool, faults, until, restarts
-            )
-            server_faults.fleet = fleet
-            for i in range(params["servers"]["count"]):
-                env.process(server_faults.run(i))
+def _schedule(world: RealtimeWorld) -> None:
+    """Start the models' SimPy processes, in the order the virtual driver starts them."""
+    env, rngs, scenario = world.env, world.rngs, world.scenario
+    env.process(world.market.run())
+    env.process(sample_backlog(env, world.client, world.names, world.groups,
+                               scenario.run.sample_every_s, world.rows.samples,
+                               world.clock))  # fmt: skip
+    for i, group in enumerate(world.groups):
+        rng = np.random.default_rng(rngs[2].integers(2**63) + i)
+        env.process(world.consumer_faults.run(group, rng))
+    env.process(world.redis_faults.run())
+    for phone in world.phones:
+        env.process(phone.run())
+    for i in range(scenario.servers.count):
+        env.process(world.server_faults.run(i))
 
-            total = load_s + drain_s
-            step = max(total / 200, 0.5)
-            t = 0.0
-            while t < total:
-                t = min(total, t + step)
-                if t >= load_s and not consumer_faults.healed:
-                    consumer_faults.healed = True
-                env.run(until=t0 + t)
-                if progress:
-                    progress(t, total)
-            # Faults healed: every worker and server is up again; wait (in wall
-            # time) until the service has published and handled everything.
-            for group in groups:
-                if not fleet.alive(group):
-                    start_worker(group)
-            for i in range(len(servers.urls)):
-                if not fleet.alive(f"api-{i}"):
-                    fleet.restart(f"api-{i}")
-            settled = _wait_settled(
-                store, client, StreamNames(prefix), groups, timeout=60 + 2 * drain_s
-            )
-            servers.wait_healthy()  # a server restarted late may still be starting
-            for phone in phones:
-                phone.stop = True
-            for phone in phones:
-                phone.final_drain()
-            writer = RunWriter(out)
-            for table, rows in (("commands", commands), ("deliveries", deliveries),
-                                ("samples", samples), ("faults", faults)):  # fmt: skip
-                writer[table].extend(rows)
-            collect(
-                writer, store, client, StreamNames(prefix), user_names, groups, handled_dir,
-                clock.epoch, market, phones,  # type: ignore[arg-type]
-            )  # fmt: skip
-            manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
-            manifest.update(mode="realtime", factor=factor, t_start=t0, settled=settled)
-            writer.close(manifest)
-            return manifest
-        finally:
-            if radio is not None:
-                radio.close()
-            if servers is not None:
-                servers.close()
-            fleet.stop()
-            daraja.close()
-            client.close()
-            store.close()
+
+def _run(world: RealtimeWorld, progress: Progress | None) -> None:
+    """The load, then the drain, in wall time; consumer faults stop with the load."""
+    load_s = world.scenario.run.duration_s
+    total = load_s + world.scenario.run.drain_s
+    step = max(total / 200, 0.5)
+    t = 0.0
+    while t < total:
+        t = min(total, t + step)
+        if t >= load_s and not world.consumer_faults.healed:
+            world.consumer_faults.heal()
+        world.env.run(until=world.t0 + t)
+        if progress:
+            progress(t, total)
+
+
+def _settle(world: RealtimeWorld) -> bool:
+    """Faults healed: every worker and server up again; wait (in wall time) until the
+    service has published and handled everything, then let every phone connect once
+    more and take what is waiting. Whether it settled in time goes to the manifest."""
+    fleet = world.fleet
+    for group in world.groups:
+        if not fleet.alive(group):
+            world.workers(group)
+    for i in range(len(world.servers.urls)):
+        if not fleet.alive(f"api-{i}"):
+            fleet.restart(f"api-{i}")
+    settled = _wait_settled(
+        world.store, world.client, world.names, world.groups,
+        timeout=60 + 2 * world.scenario.run.drain_s,
+    )  # fmt: skip
+    world.servers.wait_healthy()  # a server restarted late may still be starting
+    for phone in world.phones:
+        phone.stop = True
+    for phone in world.phones:
+        phone.final_drain()
+    return settled
+
+
+def _write(world: RealtimeWorld, out: str | Path, started: float, settled: bool) -> dict[str, Any]:
+    """The run's tables and manifest, to ``out``; return the manifest."""
+    writer = RunWriter(out)
+    rows = world.rows
+    for table, table_rows in (("commands", rows.commands), ("deliveries", rows.deliveries),
+                              ("samples", rows.samples), ("faults", rows.faults)):  # fmt: skip
+        writer[table].extend(table_rows)
+    collect(world, writer)
+    run_p = world.scenario.run
+    manifest = _manifest(
+        world.scenario, world.seed, started, run_p.duration_s, run_p.drain_s, world.url,
+        world.server,
+    )  # fmt: skip
+    manifest.update(mode="realtime", factor=world.factor, t_start=world.t0, settled=settled)
+    writer.close(manifest)
+    return manifest
 
 
 class _ServerKills(ServerFaults):
     """Server faults done for real: SIGKILL the process, start it again."""
 
-    fleet: Fleet
+    def __init__(self, *args: Any, fleet: Fleet, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fleet = fleet
 
     def kill(self, server: int) -> None:
         self.fleet.kill(f"api-{server}")

@@ -1,8 +1,12 @@
 """One simulation run: build the world, run it in virtual time, write the tables.
 
-Phases: *load* (``run.duration_s``: arrivals, faults), then *drain*
-(``run.drain_s``: no new escrows, faults healed, every consumer alive) so the
-checker can tell lost from unseen. Everything random comes from one
+A run is a :class:`World` (a dataclass of every part: SimPy environment and
+clock, redis-server and client, store, service, gateway, runtime loops, market,
+phones, faults, table writer) built once in named steps, each part given what
+it needs when it is made, then run in named phases: schedule its processes,
+*load* (``run.duration_s``: arrivals, faults), *drain* (``run.drain_s``: no new
+escrows, faults healed, every consumer alive) so the checker can tell lost from
+unseen, finish, collect the tables. Everything random comes from one
 ``numpy.random.SeedSequence(seed)``, spawned per model, so a run is a function
 of (scenario, seed): the same tables every time, apart from wall-clock columns
 and Redis entry ids (Redis assigns those from its own clock).
@@ -16,9 +20,10 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -27,14 +32,14 @@ import simpy
 from sqlalchemy import Connection, select
 
 from simulations.analysis.handling import HandlingIndex
-from simulations.analysis.tables import RunTables, RunWriter
-from simulations.drivers.loops import Runtime, backlog
+from simulations.analysis.tables import RunTables, RunWriter, TableWriter
+from simulations.drivers.loops import Doorbell, Runtime, backlog
 from simulations.models.clock import SimClock
 from simulations.models.gateway import MpesaGateway
 from simulations.models.market import Market
 from simulations.models.phones import Phone, ServerFaults, ServerPool
 from simulations.models.supervision import SupervisedRestarts
-from simulations.scenario import Scenario
+from simulations.scenario import RedisParams, Scenario
 from workbench.delivery.handoff import UserEntry
 from workbench.domain import events as ev
 from workbench.domain.escrow import Timeouts
@@ -73,7 +78,7 @@ class RedisFaults:
         self,
         env: simpy.Environment,
         server: RedisServer | None,
-        params: dict[str, Any],
+        params: RedisParams,
         faults: list[dict[str, Any]],
         until: float,
         restarts: SupervisedRestarts,
@@ -83,7 +88,7 @@ class RedisFaults:
         self.restarts, self.on_restart = restarts, on_restart
 
     def run(self) -> Any:
-        every = self.p["restart_every_s"]
+        every = self.p.restart_every_s
         if every <= 0 or self.server is None:
             return
         while True:
@@ -94,7 +99,7 @@ class RedisFaults:
                      "target": "redis-server", "detail": "SIGKILL, restart from AOF"}  # fmt: skip
             self.faults.append(fault)
             self.server.kill()
-            if lose := self.p["lose_last_writes"]:
+            if lose := self.p.lose_last_writes:
                 # What a kill during an everysec fsync does, every time: the last
                 # acknowledged writes are gone (a prefix of the history survives).
                 fault["detail"] += f"; lost the last {self.server.lose_last_writes(lose)} writes"
@@ -108,6 +113,69 @@ class RedisFaults:
             if self.on_restart is not None and (lost := self.on_restart()):
                 fault["detail"] += f"; {lost} user-stream entries lost"
             fault["t_end"] = self.env.now
+
+
+class CommandRecord:
+    """The ``commands`` table as the market and the gateway's callbacks fill it: a row
+    per command, on the simulation's clock. A command that succeeded committed outbox
+    rows, so it rings the relay's bell (what the relay's ``BLOCK`` would notice)."""
+
+    def __init__(self, env: simpy.Environment, rows: TableWriter, relay_bell: Doorbell) -> None:
+        self.env, self.rows, self.relay_bell = env, rows, relay_bell
+
+    def __call__(
+        self, command: str, escrow_id: str | None, actor: str, ok: bool, error: str | None
+    ) -> None:
+        self.rows.append({"t": self.env.now, "command": command, "escrow_id": escrow_id,
+                          "actor": actor, "ok": ok, "error": error})  # fmt: skip
+        if ok:
+            self.relay_bell.ring()
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything one virtual run is made of, built once by :func:`_build_world`.
+
+    The parts know each other through their constructors; nothing is wired by
+    assigning to an object after it was made. The phases (:func:`_schedule`,
+    :func:`_run`, :func:`_finish`, :func:`_collect`) only read the world and run it.
+    """
+
+    scenario: Scenario
+    seed: int
+    url: str  # the redis-server's
+    server: RedisServer | None  # ours, or None for an external one
+    cpu: int | None  # the CPU this thread and our server share (None: the OS decides)
+    client: redis.Redis
+    names: StreamNames
+    user_names: UserStreamNames
+    store: Store
+    writer: RunWriter
+    handling_dir: Path  # the consumers' handling logs (the checker's truth)
+    env: simpy.Environment
+    clock: SimClock
+    rngs: list[np.random.Generator]  # SeedSequence(seed).spawn(8): one per model
+    faults: list[dict[str, Any]]  # small, and a fault's end is filled in later
+    service: EscrowService
+    gateway: MpesaGateway
+    market: Market
+    pool: ServerPool
+    phones: list[Phone]
+    runtime: Runtime
+    redis_faults: RedisFaults
+    server_faults: ServerFaults
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return self.runtime.groups
+
+    @property
+    def load_s(self) -> float:
+        return self.scenario.run.duration_s
+
+    @property
+    def total_s(self) -> float:
+        return self.scenario.run.duration_s + self.scenario.run.drain_s
 
 
 def simulate(
@@ -155,169 +223,253 @@ def simulate_to(
     talk in strict turns (:mod:`workbench.ops.affinity`); ``"auto"`` takes the CPU
     the scheduler has this process on, and only when the server is ours; None
     leaves both to the OS. Virtual time makes the tables the same either way.
+
+    The phases: build the world, schedule its processes, run the load and the
+    drain, finish (last relay pass, consumers and phones take everything), collect
+    the end-of-run tables; the manifest is written once the servers are gone.
     """
     started = time.monotonic()
-    params = scenario.params
-    run_p = params["run"]
-    load_s, drain_s = run_p["duration_s"], run_p["drain_s"]
-    on = affinity.resolve(None if redis_url and cpu == "auto" else cpu)
     writer = RunWriter(out)
-    with (
-        tempfile.TemporaryDirectory(prefix="workbench-sim-") as tmp,
-        paired(
-            redis_url,
-            Path(tmp) / "redis",
-            on,
-            appendonly=True,
-            appendfsync=params["redis"]["appendfsync"],
-        ) as (url, server),  # fmt: skip
-    ):
-        work = Path(tmp)
-        # One thread drives every part: one connection, no pool to check out from
-        # (a third of redis-py's cost per call).
-        client = connect(url, single_connection_client=True)
-        names = StreamNames(prefix)
-        _clear(client, prefix)
-        store = Store(f"sqlite:///{work / 'store.db'}")
-        store.reset()
-        env = simpy.Environment()
-        clock = SimClock(env, run_p["epoch"])
-        rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
-        commands, samples = writer["commands"], writer["samples"]
-        faults: list[dict[str, Any]] = []  # small, and a fault's end is filled in later
-        runtime: Runtime | None = None
-
-        def record(
-            command: str, escrow_id: str | None, actor: str, ok: bool, error: str | None
-        ) -> None:
-            commands.append({"t": env.now, "command": command, "escrow_id": escrow_id,
-                             "actor": actor, "ok": ok, "error": error})  # fmt: skip
-            if ok and runtime is not None:
-                runtime.nudge()  # the outbox has rows: wake the relay (its BLOCK)
-
-        m = params["market"]
-        service = EscrowService(
-            store,
-            clock=clock,
-            ids=IdFactory(seed),
-            timeouts=Timeouts(
-                payment=m["payment_timeout_s"],
-                shipping=m["shipping_timeout_s"],
-                confirmation=m["confirmation_timeout_s"],
-            ),
-            payments=PaymentSettings(
-                callback_base_url="sim://mpesa/callback",
-                verify_after_s=params["mpesa"]["verify_after_s"],
-                retry_s=params["mpesa"]["verify_retry_s"],
-            ),
+    with contextlib.ExitStack() as resources:
+        world = _build_world(
+            resources, scenario, seed, writer, redis_url=redis_url, prefix=prefix, cpu=cpu
         )
-
-        def callback(url: str, body: dict[str, Any]) -> None:
-            # The claim is confirmed by a query that takes virtual time to answer.
-            env.process(handle_callback(url, body))
-
-        def handle_callback(url: str, body: dict[str, Any]) -> Any:
-            yield env.timeout(gateway.query_latency())
-            outcome = service.handle_callback(token_of(url), body)
-            if outcome.status >= 400:
-                record("callback", None, "mpesa", False, f"{outcome.outcome}: {outcome.detail}")
-            else:
-                record("callback", None, "mpesa", True,
-                       None if outcome.outcome == "applied" else outcome.outcome)  # fmt: skip
-
-        gateway = MpesaGateway(env, rngs[0], params["mpesa"], callback, query_rng=rngs[6])
-        service.gateway = gateway
-        handling_dir = work / "handled"
-        handling_dir.mkdir()
-        runtime = Runtime(env, clock, service, store, client, names, params, faults, handling_dir)
-        market = Market(env, rngs[1], m, service, record, until=load_s)
-        env.process(market.run())
-        env.process(runtime.relay_loop())
-        env.process(runtime.timer_loop())
-        env.process(runtime.sampler(run_p["sample_every_s"], samples))  # type: ignore[arg-type]
-        for i, group in enumerate(runtime.groups):
-            env.process(
-                runtime.consumer_loop(group, np.random.default_rng(rngs[4].integers(2**63) + i))
-            )
-            env.process(
-                runtime.crash_loop(group, np.random.default_rng(rngs[2].integers(2**63) + i))
-            )
-        env.process(
-            RedisFaults(
-                env,
-                server,
-                params["redis"],
-                faults,
-                load_s,
-                runtime.restarts,
-                on_restart=runtime.redis_restarted,
-            ).run()  # fmt: skip
-        )
-        user_names = UserStreamNames(prefix)
-        phones = [
-            Phone(env, np.random.default_rng(rngs[3].integers(2**63)), params["phones"],
-                  market.buyers[i % len(market.buyers)], client, user_names,
-                  writer["deliveries"])  # type: ignore[arg-type]
-            for i in range(min(params["phones"]["count"], len(market.buyers)))
-        ]  # fmt: skip
-        by_user = {phone.user: phone for phone in phones}
-
-        def fanned_out(live: dict[str, list[UserEntry]]) -> None:
-            for user, entries in live.items():
-                if (phone := by_user.get(user)) is not None:
-                    phone.notify(entries)
-
-        runtime.on_fanout = fanned_out
-        runtime.on_user_entry = writer["user_streams"].append
-        runtime.on_lost_entry = writer["lost_entries"].append
-        pool = ServerPool(params["servers"]["count"])
-        for phone in phones:
-            phone.pool = pool
-            pool.phones.append(phone)
-            env.process(phone.run())
-        server_faults = ServerFaults(
-            env, rngs[5], params["servers"], pool, faults, load_s, runtime.restarts
-        )
-        for server_no in range(params["servers"]["count"]):
-            env.process(server_faults.run(server_no))
-
-        total = load_s + drain_s
-        step = max(total / 200, 1.0)
-        t = 0.0
-        while t < total:
-            t = min(total, t + step)
-            if t >= load_s and not runtime.healed:
-                if env.now < load_s:
-                    env.run(until=load_s)
-                runtime.heal()
-            if t > env.now:
-                env.run(until=t)
-            if progress:
-                progress(t, total)
-        runtime.finish()
-        for phone in phones:
-            phone.stop = True
-            phone.final_drain()
-        runtime.close()
-
-        writer["faults"].extend(faults)
-        collect(
-            writer, store, client, names, user_names, runtime.groups, handling_dir,
-            clock.epoch, market, phones,
-        )  # fmt: skip
-        manifest = _manifest(scenario, seed, started, load_s, drain_s, url, server)
-        manifest["cpu"] = on
-        stats = runtime.relay.stats  # what the repair put back after Redis lost writes
-        manifest["relay"] = {
-            "published": stats.published,
-            "repairs": stats.repairs,
-            "repaired": stats.repaired,
-            "unrepairable": stats.unrepairable,
-        }
-        manifest["supervisor_gave_up"] = dict(runtime.restarts.given_up)
-        client.close()
-        store.close()
+        _schedule(world)
+        _run(world, progress)
+        _finish(world)
+        manifest = _collect(world, started)
     writer.close(manifest)
+    return manifest
+
+
+def _build_world(
+    resources: contextlib.ExitStack,
+    scenario: Scenario,
+    seed: int,
+    writer: RunWriter,
+    *,
+    redis_url: str | None,
+    prefix: str,
+    cpu: affinity.Choice,
+) -> World:
+    """Every part of a run, each made with the parts it needs; closed by ``resources``."""
+    work = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="workbench-sim-")))
+    on = affinity.resolve(None if redis_url and cpu == "auto" else cpu)
+    url, server, client = _start_redis(resources, scenario, redis_url, work, on, prefix)
+    store = _open_store(resources, work)
+    names, user_names = StreamNames(prefix), UserStreamNames(prefix)
+    env = simpy.Environment()
+    clock = SimClock(env, scenario.run.epoch)
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
+    faults: list[dict[str, Any]] = []
+    relay_bell = Doorbell(env, enabled=scenario.relay.wake_on_commit)
+    record = CommandRecord(env, writer["commands"], relay_bell)
+    service, gateway = _build_service(env, clock, store, scenario, seed, rngs, record)
+    market = Market(env, rngs[1], scenario.market, service, record, until=scenario.run.duration_s)
+    pool = ServerPool(scenario.servers.count)
+    phones = _build_phones(env, rngs[3], scenario, market, client, user_names, writer, pool)
+    handling_dir = work / "handled"
+    handling_dir.mkdir()
+    runtime = Runtime(
+        env, clock, service, store, client, names, scenario, faults, handling_dir,
+        outbox_bell=relay_bell, on_fanout=_live_messages_to(phones),
+        on_user_entry=writer["user_streams"].append, on_lost_entry=writer["lost_entries"].append,
+    )  # fmt: skip
+    load_s = scenario.run.duration_s
+    redis_faults = RedisFaults(
+        env, server, scenario.redis, faults, load_s, runtime.restarts,
+        on_restart=runtime.redis_restarted,
+    )  # fmt: skip
+    server_faults = ServerFaults(
+        env, rngs[5], scenario.servers, pool, faults, load_s, runtime.restarts
+    )
+    return World(
+        scenario=scenario, seed=seed, url=url, server=server, cpu=on, client=client,
+        names=names, user_names=user_names, store=store, writer=writer,
+        handling_dir=handling_dir, env=env, clock=clock, rngs=rngs, faults=faults,
+        service=service, gateway=gateway, market=market, pool=pool, phones=phones,
+        runtime=runtime, redis_faults=redis_faults, server_faults=server_faults,
+    )  # fmt: skip
+
+
+def _start_redis(
+    resources: contextlib.ExitStack,
+    scenario: Scenario,
+    redis_url: str | None,
+    work: Path,
+    cpu: int | None,
+    prefix: str,
+) -> tuple[str, RedisServer | None, redis.Redis]:
+    """Our redis-server (or the one at ``redis_url``), and a client with ``prefix`` cleared."""
+    url, server = resources.enter_context(
+        paired(redis_url, work / "redis", cpu, appendonly=True,
+               appendfsync=scenario.redis.appendfsync)
+    )  # fmt: skip
+    # One thread drives every part: one connection, no pool to check out from
+    # (a third of redis-py's cost per call).
+    client = connect(url, single_connection_client=True)
+    resources.callback(client.close)
+    _clear(client, prefix)
+    return url, server, client
+
+
+def _open_store(resources: contextlib.ExitStack, work: Path) -> Store:
+    store = Store(f"sqlite:///{work / 'store.db'}")
+    resources.callback(store.close)
+    store.reset()
+    return store
+
+
+def _build_service(
+    env: simpy.Environment,
+    clock: SimClock,
+    store: Store,
+    scenario: Scenario,
+    seed: int,
+    rngs: list[np.random.Generator],
+    record: CommandRecord,
+) -> tuple[EscrowService, MpesaGateway]:
+    """The escrow service and the M-Pesa gateway it pushes to.
+
+    They call each other (pushes one way, callbacks the other), as over HTTP: the
+    gateway's callbacks go to a function that finds the service by name when a
+    callback comes, which is after both exist.
+    """
+
+    def callback(url: str, body: dict[str, Any]) -> None:
+        # The claim is confirmed by a query that takes virtual time to answer.
+        env.process(handle_callback(url, body))
+
+    def handle_callback(url: str, body: dict[str, Any]) -> Any:
+        yield env.timeout(gateway.query_latency())
+        outcome = service.handle_callback(token_of(url), body)
+        if outcome.status >= 400:
+            record("callback", None, "mpesa", False, f"{outcome.outcome}: {outcome.detail}")
+        else:
+            record("callback", None, "mpesa", True,
+                   None if outcome.outcome == "applied" else outcome.outcome)  # fmt: skip
+
+    m, mpesa = scenario.market, scenario.mpesa
+    gateway = MpesaGateway(env, rngs[0], mpesa, callback, query_rng=rngs[6])
+    service = EscrowService(
+        store,
+        clock=clock,
+        ids=IdFactory(seed),
+        timeouts=Timeouts(
+            payment=m.payment_timeout_s,
+            shipping=m.shipping_timeout_s,
+            confirmation=m.confirmation_timeout_s,
+        ),
+        payments=PaymentSettings(
+            callback_base_url="sim://mpesa/callback",
+            verify_after_s=mpesa.verify_after_s,
+            retry_s=mpesa.verify_retry_s,
+        ),
+        gateway=gateway,
+    )
+    return service, gateway
+
+
+def _build_phones(
+    env: simpy.Environment,
+    rng: np.random.Generator,
+    scenario: Scenario,
+    market: Market,
+    client: redis.Redis,
+    user_names: UserStreamNames,
+    writer: RunWriter,
+    pool: ServerPool,
+) -> list[Phone]:
+    """``phones.count`` of the market's buyers with the app open, seated in ``pool``."""
+    buyers = market.buyers
+    return [
+        Phone(env, np.random.default_rng(rng.integers(2**63)), scenario.phones,
+              buyers[i % len(buyers)], client, user_names,
+              writer["deliveries"], pool=pool)  # type: ignore[arg-type]
+        for i in range(min(scenario.phones.count, len(buyers)))
+    ]  # fmt: skip
+
+
+def _live_messages_to(phones: list[Phone]) -> Callable[[dict[str, list[UserEntry]]], None]:
+    """The fan-out's live messages, each user's to that user's phone (if it has one)."""
+    by_user = {phone.user: phone for phone in phones}
+
+    def fanned_out(live: dict[str, list[UserEntry]]) -> None:
+        for user, entries in live.items():
+            if (phone := by_user.get(user)) is not None:
+                phone.notify(entries)
+
+    return fanned_out
+
+
+def _schedule(world: World) -> None:
+    """Start every SimPy process. The order is part of the run: processes due at the
+    same instant run in the order they were started, and each group's generators are
+    drawn here, so changing it changes the tables."""
+    env, runtime, rngs = world.env, world.runtime, world.rngs
+    env.process(world.market.run())
+    env.process(runtime.relay_loop())
+    env.process(runtime.timer_loop())
+    samples = world.writer["samples"]
+    env.process(runtime.sampler(world.scenario.run.sample_every_s, samples))  # type: ignore[arg-type]
+    for i, group in enumerate(world.groups):
+        env.process(
+            runtime.consumer_loop(group, np.random.default_rng(rngs[4].integers(2**63) + i))
+        )
+        env.process(runtime.crash_loop(group, np.random.default_rng(rngs[2].integers(2**63) + i)))
+    env.process(world.redis_faults.run())
+    for phone in world.phones:
+        env.process(phone.run())
+    for server_no in range(world.scenario.servers.count):
+        env.process(world.server_faults.run(server_no))
+
+
+def _run(world: World, progress: Progress | None) -> None:
+    """The load, then the drain: at ``run.duration_s`` the runtime heals (no more
+    faults, every consumer back). Run in steps so ``progress`` hears of it."""
+    env, runtime = world.env, world.runtime
+    load_s, total = world.load_s, world.total_s
+    step = max(total / 200, 1.0)
+    t = 0.0
+    while t < total:
+        t = min(total, t + step)
+        if t >= load_s and not runtime.healed:
+            if env.now < load_s:
+                env.run(until=load_s)
+            runtime.heal()
+        if t > env.now:
+            env.run(until=t)
+        if progress:
+            progress(t, total)
+
+
+def _finish(world: World) -> None:
+    """The last instant: publish what it committed, let every consumer take it, and
+    let every phone connect once more and take what is waiting for it."""
+    world.runtime.finish()
+    for phone in world.phones:
+        phone.stop = True
+        phone.final_drain()
+    world.runtime.close()
+
+
+def _collect(world: World, started: float) -> dict[str, Any]:
+    """The end-of-run tables (:func:`collect`) and the manifest (not yet written)."""
+    world.writer["faults"].extend(world.faults)
+    collect(world, world.writer)
+    manifest = _manifest(
+        world.scenario, world.seed, started, world.load_s, world.scenario.run.drain_s,
+        world.url, world.server,
+    )  # fmt: skip
+    manifest["cpu"] = world.cpu
+    stats = world.runtime.relay.stats  # what the repair put back after Redis lost writes
+    manifest["relay"] = {
+        "published": stats.published,
+        "repairs": stats.repairs,
+        "repaired": stats.repaired,
+        "unrepairable": stats.unrepairable,
+    }
+    manifest["supervisor_gave_up"] = dict(world.runtime.restarts.given_up)
     return manifest
 
 
@@ -329,20 +481,33 @@ def _clear(client: redis.Redis, prefix: str) -> None:
 CHUNK = 5000  # events per step of the end-of-run collection
 
 
-def collect(
-    writer: RunWriter,
-    store: Store,
-    client: redis.Redis,
-    names: StreamNames,
-    user_names: UserStreamNames,
-    groups: tuple[str, ...],
-    handling_dir: Path,
-    epoch: float,
-    market: Market,
-    phones: list[Phone],
-) -> None:
-    """Write the end-of-run tables: what the store and Redis hold at the end, joined
-    with the consumers' handling logs (``handling_dir/<group>-<n>.log``).
+class EndOfRun(Protocol):
+    """What :func:`collect` reads of a world once its run is over (a virtual
+    :class:`World`, or a real-time run's world)."""
+
+    @property
+    def store(self) -> Store: ...
+    @property
+    def client(self) -> redis.Redis: ...
+    @property
+    def names(self) -> StreamNames: ...
+    @property
+    def user_names(self) -> UserStreamNames: ...
+    @property
+    def groups(self) -> tuple[str, ...]: ...
+    @property
+    def handling_dir(self) -> Path: ...
+    @property
+    def clock(self) -> SimClock: ...
+    @property
+    def market(self) -> Market: ...
+    @property
+    def phones(self) -> Sequence[Phone]: ...
+
+
+def collect(world: EndOfRun, writer: RunWriter) -> None:
+    """Write the end-of-run tables to ``writer``: what the world's store and Redis hold
+    at the end, joined with the consumers' handling logs (``handling_dir/<group>-<n>.log``).
 
     If the fan-out recorded its entries as it made them (virtual time: the
     ``user_streams`` table is written already, and ``effects-fanout-*.log`` has
@@ -352,20 +517,42 @@ def collect(
     per-event lookups go through an on-disk index, so a long run does not need
     its whole history in memory at once.
     """
-    effect_logs = sorted(handling_dir.glob("effects-fanout-*.log"))
-    fanout_effects: Counter[str] | None = None
-    if not effect_logs:
-        user_rows = []
-        for key in client.scan_iter(match=f"{user_names.prefix}:user:*", count=1000):
-            user = key.decode().split(":", 2)[2]
-            for entry_id, fields in client.xrange(key):
-                user_rows.append((user, entry_id.decode(), fields[b"event_id"].decode()))
-        user_rows.sort(key=lambda r: (r[0], tuple(map(int, r[1].split("-")))))
-        writer["user_streams"].write_frame(
-            pd.DataFrame(user_rows, columns=["user", "entry_id", "event_id"])
-        )
-        fanout_effects = Counter(r[2] for r in user_rows)
-        del user_rows
+    effect_logs = sorted(world.handling_dir.glob("effects-fanout-*.log"))
+    fanout_effects = None if effect_logs else _user_streams_from_redis(world, writer)
+    _write_published_and_handled(world, writer, effect_logs, fanout_effects)
+    final = []
+    for group in world.groups:
+        pending, _, lag, _ = backlog(world.client, world.names, group)
+        final.append({"group": group, "pending": pending, "lag": lag})
+    writer["final"].extend(final)
+    writer["phones"].extend({"phone": p.user, "start_after": "0-0"} for p in world.phones)
+    _write_store_tables(world, writer)
+
+
+def _user_streams_from_redis(world: EndOfRun, writer: RunWriter) -> Counter[str]:
+    """The ``user_streams`` table as Redis holds it now; each event's entry count."""
+    user_rows = []
+    for key in world.client.scan_iter(match=f"{world.user_names.prefix}:user:*", count=1000):
+        user = key.decode().split(":", 2)[2]
+        for entry_id, fields in world.client.xrange(key):
+            user_rows.append((user, entry_id.decode(), fields[b"event_id"].decode()))
+    user_rows.sort(key=lambda r: (r[0], tuple(map(int, r[1].split("-")))))
+    writer["user_streams"].write_frame(
+        pd.DataFrame(user_rows, columns=["user", "entry_id", "event_id"])
+    )
+    return Counter(r[2] for r in user_rows)
+
+
+def _write_published_and_handled(
+    world: EndOfRun,
+    writer: RunWriter,
+    effect_logs: list[Path],
+    fanout_effects: Counter[str] | None,
+) -> None:
+    """The ``published`` table (the outbox) and the ``handled`` table: per event and
+    group, what the handlers were given, what they made, what they should have made."""
+    store, groups, epoch = world.store, world.groups, world.clock.epoch
+    handling_dir = world.handling_dir
     handlers = {g: make_handler(g, store) for g in HANDLERS}
     types = {g: aggregate_types_of(g) for g in groups}
     index = HandlingIndex(
@@ -393,14 +580,13 @@ def collect(
                     _handled_row(group, e, calls, effects[group], handlers, epoch) for e in mine
                 )
     index.close()
-    final = []
-    for group in groups:
-        pending, _, lag, _ = backlog(client, names, group)
-        final.append({"group": group, "pending": pending, "lag": lag})
-    writer["final"].extend(final)
-    writer["phones"].extend({"phone": p.user, "start_after": "0-0"} for p in phones)
-    classes = market.escrows
-    with store.engine.connect() as conn:
+
+
+def _write_store_tables(world: EndOfRun, writer: RunWriter) -> None:
+    """The ``escrows`` (with the market's ground-truth classes), ``ledger`` and
+    ``risk`` tables, from the store."""
+    classes, epoch = world.market.escrows, world.clock.epoch
+    with world.store.engine.connect() as conn:
         result = conn.execution_options(yield_per=CHUNK).execute(
             select(escrows).order_by(escrows.c.created_at, escrows.c.id)
         )

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import simpy
 
+from simulations.scenario import MpesaParams
 from workbench.payments.mpesa import (
     _DESCRIPTIONS,
     RESULT_CANCELLED_BY_USER,
@@ -40,7 +41,7 @@ class MpesaGateway:
         self,
         env: simpy.Environment,
         rng: np.random.Generator,
-        params: dict[str, Any],
+        params: MpesaParams,
         deliver: Callable[[str, dict[str, Any]], None],
         query_rng: np.random.Generator | None = None,
     ) -> None:
@@ -72,16 +73,14 @@ class MpesaGateway:
     def answer(self, checkout: str, amount: int, callback_url: str = "", phone: str = "") -> None:
         """Schedule the callback(s) of a push whose CheckoutRequestID was made elsewhere
         (in real time, by the gateway the service called)."""
-        failed = self.rng.random() < self.p["failure_p"]
+        failed = self.rng.random() < self.p.failure_p
         code = int(self.rng.choice(_FAILURES)) if failed else RESULT_OK
         receipt = f"S{int(self.rng.integers(2**40)):010X}"
         body = stk_callback(
             checkout, code, amount=amount, receipt=receipt, phone=phone or "254700000000"
         )
-        copies = 2 if self.rng.random() < self.p["duplicate_p"] else 1
-        delays = [
-            self.rng.uniform(self.p["delay_min_s"], self.p["delay_max_s"]) for _ in range(copies)
-        ]
+        copies = 2 if self.rng.random() < self.p.duplicate_p else 1
+        delays = [self.rng.uniform(self.p.delay_min_s, self.p.delay_max_s) for _ in range(copies)]
         self.results[checkout] = (code, self.env.now + min(delays))
         for delay in delays:
             self.env.process(self._send(delay, callback_url, body))
@@ -89,7 +88,7 @@ class MpesaGateway:
     def query(self, checkout: str) -> QueryResult:
         """STK Push Query, as the gateway knows the payment now."""
         self.queries += 1
-        if self.query_rng.random() < self.p.get("query_unavailable_p", 0.0):
+        if self.query_rng.random() < self.p.query_unavailable_p:
             raise GatewayUnavailable("simulated M-Pesa: the query service is unavailable")
         decided = self.results.get(checkout)
         if decided is None:
@@ -100,7 +99,7 @@ class MpesaGateway:
         return QueryResult(checkout, code, _DESCRIPTIONS.get(code, "Failed"))
 
     def query_latency(self) -> float:
-        low, high = self.p.get("query_delay_min_s", 0.0), self.p.get("query_delay_max_s", 0.0)
+        low, high = self.p.query_delay_min_s, self.p.query_delay_max_s
         return float(self.query_rng.uniform(low, high)) if high > 0 else 0.0
 
     def _send(self, delay: float, url: str, body: dict[str, Any]) -> Any:

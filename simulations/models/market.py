@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import simpy
 
+from simulations.scenario import MarketParams
 from workbench.domain.escrow import ADMIN, DomainError, EscrowState
 from workbench.service import EscrowService
 
@@ -29,7 +30,7 @@ class Market:
         self,
         env: simpy.Environment,
         rng: np.random.Generator,
-        params: dict[str, Any],
+        params: MarketParams,
         service: EscrowService,
         record: Record,
         *,
@@ -41,14 +42,14 @@ class Market:
         self.service = service
         self.record = record
         self.until = until
-        self.buyers = [f"buyer-{i}" for i in range(params["buyers"])]
-        self.sellers = [f"seller-{i}" for i in range(params["sellers"])]
-        cut = np.cumsum([params["honest_p"], params["slow_p"]])
+        self.buyers = [f"buyer-{i}" for i in range(params.buyers)]
+        self.sellers = [f"seller-{i}" for i in range(params.sellers)]
+        cut = np.cumsum([params.honest_p, params.slow_p])
         self.seller_class = {
             s: ("honest" if u < cut[0] else "slow" if u < cut[1] else "fraudulent")
             for s, u in zip(self.sellers, rng.random(len(self.sellers)), strict=True)
         }
-        cut_b = np.cumsum([params["disputer_p"], params["abandoner_p"]])
+        cut_b = np.cumsum([params.disputer_p, params.abandoner_p])
         self.buyer_class = {
             b: ("disputer" if u < cut_b[0] else "abandoner" if u < cut_b[1] else "regular")
             for b, u in zip(self.buyers, rng.random(len(self.buyers)), strict=True)
@@ -57,8 +58,8 @@ class Market:
         self.opened = 0
 
     def run(self) -> Any:
-        rate = self.p["arrival_rate"]
-        profile = self.p["profile"] or [1.0] * 24
+        rate = self.p.arrival_rate
+        profile = self.p.profile or [1.0] * 24
         peak = rate * max(profile)
         if peak <= 0:
             return
@@ -68,7 +69,7 @@ class Market:
             yield self.env.timeout(self.rng.exponential(1.0 / peak))
             if self.env.now >= self.until:
                 return
-            hour = int(self.env.now % self.p["day_s"] * 24 // self.p["day_s"])
+            hour = int(self.env.now % self.p.day_s * 24 // self.p.day_s)
             if self.rng.random() * peak <= rate * profile[hour]:
                 self.env.process(self.lifecycle())
 
@@ -92,7 +93,7 @@ class Market:
         p, rng = self.p, self.rng
         buyer = self.buyers[int(rng.integers(len(self.buyers)))]
         seller = self.sellers[int(rng.integers(len(self.sellers)))]
-        amount = int(rng.integers(p["amount_min"], p["amount_max"] + 1))
+        amount = int(rng.integers(p.amount_min, p.amount_max + 1))
         created = self._do(
             "create", None, buyer, lambda: self.service.create(buyer, seller, amount)
         )
@@ -102,15 +103,15 @@ class Market:
         self.opened += 1
         buyer_class = self.buyer_class[buyer]
         self.escrows[escrow_id] = (self.seller_class[seller], buyer_class)
-        if not p["lifecycle"]:
+        if not p.lifecycle:
             return
-        if rng.random() < p["cancel_p"]:
-            yield self.env.timeout(rng.exponential(p["fund_delay_mean_s"]))
+        if rng.random() < p.cancel_p:
+            yield self.env.timeout(rng.exponential(p.fund_delay_mean_s))
             self._do("cancel", escrow_id, buyer, lambda: self.service.cancel(escrow_id, buyer))
             return
         if buyer_class == "abandoner":
             return  # never pays: the payment timer expires the escrow
-        yield self.env.timeout(rng.exponential(p["fund_delay_mean_s"]))
+        yield self.env.timeout(rng.exponential(p.fund_delay_mean_s))
         self._do(
             "fund", escrow_id, buyer, lambda: self.service.fund(escrow_id, buyer, "254700000000")
         )
@@ -125,15 +126,15 @@ class Market:
         cls = self.seller_class[seller]
         if cls == "fraudulent":
             return  # never ships: the shipping timer refunds the buyer
-        ship_mean = p["ship_delay_mean_s"] * (p["slow_factor"] if cls == "slow" else 1.0)
+        ship_mean = p.ship_delay_mean_s * (p.slow_factor if cls == "slow" else 1.0)
         yield self.env.timeout(rng.exponential(ship_mean))
         if (
             self._do("ship", escrow_id, seller, lambda: self.service.ship(escrow_id, seller))
             is None
         ):
             return
-        yield self.env.timeout(rng.exponential(p["confirm_delay_mean_s"]))
-        dispute_p = p["dispute_p"] * (p["disputer_factor"] if buyer_class == "disputer" else 1.0)
+        yield self.env.timeout(rng.exponential(p.confirm_delay_mean_s))
+        dispute_p = p.dispute_p * (p.disputer_factor if buyer_class == "disputer" else 1.0)
         if rng.random() < min(1.0, dispute_p):
             if (
                 self._do(
@@ -145,8 +146,8 @@ class Market:
                 is None
             ):
                 return
-            yield self.env.timeout(rng.exponential(p["confirm_delay_mean_s"]))
-            outcome = "refund" if rng.random() < p["refund_p"] else "release"
+            yield self.env.timeout(rng.exponential(p.confirm_delay_mean_s))
+            outcome = "refund" if rng.random() < p.refund_p else "release"
             self._do(
                 "resolve", escrow_id, ADMIN, lambda: self.service.resolve(escrow_id, ADMIN, outcome)
             )

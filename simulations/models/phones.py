@@ -28,6 +28,7 @@ import redis
 import simpy
 
 from simulations.models.supervision import SupervisedRestarts
+from simulations.scenario import PhonesParams, ServersParams
 from workbench.delivery.handoff import (
     HistoryLost,
     Live,
@@ -75,7 +76,7 @@ class ServerFaults:
         self,
         env: simpy.Environment,
         rng: np.random.Generator,
-        params: dict[str, Any],
+        params: ServersParams,
         pool: ServerPool,
         faults: list[dict[str, Any]],
         until: float,
@@ -91,10 +92,10 @@ class ServerFaults:
         pass
 
     def run(self, server: int) -> Any:
-        if self.p["mtbf_s"] <= 0:
+        if self.p.mtbf_s <= 0:
             return
         while True:
-            yield self.env.timeout(self.rng.exponential(self.p["mtbf_s"]))
+            yield self.env.timeout(self.rng.exponential(self.p.mtbf_s))
             if self.env.now >= self.until:
                 return
             self.kill(server)
@@ -120,12 +121,15 @@ class Phone:
         self,
         env: simpy.Environment,
         rng: np.random.Generator,
-        params: dict[str, Any],
+        params: PhonesParams,
         user: str,
         client: redis.Redis,
         names: UserStreamNames,
         deliveries: list[dict[str, Any]],
+        pool: ServerPool | None = None,
     ) -> None:
+        """A phone of ``user``; with a ``pool`` it takes a seat there (its sessions end
+        when their server dies), without one it is always on server 0's side."""
         self.env = env
         self.rng = rng
         self.p = params
@@ -136,12 +140,14 @@ class Phone:
         self.cursor: StreamId | None = ZERO  # Last-Event-ID; None once lost
         self.connection = 0
         self.stop = False
-        self.pool: ServerPool | None = None
+        self.pool = pool
         self.server: int | None = None
         self.connected = False
         self.dropped = False  # the server died under this connection
         self._news = env.event()
         self._live: list[UserEntry] = []  # live messages not yet taken
+        if pool is not None:
+            pool.phones.append(self)
 
     def _record(self, source: str, entry_id: str, event_id: str) -> None:
         self.deliveries.append(
@@ -224,7 +230,7 @@ class Phone:
         if self.pool is None:
             return
         while (server := self.pool.choose(self.rng)) is None:
-            yield self.env.timeout(self.p["reconnect_mean_s"])
+            yield self.env.timeout(self.p.reconnect_mean_s)
         self.server = server
 
     def run(self) -> Any:
@@ -235,7 +241,7 @@ class Phone:
             self.connected, self.dropped = True, False
             try:
                 yield from self._connected_until(
-                    self.env.now + rng.exponential(p["connection_mean_s"])
+                    self.env.now + rng.exponential(p.connection_mean_s)
                 )
             except HistoryLost:
                 self.cursor = None  # `event: reset`: resync from the snapshot next time
@@ -244,8 +250,8 @@ class Phone:
             self.connected = False
             if self.stop:
                 return
-            yield self.env.timeout(rng.exponential(p["reconnect_mean_s"]))
-            if rng.random() < p["lose_id_p"]:
+            yield self.env.timeout(rng.exponential(p.reconnect_mean_s))
+            if rng.random() < p.lose_id_p:
                 self.cursor = None
 
     def final_drain(self) -> None:

@@ -12,19 +12,18 @@ the recovery that the shipped configuration gives.
 
 from __future__ import annotations
 
-from typing import Any
-
+from simulations.scenario import SupervisorParams
 from workbench.ops.supervision import GiveUp, RestartPolicy, Supervisor
 
 
-def policy_of(params: dict[str, Any]) -> RestartPolicy:
+def policy_of(params: SupervisorParams) -> RestartPolicy:
     """The scenario's ``supervisor`` section as serve's restart policy."""
     return RestartPolicy(
-        initial_backoff_s=float(params["initial_backoff_s"]),
-        max_backoff_s=float(params["max_backoff_s"]),
-        stable_after_s=float(params["stable_after_s"]),
-        max_restarts=int(params["max_restarts"]),
-        window_s=float(params["window_s"]),
+        initial_backoff_s=float(params.initial_backoff_s),
+        max_backoff_s=float(params.max_backoff_s),
+        stable_after_s=float(params.stable_after_s),
+        max_restarts=int(params.max_restarts),
+        window_s=float(params.window_s),
     )
 
 

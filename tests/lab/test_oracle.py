@@ -26,9 +26,9 @@ T_975_DF5 = 2.571  # Student's t, 97.5% quantile, 5 degrees of freedom
 def test_single_consumer_queue_matches_mm1(redis_server) -> None:  # type: ignore[no-untyped-def]
     # Redis sampled every virtual second: the L side of Little's law.
     scenario = load("mm1", ["run.sample_every_s=1"])
-    lam = scenario["market"]["arrival_rate"]
-    mu = scenario["consumers"]["service_rate"]
-    horizon = scenario["run"]["duration_s"]
+    lam = scenario.market.arrival_rate
+    mu = scenario.consumers.service_rate
+    horizon = scenario.run.duration_s
     means, littles = [], []
     for seed in SEEDS:
         tables = simulate(scenario, seed, redis_url=redis_server.url, prefix=f"mm1-{seed}")

@@ -34,6 +34,8 @@ def test_the_five_scenarios_exist_and_load() -> None:
         ("baseline", ["market.arrival_rate=-1"], "must not be negative"),
         ("baseline", ["arrival_rate=2"], "section.key=value"),
         ("baseline", ["consumers.ack_before_effect=1"], "true or false"),
+        ("baseline", ["phones.count=2.5"], "phones.count must be a whole number"),
+        ("baseline", ["consumers.only=1"], "consumers.only must be a string"),
     ],
 )
 def test_bad_scenarios_and_overrides_say_what_exists(
