@@ -51,18 +51,21 @@ __all__ = [
     "simulate",
     "simulate_to",
 ]
-__getattr__ = lazy(__name__, {
-    "CheckReport": "analysis.checker",
-    "Run": "analysis.results",
-    "RunTables": "analysis.tables",
-    "Scenario": "scenario",
-    "ScenarioError": "scenario",
-    "check": "analysis.checker",
-    "check_dir": "analysis.checker",
-    "inspection_frames": "analysis.report",
-    "load": "scenario",
-    "load_run": "analysis.results",
-    "run_scenario": "analysis.results",
-    "simulate": "drivers.virtual",
-    "simulate_to": "drivers.virtual",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "CheckReport": "analysis.checker",
+        "Run": "analysis.results",
+        "RunTables": "analysis.tables",
+        "Scenario": "scenario",
+        "ScenarioError": "scenario",
+        "check": "analysis.checker",
+        "check_dir": "analysis.checker",
+        "inspection_frames": "analysis.report",
+        "load": "scenario",
+        "load_run": "analysis.results",
+        "run_scenario": "analysis.results",
+        "simulate": "drivers.virtual",
+        "simulate_to": "drivers.virtual",
+    },
+)

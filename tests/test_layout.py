@@ -63,8 +63,9 @@ def _imports(path: Path, module: str, *, top_level_only: bool) -> set[str]:
 
 def test_the_runtime_source_never_imports_the_lab() -> None:
     offenders = {
-        module: sorted(i for i in _imports(path, module, top_level_only=False)
-                       if i.split(".")[0] in LAB_ONLY)  # fmt: skip
+        module: sorted(
+            i for i in _imports(path, module, top_level_only=False) if i.split(".")[0] in LAB_ONLY
+        )  # fmt: skip
         for module, path in zip(_modules("workbench"), _paths("workbench"), strict=True)
     }
     offenders = {m: found for m, found in offenders.items() if found}
@@ -102,7 +103,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt):], nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -154,8 +155,10 @@ def test_the_runtime_installs_and_runs_without_the_lab(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert lab.returncode == 2
     assert "pip install 'escrow-workbench[lab]'" in lab.stderr and "Traceback" not in lab.stderr
-    dashboard = "from importlib.resources import files; " \
+    dashboard = (
+        "from importlib.resources import files; "
         "assert (files('workbench.http') / 'static' / 'dashboard.html').is_file()"
+    )
     subprocess.run([str(venv / "bin/python"), "-c", dashboard], cwd=tmp_path, check=True)
     pandas = subprocess.run([str(venv / "bin/python"), "-c", "import pandas"], capture_output=True)
     assert pandas.returncode != 0  # the lab's dependencies really are absent

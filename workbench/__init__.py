@@ -60,19 +60,22 @@ __all__ = [
     "serve",
 ]
 __version__ = "0.1.0"
-__getattr__ = lazy(__name__, {
-    "ConsumerSettings": "streams.consumer",
-    "ConsumerWorker": "streams.consumer",
-    "EscrowService": "service",
-    "FanoutHandler": "handlers.fanout",
-    "Inspection": "ops.inspection",
-    "OutboxRelay": "streams.relay",
-    "RedisServer": "ops.redis_server",
-    "Store": "store",
-    "StreamNames": "streams.keys",
-    "connect": "streams.connection",
-    "create_app": "http.app",
-    "inspect": "ops.inspection",
-    "make_handler": "handlers",
-    "serve": "ops.serve",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "ConsumerSettings": "streams.consumer",
+        "ConsumerWorker": "streams.consumer",
+        "EscrowService": "service",
+        "FanoutHandler": "handlers.fanout",
+        "Inspection": "ops.inspection",
+        "OutboxRelay": "streams.relay",
+        "RedisServer": "ops.redis_server",
+        "Store": "store",
+        "StreamNames": "streams.keys",
+        "connect": "streams.connection",
+        "create_app": "http.app",
+        "inspect": "ops.inspection",
+        "make_handler": "handlers",
+        "serve": "ops.serve",
+    },
+)

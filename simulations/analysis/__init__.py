@@ -34,16 +34,19 @@ __all__ = [
     "run_scenario",
     "summarise",
 ]
-__getattr__ = lazy(__name__, {
-    "CheckReport": "checker",
-    "Run": "results",
-    "RunTables": "tables",
-    "RunWriter": "tables",
-    "check": "checker",
-    "check_dir": "checker",
-    "inspection_frames": "report",
-    "load_run": "results",
-    "print_report": "checker",
-    "run_scenario": "results",
-    "summarise": "timings",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "CheckReport": "checker",
+        "Run": "results",
+        "RunTables": "tables",
+        "RunWriter": "tables",
+        "check": "checker",
+        "check_dir": "checker",
+        "inspection_frames": "report",
+        "load_run": "results",
+        "print_report": "checker",
+        "run_scenario": "results",
+        "summarise": "timings",
+    },
+)

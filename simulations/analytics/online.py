@@ -183,5 +183,3 @@ def backlog(
         if id_tuple(mine[0]["last-delivered-id"]) < id_tuple(last):
             behind += 1
     return pending, behind
-
-

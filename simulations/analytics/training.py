@@ -91,6 +91,7 @@ from workbench.domain.clock import Clock, SystemClock
 if TYPE_CHECKING:
     from simulations.analysis.tables import RunTables
 
+
 def make_estimator() -> Pipeline:
     """The untrained pipeline (see the module docstring)."""
     return Pipeline(

@@ -28,12 +28,15 @@ __all__ = [
     "simulate_to",
     "sweep",
 ]
-__getattr__ = lazy(__name__, {
-    "DemoConfig": "demo",
-    "run_demo": "demo",
-    "simulate": "virtual",
-    "simulate_realtime": "realtime",
-    "simulate_realtime_to": "realtime",
-    "simulate_to": "virtual",
-    "sweep": "sweep",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "DemoConfig": "demo",
+        "run_demo": "demo",
+        "simulate": "virtual",
+        "simulate_realtime": "realtime",
+        "simulate_realtime_to": "realtime",
+        "simulate_to": "virtual",
+        "sweep": "sweep",
+    },
+)

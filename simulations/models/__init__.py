@@ -29,11 +29,14 @@ __all__ = [
     "SimClock",
     "SupervisedRestarts",
 ]
-__getattr__ = lazy(__name__, {
-    "Market": "market",
-    "MpesaGateway": "gateway",
-    "Phone": "phones",
-    "ServerPool": "phones",
-    "SimClock": "clock",
-    "SupervisedRestarts": "supervision",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "Market": "market",
+        "MpesaGateway": "gateway",
+        "Phone": "phones",
+        "ServerPool": "phones",
+        "SimClock": "clock",
+        "SupervisedRestarts": "supervision",
+    },
+)

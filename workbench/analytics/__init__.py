@@ -45,13 +45,16 @@ __all__ = [
     "load",
     "stored_facts",
 ]
-__getattr__ = lazy(__name__, {
-    "Fact": "features",
-    "FeatureState": "features",
-    "GROUP": "scorer",
-    "MODEL_FEATURES": "features",
-    "RiskModel": "model",
-    "RiskScorer": "scorer",
-    "load": "model",
-    "stored_facts": "scorer",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "Fact": "features",
+        "FeatureState": "features",
+        "GROUP": "scorer",
+        "MODEL_FEATURES": "features",
+        "RiskModel": "model",
+        "RiskScorer": "scorer",
+        "load": "model",
+        "stored_facts": "scorer",
+    },
+)

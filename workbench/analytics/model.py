@@ -30,7 +30,6 @@ METADATA_FILE = "metadata.json"
 POSITIVE_CLASS = "fraudulent"
 
 
-
 @dataclass(frozen=True)
 class RiskModel:
     """A fitted estimator with what it takes to use it: its features, threshold

@@ -33,13 +33,16 @@ __all__ = [
     "UserStreamReader",
     "UserStreams",
 ]
-__getattr__ = lazy(__name__, {
-    "HistoryLost": "handoff",
-    "Hub": "hub",
-    "LiveReader": "live",
-    "ReplaySession": "handoff",
-    "SseSession": "sessions",
-    "UserEntry": "handoff",
-    "UserStreamReader": "userstreams",
-    "UserStreams": "userstreams",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "HistoryLost": "handoff",
+        "Hub": "hub",
+        "LiveReader": "live",
+        "ReplaySession": "handoff",
+        "SseSession": "sessions",
+        "UserEntry": "handoff",
+        "UserStreamReader": "userstreams",
+        "UserStreams": "userstreams",
+    },
+)

@@ -32,10 +32,13 @@ __all__ = [
     "create_app",
     "issue_token",
 ]
-__getattr__ = lazy(__name__, {
-    "App": "state",
-    "EdgeLimits": "edge",
-    "Settings": "settings",
-    "create_app": "app",
-    "issue_token": "auth",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "App": "state",
+        "EdgeLimits": "edge",
+        "Settings": "settings",
+        "create_app": "app",
+        "issue_token": "auth",
+    },
+)

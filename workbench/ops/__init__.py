@@ -35,15 +35,18 @@ __all__ = [
     "serve",
     "wait_until",
 ]
-__getattr__ = lazy(__name__, {
-    "Inspection": "inspection",
-    "RedisServer": "redis_server",
-    "RestartPolicy": "supervision",
-    "ServeOptions": "serve",
-    "StopRequest": "shutdown",
-    "Supervisor": "supervision",
-    "inspect": "inspection",
-    "print_inspection": "inspection",
-    "serve": "serve",
-    "wait_until": "waiting",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "Inspection": "inspection",
+        "RedisServer": "redis_server",
+        "RestartPolicy": "supervision",
+        "ServeOptions": "serve",
+        "StopRequest": "shutdown",
+        "Supervisor": "supervision",
+        "inspect": "inspection",
+        "print_inspection": "inspection",
+        "serve": "serve",
+        "wait_until": "waiting",
+    },
+)

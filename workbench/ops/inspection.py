@@ -73,8 +73,6 @@ def _records(rows: list[list[Any]], columns: list[str]) -> Rows:
     return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
-
-
 def _count_after(client: redis.Redis, stream: str, last_id: str, page: int = 10_000) -> int:
     count, start = 0, f"({last_id}"
     while True:

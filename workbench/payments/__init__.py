@@ -40,16 +40,19 @@ __all__ = [
     "parse_callback",
     "reference_of",
 ]
-__getattr__ = lazy(__name__, {
-    "CallbackError": "mpesa",
-    "DarajaClient": "daraja",
-    "DarajaConfig": "daraja",
-    "DarajaStub": "daraja",
-    "GatewayBehaviour": "mpesa",
-    "GatewayUnavailable": "mpesa",
-    "QueryResult": "mpesa",
-    "SimulatedGateway": "mpesa",
-    "callback_token": "mpesa",
-    "parse_callback": "mpesa",
-    "reference_of": "mpesa",
-})
+__getattr__ = lazy(
+    __name__,
+    {
+        "CallbackError": "mpesa",
+        "DarajaClient": "daraja",
+        "DarajaConfig": "daraja",
+        "DarajaStub": "daraja",
+        "GatewayBehaviour": "mpesa",
+        "GatewayUnavailable": "mpesa",
+        "QueryResult": "mpesa",
+        "SimulatedGateway": "mpesa",
+        "callback_token": "mpesa",
+        "parse_callback": "mpesa",
+        "reference_of": "mpesa",
+    },
+)

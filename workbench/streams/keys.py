@@ -65,7 +65,6 @@ class UserStreamNames:
         return f"{self.prefix}:live"
 
 
-
 @dataclass(frozen=True)
 class RiskNames:
     """Key names of the risk stream and its dedupe markers under a prefix."""
