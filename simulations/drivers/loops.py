@@ -32,7 +32,7 @@ from simulations.analysis.handling import HandlingLog
 from simulations.faults import CRASH_POINTS, AckFirstWorker, CrashingWorker
 from simulations.models.clock import SimClock
 from simulations.models.supervision import SupervisedRestarts, policy_of
-from workbench.delivery.handoff import UserEntry
+from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, parse
