@@ -4,7 +4,7 @@ The input is a :class:`~simulations.analysis.tables.RunTables`; the output a :cl
 DataFrames. Everything here is sans-IO and vectorised (pandas, numpy, pyarrow for
 parsing stream ids), so a run with a million deliveries checks in seconds.
 
-The vocabulary is Jepsen's total-queue checker (see ``shared/field-notes.md``): a run
+The vocabulary is Jepsen's total-queue checker (``jepsen.checker/total-queue``): a run
 ends with a drain, and each message that should have arrived is **ok**, **lost** or
 **duplicated**; a message that arrived but was never sent is **unexpected**; an ok
 message that needed a redelivery is **recovered**; and, as in Jepsen's Kafka
@@ -14,8 +14,8 @@ drain did not end, so nothing can be said of those messages, and an unfinished r
 is never OK (a group that stopped consuming must not pass as "nothing lost").
 
 Consumer groups
-    A group consumes the streams ``HANDLERS[group].aggregate_types`` (``fanout``: all
-    four). Its expected events are the published events on those streams. The
+    A group consumes the streams :func:`~workbench.handlers.aggregate_types_of` names
+    (``fanout``: all four). Its expected events are the published events on those streams. The
     ``handled`` row of (group, event) says how many rows or entries the event left
     behind (``effects``) and how many it should have (``expected_effects``):
 
@@ -157,8 +157,8 @@ class CheckReport:
 def check(run: RunTables) -> CheckReport:
     """Check every group, every phone and the money invariants of ``run``.
 
-    Raises ``ValueError`` for a group that :data:`~workbench.handlers.HANDLERS` does
-    not know, and :class:`~workbench.domain.streamid.MalformedStreamId` for a bad entry id.
+    Raises ``ValueError`` for a group that :func:`~workbench.handlers.aggregate_types_of`
+    does not know, and :class:`~workbench.domain.streamid.MalformedStreamId` for a bad entry id.
     """
     published = _published(run.published)
     groups, delivery_counts, group_problems = _check_groups(published, run.handled, run.final)

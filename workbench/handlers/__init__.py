@@ -45,7 +45,7 @@ def aggregate_types_of(group: str) -> tuple[str, ...]:
     if group == "fanout":
         return AGGREGATE_TYPES  # FanoutHandler.aggregate_types, without importing it
     if group == "analytics":
-        return ("escrow", "payment", "dispute")  # workbench.analytics.ANALYTICS_AGGREGATES
+        return ("escrow", "payment", "dispute")  # analytics.features.ANALYTICS_AGGREGATES
     try:
         return tuple(HANDLERS[group].aggregate_types)
     except KeyError:

@@ -34,8 +34,8 @@ then: SQL handlers commit the effect and the inbox row together). Then:
 
 The decisions (what to handle now, whom to claim from, what to dead-letter) are
 pure functions in :mod:`workbench.streams.decisions`; the class is the thin
-Redis loop around them, and
-``poll()`` is one step of it, so a simulation can drive it at virtual instants.
+Redis loop around them, and ``poll()`` is one step of it, so a simulation can
+drive it at virtual instants.
 """
 
 from __future__ import annotations
