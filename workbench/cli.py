@@ -24,7 +24,7 @@ import click
 
 from workbench.delivery.userstreams import DEFAULT_USER_MAXLEN
 from workbench.domain.clock import clock_from_env, simulated
-from workbench.handlers import ALL_GROUPS, make_handler
+from workbench.handlers import ALL_GROUPS, handler_for
 from workbench.handlers.fanout import FanoutHandler
 from workbench.store import Store, database_url
 from workbench.streams.connection import connect
@@ -199,15 +199,16 @@ def worker(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if group == "fanout":
-        handler: Any = FanoutHandler(
+    handler: Any = handler_for(
+        group, store, clock,
+        fanout=lambda: FanoutHandler(
             client, StreamNames(prefix), user_maxlen=user_maxlen, user_max_age_s=user_max_age,
             clock=simulated(clock),
-        )  # fmt: skip
-    elif group == "analytics":
-        handler = _risk_scorer(store, client, clock, model_dir, prefix, risk_prefix, group_name)
-    else:
-        handler = make_handler(group, store, clock)
+        ),
+        analytics=lambda: _risk_scorer(
+            store, client, clock, model_dir, prefix, risk_prefix, group_name
+        ),
+    )  # fmt: skip
     w = make_worker(
         client, handler, consumer=consumer, names=StreamNames(prefix), settings=settings,
         clock=clock,

@@ -43,7 +43,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -91,6 +91,12 @@ from workbench.store import (
 )
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+#: Attempts of a transaction that lost a race to a concurrent twin (see
+#: ``EscrowService._in_transaction``): a twin commits once, so the second
+#: attempt normally answers; the third covers a twin of a twin.
+_ATTEMPTS = 3
 
 
 class EscrowNotFound(DomainError):
@@ -611,66 +617,70 @@ class EscrowService:
         flight (cancelled, say), the checkout is still recorded, so money that
         arrives for it is refunded; no ``payment.requested`` is emitted.
         """
-        for attempt in range(3):
+        return self._in_transaction(
+            lambda conn: self._record_push_in(
+                conn, reference, checkout, idempotency_key=idempotency_key, fingerprint=fingerprint
+            )
+        )
+
+    def _record_push_in(
+        self,
+        conn: Connection,
+        reference: str,
+        checkout: str,
+        *,
+        idempotency_key: str | None,
+        fingerprint: str,
+    ) -> CommandResult:
+        request = _LOCK_REQUEST.first(conn, {"reference": reference})
+        assert request is not None, reference
+        r = dict(zip(_REQUEST_COLUMNS, request, strict=True))
+        escrow = self._load(conn, r["escrow_id"], lock=True)
+        assert escrow is not None
+        if r["checkout_request_id"] not in (None, checkout):
+            raise UnknownCheckout(
+                f"payment {reference} already has checkout {r['checkout_request_id']}"
+            )
+        if _SELECT_CHECKOUT.first(conn, {"id": checkout}) is not None:
+            return CommandResult(escrow.to_dict(), [], True)
+        now = self.clock.now()
+        _SET_REQUEST_CHECKOUT.execute(
+            conn,
+            {
+                "reference": reference,
+                "checkout": checkout,
+                "state": "requested" if r["state"] == "pushing" else r["state"],
+            },
+        )
+        _INSERT_CHECKOUT.execute(
+            conn,
+            {
+                "checkout_request_id": checkout,
+                "escrow_id": r["escrow_id"],
+                "requested_at": now,
+                "reference": reference,
+                "amount": r["amount"],
+                "phone": r["phone"],
+                "verify_due_at": now + self.payments.verify_after_s,
+                "verify_attempts": 0,
+            },
+        )
+        new_events: list[ev.Event] = []
+        if r["state"] == "pushing":
             try:
-                with self.store.begin() as conn:
-                    request = _LOCK_REQUEST.first(conn, {"reference": reference})
-                    assert request is not None, reference
-                    r = dict(zip(_REQUEST_COLUMNS, request, strict=True))
-                    escrow = self._load(conn, r["escrow_id"], lock=True)
-                    assert escrow is not None
-                    if r["checkout_request_id"] not in (None, checkout):
-                        raise UnknownCheckout(
-                            f"payment {reference} already has checkout {r['checkout_request_id']}"
-                        )
-                    if _SELECT_CHECKOUT.first(conn, {"id": checkout}) is not None:
-                        return CommandResult(escrow.to_dict(), [], True)
-                    now = self.clock.now()
-                    _SET_REQUEST_CHECKOUT.execute(
-                        conn,
-                        {
-                            "reference": reference,
-                            "checkout": checkout,
-                            "state": "requested" if r["state"] == "pushing" else r["state"],
-                        },
-                    )
-                    _INSERT_CHECKOUT.execute(
-                        conn,
-                        {
-                            "checkout_request_id": checkout,
-                            "escrow_id": r["escrow_id"],
-                            "requested_at": now,
-                            "reference": reference,
-                            "amount": r["amount"],
-                            "phone": r["phone"],
-                            "verify_due_at": now + self.payments.verify_after_s,
-                            "verify_attempts": 0,
-                        },
-                    )
-                    new_events: list[ev.Event] = []
-                    if r["state"] == "pushing":
-                        try:
-                            new_events = decide(
-                                escrow,
-                                RequestPayment(r["actor"], checkout, r["phone"]),
-                                now=now,
-                                ids=self.ids,
-                            )
-                        except DomainError as exc:  # moved on meanwhile: keep the checkout
-                            log.info(
-                                "payment %s pushed after %s moved on: %s", reference, escrow.id, exc
-                            )
-                    new = self._apply(conn, escrow, new_events)
-                    result = CommandResult(new.to_dict() if new else None, new_events)
-                    if idempotency_key is not None:
-                        _store_response(
-                            conn, idempotency_key, "fund", r["escrow_id"], fingerprint, result, now
-                        )
-                    return result
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+                new_events = decide(
+                    escrow,
+                    RequestPayment(r["actor"], checkout, r["phone"]),
+                    now=now,
+                    ids=self.ids,
+                )
+            except DomainError as exc:  # moved on meanwhile: keep the checkout
+                log.info("payment %s pushed after %s moved on: %s", reference, escrow.id, exc)
+        new = self._apply(conn, escrow, new_events)
+        result = CommandResult(new.to_dict() if new else None, new_events)
+        if idempotency_key is not None:
+            _store_response(conn, idempotency_key, "fund", r["escrow_id"], fingerprint, result, now)
+        return result
 
     def ship(
         self, escrow_id: str, actor: str, tracking: str = "", *, idempotency_key: str | None = None
@@ -728,34 +738,32 @@ class EscrowService:
         again) return ``replayed=True`` and change nothing; an unknown checkout
         raises :class:`UnknownCheckout`.
         """
-        for attempt in range(3):
-            try:
-                with self.store.begin() as conn:
-                    row = _LOCK_CHECKOUT.first(conn, {"id": result.checkout_request_id})
-                    if row is None:
-                        raise UnknownCheckout(f"no checkout request {result.checkout_request_id!r}")
-                    escrow_id, result_code = row
-                    if result_code is not None:
-                        escrow = self._load(conn, escrow_id, lock=False)
-                        return CommandResult(escrow.to_dict() if escrow else None, [], True)
-                    escrow = self._load(conn, escrow_id, lock=True)
-                    new_events = decide(escrow, result, now=self.clock.now(), ids=self.ids)
-                    _SETTLE_CHECKOUT.execute(
-                        conn,
-                        {
-                            "id": result.checkout_request_id,
-                            "result_code": result.result_code,
-                            "result_desc": result.result_desc,
-                            "receipt": result.receipt,
-                            "settled_at": self.clock.now(),
-                        },
-                    )
-                    new = self._apply(conn, escrow, new_events)
-                    return CommandResult(new.to_dict() if new else None, new_events)
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        return self._in_transaction(lambda conn: self._record_payment_result_in(conn, result))
+
+    def _record_payment_result_in(
+        self, conn: Connection, result: RecordPaymentResult
+    ) -> CommandResult:
+        row = _LOCK_CHECKOUT.first(conn, {"id": result.checkout_request_id})
+        if row is None:
+            raise UnknownCheckout(f"no checkout request {result.checkout_request_id!r}")
+        escrow_id, result_code = row
+        if result_code is not None:
+            escrow = self._load(conn, escrow_id, lock=False)
+            return CommandResult(escrow.to_dict() if escrow else None, [], True)
+        escrow = self._load(conn, escrow_id, lock=True)
+        new_events = decide(escrow, result, now=self.clock.now(), ids=self.ids)
+        _SETTLE_CHECKOUT.execute(
+            conn,
+            {
+                "id": result.checkout_request_id,
+                "result_code": result.result_code,
+                "result_desc": result.result_desc,
+                "receipt": result.receipt,
+                "settled_at": self.clock.now(),
+            },
+        )
+        new = self._apply(conn, escrow, new_events)
+        return CommandResult(new.to_dict() if new else None, new_events)
 
     # -- callbacks and verification -------------------------------------------
 
@@ -979,39 +987,58 @@ class EscrowService:
         fingerprint: str,
         on_create: Callable[[Connection, float], None] | None = None,
     ) -> CommandResult:
-        # IntegrityError means a concurrent twin (same key or same new id) won
-        # the race; retrying finds its stored result.
-        for attempt in range(3):
+        return self._in_transaction(
+            lambda conn: self._execute_in(conn, escrow_id, command, key, fingerprint, on_create)
+        )
+
+    def _execute_in(
+        self,
+        conn: Connection,
+        escrow_id: str,
+        command: Command,
+        key: str | None,
+        fingerprint: str,
+        on_create: Callable[[Connection, float], None] | None,
+    ) -> CommandResult:
+        if key is not None:
+            stored = _SELECT_COMMAND.first(conn, {"key": key})
+            if stored is not None:
+                stored_fingerprint, stored_command, response = stored
+                if stored_fingerprint != fingerprint:
+                    raise IdempotencyKeyReused(
+                        f"idempotency key {key!r} was used for a different {stored_command} command"
+                    )
+                return CommandResult.from_json(response, replayed=True)
+        escrow = self._load(conn, escrow_id, lock=True)
+        if isinstance(command, CreateEscrow) and escrow is not None:
+            raise DomainError(f"escrow {escrow_id!r} already exists")
+        if not isinstance(command, CreateEscrow) and escrow is None:
+            raise EscrowNotFound(f"no escrow {escrow_id!r}")
+        now = self.clock.now()
+        new_events = decide(escrow, command, now=now, ids=self.ids)
+        new = self._apply(conn, escrow, new_events)
+        if on_create is not None:
+            on_create(conn, now)
+        result = CommandResult(new.to_dict() if new else None, new_events)
+        if key is not None:
+            _store_response(conn, key, command.name, escrow_id, fingerprint, result, now)
+        return result
+
+    def _in_transaction(self, body: Callable[[Connection], _T]) -> _T:
+        """``body(conn)`` in one transaction, run afresh if a concurrent twin won a race.
+
+        An ``IntegrityError`` means another transaction committed first a row
+        this one meant to insert (the same idempotency key, the same new escrow
+        id, the same checkout): the transaction is rolled back and ``body``
+        runs again, now finding that row and answering from it. After
+        :data:`_ATTEMPTS` attempts the error propagates.
+        """
+        for attempt in range(_ATTEMPTS):
             try:
                 with self.store.begin() as conn:
-                    if key is not None:
-                        stored = _SELECT_COMMAND.first(conn, {"key": key})
-                        if stored is not None:
-                            stored_fingerprint, stored_command, response = stored
-                            if stored_fingerprint != fingerprint:
-                                raise IdempotencyKeyReused(
-                                    f"idempotency key {key!r} was used for a different "
-                                    f"{stored_command} command"
-                                )
-                            return CommandResult.from_json(response, replayed=True)
-                    escrow = self._load(conn, escrow_id, lock=True)
-                    if isinstance(command, CreateEscrow) and escrow is not None:
-                        raise DomainError(f"escrow {escrow_id!r} already exists")
-                    if not isinstance(command, CreateEscrow) and escrow is None:
-                        raise EscrowNotFound(f"no escrow {escrow_id!r}")
-                    now = self.clock.now()
-                    new_events = decide(escrow, command, now=now, ids=self.ids)
-                    new = self._apply(conn, escrow, new_events)
-                    if on_create is not None:
-                        on_create(conn, now)
-                    result = CommandResult(new.to_dict() if new else None, new_events)
-                    if key is not None:
-                        _store_response(
-                            conn, key, command.name, escrow_id, fingerprint, result, now
-                        )
-                    return result
+                    return body(conn)
             except IntegrityError:
-                if attempt == 2:
+                if attempt == _ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 

@@ -4,7 +4,7 @@ The input is a :class:`~simulations.analysis.tables.RunTables`; the output a :cl
 DataFrames. Everything here is sans-IO and vectorised (pandas, numpy, pyarrow for
 parsing stream ids), so a run with a million deliveries checks in seconds.
 
-The vocabulary is Jepsen's total-queue checker (see ``shared/field-notes.md``): a run
+The vocabulary is Jepsen's total-queue checker (``jepsen.checker/total-queue``): a run
 ends with a drain, and each message that should have arrived is **ok**, **lost** or
 **duplicated**; a message that arrived but was never sent is **unexpected**; an ok
 message that needed a redelivery is **recovered**; and, as in Jepsen's Kafka
@@ -14,8 +14,8 @@ drain did not end, so nothing can be said of those messages, and an unfinished r
 is never OK (a group that stopped consuming must not pass as "nothing lost").
 
 Consumer groups
-    A group consumes the streams ``HANDLERS[group].aggregate_types`` (``fanout``: all
-    four). Its expected events are the published events on those streams. The
+    A group consumes the streams :func:`~workbench.handlers.aggregate_types_of` names
+    (``fanout``: all four). Its expected events are the published events on those streams. The
     ``handled`` row of (group, event) says how many rows or entries the event left
     behind (``effects``) and how many it should have (``expected_effects``):
 
@@ -157,8 +157,8 @@ class CheckReport:
 def check(run: RunTables) -> CheckReport:
     """Check every group, every phone and the money invariants of ``run``.
 
-    Raises ``ValueError`` for a group that :data:`~workbench.handlers.HANDLERS` does
-    not know, and :class:`~workbench.domain.streamid.MalformedStreamId` for a bad entry id.
+    Raises ``ValueError`` for a group that :func:`~workbench.handlers.aggregate_types_of`
+    does not know, and :class:`~workbench.domain.streamid.MalformedStreamId` for a bad entry id.
     """
     published = _published(run.published)
     groups, delivery_counts, group_problems = _check_groups(published, run.handled, run.final)
@@ -298,9 +298,71 @@ def check_clients(
     whose stream it reads); a phone missing from ``phones`` is checked from the start
     of its stream. Delivery rows without a phone are ignored.
     """
-    # Phones become codes 0..p-1 and entry ids dense ranks, so (phone, entry) is one
-    # integer key and every step is a numpy operation over whole tables.
     deliveries = deliveries[(deliveries["phone"].fillna("") != "").to_numpy()]
+    index = _index_phones(user_streams, deliveries, phones)
+    truth = _expected_entries(user_streams, index)
+    # Deliveries in row order; snapshots cover, the others are deliveries proper.
+    snapshot = (deliveries["source"] == "snapshot").to_numpy(dtype=bool, na_value=False)
+    received = _Entries.of_rows(
+        deliveries, index.delivery_phone, index.delivery_rank, np.flatnonzero(~snapshot)
+    )
+    verdicts = _judge_entries(truth, received, index, snapshot)
+    clients = _client_table(deliveries, index, truth, received, verdicts, snapshot)
+    return clients, _client_problems(index, truth, received, verdicts)
+
+
+@dataclass(frozen=True)
+class _PhoneIndex:
+    """Phones as codes and entry ids as ranks, shared by the truth and the deliveries.
+
+    A phone is a code ``0..p-1`` (``p == len(names)``); code ``p`` collects truth
+    rows without a user. Entry ids are dense stream-order ranks below ``span``, so
+    (phone, entry) is one integer key, ``phone * span + rank``, and every step is
+    a numpy operation over whole tables.
+    """
+
+    names: np.ndarray
+    span: int
+    delivery_phone: np.ndarray  # per delivery row
+    delivery_rank: np.ndarray
+    truth_phone: np.ndarray  # per user_streams row
+    truth_rank: np.ndarray
+    is_phone: np.ndarray  # per code: a phone to check (named in phones or deliveries)
+    start: np.ndarray  # per code: the rank of its start_after (-1: its whole stream)
+
+
+@dataclass(frozen=True)
+class _Entries:
+    """User-stream entries, one per row: whose (phone code), where (rank), which event."""
+
+    phone: np.ndarray
+    rank: np.ndarray
+    event: np.ndarray
+    entry: np.ndarray  # the entry ids as the table has them
+
+    @classmethod
+    def of_rows(
+        cls, frame: pd.DataFrame, phone: np.ndarray, rank: np.ndarray, rows: np.ndarray
+    ) -> _Entries:
+        event = frame["event_id"].to_numpy(dtype=object)
+        entry = frame["entry_id"].to_numpy(dtype=object)
+        return cls(phone[rows], rank[rows], event[rows], entry[rows])
+
+
+@dataclass(frozen=True)
+class _PhoneVerdicts:
+    """Per expected entry: ok, lost, duplicated; per delivery proper: unexpected, reordered."""
+
+    ok: np.ndarray
+    lost: np.ndarray
+    duplicated: np.ndarray
+    unexpected: np.ndarray
+    reordered: np.ndarray
+
+
+def _index_phones(
+    user_streams: pd.DataFrame, deliveries: pd.DataFrame, phones: pd.DataFrame
+) -> _PhoneIndex:
     (d_phone, t_phone, s_phone), phone_names = _factorize(
         deliveries["phone"], user_streams["user"], phones["phone"]
     )
@@ -316,87 +378,123 @@ def check_clients(
     start = np.full(p + 1, -1, dtype=np.int64)
     known = s_phone >= 0
     start[s_phone[known][::-1]] = s_rank[known][::-1]  # the first row of a phone wins
+    return _PhoneIndex(phone_names, span, d_phone, d_rank, t_phone, t_rank, is_phone, start)
 
-    # The truth: entries after start_after, one per (phone, id).
-    t_keep = np.flatnonzero(is_phone[t_phone] & (t_rank > start[t_phone]))
-    t_keys = t_phone[t_keep] * span + t_rank[t_keep]
-    _, first = np.unique(t_keys, return_index=True)
-    t_keep = t_keep[np.sort(first)]
-    t_phone, t_rank = t_phone[t_keep], t_rank[t_keep]
-    truth_index = pd.Index(t_phone * span + t_rank)
-    t_event = user_streams["event_id"].to_numpy(dtype=object)[t_keep]
-    t_entry = user_streams["entry_id"].to_numpy(dtype=object)[t_keep]
 
-    # Deliveries in row order; snapshots cover, the others are deliveries proper.
-    snapshot = (deliveries["source"] == "snapshot").to_numpy(dtype=bool, na_value=False)
-    got = np.flatnonzero(~snapshot)
-    g_phone, g_rank = d_phone[got], d_rank[got]
-    g_event = deliveries["event_id"].to_numpy(dtype=object)[got]
-    g_entry = deliveries["entry_id"].to_numpy(dtype=object)[got]
+def _expected_entries(user_streams: pd.DataFrame, index: _PhoneIndex) -> _Entries:
+    """The truth: the entries after each phone's start_after, one per (phone, id)."""
+    t_phone, t_rank = index.truth_phone, index.truth_rank
+    keep = np.flatnonzero(index.is_phone[t_phone] & (t_rank > index.start[t_phone]))
+    _, first = np.unique(t_phone[keep] * index.span + t_rank[keep], return_index=True)
+    return _Entries.of_rows(user_streams, t_phone, t_rank, keep[np.sort(first)])
 
-    # Reordered: lower than the previous delivery of the phone, no snapshot between.
-    order = np.argsort(d_phone, kind="stable")
+
+def _judge_entries(
+    truth: _Entries, received: _Entries, index: _PhoneIndex, snapshot: np.ndarray
+) -> _PhoneVerdicts:
+    """Each expected entry ok, lost or duplicated; each delivery proper unexpected or
+    reordered, or neither."""
+    where, unexpected = _match_truth(truth, received, index.span)
+    copies = np.bincount(where[~unexpected], minlength=len(truth.phone))
+    covered = _covered_by_snapshots(truth, index, snapshot)
+    ok = (copies == 1) | ((copies == 0) & covered)
+    duplicated = copies > 1
+    lost = ~(ok | duplicated)
+    reordered = _reordered(index.delivery_phone, index.delivery_rank, snapshot)[~snapshot]
+    return _PhoneVerdicts(ok, lost, duplicated, unexpected, reordered)
+
+
+def _match_truth(truth: _Entries, received: _Entries, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per delivery: the position of its entry in ``truth`` (-1: none), and whether it is
+    unexpected (not an expected entry, or not the event the truth has there)."""
+    truth_index = pd.Index(truth.phone * span + truth.rank)
+    where = truth_index.get_indexer(received.phone * span + received.rank)
+    found = where >= 0
+    truth_event = np.append(truth.event, None)[where]  # where == -1 picks the None
+    blank = pd.isna(received.event) | (received.event == "")
+    return where, ~(found & (blank | (received.event == truth_event)))
+
+
+def _covered_by_snapshots(truth: _Entries, index: _PhoneIndex, snapshot: np.ndarray) -> np.ndarray:
+    """Per expected entry: at or before the highest snapshot its phone fetched."""
+    mark = np.full(len(index.names) + 1, -1, dtype=np.int64)
+    np.maximum.at(mark, index.delivery_phone[snapshot], index.delivery_rank[snapshot])
+    return truth.rank <= mark[truth.phone]
+
+
+def _reordered(phone: np.ndarray, rank: np.ndarray, snapshot: np.ndarray) -> np.ndarray:
+    """Per delivery row: lower than the previous delivery of its phone, no snapshot between."""
+    order = np.argsort(phone, kind="stable")
     resyncs = np.cumsum(snapshot[order])  # changes exactly where a snapshot row lies
     walk = order[~snapshot[order]]
     walk_resyncs = resyncs[~snapshot[order]]
     reordered_rows = walk[1:][
-        (d_phone[walk[1:]] == d_phone[walk[:-1]])
+        (phone[walk[1:]] == phone[walk[:-1]])
         & (walk_resyncs[1:] == walk_resyncs[:-1])
-        & (d_rank[walk[1:]] < d_rank[walk[:-1]])
+        & (rank[walk[1:]] < rank[walk[:-1]])
     ]
-    reordered = np.zeros(len(deliveries), dtype=bool)
+    reordered = np.zeros(len(phone), dtype=bool)
     reordered[reordered_rows] = True
-    reordered = reordered[got]
+    return reordered
 
-    # Unexpected: not an expected entry, or not the event the truth has there.
-    where = truth_index.get_indexer(g_phone * span + g_rank)
-    found = where >= 0
-    truth_event = np.append(t_event, None)[where]  # where == -1 picks the None
-    blank = pd.isna(g_event) | (g_event == "")
-    unexpected = ~(found & (blank | (g_event == truth_event)))
 
-    received = np.bincount(where[~unexpected], minlength=len(t_keep))
-    mark = np.full(p + 1, -1, dtype=np.int64)
-    np.maximum.at(mark, d_phone[snapshot], d_rank[snapshot])
-    covered = t_rank <= mark[t_phone]
-    ok = (received == 1) | ((received == 0) & covered)
-    duplicated = received > 1
-    lost = ~(ok | duplicated)
-
+def _connection_phones(deliveries: pd.DataFrame, phone: np.ndarray) -> np.ndarray:
+    """The phone of each distinct (phone, connection) pair: a phone per connection made."""
     (connection,), connection_names = _factorize(deliveries["connection"])
     named = connection >= 0
     width = len(connection_names) + 1
-    connections = np.unique(d_phone[named] * width + connection[named]) // width
+    return np.unique(phone[named] * width + connection[named]) // width
+
+
+def _client_table(
+    deliveries: pd.DataFrame,
+    index: _PhoneIndex,
+    truth: _Entries,
+    received: _Entries,
+    v: _PhoneVerdicts,
+    snapshot: np.ndarray,
+) -> pd.DataFrame:
+    """One row per phone checked, in phone order (:data:`CLIENT_COLUMNS`)."""
+    p = len(index.names)
 
     def per_phone(codes: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         return np.bincount(codes, weights=weights, minlength=p + 1)[:p].astype(np.int64)
 
     clients = pd.DataFrame(
         {
-            "phone": np.asarray(phone_names, dtype=object),
-            "expected": per_phone(t_phone),
-            "delivered": per_phone(g_phone),
-            "ok": per_phone(t_phone, ok),
-            "lost": per_phone(t_phone, lost),
-            "duplicated": per_phone(t_phone, duplicated),
-            "reordered": per_phone(g_phone, reordered),
-            "unexpected": per_phone(g_phone, unexpected),
-            "connections": per_phone(connections),
-            "snapshots": per_phone(d_phone[snapshot]),
+            "phone": np.asarray(index.names, dtype=object),
+            "expected": per_phone(truth.phone),
+            "delivered": per_phone(received.phone),
+            "ok": per_phone(truth.phone, v.ok),
+            "lost": per_phone(truth.phone, v.lost),
+            "duplicated": per_phone(truth.phone, v.duplicated),
+            "reordered": per_phone(received.phone, v.reordered),
+            "unexpected": per_phone(received.phone, v.unexpected),
+            "connections": per_phone(_connection_phones(deliveries, index.delivery_phone)),
+            "snapshots": per_phone(index.delivery_phone[snapshot]),
         },
         columns=CLIENT_COLUMNS,
     )
-    clients = clients[is_phone[:p]].sort_values("phone", kind="stable").reset_index(drop=True)
+    checked = clients[index.is_phone[:p]]
+    return checked.sort_values("phone", kind="stable").reset_index(drop=True)
 
-    names = np.append(np.asarray(phone_names, dtype=object), None)
+
+def _client_problems(
+    index: _PhoneIndex, truth: _Entries, received: _Entries, v: _PhoneVerdicts
+) -> pd.DataFrame:
+    """One row per failing entry: lost and duplicated expected entries, then unexpected
+    and reordered deliveries."""
+    names = np.append(np.asarray(index.names, dtype=object), None)
     problems = [
-        _problems("client", names[t_phone[m]], verdict, t_event[m], t_entry[m])
-        for verdict, m in (("lost", lost), ("duplicated", duplicated))
-    ] + [
-        _problems("client", names[g_phone[m]], verdict, g_event[m], g_entry[m])
-        for verdict, m in (("unexpected", unexpected), ("reordered", reordered))
+        _problems("client", names[entries.phone[m]], verdict, entries.event[m], entries.entry[m])
+        for entries, verdict, m in (
+            (truth, "lost", v.lost),
+            (truth, "duplicated", v.duplicated),
+            (received, "unexpected", v.unexpected),
+            (received, "reordered", v.reordered),
+        )
     ]
-    return clients, _concat(problems, PROBLEM_COLUMNS)
+    return _concat(problems, PROBLEM_COLUMNS)
 
 
 def rank_ids(*columns: pd.Series) -> list[np.ndarray]:

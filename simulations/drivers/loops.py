@@ -33,11 +33,11 @@ from simulations.faults import CRASH_POINTS, AckFirstWorker, CrashingWorker
 from simulations.models.clock import SimClock
 from simulations.models.supervision import SupervisedRestarts, policy_of
 from simulations.scenario import ConsumersParams, Scenario
-from workbench.delivery.handoff import UserEntry
+from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, parse
-from workbench.handlers import ALL_GROUPS, OPTIONAL_GROUPS, aggregate_types_of, make_handler
+from workbench.handlers import ALL_GROUPS, OPTIONAL_GROUPS, aggregate_types_of, handler_for
 from workbench.handlers.fanout import FanoutHandler
 from workbench.service import EscrowService
 from workbench.store import Store
@@ -345,8 +345,11 @@ class Runtime:
         c = self.consumers
         slot.generation += 1
         batch_size = 1 if c.service_rate > 0 else c.batch_size
-        handler: Any = (
-            NotifyingFanout(
+        handler: Any = handler_for(
+            slot.name,
+            self.store,
+            self.clock,
+            fanout=lambda: NotifyingFanout(
                 self.client,
                 self.names,
                 c,
@@ -354,11 +357,8 @@ class Runtime:
                 self._made_user_entry,
                 self.handling_dir / f"effects-fanout-{slot.generation}.log",
                 self.clock,
-            )
-            if slot.name == "fanout"
-            else self._risk_scorer()
-            if slot.name == "analytics"
-            else make_handler(slot.name, self.store, self.clock)
+            ),
+            analytics=self._risk_scorer,
         )
         cls = AckFirstWorker if c.ack_before_effect else CrashingWorker
         if slot.log is not None:

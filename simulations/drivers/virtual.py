@@ -40,7 +40,7 @@ from simulations.models.market import Market
 from simulations.models.phones import Phone, ServerFaults, ServerPool
 from simulations.models.supervision import SupervisedRestarts
 from simulations.scenario import RedisParams, Scenario
-from workbench.delivery.handoff import UserEntry
+from workbench.delivery.entries import UserEntry
 from workbench.domain import events as ev
 from workbench.domain.escrow import Timeouts
 from workbench.domain.ids import IdFactory

@@ -29,11 +29,11 @@ import simpy
 
 from simulations.models.supervision import SupervisedRestarts
 from simulations.scenario import PhonesParams, ServersParams
+from workbench.delivery.entries import UserEntry
 from workbench.delivery.handoff import (
     HistoryLost,
     Live,
     ReplaySession,
-    UserEntry,
     resume_point_known,
 )
 from workbench.delivery.userstreams import entry_from_fields, first_page_from, queue_first_page

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from workbench.delivery.entries import UserEntry
 from workbench.delivery.handoff import (
     HistoryLost,
     Live,
     ReplaySession,
-    UserEntry,
     resume_point_known,
 )
 from workbench.domain.streamid import ZERO, StreamId

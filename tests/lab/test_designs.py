@@ -24,7 +24,7 @@ from simulations.designs import (
 )
 from simulations.designs.claims import CLAIMS
 from simulations.designs.two_layer import sse_frames
-from workbench.delivery.handoff import UserEntry
+from workbench.delivery.entries import UserEntry
 from workbench.delivery.sessions import page_chunk
 from workbench.domain.streamid import StreamId
 from workbench.ops.redis_server import RedisServer

@@ -31,7 +31,8 @@ import redis.asyncio as aioredis
 from sqlalchemy import func, select
 
 from tests.support import ROOT, make_service, run_lifecycles
-from workbench.delivery.handoff import HistoryLost, ReplaySession, UserEntry
+from workbench.delivery.entries import UserEntry
+from workbench.delivery.handoff import HistoryLost, ReplaySession
 from workbench.delivery.hub import Hub
 from workbench.delivery.live import Resync
 from workbench.delivery.sessions import SessionStats, SseSession

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from workbench._exports import lazy
 
 if TYPE_CHECKING:
-    from workbench.delivery.handoff import HistoryLost, ReplaySession, UserEntry
+    from workbench.delivery.entries import UserEntry
+    from workbench.delivery.handoff import HistoryLost, ReplaySession
     from workbench.delivery.hub import Hub
     from workbench.delivery.live import LiveReader
     from workbench.delivery.sessions import SseSession
@@ -41,7 +42,7 @@ __getattr__ = lazy(
         "LiveReader": "live",
         "ReplaySession": "handoff",
         "SseSession": "sessions",
-        "UserEntry": "handoff",
+        "UserEntry": "entries",
         "UserStreamReader": "userstreams",
         "UserStreams": "userstreams",
     },

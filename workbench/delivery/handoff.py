@@ -26,20 +26,9 @@ HTTP loops around it live in :mod:`workbench.delivery.sessions`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
+from workbench.delivery.entries import UserEntry
 from workbench.domain.streamid import ZERO, StreamId
-
-
-@dataclass(frozen=True, slots=True)
-class UserEntry:
-    """One entry of a user stream: an event as delivered to one user."""
-
-    id: StreamId
-    prev: StreamId
-    event_id: str
-    type: str
-    data: str  # the event envelope, JSON
 
 
 class HistoryLost(Exception):

@@ -21,13 +21,14 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from workbench.delivery.hub import Hub
 from workbench.delivery.userstreams import live_message
+from workbench.streams.connection import outage_backoff
 from workbench.streams.keys import UserStreamNames
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class LiveReader:
 
     async def run(self) -> None:
         """Read until cancelled, reconnecting with backoff."""
-        backoff = ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        backoff = outage_backoff()
         failures = 0
         while True:
             client = self._client()

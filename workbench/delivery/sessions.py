@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 from sse_starlette import ServerSentEvent
 
+from workbench.delivery.entries import UserEntry
 from workbench.delivery.handoff import (
     HistoryLost,
     Live,
     ReplaySession,
-    UserEntry,
     resume_point_known,
 )
 from workbench.delivery.hub import Hub, Subscription, SubscriptionClosed

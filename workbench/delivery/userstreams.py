@@ -48,7 +48,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from workbench.delivery.handoff import UserEntry
+from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, StreamId, parse

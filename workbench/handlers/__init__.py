@@ -1,6 +1,18 @@
-"""Handlers, one per consumer group. Plain objects: no Redis loop inside."""
+"""Handlers, one per consumer group. Plain objects: no Redis loop inside.
+
+Three kinds of group, one registry. The SQL groups (:data:`HANDLERS`) need only
+the store and are built here by :func:`make_handler`. ``fanout`` writes to
+Redis (:class:`~workbench.handlers.fanout.FanoutHandler`) and ``analytics``
+needs a trained model (:class:`~workbench.analytics.scorer.RiskScorer`): how
+those are configured differs between a worker process and a simulation, so
+:func:`handler_for`, the one place that says which handler serves a group,
+takes them as factories from its caller.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from workbench.domain.clock import Clock
 from workbench.domain.events import AGGREGATE_TYPES
@@ -10,6 +22,9 @@ from workbench.handlers.ledger import LedgerHandler
 from workbench.handlers.notifications import NotificationHandler
 from workbench.handlers.push import PushHandler
 from workbench.store import Store
+
+if TYPE_CHECKING:
+    from workbench.streams.consumer import Handler
 
 HANDLERS: dict[str, type[SqlHandler]] = {
     "ledger": LedgerHandler,
@@ -30,7 +45,7 @@ def aggregate_types_of(group: str) -> tuple[str, ...]:
     if group == "fanout":
         return AGGREGATE_TYPES  # FanoutHandler.aggregate_types, without importing it
     if group == "analytics":
-        return ("escrow", "payment", "dispute")  # workbench.analytics.ANALYTICS_AGGREGATES
+        return ("escrow", "payment", "dispute")  # analytics.features.ANALYTICS_AGGREGATES
     try:
         return tuple(HANDLERS[group].aggregate_types)
     except KeyError:
@@ -39,11 +54,37 @@ def aggregate_types_of(group: str) -> tuple[str, ...]:
 
 
 def make_handler(group: str, store: Store, clock: Clock | None = None) -> SqlHandler:
+    """The handler of a SQL group (one of :data:`GROUPS`) on ``store``."""
     try:
         cls = HANDLERS[group]
     except KeyError:
         raise ValueError(f"unknown group {group!r}; known groups: {', '.join(GROUPS)}") from None
     return cls(store, clock)
+
+
+def handler_for(
+    group: str,
+    store: Store,
+    clock: Clock | None = None,
+    *,
+    fanout: Callable[[], Handler],
+    analytics: Callable[[], Handler] | None = None,
+) -> Handler:
+    """The handler a consumer of ``group`` runs.
+
+    ``fanout()`` builds the fan-out's handler and ``analytics()`` the risk
+    scorer's, each called only for its own group; every other group gets its
+    SQL handler (:func:`make_handler`, which raises ``ValueError`` for a group
+    it does not know). Without ``analytics`` (no model) the analytics group is
+    refused with ``ValueError``.
+    """
+    if group == "fanout":
+        return fanout()
+    if group == "analytics":
+        if analytics is None:
+            raise ValueError("the analytics group needs a risk model")
+        return analytics()
+    return make_handler(group, store, clock)
 
 
 __all__ = [
@@ -56,5 +97,6 @@ __all__ = [
     "PushHandler",
     "SqlHandler",
     "aggregate_types_of",
+    "handler_for",
     "make_handler",
 ]

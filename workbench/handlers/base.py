@@ -1,7 +1,12 @@
-"""The shape every SQL-backed handler shares: inbox and effect in one transaction."""
+"""The shape every SQL-backed handler shares: inbox and effect in one transaction.
+
+Also the row shape of ``notifications``, shared by the two groups that write
+it (texts and pushes differ only in channel and body): :func:`notification_rows`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Table
@@ -48,3 +53,19 @@ class SqlHandler:
                     new.discard(event_id)  # a duplicate inside the batch counts once
                     rows.extend(event_rows)
             insert_many(conn, self.table, rows)
+
+
+def notification_rows(
+    event: Event, channel: str, messages: Iterable[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """The ``notifications`` rows of ``event`` on ``channel``: one per (user id, body)."""
+    return [
+        {
+            "event_id": event.event_id,
+            "user_id": user,
+            "channel": channel,
+            "body": body,
+            "at": event.occurred_at,
+        }
+        for user, body in messages
+    ]

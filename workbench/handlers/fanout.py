@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import redis
 
-from workbench.delivery.handoff import UserEntry
+from workbench.delivery.entries import UserEntry
 from workbench.delivery.userstreams import DEFAULT_DEDUPE_TTL_S, DEFAULT_USER_MAXLEN, UserStreams
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from workbench.domain.events import Event
-from workbench.handlers.base import SqlHandler
+from workbench.handlers.base import SqlHandler, notification_rows
 from workbench.store import notifications
 
 # event type -> (text to the buyer, text to the seller); None: no text.
@@ -74,13 +74,4 @@ class NotificationHandler(SqlHandler):
     table = notifications
 
     def rows(self, event: Event) -> list[dict[str, Any]]:
-        return [
-            {
-                "event_id": event.event_id,
-                "user_id": user,
-                "channel": "sms",
-                "body": text,
-                "at": event.occurred_at,
-            }
-            for user, text in sms_texts(event)
-        ]
+        return notification_rows(event, "sms", sms_texts(event))

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from workbench.domain.events import Event
-from workbench.handlers.base import SqlHandler
+from workbench.handlers.base import SqlHandler, notification_rows
 from workbench.store import notifications
 
 _encode_sorted = msgspec.json.Encoder(order="sorted").encode
@@ -32,6 +32,7 @@ _TITLES = {
 
 
 def push_payloads(event: Event) -> list[tuple[str, dict[str, object]]]:
+    """(user id, payload) for each party of this event; none for an event without a title."""
     title = _TITLES.get(event.type)
     if title is None:
         return []
@@ -49,13 +50,5 @@ class PushHandler(SqlHandler):
     table = notifications
 
     def rows(self, event: Event) -> list[dict[str, Any]]:
-        return [
-            {
-                "event_id": event.event_id,
-                "user_id": user,
-                "channel": "push",
-                "body": _encode_sorted(payload).decode(),
-                "at": event.occurred_at,
-            }
-            for user, payload in push_payloads(event)
-        ]
+        bodies = ((user, _encode_sorted(p).decode()) for user, p in push_payloads(event))
+        return notification_rows(event, "push", bodies)

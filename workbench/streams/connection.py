@@ -1,7 +1,12 @@
 """Connections to Redis: bounded timeouts, quick retries, and what counts as "Redis is down".
 
-Loops above these clients (relay, consumers, timers) add their own backoff; the
-retries here only smooth over a dropped connection or a restarted server.
+Two pauses, on two scales. A client retries a command twice within a fraction
+of a second (:func:`_quick_backoff`): that smooths over a dropped connection or
+a restarted server. A loop above the clients (relay, consumers, the live
+reader) that still sees Redis or the database fail waits
+:func:`outage_backoff` before its next pass, growing towards two seconds
+while the outage lasts, with jitter so that many processes do not come back
+in step.
 """
 
 from __future__ import annotations
@@ -24,10 +29,26 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 TRANSIENT = (*REDIS_DOWN, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 
 
+def outage_backoff() -> ExponentialWithJitterBackoff:
+    """The pause schedule of a loop whose pass failed because Redis or the database was down.
+
+    ``outage_backoff().compute(failures)`` is the wait after ``failures``
+    failures in a row: uniformly random below ``0.05 * 2**failures`` seconds
+    (full jitter), never more than 2 s. The loop counts the failures and resets
+    the count after a pass that succeeds.
+    """
+    return ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+
+
+def _quick_backoff() -> ExponentialWithJitterBackoff:
+    # A client's own retries: short, so a command fails fast when Redis is really down.
+    return ExponentialWithJitterBackoff(cap=0.5, base=0.02)
+
+
 def connect(url: str | None = None, **overrides: object) -> redis.Redis:
     """A client with bounded timeouts and a few quick retries.
 
-    Loops above this (relay, consumers) add their own backoff; the retry here
+    Loops above this (relay, consumers) add :func:`outage_backoff`; the retry here
     only smooths over a dropped connection. A retried XADD may append an event
     twice: consumers dedupe by event id.
     """
@@ -37,7 +58,7 @@ def connect(url: str | None = None, **overrides: object) -> redis.Redis:
     options: dict[str, object] = {
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": 2.0,
-        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), retries=2),
+        "retry": Retry(_quick_backoff(), retries=2),
         "health_check_interval": 30,
     }
     options.update(overrides)
@@ -58,7 +79,7 @@ def async_client(url: str, *, max_connections: int = 16) -> aioredis.Redis:
         timeout=10,  # waiting for a free connection
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=2.0,
-        retry=AsyncRetry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), retries=2),
+        retry=AsyncRetry(_quick_backoff(), retries=2),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,
     )

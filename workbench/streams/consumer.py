@@ -34,8 +34,8 @@ then: SQL handlers commit the effect and the inbox row together). Then:
 
 The decisions (what to handle now, whom to claim from, what to dead-letter) are
 pure functions in :mod:`workbench.streams.decisions`; the class is the thin
-Redis loop around them, and
-``poll()`` is one step of it, so a simulation can drive it at virtual instants.
+Redis loop around them, and ``poll()`` is one step of it, so a simulation can
+drive it at virtual instants.
 """
 
 from __future__ import annotations
@@ -50,13 +50,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
 
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import Event
 from workbench.ops.shutdown import StopRequest
-from workbench.streams.connection import REDIS_DOWN, SOCKET_TIMEOUT_S, TRANSIENT
+from workbench.streams.connection import REDIS_DOWN, SOCKET_TIMEOUT_S, TRANSIENT, outage_backoff
 from workbench.streams.decisions import (
     Delivery,
     dead_consumers,
@@ -71,7 +70,6 @@ from workbench.streams.replies import text
 log = logging.getLogger(__name__)
 #: Names given to connections, unique in this process (see ``_read``).
 _CONNECTION_NAMES = itertools.count(1)
-
 
 
 class Handler(Protocol):
@@ -124,8 +122,6 @@ class ConsumerStats:
     batches: int = 0
     redis_errors: int = 0
     delivery_counts: dict[int, int] = field(default_factory=dict)
-
-
 
 
 class ConsumerWorker:
@@ -223,7 +219,7 @@ class ConsumerWorker:
         self._stop.on_signals(signal.SIGTERM, signal.SIGINT)
 
     def run(self) -> None:
-        backoff = ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        backoff = outage_backoff()
         failures = 0
         while not self._stop.is_set():
             try:
@@ -599,8 +595,6 @@ class ConsumerWorker:
     def leave(self) -> None:
         """Remove this consumer's heartbeat (a clean exit is not a death)."""
         self.client.hdel(self.names.heartbeats(self.group), self.consumer)
-
-
 
 
 __all__ = [

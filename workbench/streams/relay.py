@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
 from sqlalchemy import bindparam, func, select, update
 
 from workbench.domain.clock import Clock, SystemClock, now_ms
@@ -60,7 +59,7 @@ from workbench.domain.events import AGGREGATE_TYPES
 from workbench.domain.streamid import ZERO, StreamId, next_id, parse
 from workbench.ops.shutdown import StopRequest
 from workbench.store import Prepared, Store, outbox
-from workbench.streams.connection import REDIS_DOWN, TRANSIENT, server_version
+from workbench.streams.connection import REDIS_DOWN, TRANSIENT, outage_backoff, server_version
 from workbench.streams.keys import StreamNames
 from workbench.streams.log import trim
 from workbench.streams.replies import text
@@ -494,7 +493,7 @@ class OutboxRelay:
 
     def run(self, idle_wait: float = 0.05) -> None:
         """Publish until :meth:`stop`; back off with jitter while Redis is down."""
-        backoff = ExponentialWithJitterBackoff(cap=2.0, base=0.05)
+        backoff = outage_backoff()
         failures = 0
         while not self._stop.is_set():
             try:
@@ -511,5 +510,3 @@ class OutboxRelay:
                 self._stop.wait(idle_wait)
         with contextlib.suppress(*REDIS_DOWN):  # a clean exit is not a death
             self.client.hdel(self.names.heartbeats("relay"), self.name)
-
-
