@@ -45,8 +45,8 @@ from workbench.payments.mpesa import GatewayBehaviour, SimulatedGateway, token_o
 from workbench.service import EscrowService
 from workbench.store import Store, escrows, inbox, ledger_entries, outbox
 from workbench.streams.connection import connect
+from workbench.streams.groups import ensure_groups
 from workbench.streams.keys import StreamNames
-from workbench.streams.log import ensure_groups
 from workbench.streams.relay import OutboxRelay
 
 # Lifecycle paths and their shares of the demo's escrows.

@@ -15,8 +15,8 @@ from tests.streams.test_consumer import _event
 from tests.support import ROOT
 from workbench.domain.events import to_fields
 from workbench.ops.redis_server import RedisServer
+from workbench.streams.groups import ensure_groups
 from workbench.streams.keys import StreamNames
-from workbench.streams.log import ensure_groups
 
 NAMES = StreamNames()
 

@@ -19,8 +19,8 @@ from workbench.ops.waiting import wait_until
 from workbench.store import Store, inbox, outbox
 from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
 from workbench.streams.decisions import Delivery, dead_consumers, ready_to_handle
+from workbench.streams.groups import ensure_groups
 from workbench.streams.keys import StreamNames
-from workbench.streams.log import ensure_groups
 from workbench.streams.relay import OutboxRelay
 
 NAMES = StreamNames()

@@ -17,9 +17,10 @@ from workbench.handlers.ledger import check_ledger
 from workbench.ops.waiting import wait_until
 from workbench.store import inbox, outbox
 from workbench.streams.consumer import ConsumerWorker
+from workbench.streams.groups import ensure_groups
 from workbench.streams.keys import StreamNames
-from workbench.streams.log import ensure_groups, trim
 from workbench.streams.relay import OutboxRelay
+from workbench.streams.retention import trim
 
 NAMES = StreamNames()
 

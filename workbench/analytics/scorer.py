@@ -49,8 +49,8 @@ from workbench.analytics.model import RiskModel
 from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import Event
 from workbench.store import Store, analytics_facts, claim_inbox, insert_many, risk_scores
+from workbench.streams.append import XADD_AT_LUA
 from workbench.streams.keys import RiskNames, StreamNames
-from workbench.streams.log import XADD_AT_LUA
 
 GROUP = "analytics"
 RISK_TYPE = "risk.scored"

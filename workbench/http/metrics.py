@@ -26,7 +26,7 @@ from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import AGGREGATE_TYPES
 from workbench.handlers import ALL_GROUPS
 from workbench.http.health import read_supervision
-from workbench.streams.log import group_ages
+from workbench.streams.groups import group_ages
 from workbench.streams.replies import text
 
 if TYPE_CHECKING:

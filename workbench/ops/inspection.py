@@ -28,8 +28,8 @@ from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import AGGREGATE_TYPES
 from workbench.handlers import GROUPS
 from workbench.streams.connection import server_version
+from workbench.streams.groups import group_ages
 from workbench.streams.keys import StreamNames
-from workbench.streams.log import group_ages
 from workbench.streams.replies import text
 
 STREAM_COLUMNS = ["stream", "length", "first_id", "last_id", "groups"]

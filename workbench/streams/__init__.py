@@ -7,11 +7,12 @@ handler at least once, in escrow order, and is acked only after the handler
 made its effect durable (:mod:`.consumer`, the loop; :mod:`.decisions`, its
 pure decisions); entries of a crashed consumer are claimed, poison ends in
 the group's dead letters. Streams are trimmed only behind every group
-(:mod:`.log`).
+(:mod:`.retention`).
 
 Rooms. :mod:`.keys`: every key name. :mod:`.connection`: clients with bounded
-timeouts, and what counts as "Redis is down". :mod:`.log`: appends on a
-clock, groups, retention and ages. :mod:`.replies`: reply values.
+timeouts, and what counts as "Redis is down". :mod:`.append`: appends on a
+clock of ours. :mod:`.groups`: group creation and ages. :mod:`.retention`:
+trimming. :mod:`.replies`: reply values.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ if TYPE_CHECKING:
     from workbench.streams.connection import REDIS_DOWN, TRANSIENT, async_client, connect
     from workbench.streams.consumer import ConsumerSettings, ConsumerStats, ConsumerWorker, Handler
     from workbench.streams.decisions import Delivery
+    from workbench.streams.groups import ensure_groups, group_ages
     from workbench.streams.keys import RiskNames, StreamNames, UserStreamNames
-    from workbench.streams.log import ensure_groups, group_ages, trim
     from workbench.streams.relay import OutboxRelay
+    from workbench.streams.retention import trim
 
 __all__ = [
     "ConsumerSettings",
@@ -62,8 +64,8 @@ __getattr__ = lazy(
         "UserStreamNames": "keys",
         "async_client": "connection",
         "connect": "connection",
-        "ensure_groups": "log",
-        "group_ages": "log",
-        "trim": "log",
+        "ensure_groups": "groups",
+        "group_ages": "groups",
+        "trim": "retention",
     },
 )

@@ -55,6 +55,7 @@ from workbench.domain import events as ev
 from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import Event
 from workbench.ops.shutdown import StopRequest
+from workbench.streams.append import xadd_at
 from workbench.streams.connection import REDIS_DOWN, SOCKET_TIMEOUT_S, TRANSIENT, outage_backoff
 from workbench.streams.decisions import (
     Delivery,
@@ -63,8 +64,8 @@ from workbench.streams.decisions import (
     ready_to_handle,
     should_dead_letter,
 )
+from workbench.streams.groups import ensure_groups
 from workbench.streams.keys import StreamNames
-from workbench.streams.log import ensure_groups, xadd_at
 from workbench.streams.replies import text
 
 log = logging.getLogger(__name__)

@@ -61,8 +61,8 @@ from workbench.ops.shutdown import StopRequest
 from workbench.store import Prepared, Store, outbox
 from workbench.streams.connection import REDIS_DOWN, TRANSIENT, outage_backoff, server_version
 from workbench.streams.keys import StreamNames
-from workbench.streams.log import trim
 from workbench.streams.replies import text
+from workbench.streams.retention import trim
 
 log = logging.getLogger(__name__)
 

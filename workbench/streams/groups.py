@@ -1,0 +1,51 @@
+"""Consumer groups on the aggregate streams: created before anything is trimmed, and their ages.
+
+A group must exist before entries it should see are trimmed, so every loop
+calls :func:`ensure_groups` at setup. :func:`group_ages` says how far behind a
+group is in seconds of the stream-id clock: the age of its oldest pending entry
+and of the first entry it has not been delivered (``lag_s``), read from entry
+ids, so a simulation's ages are on simulation time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from workbench.domain.streamid import parse
+from workbench.streams.replies import text
+
+
+def ensure_groups(client: redis.Redis, streams: list[str], group: str) -> None:
+    """Create ``group`` on each stream (from the start, creating the stream)."""
+    for stream in streams:
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+def group_ages(
+    client: redis.Redis, stream: str, groups: list[dict[Any, Any]], now: int
+) -> dict[str, tuple[float | None, float]]:
+    """Per group of ``stream`` (its ``XINFO GROUPS`` rows): the age in seconds at
+    ``now`` (ms) of its oldest pending entry (None: nothing pending) and its lag in
+    seconds (the age of the oldest entry not yet delivered to it; 0: none)."""
+    pipe = client.pipeline(transaction=False)
+    for g in groups:
+        pipe.xpending_range(stream, text(g["name"]), "-", "+", 1)
+        pipe.xrange(stream, f"({text(g['last-delivered-id'])}", "+", count=1)
+    replies = pipe.execute() if groups else []
+    ages: dict[str, tuple[float | None, float]] = {}
+    for i, g in enumerate(groups):
+        oldest, undelivered = replies[2 * i], replies[2 * i + 1]
+        pending_age = _age_s(oldest[0]["message_id"], now) if oldest else None
+        lag_s = _age_s(undelivered[0][0], now) if undelivered else 0.0
+        ages[text(g["name"])] = (pending_age, lag_s)
+    return ages
+
+
+def _age_s(entry_id: Any, now: int) -> float:
+    return max(0.0, (now - parse(text(entry_id)).ms) / 1000)
