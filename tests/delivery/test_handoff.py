@@ -44,6 +44,22 @@ def test_a_page_after_trimmed_entries_is_history_lost() -> None:
         session.take_page(s[2:])  # s[1] was trimmed
 
 
+def test_an_empty_page_after_a_lost_cursor_is_history_lost_and_says_so() -> None:
+    # An empty page proves nothing when the cursor itself is gone (Redis lost it):
+    # the client must get ``reset`` with a reason, not "caught up".
+    s = stream(3)
+    session = ReplaySession(s[1].id)
+    with pytest.raises(HistoryLost) as lost:
+        session.take_page([], cursor_exists=False)
+    assert lost.value.reason == (
+        f"{s[1].id} is no longer an entry of the stream (Redis lost it) and nothing follows it"
+    )
+    assert session.cursor == s[1].id and session.sent == 0
+    assert session.take_page([], cursor_exists=True) == []
+    # 0-0 is never an entry: a session from the start has lost nothing.
+    assert ReplaySession(ZERO).take_page([], cursor_exists=False) == []
+
+
 def test_live_message_next_in_line_is_sent_older_skipped_later_caught_up() -> None:
     s = stream(4)
     session = ReplaySession(s[1].id)

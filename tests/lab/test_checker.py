@@ -751,6 +751,27 @@ def test_entries_redis_lost_are_out_of_the_truth_and_their_deliveries_forgiven()
     assert client_row(blind, "p1")["lost"] == 1
 
 
+def test_a_snapshot_as_of_an_entry_redis_lost_still_covers_what_came_before() -> None:
+    # The phone resynced from a snapshot as of 3-0; Redis lost 3-0 afterwards. The
+    # snapshot row is a position, not an entry received, so it stays and still covers
+    # 2-0, which the phone never received on its own.
+    ids = ["1-0", "2-0", "3-0", "4-0", "5-0"]
+    rows = [delivery("p1", "1-0"), snapshot("p1", "3-0", "c2")]
+    rows += [delivery("p1", e, connection="c2") for e in ("4-0", "5-0")]
+    lost = [{"user": "p1", "entry_id": "3-0", "event_id": "evt-3-0", "t": 1.0}]
+    report = check(
+        run(
+            user_streams=truth("p1", ids),
+            deliveries=rows,
+            phones=[{"phone": "p1", "start_after": "0-0"}],
+            lost_entries=lost,
+        )
+    )
+    row = client_row(report, "p1")
+    assert (row["expected"], row["ok"], row["lost"], row["snapshots"]) == (4, 4, 0, 1)
+    assert report.ok
+
+
 # -- found by mutation testing (make mutation) ----------------------------------------
 
 

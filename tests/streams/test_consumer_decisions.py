@@ -1,9 +1,10 @@
 """The consumer's pure decisions, at their boundaries.
 
 ``ready_to_handle`` (what of a read may be handled now), ``dead_consumers`` (whose
-pending entries to claim), ``should_dead_letter`` and the settings' validation
-decide without Redis, so they are checked here directly; the Redis loop around them
-is tested against a real Redis in test_consumer.py.
+pending entries to claim), ``group_gone`` (which errors mean the group must be
+recreated), ``should_dead_letter`` and the settings' validation decide without
+Redis, so they are checked here directly; the Redis loop around them is tested
+against a real Redis in test_consumer.py.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from redis import ResponseError
 
 from workbench.streams.connection import SOCKET_TIMEOUT_S
 from workbench.streams.consumer import ConsumerSettings
 from workbench.streams.decisions import (
     Delivery,
     dead_consumers,
+    group_gone,
     ready_to_handle,
     should_dead_letter,
 )
@@ -40,6 +43,17 @@ def test_a_consumer_is_dead_only_once_its_heartbeat_is_older_than_the_limit() ->
     at_limit = dead_consumers(pending, {"c1": 90.0}, me="me", now=100.0, dead_after_s=10.0)
     past_limit = dead_consumers(pending, {"c1": 89.5}, me="me", now=100.0, dead_after_s=10.0)
     assert (at_limit, past_limit) == ([], ["c1"])
+
+
+def test_only_a_missing_group_or_a_deleted_stream_means_the_group_is_gone() -> None:
+    # The errors Redis gives: a read on a group it no longer has, and a blocked read
+    # woken because its stream was deleted (the consumer recreates the group).
+    assert group_gone(ResponseError("NOGROUP No such key 'wb:escrow' or consumer group 'ledger'"))
+    assert group_gone(ResponseError("UNBLOCKED the stream key no longer exists"))
+    # Any other error, and an unblock for another reason, is not ours to repair.
+    assert not group_gone(ResponseError("UNBLOCKED client unblocked via CLIENT UNBLOCK"))
+    assert not group_gone(ResponseError("ERR the key no longer exists"))
+    assert not group_gone(ResponseError("WRONGTYPE Operation against a key"))
 
 
 def test_block_ms_just_below_the_socket_timeout_is_accepted_and_at_it_refused() -> None:
