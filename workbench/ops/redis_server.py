@@ -150,6 +150,7 @@ class RedisServer:
         cpu: int | None = None,
         unix_socket: bool = False,
         password: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
@@ -170,6 +171,7 @@ class RedisServer:
         if password is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{1,512}", password):
             raise ValueError("password: 1 to 512 of A-Z a-z 0-9 . _ ~ - (it goes into a URL)")
         self.password = password
+        self.extra_args = extra_args  # e.g. a cluster node's (workbench.ops.redis_cluster)
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -217,7 +219,7 @@ class RedisServer:
             "--appendfsync", self.appendfsync,
             "--logfile", "redis.log",
         ] + (["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
-             if self.socket_path is not None else [])  # fmt: skip
+             if self.socket_path is not None else []) + list(self.extra_args)  # fmt: skip
 
     def _pin(self) -> None:
         if self.cpu is not None and hasattr(os, "sched_setaffinity"):  # Linux only
