@@ -31,7 +31,7 @@ from simulations.faults import (
     sigkill_at,
     sigkill_when_signalled,
 )
-from workbench.cli import _setup_logging, redis_option
+from workbench.cli import redis_option, setup_logging
 from workbench.cli import relay as relay_command
 from workbench.cli import worker as worker_command
 
@@ -59,7 +59,7 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
     """Run the end-to-end escrow demo against an embedded Redis."""
     from simulations.drivers.demo import DemoConfig, run_demo
 
-    _setup_logging(False)
+    setup_logging(False)
     summary = run_demo(
         DemoConfig(escrows=escrows, seed=seed, out=out, crash=crash, timeout=timeout)
     )

@@ -32,7 +32,7 @@ from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
 from workbench.streams.relay import DEFAULT_FSYNC_TIMEOUT_MS, OutboxRelay
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -45,7 +45,7 @@ def _redis_url(value: str | None) -> str:
     if not url:
         raise click.UsageError(
             "no Redis to talk to: pass --redis-url or set REDIS_URL "
-            "(`workbench run` starts its own Redis; this command attaches to one)"
+            "(`workbench serve` starts its own Redis; this command attaches to one)"
         )
     return url
 
@@ -70,7 +70,8 @@ LAB_INSTALL_HINT = (
 
 class _WithLabCommands(click.Group):
     """A group that also offers the commands named by :data:`COMMANDS_GROUP`, loaded
-    when called (so ``workbench worker`` never imports SimPy or pandas)."""
+    when called (so ``workbench worker`` never imports SimPy or pandas). Commands
+    named ``sim-*`` are the lab's internal processes: hidden from ``--help``."""
 
     def _plugins(self) -> dict[str, Any]:
         return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
@@ -85,14 +86,15 @@ class _WithLabCommands(click.Group):
         try:
             return plugins[cmd_name].load()
         except ImportError as exc:
-            return _unavailable(cmd_name, exc)
+            return _unavailable(cmd_name, exc, hidden=cmd_name.startswith("sim-"))
 
 
-def _unavailable(name: str, exc: ImportError) -> click.Command:
+def _unavailable(name: str, exc: ImportError, *, hidden: bool) -> click.Command:
     missing = getattr(exc, "name", None) or str(exc)
 
     @click.command(
         name=name,
+        hidden=hidden,
         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
         help=f"(not installed: {LAB_INSTALL_HINT})",
     )
@@ -183,7 +185,7 @@ def worker(
         raise click.UsageError("--model is required for the analytics group, and only for it")
     if group != "analytics" and (risk_prefix or group_name):
         raise click.UsageError("--risk-prefix and --group-name are for the analytics group")
-    _setup_logging(verbose)
+    setup_logging(verbose)
     store = Store(database_url or _default_database())
     client = connect(_redis_url(redis_url))
     clock = clock_from_env()
@@ -226,11 +228,18 @@ def _risk_scorer(
     store: Store, client: Any, clock: Any, model_dir: Path | None, prefix: str,
     risk_prefix: str | None, group_name: str | None,
 ) -> Any:  # fmt: skip
-    from workbench.analytics.model import load
+    from importlib.util import find_spec
+
+    from workbench.analytics.model import ANALYTICS_EXTRA, load
     from workbench.analytics.scorer import RiskScorer
     from workbench.streams.keys import RiskNames, StreamNames
 
     assert model_dir is not None
+    if missing := [name for name in ANALYTICS_EXTRA if find_spec(name) is None]:
+        raise click.UsageError(
+            "the analytics scorer needs the analytics extra: "
+            f"pip install 'escrow-workbench[analytics]' (missing: {', '.join(missing)})"
+        )
     try:
         model = load(model_dir)
     except (OSError, ValueError) as exc:  # not a model directory; a model file altered
@@ -281,7 +290,7 @@ def relay(
     from workbench.streams.keys import StreamNames
     from workbench.streams.relay import DurabilityUnavailable
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     clock = clock_from_env()
     r = make_relay(
         Store(database_url or _default_database()),
@@ -324,7 +333,7 @@ def timers(
     from workbench.service import EscrowService
     from workbench.streams.keys import StreamNames
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     clock = clock_from_env()
     service = EscrowService(Store(database_url or _default_database()), clock=clock)
     beats = connect(redis_url) if redis_url else None

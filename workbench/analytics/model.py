@@ -7,8 +7,8 @@ saved as ``data/models/<name>/model.joblib`` beside ``metadata.json``
 digits of the SHA-256 of the model file; :func:`load` checks the file against
 the recorded hash, then unpickles it: load only artefacts you made.
 
-Loading needs scikit-learn and joblib (the ``analytics`` extra); importing
-this module needs only numpy.
+Loading and scoring need numpy, scikit-learn and joblib (the ``analytics``
+extra, :data:`ANALYTICS_EXTRA`); importing this module needs none of them.
 """
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
 
 DEFAULT_NAME = "seller-risk"
 MODELS_DIR = Path("data") / "models"
 MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
 POSITIVE_CLASS = "fraudulent"
+#: What loading and scoring a model needs beyond the runtime (module names).
+ANALYTICS_EXTRA = ("numpy", "sklearn", "joblib")
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,16 @@ class RiskModel:
 
     def score(self, features: Any) -> np.ndarray:
         """P(fraudulent) for each row of a feature frame (extra columns ignored)."""
+        import numpy as np
+
         if len(features) == 0:
             return np.zeros(0)
         return self.estimator.predict_proba(features[list(self.features)])[:, 1]
 
     def score_rows(self, rows: list[dict[str, float]]) -> np.ndarray:
         """P(fraudulent) for feature vectors as dicts (what the consumer holds)."""
+        import numpy as np
+
         if not rows:
             return np.zeros(0)
         matrix = np.array([[row[f] for f in self.features] for row in rows], dtype="float64")
