@@ -259,14 +259,14 @@ def binds(*names: str) -> dict[str, Any]:
 class Prepared:
     """A Core statement compiled once per dialect and run on the DBAPI cursor.
 
-    For the hot paths (a command's few statements, the relay, the handlers'
-    inbox): SQLAlchemy's work per execution (cache key, parameter and result
-    processing) costs ~50 us a statement, several times what SQLite takes for
-    a primary-key lookup. Parameters go by bind name and must need no type
-    processing (str, int, float, bytes, None); rows come back as plain tuples
-    in the statement's column order. Driver errors are raised as SQLAlchemy's
-    (``IntegrityError``, ``OperationalError``), so callers catch one family.
-    Runs inside whatever transaction ``conn`` is in.
+    For the hot paths (a command's few statements, the relay, the handlers' inbox):
+    SQLAlchemy's work per execution (cache key, parameter and result processing)
+    costs several times what SQLite takes for a primary-key lookup
+    (bench/throughput.py measures the paths that use this). Parameters go by bind
+    name and must need no type processing (str, int, float, bytes, None); rows come
+    back as plain tuples in the statement's column order. Driver errors are raised
+    as SQLAlchemy's (``IntegrityError``, ``OperationalError``), so callers catch one
+    family. Runs inside whatever transaction ``conn`` is in.
     """
 
     def __init__(self, statement: Executable) -> None:
@@ -365,8 +365,8 @@ class Store:
         """One transaction: commits on success, rolls back on any exception.
 
         On SQLite each thread keeps one connection for its transactions:
-        checking a connection out of the pool and back costs ~40 us, more than
-        the rest of a small transaction. (SQLite serialises writers anyway, so
+        checking a connection out of the pool and back costs more than the rest
+        of a small transaction. (SQLite serialises writers anyway, so
         a second connection per thread would buy nothing.)
         """
         if self.dialect != "sqlite":
@@ -403,7 +403,7 @@ def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
     """``INSERT`` many rows through the DBAPI's executemany, prepared once per shape.
 
     ``conn.execute(insert(table), rows)`` runs SQLAlchemy's parameter processing
-    for every row (~3 us each); the columns here need no type processing, so the
+    for every row; the columns here need no type processing, so the
     driver can take the values as they are.
     """
     if not rows:

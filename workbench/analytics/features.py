@@ -37,15 +37,16 @@ and the earliest time; the party's features are computed from its escrows. So
 at-least-once delivery (the same event id again) and events of one escrow
 arriving out of order across streams (a redelivered ``escrow.funded`` after
 ``escrow.shipped``) give the same features, which is what makes the streaming
-consumer and the batch computation agree (:func:`batch_features`).
+consumer and the lab's batch computation agree.
 
-Two implementations of the same definitions live here on purpose:
+Two implementations of the same definitions exist on purpose:
 
-* :class:`FeatureState`: pure, sans-IO, incremental; it folds one
+* :class:`FeatureState`, here: pure, sans-IO, incremental; it folds one
   :class:`Fact` at a time (what the consumer does) and answers the features of
   one party cheaply (what the scorer needs after each event);
-* :func:`features_from_facts` / :func:`batch_features`: vectorised pandas over
-  a run's ``published`` table (what an analyst does).
+* ``features_from_facts`` / ``batch_features`` in the lab
+  (:mod:`simulations.analytics.frames`): vectorised pandas over a run's
+  ``published`` table (what an analyst does).
 
 The tests assert they agree (two paths, one answer). Times are seconds on one
 timeline: a run's tables use seconds since the run's epoch (``t_committed``),

@@ -69,7 +69,8 @@ class RiskModel:
 
 
 def load(directory: str | Path) -> RiskModel:
-    """A model saved by :func:`save`. Checks the file against its recorded hash."""
+    """A model saved by the lab's ``simulations.analytics.save``. Checks the file
+    against its recorded hash."""
     path = Path(directory)
     meta_path = path / METADATA_FILE
     if not meta_path.exists():

@@ -31,7 +31,8 @@ is not an escrow aggregate): ``type`` (``risk.scored``), ``source_event_id``,
 ``source_event_type``, ``seller_id``, ``score``, ``flagged`` (``1`` if score >=
 the model's threshold), ``threshold``, ``model``, ``model_version``, ``group``,
 ``event_at`` (the source event's ``occurred_at``) and ``scored_at`` (the
-scorer's clock when it scored). :func:`scorer_lag` turns the stream into lags.
+scorer's clock when it scored). The lab's ``scorer_lag``
+(:mod:`simulations.analytics.online`) turns the stream into lags.
 """
 
 from __future__ import annotations

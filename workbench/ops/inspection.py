@@ -8,11 +8,12 @@ wall clock; in a simulation both are the simulation's, so operators and analysts
 read the same units. (``oldest_pending_idle_ms`` is Redis' own idle time since the
 last delivery, on Redis' clock.)
 
-``inspect(client)`` returns pandas DataFrames; ``workbench inspect`` prints
-them (``--json`` for machines). Lag comes from ``XINFO GROUPS`` where Redis
-has it (7.0+, and not after some deletions); otherwise it is computed by
-counting the entries after the group's last-delivered id. ``lag_xinfo`` keeps
-what Redis said, NULL included: NULL means "Redis cannot tell", never 0.
+``inspect(client)`` returns rows of plain values (the lab's
+``simulations.analysis.inspection_frames`` makes DataFrames of them); ``workbench
+inspect`` prints them (``--json`` for machines). Lag comes from ``XINFO GROUPS``
+where Redis has it (7.0+, and not after some deletions); otherwise it is computed by
+counting the entries after the group's last-delivered id. ``lag_xinfo`` keeps what
+Redis said, NULL included: NULL means "Redis cannot tell", never 0.
 """
 
 from __future__ import annotations

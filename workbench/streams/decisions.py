@@ -1,4 +1,4 @@
-"""The consumer's decisions, as pure functions: no Redis, no clock, no I/O.
+"""The consumer's decisions, as pure functions: no Redis calls, no clock, no I/O.
 
 :class:`~workbench.streams.consumer.ConsumerWorker` is the thin loop around
 these: which entries of a read it may handle now without overtaking an unread

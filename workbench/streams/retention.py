@@ -11,7 +11,7 @@ So trimming never removes an entry a group still has to handle; a lagging
 group makes the stream keep more, which :func:`trim` reports as
 ``held_by_groups``. ``~`` only drops whole internal nodes, so it can trim less
 than asked, never more. Groups must exist before entries they should see are
-trimmed: :func:`ensure_groups` runs at setup.
+trimmed: :func:`workbench.streams.groups.ensure_groups` runs at setup.
 """
 
 from __future__ import annotations
