@@ -36,7 +36,7 @@ from workbench.domain.clock import ManualClock
 from workbench.domain.escrow import ADMIN, DomainError, Timeouts
 from workbench.domain.events import AGGREGATE_TYPES
 from workbench.domain.ids import IdFactory
-from workbench.handlers import GROUPS, HANDLERS
+from workbench.handlers import GROUPS, aggregate_types_of
 from workbench.handlers.ledger import check_ledger
 from workbench.ops.inspection import inspect
 from workbench.ops.redis_server import RedisServer
@@ -225,8 +225,8 @@ def _expected_per_group(store: Store) -> dict[str, int]:
             ).all()
         )
     return {
-        group: sum(int(per_stream.get(a, 0)) for a in handler.aggregate_types)
-        for group, handler in HANDLERS.items()
+        group: sum(int(per_stream.get(a, 0)) for a in aggregate_types_of(group))
+        for group in GROUPS
     }
 
 
@@ -250,8 +250,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             client.delete(key)
         store = Store(os.environ.get("DATABASE_URL") or f"sqlite:///{out / 'workbench.db'}")
         store.reset()
-        for group, handler in HANDLERS.items():
-            ensure_groups(client, names.streams(handler.aggregate_types), group)
+        for group in GROUPS:
+            ensure_groups(client, names.streams(aggregate_types_of(group)), group)
         where = "external" if server is None else ".".join(map(str, server.version))
         console.print(
             f"[bold]escrow demo[/]: {cfg.escrows} escrows, seed {cfg.seed}, "
@@ -347,7 +347,7 @@ def _recover_crashed_ledger(
     except TimeoutError:
         return {"injected": False, "note": "too few batches for the crash point"}
     pending = 0
-    for stream in names.streams(HANDLERS["ledger"].aggregate_types):
+    for stream in names.streams(aggregate_types_of("ledger")):
         for c in client.xinfo_consumers(stream, "ledger"):
             if c["name"] in (b"ledger-1", "ledger-1"):
                 pending += int(c["pending"])
@@ -394,7 +394,7 @@ def _summarise(
         rows.append(
             {
                 "group": group,
-                "streams": ",".join(HANDLERS[group].aggregate_types),
+                "streams": ",".join(aggregate_types_of(group)),
                 "events": expected[group],
                 "handled": handled.get(group, 0),
                 "pending": int(g["pending"].sum()),

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from workbench.analytics.features import ANALYTICS_AGGREGATES
 from workbench.domain.clock import Clock
-from workbench.domain.events import AGGREGATE_TYPES
 from workbench.handlers.base import SqlHandler
 from workbench.handlers.disputes import DisputeTimelineHandler
+from workbench.handlers.fanout import FanoutHandler
 from workbench.handlers.ledger import LedgerHandler
 from workbench.handlers.notifications import NotificationHandler
 from workbench.handlers.push import PushHandler
@@ -43,9 +44,9 @@ OPTIONAL_GROUPS: tuple[str, ...] = ("analytics",)
 def aggregate_types_of(group: str) -> tuple[str, ...]:
     """The aggregate types (streams) a consumer group reads."""
     if group == "fanout":
-        return AGGREGATE_TYPES  # FanoutHandler.aggregate_types, without importing it
+        return FanoutHandler.aggregate_types
     if group == "analytics":
-        return ("escrow", "payment", "dispute")  # analytics.features.ANALYTICS_AGGREGATES
+        return ANALYTICS_AGGREGATES
     try:
         return tuple(HANDLERS[group].aggregate_types)
     except KeyError:
