@@ -37,7 +37,7 @@ from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, parse
-from workbench.handlers import ALL_GROUPS, OPTIONAL_GROUPS, aggregate_types_of, handler_for
+from workbench.handlers import ALL_GROUPS, aggregate_types_of, handler_for
 from workbench.handlers.fanout import FanoutHandler
 from workbench.service import EscrowService
 from workbench.store import Store
@@ -47,10 +47,6 @@ from workbench.streams.keys import StreamNames, UserStreamNames
 from workbench.streams.relay import OutboxRelay
 from workbench.streams.replies import text
 
-SIM_GROUPS = ALL_GROUPS
-#: How a crashed consumer comes back: restarted by serve's supervisor (same consumer
-#: name, after its backoff) or replaced by another consumer after ``mttr_s``.
-RESTART_MODES = ("supervisor", "replacement")
 #: How many of the fan-out's latest entries are kept to judge a Redis loss by.
 RECENT_ENTRIES = 100_000
 
@@ -300,27 +296,17 @@ class Runtime:
             store, client, names=names, clock=clock, batch_size=500,
             retention_s=scenario.relay.retention_s, ids_on_clock=True,
         )  # fmt: skip
+        # consumers.only and consumers.restart were checked by simulations.scenario.load.
         only = scenario.consumers.only_groups
-        known = (*SIM_GROUPS, *OPTIONAL_GROUPS)
-        unknown = set(only) - set(known)
-        if unknown:
-            raise ValueError(
-                f"consumers.only names unknown groups {sorted(unknown)}; groups: {', '.join(known)}"
-            )
         self.model: Any = None
-        available = SIM_GROUPS
+        available = ALL_GROUPS
         if scenario.analytics.model:
             from workbench.analytics import load as load_model
 
             self.model = load_model(scenario.analytics.model)
-            available = (*SIM_GROUPS, "analytics")
+            available = (*ALL_GROUPS, "analytics")
         self.groups = tuple(g for g in available if not only or g in only)
         self.slots = {group: GroupSlot(group) for group in self.groups}
-        restart = scenario.consumers.restart
-        if restart not in RESTART_MODES:
-            raise ValueError(
-                f"consumers.restart must be one of {', '.join(RESTART_MODES)}, not {restart!r}"
-            )
         # serve's supervisor decides when a crashed process is back
         # (simulations.models.supervision).
         self.restarts = SupervisedRestarts(policy_of(scenario.supervisor))
