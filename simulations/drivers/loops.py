@@ -9,8 +9,11 @@ tick retries.
 
 A consumer crash is the worker's own crash hook raising :class:`SimCrash` at
 the chosen crash point: the worker object is dropped mid-batch exactly where a
-SIGKILL would stop the process, its pending entries stay in Redis under its
-name, and after the repair time a new consumer of the group takes over by the
+SIGKILL would stop the process, and its pending entries stay in Redis under its
+name. By default (``consumers.restart = "supervisor"``) the worker comes back
+after serve's backoff under the same consumer name and re-reads its own pending
+entries first; with ``"replacement"`` (a lost machine) another consumer of the
+group starts after ``mttr_s`` and takes the dead one's entries over by the
 runtime's own recovery (stale heartbeat, XCLAIM).
 """
 

@@ -13,9 +13,11 @@ timers; redis-server and a SQLite store underneath. So here:
   (:class:`~workbench.payments.daraja.DarajaStub`, which also takes the pushes);
 * each phone holds a real SSE connection (``Last-Event-ID`` on reconnect,
   ``reset`` -> snapshot -> resume), dropped by closing the socket;
-* a consumer crash is SIGKILL of the worker process; a new one (a new
-  consumer name) starts after ``mttr_s`` and the runtime's own recovery
-  claims the dead one's pending entries;
+* a consumer crash is SIGKILL of the worker process; by default
+  (``consumers.restart = "supervisor"``) it is started again after serve's
+  backoff under the same consumer name and re-reads its own pending entries;
+  with ``"replacement"`` a new one (a new consumer name) starts after
+  ``mttr_s`` and the runtime's own recovery claims the dead one's entries;
 * a server fault is SIGKILL of an SSE server with all its sessions;
 * Redis faults are the same kill -9 and restart from the AOF.
 
@@ -412,7 +414,8 @@ class SsePhone(Phone):
 
 
 class ConsumerFaults:
-    """Crash a group's worker process every MTBF (exponential); restart after MTTR.
+    """Crash a group's worker process every MTBF (exponential); back after serve's
+    backoff (``restart = "supervisor"``) or a replacement after MTTR.
 
     Each crash is, at random, a SIGKILL from outside at whatever the worker is
     doing, or one of the runtime's crash points (after read, mid-batch, after

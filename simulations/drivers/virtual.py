@@ -7,9 +7,12 @@ it needs when it is made, then run in named phases: schedule its processes,
 *load* (``run.duration_s``: arrivals, faults), *drain* (``run.drain_s``: no new
 escrows, faults healed, every consumer alive) so the checker can tell lost from
 unseen, finish, collect the tables. Everything random comes from one
-``numpy.random.SeedSequence(seed)``, spawned per model, so a run is a function
-of (scenario, seed): the same tables every time, apart from wall-clock columns
-and Redis entry ids (Redis assigns those from its own clock).
+``numpy.random.SeedSequence(seed)``, spawned per model, and every stream entry id
+comes from the simulation's clock (the README's "One clock"), so a run is a
+function of (scenario, seed): bit-identical tables every time, entry ids included,
+however fast the machine ran it; only the manifest records wall time. (Redis kills
+keep this when their only loss is the forced one, ``redis.lose_last_writes``: under
+``everysec`` a kill may also lose writes by the chance of a pending fsync.)
 """
 
 from __future__ import annotations
@@ -306,7 +309,8 @@ def _start_redis(
                appendfsync=scenario.redis.appendfsync)
     )  # fmt: skip
     # One thread drives every part: one connection, no pool to check out from
-    # (a third of redis-py's cost per call).
+    # (redis-py's pool checks a connection out and back in around every call:
+    # locking and bookkeeping that a single-threaded driver pays for nothing).
     client = connect(url, single_connection_client=True)
     resources.callback(client.close)
     _clear(client, prefix)
