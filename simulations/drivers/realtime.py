@@ -59,7 +59,13 @@ from httpx_sse import aconnect_sse
 
 from simulations.analysis.tables import RunTables, RunWriter
 from simulations.drivers.loops import sample_backlog, waiting
-from simulations.drivers.virtual import Progress, RedisFaults, _clear, _manifest, collect
+from simulations.drivers.virtual import (
+    Progress,
+    RedisFaults,
+    clear_prefix,
+    collect,
+    run_manifest,
+)
 from simulations.faults import CRASH_POINTS, crash_signal
 from simulations.models.clock import SimClock
 from simulations.models.gateway import MpesaGateway
@@ -617,7 +623,7 @@ def _build_world(
     )
     client = connect(url)
     resources.callback(client.close)
-    _clear(client, prefix)
+    clear_prefix(client, prefix)
     database_url = f"sqlite:///{work / 'store.db'}"
     store = Store(database_url)
     resources.callback(store.close)
@@ -805,7 +811,7 @@ def _write(world: RealtimeWorld, out: str | Path, started: float, settled: bool)
         writer[table].extend(table_rows)
     collect(world, writer)
     run_p = world.scenario.run
-    manifest = _manifest(
+    manifest = run_manifest(
         world.scenario, world.seed, started, run_p.duration_s, run_p.drain_s, world.url,
         world.server,
     )  # fmt: skip

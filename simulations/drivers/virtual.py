@@ -313,7 +313,7 @@ def _start_redis(
     # locking and bookkeeping that a single-threaded driver pays for nothing).
     client = connect(url, single_connection_client=True)
     resources.callback(client.close)
-    _clear(client, prefix)
+    clear_prefix(client, prefix)
     return url, server, client
 
 
@@ -461,7 +461,7 @@ def _collect(world: World, started: float) -> dict[str, Any]:
     """The end-of-run tables (:func:`collect`) and the manifest (not yet written)."""
     world.writer["faults"].extend(world.faults)
     collect(world, world.writer)
-    manifest = _manifest(
+    manifest = run_manifest(
         world.scenario, world.seed, started, world.load_s, world.scenario.run.drain_s,
         world.url, world.server,
     )  # fmt: skip
@@ -477,7 +477,8 @@ def _collect(world: World, started: float) -> dict[str, Any]:
     return manifest
 
 
-def _clear(client: redis.Redis, prefix: str) -> None:
+def clear_prefix(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under ``prefix:``: a run starts from an empty keyspace of its own."""
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.delete(key)
 
@@ -690,7 +691,7 @@ def _handled_row(
     }  # fmt: skip
 
 
-def _manifest(
+def run_manifest(
     scenario: Scenario,
     seed: int,
     started: float,
@@ -699,6 +700,9 @@ def _manifest(
     url: str,
     server: RedisServer | None,
 ) -> dict[str, Any]:
+    """What a run's ``manifest.json`` records: scenario, seed, parameters, its
+    virtual and wall seconds, which Redis, package versions and the git commit
+    (a real-time run adds its mode and factor)."""
     versions = {}
     for package in ("escrow-workbench", "simpy", "redis", "sqlalchemy", "pandas", "numpy"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
