@@ -1,9 +1,9 @@
 """The lab: SimPy load models that drive the real escrow runtime, and the tools that judge it.
 
-The models (market, M-Pesa gateway, phones, faults) decide *when* things
-happen; the runtime's own code (``workbench``) decides *what* happens, against
-a real Redis and a real SQL store. Nothing of the runtime is re-implemented
-here. The lab imports the runtime; the runtime never imports the lab.
+The models (market, M-Pesa gateway, phones) and the fault schedules decide *when*
+things happen; the runtime's own code (``workbench``) decides *what* happens, against
+a real Redis and a real SQL store. Nothing of the runtime is re-implemented here.
+The lab imports the runtime; the runtime never imports the lab.
 
 * :mod:`simulations.scenario` and ``scenarios/*.toml``: the parameters of a run.
 * :mod:`simulations.models`: market, M-Pesa, phones, serve's supervisor, SimPy's clock.

@@ -5,9 +5,12 @@ A scenario is a name and one frozen dataclass per TOML section (:class:`RunParam
 file only lists what differs from them, and ``--set section.key=value`` overrides
 a file. :func:`load` checks every value once, against the type of the field's
 default, before any model sees it: an unknown section or key (a typo), a value of
-the wrong type or a negative number is a :class:`ScenarioError` naming
-``section.key``, never a silently ignored setting or a crash halfway through a run.
-After that the models read typed attributes (``scenario.market.arrival_rate``).
+the wrong type or a negative number, a string that is none of the values its key
+takes (``consumers.restart``, ``redis.appendfsync``, the groups of ``consumers.only``)
+or a lower bound above its upper bound (``mpesa.query_delay_min_s``) is a
+:class:`ScenarioError` naming ``section.key``, never a silently ignored setting or a
+crash halfway through a run. After that the models and the drivers read typed
+attributes (``scenario.market.arrival_rate``) and trust them.
 
 :attr:`Scenario.params` is the same values as plain data, section by section in
 the order below; it is what a run's manifest records, so it keeps the shape the
@@ -21,7 +24,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from workbench.handlers import ALL_GROUPS, OPTIONAL_GROUPS
+
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
+
+#: How a crashed consumer comes back: restarted by serve's supervisor (same consumer
+#: name, after its backoff) or replaced by another consumer after ``mttr_s``.
+RESTART_MODES = ("supervisor", "replacement")
+#: redis-server's ``appendfsync`` settings.
+APPENDFSYNC_MODES = ("always", "everysec", "no")
 
 
 @dataclass(frozen=True)
@@ -148,7 +159,7 @@ class ServersParams:
 class AnalyticsParams:
     """``[analytics]``: the optional risk-scoring group."""
 
-    # A trained risk model's directory (workbench.analytics.save): runs the
+    # A trained risk model's directory (simulations.analytics.save): runs the
     # "analytics" group, scoring sellers online; "": no analytics group.
     model: str = ""
 
@@ -206,6 +217,18 @@ SECTIONS: dict[str, type[Any]] = {
 
 #: Values that must be greater than 0 (not only non-negative): ``section.key``.
 _POSITIVE = (("servers", "count"), ("realtime", "factor"))
+#: Strings that take one of a few values: ``(section, key)`` -> the values.
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("consumers", "restart"): RESTART_MODES,
+    ("redis", "appendfsync"): APPENDFSYNC_MODES,
+}
+#: Comma-separated strings whose every item takes one of a few values. ``only`` may
+#: name the optional groups: they run when configured (analytics: a model).
+_CHOICE_LISTS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("consumers", "only"): (*ALL_GROUPS, *OPTIONAL_GROUPS),
+}
+#: Bounds of one range: ``(section, lower key, upper key)``; lower <= upper.
+_RANGES = (("mpesa", "query_delay_min_s", "query_delay_max_s"),)
 
 
 class ScenarioError(ValueError):
@@ -260,6 +283,13 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Scen
     for section, key in _POSITIVE:
         if not getattr(getattr(scenario, section), key) > 0:
             raise ScenarioError(f"{path.stem}: {section}.{key} must be greater than 0")
+    for section, low, high in _RANGES:
+        params = getattr(scenario, section)
+        if getattr(params, low) > getattr(params, high):
+            raise ScenarioError(
+                f"{path.stem}: {section}.{low} ({getattr(params, low)}) must not be greater"
+                f" than {section}.{high} ({getattr(params, high)})"
+            )
     return scenario
 
 
@@ -315,7 +345,24 @@ def _assign(
         raise ScenarioError(
             f"{source}: unknown key {section}.{key}; keys of [{section}]: {', '.join(defaults)}"
         )
-    values[section][key] = _checked(f"{source}: {section}.{key}", defaults[key], value)
+    where = f"{source}: {section}.{key}"
+    values[section][key] = checked = _checked(where, defaults[key], value)
+    _check_choice(where, (section, key), checked)
+
+
+def _check_choice(where: str, key: tuple[str, str], value: Any) -> None:
+    """A :class:`ScenarioError` if ``value`` is not one of what ``key`` takes (if it is
+    one of :data:`_CHOICES` or :data:`_CHOICE_LISTS`), saying what it takes."""
+    if key in _CHOICES and value not in _CHOICES[key]:
+        allowed = ", ".join(_CHOICES[key])
+        raise ScenarioError(f"{where} must be one of {allowed}, not {value!r}")
+    if key in _CHOICE_LISTS:
+        allowed = ", ".join(_CHOICE_LISTS[key])
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if unknown := [item for item in items if item not in _CHOICE_LISTS[key]]:
+            raise ScenarioError(
+                f"{where} must list only {allowed}, not {value!r} ({', '.join(unknown)} unknown)"
+            )
 
 
 def _checked(where: str, default: Any, value: Any) -> Any:

@@ -2,7 +2,7 @@
 
 ``load_run(path)`` is the single entry point the notebooks share::
 
-    run = workbench.load_run("data/runs/baseline-1")
+    run = simulations.load_run("data/runs/baseline-1")
     run.published, run.deliveries, ...   # every table of simulations.analysis.tables, as DataFrames
     run.ok, run.report.groups            # the checker's verdict (simulations.analysis.checker)
     run.metrics["handling"]              # latency quantiles etc. (simulations.analysis.timings)

@@ -1,8 +1,9 @@
-"""``python -m workbench.analytics``: train and evaluate the risk model.
+"""``python -m simulations.analytics``: train and evaluate the risk model.
 
 The scorer runs as ``workbench worker analytics --model DIR``, a worker like
-every other group's (heartbeats, claims, SIGTERM finishes the batch,
-``--crash-at`` SIGKILLs the process at a crash point).
+every other group's (heartbeats, claims, SIGTERM finishes the batch); the lab's
+``workbench sim-worker analytics`` is the same worker with fault injection
+(``--crash-at`` SIGKILLs the process at a crash point).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ def streaming_features(
 ) -> pd.DataFrame:
     """The features the consumer's durable state holds, per party of ``role``
     (times as ``occurred_at - epoch``: pass a run's epoch to compare with
-    :func:`~workbench.analytics.features.batch_features`)."""
+    :func:`~simulations.analytics.frames.batch_features`)."""
     state = FeatureState()
     state.apply_all(stored_facts(store, group, epoch))
     return state_frame(state, role)
@@ -67,8 +67,8 @@ def read_risk_stream(
 
 def online_scores(risk: pd.DataFrame, epoch: float = 0.0) -> pd.DataFrame:
     """The risk stream (:func:`read_risk_stream`) in the shape
-    :func:`~workbench.analytics.model.evaluate` and
-    :func:`~workbench.analytics.model.detection_delays` take: ``event_id, t,
+    :func:`~simulations.analytics.training.evaluate` and
+    :func:`~simulations.analytics.training.detection_delays` take: ``event_id, t,
     party, score`` with ``t = event_at - epoch`` (a run's epoch: run time)."""
     return pd.DataFrame(
         {

@@ -8,7 +8,7 @@ they stand after an event. Labels are the market's ground truth, the
 
 **What it is trained on.** Not one row per seller at the end of the run, but
 the seller's feature vector after *each* of its events, replayed in time order
-(:func:`~workbench.analytics.features.online_features`): the distribution the
+(:func:`~simulations.analytics.frames.online_features`): the distribution the
 online scorer sees, early snapshots with one unshipped escrow included. A
 model trained on end-of-run rows alone would never have seen a seller with one
 funded escrow a minute old, and would flag every honest seller at its first
@@ -298,7 +298,7 @@ def detection_delays(scores: pd.DataFrame, tables: RunTables, threshold: float) 
 
     ``scores`` has ``party`` (seller id), ``t`` (run time of the scored event)
     and ``score``: from :func:`replay_scores`, or from the risk stream
-    (:func:`workbench.analytics.scorer.online_scores`). Columns: ``party,
+    (:func:`simulations.analytics.online.online_scores`). Columns: ``party,
     first_escrow_t, flagged, flagged_t, escrows`` (of its escrows opened by
     then), ``delay_s``, ``delay_h``.
     """
@@ -344,7 +344,7 @@ def _auc(y: np.ndarray, scores: np.ndarray) -> float:
 def evaluate(model: RiskModel, tables: RunTables, scores: pd.DataFrame | None = None) -> Evaluation:
     """Evaluate ``model`` on a run it was not trained on.
 
-    End of run (one row per seller, :func:`~workbench.analytics.features.batch_features`):
+    End of run (one row per seller, :func:`~simulations.analytics.frames.batch_features`):
     ROC AUC, average precision, precision, recall and F1 at the threshold, and
     the same for the base-rate classifier (the training run's fraud share, from
     the model's metadata, as everyone's score). Online (``scores``: the risk stream's,

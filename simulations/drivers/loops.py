@@ -9,8 +9,11 @@ tick retries.
 
 A consumer crash is the worker's own crash hook raising :class:`SimCrash` at
 the chosen crash point: the worker object is dropped mid-batch exactly where a
-SIGKILL would stop the process, its pending entries stay in Redis under its
-name, and after the repair time a new consumer of the group takes over by the
+SIGKILL would stop the process, and its pending entries stay in Redis under its
+name. By default (``consumers.restart = "supervisor"``) the worker comes back
+after serve's backoff under the same consumer name and re-reads its own pending
+entries first; with ``"replacement"`` (a lost machine) another consumer of the
+group starts after ``mttr_s`` and takes the dead one's entries over by the
 runtime's own recovery (stale heartbeat, XCLAIM).
 """
 
@@ -37,7 +40,7 @@ from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, parse
-from workbench.handlers import ALL_GROUPS, OPTIONAL_GROUPS, aggregate_types_of, handler_for
+from workbench.handlers import ALL_GROUPS, aggregate_types_of, handler_for
 from workbench.handlers.fanout import FanoutHandler
 from workbench.service import EscrowService
 from workbench.store import Store
@@ -47,10 +50,6 @@ from workbench.streams.keys import StreamNames, UserStreamNames
 from workbench.streams.relay import OutboxRelay
 from workbench.streams.replies import text
 
-SIM_GROUPS = ALL_GROUPS
-#: How a crashed consumer comes back: restarted by serve's supervisor (same consumer
-#: name, after its backoff) or replaced by another consumer after ``mttr_s``.
-RESTART_MODES = ("supervisor", "replacement")
 #: How many of the fan-out's latest entries are kept to judge a Redis loss by.
 RECENT_ENTRIES = 100_000
 
@@ -300,27 +299,17 @@ class Runtime:
             store, client, names=names, clock=clock, batch_size=500,
             retention_s=scenario.relay.retention_s, ids_on_clock=True,
         )  # fmt: skip
+        # consumers.only and consumers.restart were checked by simulations.scenario.load.
         only = scenario.consumers.only_groups
-        known = (*SIM_GROUPS, *OPTIONAL_GROUPS)
-        unknown = set(only) - set(known)
-        if unknown:
-            raise ValueError(
-                f"consumers.only names unknown groups {sorted(unknown)}; groups: {', '.join(known)}"
-            )
         self.model: Any = None
-        available = SIM_GROUPS
+        available = ALL_GROUPS
         if scenario.analytics.model:
             from workbench.analytics import load as load_model
 
             self.model = load_model(scenario.analytics.model)
-            available = (*SIM_GROUPS, "analytics")
+            available = (*ALL_GROUPS, "analytics")
         self.groups = tuple(g for g in available if not only or g in only)
         self.slots = {group: GroupSlot(group) for group in self.groups}
-        restart = scenario.consumers.restart
-        if restart not in RESTART_MODES:
-            raise ValueError(
-                f"consumers.restart must be one of {', '.join(RESTART_MODES)}, not {restart!r}"
-            )
         # serve's supervisor decides when a crashed process is back
         # (simulations.models.supervision).
         self.restarts = SupervisedRestarts(policy_of(scenario.supervisor))

@@ -13,9 +13,11 @@ timers; redis-server and a SQLite store underneath. So here:
   (:class:`~workbench.payments.daraja.DarajaStub`, which also takes the pushes);
 * each phone holds a real SSE connection (``Last-Event-ID`` on reconnect,
   ``reset`` -> snapshot -> resume), dropped by closing the socket;
-* a consumer crash is SIGKILL of the worker process; a new one (a new
-  consumer name) starts after ``mttr_s`` and the runtime's own recovery
-  claims the dead one's pending entries;
+* a consumer crash is SIGKILL of the worker process; by default
+  (``consumers.restart = "supervisor"``) it is started again after serve's
+  backoff under the same consumer name and re-reads its own pending entries;
+  with ``"replacement"`` a new one (a new consumer name) starts after
+  ``mttr_s`` and the runtime's own recovery claims the dead one's entries;
 * a server fault is SIGKILL of an SSE server with all its sessions;
 * Redis faults are the same kill -9 and restart from the AOF.
 
@@ -57,7 +59,13 @@ from httpx_sse import aconnect_sse
 
 from simulations.analysis.tables import RunTables, RunWriter
 from simulations.drivers.loops import sample_backlog, waiting
-from simulations.drivers.virtual import Progress, RedisFaults, _clear, _manifest, collect
+from simulations.drivers.virtual import (
+    Progress,
+    RedisFaults,
+    clear_prefix,
+    collect,
+    run_manifest,
+)
 from simulations.faults import CRASH_POINTS, crash_signal
 from simulations.models.clock import SimClock
 from simulations.models.gateway import MpesaGateway
@@ -412,7 +420,8 @@ class SsePhone(Phone):
 
 
 class ConsumerFaults:
-    """Crash a group's worker process every MTBF (exponential); restart after MTTR.
+    """Crash a group's worker process every MTBF (exponential); back after serve's
+    backoff (``restart = "supervisor"``) or a replacement after MTTR.
 
     Each crash is, at random, a SIGKILL from outside at whatever the worker is
     doing, or one of the runtime's crash points (after read, mid-batch, after
@@ -614,7 +623,7 @@ def _build_world(
     )
     client = connect(url)
     resources.callback(client.close)
-    _clear(client, prefix)
+    clear_prefix(client, prefix)
     database_url = f"sqlite:///{work / 'store.db'}"
     store = Store(database_url)
     resources.callback(store.close)
@@ -802,7 +811,7 @@ def _write(world: RealtimeWorld, out: str | Path, started: float, settled: bool)
         writer[table].extend(table_rows)
     collect(world, writer)
     run_p = world.scenario.run
-    manifest = _manifest(
+    manifest = run_manifest(
         world.scenario, world.seed, started, run_p.duration_s, run_p.drain_s, world.url,
         world.server,
     )  # fmt: skip

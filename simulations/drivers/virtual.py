@@ -7,9 +7,12 @@ it needs when it is made, then run in named phases: schedule its processes,
 *load* (``run.duration_s``: arrivals, faults), *drain* (``run.drain_s``: no new
 escrows, faults healed, every consumer alive) so the checker can tell lost from
 unseen, finish, collect the tables. Everything random comes from one
-``numpy.random.SeedSequence(seed)``, spawned per model, so a run is a function
-of (scenario, seed): the same tables every time, apart from wall-clock columns
-and Redis entry ids (Redis assigns those from its own clock).
+``numpy.random.SeedSequence(seed)``, spawned per model, and every stream entry id
+comes from the simulation's clock (the README's "One clock"), so a run is a
+function of (scenario, seed): bit-identical tables every time, entry ids included,
+however fast the machine ran it; only the manifest records wall time. (Redis kills
+keep this when their only loss is the forced one, ``redis.lose_last_writes``: under
+``everysec`` a kill may also lose writes by the chance of a pending fsync.)
 """
 
 from __future__ import annotations
@@ -306,10 +309,11 @@ def _start_redis(
                appendfsync=scenario.redis.appendfsync)
     )  # fmt: skip
     # One thread drives every part: one connection, no pool to check out from
-    # (a third of redis-py's cost per call).
+    # (redis-py's pool checks a connection out and back in around every call:
+    # locking and bookkeeping that a single-threaded driver pays for nothing).
     client = connect(url, single_connection_client=True)
     resources.callback(client.close)
-    _clear(client, prefix)
+    clear_prefix(client, prefix)
     return url, server, client
 
 
@@ -457,7 +461,7 @@ def _collect(world: World, started: float) -> dict[str, Any]:
     """The end-of-run tables (:func:`collect`) and the manifest (not yet written)."""
     world.writer["faults"].extend(world.faults)
     collect(world, world.writer)
-    manifest = _manifest(
+    manifest = run_manifest(
         world.scenario, world.seed, started, world.load_s, world.scenario.run.drain_s,
         world.url, world.server,
     )  # fmt: skip
@@ -473,7 +477,8 @@ def _collect(world: World, started: float) -> dict[str, Any]:
     return manifest
 
 
-def _clear(client: redis.Redis, prefix: str) -> None:
+def clear_prefix(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under ``prefix:``: a run starts from an empty keyspace of its own."""
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.delete(key)
 
@@ -686,7 +691,7 @@ def _handled_row(
     }  # fmt: skip
 
 
-def _manifest(
+def run_manifest(
     scenario: Scenario,
     seed: int,
     started: float,
@@ -695,6 +700,9 @@ def _manifest(
     url: str,
     server: RedisServer | None,
 ) -> dict[str, Any]:
+    """What a run's ``manifest.json`` records: scenario, seed, parameters, its
+    virtual and wall seconds, which Redis, package versions and the git commit
+    (a real-time run adds its mode and factor)."""
     versions = {}
     for package in ("escrow-workbench", "simpy", "redis", "sqlalchemy", "pandas", "numpy"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):

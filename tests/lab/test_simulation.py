@@ -36,6 +36,27 @@ def test_the_five_scenarios_exist_and_load() -> None:
         ("baseline", ["consumers.ack_before_effect=1"], "true or false"),
         ("baseline", ["phones.count=2.5"], "phones.count must be a whole number"),
         ("baseline", ["consumers.only=1"], "consumers.only must be a string"),
+        (
+            "baseline",
+            ["consumers.restart=bogus"],
+            "restart must be one of supervisor, replacement, not 'bogus'",
+        ),
+        (
+            "baseline",
+            ["consumers.only=ledger,nope"],
+            "only must list only ledger, notifications, push, disputes, fanout, analytics,"
+            " not 'ledger,nope' (nope unknown)",
+        ),
+        (
+            "baseline",
+            ["redis.appendfsync=sometimes"],
+            "appendfsync must be one of always, everysec, no, not 'sometimes'",
+        ),
+        (
+            "baseline",
+            ["mpesa.query_delay_min_s=3", "mpesa.query_delay_max_s=1"],
+            "mpesa.query_delay_min_s (3.0) must not be greater than mpesa.query_delay_max_s",
+        ),
     ],
 )
 def test_bad_scenarios_and_overrides_say_what_exists(
