@@ -136,7 +136,7 @@ def online_features(facts: pd.DataFrame, role: Role = "seller") -> pd.DataFrame:
 
     One row per fact (duplicates skipped), with ``event_id``, ``t`` and
     ``party`` beside the feature columns. This is the training set of the risk
-    model (:mod:`workbench.analytics.model`) and the input of offline detection
+    model (:mod:`simulations.analytics.training`) and the input of offline detection
     delays.
     """
     state = FeatureState()

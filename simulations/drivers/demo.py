@@ -225,8 +225,7 @@ def _expected_per_group(store: Store) -> dict[str, int]:
             ).all()
         )
     return {
-        group: sum(int(per_stream.get(a, 0)) for a in aggregate_types_of(group))
-        for group in GROUPS
+        group: sum(int(per_stream.get(a, 0)) for a in aggregate_types_of(group)) for group in GROUPS
     }
 
 
