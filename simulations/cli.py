@@ -170,7 +170,15 @@ def simulate(
 @click.option("--seeds", default=3, show_default=True, help="seeds 1..N per grid point")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="fixed overrides for every run")  # fmt: skip
-@click.option("--workers", type=int, help="parallel runs [default: CPUs]")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="local Dask workers, one run each at a time [default: CPUs]",
+)
+@click.option(
+    "--scheduler", metavar="ADDRESS",
+    help="run on this Dask scheduler (tcp://host:8786) instead of a local cluster",
+)  # fmt: skip
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path),
     help="sweep directory [default data/sweeps/SCENARIO]",
@@ -181,6 +189,7 @@ def sweep(
     seeds: int,
     overrides: tuple[str, ...],
     workers: int | None,
+    scheduler: str | None,
     out: Path | None,
 ) -> None:
     """Run SCENARIO over a grid of values and seeds in parallel; one table out.
@@ -195,6 +204,8 @@ def sweep(
     from simulations.drivers.sweep import sweep as run_sweep
     from simulations.scenario import ScenarioError
 
+    if scheduler and workers:
+        raise click.UsageError("--workers is for the local cluster; --scheduler brings its own")
     try:
         grid = parse_grid(grid_items)
     except ScenarioError as exc:
@@ -204,7 +215,7 @@ def sweep(
         task = bar.add_task("runs", total=None)
         try:
             table = run_sweep(
-                scenario, grid, seeds, out=directory, workers=workers,
+                scenario, grid, seeds, out=directory, workers=workers, scheduler=scheduler,
                 base_overrides=overrides,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )  # fmt: skip

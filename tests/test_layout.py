@@ -22,7 +22,7 @@ from tests.support import ROOT
 
 LAB_ONLY = ("simpy", "pandas", "matplotlib", "sklearn", "jupyter", "jupyterlab",
             "jupyter_client", "jupyter_core", "papermill", "pyarrow", "simulations",
-            "numpy", "joblib", "scipy")  # fmt: skip
+            "numpy", "joblib", "scipy", "dask", "distributed")  # fmt: skip
 #: The analytics extra: imported inside functions, only where a model is loaded and scored.
 EXTRA_USERS = {"workbench.analytics.model": {"numpy", "joblib"}}
 

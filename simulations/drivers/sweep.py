@@ -1,28 +1,35 @@
-"""Sweeps: one scenario over a grid of parameter values and seeds.
+"""Sweeps: one scenario over a grid of parameter values and seeds, on Dask distributed.
 
-Each point of the grid times each seed is one :func:`simulations.drivers.virtual.simulate`
-in its own process with its own private redis-server, so runs do not share
-state and use every core: worker *i* and its servers run on CPU *i* (mod the
-CPUs allowed), since a simulator and its Redis take turns (see
-:mod:`workbench.ops.affinity`). The result is one table, a row per run: the
-parameters, the seed, the checker's verdict and the main figures.
+Each point of the grid times each seed is one task: a
+:func:`simulations.drivers.virtual.simulate` with its own private redis-server
+(started and stopped inside the task), so runs share no state and a task can
+run on any worker of any machine. The tasks go to a Dask scheduler: by default
+a local cluster of one single-threaded worker process per CPU (``workers``),
+worker *i* and its servers pinned to CPU *i* (mod the CPUs allowed), since a
+simulator and its Redis take turns (see :mod:`workbench.ops.affinity`); or
+the scheduler at ``scheduler`` (``tcp://host:8786``), whose workers should run
+``dask worker --nthreads 1`` with this project installed. A task whose worker
+dies is retried elsewhere (``retries``). The result is one table, a row per
+run: the parameters, the seed, the checker's verdict and the main figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import multiprocessing
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from distributed import Client, LocalCluster, as_completed
 
 from simulations.scenario import ScenarioError, load
 from workbench.ops import affinity
 
-_worker_cpu: int | None = None  # set in each worker process by _take_cpu
+_worker_cpu: int | None = None  # set in each local worker process by _pin_to
+#: How often a run is retried when its worker dies under it.
+RETRIES = 2
 
 
 def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
@@ -41,13 +48,30 @@ def points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 
-def _take_cpu(counter: Any, cpus: list[int]) -> None:
-    """Pool initializer: the n-th worker started takes the n-th CPU."""
+def _pin_to(cpu: int | None) -> None:
+    """Run on a local worker: its runs (and their redis-servers) use ``cpu``."""
     global _worker_cpu
-    with counter.get_lock():
-        n = counter.value
-        counter.value += 1
-    _worker_cpu = cpus[n % len(cpus)] if len(cpus) > 1 else None
+    _worker_cpu = cpu
+
+
+@contextlib.contextmanager
+def _client(scheduler: str | None, workers: int | None, cpus: list[int]) -> Iterator[Client]:
+    """A client of ``scheduler``, or of a local cluster with one pinned worker per CPU."""
+    if scheduler is not None:
+        with Client(scheduler) as client:
+            yield client
+        return
+    n = workers or len(cpus)
+    with (
+        LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                     dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        client.wait_for_workers(n)
+        for i, address in enumerate(sorted(client.scheduler_info()["workers"])):
+            cpu = cpus[i % len(cpus)] if len(cpus) > 1 else None
+            client.run(_pin_to, cpu, workers=[address])
+        yield client
 
 
 def _one(scenario: str, overrides: list[str], seed: int, out: str | None) -> dict[str, Any]:
@@ -82,6 +106,7 @@ def sweep(
     *,
     out: Path | None = None,
     workers: int | None = None,
+    scheduler: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     base_overrides: tuple[str, ...] = (),
 ) -> pd.DataFrame:
@@ -91,17 +116,15 @@ def sweep(
         load(scenario, [*base_overrides, *(f"{k}={v}" for k, v in point.items())])
     jobs = [(point, seed) for point in grid_points for seed in range(1, seeds + 1)]
     rows: list[dict[str, Any]] = []
-    context = multiprocessing.get_context()
-    started = context.Value("i", 0)
-    cpus = sorted(affinity.allowed_cpus())
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_take_cpu, initargs=(started, cpus)
-    ) as pool:
+    with _client(scheduler, workers, sorted(affinity.allowed_cpus())) as client:
         futures = {}
         for i, (point, seed) in enumerate(jobs):
             overrides = [*base_overrides, *(f"{k}={v}" for k, v in point.items())]
             run_dir = str(out / f"run-{i:03d}") if out else None
-            futures[pool.submit(_one, scenario, overrides, seed, run_dir)] = point
+            future = client.submit(
+                _one, scenario, overrides, seed, run_dir, pure=False, retries=RETRIES
+            )
+            futures[future] = point
         for done, future in enumerate(as_completed(futures), 1):
             rows.append({**futures[future], **future.result()})
             if progress:

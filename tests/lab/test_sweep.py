@@ -54,3 +54,52 @@ def test_sweep_rejects_an_unknown_key_before_running(tmp_path) -> None:  # type:
     )  # fmt: skip
     assert result.returncode == 2
     assert "unknown key market.nope" in result.stderr
+
+
+def test_a_sweep_on_a_dask_scheduler_survives_a_worker_killed_mid_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Runs go to an external scheduler; SIGKILL a worker while it simulates, and the
+    run is retried on another worker: every row comes back, every run checks out."""
+    import os
+    import signal
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from simulations.drivers.sweep import sweep
+    from workbench.ops.waiting import wait_until
+
+    out = tmp_path / "sweep"
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                     dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        client.wait_for_workers(2)
+        pids = client.run(os.getpid)  # worker address -> pid
+        result: dict[str, object] = {}
+
+        def run() -> None:
+            result["table"] = sweep(
+                "baseline", {"market.arrival_rate": ["0.5", "1.0", "1.5"]}, 1, out=out,
+                scheduler=cluster.scheduler_address,
+                base_overrides=("run.duration_s=60", "run.drain_s=30", "phones.count=5"),
+            )  # fmt: skip
+
+        thread = threading.Thread(target=run)
+        thread.start()
+
+        def busy_worker() -> str | None:
+            """A worker inside a run: it holds a task and a run directory exists."""
+            busy = [w for w, keys in client.processing().items() if keys and w in pids]
+            return busy[0] if busy and any(out.glob("run-*")) else None
+
+        wait_until(busy_worker, timeout=120, what="a worker to be inside a run")
+        victim = busy_worker()
+        assert victim is not None
+        os.kill(pids[victim], signal.SIGKILL)
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+    table = result["table"]
+    assert isinstance(table, pd.DataFrame)
+    assert list(table["market.arrival_rate"]) == ["0.5", "1.0", "1.5"]
+    assert table["ok"].all()
