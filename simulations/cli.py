@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -275,18 +276,27 @@ def check(run_dir: Path, as_json: bool) -> None:
 # -- fault-injecting runtime processes -----------------------------------------------
 
 
+def _crash_options(points: tuple[str, ...]) -> Callable[[Any], Any]:
+    """``--crash-at POINT --crash-batch K``: SIGKILL at a crash point of batch K."""
+
+    def add(command: Any) -> Any:
+        command = click.option(
+            "--crash-batch", default=1, show_default=True, type=click.IntRange(min=1),
+            help="...of this batch number (or the first later one that has the point)",
+        )(command)  # fmt: skip
+        return click.option(
+            "--crash-at", type=click.Choice(points),
+            help="fault injection: SIGKILL this process at this point",
+        )(command)  # fmt: skip
+
+    return add
+
+
 @click.command(
     name="sim-worker", params=list(worker_command.params), hidden=True,
     help="`workbench worker` with the lab's fault injection and handling log.",
 )  # fmt: skip
-@click.option(
-    "--crash-at", type=click.Choice(CRASH_POINTS),
-    help="fault injection: SIGKILL this process at this point",
-)  # fmt: skip
-@click.option(
-    "--crash-batch", default=1, show_default=True,
-    help="...of this batch number (or the first later one that has the point)",
-)  # fmt: skip
+@_crash_options(CRASH_POINTS)
 @click.option(
     "--crash-on-signal", is_flag=True,
     help="fault injection: SIGRTMIN+i arms a SIGKILL at crash point i (simulations)",
@@ -326,14 +336,7 @@ def sim_worker(
     name="sim-relay", params=list(relay_command.params), hidden=True,
     help="`workbench relay` with the lab's fault injection.",
 )  # fmt: skip
-@click.option(
-    "--crash-at", type=click.Choice(RELAY_CRASH_POINTS),
-    help="fault injection: SIGKILL after XADD, before marking the rows published",
-)  # fmt: skip
-@click.option(
-    "--crash-batch", default=1, show_default=True,
-    help="...of this batch number (or the first later one that has the point)",
-)  # fmt: skip
+@_crash_options(RELAY_CRASH_POINTS)
 def sim_relay(crash_at: str | None, crash_batch: int, **options: Any) -> None:
     hook = sigkill_at(crash_at, crash_batch, RELAY_CRASH_POINTS) if crash_at else None
     assert relay_command.callback is not None

@@ -30,6 +30,8 @@ from workbench.ops import affinity
 _worker_cpu: int | None = None  # set in each local worker process by _pin_to
 #: How often a run is retried when its worker dies under it.
 RETRIES = 2
+#: How long to try to reach a ``--scheduler`` before saying it cannot be reached.
+SCHEDULER_TIMEOUT_S = 10
 
 
 def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
@@ -58,7 +60,11 @@ def _pin_to(cpu: int | None) -> None:
 def _client(scheduler: str | None, workers: int | None, cpus: list[int]) -> Iterator[Client]:
     """A client of ``scheduler``, or of a local cluster with one pinned worker per CPU."""
     if scheduler is not None:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ScenarioError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
+        with client:
             yield client
         return
     n = workers or len(cpus)

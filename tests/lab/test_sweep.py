@@ -103,3 +103,14 @@ def test_a_sweep_on_a_dask_scheduler_survives_a_worker_killed_mid_run(tmp_path) 
     assert isinstance(table, pd.DataFrame)
     assert list(table["market.arrival_rate"]) == ["0.5", "1.0", "1.5"]
     assert table["ok"].all()
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = subprocess.run(
+        [sys.executable, "-m", "workbench", "sweep", "baseline", "--seeds", "1",
+         "--scheduler", "tcp://127.0.0.1:1", "--out", str(tmp_path / "s")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "cannot reach the Dask scheduler tcp://127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
