@@ -60,7 +60,7 @@ def test_append_entries_returns_each_entry_as_readers_and_live_messages_have_it(
     """What a phone gets live in a virtual run is what XRANGE and the live channel carry."""
     streams = UserStreams(r)
     live = r.pubsub(ignore_subscribe_messages=True)
-    live.subscribe(NAMES.live_channel)
+    live.subscribe(NAMES.live_channel())
     events = [_event(1), _event(2, ("bob",)), _event(1)]  # the repeat appends nothing
     appended = streams.append_entries([(e, ev.encode(e)) for e in events])
     users = [[user for user, _ in entries] for entries in appended]
@@ -94,7 +94,7 @@ def test_a_user_named_twice_gets_one_entry(r) -> None:
 
 def test_each_entry_is_announced_on_the_live_channel(r) -> None:
     pubsub = r.pubsub()
-    pubsub.subscribe(NAMES.live_channel)
+    pubsub.subscribe(NAMES.live_channel())
     wait_until(lambda: pubsub.get_message(timeout=0.1), what="the subscribe confirmation")
     e = _event(7)
     UserStreams(r).append([(e, ev.encode(e))])

@@ -72,7 +72,7 @@ class LiveReader:
             client = self._client()
             pubsub = client.pubsub()
             try:
-                await pubsub.subscribe(self.names.live_channel)
+                await pubsub.subscribe(self.names.live_channel())
                 failures = 0
                 await self._read(pubsub)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:

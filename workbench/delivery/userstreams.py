@@ -186,7 +186,7 @@ class UserStreams:
                 data,
                 self.maxlen,
                 self.dedupe_ttl_s,
-                self.names.live_channel,
+                self.names.live_channel(),
                 self.max_age_s,
                 now,
                 *users,
