@@ -17,6 +17,7 @@ from hypothesis import settings
 from tests.http_support import Deployment
 from workbench.domain.clock import ManualClock
 from workbench.domain.ids import IdFactory
+from workbench.ops.redis_cluster import LocalCluster
 from workbench.ops.redis_server import KILLABLE, RedisServer
 from workbench.service import EscrowService
 from workbench.store import Store
@@ -73,6 +74,20 @@ def redis_url(redis_server: RedisServer) -> str:
     if not redis_server.running:  # a previous test killed it
         redis_server.restart()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real local Redis Cluster (3 masters, no replicas) shared by the session's
+    cluster tests; each test uses a prefix of its own (:func:`cluster_prefix`).
+    Tests that kill nodes start their own."""
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), masters=3, replicas=0) as running:
+        yield running
+
+
+@pytest.fixture
+def cluster_prefix() -> str:
+    return f"c{next(_PREFIXES)}"
 
 
 @pytest.fixture
