@@ -106,6 +106,12 @@ class StreamNames(_Partitioned):
         return f"{self.prefix}:relay:last_publish"
 
 
+def names_for(prefix: str = "wb", partitions: int = 0) -> StreamNames:
+    """The log's names under ``prefix`` with ``partitions`` partitions (0: unpartitioned,
+    today's single-partition key names)."""
+    return StreamNames(prefix, Partitioning(partitions) if partitions else None)
+
+
 @dataclass(frozen=True)
 class UserStreamNames(_Partitioned):
     """Key names for user streams under a prefix (shared with :class:`StreamNames`)."""
