@@ -8,7 +8,8 @@ consumer holds now, since a partition can change hands at any time.
 :func:`group_ages` says how far behind a group is in seconds of the stream-id
 clock: the age of its oldest pending entry and of the first entry it has not
 been delivered (``lag_s``), read from entry ids, so a simulation's ages are on
-simulation time.
+simulation time. :func:`dead_letter_count` sums a group's dead letters over
+every partition.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import redis
 
 from workbench.domain.streamid import parse
+from workbench.streams.keys import StreamNames
 from workbench.streams.replies import text
 
 
@@ -32,6 +34,17 @@ def ensure_groups(client: redis.Redis, streams: list[str], group: str) -> None:
     for reply in pipe.execute(raise_on_error=False) if streams else []:
         if isinstance(reply, redis.ResponseError) and "BUSYGROUP" not in str(reply):
             raise reply
+
+
+def dead_letter_count(client: redis.Redis, names: StreamNames, group: str) -> int:
+    """How many entries ``group`` dead-lettered, over every partition's dead letters."""
+    keys = names.dead_letters(group)
+    if len(keys) == 1:
+        return int(client.xlen(keys[0]))
+    pipe = client.pipeline(transaction=False)  # one-key commands: fine on a cluster
+    for key in keys:
+        pipe.xlen(key)
+    return sum(int(n) for n in pipe.execute())
 
 
 def group_ages(
