@@ -61,6 +61,11 @@ for at most ``partition_block_ms``: an entry of another partition waits at most
 that long (plus a round trip) before it is read. Unpartitioned, there are no
 leases and the keys and reads are those of a single partition.
 
+A worker that stops beating for ``dead_after_s`` (a handler call that long, a
+paused process) loses its leases as it would be declared dead without
+partitions: its partitions' next holders claim its pending entries and the
+inboxes absorb the double handling.
+
 The decisions (what to handle now, whom to claim from, what to dead-letter) are
 pure functions in :mod:`workbench.streams.decisions`; the class is the thin
 Redis loop around them, and ``poll()`` is one step of it, so a simulation can
