@@ -123,6 +123,7 @@ class App:
             gateway=gateway,
             create_limit=settings.create_limit,
             payments=settings.payments(),
+            partitioning=self.names.partitioning,
         )
         self.hub = Hub(max_queue=settings.max_queue)
         self.stats = SessionStats()
