@@ -356,9 +356,12 @@ def timers(
 
     setup_logging(verbose)
     clock = clock_from_env()
-    service = EscrowService(Store(database_url or _default_database()), clock=clock)
+    names = _names(prefix, partitions)
+    service = EscrowService(
+        Store(database_url or _default_database()), clock=clock, partitioning=names.partitioning
+    )
     beats = connect(redis_url) if redis_url else None
-    key, me = _names(prefix, partitions).heartbeats("timers"), f"timers-{os.getpid()}"
+    key, me = names.heartbeats("timers"), f"timers-{os.getpid()}"
     stop = StopRequest()
     stop.on_signals()
     next_sweep = 0.0

@@ -64,6 +64,7 @@ from workbench.store import (
 )
 from workbench.streams.connection import connect
 from workbench.streams.keys import StreamNames, UserStreamNames, names_for
+from workbench.streams.partitions import partitioning
 
 Progress = Callable[[float, float], None]
 
@@ -360,6 +361,7 @@ def _build_service(
         store,
         clock=clock,
         ids=IdFactory(seed),
+        partitioning=partitioning(scenario.redis.partitions),
         timeouts=Timeouts(
             payment=m.payment_timeout_s,
             shipping=m.shipping_timeout_s,

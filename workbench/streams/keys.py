@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workbench.domain.events import AGGREGATE_TYPES
-from workbench.streams.partitions import Partitioning
+from workbench.streams.partitions import Partitioning, partitioning
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class StreamNames(_Partitioned):
 def names_for(prefix: str = "wb", partitions: int = 0) -> StreamNames:
     """The log's names under ``prefix`` with ``partitions`` partitions (0: unpartitioned,
     today's single-partition key names)."""
-    return StreamNames(prefix, Partitioning(partitions) if partitions else None)
+    return StreamNames(prefix, partitioning(partitions))
 
 
 @dataclass(frozen=True)
