@@ -32,6 +32,8 @@ from workbench.handlers import GROUPS, aggregate_types_of
 from workbench.ops.redis_server import free_port
 from workbench.ops.waiting import wait_until
 from workbench.store import Store, inbox, outbox
+from workbench.streams.connection import connect
+from workbench.streams.keys import names_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.skipif(not PG_URL, reason=PG_SKIP)]
 
@@ -173,6 +175,15 @@ def test_two_nodes_one_killed_under_load_lose_nothing_and_phones_resume(
             timeout=120,
             what="node B to handle every event in every group",
         )
+        # B took over every partition A held: one holder per role, and it is alive.
+        names = names_for(prefix, PARTITIONS)
+        with connect(redis_url) as client:
+            for role in ("relay", *GROUPS, "fanout"):
+                holders = {
+                    client.get(names.lease(role, p)).split()[0].decode() for p in names.partitions
+                }
+                assert len(holders) == 1, (role, holders)
+                assert holders <= set(map(bytes.decode, client.hkeys(names.heartbeats(role))))
         # The phone resumes on B from the last id A gave it: the rest, once, in order.
         mine = sum(1 for n in range(load.done) if phone in (USERS[n % 6], USERS[(n + 1) % 6]))
         whole, reset = read_events(
