@@ -305,7 +305,7 @@ def relay(
     import signal
 
     from workbench.streams.connection import TRANSIENT
-    from workbench.streams.relay import DurabilityUnavailable
+    from workbench.streams.relay import DurabilityUnavailable, PartitionCountChanged
 
     setup_logging(verbose)
     clock = clock_from_env()
@@ -328,6 +328,9 @@ def relay(
         r.run()
     except DurabilityUnavailable as exc:
         click.echo(f"workbench relay --wait-fsync: {exc}", err=True)
+        sys.exit(2)
+    except PartitionCountChanged as exc:
+        click.echo(f"workbench relay --partitions {partitions}: {exc}", err=True)
         sys.exit(2)
 
 

@@ -18,7 +18,12 @@ from workbench.ops.redis_cluster import LocalCluster
 from workbench.store import Store, outbox
 from workbench.streams.keys import StreamNames
 from workbench.streams.partitions import Partitioning
-from workbench.streams.relay import DurabilityUnavailable, Loss, OutboxRelay
+from workbench.streams.relay import (
+    DurabilityUnavailable,
+    Loss,
+    OutboxRelay,
+    PartitionCountChanged,
+)
 
 _PREFIXES = itertools.count(1)
 LEASE_S = 5.0
@@ -103,6 +108,19 @@ def test_rows_written_before_the_partition_column_go_to_their_escrows_partition(
     _relay(store, r, names, clock).drain()
     assert_published_in_place(r, store, names)
     assert {p for _, _, _, p, _, _ in _outbox(store)} == set(names.partitions)
+
+
+def test_rows_of_a_partition_the_log_no_longer_has_stop_the_relay_with_the_reason(
+    r, store, clock, names
+) -> None:
+    service, gateway = make_service(store, clock, partitioning=Partitioning(8))
+    run_lifecycles(service, gateway, clock, 8)
+    highest = max(p for _, _, _, p, _, _ in _outbox(store))
+    assert highest >= 4  # written with 8 partitions; the relay has 4
+    with pytest.raises(PartitionCountChanged, match=f"partition {highest}, but the log has 4"):
+        _relay(store, r, names, clock).drain()
+    assert all(published is None for *_, published in _outbox(store))
+    assert not r.exists(*names.streams())
 
 
 def test_entry_ids_on_the_relays_clock_per_partition_stream(r, store, clock, names) -> None:

@@ -184,6 +184,11 @@ class DurabilityUnavailable(RuntimeError):
     """The durable mode was asked for, but the server cannot confirm an fsync."""
 
 
+class PartitionCountChanged(RuntimeError):
+    """Unpublished outbox rows name a partition the log does not have: the partition
+    count was lowered while rows waited. No relay would ever publish them."""
+
+
 class NotFsynced(redis.TimeoutError):
     """WAITAOF timed out: the batch is in Redis but not known to be on disk."""
 
@@ -276,6 +281,7 @@ class OutboxRelay:
         self._keys: dict[int, list[str]] = {}  # a partition's script keys
         self._sha = ""
         self._durability_checked = False
+        self._partition_count_checked = False
         self._next_verify = 0.0
         self._stop = StopRequest()
         self.heartbeat_every_s = heartbeat_every_s
@@ -396,9 +402,27 @@ class OutboxRelay:
             )
         return query
 
+    def _check_partition_count(self, conn: Any) -> None:
+        """Raise :class:`PartitionCountChanged` if an unpublished row's partition is
+        beyond this log's (checked once, at the first batch)."""
+        count = len(self.names.partitions)
+        highest = conn.execute(
+            select(func.max(outbox.c.partition)).where(outbox.c.published_at.is_(None))
+        ).scalar()
+        if highest is not None and highest >= count:
+            raise PartitionCountChanged(
+                f"the outbox holds unpublished rows of partition {highest}, but the log has "
+                f"{count} partitions: the count changed while rows waited. Run with the "
+                f"old count until the outbox is published and every group has caught up, "
+                f"then change it"
+            )
+        self._partition_count_checked = True
+
     def _fill_partitions(self, conn: Any) -> None:
         """Unpublished rows written before ``outbox.partition`` existed get their
         escrow's partition, read from the event, before any batch is chosen."""
+        if not self._partition_count_checked:
+            self._check_partition_count(conn)
         while rows := _NO_PARTITION.execute(conn).fetchall():
             _SET_PARTITION.executemany(
                 conn,
