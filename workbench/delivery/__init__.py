@@ -22,9 +22,10 @@ if TYPE_CHECKING:
     from workbench.delivery.hub import Hub
     from workbench.delivery.live import LiveReader
     from workbench.delivery.sessions import SseSession
-    from workbench.delivery.userstreams import UserStreamReader, UserStreams
+    from workbench.delivery.userstreams import FanoutIncomplete, UserStreamReader, UserStreams
 
 __all__ = [
+    "FanoutIncomplete",
     "HistoryLost",
     "Hub",
     "LiveReader",
@@ -37,6 +38,7 @@ __all__ = [
 __getattr__ = lazy(
     __name__,
     {
+        "FanoutIncomplete": "userstreams",
         "HistoryLost": "handoff",
         "Hub": "hub",
         "LiveReader": "live",
