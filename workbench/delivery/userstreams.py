@@ -306,10 +306,21 @@ def live_message(raw: bytes | str) -> tuple[str, UserEntry]:
     return user, UserEntry(parse(entry_id), parse(prev), event_id, type_, data)
 
 
-class UserStreamReader:
-    """Read side: tail, existence and pages after a cursor (async)."""
+# KEYS[1] a user stream; ARGV: the page's start ("(cursor"), the cursor, count.
+_FIRST_PAGE_LUA = """
+local page = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[3])
+local itself = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2], 'COUNT', 1)
+return {page, #itself}
+"""
 
-    def __init__(self, client: aioredis.Redis, names: UserStreamNames | None = None) -> None:
+
+class UserStreamReader:
+    """Read side: tail, existence and pages after a cursor (async; ``client`` may be
+    a ``redis.asyncio.RedisCluster`` on a partitioned log)."""
+
+    def __init__(
+        self, client: aioredis.Redis | aioredis.RedisCluster, names: UserStreamNames | None = None
+    ) -> None:
         self.client = client
         self.names = names or UserStreamNames()
 
@@ -327,8 +338,21 @@ class UserStreamReader:
         self, user_id: str, cursor: StreamId, count: int
     ) -> tuple[list[UserEntry], bool]:
         """The first page after ``cursor`` and whether ``cursor`` is an entry, read together."""
+        key = self.names.stream(user_id)
+        if isinstance(self.client, aioredis.RedisCluster):
+            # redis-py's asyncio cluster runs a MULTI's commands on event loops of
+            # their own (in threads), which breaks its connections; one script
+            # of one key reads both as atomically.
+            reply = await self.client.eval(
+                _FIRST_PAGE_LUA, 1, key, f"({cursor}", str(cursor), count
+            )
+            rows, itself = reply
+            entries = [
+                entry_from_fields(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in rows
+            ]
+            return entries, bool(itself)
         pipe = self.client.pipeline(transaction=True)
-        queue_first_page(pipe, self.names.stream(user_id), cursor, count)
+        queue_first_page(pipe, key, cursor, count)
         return first_page_from(await pipe.execute())
 
 
