@@ -36,6 +36,7 @@ from workbench.domain import events as ev
 from workbench.domain.streamid import parse
 from workbench.handlers.fanout import FanoutHandler
 from workbench.ops.redis_cluster import LocalCluster
+from workbench.streams.connection import server_version
 from workbench.streams.keys import StreamNames, UserStreamNames
 from workbench.streams.partitions import Partitioning, slot_of
 
@@ -101,11 +102,17 @@ class Target:
         self.client, self.aclient, self.prefix = client, aclient, prefix
 
 
+def needs_sharded_pubsub(client: redis.Redis) -> None:
+    if server_version(client) < (7,):
+        pytest.skip("Redis >= 7 needed: sharded Pub/Sub (SPUBLISH) came with 7.0")
+
+
 @pytest.fixture(params=["server", "cluster"])
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     if request.param == "server":
         url = request.getfixturevalue("redis_url")
         client = redis.Redis.from_url(url)
+        needs_sharded_pubsub(client)
         client.flushall()
         yield Target(client, lambda: aioredis.Redis.from_url(url), "wb")
     else:
@@ -214,6 +221,7 @@ class Running:
 
 def test_live_messages_go_out_on_each_users_partition_channel(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
+    needs_sharded_pubsub(client)
     names = user_names(f"live{next(_EVENTS)}")
     alice, bob = users_in(names, [1, 6])
     raw = client.pubsub()
