@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.handlers import ALL_GROUPS, OPTIONAL_GROUPS
+from workbench.streams.partitions import MAX_PARTITIONS
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
@@ -185,6 +186,9 @@ class RedisParams:
     # Writes (commands, or scripts' MULTI/EXEC) cut off the AOF at each kill:
     # the loss an everysec kill can cause, forced so that every kill has one.
     lose_last_writes: int = 0
+    # The log in this many partitions (workbench.streams.partitions), as
+    # `workbench serve --partitions` runs it; 0: unpartitioned, the default.
+    partitions: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _CHOICE_LISTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("consumers", "only"): (*ALL_GROUPS, *OPTIONAL_GROUPS),
 }
+#: Values with an upper bound: ``(section, key)`` -> the largest allowed.
+_MAXIMA: dict[tuple[str, str], float] = {("redis", "partitions"): MAX_PARTITIONS}
 #: Bounds of one range: ``(section, lower key, upper key)``; lower <= upper.
 _RANGES = (("mpesa", "query_delay_min_s", "query_delay_max_s"),)
 
@@ -348,6 +354,8 @@ def _assign(
     where = f"{source}: {section}.{key}"
     values[section][key] = checked = _checked(where, defaults[key], value)
     _check_choice(where, (section, key), checked)
+    if (section, key) in _MAXIMA and checked > _MAXIMA[section, key]:
+        raise ScenarioError(f"{where} must be at most {_MAXIMA[section, key]:g}, not {checked}")
 
 
 def _check_choice(where: str, key: tuple[str, str], value: Any) -> None:

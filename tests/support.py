@@ -13,15 +13,23 @@ from workbench.domain.ids import IdFactory
 from workbench.payments.mpesa import GatewayBehaviour, SimulatedGateway, parse_callback
 from workbench.service import EscrowService
 from workbench.store import Store
+from workbench.streams.partitions import Partitioning
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_service(
-    store: Store, clock: ManualClock, seed: int = 1, **behaviour: float
+    store: Store,
+    clock: ManualClock,
+    seed: int = 1,
+    *,
+    partitioning: Partitioning | None = None,
+    **behaviour: float,
 ) -> tuple[EscrowService, SimulatedGateway]:
     gateway = SimulatedGateway(clock, GatewayBehaviour(**behaviour), seed=seed)
-    service = EscrowService(store, clock=clock, ids=IdFactory(seed), gateway=gateway)
+    service = EscrowService(
+        store, clock=clock, ids=IdFactory(seed), gateway=gateway, partitioning=partitioning
+    )
     return service, gateway
 
 

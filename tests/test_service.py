@@ -45,6 +45,7 @@ from workbench.service import (
     UnknownCheckout,
 )
 from workbench.store import Store, checkouts, commands, escrows, ledger_entries, outbox
+from workbench.streams.partitions import Partitioning
 
 S = EscrowState
 TIMEOUTS = Timeouts()
@@ -175,6 +176,27 @@ def test_lifecycle_stores_state_and_outbox(
     assert [e.id for e in service.escrows_of("b1")] == ["e1"]
     assert [e.id for e in service.escrows_of("s1")] == ["e1"]
     assert service.escrows_of("nobody") == []
+
+
+def test_outbox_rows_carry_their_escrows_partition(
+    store: Store, clock: ManualClock, ids: IdFactory
+) -> None:
+    partitioning = Partitioning(4)
+    service = EscrowService(store, clock=clock, ids=ids, partitioning=partitioning)
+    unpartitioned = EscrowService(store, clock=clock, ids=ids)
+    escrow_ids = [f"p-{n}" for n in range(12)]
+    for escrow_id in escrow_ids:
+        service.create("b1", "s1", 1000, escrow_id=escrow_id)
+        service.cancel(escrow_id, "b1")
+    unpartitioned.create("b1", "s1", 1000, escrow_id="plain")
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(outbox.c.data, outbox.c.partition)).all()
+    by_escrow: dict[str, set[int]] = {}
+    for data, partition in rows:
+        by_escrow.setdefault(ev.decode(bytes(data)).escrow_id, set()).add(partition)
+    assert by_escrow.pop("plain") == {0}  # no partitioning: partition 0
+    assert by_escrow == {e: {partitioning.of(e)} for e in escrow_ids}
+    assert len(set().union(*by_escrow.values())) > 1  # several partitions, so the check bites
 
 
 def test_get_unknown_escrow_raises(service: EscrowService) -> None:

@@ -5,10 +5,24 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    inspect,
+    select,
+)
 from sqlalchemy.exc import IntegrityError
 
-from workbench.store import Prepared, Store, claim_inbox, inbox
+from workbench.store import Prepared, Store, claim_inbox, inbox, outbox
 
 
 def _count(store: Store, group: str) -> int:
@@ -124,3 +138,33 @@ def test_each_thread_gets_its_own_transaction_connection(store: Store) -> None:
     assert _count(store, "push") == 4
     if store.dialect == "sqlite":  # one connection per thread, kept between transactions
         assert seen[2] is seen[3] and len({id(c) for c in seen}) == 3
+
+
+def test_an_outbox_made_before_its_newer_columns_gets_them_and_their_index(store: Store) -> None:
+    old = MetaData()
+    Table(
+        "outbox",
+        old,
+        Column("seq", Integer, primary_key=True, autoincrement=True),
+        Column("event_id", String(64), nullable=False, unique=True),
+        Column("stream", String(32), nullable=False),
+        Column("type", String(64), nullable=False),
+        Column("data", LargeBinary, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("published_at", Float),
+        Index("ix_outbox_unpublished", "published_at", "seq"),
+    )
+    outbox.drop(store.engine)
+    old.create_all(store.engine)
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(old.tables["outbox"]),
+            {"event_id": "e1", "stream": "escrow", "type": "t", "data": b"{}", "created_at": 1.0},
+        )
+    store.create_schema()
+    found = inspect(store.engine)
+    assert {"stream_id", "partition"} <= {c["name"] for c in found.get_columns("outbox")}
+    assert "ix_outbox_partition_unpublished" in {i["name"] for i in found.get_indexes("outbox")}
+    with store.engine.connect() as conn:  # the old row is kept, its new columns NULL
+        assert conn.execute(select(outbox.c.event_id, outbox.c.partition)).all() == [("e1", None)]
+    store.create_schema()  # and again: nothing left to add

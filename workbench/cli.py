@@ -55,9 +55,26 @@ database_option = click.option(
     "--database-url", envvar="DATABASE_URL",
     help="SQLAlchemy URL of the store [env DATABASE_URL; default sqlite data/workbench.db]",
 )  # fmt: skip
-prefix_option = click.option(
+_prefix_only = click.option(
     "--prefix", default="wb", show_default=True, help="key prefix of the streams"
 )
+_partitions_only = click.option(
+    "--partitions", envvar="WORKBENCH_PARTITIONS", default=0, show_default=True,
+    type=click.IntRange(0, 1024),
+    help="partitions of the log (0: one, with unpartitioned key names; a Redis Cluster "
+    "needs more, e.g. 16) [env WORKBENCH_PARTITIONS]",
+)  # fmt: skip
+
+
+def prefix_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--prefix`` and ``--partitions``: together they name every key (:func:`_names`)."""
+    return _prefix_only(_partitions_only(command))
+
+
+def _names(prefix: str, partitions: int) -> Any:
+    from workbench.streams.keys import names_for
+
+    return names_for(prefix, partitions)
 
 
 #: Entry-point group through which the lab (``simulations``) adds its commands.
@@ -159,6 +176,7 @@ def worker(
     redis_url: str | None,
     database_url: str | None,
     prefix: str,
+    partitions: int,
     batch_size: int,
     block_ms: int,
     max_deliveries: int,
@@ -179,8 +197,7 @@ def worker(
     ``analytics`` (score sellers with the risk model of ``--model``, publishing
     ``risk.scored`` entries).
     """
-    from workbench.streams.keys import StreamNames
-
+    names = _names(prefix, partitions)
     if (group == "analytics") != (model_dir is not None):
         raise click.UsageError("--model is required for the analytics group, and only for it")
     if group != "analytics" and (risk_prefix or group_name):
@@ -204,15 +221,15 @@ def worker(
     handler: Any = handler_for(
         group, store, clock,
         fanout=lambda: FanoutHandler(
-            client, StreamNames(prefix), user_maxlen=user_maxlen, user_max_age_s=user_max_age,
+            client, names, user_maxlen=user_maxlen, user_max_age_s=user_max_age,
             clock=simulated(clock),
         ),
         analytics=lambda: _risk_scorer(
-            store, client, clock, model_dir, prefix, risk_prefix, group_name
+            store, client, clock, model_dir, names, risk_prefix, group_name
         ),
     )  # fmt: skip
     w = make_worker(
-        client, handler, consumer=consumer, names=StreamNames(prefix), settings=settings,
+        client, handler, consumer=consumer, names=names, settings=settings,
         clock=clock,
     )  # fmt: skip
     w.install_signal_handlers()
@@ -225,14 +242,14 @@ def worker(
 
 
 def _risk_scorer(
-    store: Store, client: Any, clock: Any, model_dir: Path | None, prefix: str,
+    store: Store, client: Any, clock: Any, model_dir: Path | None, names: Any,
     risk_prefix: str | None, group_name: str | None,
 ) -> Any:  # fmt: skip
     from importlib.util import find_spec
 
     from workbench.analytics.model import ANALYTICS_EXTRA, load
     from workbench.analytics.scorer import RiskScorer
-    from workbench.streams.keys import RiskNames, StreamNames
+    from workbench.streams.keys import RiskNames
 
     assert model_dir is not None
     if missing := [name for name in ANALYTICS_EXTRA if find_spec(name) is None]:
@@ -246,8 +263,8 @@ def _risk_scorer(
         raise click.UsageError(f"--model {model_dir}: {exc}") from None
     store.create_schema()
     return RiskScorer(
-        store, client, model, group=group_name or "analytics", names=StreamNames(prefix),
-        risk_names=RiskNames(risk_prefix or prefix), clock=clock,
+        store, client, model, group=group_name or "analytics", names=names,
+        risk_names=RiskNames(risk_prefix or names.prefix, names.partitioning), clock=clock,
         ids_on_clock=simulated(clock) is not None,
     )  # fmt: skip
 
@@ -277,6 +294,7 @@ def relay(
     redis_url: str | None,
     database_url: str | None,
     prefix: str,
+    partitions: int,
     wait_fsync: bool,
     fsync_timeout_ms: int,
     repair: bool,
@@ -287,7 +305,6 @@ def relay(
     import signal
 
     from workbench.streams.connection import TRANSIENT
-    from workbench.streams.keys import StreamNames
     from workbench.streams.relay import DurabilityUnavailable
 
     setup_logging(verbose)
@@ -295,7 +312,7 @@ def relay(
     r = make_relay(
         Store(database_url or _default_database()),
         connect(_redis_url(redis_url)),
-        names=StreamNames(prefix),
+        names=_names(prefix, partitions),
         clock=clock,
         ids_on_clock=simulated(clock) is not None,  # a real-time simulation's timeline
         repair=repair,
@@ -324,20 +341,27 @@ def relay(
 @click.option("--every", default=5.0, show_default=True, help="seconds between sweeps")
 @click.option("-v", "--verbose", is_flag=True)
 def timers(
-    database_url: str | None, redis_url: str | None, prefix: str, every: float, verbose: bool
+    database_url: str | None,
+    redis_url: str | None,
+    prefix: str,
+    partitions: int,
+    every: float,
+    verbose: bool,
 ) -> None:
     """Expire escrows whose payment, shipping or confirmation deadline passed, until SIGTERM."""
     import time
 
     from workbench.ops.shutdown import StopRequest
     from workbench.service import EscrowService
-    from workbench.streams.keys import StreamNames
 
     setup_logging(verbose)
     clock = clock_from_env()
-    service = EscrowService(Store(database_url or _default_database()), clock=clock)
+    names = _names(prefix, partitions)
+    service = EscrowService(
+        Store(database_url or _default_database()), clock=clock, partitioning=names.partitioning
+    )
     beats = connect(redis_url) if redis_url else None
-    key, me = StreamNames(prefix).heartbeats("timers"), f"timers-{os.getpid()}"
+    key, me = names.heartbeats("timers"), f"timers-{os.getpid()}"
     stop = StopRequest()
     stop.on_signals()
     next_sweep = 0.0
@@ -366,14 +390,13 @@ def timers(
 @redis_option
 @prefix_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
-def inspect_command(redis_url: str | None, prefix: str, as_json: bool) -> None:
+def inspect_command(redis_url: str | None, prefix: str, partitions: int, as_json: bool) -> None:
     """Print streams, groups (pending, lag), consumers and dead letters."""
     from workbench.ops.inspection import inspect, print_inspection
-    from workbench.streams.keys import StreamNames
 
     try:
         client = connect(_redis_url(redis_url))
-        result = inspect(client, StreamNames(prefix), clock=clock_from_env())
+        result = inspect(client, _names(prefix, partitions), clock=clock_from_env())
     except Exception as exc:  # redis down, wrong URL: say so plainly
         if isinstance(exc, click.UsageError):
             raise
@@ -424,6 +447,7 @@ def serve(
     redis_url: str | None,
     database_url: str | None,
     prefix: str,
+    partitions: int,
     user_maxlen: int,
     api_only: bool,
     debug: bool,
@@ -458,6 +482,7 @@ def serve(
         redis_url=redis_url,
         database_url=database_url,
         prefix=prefix,
+        partitions=partitions,
         debug=debug,
         api_only=api_only,
         data_dir=data_dir,

@@ -89,6 +89,7 @@ from workbench.store import (
     outbox,
     payment_requests,
 )
+from workbench.streams.partitions import Partitioning
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ _UPDATE_ESCROW = Prepared(
     .values(binds(*_ESCROW_COLUMNS))
 )
 _INSERT_OUTBOX = Prepared(
-    insert(outbox).values(binds("event_id", "stream", "type", "data", "created_at"))
+    insert(outbox).values(binds("event_id", "stream", "type", "data", "created_at", "partition"))
 )
 _SELECT_COMMAND = Prepared(
     select(commands.c.fingerprint, commands.c.command, commands.c.response).where(
@@ -428,8 +429,12 @@ class EscrowService:
         gateway: PaymentGateway | None = None,
         create_limit: CreateLimit | None = None,
         payments: PaymentSettings | None = None,
+        partitioning: Partitioning | None = None,
     ) -> None:
         self.store = store
+        # Each outbox row carries its escrow's log partition, so partitioned relays
+        # read only the partitions they hold (workbench.streams.relay); None: 0.
+        self.partitioning = partitioning
         self.clock = clock or SystemClock()
         self.ids = ids or IdFactory()
         self.timeouts = timeouts or Timeouts()
@@ -1043,6 +1048,9 @@ class EscrowService:
                     raise
         raise AssertionError("unreachable")
 
+    def _partition_of(self, escrow_id: str) -> int:
+        return self.partitioning.of(escrow_id) if self.partitioning else 0
+
     def _load(self, conn: Connection, escrow_id: str, *, lock: bool) -> Escrow | None:
         row = (_LOCK_ESCROW if lock else _SELECT_ESCROW).first(conn, {"id": escrow_id})
         return _row_to_escrow(row) if row else None
@@ -1073,6 +1081,7 @@ class EscrowService:
                     "type": e.type,
                     "data": ev.encode(e),
                     "created_at": e.occurred_at,
+                    "partition": self._partition_of(e.aggregate_id),
                 }
                 for e in new_events
             ],

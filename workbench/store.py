@@ -153,7 +153,13 @@ outbox = Table(
     # The id the relay's XADD gave the row: the repair re-adds a row Redis lost
     # under this id (workbench.streams.relay). NULL until published.
     Column("stream_id", String(48)),
+    # The log partition of the row's escrow (workbench.streams.partitions), written
+    # by the service; 0 when the service is unpartitioned. NULL: written before the
+    # column existed (a partitioned relay fills it in from the event before use).
+    Column("partition", Integer),
     Index("ix_outbox_unpublished", "published_at", "seq"),
+    # A partitioned relay's read: unpublished rows of the partitions it holds, by seq.
+    Index("ix_outbox_partition_unpublished", "published_at", "partition", "seq"),
 )
 
 inbox = Table(
@@ -348,9 +354,14 @@ class Store:
         from sqlalchemy import inspect
 
         have = {c["name"] for c in inspect(self.engine).get_columns("outbox")}
-        if "stream_id" not in have:
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql("ALTER TABLE outbox ADD COLUMN stream_id VARCHAR(48)")
+        added = {"stream_id": "VARCHAR(48)", '"partition"': "INTEGER"}
+        with self.engine.begin() as conn:
+            for column, kind in added.items():
+                if column.strip('"') not in have:
+                    conn.exec_driver_sql(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
+        # create_all makes a table's indexes only with the table: add the new ones.
+        for index in outbox.indexes:
+            index.create(self.engine, checkfirst=True)
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)

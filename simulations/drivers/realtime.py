@@ -83,7 +83,7 @@ from workbench.ops.waiting import WaitTimeout, wait_until
 from workbench.payments.daraja import DarajaStub
 from workbench.store import Store, outbox
 from workbench.streams.connection import connect
-from workbench.streams.keys import StreamNames, UserStreamNames
+from workbench.streams.keys import StreamNames, UserStreamNames, names_for
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +663,8 @@ def _build_world(
     until = t0 + load_s
     market = Market(env, rngs[1], scenario.market, service, record, until=until)  # type: ignore[arg-type]
     restarts = SupervisedRestarts(policy_of(scenario.supervisor))
-    user_names = UserStreamNames(prefix)
+    names = names_for(prefix, scenario.redis.partitions)
+    user_names = UserStreamNames.of(names)
     pool = ServerPool(scenario.servers.count)
     buyers = market.buyers
     phones = [
@@ -674,7 +675,7 @@ def _build_world(
     ]  # fmt: skip
     return RealtimeWorld(
         scenario=scenario, seed=seed, factor=factor, url=url, server=server, client=client,
-        names=StreamNames(prefix), user_names=user_names, store=store, timeline=timeline,
+        names=names, user_names=user_names, store=store, timeline=timeline,
         fleet=fleet, workers=workers, groups=groups, handling_dir=handling_dir,
         servers=servers, radio=radio, t0=t0, env=env, clock=SimClock(env, run_p.epoch),
         rngs=rngs, rows=rows, market=market, restarts=restarts,
@@ -707,6 +708,7 @@ def _fleet_env(
         DATABASE_URL=database_url,
         WORKBENCH_SECRET=secret,
         WORKBENCH_PREFIX=prefix,
+        WORKBENCH_PARTITIONS=str(scenario.redis.partitions),
         WORKBENCH_SSE_PING_S=str(scenario.realtime.sse_ping_s),
         # The market's buyers return to the same sellers at simulated speed;
         # the per-pair create limit guards against abuse, not trade.

@@ -63,7 +63,8 @@ from workbench.store import (
     risk_scores,
 )
 from workbench.streams.connection import connect
-from workbench.streams.keys import StreamNames, UserStreamNames
+from workbench.streams.keys import StreamNames, UserStreamNames, names_for
+from workbench.streams.partitions import partitioning
 
 Progress = Callable[[float, float], None]
 
@@ -260,7 +261,8 @@ def _build_world(
     on = affinity.resolve(None if redis_url and cpu == "auto" else cpu)
     url, server, client = _start_redis(resources, scenario, redis_url, work, on, prefix)
     store = _open_store(resources, work)
-    names, user_names = StreamNames(prefix), UserStreamNames(prefix)
+    names = names_for(prefix, scenario.redis.partitions)
+    user_names = UserStreamNames.of(names)
     env = simpy.Environment()
     clock = SimClock(env, scenario.run.epoch)
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)]
@@ -359,6 +361,7 @@ def _build_service(
         store,
         clock=clock,
         ids=IdFactory(seed),
+        partitioning=partitioning(scenario.redis.partitions),
         timeouts=Timeouts(
             payment=m.payment_timeout_s,
             shipping=m.shipping_timeout_s,
@@ -537,8 +540,11 @@ def collect(world: EndOfRun, writer: RunWriter) -> None:
 def _user_streams_from_redis(world: EndOfRun, writer: RunWriter) -> Counter[str]:
     """The ``user_streams`` table as Redis holds it now; each event's entry count."""
     user_rows = []
-    for key in world.client.scan_iter(match=f"{world.user_names.prefix}:user:*", count=1000):
-        user = key.decode().split(":", 2)[2]
+    names = world.user_names
+    for key in world.client.scan_iter(match=f"{names.prefix}:*user:*", count=1000):
+        user = key.decode().split(":user:", 1)[1]
+        if key.decode() != names.stream(user):
+            continue  # another key naming a user (none today), not a user stream
         for entry_id, fields in world.client.xrange(key):
             user_rows.append((user, entry_id.decode(), fields[b"event_id"].decode()))
     user_rows.sort(key=lambda r: (r[0], tuple(map(int, r[1].split("-")))))

@@ -336,3 +336,18 @@ def test_the_sse_retry_hint_comes_from_the_environment(deployment) -> None:  # t
                 break
         else:
             raise AssertionError("no retry: line")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("many", "'many'"), ("-1", "'-1'"), ("1025", "'1025'")]
+)
+def test_a_bad_partition_count_is_refused_by_name(value: str, message: str) -> None:
+    env = {"REDIS_URL": "redis://127.0.0.1:1", "WORKBENCH_PARTITIONS": value}
+    with pytest.raises(RuntimeError, match=f"WORKBENCH_PARTITIONS must be .* not {message}"):
+        Settings.from_env(env)
+
+
+def test_the_partition_count_comes_from_the_environment() -> None:
+    env = {"REDIS_URL": "redis://127.0.0.1:1"}
+    assert Settings.from_env(env).partitions == 0
+    assert Settings.from_env({**env, "WORKBENCH_PARTITIONS": "16"}).partitions == 16

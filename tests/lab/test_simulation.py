@@ -32,6 +32,7 @@ def test_the_five_scenarios_exist_and_load() -> None:
         ("baseline", ["marke.arrival_rate=2"], "sections: run, market"),
         ("baseline", ["market.arrival_rate=fast"], "must be a number"),
         ("baseline", ["market.arrival_rate=-1"], "must not be negative"),
+        ("baseline", ["redis.partitions=2000"], "redis.partitions must be at most 1024, not 2000"),
         ("baseline", ["arrival_rate=2"], "section.key=value"),
         ("baseline", ["consumers.ack_before_effect=1"], "true or false"),
         ("baseline", ["phones.count=2.5"], "phones.count must be a whole number"),

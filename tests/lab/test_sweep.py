@@ -114,3 +114,30 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path) -> None:  # type: i
     assert result.returncode == 2, result.stderr
     assert "cannot reach the Dask scheduler tcp://127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
+
+
+def test_a_sweep_gives_the_table_of_the_same_runs_made_one_by_one_here(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Where a run happens (a Dask worker process, or this process) changes nothing
+    but the wall time and the CPU: rows and the runs' tables are bit-identical."""
+    from simulations.drivers.sweep import _one, sweep
+
+    base = ("run.duration_s=30", "run.drain_s=30", "phones.count=4")
+    grid = {"market.arrival_rate": ["0.5", "1.5"]}
+    table = sweep("baseline", grid, 1, out=tmp_path / "sweep", workers=2, base_overrides=base)
+    here = pd.DataFrame(
+        [
+            {"market.arrival_rate": rate,
+             **_one("baseline", [*base, f"market.arrival_rate={rate}"], 1,
+                    str(tmp_path / f"here-{i:03d}"))}
+            for i, rate in enumerate(grid["market.arrival_rate"])
+        ]
+    )  # fmt: skip
+    where = ["wall_seconds", "cpu"]
+    pd.testing.assert_frame_equal(table.drop(columns=where), here.drop(columns=where))
+    assert table["events"].min() > 0
+    for i in range(2):
+        swept = sorted((tmp_path / "sweep" / f"run-{i:03d}").glob("*.parquet"))
+        direct = sorted((tmp_path / f"here-{i:03d}").glob("*.parquet"))
+        assert [p.name for p in swept] == [p.name for p in direct] != []
+        for a, b in zip(swept, direct, strict=True):
+            pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b), obj=a.name)

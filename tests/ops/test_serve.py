@@ -92,3 +92,14 @@ def test_serve_runs_everything_and_stops_cleanly(tmp_path) -> None:  # type: ign
     )
     assert (tmp_path / "data" / "workbench.db").exists()
     assert (tmp_path / "data" / "relay.log").exists()
+
+
+def test_an_out_of_range_partition_count_is_an_exit_2_naming_the_option() -> None:
+    for command in (["relay"], ["worker", "ledger"], ["inspect"], ["serve"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "workbench", *command, "--partitions", "5000"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+            env={**os.environ, "REDIS_URL": "redis://127.0.0.1:1"},
+        )  # fmt: skip
+        assert done.returncode == 2, (command, done.stderr)
+        assert "--partitions" in done.stderr and "5000" in done.stderr, done.stderr

@@ -1,6 +1,8 @@
 """The consumer's pure decisions, at their boundaries.
 
-``ready_to_handle`` (what of a read may be handled now), ``dead_consumers`` (whose
+``ready_to_handle`` (what of a read may be handled now; ``ready_by_partition`` within
+each partition of a partitioned log), the partitions to give back, just taken and
+blocked on, ``dead_consumers`` (whose
 pending entries to claim), ``group_gone`` (which errors mean the group must be
 recreated), ``should_dead_letter`` and the settings' validation decide without
 Redis, so they are checked here directly; the Redis loop around them is tested
@@ -18,10 +20,14 @@ from workbench.streams.connection import SOCKET_TIMEOUT_S
 from workbench.streams.consumer import ConsumerSettings
 from workbench.streams.decisions import (
     Delivery,
+    blocking_partition,
     dead_consumers,
     group_gone,
+    newly_taken,
+    ready_by_partition,
     ready_to_handle,
     should_dead_letter,
+    to_give_back,
 )
 
 
@@ -113,3 +119,46 @@ def test_what_is_held_back_does_not_depend_on_the_order_of_the_read(
     ms = lambda d: int(d.entry_id.split("-")[0])  # noqa: E731
     if later and now:
         assert max(map(ms, now)) < min(map(ms, later))
+
+
+def test_a_full_read_of_one_partition_holds_nothing_back_in_another() -> None:
+    partition_of = {"wb:{a}:escrow": 0, "wb:{a}:payment": 0, "wb:{b}:escrow": 1}
+    a1, a2 = _delivery("wb:{a}:escrow", "5-0"), _delivery("wb:{a}:escrow", "9-0")
+    ap = _delivery("wb:{a}:payment", "9-1")
+    b1 = _delivery("wb:{b}:escrow", "9-2")  # same ms, another partition (another escrow)
+    # Partition 0's escrow stream came back full at 9 ms: its own 9 ms entries wait.
+    now, later = ready_by_partition([a1, a2, ap, b1], {"wb:{a}:escrow"}, partition_of)
+    assert (now, later) == ([a1, b1], [a2, ap])
+    # The single-partition decision would have held b1 back too.
+    assert b1 in ready_to_handle([a1, a2, ap, b1], {"wb:{a}:escrow"})[1]
+    # Nothing full: everything now, in the order read.
+    assert ready_by_partition([b1, a1], set(), partition_of) == ([b1, a1], [])
+    # A full partition 1 holds back what of it may follow its unread entries.
+    b0 = _delivery("wb:{b}:escrow", "3-0")
+    a3 = _delivery("wb:{a}:payment", "3-5")
+    full_b = {"wb:{b}:escrow", "wb:{a}:payment"}
+    assert ready_by_partition([b0, b1, a1, a3], full_b, partition_of) == ([b0, b1], [a1, a3])
+
+
+def test_partitions_given_back_are_those_held_and_no_longer_targets() -> None:
+    assert to_give_back({0, 2, 4, 6}, (0, 3, 6)) == {2, 4}
+    assert to_give_back(frozenset(), (1, 2)) == frozenset()
+    assert to_give_back({1, 2}, (1, 2)) == frozenset()
+
+
+def test_partitions_newly_taken_are_held_now_and_not_before_in_order() -> None:
+    assert newly_taken({0, 6}, {0, 3, 6, 1}) == (1, 3)
+    assert newly_taken({0, 1}, {0}) == ()
+
+
+def test_a_cluster_read_blocks_on_each_held_partition_in_turn() -> None:
+    turns = [blocking_partition((2, 5, 7), turn) for turn in range(5)]
+    assert turns == [2, 5, 7, 2, 5]
+    with pytest.raises(ValueError, match="no partition"):
+        blocking_partition((), 0)
+
+
+def test_a_partition_read_blocks_for_at_least_a_millisecond() -> None:
+    assert ConsumerSettings(partition_block_ms=1).partition_block_ms == 1
+    with pytest.raises(ValueError, match="^partition_block_ms must be at least 1$"):
+        ConsumerSettings(partition_block_ms=0)

@@ -26,7 +26,7 @@ from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import AGGREGATE_TYPES
 from workbench.handlers import ALL_GROUPS
 from workbench.http.health import read_supervision
-from workbench.streams.groups import group_ages
+from workbench.streams.groups import dead_letter_count, group_ages
 from workbench.streams.replies import text
 
 if TYPE_CHECKING:
@@ -149,8 +149,7 @@ def _stream_metrics(client: redis.Redis, names: StreamNames, clock: Clock) -> An
     dead = GaugeMetricFamily("workbench_dead_letters", "dead-lettered entries", labels=["group"])
     up = GaugeMetricFamily("workbench_redis_up", "1 if Redis answered this scrape")
     try:
-        for aggregate in AGGREGATE_TYPES:
-            stream = names.stream(aggregate)
+        for stream in names.streams(AGGREGATE_TYPES):  # every partition's
             length.add_metric([stream], client.xlen(stream))
             try:
                 groups = client.xinfo_groups(stream)
@@ -166,7 +165,7 @@ def _stream_metrics(client: redis.Redis, names: StreamNames, clock: Clock) -> An
                 lag_s.add_metric([stream, group], behind)
                 pending_age.add_metric([stream, group], oldest or 0.0)
         for group in ALL_GROUPS:
-            dead.add_metric([group], client.xlen(names.dead_letter(group)))
+            dead.add_metric([group], dead_letter_count(client, names, group))
         up.add_metric([], 1)
     except (redis.ConnectionError, redis.TimeoutError):
         up.add_metric([], 0)

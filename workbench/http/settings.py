@@ -34,6 +34,7 @@ class Settings:
     database_url: str
     secret: str
     prefix: str = "wb"
+    partitions: int = 0  # of the log; 0: unpartitioned (workbench.streams.keys)
     mpesa: Literal["sim", "external"] = "sim"
     callback_url: str | None = None  # where the simulated gateway posts; None: in-process
     debug: bool = False  # enables /debug/* (tests drop sessions server-side)
@@ -96,6 +97,7 @@ class Settings:
             database_url=env.get("DATABASE_URL") or database_url(),
             secret=auth.secret_from_env(env),
             prefix=env.get("WORKBENCH_PREFIX", "wb"),
+            partitions=_partitions(env),
             mpesa=mpesa,  # type: ignore[arg-type]
             callback_url=env.get("WORKBENCH_CALLBACK_URL") or None,
             debug=env.get("WORKBENCH_DEBUG", "") in ("1", "true", "yes"),
@@ -113,6 +115,18 @@ class Settings:
             verify_retry_s=_seconds(env, "WORKBENCH_MPESA_RETRY_S", 5.0) or 5.0,
             push_grace_s=_seconds(env, "WORKBENCH_MPESA_PUSH_GRACE_S", 30.0) or 30.0,
         )
+
+
+def _partitions(env: dict[str, str]) -> int:
+    from workbench.streams.partitions import MAX_PARTITIONS
+
+    text = env.get("WORKBENCH_PARTITIONS", "") or "0"
+    if not text.isdigit() or int(text) > MAX_PARTITIONS:
+        raise RuntimeError(
+            f"WORKBENCH_PARTITIONS must be a whole number from 0 (unpartitioned) to "
+            f"{MAX_PARTITIONS}, not {text!r}"
+        )
+    return int(text)
 
 
 def _networks(text: str) -> tuple[Network, ...]:

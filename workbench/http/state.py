@@ -45,7 +45,7 @@ from workbench.payments.mpesa import (
 from workbench.service import EscrowService
 from workbench.store import Store, outbox
 from workbench.streams.connection import async_client, connect
-from workbench.streams.keys import StreamNames, UserStreamNames
+from workbench.streams.keys import UserStreamNames, names_for
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class App:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.names = StreamNames(settings.prefix)
+        self.names = names_for(settings.prefix, settings.partitions)
         self.user_names = UserStreamNames.of(self.names)
         self.store = Store(settings.database_url)
         self.store.create_schema()
@@ -123,6 +123,7 @@ class App:
             gateway=gateway,
             create_limit=settings.create_limit,
             payments=settings.payments(),
+            partitioning=self.names.partitioning,
         )
         self.hub = Hub(max_queue=settings.max_queue)
         self.stats = SessionStats()

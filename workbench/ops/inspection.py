@@ -29,7 +29,7 @@ from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import AGGREGATE_TYPES
 from workbench.handlers import GROUPS
 from workbench.streams.connection import server_version
-from workbench.streams.groups import group_ages
+from workbench.streams.groups import dead_letter_count, group_ages
 from workbench.streams.keys import StreamNames
 from workbench.streams.replies import text
 
@@ -91,84 +91,103 @@ def inspect(
     clock: Clock | None = None,
 ) -> Inspection:
     """Snapshot every aggregate stream, its groups and consumers, and the dead letters;
-    ages on ``clock`` (the wall clock by default; a simulation's in a simulation)."""
+    ages on ``clock`` (the wall clock by default; a simulation's in a simulation).
+
+    On a partitioned log (:mod:`workbench.streams.partitions`) every partition's
+    stream is a row of its own, named ``<aggregate>:<partition>``; a group's dead
+    letters are those of every partition (``names.dead_letters(group)``)."""
     names = names or StreamNames()
     now = now_ms(clock or SystemClock())
     version = ".".join(map(str, server_version(client)))
-    stream_rows, group_rows, consumer_rows = [], [], []
+    dead_counts: dict[str, int] = {}
+    stream_rows: list[list[Any]] = []
+    group_rows: list[list[Any]] = []
+    consumer_rows: list[list[Any]] = []
     for aggregate in AGGREGATE_TYPES:
-        key = names.stream(aggregate)
-        if not client.exists(key):
-            stream_rows.append([aggregate, 0, None, None, 0])
-            continue
-        info = client.xinfo_stream(key)
-        first = info.get("first-entry")
-        last = info.get("last-entry")
-        groups = client.xinfo_groups(key)
-        ages = group_ages(client, key, groups, now)
-        stream_rows.append(
-            [
-                aggregate,
-                int(info["length"]),
-                text(first[0]) if first else None,
-                text(last[0]) if last else None,
-                len(groups),
-            ]
-        )
-        for g in groups:
-            group = text(g["name"])
-            last_delivered = text(g["last-delivered-id"])
-            oldest_idle = None
-            if g["pending"]:
-                oldest = client.xpending_range(key, group, "-", "+", 1)
-                if oldest:
-                    oldest_idle = int(oldest[0]["time_since_delivered"])
-            lag_xinfo = g.get("lag")
-            if lag_xinfo is not None:
-                lag, source = int(lag_xinfo), "xinfo"
-            else:
-                lag, source = _count_after(client, key, last_delivered), "computed"
-            group_rows.append(
-                [
-                    aggregate,
-                    group,
-                    int(g["consumers"]),
-                    int(g["pending"]),
-                    oldest_idle,
-                    ages[group][0],
-                    last_delivered,
-                    lag,
-                    lag_xinfo,
-                    source,
-                    ages[group][1],
-                    int(client.xlen(names.dead_letter(group))),
-                ]
-            )
-            for c in client.xinfo_consumers(key, group):
-                consumer_rows.append(
-                    [aggregate, group, text(c["name"]), int(c["pending"]), int(c["idle"])]
-                )
-    dead_rows = []
-    for group in dead_letter_groups:
-        for entry_id, fields in client.xrange(names.dead_letter(group)):
-            f = {text(k): text(v) for k, v in fields.items()}
-            dead_rows.append(
-                {
-                    "group": group,
-                    "id": text(entry_id),
-                    "source_stream": f.get("source_stream"),
-                    "source_id": f.get("source_id"),
-                    "deliveries": int(f.get("deliveries", 0)),
-                    "reason": f.get("reason"),
-                }
+        for partition in names.partitions:
+            label = f"{aggregate}:{partition}" if names.partitioned else aggregate
+            key = names.stream(aggregate, partition)
+            if not client.exists(key):
+                stream_rows.append([label, 0, None, None, 0])
+                continue
+            stream_rows.append(
+                _stream_row(client, key, label, now, names, dead_counts, group_rows, consumer_rows)
             )
     return Inspection(
         redis_version=version,
         streams=_records(stream_rows, STREAM_COLUMNS),
         groups=_records(group_rows, GROUP_COLUMNS),
         consumers=_records(consumer_rows, CONSUMER_COLUMNS),
-        dead_letters=dead_rows,
+        dead_letters=_dead_letter_rows(client, names, dead_letter_groups),
     )
+
+
+def _stream_row(
+    client: redis.Redis,
+    key: str,
+    label: str,
+    now: int,
+    names: StreamNames,
+    dead_counts: dict[str, int],
+    group_rows: list[list[Any]],
+    consumer_rows: list[list[Any]],
+) -> list[Any]:
+    """The row of one existing stream; appends its groups' and consumers' rows."""
+    info = client.xinfo_stream(key)
+    first = info.get("first-entry")
+    last = info.get("last-entry")
+    groups = client.xinfo_groups(key)
+    ages = group_ages(client, key, groups, now)
+    for g in groups:
+        group = text(g["name"])
+        if group not in dead_counts:
+            dead_counts[group] = dead_letter_count(client, names, group)
+        last_delivered = text(g["last-delivered-id"])
+        oldest_idle = None
+        if g["pending"]:
+            oldest = client.xpending_range(key, group, "-", "+", 1)
+            if oldest:
+                oldest_idle = int(oldest[0]["time_since_delivered"])
+        lag_xinfo = g.get("lag")
+        if lag_xinfo is not None:
+            lag, source = int(lag_xinfo), "xinfo"
+        else:
+            lag, source = _count_after(client, key, last_delivered), "computed"
+        group_rows.append(
+            [
+                label, group, int(g["consumers"]), int(g["pending"]), oldest_idle,
+                ages[group][0], last_delivered, lag, lag_xinfo, source, ages[group][1],
+                dead_counts[group],
+            ]
+        )  # fmt: skip
+        for c in client.xinfo_consumers(key, group):
+            consumer_rows.append([label, group, text(c["name"]), int(c["pending"]), int(c["idle"])])
+    return [
+        label,
+        int(info["length"]),
+        text(first[0]) if first else None,
+        text(last[0]) if last else None,
+        len(groups),
+    ]
+
+
+def _dead_letter_rows(client: redis.Redis, names: StreamNames, groups: tuple[str, ...]) -> Rows:
+    rows = []
+    for group in groups:
+        for key in names.dead_letters(group):
+            for entry_id, fields in client.xrange(key):
+                f = {text(k): text(v) for k, v in fields.items()}
+                rows.append(
+                    {
+                        "group": group,
+                        "id": text(entry_id),
+                        "source_stream": f.get("source_stream"),
+                        "source_id": f.get("source_id"),
+                        "deliveries": int(f.get("deliveries", 0)),
+                        "reason": f.get("reason"),
+                    }
+                )
+    return rows
 
 
 # -- terminal ----------------------------------------------------------------------

@@ -63,6 +63,7 @@ class ServeOptions:
     redis_url: str | None = None
     database_url: str | None = None
     prefix: str = "wb"
+    partitions: int = 0  # of the log; 0: unpartitioned (workbench.streams.keys)
     debug: bool = False
     api_only: bool = False
     data_dir: Path = Path("data") / "serve"
@@ -379,6 +380,7 @@ def serve(options: ServeOptions, ready: Callable[[], None] | None = None) -> int
         REDIS_URL=redis_url,
         DATABASE_URL=database_url,
         WORKBENCH_PREFIX=options.prefix,
+        WORKBENCH_PARTITIONS=str(options.partitions),
         WORKBENCH_MPESA=options.mpesa,
         WORKBENCH_CALLBACK_URL=f"http://{options.host}:{options.port}/mpesa/callback",
         WORKBENCH_DEBUG="1" if options.debug else "",

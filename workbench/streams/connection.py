@@ -7,6 +7,15 @@ reader) that still sees Redis or the database fail waits
 :func:`outage_backoff` before its next pass, growing towards two seconds
 while the outage lasts, with jitter so that many processes do not come back
 in step.
+
+**A cluster.** A URL with the scheme ``redis+cluster://`` (or
+``rediss+cluster://``) names any node of a Redis Cluster: :func:`connect` and
+:func:`async_client` then return redis-py's cluster clients, which discover
+the other nodes and route each command by its key's slot. The same runtime
+code runs on both, because every script, MULTI and multi-key read it sends
+touches one partition's keys (:mod:`workbench.streams.keys`). While a master
+fails over, the cluster answers CLUSTERDOWN or TRYAGAIN: those count as
+"Redis is down" too, and the loops retry after their pause.
 """
 
 from __future__ import annotations
@@ -15,16 +24,26 @@ import os
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import sqlalchemy.exc
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ClusterDownError, TryAgainError
 from redis.retry import Retry
 
 # BLOCK must stay below this, or redis-py raises TimeoutError mid-read.
 SOCKET_TIMEOUT_S = 5.0
 
 #: Redis is unreachable (restarting, or the connection dropped): retry later.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ClusterDownError,  # a master failing over (also MasterDownError)
+    TryAgainError,  # a slot migrating
+)
+#: URL schemes naming a Redis Cluster (any one node; the client finds the rest).
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 #: Failures a loop retries after a pause: Redis down, or the database connection lost.
 TRANSIENT = (*REDIS_DOWN, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 
@@ -45,12 +64,28 @@ def _quick_backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(cap=0.5, base=0.02)
 
 
+def is_cluster_url(url: str) -> bool:
+    """Does ``url`` name a Redis Cluster (``redis+cluster://host:port``)?"""
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def node_url(url: str) -> str:
+    """``url`` with a cluster scheme turned into the plain one of its node."""
+    return url.replace("+cluster://", "://", 1) if is_cluster_url(url) else url
+
+
+def is_cluster(client: object) -> bool:
+    """Is ``client`` one of redis-py's cluster clients (sync or asyncio)?"""
+    return isinstance(client, (RedisCluster, aiocluster.RedisCluster))
+
+
 def connect(url: str | None = None, **overrides: object) -> redis.Redis:
     """A client with bounded timeouts and a few quick retries.
 
     Loops above this (relay, consumers) add :func:`outage_backoff`; the retry here
     only smooths over a dropped connection. A retried XADD may append an event
-    twice: consumers dedupe by event id.
+    twice: consumers dedupe by event id. A ``redis+cluster://`` URL gives a
+    :class:`~redis.cluster.RedisCluster` (typed as a client: same commands).
     """
     url = url or os.environ.get("REDIS_URL")
     if not url:
@@ -59,8 +94,11 @@ def connect(url: str | None = None, **overrides: object) -> redis.Redis:
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": 2.0,
         "retry": Retry(_quick_backoff(), retries=2),
-        "health_check_interval": 30,
     }
+    if is_cluster_url(url):
+        options.update(overrides)
+        return RedisCluster.from_url(node_url(url), **options)  # type: ignore[arg-type,return-value]
+    options["health_check_interval"] = 30
     options.update(overrides)
     return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
 
@@ -72,7 +110,17 @@ def async_client(url: str, *, max_connections: int = 16) -> aioredis.Redis:
     retry the first command on it fails (the API answered 503 once per stale
     connection). Each command is retried twice on a connection or timeout
     error, reconnecting first, so a restart costs a reconnect, not a failure.
+    A ``redis+cluster://`` URL gives redis-py's asyncio cluster client, with
+    ``max_connections`` per node.
     """
+    if is_cluster_url(url):
+        return aiocluster.RedisCluster.from_url(  # type: ignore[return-value]
+            node_url(url),
+            max_connections=max_connections,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=2.0,
+            retry=AsyncRetry(_quick_backoff(), retries=2),
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,

@@ -32,6 +32,40 @@ then: SQL handlers commit the effect and the inbox row together). Then:
   XAUTOCLAIM and drops them; Redis 6.2 returns nil entries and keeps them
   pending. Both end acked and counted in ``stats.deleted``.
 
+**Partitions.** With ``StreamNames(prefix, Partitioning(P))`` the group's
+consumers share the ``P`` partitions (:mod:`workbench.streams.leases`): with
+each heartbeat (and at setup) a worker reads the group's heartbeats, computes
+its target partitions from the live members (:func:`~workbench.streams.leases.assign`)
+and moves towards them through lease keys that expire ``dead_after_s`` after
+their last renewal, on the worker's clock. It reads only the partitions it
+holds, so one escrow is read by one consumer at a time, and:
+
+* a partition that is no longer its target is **given back** at the next
+  heartbeat. Every batch is handled and acked within the poll that read it,
+  so by then all it read from the partition is handled and acked, except
+  entries held back for order and failed entries waiting for a retry: those
+  stay pending under its name, and
+* a worker that **takes** a partition first XCLAIMs every other consumer's
+  pending entries in its streams (a previous holder that gave it back, or
+  died) and handles them together with, and in escrow order before, its first
+  new entries of it: per-escrow order holds across the handover.
+
+Within a batch the hold-back for order applies per partition
+(:func:`~workbench.streams.decisions.ready_by_partition`); a dead letter goes
+to its partition's dead-letter stream, in one script with the XACK (one slot).
+On a single redis-server one XREADGROUP covers every held stream. On a Redis
+Cluster (``redis.cluster.RedisCluster``) a command may touch one slot only, so
+the worker reads each held partition in one pipeline of non-blocking
+XREADGROUPs and, when all came back empty, blocks on one partition in rotation
+for at most ``partition_block_ms``: an entry of another partition waits at most
+that long (plus a round trip) before it is read. Unpartitioned, there are no
+leases and the keys and reads are those of a single partition.
+
+A worker that stops beating for ``dead_after_s`` (a handler call that long, a
+paused process) loses its leases as it would be declared dead without
+partitions: its partitions' next holders claim its pending entries and the
+inboxes absorb the double handling.
+
 The decisions (what to handle now, whom to claim from, what to dead-letter) are
 pure functions in :mod:`workbench.streams.decisions`; the class is the thin
 Redis loop around them, and ``poll()`` is one step of it, so a simulation can
@@ -47,30 +81,42 @@ import signal
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
+from redis.cluster import RedisCluster
 
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import Event
 from workbench.ops.shutdown import StopRequest
-from workbench.streams.append import xadd_at
+from workbench.streams.append import XADD_AT_LUA
 from workbench.streams.connection import REDIS_DOWN, SOCKET_TIMEOUT_S, TRANSIENT, outage_backoff
 from workbench.streams.decisions import (
     Delivery,
+    blocking_partition,
     dead_consumers,
     group_gone,
-    ready_to_handle,
+    newly_taken,
+    ready_by_partition,
     should_dead_letter,
+    to_give_back,
 )
 from workbench.streams.groups import ensure_groups
 from workbench.streams.keys import StreamNames
+from workbench.streams.leases import Leases, assign, live_members
 from workbench.streams.replies import text
 
 log = logging.getLogger(__name__)
 #: Names given to connections, unique in this process (see ``_read``).
 _CONNECTION_NAMES = itertools.count(1)
+#: KEYS: the dead-letter stream, the source stream (one slot); ARGV: now_ms ('' for
+#: Redis' clock), group, entry id, then the dead letter's fields. Appends the dead
+#: letter and acks its source atomically.
+_DEAD_LETTER_LUA = XADD_AT_LUA + (
+    "redis.call('XADD', KEYS[1], next_id(KEYS[1], ARGV[1]), unpack(ARGV, 4))\n"
+    "return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])"
+)
 
 
 class Handler(Protocol):
@@ -100,6 +146,9 @@ class ConsumerSettings:
     # Simulations: dead letters get ids on the worker's clock, and the idle backstop
     # judges an entry by its id's age on that clock (Redis' idle time is wall time).
     ids_on_clock: bool = False
+    # A partitioned log on a Redis Cluster: the longest a read blocks on one partition
+    # while the others' new entries wait (see the module docstring).
+    partition_block_ms: int = 100
 
     def __post_init__(self) -> None:
         if self.block_ms >= SOCKET_TIMEOUT_S * 1000:
@@ -109,6 +158,8 @@ class ConsumerSettings:
             )
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
+        if self.partition_block_ms < 1:
+            raise ValueError("partition_block_ms must be at least 1")
 
 
 @dataclass
@@ -122,6 +173,8 @@ class ConsumerStats:
     deleted: int = 0
     batches: int = 0
     redis_errors: int = 0
+    partitions_taken: int = 0
+    partitions_given: int = 0
     delivery_counts: dict[int, int] = field(default_factory=dict)
 
 
@@ -146,7 +199,21 @@ class ConsumerWorker:
         self.names = names or StreamNames()
         self.settings = settings or ConsumerSettings()
         self.clock = clock or SystemClock()
+        #: Every stream of the handler's aggregate types, in every partition (the
+        #: group is created on all of them); ``reading`` says which are read now.
         self.streams = self.names.streams(handler.aggregate_types)
+        self._partition_of = {
+            stream: p for p in self.names.partitions for stream in self._streams_of((p,))
+        }
+        self._cluster = isinstance(client, RedisCluster)
+        self._leases: Leases | None = None
+        if self.names.partitioned:
+            keys = [self.names.lease(self.group, p) for p in self.names.partitions]
+            self._leases = Leases(client, keys, self.consumer, self.settings.dead_after_s)
+        self.reading: tuple[int, ...] = () if self._leases else (0,)
+        self._read_streams = self._streams_of(self.reading)
+        self._turn = 0  # which partition a cluster read blocks on next
+        self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self.stats = ConsumerStats()
         self.observer = observer  # told of each batch before the handler runs
         self._stop = StopRequest()
@@ -163,15 +230,19 @@ class ConsumerWorker:
 
     def setup(self) -> None:
         ensure_groups(self.client, self.streams, self.group)
-        self._heartbeat(force=True)
+        self._heartbeat(force=True)  # and, partitioned, take the first partitions
         self._reread_own_at = self.clock.now()  # own pending before new entries
         self._ready = True
+
+    def _streams_of(self, partitions: tuple[int, ...]) -> list[str]:
+        return self.names.streams(self.handler.aggregate_types, partitions)
 
     # -- one step --------------------------------------------------------------------
 
     def poll(self, block_ms: int | None = None) -> int:
-        """Do one step: heartbeat, recover, own pending, new entries (and those held
-        back before, see :func:`ready_to_handle`). Return entries read."""
+        """Do one step: heartbeat (partitioned: and rebalance), recover, own pending,
+        new entries (and those held back before, see :func:`ready_to_handle`).
+        Return entries read."""
         if not self._ready:
             self.setup()
         now = self.clock.now()
@@ -191,7 +262,7 @@ class ConsumerWorker:
             # pending for us (these entries included) and merge it with the next read.
             self._reread_own_pending()
             return read + len(deliveries)
-        ready, self._held = ready_to_handle(held + deliveries, truncated)
+        ready, self._held = ready_by_partition(held + deliveries, truncated, self._partition_of)
         if ready:
             self._process(ready)
         return read + len(deliveries)
@@ -220,12 +291,15 @@ class ConsumerWorker:
         self._stop.on_signals(signal.SIGTERM, signal.SIGINT)
 
     def run(self) -> None:
+        """Poll until :meth:`stop`; then give back the partitions held (partitioned)."""
         backoff = outage_backoff()
         failures = 0
         while not self._stop.is_set():
             try:
                 self.poll(block_ms=self.settings.block_ms)
                 failures = 0
+                if not self.reading:  # no partition of ours (yet): nothing to block on
+                    self._stop.wait(self.settings.heartbeat_every_s)
             except TRANSIENT as exc:
                 failures += 1
                 self.stats.redis_errors += isinstance(exc, REDIS_DOWN)
@@ -240,21 +314,40 @@ class ConsumerWorker:
                 # deleted stream): recreate them from 0 and re-read what is there.
                 log.warning("%s: %s; recreating the group", self.consumer, exc)
                 self._ready = False
+        if self._leases is not None:
+            try:
+                self._give_back(self._leases.held)
+            except TRANSIENT as exc:  # they expire on their own
+                log.warning("%s: could not give back partitions: %s", self.consumer, exc)
 
     # -- reading -------------------------------------------------------------------
 
     def _read_new(self, block_ms: int) -> tuple[list[Delivery], set[str]]:
         """New entries, and the streams whose read came back full (more may follow)."""
-        deliveries = self._read(">", block_ms, check_connection=True)
-        if len(self.streams) == 1:
+        blocked = self._read_streams  # the streams of the read that may have blocked
+        if self._cluster and block_ms and len(self.reading) > 1:
+            # One slot per command: every held partition without blocking, then, if
+            # that found nothing, a short block on one of them in rotation.
+            deliveries = self._read(">", 0)
+            if deliveries:
+                block_ms = 0
+            else:
+                partition = blocking_partition(self.reading, self._turn)
+                self._turn += 1
+                blocked = self._streams_of((partition,))
+                block_ms = min(block_ms, self.settings.partition_block_ms)
+                deliveries = self._read(dict.fromkeys(blocked, ">"), block_ms)
+        else:
+            deliveries = self._read(">", block_ms, check_connection=True)
+        if len(self._read_streams) == 1:
             return deliveries, set()  # one stream is in order
         truncated = self._full_streams(deliveries)
-        if block_ms and deliveries:
+        if block_ms and deliveries and len(blocked) > 1:
             # Redis < 7.2 serves a blocked multi-stream read with the entries of the
             # one stream that woke it. The relay's publish is atomic (one script), so
             # the other streams may already hold earlier events of the same batch:
             # read them too before handling anything.
-            more = self._read(">", 0)
+            more = self._read(dict.fromkeys(blocked, ">"), 0)
             truncated |= self._full_streams(more)
             deliveries += more
         return deliveries, truncated
@@ -269,43 +362,55 @@ class ConsumerWorker:
     def _read(
         self, start: str | dict[str, str], block_ms: int, *, check_connection: bool = False
     ) -> list[Delivery]:
-        """XREADGROUP; with ``check_connection``, also note (in ``_reconnected``)
-        whether it was served over a different connection than the last check's."""
-        ids = start if isinstance(start, dict) else dict.fromkeys(self.streams, start)
-        if not check_connection:
-            reply = self.client.xreadgroup(
-                self.group,
-                self.consumer,
-                ids,  # type: ignore[arg-type]
-                count=self.settings.batch_size,
-                block=block_ms or None,
-            )
-        else:
-            # The connection's name in the same pipeline: a retried pipeline is
-            # retried whole, so it is that of the connection that served the read. A
-            # new connection has no name; we give it one never used before. (Not
-            # CLIENT ID: a restarted server numbers connections from 1 again, so a
-            # new connection can get the id the old one had.)
-            pipe = self.client.pipeline(transaction=False)
-            pipe.client_getname()
-            pipe.xreadgroup(
-                self.group,
-                self.consumer,
-                ids,  # type: ignore[arg-type]
-                count=self.settings.batch_size,
-                block=block_ms or None,
-            )
-            name, reply = pipe.execute()
-            if name is None:
-                name = f"wb-{os.getpid()}-{next(_CONNECTION_NAMES)}"
-                # Through a pipeline too: it takes the connection the read's pipeline
-                # just gave back (a single-connection client runs pipelines on its pool).
-                naming = self.client.pipeline(transaction=False)
-                naming.client_setname(name)
-                naming.execute()
-            name = text(name)
-            self._reconnected = self._client_id is not None and name != self._client_id
-            self._client_id = name
+        """XREADGROUP of the held streams (or of ``start``'s); with ``check_connection``,
+        also note (in ``_reconnected``) whether it was served over a different
+        connection than the last check's (not on a cluster: one connection per node)."""
+        ids = start if isinstance(start, dict) else dict.fromkeys(self._read_streams, start)
+        if not ids:
+            return []  # no partition held
+        if self._cluster:
+            return self._deliveries(self._read_per_partition(ids, block_ms))
+        if check_connection:
+            return self._deliveries(self._read_checking_connection(ids, block_ms))
+        reply = self.client.xreadgroup(
+            self.group,
+            self.consumer,
+            ids,  # type: ignore[arg-type]
+            count=self.settings.batch_size,
+            block=block_ms or None,
+        )
+        return self._deliveries(reply)
+
+    def _read_checking_connection(self, ids: dict[str, str], block_ms: int) -> Any:
+        """XREADGROUP, noting in ``_reconnected`` whether a new connection served it."""
+        # The connection's name in the same pipeline: a retried pipeline is
+        # retried whole, so it is that of the connection that served the read. A
+        # new connection has no name; we give it one never used before. (Not
+        # CLIENT ID: a restarted server numbers connections from 1 again, so a
+        # new connection can get the id the old one had.)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.client_getname()
+        pipe.xreadgroup(
+            self.group,
+            self.consumer,
+            ids,  # type: ignore[arg-type]
+            count=self.settings.batch_size,
+            block=block_ms or None,
+        )
+        name, reply = pipe.execute()
+        if name is None:
+            name = f"wb-{os.getpid()}-{next(_CONNECTION_NAMES)}"
+            # Through a pipeline too: it takes the connection the read's pipeline
+            # just gave back (a single-connection client runs pipelines on its pool).
+            naming = self.client.pipeline(transaction=False)
+            naming.client_setname(name)
+            naming.execute()
+        name = text(name)
+        self._reconnected = self._client_id is not None and name != self._client_id
+        self._client_id = name
+        return reply
+
+    def _deliveries(self, reply: list[Any] | None) -> list[Delivery]:
         deliveries = []
         for stream, entries in reply or []:
             name = text(stream)
@@ -314,6 +419,27 @@ class ConsumerWorker:
             ]
         self.stats.read += len(deliveries)
         return deliveries
+
+    def _read_per_partition(self, ids: dict[str, str], block_ms: int) -> list[Any]:
+        """A cluster's XREADGROUP: one per partition (one slot each), in one pipeline
+        unless a single partition is read, which alone may block."""
+        by_partition: dict[int, dict[str, str]] = {}
+        for stream, start in ids.items():
+            by_partition.setdefault(self._partition_of[stream], {})[stream] = start
+        if len(by_partition) == 1:
+            [single] = by_partition.values()
+            reply = self.client.xreadgroup(
+                self.group,
+                self.consumer,
+                single,  # type: ignore[arg-type]
+                count=self.settings.batch_size,
+                block=block_ms or None,
+            )
+            return list(reply or [])
+        pipe = self.client.pipeline(transaction=False)
+        for part in by_partition.values():
+            pipe.xreadgroup(self.group, self.consumer, part, count=self.settings.batch_size)  # type: ignore[arg-type]
+        return [stream for reply in pipe.execute() for stream in reply or []]
 
     def _reread_own_pending(self) -> int:
         """Re-read this consumer's pending entries from id 0, page by page, into
@@ -325,7 +451,7 @@ class ConsumerWorker:
         ``batch_size`` held them back, then the worker or Redis restarted), and
         only the new read shows which of them are safe to handle now.
         """
-        cursor = dict.fromkeys(self.streams, "0")
+        cursor = dict.fromkeys(self._read_streams, "0")
         self._reread_own_at = None
         self._reconnected = False
         pending: list[Delivery] = []  # the old _held is pending too: this covers it
@@ -360,22 +486,21 @@ class ConsumerWorker:
     # -- recovery ------------------------------------------------------------------
 
     def _recover(self) -> int:
-        """Claim entries from dead consumers (heartbeats) and long-idle ones (backstop)."""
+        """Claim entries from dead consumers (heartbeats) and long-idle ones (backstop),
+        in the held partitions' streams."""
+        streams = self._read_streams
         pipe = self.client.pipeline(transaction=False)  # one round trip, not 1 + streams
-        pipe.info("server")
         pipe.hgetall(self.names.heartbeats(self.group))
-        for stream in self.streams:
+        for stream in streams:
             pipe.xpending(stream, self.group)
-        server, raw, *summaries = pipe.execute()
+        if not self._cluster:  # a cluster has a run_id per node, and fails over instead
+            pipe.info("server")
+        raw, *summaries = pipe.execute()
+        if not self._cluster:
+            self._check_run_id(summaries.pop())
         heartbeats = {text(k): float(v) for k, v in raw.items()}
         claimed_any = 0
-        run_id = str(server.get("run_id", ""))
-        if self._run_id is not None and run_id != self._run_id:
-            # A restarted server: its group state may have regressed (lost acks).
-            log.warning("%s: Redis restarted (new run_id); re-reading own pending", self.consumer)
-            self._reread_own_at = self.clock.now()
-        self._run_id = run_id
-        for stream, summary in zip(self.streams, summaries, strict=True):
+        for stream, summary in zip(streams, summaries, strict=True):
             if not summary["pending"]:
                 continue
             pending = {text(c["name"]): int(c["pending"]) for c in summary["consumers"]}
@@ -391,6 +516,14 @@ class ConsumerWorker:
         if claimed_any:
             self._reread_own_pending()  # handled with the poll's read of new entries
         return claimed_any
+
+    def _check_run_id(self, server: dict[str, Any]) -> None:
+        run_id = str(server.get("run_id", ""))
+        if self._run_id is not None and run_id != self._run_id:
+            # A restarted server: its group state may have regressed (lost acks).
+            log.warning("%s: Redis restarted (new run_id); re-reading own pending", self.consumer)
+            self._reread_own_at = self.clock.now()
+        self._run_id = run_id
 
     def _claim_from(self, stream: str, dead: str) -> int:
         claimed = 0
@@ -572,11 +705,14 @@ class ConsumerWorker:
         }
         for key, value in (d.fields or {}).items():
             fields[f"entry.{text(key)}"] = value
-        pipe = self.client.pipeline(transaction=True)
-        now = now_ms(self.clock) if self.settings.ids_on_clock else None
-        xadd_at(pipe, self.names.dead_letter(self.group), fields, now)
-        pipe.xack(d.stream, self.group, d.entry_id)
-        pipe.execute()
+        # One script (one slot: the dead letters of the entry's partition), atomic as
+        # a MULTI; a cluster client's pipelines cannot carry the EVAL a MULTI would.
+        dead_letters = self.names.dead_letter(self.group, self._partition_of[d.stream])
+        now = now_ms(self.clock) if self.settings.ids_on_clock else ""
+        flat = [part for item in fields.items() for part in item]
+        self._dead_letter_script(
+            keys=[dead_letters, d.stream], args=[now, self.group, d.entry_id, *flat]
+        )
         self.stats.dead_lettered += 1
         log.error(
             "%s: dead-lettered %s %s after %d deliveries: %s",
@@ -592,9 +728,77 @@ class ConsumerWorker:
         if force or now >= self._next_heartbeat:
             self.client.hset(self.names.heartbeats(self.group), self.consumer, repr(now))
             self._next_heartbeat = now + self.settings.heartbeat_every_s
+            if self._leases is not None:
+                self._rebalance(now)
+
+    # -- partitions ------------------------------------------------------------------
+
+    def _rebalance(self, now: float) -> None:
+        """Move towards this consumer's target partitions among the live members:
+        give back those no longer ours, take (and renew) the targets, claim the
+        pending entries of those just taken."""
+        assert self._leases is not None
+        raw = self.client.hgetall(self.names.heartbeats(self.group))
+        members = live_members(
+            {text(k): float(v) for k, v in raw.items()},
+            me=self.consumer,
+            now=now,
+            dead_after_s=self.settings.dead_after_s,
+        )
+        targets = assign(members, len(self.names.partitions))[self.consumer]
+        self._give_back(to_give_back(self._leases.held, targets))
+        before = self._leases.held
+        held = self._leases.sync(targets, now)
+        # A lease lost to another member (ours expired: this process was paused) is
+        # simply no longer read; what we still had pending there is claimed by the
+        # new holder when it took it, or by the idle backstop.
+        self._set_reading(held)
+        taken = newly_taken(before, held)
+        if taken:
+            self._take_over(taken)
+
+    def _set_reading(self, partitions: frozenset[int]) -> None:
+        self.reading = tuple(sorted(partitions))
+        self._read_streams = self._streams_of(self.reading)
+        # Entries held back for order in a partition no longer read stay pending under
+        # our name: its next holder claims them first, then reads on in order.
+        self._held = [d for d in self._held if self._partition_of[d.stream] in partitions]
+
+    def _give_back(self, partitions: frozenset[int]) -> None:
+        """Give back ``partitions``. Every batch is handled and acked in the poll that
+        read it, so what is left of theirs is pending for the next holder to claim."""
+        if not partitions or self._leases is None:
+            return
+        self._set_reading(self._leases.held - partitions)
+        self._leases.give(partitions)
+        self.stats.partitions_given += len(partitions)
+        log.info("%s gave back partitions %s", self.consumer, sorted(partitions))
+
+    def _take_over(self, partitions: tuple[int, ...]) -> None:
+        """Claim the pending entries of every other consumer in the streams of newly
+        taken ``partitions`` (a previous holder that gave them back or died), and
+        re-read our own pending, so they are handled before, and with, the first
+        new entries read from them."""
+        streams = self._streams_of(partitions)
+        pipe = self.client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xpending(stream, self.group)
+        for stream, summary in zip(streams, pipe.execute(), strict=True):
+            if not summary["pending"]:
+                continue
+            for c in summary["consumers"]:
+                name = text(c["name"])
+                if name != self.consumer and int(c["pending"]):
+                    self._claim_from(stream, name)
+        self._reread_own_pending()  # merged with this poll's read of new entries
+        self.stats.partitions_taken += len(partitions)
+        log.info("%s took partitions %s", self.consumer, list(partitions))
 
     def leave(self) -> None:
-        """Remove this consumer's heartbeat (a clean exit is not a death)."""
+        """Give back the partitions held (partitioned) and remove this consumer's
+        heartbeat (a clean exit is not a death)."""
+        if self._leases is not None:
+            self._give_back(self._leases.held)
         self.client.hdel(self.names.heartbeats(self.group), self.consumer)
 
 

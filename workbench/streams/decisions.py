@@ -5,12 +5,17 @@ these: which entries of a read it may handle now without overtaking an unread
 earlier event of the same escrow (:func:`ready_to_handle`), which consumers are
 dead and may be claimed from (:func:`dead_consumers`), when an error means the
 group is gone (:func:`group_gone`), and when a failing entry goes to the dead
-letters (:func:`should_dead_letter`). Mutation testing (``make mutation``)
-covers this module.
+letters (:func:`should_dead_letter`). On a partitioned log
+(:mod:`workbench.streams.partitions`): the hold-back applies within each
+partition (:func:`ready_by_partition`), which held partitions to give back
+(:func:`to_give_back`), which were just taken (:func:`newly_taken`) and which
+partition a cluster read blocks on (:func:`blocking_partition`). Mutation
+testing (``make mutation``) covers this module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -62,6 +67,53 @@ def ready_to_handle(
     if len(truncated) == 1 and all(d.stream in truncated for d in later):
         return deliveries, []
     return now, later
+
+
+def ready_by_partition(
+    deliveries: list[Delivery], truncated: set[str], partition_of: Mapping[str, int]
+) -> tuple[list[Delivery], list[Delivery]]:
+    """:func:`ready_to_handle` within each partition (``partition_of`` maps a stream
+    to its partition).
+
+    An escrow's events are all in one partition, so an unread entry can only
+    precede entries of its own partition: a full read of one partition holds
+    nothing back in another. (On a cluster the partitions' ids come from
+    different servers' clocks and must not be compared at all.)
+    """
+    if not truncated:
+        return deliveries, []
+    by_partition: dict[int, list[Delivery]] = {}
+    for d in deliveries:
+        by_partition.setdefault(partition_of[d.stream], []).append(d)
+    now: list[Delivery] = []
+    later: list[Delivery] = []
+    for partition, items in by_partition.items():
+        full = {s for s in truncated if partition_of[s] == partition}
+        ready, held = ready_to_handle(items, full)
+        now += ready
+        later += held
+    return now, later
+
+
+def to_give_back(held: Iterable[int], targets: Iterable[int]) -> frozenset[int]:
+    """Held partitions that are no longer this consumer's target: give them back
+    (their reads are handled by then; see the consumer)."""
+    return frozenset(held) - frozenset(targets)
+
+
+def newly_taken(before: Iterable[int], after: Iterable[int]) -> tuple[int, ...]:
+    """Partitions held now and not before: their previous holders' pending entries
+    are claimed before anything new of them is read."""
+    return tuple(sorted(frozenset(after) - frozenset(before)))
+
+
+def blocking_partition(reading: tuple[int, ...], turn: int) -> int:
+    """Which held partition a cluster read blocks on at this ``turn``: each in
+    rotation, so a quiet partition never keeps another's entries waiting twice
+    in a row."""
+    if not reading:
+        raise ValueError("no partition to block on")
+    return reading[turn % len(reading)]
 
 
 def dead_consumers(

@@ -1,10 +1,15 @@
 """Consumer groups on the aggregate streams: created before anything is trimmed, and their ages.
 
 A group must exist before entries it should see are trimmed, so every loop
-calls :func:`ensure_groups` at setup. :func:`group_ages` says how far behind a
-group is in seconds of the stream-id clock: the age of its oldest pending entry
-and of the first entry it has not been delivered (``lag_s``), read from entry
-ids, so a simulation's ages are on simulation time.
+calls :func:`ensure_groups` at setup, on every stream it may ever read: on a
+partitioned log (:mod:`workbench.streams.partitions`) that is each aggregate
+stream of *every* partition (``names.streams(types)``), not only those the
+consumer holds now, since a partition can change hands at any time.
+:func:`group_ages` says how far behind a group is in seconds of the stream-id
+clock: the age of its oldest pending entry and of the first entry it has not
+been delivered (``lag_s``), read from entry ids, so a simulation's ages are on
+simulation time. :func:`dead_letter_count` sums a group's dead letters over
+every partition.
 """
 
 from __future__ import annotations
@@ -14,17 +19,32 @@ from typing import Any
 import redis
 
 from workbench.domain.streamid import parse
+from workbench.streams.keys import StreamNames
 from workbench.streams.replies import text
 
 
 def ensure_groups(client: redis.Redis, streams: list[str], group: str) -> None:
-    """Create ``group`` on each stream (from the start, creating the stream)."""
+    """Create ``group`` on each stream (from the start, creating the stream).
+
+    One pipeline (of one-key commands, so a cluster client splits it by node):
+    a partitioned log has a stream per aggregate type and partition."""
+    pipe = client.pipeline(transaction=False)
     for stream in streams:
-        try:
-            client.xgroup_create(stream, group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        pipe.xgroup_create(stream, group, id="0", mkstream=True)
+    for reply in pipe.execute(raise_on_error=False) if streams else []:
+        if isinstance(reply, redis.ResponseError) and "BUSYGROUP" not in str(reply):
+            raise reply
+
+
+def dead_letter_count(client: redis.Redis, names: StreamNames, group: str) -> int:
+    """How many entries ``group`` dead-lettered, over every partition's dead letters."""
+    keys = names.dead_letters(group)
+    if len(keys) == 1:
+        return int(client.xlen(keys[0]))
+    pipe = client.pipeline(transaction=False)  # one-key commands: fine on a cluster
+    for key in keys:
+        pipe.xlen(key)
+    return sum(int(n) for n in pipe.execute())
 
 
 def group_ages(

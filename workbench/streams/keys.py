@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workbench.domain.events import AGGREGATE_TYPES
-from workbench.streams.partitions import Partitioning
+from workbench.streams.partitions import Partitioning, partitioning
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,12 @@ class StreamNames(_Partitioned):
     def last_publish(self) -> str:
         """When the relay last published a batch (its clock's time)."""
         return f"{self.prefix}:relay:last_publish"
+
+
+def names_for(prefix: str = "wb", partitions: int = 0) -> StreamNames:
+    """The log's names under ``prefix`` with ``partitions`` partitions (0: unpartitioned,
+    today's single-partition key names)."""
+    return StreamNames(prefix, partitioning(partitions))
 
 
 @dataclass(frozen=True)

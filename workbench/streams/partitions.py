@@ -74,3 +74,8 @@ class Partitioning:
 
     def tag_of(self, escrow_id: str) -> str:
         return self.tags[self.of(escrow_id)]
+
+
+def partitioning(count: int) -> Partitioning | None:
+    """``count`` partitions, or ``None`` for 0: the unpartitioned log (today's key names)."""
+    return Partitioning(count) if count else None

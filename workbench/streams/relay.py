@@ -30,16 +30,47 @@ window are not put back (retention would trim them again).
 Redis >= 7.2, Valkey) the script is followed, on the same connection, by
 ``WAITAOF 1 0 <timeout>``; rows are marked published only once the server
 confirms its AOF holds them on disk. A timeout marks nothing and the batch is
-retried (republished: at-least-once).
+retried (republished: at-least-once). Single server only: on Redis Cluster a
+batch spans several masters, and one connection's WAITAOF vouches for one of
+them, so the relay refuses the mode there (:class:`DurabilityUnavailable`).
 
-Run one relay per store: two relays would each keep per-escrow order but
-could interleave their batches, and each would take the other's entries for
-its own.
+**Partitions** (``names`` with a :class:`~workbench.streams.partitions.Partitioning`
+of ``P``). Each outbox row carries its escrow's partition (``outbox.partition``,
+written by :class:`~workbench.service.EscrowService`, which must be given the
+same partitioning), and goes to that partition's stream of its aggregate type
+(``wb:{<tag>}:escrow`` ...). Partitioned relays share the store through
+leases (:mod:`workbench.streams.leases`, role ``relay``): each computes the
+same round-robin assignment of the ``P`` partitions over the relays beating in
+``<prefix>:heartbeats:relay`` (live: beaten within ``lease_s``), holds its
+share through the lease keys ``wb:{<tag>}:lease:relay`` (renewed every
+``lease_s / 4``, expiring ``lease_s`` after on the relay's clock), gives back
+what is no longer its share after the batch in hand, and reads and publishes
+only the partitions it holds. A batch is the oldest ``batch_size`` unpublished
+rows of those partitions; each partition's rows go out as one script on that
+partition's keys (one cluster slot), every partition's script in one pipeline
+(redis-py's ``ClusterPipeline`` sends each to its slot's master), and the
+expected ids, the repair, the idle check and the trimming are per partition
+stream. The script first checks that the partition's lease is still this
+relay's (*fencing*): a relay that paused past its lease while another took the
+partition writes nothing, drops the partition and leaves its rows to the new
+holder, which starts from the partition's oldest unpublished row. So an
+escrow's rows are published by one relay at a time, in ``seq`` order, across
+relays and handovers; only a relay that dies (or loses its lease) between its
+XADD and its mark leaves rows that the next holder publishes again, after
+them: at-least-once, as with one relay.
+
+Rows written before ``outbox.partition`` existed (NULL) are given their
+escrow's partition (decoded from the event) by a partitioned relay before it
+reads a batch, if unpublished; published ones stay NULL: they went to the
+unpartitioned streams, whose history is not a partition's. An unpartitioned
+relay ignores the column: one partition, today's keys, no leases. Run one
+unpartitioned relay per store: two would each keep per-escrow order but could
+interleave their batches, and each would take the other's entries for its own.
 
 While running it beats, like the workers: ``<prefix>:heartbeats:relay`` holds
-``relay-<pid> -> time`` at least every ``heartbeat_every_s``, and each beat
-sets ``<prefix>:relay:last_publish`` to the time of the last batch, so
-``/healthz`` tells a stalled relay from an idle one.
+``<member> -> time`` (``relay-<pid>`` unless named) at least every
+``heartbeat_every_s``, and each beat sets ``<prefix>:relay:last_publish`` to the
+time of the last batch, so ``/healthz`` tells a stalled relay from an idle one.
 """
 
 from __future__ import annotations
@@ -52,8 +83,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from sqlalchemy import bindparam, func, select, update
 
+from workbench.domain import events as ev
 from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import AGGREGATE_TYPES
 from workbench.domain.streamid import ZERO, StreamId, next_id, parse
@@ -61,6 +94,7 @@ from workbench.ops.shutdown import StopRequest
 from workbench.store import Prepared, Store, outbox
 from workbench.streams.connection import REDIS_DOWN, TRANSIENT, outage_backoff, server_version
 from workbench.streams.keys import StreamNames
+from workbench.streams.leases import Leases, assign, live_members
 from workbench.streams.replies import text
 from workbench.streams.retention import trim
 
@@ -69,27 +103,57 @@ log = logging.getLogger(__name__)
 
 #: WAITAOF's timeout (ms) in the durable mode: an everysec fsync is due within ~1 s.
 DEFAULT_FSYNC_TIMEOUT_MS = 2000
+#: How long a partitioned relay's lease lasts unless renewed (its clock's seconds).
+DEFAULT_LEASE_S = 5.0
 
+# Conditional: a row another relay already marked (it published the row again
+# after this one lost its lease) keeps that relay's id.
 _MARK_PUBLISHED = Prepared(
     update(outbox)
-    .where(outbox.c.seq == bindparam("seq"))
+    .where(outbox.c.seq == bindparam("seq"), outbox.c.published_at.is_(None))
     .values(published_at=bindparam("at"), stream_id=bindparam("sid"))
 )
+_UNPUBLISHED_COLUMNS = (
+    outbox.c.seq,
+    outbox.c.event_id,
+    outbox.c.stream,
+    outbox.c.type,
+    outbox.c.data,
+)
+_NO_PARTITION = Prepared(
+    select(outbox.c.seq, outbox.c.data)
+    .where(outbox.c.published_at.is_(None), outbox.c.partition.is_(None))
+    .order_by(outbox.c.seq)
+    .limit(1000)
+)
+_SET_PARTITION = Prepared(
+    update(outbox).where(outbox.c.seq == bindparam("seq")).values(partition=bindparam("p"))
+)
 
-# KEYS: every aggregate stream. ARGV[1..#KEYS]: the id each stream's
-# last-generated-id must have reached (what the relay published last; 0-0:
-# nothing). Then per row: key index, entry id ('*': Redis' clock), event_id, type, data.
-# Returns {1, id...} after XADDing every row, or {0, key index, its
-# last-generated-id, ...} for the streams found behind, having written nothing.
+# One partition's checked XADDs. KEYS: the partition's aggregate streams, then,
+# if ARGV[1] (a lease member) is not '', the partition's relay lease. ARGV[2..]:
+# per stream, the id its last-generated-id must have reached (what the relay
+# published last; 0-0: no check). Then per row: key index, entry id ('*':
+# Redis' clock), event_id, type, data.
+# Returns {2} if the lease is not ARGV[1]'s (fencing: nothing written), else
+# {0, key index, its last-generated-id, ...} for the streams found behind,
+# having written nothing, else {1, id...} after XADDing every row.
 _CHECKED_XADD_LUA = """
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
 end
 local n = #KEYS
+if ARGV[1] ~= '' then
+  local v = redis.call('GET', KEYS[n])
+  if not v or string.sub(v, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ' ' then
+    return {2}
+  end
+  n = n - 1
+end
 local behind = {0}
 for i = 1, n do
-  if ARGV[i] ~= '0-0' then
+  if ARGV[i + 1] ~= '0-0' then
     local last = '0-0'
     if redis.call('EXISTS', KEYS[i]) == 1 then
       local info = redis.call('XINFO', 'STREAM', KEYS[i])
@@ -98,7 +162,7 @@ for i = 1, n do
       end
     end
     local hm, hs = parse(last)
-    local wm, ws = parse(ARGV[i])
+    local wm, ws = parse(ARGV[i + 1])
     if hm < wm or (hm == wm and hs < ws) then
       behind[#behind + 1] = i
       behind[#behind + 1] = last
@@ -107,12 +171,13 @@ for i = 1, n do
 end
 if #behind > 1 then return behind end
 local ids = {1}
-for k = n + 1, #ARGV, 5 do
+for k = n + 2, #ARGV, 5 do
   ids[#ids + 1] = redis.call('XADD', KEYS[tonumber(ARGV[k])], ARGV[k + 1],
     'event_id', ARGV[k + 2], 'type', ARGV[k + 3], 'data', ARGV[k + 4])
 end
 return ids
 """
+_PUBLISHED, _BEHIND, _NOT_MINE = 1, 0, 2
 
 
 class DurabilityUnavailable(RuntimeError):
@@ -134,6 +199,7 @@ class RelayStats:
     unrepairable: int = 0  # lost rows the outbox could not give back (see _lost_rows)
     repair_seconds: float = 0.0  # the last repair, detection to last XADD
     fsync_timeouts: int = 0
+    leases_lost: int = 0  # partitions found taken by another relay at publish time
 
 
 @dataclass(frozen=True)
@@ -143,14 +209,22 @@ class Loss:
     aggregate: str
     found: StreamId
     expected: StreamId
+    partition: int = 0
+
+
+class _LeaseLost(Exception):
+    """A partition's lease was found another relay's: drop the partition."""
 
 
 class OutboxRelay:
     """Publish the outbox in order; with ``repair``, check and restore Redis first.
 
-    ``repair=False`` is the relay without loss detection (one XADD pipeline per
-    batch), kept to measure what the check costs. ``wait_fsync`` is the durable
-    mode (needs ``WAITAOF`` and ``appendonly yes``).
+    ``repair=False`` is the relay without loss detection (unpartitioned: one XADD
+    pipeline per batch), kept to measure what the check costs. ``wait_fsync`` is
+    the durable mode (needs ``WAITAOF`` and ``appendonly yes``; single server).
+    With partitioned ``names``, ``member`` names this relay among the relays
+    sharing the store (default ``relay-<pid>``; tests run two in one process) and
+    ``lease_s`` is how long its leases last unless renewed.
     """
 
     def __init__(
@@ -169,9 +243,16 @@ class OutboxRelay:
         wait_fsync: bool = False,
         fsync_timeout_ms: int = DEFAULT_FSYNC_TIMEOUT_MS,
         ids_on_clock: bool = False,
+        member: str | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         if fsync_timeout_ms < 1:
             raise ValueError("fsync_timeout_ms must be at least 1 (WAITAOF 0 would wait forever)")
+        if names is not None and names.partitioned and not 0 < heartbeat_every_s < lease_s:
+            raise ValueError(
+                f"lease_s ({lease_s}) must be longer than heartbeat_every_s "
+                f"({heartbeat_every_s}): a relay that beats is live for lease_s"
+            )
         self.store = store
         self.client = client
         self.names = names or StreamNames()
@@ -187,23 +268,26 @@ class OutboxRelay:
         # Simulations: entry ids from ``clock`` (see workbench.domain.streamid.next_id), not Redis'.
         self.ids_on_clock = ids_on_clock
         self.losses: list[Loss] = []  # every loss found, oldest first
-        self._unpublished = Prepared(
-            select(outbox.c.seq, outbox.c.event_id, outbox.c.stream, outbox.c.type, outbox.c.data)
-            .where(outbox.c.published_at.is_(None))
-            .order_by(outbox.c.seq)
-            .limit(batch_size)
-        )
-        self._keys = [self.names.stream(a) for a in AGGREGATE_TYPES]
+        self._unpublished: dict[int, Prepared] = {}  # by how many partitions are held
         self._index = {a: i for i, a in enumerate(AGGREGATE_TYPES)}
-        self._expected: list[StreamId] | None = None  # loaded from the outbox on first use
+        # Per partition, per aggregate stream: the last id published (loaded from the
+        # outbox when first needed, dropped when the partition's lease changes hands).
+        self._expected: dict[int, list[StreamId]] = {}
+        self._keys: dict[int, list[str]] = {}  # a partition's script keys
         self._sha = ""
         self._durability_checked = False
         self._next_verify = 0.0
         self._stop = StopRequest()
         self.heartbeat_every_s = heartbeat_every_s
-        self.name = f"relay-{os.getpid()}"
+        self.name = member or f"relay-{os.getpid()}"
         self._next_heartbeat = 0.0
         self._last_publish_at: float | None = None  # reported with the heartbeat
+        self.lease_s = lease_s
+        self._leases: Leases | None = None
+        if self.names.partitioned:
+            lease_keys = [self.names.lease("relay", p) for p in self.names.partitions]
+            self._leases = Leases(client, lease_keys, self.name, lease_s)
+        self._next_sync = 0.0
 
     def heartbeat(self, force: bool = False) -> None:
         """Beat (at most every ``heartbeat_every_s``); raises if Redis is down."""
@@ -217,7 +301,7 @@ class OutboxRelay:
             self._next_heartbeat = now + self.heartbeat_every_s
 
     def backlog(self) -> int:
-        """Outbox rows not yet published."""
+        """Outbox rows not yet published (of every partition)."""
         with self.store.engine.connect() as conn:
             return int(
                 conn.execute(
@@ -225,53 +309,179 @@ class OutboxRelay:
                 ).scalar_one()
             )
 
+    # -- partitions and leases --------------------------------------------------------
+
+    @property
+    def held(self) -> frozenset[int]:
+        """The partitions this relay publishes: ``{0}`` unpartitioned, else those
+        whose lease it held at the last :meth:`sync_leases` and has not lost since."""
+        return self._leases.held if self._leases is not None else frozenset({0})
+
+    def sync_leases(self, force: bool = False) -> frozenset[int]:
+        """Move towards this relay's share of the partitions; return those it holds.
+
+        Unpartitioned: ``{0}``, no Redis. Otherwise at most every ``lease_s / 4``
+        (or when ``force``): read which relays beat, take or renew the leases of
+        this relay's share (:func:`~workbench.streams.leases.assign`), and give
+        back held partitions outside it (between batches nothing of theirs is in
+        hand). A partition taken (or lost) forgets what this relay expected of
+        its streams: another relay published there meanwhile, so it is reloaded
+        from the outbox.
+        """
+        if self._leases is None:
+            return self.held
+        now = self.clock.now()
+        if not force and now < self._next_sync:
+            return self._leases.held
+        beats = self.client.hgetall(self.names.heartbeats("relay"))
+        members = live_members(
+            {text(k): float(text(v)) for k, v in beats.items()},
+            me=self.name,
+            now=now,
+            dead_after_s=self.lease_s,
+        )
+        share = frozenset(assign(members, len(self.names.partitions))[self.name])
+        before = self._leases.held
+        self._leases.sync(share, now)
+        self._leases.give(self._leases.held - share)
+        for p in before ^ self._leases.held:
+            self._expected.pop(p, None)
+        self._next_sync = now + self.lease_s / 4
+        return self._leases.held
+
+    def _lost_lease(self, partition: int) -> None:
+        """The publish script found ``partition``'s lease another relay's: stop
+        publishing it; its rows stay unpublished for the holder."""
+        assert self._leases is not None
+        self.stats.leases_lost += 1
+        self._leases.held = self._leases.held - {partition}
+        self._expected.pop(partition, None)
+        log.warning("relay %s: partition %d is another relay's now", self.name, partition)
+
+    def _script_keys(self, partition: int) -> list[str]:
+        """The partition's aggregate streams, then its relay lease (partitioned)."""
+        keys = self._keys.get(partition)
+        if keys is None:
+            keys = [self.names.stream(a, partition) for a in AGGREGATE_TYPES]
+            if self._leases is not None:
+                keys.append(self.names.lease("relay", partition))
+            self._keys[partition] = keys
+        return keys
+
+    # -- reading the outbox -----------------------------------------------------------
+
+    def _unpublished_rows(self, held: frozenset[int]) -> list[Any]:
+        """The oldest ``batch_size`` unpublished rows of the held partitions."""
+        chosen = sorted(held) if self._leases is not None else []
+        with self.store.begin() as conn:  # SQLite: the thread's held connection, no checkout
+            if self._leases is not None:
+                self._fill_partitions(conn)
+            params = {f"p{i}": p for i, p in enumerate(chosen)}
+            return self._query(len(chosen)).execute(conn, params).fetchall()  # type: ignore[no-any-return]
+
+    def _query(self, partitions: int) -> Prepared:
+        """The batch's read, prepared once per number of partitions held (0:
+        unpartitioned, every unpublished row)."""
+        query = self._unpublished.get(partitions)
+        if query is None:
+            where = [outbox.c.published_at.is_(None)]
+            columns = list(_UNPUBLISHED_COLUMNS)
+            if partitions:
+                where.append(
+                    outbox.c.partition.in_([bindparam(f"p{i}") for i in range(partitions)])
+                )
+                columns.append(outbox.c.partition)
+            query = self._unpublished[partitions] = Prepared(
+                select(*columns).where(*where).order_by(outbox.c.seq).limit(self.batch_size)
+            )
+        return query
+
+    def _fill_partitions(self, conn: Any) -> None:
+        """Unpublished rows written before ``outbox.partition`` existed get their
+        escrow's partition, read from the event, before any batch is chosen."""
+        while rows := _NO_PARTITION.execute(conn).fetchall():
+            _SET_PARTITION.executemany(
+                conn,
+                [
+                    {"seq": seq, "p": self.names.partition_of(ev.decode(bytes(data)).aggregate_id)}
+                    for seq, data in rows
+                ],
+            )
+
+    def _by_partition(self, rows: list[Any]) -> dict[int, list[Any]]:
+        """Rows grouped by partition, each group in ``seq`` order."""
+        if self._leases is None:
+            return {0: rows}
+        groups: dict[int, list[Any]] = {}
+        for row in rows:
+            groups.setdefault(row[5], []).append(row)
+        return groups
+
     # -- publishing -------------------------------------------------------------------
 
     def publish_batch(self) -> int:
         """Publish up to ``batch_size`` rows; return how many. Raises if Redis is down.
 
         With ``repair``, a loss found first is repaired first; an idle outbox is
-        checked every ``verify_every_s``.
+        checked every ``verify_every_s``. Partitioned: only the held partitions'
+        rows, one script per partition in one pipeline; a partition whose lease
+        turns out lost is dropped and its rows are left to its holder.
         """
-        with self.store.begin() as conn:  # SQLite: the thread's held connection, no checkout
-            rows = self._unpublished.execute(conn).fetchall()
+        held = self.sync_leases()
+        if not held:
+            return 0
+        rows = self._unpublished_rows(held)
         if not rows:
             if self.repair and self.clock.now() >= self._next_verify:
                 self.verify()
             return 0
         if self.wait_fsync and not self._durability_checked:
             self.check_durability()
-        ids = self._publish_checked(rows) if self.repair else self._publish_plain(rows)
-        self._last_publish_at = self.clock.now()
-        self._published(self.stats.batches + 1)
-        now = self.clock.now()
-        with self.store.begin() as conn:
-            _MARK_PUBLISHED.executemany(
-                conn,
-                [
-                    {"seq": row[0], "at": now, "sid": sid}
-                    for row, sid in zip(rows, ids, strict=True)
-                ],
-            )
-        if self._expected is not None:
-            for row, sid in zip(rows, ids, strict=True):
-                self._expected[self._index[row[2]]] = parse(sid)
-        self.stats.published += len(rows)
-        self.stats.batches += 1
-        if self.stats.batches % self.trim_every == 0:
-            self.trim()
-        return len(rows)
+        groups = self._by_partition(rows)
+        error: Exception | None = None
+        if self._leases is None and not self.repair:
+            published = {0: self._publish_plain(rows)}
+        else:
+            published, error = self._publish_checked(groups)
+        if published:
+            self._last_publish_at = self.clock.now()
+            self._published(self.stats.batches + 1)
+            self._mark(groups, published)
+        if error is not None:  # after marking what did go out (a cluster node failed)
+            raise error
+        if published:
+            self.stats.batches += 1
+            if self.stats.batches % self.trim_every == 0:
+                self.trim()
+        return sum(len(groups[p]) for p in published)
 
     def _published(self, batch_no: int) -> None:
         """Called between a batch's XADDs and its mark in SQL: a seam where the lab's
         fault injection (:mod:`simulations.faults`) kills the relay."""
 
-    def _entry_ids(self, rows: list[Any]) -> list[str]:
+    def _mark(self, groups: dict[int, list[Any]], published: dict[int, list[str]]) -> None:
+        """Mark the published rows with their ids; expect those ids of their streams."""
+        now = self.clock.now()
+        marks = [
+            {"seq": row[0], "at": now, "sid": sid}
+            for p, ids in published.items()
+            for row, sid in zip(groups[p], ids, strict=True)
+        ]
+        with self.store.begin() as conn:
+            _MARK_PUBLISHED.executemany(conn, marks)
+        for p, ids in published.items():
+            expected = self._expected.get(p)
+            if expected is not None:
+                for row, sid in zip(groups[p], ids, strict=True):
+                    expected[self._index[row[2]]] = parse(sid)
+        self.stats.published += len(marks)
+
+    def _entry_ids(self, rows: list[Any], partition: int = 0) -> list[str]:
         """Each row's entry id: ``*`` (Redis' clock), or, with ``ids_on_clock``, the
         next id after its stream's last on the relay's clock (simulation time)."""
         if not self.ids_on_clock:
             return ["*"] * len(rows)
-        last = list(self._expected_ids())
+        last = list(self._expected_ids(partition))
         now = now_ms(self.clock)
         ids = []
         for row in rows:
@@ -290,55 +500,112 @@ class OutboxRelay:
             pipe.xadd(stream(aggregate), fields, id=id_)  # type: ignore[arg-type]
         return [text(i) for i in self._send(pipe)]
 
-    def _publish_checked(self, rows: list[Any]) -> list[str]:
-        """XADD ``rows`` through the checking script, repairing first if needed."""
+    def _publish_checked(
+        self, groups: dict[int, list[Any]]
+    ) -> tuple[dict[int, list[str]], Exception | None]:
+        """XADD each partition's rows through the checking script, repairing first
+        where needed; return the ids per published partition, and the first error
+        a partition's script met (the others still went out)."""
+        pending = {p: self._rows_argv(p, rows) for p, rows in groups.items()}
+        published: dict[int, list[str]] = {}
+        error: Exception | None = None
+        while pending:
+            retry = {}
+            for p, reply in self._scripts(pending).items():
+                if isinstance(reply, Exception):
+                    error = error or reply
+                elif int(reply[0]) == _PUBLISHED:
+                    published[p] = [text(i) for i in reply[1:]]
+                elif int(reply[0]) == _NOT_MINE:
+                    self._lost_lease(p)
+                elif self._repaired(self._losses(reply, p)):
+                    retry[p] = pending[p]  # then try again: it must pass now
+            pending = retry
+        return published, error
+
+    def _rows_argv(self, partition: int, rows: list[Any]) -> list[Any]:
         argv: list[Any] = []
         index = self._index
-        for (_, event_id, aggregate, type_, data), id_ in zip(
-            rows, self._entry_ids(rows), strict=True
-        ):
+        for row, id_ in zip(rows, self._entry_ids(rows, partition), strict=True):
+            _, event_id, aggregate, type_, data = row[:5]
             argv += (index[aggregate] + 1, id_, event_id, type_, data)
-        while True:
-            reply = self._script(argv)
-            if reply[0] == 1:
-                return [text(i) for i in reply[1:]]
-            self._repair(self._losses(reply))  # then try again: it must pass now
+        return argv
 
     def verify(self) -> list[Loss]:
-        """Check every stream against what was published; repair what Redis lost."""
+        """Check every held partition's streams against what was published; repair
+        what Redis lost."""
         self._next_verify = self.clock.now() + self.verify_every_s
-        reply = self._script([])
-        if reply[0] == 1:
+        held = self.sync_leases()
+        if not held:
             return []
-        losses = self._losses(reply)
-        self._repair(losses)
+        losses: list[Loss] = []
+        error: Exception | None = None
+        for p, reply in self._scripts({p: [] for p in sorted(held)}).items():
+            if isinstance(reply, Exception):
+                error = error or reply
+            elif int(reply[0]) == _NOT_MINE:
+                self._lost_lease(p)
+            elif int(reply[0]) == _BEHIND:
+                found = self._losses(reply, p)
+                losses += found
+                self._repaired(found)
+        if error is not None:
+            raise error
         return losses
 
-    def _script(self, argv: list[Any]) -> list[Any]:
-        expected = [str(e) for e in self._expected_ids()]
+    def _scripts(
+        self, calls: dict[int, list[Any]], *, check: bool = True, fsync: bool = True
+    ) -> dict[int, Any]:
+        """Run the checked-XADD script once per partition (``argv``: its rows), all
+        in one pipeline; return each partition's reply, or the error it raised.
+
+        ``check=False`` skips the streams' check (the repair's own XADDs); the
+        lease check runs always. On a cluster the pipeline sends each script to
+        its partition's slot (EVALSHA is routed by its keys).
+        """
         if not self._sha:
             self._sha = self.client.script_load(_CHECKED_XADD_LUA)
-        for attempt in (1, 2):
+        member = self.name if self._leases is not None else ""
+        replies: dict[int, Any] = {}
+        pending = calls
+        for _attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(self._sha, len(self._keys), *self._keys, *expected, *argv)
-            try:
-                [reply] = self._send(pipe)
-                return reply  # type: ignore[no-any-return]
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                # A restarted Redis forgot the script; nothing was written.
-                self._sha = self.client.script_load(_CHECKED_XADD_LUA)
-        raise AssertionError("unreachable")
+            for p, argv in pending.items():
+                keys = self._script_keys(p)
+                expected = self._expected_args(p) if check else ["0-0"] * len(AGGREGATE_TYPES)
+                pipe.execute_command(
+                    "EVALSHA", self._sha, len(keys), *keys, member, *expected, *argv
+                )
+            sent = self._send(pipe, fsync=fsync, raise_on_error=False)
+            replies.update(zip(pending, sent, strict=True))
+            pending = {
+                p: calls[p]
+                for p in pending
+                if isinstance(replies[p], redis.exceptions.NoScriptError)
+            }
+            if not pending:
+                break
+            # A restarted Redis (or a new master) forgot the script; those wrote nothing.
+            self._sha = self.client.script_load(_CHECKED_XADD_LUA)
+        return replies
 
-    def _send(self, pipe: redis.client.Pipeline) -> list[Any]:
+    def _expected_args(self, partition: int) -> list[str]:
+        if not self.repair:  # no check (partitioned relays still fence)
+            return ["0-0"] * len(AGGREGATE_TYPES)
+        return [str(e) for e in self._expected_ids(partition)]
+
+    def _send(
+        self, pipe: redis.client.Pipeline, *, fsync: bool = True, raise_on_error: bool = True
+    ) -> list[Any]:
         """Run the pipeline and return its replies; in the durable mode follow it
         with WAITAOF, in the same pipeline, so on the same connection."""
-        if not self.wait_fsync:
-            return pipe.execute()  # type: ignore[no-any-return]
+        if not (self.wait_fsync and fsync):
+            return pipe.execute(raise_on_error=raise_on_error)  # type: ignore[no-any-return]
         pipe.execute_command("WAITAOF", 1, 0, self.fsync_timeout_ms)
-        *replies, (local, _replicas) = pipe.execute()
-        if int(local) < 1:
+        *replies, waited = pipe.execute(raise_on_error=raise_on_error)
+        if isinstance(waited, Exception):
+            raise waited
+        if int(waited[0]) < 1:
             self.stats.fsync_timeouts += 1
             raise NotFsynced(
                 f"WAITAOF: the AOF was not fsynced within {self.fsync_timeout_ms} ms; "
@@ -348,6 +615,11 @@ class OutboxRelay:
 
     def check_durability(self) -> None:
         """Raise :class:`DurabilityUnavailable` unless the server can confirm fsyncs."""
+        if isinstance(self.client, RedisCluster):
+            raise DurabilityUnavailable(
+                "the durable mode (WAITAOF) is single-server only: on Redis Cluster a batch "
+                "goes to several masters and one connection's WAITAOF vouches for one of them"
+            )
         version = server_version(self.client)
         if version < (7, 2):
             raise DurabilityUnavailable(
@@ -362,48 +634,72 @@ class OutboxRelay:
 
     # -- repair -----------------------------------------------------------------------
 
-    def _expected_ids(self) -> list[StreamId]:
-        if self._expected is None:
-            self._expected = [self._last_published(a) for a in AGGREGATE_TYPES]
-        return self._expected
+    def _expected_ids(self, partition: int = 0) -> list[StreamId]:
+        expected = self._expected.get(partition)
+        if expected is None:
+            expected = self._expected[partition] = [
+                self._last_published(a, partition) for a in AGGREGATE_TYPES
+            ]
+        return expected
 
-    def _last_published(self, aggregate: str) -> StreamId:
+    def _published_where(self, aggregate: str, partition: int) -> Any:
+        """The WHERE of a partition stream's published rows (partitioned: rows that
+        carry the partition; unpartitioned: every row of the aggregate type)."""
+        where = [outbox.c.stream == aggregate, outbox.c.stream_id.is_not(None)]
+        if self._leases is not None:
+            where.append(outbox.c.partition == partition)
+        return where
+
+    def _last_published(self, aggregate: str, partition: int = 0) -> StreamId:
         with self.store.engine.connect() as conn:
             sid = conn.execute(
                 select(outbox.c.stream_id)
-                .where(outbox.c.stream == aggregate, outbox.c.stream_id.is_not(None))
+                .where(*self._published_where(aggregate, partition))
                 .order_by(outbox.c.seq.desc())
                 .limit(1)
             ).scalar()
         return parse(sid) if sid else ZERO
 
-    def _losses(self, reply: list[Any]) -> list[Loss]:
-        expected = self._expected_ids()
+    def _losses(self, reply: list[Any], partition: int = 0) -> list[Loss]:
+        expected = self._expected_ids(partition)
         out = []
         for i in range(1, len(reply), 2):
             k = int(reply[i]) - 1
-            out.append(Loss(AGGREGATE_TYPES[k], parse(reply[i + 1]), expected[k]))
+            out.append(Loss(AGGREGATE_TYPES[k], parse(text(reply[i + 1])), expected[k], partition))
         return out
 
+    def _repaired(self, losses: list[Loss]) -> bool:
+        """Repair ``losses`` (one partition's); False if its lease was lost meanwhile."""
+        try:
+            self._repair(losses)
+        except _LeaseLost:
+            self._lost_lease(losses[0].partition)
+            return False
+        return True
+
     def _repair(self, losses: list[Loss]) -> None:
-        """Put the published rows each stream lost back, with their original ids, in
-        ``seq`` order; then expect of each stream what it now holds."""
+        """Put the published rows each stream (of one partition) lost back, with
+        their original ids, in ``seq`` order; then expect of each stream what it
+        now holds. Raises :class:`_LeaseLost` if the partition's lease is found
+        another relay's (partitioned: the put-back XADDs are fenced too)."""
         started = time.perf_counter()
+        partition = losses[0].partition
         self.stats.repairs += 1
         self.losses += losses
         lost: list[Any] = []
         for loss in losses:
             lost += self._lost_rows(loss)
         lost.sort(key=lambda row: row[0])
-        stream = self.names.stream
         for start in range(0, len(lost), self.batch_size):
-            pipe = self.client.pipeline(transaction=False)
+            argv: list[Any] = []
             for _, event_id, aggregate, type_, data, sid in lost[start : start + self.batch_size]:
-                pipe.xadd(
-                    stream(aggregate), {"event_id": event_id, "type": type_, "data": data}, id=sid
-                )
-            pipe.execute()
-        expected = self._expected_ids()
+                argv += (self._index[aggregate] + 1, sid, event_id, type_, data)
+            [reply] = self._scripts({partition: argv}, check=False, fsync=False).values()
+            if isinstance(reply, Exception):
+                raise reply
+            if int(reply[0]) == _NOT_MINE:
+                raise _LeaseLost(partition)
+        expected = self._expected_ids(partition)
         for loss in losses:
             put_back = [parse(row[5]) for row in lost if row[2] == loss.aggregate]
             expected[self._index[loss.aggregate]] = max([loss.found, *put_back])
@@ -411,7 +707,11 @@ class OutboxRelay:
         self.stats.repair_seconds = time.perf_counter() - started
         log.warning(
             "relay: Redis lost acknowledged entries (%s); put %d rows back in %.3f s",
-            ", ".join(f"{x.aggregate} at {x.found}, published up to {x.expected}" for x in losses),
+            ", ".join(
+                f"{self.names.stream(x.aggregate, x.partition)} at {x.found}, "
+                f"published up to {x.expected}"
+                for x in losses
+            ),
             len(lost),
             self.stats.repair_seconds,
         )
@@ -430,6 +730,9 @@ class OutboxRelay:
             seconds, micros = self.client.time()
             now = int(seconds) * 1000 + int(micros) // 1000
         floor = StreamId(now - int(self.retention_s * 1000), 0)
+        where = [outbox.c.stream == loss.aggregate, outbox.c.published_at.is_not(None)]
+        if self._leases is not None:
+            where.append(outbox.c.partition == loss.partition)
         query = (
             select(
                 outbox.c.seq,
@@ -439,7 +742,7 @@ class OutboxRelay:
                 outbox.c.data,
                 outbox.c.stream_id,
             )
-            .where(outbox.c.stream == loss.aggregate, outbox.c.published_at.is_not(None))
+            .where(*where)
             .order_by(outbox.c.seq.desc())
         )
         rows = []
@@ -461,7 +764,8 @@ class OutboxRelay:
     # -- the loop ---------------------------------------------------------------------
 
     def drain(self) -> int:
-        """Publish until the outbox is empty; return how many rows went out.
+        """Publish until the outbox (partitioned: of the held partitions) is empty;
+        return how many rows went out.
 
         A batch that comes back short of ``batch_size`` held every row there
         was, so no empty read follows it.
@@ -474,11 +778,12 @@ class OutboxRelay:
                 return total
 
     def trim(self) -> int:
+        """Trim the held partitions' streams to the retention window (behind every group)."""
         trimmed = 0
-        for aggregate in AGGREGATE_TYPES:
+        for stream in self.names.streams(partitions=tuple(sorted(self.held))):
             result = trim(
                 self.client,
-                self.names.stream(aggregate),
+                stream,
                 retention_s=self.retention_s,
                 now_ms=now_ms(self.clock) if self.ids_on_clock else None,
             )
@@ -492,7 +797,11 @@ class OutboxRelay:
         self._stop.set()
 
     def run(self, idle_wait: float = 0.05) -> None:
-        """Publish until :meth:`stop`; back off with jitter while Redis is down."""
+        """Publish until :meth:`stop`; back off with jitter while Redis is down.
+
+        On the way out it gives its leases back (partitioned), so the other relays
+        take its partitions at their next sync instead of after ``lease_s``.
+        """
         backoff = outage_backoff()
         failures = 0
         while not self._stop.is_set():
@@ -510,3 +819,5 @@ class OutboxRelay:
                 self._stop.wait(idle_wait)
         with contextlib.suppress(*REDIS_DOWN):  # a clean exit is not a death
             self.client.hdel(self.names.heartbeats("relay"), self.name)
+            if self._leases is not None:
+                self._leases.give_all()

@@ -1,0 +1,65 @@
+"""Connections: a ``redis+cluster://`` URL gives a cluster client; failover errors count
+as "Redis is down"."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import ClusterDownError, MasterDownError, TryAgainError
+
+from workbench.ops.redis_cluster import LocalCluster
+from workbench.streams.connection import (
+    REDIS_DOWN,
+    async_client,
+    connect,
+    is_cluster,
+    is_cluster_url,
+    node_url,
+)
+
+
+def test_cluster_urls_are_told_from_node_urls() -> None:
+    assert is_cluster_url("redis+cluster://127.0.0.1:7000")
+    assert is_cluster_url("rediss+cluster://h:1")
+    assert not is_cluster_url("redis://127.0.0.1:6379/0")
+    assert node_url("redis+cluster://127.0.0.1:7000") == "redis://127.0.0.1:7000"
+    assert node_url("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
+
+
+@pytest.mark.parametrize("error", [ClusterDownError, MasterDownError, TryAgainError])
+def test_a_failing_over_cluster_counts_as_redis_down(error: type[Exception]) -> None:
+    assert isinstance(error("CLUSTERDOWN"), REDIS_DOWN)
+
+
+def test_a_plain_url_gives_a_plain_client(redis_url: str) -> None:
+    client = connect(redis_url)
+    assert isinstance(client, redis.Redis) and not is_cluster(client)
+    assert client.ping()
+    client.close()
+
+
+def test_a_cluster_url_reaches_every_master(
+    redis_cluster: LocalCluster, cluster_prefix: str
+) -> None:
+    url = redis_cluster.url.replace("redis://", "redis+cluster://")
+    client = connect(url)
+    assert isinstance(client, RedisCluster) and is_cluster(client)
+    keys = [f"{cluster_prefix}:{{p{n}}}:k" for n in range(30)]
+    for key in keys:
+        client.set(key, "v")
+    assert len({redis_cluster.master_of(client.keyslot(k)).port for k in keys}) == 3
+    assert [client.get(k) for k in keys] == [b"v"] * 30
+
+    async def read_back() -> list[bytes | None]:
+        aclient = async_client(url)
+        assert is_cluster(aclient)
+        try:
+            return [await aclient.get(k) for k in keys]
+        finally:
+            await aclient.aclose()
+
+    assert asyncio.run(read_back()) == [b"v"] * 30
+    client.close()
