@@ -1,14 +1,24 @@
-"""The live reader: one Redis connection per server process feeding the hub.
+"""The live reader: one Redis connection per node feeding the server process's hub.
 
-The fan-out script publishes every user-stream entry on one channel
-(``wb:live``). This reader subscribes to it once and hands each message to the
-local :class:`~workbench.delivery.hub.Hub` under the user's topic, so the number of
-Redis connections does not grow with the number of SSE clients.
+The fan-out script publishes every user-stream entry on a live channel:
+unpartitioned, one channel (``wb:live``, plain Pub/Sub); partitioned, one per
+partition (``wb:{<tag>}:live``, sharded Pub/Sub, served by the node that owns
+the partition's slot). This reader subscribes once to every channel, over one
+connection per node that serves some (one connection on a single
+redis-server, :mod:`workbench.delivery.livenodes` makes the plan), and hands
+each message to the local :class:`~workbench.delivery.hub.Hub` under the user's
+topic, so the number of Redis connections does not grow with the number of
+SSE clients.
 
-Redis Pub/Sub is fire-and-forget: while this connection is down, messages are
-lost. So whenever the subscription is (re)established after the first time,
-the reader broadcasts :class:`Resync` to every local session, and each session
-catches up from its user stream (the source of truth) before going on. A
+Redis Pub/Sub is fire-and-forget: while a connection is down, its messages are
+lost. So the connections are one unit: when any of them breaks (a connection
+error or reset, a killed node, a ``sunsubscribe`` the server pushes when a
+failover or a migration takes a channel's slot away from its node), the
+reader closes them all, makes the plan again (the slots may have moved) and
+resubscribes everything; once every channel is subscribed again it
+broadcasts :class:`Resync` to every local session, and each session catches up
+from its user stream (the source of truth) before going on. (Also after the
+first subscription: a session opened before it may have missed entries.) A
 session also notices a single lost message by itself: the next one's ``prev``
 is not its cursor (:mod:`workbench.delivery.handoff`).
 """
@@ -21,17 +31,19 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+from redis.exceptions import RedisError
 
 from workbench.delivery.hub import Hub
+from workbench.delivery.livenodes import LiveNodes, LiveSource, Node
 from workbench.delivery.userstreams import live_message
 from workbench.streams.connection import outage_backoff
 from workbench.streams.keys import UserStreamNames
 
 log = logging.getLogger(__name__)
+
+
+class FeedLost(Exception):
+    """The server dropped a subscription (its slot moved), or a connection ended."""
 
 
 @dataclass(frozen=True)
@@ -42,71 +54,133 @@ class Resync:
 
 
 class LiveReader:
-    """Subscribe to the live channel and publish each message to the hub."""
+    """Subscribe to every live channel and publish each message to the hub.
 
-    def __init__(self, url: str, hub: Hub, names: UserStreamNames | None = None) -> None:
-        self.url = url
+    ``source`` is where Redis is: a URL, a sync or asyncio client (a
+    ``RedisCluster`` too), or node addresses; see
+    :meth:`~workbench.delivery.livenodes.LiveNodes.of`.
+    """
+
+    def __init__(
+        self,
+        source: LiveSource | LiveNodes,
+        hub: Hub,
+        names: UserStreamNames | None = None,
+    ) -> None:
+        self.nodes = LiveNodes.of(source)
         self.hub = hub
         self.names = names or UserStreamNames()
         self.connected = asyncio.Event()
         self.messages = 0
         self.reconnects = 0
         self.bad_messages = 0
+        #: Redis connections open now: at most one per node serving a channel.
+        self.connections = 0
         self._subscribed_before = False
+        self._failures = 0
 
-    def _client(self) -> aioredis.Redis:
-        # No automatic retries: redis-py would reconnect and resubscribe
-        # silently, and we must know when messages may have been lost.
-        return aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=2.0,
-            socket_timeout=None,
-            retry=Retry(NoBackoff(), 0),
-        )
+    @property
+    def url(self) -> str | None:
+        return self.nodes.url
 
     async def run(self) -> None:
-        """Read until cancelled, reconnecting with backoff."""
+        """Read until cancelled, reconnecting everything with backoff."""
         backoff = outage_backoff()
-        failures = 0
         while True:
-            client = self._client()
-            pubsub = client.pubsub()
             try:
-                await pubsub.subscribe(self.names.live_channel())
-                failures = 0
-                await self._read(pubsub)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                failures += 1
-                self.connected.clear()
+                await self._read_all(await self._plan())
+            except (RedisError, OSError, FeedLost) as exc:
+                self._failures += 1
                 log.warning("live reader lost Redis (%s); reconnecting", exc)
-                await asyncio.sleep(backoff.compute(failures))
+                await asyncio.sleep(backoff.compute(self._failures))
             finally:
                 self.connected.clear()
-                await _close_quietly(pubsub, client)
 
-    async def _read(self, pubsub: aioredis.client.PubSub) -> None:
+    async def _plan(self) -> dict[Node | None, list[str]]:
+        if not self.names.partitioned:
+            # One plain channel: a cluster forwards PUBLISH to every node, so any
+            # one will do; after a failure, the next one known.
+            candidates = self.nodes.candidates
+            return {candidates[self._failures % len(candidates)]: [self.names.live_channel()]}
+        return await self.nodes.plan(self.names.live_channels)
+
+    async def _read_all(self, plan: dict[Node | None, list[str]]) -> None:
+        """Subscribe every group of channels on a connection of its own; read them
+        all until one fails (raised), then close every connection."""
+        opened: list[tuple[aioredis.client.PubSub, aioredis.Redis]] = []
+        tasks: list[asyncio.Task[None]] = []
+        waiting = set(plan)  # the groups not yet fully subscribed
+        try:
+            for node, channels in plan.items():
+                client = self.nodes.connect(node)
+                pubsub = client.pubsub()
+                opened.append((pubsub, client))
+                self.connections += 1
+                await self._subscribe(pubsub, channels)
+                tasks.append(asyncio.create_task(self._read(pubsub, node, channels, waiting)))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # the first failure
+            raise FeedLost("every live connection ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for pubsub, client in opened:
+                await _close_quietly(pubsub, client)
+                self.connections -= 1
+
+    async def _subscribe(self, pubsub: aioredis.client.PubSub, channels: list[str]) -> None:
+        if not self.names.partitioned:
+            await pubsub.subscribe(*channels)
+            return
+        for channel in channels:  # one per command: a cluster refuses several slots at once
+            await pubsub.ssubscribe(channel)
+
+    async def _read(
+        self,
+        pubsub: aioredis.client.PubSub,
+        node: Node | None,
+        channels: list[str],
+        waiting: set[Node | None],
+    ) -> None:
+        confirmed = 0
         while True:
             message = await pubsub.get_message(timeout=None)
             if message is None:
                 continue
             kind = message["type"]
-            if kind == "subscribe":
-                self._on_subscribed()
-            elif kind == "message":
-                try:
-                    user, entry = live_message(message["data"])
-                except (ValueError, TypeError, KeyError) as exc:
-                    # Not ours to fix; sessions still catch up by the prev chain.
-                    self.bad_messages += 1
-                    log.error("unreadable live message %r: %s", message["data"][:200], exc)
-                    continue
-                self.messages += 1
-                self.hub.publish(user, entry)
+            if kind in ("message", "smessage"):
+                self._deliver(message["data"])
+            elif kind in ("subscribe", "ssubscribe"):
+                confirmed += 1
+                if confirmed == len(channels):
+                    waiting.discard(node)
+                    if not waiting:
+                        self._on_subscribed()
+            elif kind in ("unsubscribe", "sunsubscribe"):
+                # Never asked for: the server took the channel's slot away from this node.
+                raise FeedLost(
+                    f"{node or self.url} dropped {message['channel']!r} "
+                    "(its slot moved: a failover or a migration)"
+                )
+
+    def _deliver(self, data: bytes) -> None:
+        try:
+            user, entry = live_message(data)
+        except (ValueError, TypeError, KeyError) as exc:
+            # Not ours to fix; sessions still catch up by the prev chain.
+            self.bad_messages += 1
+            log.error("unreadable live message %r: %s", data[:200], exc)
+            return
+        self.messages += 1
+        self.hub.publish(user, entry)
 
     def _on_subscribed(self) -> None:
         if self._subscribed_before:
             self.reconnects += 1
         self._subscribed_before = True
+        self._failures = 0
         self.connected.set()
         # Also on the first subscription: sessions opened before it may have
         # missed entries appended in between.

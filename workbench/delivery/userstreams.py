@@ -17,6 +17,25 @@ concerns (``wb:user:<user id>``) with one Lua script per event, which also
   (``wb:live``). Each server process reads that channel over one connection
   and fans out locally, so Redis connections stay O(1) per process.
 
+**Partitions** (:class:`~workbench.streams.keys.UserStreamNames` with a
+:class:`~workbench.streams.partitions.Partitioning`). A user's stream lives in
+the user's partition (``wb:{<tag>}:user:<id>``), and a script may only touch
+keys of one cluster slot. So an event runs the script once *per partition of
+its users*, each with that partition's marker ``wb:{<tag>}:fanout:<event id>``
+and the streams of the event's users there, and publishes with ``SPUBLISH`` on
+that partition's live channel ``wb:{<tag>}:live`` (sharded Pub/Sub: the
+channel belongs to the slot, and a script may publish on a channel of its own
+slot). Each partition's run is atomic and deduplicated on its own: a
+redelivered event appends nothing twice anywhere, and a partition whose run
+failed (its node was down, a failover, a restarted node that forgot the
+script) runs again in full on redelivery while the others find their markers.
+Every run of a batch goes in one pipeline (on ``redis.cluster.RedisCluster`` a
+``ClusterPipeline``, which routes each ``EVALSHA`` by its keys to the node of
+the partition's slot). If any run failed, :meth:`UserStreams.append_entries`
+raises :class:`FanoutIncomplete` after the others completed, so the consumer
+does not ack the aggregate entry (it acks after ``handle`` returns) and the
+group redelivers it.
+
 **When Redis loses writes** (see :mod:`workbench.streams.relay`): what survives a
 restart from a shortened AOF is a prefix of the history, so a user stream and
 the dedupe markers of the events it lost regress together. When the fan-out
@@ -43,10 +62,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
@@ -57,9 +79,10 @@ from workbench.streams.keys import UserStreamNames
 DEFAULT_USER_MAXLEN = 1000
 DEFAULT_DEDUPE_TTL_S = 7 * 24 * 3600
 
-# KEYS[1] dedupe marker; KEYS[2..] user streams.
+# KEYS[1] dedupe marker; KEYS[2..] user streams (all of one partition).
 # ARGV: event_id, type, data, maxlen, dedupe ttl, live channel, max age s,
-#       now ms ('': Redis' clock and ids), user ids...
+#       now ms ('': Redis' clock and ids), publish command (PUBLISH or SPUBLISH),
+#       user ids...
 # With a clock of our own (simulations) entry ids, the age window and the marker's
 # lifetime all run on it: the marker holds its expiry in that clock's ms, and EX is
 # only its garbage collection.
@@ -100,8 +123,8 @@ for i = 2, #KEYS do
   id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[4], id,
     'event_id', ARGV[1], 'type', ARGV[2], 'prev', prev, 'data', ARGV[3])
   if min_id then redis.call('XTRIM', KEYS[i], 'MINID', min_id) end
-  redis.call('PUBLISH', ARGV[6],
-    cjson.encode({ARGV[7 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
+  redis.call(ARGV[9], ARGV[6],
+    cjson.encode({ARGV[8 + i], id, prev, ARGV[1], ARGV[2], ARGV[3]}))
   ids[#ids + 1] = id
   ids[#ids + 1] = prev
 end
@@ -109,12 +132,42 @@ return ids
 """
 
 
+class FanoutIncomplete(Exception):
+    """Some partition's run of the fan-out script failed; the others completed.
+
+    ``appended`` is what :meth:`UserStreams.append_entries` would have returned,
+    without the failed runs' entries; ``errors`` are their exceptions. Raised so
+    the consumer does not ack: on redelivery the failed runs run again and the
+    completed ones find their markers.
+    """
+
+    def __init__(
+        self, appended: list[list[tuple[str, UserEntry]]], errors: list[Exception]
+    ) -> None:
+        super().__init__(f"{len(errors)} fan-out script run(s) failed; first: {errors[0]!r}")
+        self.appended = appended
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One run of the script: an event's users of one partition."""
+
+    event: int  # index in the batch
+    partition: int
+    users: list[str]
+
+
 class UserStreams:
-    """Append side (sync, used by the fan-out worker)."""
+    """Append side (sync, used by the fan-out worker).
+
+    ``client`` is a ``redis.Redis`` or, for a partitioned log on Redis Cluster,
+    a ``redis.cluster.RedisCluster``; the key names come from ``names``.
+    """
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         names: UserStreamNames | None = None,
         *,
         maxlen: int = DEFAULT_USER_MAXLEN,
@@ -135,49 +188,76 @@ class UserStreams:
         # window and dedupe lifetimes on simulation time (workbench.domain.streamid.next_id).
         self.clock = clock
         self._sha = hashlib.sha1(_FANOUT_LUA.encode()).hexdigest()
+        # Sharded Pub/Sub when partitioned: a channel per slot, publishable from
+        # a script of that slot (plain PUBLISH would reach every cluster node).
+        self._publish = "SPUBLISH" if self.names.partitioned else "PUBLISH"
 
     def append(self, events: list[tuple[Event, bytes]]) -> list[int]:
         """Append each (event, encoded envelope) to its users' streams, atomically per
-        event; return per event the number of entries appended (0: a duplicate)."""
+        event and partition; return per event the number of entries appended (0: a
+        duplicate)."""
         return [len(entries) for entries in self.append_entries(events)]
 
     def append_entries(
         self, events: list[tuple[Event, bytes]]
     ) -> list[list[tuple[str, UserEntry]]]:
-        """:meth:`append`, returning per event the (user, entry) pairs appended:
-        each entry as a reader of the user's stream (or its live message) has it."""
+        """:meth:`append`, returning per event the (user, entry) pairs appended, in the
+        order of the event's users: each entry as a reader of the user's stream (or its
+        live message) has it. :class:`FanoutIncomplete` if a partition's run failed."""
         if not events:
             return []
-        try:
-            replies = self._append(events)
-        except redis.exceptions.NoScriptError:
-            # A restarted Redis forgot the script. Every call in the pipeline
-            # failed alike, and the dedupe marker would make a repeat harmless.
-            self._sha = self.client.script_load(_FANOUT_LUA)
-            replies = self._append(events)
-        out = []
-        for (event, data), reply in zip(events, replies, strict=True):
-            made = zip(_users(event), reply[0::2], reply[1::2], strict=False)
-            text = data.decode()
-            out.append(
-                [
-                    (user, UserEntry(parse(id_), parse(prev), event.event_id, event.type, text))
-                    for user, id_, prev in made
-                ]
-            )
+        runs = [
+            _Run(i, partition, users)
+            for i, (event, _) in enumerate(events)
+            for partition, users in _by_partition(self.names, _users(event)).items()
+        ]
+        replies = self._run_all(events, runs)
+        made: list[dict[str, UserEntry]] = [{} for _ in events]
+        errors = []
+        for run, reply in zip(runs, replies, strict=True):
+            if isinstance(reply, Exception):
+                errors.append(reply)
+                continue
+            event, data = events[run.event]
+            for user, id_, prev in zip(run.users, reply[0::2], reply[1::2], strict=False):
+                made[run.event][user] = UserEntry(
+                    parse(id_), parse(prev), event.event_id, event.type, data.decode()
+                )
+        out = [
+            [(u, entries[u]) for u in _users(event) if u in entries]
+            for (event, _), entries in zip(events, made, strict=True)
+        ]
+        if errors:
+            raise FanoutIncomplete(out, errors)
         return out
 
-    def _append(self, events: list[tuple[Event, bytes]]) -> list[Any]:
-        # EVALSHA directly: redis-py's Script in a pipeline asks SCRIPT EXISTS
-        # on every execute, an extra round trip per batch.
+    def _run_all(self, events: list[tuple[Event, bytes]], runs: list[_Run]) -> list[Any]:
+        """Every run's reply (or its exception), in one pipeline; runs a node
+        answered NOSCRIPT to (a restarted node, a promoted replica) once more."""
+        replies = self._pipeline(events, runs)
+        again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if again:
+            # SCRIPT LOAD reaches every primary of a cluster. A run that said
+            # NOSCRIPT did nothing; the others are not repeated.
+            self._sha = self.client.script_load(_FANOUT_LUA)
+            retried = self._pipeline(events, [runs[i] for i in again])
+            for i, reply in zip(again, retried, strict=True):
+                replies[i] = reply
+        return replies
+
+    def _pipeline(self, events: list[tuple[Event, bytes]], runs: list[_Run]) -> list[Any]:
+        # EVALSHA directly: redis-py's Script in a pipeline asks SCRIPT EXISTS on
+        # every execute, an extra round trip per batch. Through execute_command:
+        # ClusterPipeline blocks its evalsha() method but routes an EVALSHA by keys.
         pipe = self.client.pipeline(transaction=False)
         now = "" if self.clock is None else now_ms(self.clock)
-        for event, data in events:
-            users = _users(event)
-            keys = [self.names.fanout_marker(event.event_id)] + [
-                self.names.stream(u) for u in users
+        for run in runs:
+            event, data = events[run.event]
+            keys = [self.names.fanout_marker(event.event_id, run.partition)] + [
+                self.names.stream(u) for u in run.users
             ]
-            pipe.evalsha(
+            pipe.execute_command(
+                "EVALSHA",
                 self._sha,
                 len(keys),
                 *keys,
@@ -186,12 +266,21 @@ class UserStreams:
                 data,
                 self.maxlen,
                 self.dedupe_ttl_s,
-                self.names.live_channel(),
+                self.names.live_channel(run.partition),
                 self.max_age_s,
                 now,
-                *users,
+                self._publish,
+                *run.users,
             )
-        return pipe.execute()
+        return list(pipe.execute(raise_on_error=False))
+
+
+def _by_partition(names: UserStreamNames, users: list[str]) -> dict[int, list[str]]:
+    """The users of each partition, in their order, partitions in order of first user."""
+    groups: dict[int, list[str]] = {}
+    for user in users:
+        groups.setdefault(names.partition_of(user), []).append(user)
+    return groups
 
 
 def _users(event: Event) -> list[str]:
@@ -217,10 +306,21 @@ def live_message(raw: bytes | str) -> tuple[str, UserEntry]:
     return user, UserEntry(parse(entry_id), parse(prev), event_id, type_, data)
 
 
-class UserStreamReader:
-    """Read side: tail, existence and pages after a cursor (async)."""
+# KEYS[1] a user stream; ARGV: the page's start ("(cursor"), the cursor, count.
+_FIRST_PAGE_LUA = """
+local page = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[3])
+local itself = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2], 'COUNT', 1)
+return {page, #itself}
+"""
 
-    def __init__(self, client: aioredis.Redis, names: UserStreamNames | None = None) -> None:
+
+class UserStreamReader:
+    """Read side: tail, existence and pages after a cursor (async; ``client`` may be
+    a ``redis.asyncio.RedisCluster`` on a partitioned log)."""
+
+    def __init__(
+        self, client: aioredis.Redis | aioredis.RedisCluster, names: UserStreamNames | None = None
+    ) -> None:
         self.client = client
         self.names = names or UserStreamNames()
 
@@ -238,8 +338,21 @@ class UserStreamReader:
         self, user_id: str, cursor: StreamId, count: int
     ) -> tuple[list[UserEntry], bool]:
         """The first page after ``cursor`` and whether ``cursor`` is an entry, read together."""
+        key = self.names.stream(user_id)
+        if isinstance(self.client, aioredis.RedisCluster):
+            # redis-py's asyncio cluster runs a MULTI's commands on event loops of
+            # their own (in threads), which breaks its connections; one script
+            # of one key reads both as atomically.
+            reply = await self.client.eval(
+                _FIRST_PAGE_LUA, 1, key, f"({cursor}", str(cursor), count
+            )
+            rows, itself = reply
+            entries = [
+                entry_from_fields(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in rows
+            ]
+            return entries, bool(itself)
         pipe = self.client.pipeline(transaction=True)
-        queue_first_page(pipe, self.names.stream(user_id), cursor, count)
+        queue_first_page(pipe, key, cursor, count)
         return first_page_from(await pipe.execute())
 
 

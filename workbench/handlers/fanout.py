@@ -4,14 +4,26 @@ Unlike the SQL handlers its effect lives in Redis: the append and its dedupe
 are one Lua script per event (:class:`workbench.delivery.userstreams.UserStreams`), so
 a redelivered batch appends nothing twice and the consumer runtime can ack
 after ``handle`` returns, as for every other group.
+
+On a partitioned log the script runs once per partition of an event's users,
+each run deduplicated on its own; if one failed, ``handle`` raises
+(:class:`~workbench.delivery.userstreams.FanoutIncomplete`) after the others
+completed, so the batch is not acked and its redelivery completes only what
+is missing.
 """
 
 from __future__ import annotations
 
 import redis
+from redis.cluster import RedisCluster
 
 from workbench.delivery.entries import UserEntry
-from workbench.delivery.userstreams import DEFAULT_DEDUPE_TTL_S, DEFAULT_USER_MAXLEN, UserStreams
+from workbench.delivery.userstreams import (
+    DEFAULT_DEDUPE_TTL_S,
+    DEFAULT_USER_MAXLEN,
+    FanoutIncomplete,
+    UserStreams,
+)
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock
 from workbench.streams.keys import StreamNames, UserStreamNames
@@ -23,7 +35,7 @@ class FanoutHandler:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         names: StreamNames | None = None,
         *,
         user_maxlen: int = DEFAULT_USER_MAXLEN,
@@ -47,8 +59,13 @@ class FanoutHandler:
 
     def append(self, events: list[ev.Event]) -> list[list[tuple[str, UserEntry]]]:
         """Fan ``events`` out; return per event the (user, entry) pairs appended
-        (none for an event already fanned out)."""
-        appended = self.user_streams.append_entries([(e, ev.encode(e)) for e in events])
+        (none for an event already fanned out). :class:`FanoutIncomplete` if some
+        partition's run failed (what the others appended is counted, and on it)."""
+        try:
+            appended = self.user_streams.append_entries([(e, ev.encode(e)) for e in events])
+        except FanoutIncomplete as incomplete:
+            self.appended += sum(map(len, incomplete.appended))
+            raise
         self.appended += sum(map(len, appended))
         self.duplicates += sum(1 for entries in appended if not entries)
         return appended
