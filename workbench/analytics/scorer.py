@@ -270,7 +270,9 @@ class RiskScorer:
     def _evalsha(self, rows: list[dict[str, Any]]) -> list[int]:
         pipe = self.client.pipeline(transaction=False)
         for row in rows:
-            pipe.evalsha(
+            # Not pipe.evalsha: a cluster's pipeline refuses it, but routes this by its keys.
+            pipe.execute_command(
+                "EVALSHA",
                 self._sha,
                 2,
                 self.risk_names.marker(self.group, row["event_id"]),
