@@ -124,7 +124,7 @@ def busiest_share(partitions: int, holders: int) -> int:
     """Partitions held by the busiest of ``holders`` when dealt evenly (at least 1)."""
     if partitions < 1 or holders < 1:
         raise ValueError("partitions and holders must be at least 1")
-    return math.ceil(partitions / min(holders, partitions))
+    return math.ceil(partitions / holders)
 
 
 def redis_cost_per_log_entry(stages: Iterable[Stage]) -> float | None:
