@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run demo serve test test-notebooks lab notebooks lint bench bench-sse bench-sim \
-	bench-report bench-report-check bench-durability inspect clean venv mutation mutation-again
+	bench-report bench-report-check bench-durability bench-scale inspect clean venv mutation \
+	mutation-again
 
 venv: $(STAMP)
 
@@ -62,7 +63,7 @@ $(BENCH_STAMP): bench/requirements-faststream.txt $(STAMP)
 
 # Each bench writes its record to bench/records/<bench>.json; `make bench-report` then
 # regenerates the README's figure tables from them (throughput, sse, simulate,
-# durability, and mutation from `make mutation`). The durability matrix: 10 cells x
+# durability, scale, and mutation from `make mutation`). The durability matrix: 10 cells x
 # DURABILITY_TRIALS interleaved rounds, each trial a kill -9 of redis-server.
 DURABILITY_TRIALS ?= 5
 bench: $(STAMP)
@@ -72,6 +73,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sse.py
 	$(BIN)/python bench/simulate.py
 	$(BIN)/python bench/durability.py --trials $(DURABILITY_TRIALS)
+	$(BIN)/python bench/scale.py
 
 bench-report: $(STAMP)
 	$(BIN)/python bench/report.py
@@ -84,6 +86,11 @@ bench-sim: $(STAMP)
 
 bench-sse: $(STAMP)
 	$(BIN)/python bench/sse.py $(BENCH_ARGS)
+
+# Relay, ledger and fan-out on one redis-server (unpartitioned, then 16 partitions)
+# and on a 3-master local Redis Cluster; the projection to N machines (#14).
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py $(BENCH_ARGS)
 
 bench-durability: $(STAMP)
 	$(BIN)/python bench/durability.py --trials $(DURABILITY_TRIALS) $(BENCH_ARGS)

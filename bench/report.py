@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
-from bench import records, stats  # noqa: E402
+from bench import projection, records, stats  # noqa: E402
 
 MARKER = re.compile(r"<!-- bench:([A-Za-z0-9_-]+):(start|end) -->")
 
@@ -300,7 +300,93 @@ def render_mutation(record: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-RENDERERS = {"durability": render_durability, "mutation": render_mutation}
+def _check_projection(record: Mapping[str, Any]) -> list[projection.Row]:
+    """The projection's rows as its inputs give them; a record that says otherwise
+    (rows edited, or computed by another model) is refused."""
+    recorded = record["figures"]["projection"]
+    inputs = projection.Inputs.from_dict(recorded["inputs"])
+    machines = [row["machines"] for row in recorded["rows"]]
+    rows = projection.project(inputs, machines)
+    if [row.to_dict() for row in rows] != recorded["rows"]:
+        raise ValueError(
+            f"record {record['bench']}: the projection's rows are not what its inputs give"
+        )
+    if recorded["assumptions"] != projection.assumptions(inputs):
+        raise ValueError(
+            f"record {record['bench']}: the projection's assumptions are not its model's"
+        )
+    return rows
+
+
+def render_scale(record: Mapping[str, Any]) -> str:
+    """The scale bench: its ratios and rates, per partition and Redis CPU per entry,
+    and the projection to N machines with its assumptions."""
+    _check_verdicts(record)
+    rows = _check_projection(record)
+    p = record.get("parameters", {})
+    layouts = record["figures"]["layouts"]
+    out = [provenance(record) + " " + (_method(record) or "")]
+    out.append(
+        f"Layouts: `single` one redis-server, unpartitioned; `partitioned` the same server, "
+        f"{p.get('partitions')} partitions; `cluster` {p.get('cluster')}, the same partitions. "
+        f"{p.get('entries', 0):,} entries per step ({p.get('escrows', 0):,} escrow lifecycles; "
+        f"{p.get('entries_ledger', 0):,} of them read by the ledger), store {p.get('store')}; "
+        f"busy partitions: "
+        + ", ".join(f"{name} {x['partitions_busy']}" for name, x in layouts.items())
+        + "."
+    )
+    out += [f"Note: {note}" for note in record.get("notes", [])]
+    out += [
+        "",
+        "| ratio | what | median | min–max | interval |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, s in record["ratios"].items():
+        lo, hi = s["interval"]
+        out.append(
+            f"| `{name}` | {s.get('what', '')} | {_number(s['median'], 'ratio')} | "
+            f"{_number(s['min'], 'ratio')}–{_number(s['max'], 'ratio')} | "
+            f"{_number(lo, 'ratio')}–{_number(hi, 'ratio')} |"
+        )
+    measures = record["figures"]["measures"]
+    out += [
+        "",
+        "| measurement | what | entries/s, median | min–max | interval | per busy partition "
+        "| Redis CPU µs per entry |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in record["rates"].items():
+        lo, hi = s["interval"]
+        m = measures[name]
+        cpu = m.get("redis_cpu_per_entry")
+        out.append(
+            f"| `{name}` | {s.get('what', '')} | {_number(s['median'], '')} | "
+            f"{_number(s['min'], '')}–{_number(s['max'], '')} | {_number(lo, '')}–"
+            f"{_number(hi, '')} | {_number(m['rate_per_partition'], '')} | "
+            f"{_opt(None if cpu is None else cpu * 1e6)} |"
+        )
+    out += [
+        "",
+        "Projection (`bench/projection.py`, computed from the figures above), in log "
+        "entries per second:",
+        "",
+        "| machines | partitions per machine (most) | masters | machines' limit (slowest stage) "
+        "| Redis limit | SQL store limit | projected | bound by |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        out.append(
+            f"| {row.machines} | {row.partitions_per_machine} | {row.masters} | "
+            f"{row.machines_limit:,.0f} ({row.slowest_stage}) | "
+            f"{_opt(row.redis_limit, '{:,.0f}')} | {row.store_limit:,.0f} | "
+            f"{row.projected:,.0f} | {row.bound_by} |"
+        )
+    out += ["", "Assumptions:", ""]
+    out += [f"* {line}" for line in record["figures"]["projection"]["assumptions"]]
+    return "\n".join(out)
+
+
+RENDERERS = {"durability": render_durability, "mutation": render_mutation, "scale": render_scale}
 
 
 def blocks(text: str) -> list[tuple[str, int, int]]:
