@@ -84,7 +84,7 @@ from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, literal, select, update
 
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock, SystemClock, now_ms
@@ -661,10 +661,30 @@ class OutboxRelay:
     def _expected_ids(self, partition: int = 0) -> list[StreamId]:
         expected = self._expected.get(partition)
         if expected is None:
-            expected = self._expected[partition] = [
-                self._last_published(a, partition) for a in AGGREGATE_TYPES
-            ]
+            self._load_expected()
+            expected = self._expected[partition]
         return expected
+
+    def _load_expected(self) -> None:
+        """What each partition's streams must hold at least, for every partition not
+        known yet: the stream id of the last published row per (partition, aggregate
+        type), in one pass over the outbox (a query per stream would scan it per stream)."""
+        partitioned = self._leases is not None
+        part = outbox.c.partition if partitioned else literal(0).label("partition")
+        last = (
+            select(outbox.c.stream, part, func.max(outbox.c.seq).label("seq"))
+            .where(outbox.c.stream_id.is_not(None))
+            .group_by(outbox.c.stream, *([outbox.c.partition] if partitioned else []))
+            .subquery()
+        )
+        query = select(last.c.stream, last.c.partition, outbox.c.stream_id).join(
+            outbox, outbox.c.seq == last.c.seq
+        )
+        with self.store.engine.connect() as conn:
+            found = {(a, p): parse(sid) for a, p, sid in conn.execute(query)}
+        for p in self.names.partitions:
+            if p not in self._expected:
+                self._expected[p] = [found.get((a, p), ZERO) for a in AGGREGATE_TYPES]
 
     def _published_where(self, aggregate: str, partition: int) -> Any:
         """The WHERE of a partition stream's published rows (partitioned: rows that
@@ -673,16 +693,6 @@ class OutboxRelay:
         if self._leases is not None:
             where.append(outbox.c.partition == partition)
         return where
-
-    def _last_published(self, aggregate: str, partition: int = 0) -> StreamId:
-        with self.store.engine.connect() as conn:
-            sid = conn.execute(
-                select(outbox.c.stream_id)
-                .where(*self._published_where(aggregate, partition))
-                .order_by(outbox.c.seq.desc())
-                .limit(1)
-            ).scalar()
-        return parse(sid) if sid else ZERO
 
     def _losses(self, reply: list[Any], partition: int = 0) -> list[Loss]:
         expected = self._expected_ids(partition)
