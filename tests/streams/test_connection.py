@@ -18,6 +18,7 @@ from workbench.streams.connection import (
     is_cluster,
     is_cluster_url,
     node_url,
+    queue_script,
 )
 
 
@@ -62,4 +63,33 @@ def test_a_cluster_url_reaches_every_master(
             await aclient.aclose()
 
     assert asyncio.run(read_back()) == [b"v"] * 30
+    client.close()
+
+
+def _getkeys_calls(cluster: LocalCluster) -> int:
+    total = 0
+    for node in cluster.nodes:
+        with node.client() as direct:
+            stats = direct.info("commandstats")
+            total += int(stats.get("cmdstat_command|getkeys", {}).get("calls", 0))
+    return total
+
+
+def test_scripts_queued_on_a_cluster_go_straight_to_their_slot_s_node(
+    redis_cluster: LocalCluster, cluster_prefix: str
+) -> None:
+    client = connect(redis_cluster.url.replace("redis://", "redis+cluster://"))
+    sha = client.script_load("return redis.call('SET', KEYS[1], ARGV[1])")
+    keys = [f"{cluster_prefix}:{{s{n}}}:k" for n in range(30)]
+    before = _getkeys_calls(redis_cluster)
+    pipe = client.pipeline(transaction=False)
+    for n, key in enumerate(keys):
+        queue_script(pipe, client, sha, [key], str(n))
+    assert pipe.execute() == [b"OK"] * 30
+    assert _getkeys_calls(redis_cluster) == before  # no COMMAND GETKEYS round trips
+    assert [client.get(k) for k in keys] == [str(n).encode() for n in range(30)]
+    plain = client.pipeline(transaction=False)
+    plain.execute_command("EVALSHA", sha, 1, keys[0], "x")
+    plain.execute()
+    assert _getkeys_calls(redis_cluster) > before  # what redis-py does by itself
     client.close()

@@ -51,6 +51,7 @@ from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import Event
 from workbench.store import Store, analytics_facts, claim_inbox, insert_many, risk_scores
 from workbench.streams.append import XADD_AT_LUA
+from workbench.streams.connection import queue_script
 from workbench.streams.keys import RiskNames, StreamNames
 
 GROUP = "analytics"
@@ -270,13 +271,11 @@ class RiskScorer:
     def _evalsha(self, rows: list[dict[str, Any]]) -> list[int]:
         pipe = self.client.pipeline(transaction=False)
         for row in rows:
-            # Not pipe.evalsha: a cluster's pipeline refuses it, but routes this by its keys.
-            pipe.execute_command(
-                "EVALSHA",
+            queue_script(
+                pipe,
+                self.client,
                 self._sha,
-                2,
-                self.risk_names.marker(self.group, row["event_id"]),
-                self.risk_names.stream,
+                [self.risk_names.marker(self.group, row["event_id"]), self.risk_names.stream],
                 self.dedupe_ttl_s,
                 self.maxlen,
                 now_ms(self.clock) if self.ids_on_clock else "",

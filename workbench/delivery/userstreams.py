@@ -74,6 +74,7 @@ from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, StreamId, parse
+from workbench.streams.connection import queue_script
 from workbench.streams.keys import UserStreamNames
 
 DEFAULT_USER_MAXLEN = 1000
@@ -247,8 +248,7 @@ class UserStreams:
 
     def _pipeline(self, events: list[tuple[Event, bytes]], runs: list[_Run]) -> list[Any]:
         # EVALSHA directly: redis-py's Script in a pipeline asks SCRIPT EXISTS on
-        # every execute, an extra round trip per batch. Through execute_command:
-        # ClusterPipeline blocks its evalsha() method but routes an EVALSHA by keys.
+        # every execute, an extra round trip per batch (queue_script: why not evalsha).
         pipe = self.client.pipeline(transaction=False)
         now = "" if self.clock is None else now_ms(self.clock)
         for run in runs:
@@ -256,11 +256,11 @@ class UserStreams:
             keys = [self.names.fanout_marker(event.event_id, run.partition)] + [
                 self.names.stream(u) for u in run.users
             ]
-            pipe.execute_command(
-                "EVALSHA",
+            queue_script(
+                pipe,
+                self.client,
                 self._sha,
-                len(keys),
-                *keys,
+                keys,
                 event.event_id,
                 event.type,
                 data,

@@ -21,6 +21,7 @@ fails over, the cluster answers CLUSTERDOWN or TRYAGAIN: those count as
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -77,6 +78,24 @@ def node_url(url: str) -> str:
 def is_cluster(client: object) -> bool:
     """Is ``client`` one of redis-py's cluster clients (sync or asyncio)?"""
     return isinstance(client, (RedisCluster, aiocluster.RedisCluster))
+
+
+def queue_script(pipe: Any, client: Any, sha: str, keys: list[str], *args: Any) -> None:
+    """Queue ``EVALSHA sha`` with ``keys`` and ``args`` on ``pipe`` (a pipeline of ``client``).
+
+    Not ``pipe.evalsha``: a cluster's pipeline refuses it. On a cluster the
+    command goes to the node serving ``keys[0]``'s slot, found in the client's
+    slot map: left to itself redis-py asks the server which keys each EVALSHA
+    names (``COMMAND GETKEYS``), a round trip per script that made the fan-out
+    four times slower. A script's keys share one slot (:mod:`workbench.streams.keys`);
+    if the slot moved, the node answers MOVED and redis-py sends that command
+    again, routed afresh.
+    """
+    if is_cluster(client):
+        node = client.get_node_from_key(keys[0])
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args, target_nodes=node)
+    else:
+        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
 
 
 def connect(url: str | None = None, **overrides: object) -> redis.Redis:

@@ -92,7 +92,13 @@ from workbench.domain.events import AGGREGATE_TYPES
 from workbench.domain.streamid import ZERO, StreamId, next_id, parse
 from workbench.ops.shutdown import StopRequest
 from workbench.store import Prepared, Store, outbox
-from workbench.streams.connection import REDIS_DOWN, TRANSIENT, outage_backoff, server_version
+from workbench.streams.connection import (
+    REDIS_DOWN,
+    TRANSIENT,
+    outage_backoff,
+    queue_script,
+    server_version,
+)
 from workbench.streams.keys import StreamNames
 from workbench.streams.leases import Leases, assign, live_members
 from workbench.streams.replies import text
@@ -597,9 +603,7 @@ class OutboxRelay:
             for p, argv in pending.items():
                 keys = self._script_keys(p)
                 expected = self._expected_args(p) if check else ["0-0"] * len(AGGREGATE_TYPES)
-                pipe.execute_command(
-                    "EVALSHA", self._sha, len(keys), *keys, member, *expected, *argv
-                )
+                queue_script(pipe, self.client, self._sha, keys, member, *expected, *argv)
             sent = self._send(pipe, fsync=fsync, raise_on_error=False)
             replies.update(zip(pending, sent, strict=True))
             pending = {
