@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from tests.streams.test_connection import _getkeys_calls
 from workbench.domain.clock import ManualClock
 from workbench.domain.events import AGGREGATE_TYPES, Event, from_fields, to_fields
 from workbench.ops.inspection import inspect
@@ -297,7 +298,9 @@ def test_on_a_cluster_a_worker_reads_every_partition_and_dead_letters_into_its_o
     poison_partition = names.partition_of("esc-poison")
     poison_stream = names.stream("escrow", poison_partition)
     poison_id = client.xadd(poison_stream, {"event_id": "x", "data": b"{oops"}).decode()
+    getkeys = _getkeys_calls(redis_cluster)
     worker.drain()  # a CROSSSLOT anywhere would raise here
+    assert _getkeys_calls(redis_cluster) == getkeys  # reads routed by us, not asked per read
 
     assert log.counts() == Counter(dict.fromkeys(published, 1))
     _assert_in_order(log, range(1, 5))

@@ -80,6 +80,15 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, (RedisCluster, aiocluster.RedisCluster))
 
 
+def on_slot_of(client: Any, key: str) -> dict[str, Any]:
+    """``execute_command`` options sending a command to the node serving ``key``'s slot
+    (nothing on a single server). For commands whose keys redis-py cannot find by
+    itself (EVALSHA in a pipeline, XREADGROUP's ``STREAMS``), it otherwise asks the
+    server with ``COMMAND GETKEYS``: a round trip per command. If the slot moved,
+    the node answers MOVED and redis-py sends that command again, routed afresh."""
+    return {"target_nodes": client.get_node_from_key(key)} if is_cluster(client) else {}
+
+
 def queue_script(pipe: Any, client: Any, sha: str, keys: list[str], *args: Any) -> None:
     """Queue ``EVALSHA sha`` with ``keys`` and ``args`` on ``pipe`` (a pipeline of ``client``).
 
@@ -91,11 +100,7 @@ def queue_script(pipe: Any, client: Any, sha: str, keys: list[str], *args: Any) 
     if the slot moved, the node answers MOVED and redis-py sends that command
     again, routed afresh.
     """
-    if is_cluster(client):
-        node = client.get_node_from_key(keys[0])
-        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args, target_nodes=node)
-    else:
-        pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args, **on_slot_of(client, keys[0]))
 
 
 def connect(url: str | None = None, **overrides: object) -> redis.Redis:

@@ -91,7 +91,13 @@ from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import Event
 from workbench.ops.shutdown import StopRequest
 from workbench.streams.append import XADD_AT_LUA
-from workbench.streams.connection import REDIS_DOWN, SOCKET_TIMEOUT_S, TRANSIENT, outage_backoff
+from workbench.streams.connection import (
+    REDIS_DOWN,
+    SOCKET_TIMEOUT_S,
+    TRANSIENT,
+    on_slot_of,
+    outage_backoff,
+)
 from workbench.streams.decisions import (
     Delivery,
     blocking_partition,
@@ -428,18 +434,22 @@ class ConsumerWorker:
             by_partition.setdefault(self._partition_of[stream], {})[stream] = start
         if len(by_partition) == 1:
             [single] = by_partition.values()
-            reply = self.client.xreadgroup(
-                self.group,
-                self.consumer,
-                single,  # type: ignore[arg-type]
-                count=self.settings.batch_size,
-                block=block_ms or None,
-            )
-            return list(reply or [])
+            args = self._xreadgroup(single, block_ms)
+            slot = on_slot_of(self.client, next(iter(single)))
+            return list(self.client.execute_command(*args, **slot) or [])
         pipe = self.client.pipeline(transaction=False)
         for part in by_partition.values():
-            pipe.xreadgroup(self.group, self.consumer, part, count=self.settings.batch_size)  # type: ignore[arg-type]
+            args = self._xreadgroup(part, 0)
+            pipe.execute_command(*args, **on_slot_of(self.client, next(iter(part))))
         return [stream for reply in pipe.execute() for stream in reply or []]
+
+    def _xreadgroup(self, ids: dict[str, str], block_ms: int) -> list[Any]:
+        """XREADGROUP's arguments for one partition's streams (sent to its slot's
+        node: redis-py would ask the server where a read with ``STREAMS`` goes)."""
+        block = ["BLOCK", block_ms] if block_ms else []
+        return ["XREADGROUP", "GROUP", self.group, self.consumer,
+                "COUNT", self.settings.batch_size, *block,
+                "STREAMS", *ids, *ids.values()]  # fmt: skip
 
     def _reread_own_pending(self) -> int:
         """Re-read this consumer's pending entries from id 0, page by page, into
