@@ -129,6 +129,11 @@ def simulate(
         affinity.resolve(cpu)
     except (ScenarioError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    if loaded.redis.cluster_masters and (realtime or redis_url):
+        raise click.UsageError(
+            "redis.cluster_masters runs in virtual time on a cluster the run starts itself:"
+            " not with --realtime, nor with --redis-url / REDIS_URL"
+        )
     run: Any = functools.partial(simulate_to, cpu=cpu)
     if realtime:
         from simulations.drivers.realtime import simulate_realtime_to

@@ -7,10 +7,12 @@ a file. :func:`load` checks every value once, against the type of the field's
 default, before any model sees it: an unknown section or key (a typo), a value of
 the wrong type or a negative number, a string that is none of the values its key
 takes (``consumers.restart``, ``redis.appendfsync``, the groups of ``consumers.only``)
-or a lower bound above its upper bound (``mpesa.query_delay_min_s``) is a
-:class:`ScenarioError` naming ``section.key``, never a silently ignored setting or a
-crash halfway through a run. After that the models and the drivers read typed
-attributes (``scenario.market.arrival_rate``) and trust them.
+or a lower bound above its upper bound (``mpesa.query_delay_min_s``), or keys that
+do not go together (``redis.cluster_masters`` without ``redis.partitions``, or with
+``redis.lose_last_writes``) is a :class:`ScenarioError` naming ``section.key``,
+never a silently ignored setting or a crash halfway through a run. After that the
+models and the drivers read typed attributes (``scenario.market.arrival_rate``) and
+trust them.
 
 :attr:`Scenario.params` is the same values as plain data, section by section in
 the order below; it is what a run's manifest records, so it keeps the shape the
@@ -34,6 +36,9 @@ SCENARIO_DIR = Path(__file__).parent / "scenarios"
 RESTART_MODES = ("supervisor", "replacement")
 #: redis-server's ``appendfsync`` settings.
 APPENDFSYNC_MODES = ("always", "everysec", "no")
+#: The most masters of a simulation's local cluster (each with a replica: twice as
+#: many redis-servers on this machine).
+MAX_CLUSTER_MASTERS = 8
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,12 @@ class RedisParams:
     # The log in this many partitions (workbench.streams.partitions), as
     # `workbench serve --partitions` runs it; 0: unpartitioned, the default.
     partitions: int = 0
+    # N >= 1: a local Redis Cluster of N masters with one replica each instead of
+    # one redis-server (simulations.drivers.cluster); restart_every_s then fails a
+    # master over. Needs partitions >= 1; 0: one redis-server, the default. Runs
+    # on a cluster are not bit-identical: what a replica had received when its
+    # master was killed is wall-clock timing.
+    cluster_masters: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,7 +243,10 @@ _CHOICE_LISTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("consumers", "only"): (*ALL_GROUPS, *OPTIONAL_GROUPS),
 }
 #: Values with an upper bound: ``(section, key)`` -> the largest allowed.
-_MAXIMA: dict[tuple[str, str], float] = {("redis", "partitions"): MAX_PARTITIONS}
+_MAXIMA: dict[tuple[str, str], float] = {
+    ("redis", "partitions"): MAX_PARTITIONS,
+    ("redis", "cluster_masters"): MAX_CLUSTER_MASTERS,
+}
 #: Bounds of one range: ``(section, lower key, upper key)``; lower <= upper.
 _RANGES = (("mpesa", "query_delay_min_s", "query_delay_max_s"),)
 
@@ -296,7 +310,24 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Scen
                 f"{path.stem}: {section}.{low} ({getattr(params, low)}) must not be greater"
                 f" than {section}.{high} ({getattr(params, high)})"
             )
+    _check_cluster(path.stem, scenario.redis)
     return scenario
+
+
+def _check_cluster(name: str, redis: RedisParams) -> None:
+    """What a run on a cluster (``redis.cluster_masters >= 1``) cannot do."""
+    if not redis.cluster_masters:
+        return
+    if not redis.partitions:
+        raise ScenarioError(
+            f"{name}: redis.cluster_masters needs redis.partitions >= 1 (on a cluster every"
+            " script touches one partition's slot), e.g. --set redis.partitions=16"
+        )
+    if redis.lose_last_writes:
+        raise ScenarioError(
+            f"{name}: redis.lose_last_writes is single-server only (it cuts one server's AOF);"
+            " with redis.cluster_masters a failover loses what the replica had not received"
+        )
 
 
 def _path_of(name_or_path: str) -> Path:

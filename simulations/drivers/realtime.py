@@ -593,6 +593,8 @@ def simulate_realtime_to(
     phones' last connection), write the tables. Every process and connection is
     closed on the way out, whatever happened.
     """
+    if scenario.redis.cluster_masters:
+        raise ValueError("redis.cluster_masters runs in virtual time only")
     started = time.monotonic()
     factor = factor or scenario.realtime.factor
     with contextlib.ExitStack() as resources:

@@ -12,7 +12,9 @@ comes from the simulation's clock (the README's "One clock"), so a run is a
 function of (scenario, seed): bit-identical tables every time, entry ids included,
 however fast the machine ran it; only the manifest records wall time. (Redis kills
 keep this when their only loss is the forced one, ``redis.lose_last_writes``: under
-``everysec`` a kill may also lose writes by the chance of a pending fsync.)
+``everysec`` a kill may also lose writes by the chance of a pending fsync. A run on
+a local Redis Cluster, ``redis.cluster_masters``, is not expected to:
+:mod:`simulations.drivers.cluster`.)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sqlalchemy import Connection, select
 
 from simulations.analysis.handling import HandlingIndex
 from simulations.analysis.tables import RunTables, RunWriter, TableWriter
+from simulations.drivers.cluster import ClusterFaults, cluster_url, start_cluster
 from simulations.drivers.loops import Doorbell, Runtime, backlog
 from simulations.models.clock import SimClock
 from simulations.models.gateway import MpesaGateway
@@ -49,6 +52,7 @@ from workbench.domain.escrow import Timeouts
 from workbench.domain.ids import IdFactory
 from workbench.handlers import HANDLERS, aggregate_types_of, make_handler
 from workbench.ops import affinity
+from workbench.ops.redis_cluster import LocalCluster
 from workbench.ops.redis_server import RedisServer, paired
 from workbench.payments.mpesa import token_of
 from workbench.service import EscrowService, PaymentSettings
@@ -147,10 +151,11 @@ class World:
 
     scenario: Scenario
     seed: int
-    url: str  # the redis-server's
-    server: RedisServer | None  # ours, or None for an external one
+    url: str  # the redis-server's, or the cluster's (redis+cluster://)
+    server: RedisServer | None  # ours, or None for an external one or a cluster
+    cluster: LocalCluster | None  # ours (redis.cluster_masters), or None
     cpu: int | None  # the CPU this thread and our server share (None: the OS decides)
-    client: redis.Redis
+    client: redis.Redis  # a RedisCluster on a cluster: the same commands
     names: StreamNames
     user_names: UserStreamNames
     store: Store
@@ -166,7 +171,7 @@ class World:
     pool: ServerPool
     phones: list[Phone]
     runtime: Runtime
-    redis_faults: RedisFaults
+    redis_faults: RedisFaults | ClusterFaults
     server_faults: ServerFaults
 
     @property
@@ -258,8 +263,9 @@ def _build_world(
 ) -> World:
     """Every part of a run, each made with the parts it needs; closed by ``resources``."""
     work = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="workbench-sim-")))
-    on = affinity.resolve(None if redis_url and cpu == "auto" else cpu)
-    url, server, client = _start_redis(resources, scenario, redis_url, work, on, prefix)
+    not_ours = redis_url or scenario.redis.cluster_masters  # no server of ours to share a CPU
+    on = affinity.resolve(None if not_ours and cpu == "auto" else cpu)
+    url, server, cluster, client = _start_redis(resources, scenario, redis_url, work, on, prefix)
     store = _open_store(resources, work)
     names = names_for(prefix, scenario.redis.partitions)
     user_names = UserStreamNames.of(names)
@@ -281,15 +287,19 @@ def _build_world(
         on_user_entry=writer["user_streams"].append, on_lost_entry=writer["lost_entries"].append,
     )  # fmt: skip
     load_s = scenario.run.duration_s
-    redis_faults = RedisFaults(
-        env, server, scenario.redis, faults, load_s, runtime.restarts,
-        on_restart=runtime.redis_restarted,
+    redis_faults: RedisFaults | ClusterFaults = (
+        RedisFaults(env, server, scenario.redis, faults, load_s, runtime.restarts,
+                    on_restart=runtime.redis_restarted)
+        if cluster is None
+        else ClusterFaults(env, cluster, names, scenario.redis, faults, load_s,
+                           on_failover=runtime.redis_restarted)
     )  # fmt: skip
     server_faults = ServerFaults(
         env, rngs[5], scenario.servers, pool, faults, load_s, runtime.restarts
     )
     return World(
-        scenario=scenario, seed=seed, url=url, server=server, cpu=on, client=client,
+        scenario=scenario, seed=seed, url=url, server=server, cluster=cluster, cpu=on,
+        client=client,
         names=names, user_names=user_names, store=store, writer=writer,
         handling_dir=handling_dir, env=env, clock=clock, rngs=rngs, faults=faults,
         service=service, gateway=gateway, market=market, pool=pool, phones=phones,
@@ -304,19 +314,31 @@ def _start_redis(
     work: Path,
     cpu: int | None,
     prefix: str,
-) -> tuple[str, RedisServer | None, redis.Redis]:
-    """Our redis-server (or the one at ``redis_url``), and a client with ``prefix`` cleared."""
-    url, server = resources.enter_context(
-        paired(redis_url, work / "redis", cpu, appendonly=True,
-               appendfsync=scenario.redis.appendfsync)
-    )  # fmt: skip
+) -> tuple[str, RedisServer | None, LocalCluster | None, redis.Redis]:
+    """Our redis-server (or the one at ``redis_url``), or our local cluster
+    (``redis.cluster_masters``), and a client with ``prefix`` cleared."""
+    server = cluster = None
+    if scenario.redis.cluster_masters:
+        if redis_url:
+            raise ValueError(
+                "redis.cluster_masters starts the run's own cluster: give no Redis URL"
+            )
+        # Its nodes are left to the OS; a chosen CPU pins this thread only.
+        resources.enter_context(affinity.pinned(cpu))
+        cluster = start_cluster(resources, scenario.redis, work)
+        url = cluster_url(cluster)
+    else:
+        url, server = resources.enter_context(
+            paired(redis_url, work / "redis", cpu, appendonly=True,
+                   appendfsync=scenario.redis.appendfsync)
+        )  # fmt: skip
     # One thread drives every part: one connection, no pool to check out from
     # (redis-py's pool checks a connection out and back in around every call:
     # locking and bookkeeping that a single-threaded driver pays for nothing).
     client = connect(url, single_connection_client=True)
     resources.callback(client.close)
     clear_prefix(client, prefix)
-    return url, server, client
+    return url, server, cluster, client
 
 
 def _open_store(resources: contextlib.ExitStack, work: Path) -> Store:
@@ -469,6 +491,14 @@ def _collect(world: World, started: float) -> dict[str, Any]:
         world.url, world.server,
     )  # fmt: skip
     manifest["cpu"] = world.cpu
+    if world.cluster is not None:
+        masters = len(world.cluster.masters)
+        manifest["redis"] = f"private Redis Cluster {world.url}"
+        manifest["cluster"] = {
+            "masters": masters,
+            "replicas": len(world.cluster.replicas) // masters,
+            "failovers": sum(f["kind"] == "redis_failover" for f in world.faults),
+        }
     stats = world.runtime.relay.stats  # what the repair put back after Redis lost writes
     manifest["relay"] = {
         "published": stats.published,
@@ -481,7 +511,11 @@ def _collect(world: World, started: float) -> dict[str, Any]:
 
 
 def clear_prefix(client: redis.Redis, prefix: str) -> None:
-    """Delete every key under ``prefix:``: a run starts from an empty keyspace of its own."""
+    """Delete every key under ``prefix:``: a run starts from an empty keyspace of its own.
+
+    On a cluster (a ``RedisCluster``) SCAN goes to every master and each DEL to its
+    key's slot, so this clears the prefix on every node.
+    """
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.delete(key)
 
