@@ -200,6 +200,11 @@ class RedisParams:
     # on a cluster are not bit-identical: what a replica had received when its
     # master was killed is wall-clock timing.
     cluster_masters: int = 0
+    # Cluster only: before each failover the master's replica is stopped and cut
+    # off for this many virtual seconds of load, so the kill loses what was
+    # written meanwhile: an asynchronous replica's loss, forced (like
+    # lose_last_writes on one server). 0: the replica is as up to date as it gets.
+    failover_unreplicated_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -317,6 +322,11 @@ def load(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Scen
 def _check_cluster(name: str, redis: RedisParams) -> None:
     """What a run on a cluster (``redis.cluster_masters >= 1``) cannot do."""
     if not redis.cluster_masters:
+        if redis.failover_unreplicated_s:
+            raise ScenarioError(
+                f"{name}: redis.failover_unreplicated_s needs redis.cluster_masters >= 1"
+                " (a failover is a cluster's); on one server use redis.lose_last_writes"
+            )
         return
     if not redis.partitions:
         raise ScenarioError(

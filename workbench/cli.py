@@ -161,6 +161,13 @@ def main() -> None:
     help="fanout only: seconds of history kept per user stream (0: no age limit)",
 )  # fmt: skip
 @click.option(
+    "--wait-replicas", default=0, show_default=True, type=click.IntRange(0, 16),
+    envvar="WORKBENCH_WAIT_REPLICAS",
+    help="fanout only: ack a batch once this many replicas of every node written to have "
+    "it (WAIT); on a Redis Cluster with replicas use 1, or a failover can lose user-stream "
+    "entries whose events were acked [env WORKBENCH_WAIT_REPLICAS]",
+)  # fmt: skip
+@click.option(
     "--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
     help="analytics only (required): the risk model's directory (model.joblib + metadata.json)",
 )  # fmt: skip
@@ -185,6 +192,7 @@ def worker(
     claim_idle_ms: int,
     user_maxlen: int,
     user_max_age: float,
+    wait_replicas: int,
     model_dir: Path | None,
     risk_prefix: str | None,
     group_name: str | None,
@@ -222,7 +230,7 @@ def worker(
         group, store, clock,
         fanout=lambda: FanoutHandler(
             client, names, user_maxlen=user_maxlen, user_max_age_s=user_max_age,
-            clock=simulated(clock),
+            clock=simulated(clock), wait_replicas=wait_replicas,
         ),
         analytics=lambda: _risk_scorer(
             store, client, clock, model_dir, names, risk_prefix, group_name

@@ -44,6 +44,8 @@ determinism tests run on one redis-server.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,20 +136,38 @@ class ClusterFaults:
             if self.env.now >= self.until:
                 return
             partition = self.targets[self.failovers % len(self.targets)]
-            fault = self.fail_over(partition)  # blocks: virtual time stands still
+            cut = None
+            if self.p.failover_unreplicated_s > 0:
+                cut = self.cut_off_replica(partition)
+                yield self.env.timeout(self.p.failover_unreplicated_s)  # writes it misses
+            fault = self.fail_over(partition, cut)  # blocks: virtual time stands still
             self.faults.append(fault)
             self.failovers += 1
             if self.on_failover is not None and (lost := self.on_failover()):
                 fault["detail"] += f"; {lost} user-stream entries lost"
 
-    def fail_over(self, partition: int) -> dict[str, Any]:
+    def cut_off_replica(self, partition: int) -> RedisServer:
+        """Stop the replica of ``partition``'s master (SIGSTOP) and close its link, so
+        it receives nothing until its master is killed; return it."""
+        master = self.cluster.master_of(_slot_of_partition(self.names, partition))
+        replica = self._replica_of(master)
+        assert replica.pid is not None
+        os.kill(replica.pid, signal.SIGSTOP)  # cannot reconnect while stopped
+        with master.client() as direct:
+            direct.client_kill_filter(_type="replica")
+        return replica
+
+    def fail_over(self, partition: int, cut: RedisServer | None = None) -> dict[str, Any]:
         """Kill the master of ``partition``'s slot; return once its replica serves
-        the slot and the killed node is back as that replica's synced replica."""
+        the slot and the killed node is back as that replica's synced replica.
+        ``cut``: the replica :meth:`cut_off_replica` stopped, continued after the kill."""
         slot = _slot_of_partition(self.names, partition)
         master = self.cluster.master_of(slot)
-        replica = self._replica_of(master)
+        replica = cut or self._replica_of(master)
         started = time.monotonic()
         self.cluster.kill(master)
+        if cut is not None and cut.pid is not None:
+            os.kill(cut.pid, signal.SIGCONT)
         wait_until(
             lambda: _role(replica)[0] == "master" and self.cluster.master_of(slot) is replica,
             timeout=FAILOVER_TIMEOUT_S, what=f"{replica!r} to take over from port {master.port}",
@@ -162,7 +182,8 @@ class ClusterFaults:
         return {
             "t_start": self.env.now, "t_end": self.env.now, "kind": "redis_failover",
             "target": f"127.0.0.1:{master.port}",
-            "detail": f"SIGKILL master of partition {partition} (slot {slot}); replica"
+            "detail": f"SIGKILL master of partition {partition} (slot {slot})"
+                      f"{'' if cut is None else ', its replica cut off before'}; replica"
                       f" 127.0.0.1:{replica.port} promoted; the killed node rejoined as its"
                       f" replica and synced; {time.monotonic() - started:.1f} wall s",
         }  # fmt: skip

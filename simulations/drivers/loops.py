@@ -37,6 +37,7 @@ from simulations.models.clock import SimClock
 from simulations.models.supervision import SupervisedRestarts, policy_of
 from simulations.scenario import ConsumersParams, Scenario
 from workbench.delivery.entries import UserEntry
+from workbench.delivery.userstreams import FanoutIncomplete, NotReplicated
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, parse
@@ -186,17 +187,26 @@ class NotifyingFanout(FanoutHandler):
         record: Callable[[dict[str, Any]], None],
         effects_log: Path,
         clock: SimClock,
+        wait_replicas: int = 0,
     ) -> None:
         super().__init__(
             client, names, dedupe_ttl_s=settings.dedupe_ttl_s,
             user_maxlen=settings.user_maxlen, user_max_age_s=settings.user_max_age_s,
             clock=clock,  # entry ids, history window and dedupe lifetime on virtual time
+            wait_replicas=wait_replicas,
         )  # fmt: skip
         self.notify, self.record, self.clock = notify, record, clock
         self._effects = os.open(effects_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def handle(self, events: list[Event]) -> None:
-        appended = self.append(events)
+        try:
+            appended = self.append(events)
+        except (FanoutIncomplete, NotReplicated) as unfinished:
+            self._record(events, unfinished.appended)  # they are in Redis: the truth
+            raise
+        self._record(events, appended)
+
+    def _record(self, events: list[Event], appended: list[list[tuple[str, UserEntry]]]) -> None:
         lines = []
         live: dict[str, list[UserEntry]] = {}
         for event, entries in zip(events, appended, strict=True):
@@ -293,6 +303,9 @@ class Runtime:
         self.names = names
         self.user_names = UserStreamNames.of(names)
         self.consumers = scenario.consumers
+        # On a cluster the fan-out waits for each node's replica before it acks
+        # (workbench.delivery.userstreams.NotReplicated), as serve runs it there.
+        self.wait_replicas = 1 if scenario.redis.cluster_masters else 0
         self.relay_params = scenario.relay
         self.faults = faults
         self.relay = OutboxRelay(
@@ -346,6 +359,7 @@ class Runtime:
                 self._made_user_entry,
                 self.handling_dir / f"effects-fanout-{slot.generation}.log",
                 self.clock,
+                wait_replicas=self.wait_replicas,
             ),
             analytics=self._risk_scorer,
         )

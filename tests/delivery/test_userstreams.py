@@ -8,11 +8,17 @@ import time
 import pytest
 
 from tests.support import make_service, run_lifecycles, spawn_worker
-from workbench.delivery.userstreams import UserStreams, entry_from_fields, live_message
+from workbench.delivery.userstreams import (
+    NotReplicated,
+    UserStreams,
+    entry_from_fields,
+    live_message,
+)
 from workbench.domain import events as ev
 from workbench.domain.streamid import ZERO, parse
 from workbench.handlers.fanout import FanoutHandler
 from workbench.ops.waiting import wait_until
+from workbench.streams.connection import REDIS_DOWN
 from workbench.streams.consumer import ConsumerWorker
 from workbench.streams.keys import UserStreamNames
 from workbench.streams.relay import OutboxRelay
@@ -227,3 +233,22 @@ def test_history_by_age_trims_old_entries_and_keeps_the_chain(r) -> None:
     assert entries[-1][1][b"prev"].decode() == last_old
     with pytest.raises(ValueError, match="must not be negative"):
         UserStreams(r, max_age_s=-1)
+
+
+def test_a_batch_its_replicas_did_not_confirm_raises_with_what_it_appended(r) -> None:
+    """The test server has no replica: WAIT 1 times out, so the batch is refused as
+    not replicated (a Redis outage to the consumer: not acked, redelivered). What
+    it appended is on the exception; the redelivery finds the markers."""
+    events = [_event(i) for i in range(3)]
+    batch = [(e, ev.encode(e)) for e in events]
+    waiting = UserStreams(r, wait_replicas=1, wait_timeout_ms=20)
+    with pytest.raises(NotReplicated) as refused:
+        waiting.append_entries(batch)
+    assert isinstance(refused.value, REDIS_DOWN)
+    assert [len(entries) for entries in refused.value.appended] == [2, 2, 2]
+    assert refused.value.nodes == ["redis"]
+    assert UserStreams(r).append(batch) == [0, 0, 0]  # redelivered: nothing twice
+    assert len(_entries(r, "alice")) == 3
+    assert UserStreams(r, wait_replicas=0).append([]) == []
+    with pytest.raises(ValueError, match="wait_replicas"):
+        UserStreams(r, wait_replicas=-1)

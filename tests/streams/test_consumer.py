@@ -158,6 +158,37 @@ def test_a_batch_reaches_the_handler_in_each_escrows_sequence_order(r) -> None:
     assert handler.seen == ["evt-paid", "evt-esc-2-1", "evt-esc-1-3"]
 
 
+class _Outage(_Recording):
+    """Fails its first call as if Redis went away mid-handling (a transient error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def handle(self, events: list[Event]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise redis.ConnectionError("Redis went away mid-handling")
+        super().handle(events)
+
+
+def test_entries_read_before_an_outage_are_handled_at_the_next_poll(r) -> None:
+    """Whoever drives the worker (``run`` or a simulation's loop) gets the same
+    recovery: what was read but not acked is re-read as pending at the next step,
+    not left to the dead-consumer claim or the idle backstop."""
+    handler = _Outage()
+    worker = ConsumerWorker(r, handler, consumer="out-1", clock=ManualClock())
+    worker.setup()
+    for n in (1, 2):
+        r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-9", n)))
+    with pytest.raises(redis.ConnectionError):
+        worker.poll()
+    assert len(_pending_of(r, "recording", "out-1")) == 2
+    worker.poll()
+    assert handler.seen == ["evt-esc-9-1", "evt-esc-9-2"]
+    assert _pending_of(r, "recording", "out-1") == []
+
+
 def test_poison_entries_go_to_dead_letters_after_max_deliveries(r) -> None:
     clock = ManualClock()
     handler = _Picky()

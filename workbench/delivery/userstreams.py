@@ -74,11 +74,14 @@ from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, StreamId, parse
-from workbench.streams.connection import queue_script
+from workbench.streams.connection import is_cluster, queue_script
 from workbench.streams.keys import UserStreamNames
 
 DEFAULT_USER_MAXLEN = 1000
 DEFAULT_DEDUPE_TTL_S = 7 * 24 * 3600
+#: WAIT's timeout (ms) when the fan-out waits for replicas: a synced replica answers
+#: within a round trip; a longer wait means it is behind or gone.
+DEFAULT_WAIT_TIMEOUT_MS = 1000
 
 # KEYS[1] dedupe marker; KEYS[2..] user streams (all of one partition).
 # ARGV: event_id, type, data, maxlen, dedupe ttl, live channel, max age s,
@@ -150,6 +153,25 @@ class FanoutIncomplete(Exception):
         self.errors = errors
 
 
+class NotReplicated(redis.TimeoutError):
+    """``WAIT`` timed out: a node has the batch's entries but not yet its replicas.
+
+    On a cluster the aggregate entry is acked on its own partition's node while
+    the user-stream entries live on others: if a master failed over before its
+    replica had them, they would be lost and never redelivered. So with
+    ``wait_replicas`` the batch is acked only once every node it wrote to says
+    its replicas have it; otherwise this is raised (a Redis outage to the
+    consumer: the entries stay pending and come back, where the markers dedupe
+    what survived and what a failover lost is appended again). ``appended`` is
+    what the batch appended, as :meth:`UserStreams.append_entries` returns it.
+    """
+
+    def __init__(self, appended: list[list[tuple[str, UserEntry]]], nodes: list[str]) -> None:
+        super().__init__(f"WAIT: replicas of {', '.join(nodes)} did not confirm the fan-out")
+        self.appended = appended
+        self.nodes = nodes
+
+
 @dataclass(frozen=True)
 class _Run:
     """One run of the script: an event's users of one partition."""
@@ -175,9 +197,13 @@ class UserStreams:
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
         max_age_s: float = 0.0,
         clock: Clock | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         if maxlen < 1:
             raise ValueError("user stream maxlen must be at least 1")
+        if wait_replicas < 0 or wait_timeout_ms < 1:
+            raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms >= 1")
         if max_age_s < 0:
             raise ValueError("user stream max age must not be negative (0: no limit)")
         self.client = client
@@ -192,6 +218,10 @@ class UserStreams:
         # Sharded Pub/Sub when partitioned: a channel per slot, publishable from
         # a script of that slot (plain PUBLISH would reach every cluster node).
         self._publish = "SPUBLISH" if self.names.partitioned else "PUBLISH"
+        # Replicas that must have a batch before it is acked (NotReplicated); 0: none.
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._unreplicated: list[str] = []  # nodes whose WAIT fell short in this batch
 
     def append(self, events: list[tuple[Event, bytes]]) -> list[int]:
         """Append each (event, encoded envelope) to its users' streams, atomically per
@@ -207,6 +237,7 @@ class UserStreams:
         live message) has it. :class:`FanoutIncomplete` if a partition's run failed."""
         if not events:
             return []
+        self._unreplicated = []
         runs = [
             _Run(i, partition, users)
             for i, (event, _) in enumerate(events)
@@ -230,6 +261,8 @@ class UserStreams:
         ]
         if errors:
             raise FanoutIncomplete(out, errors)
+        if self._unreplicated:
+            raise NotReplicated(out, self._unreplicated)
         return out
 
     def _run_all(self, events: list[tuple[Event, bytes]], runs: list[_Run]) -> list[Any]:
@@ -272,7 +305,35 @@ class UserStreams:
                 self._publish,
                 *run.users,
             )
-        return list(pipe.execute(raise_on_error=False))
+        waits = self._queue_waits(pipe, runs, events)
+        replies = list(pipe.execute(raise_on_error=False))
+        scripts, confirmed = replies[: len(runs)], replies[len(runs) :]
+        for node, count in zip(waits, confirmed, strict=True):
+            short = isinstance(count, Exception) or int(count) < self.wait_replicas
+            if short and node not in self._unreplicated:  # a NOSCRIPT rerun waits again
+                self._unreplicated.append(node)
+        return scripts
+
+    def _queue_waits(
+        self, pipe: Any, runs: list[_Run], events: list[tuple[Event, bytes]]
+    ) -> list[str]:
+        """Queue ``WAIT`` on every node the runs write to (after their scripts, on the
+        same connection); return the nodes' names, in the order of the replies."""
+        if not self.wait_replicas or not runs:
+            return []
+        if not is_cluster(self.client):
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            return ["redis"]
+        nodes = {}
+        for run in runs:
+            key = self.names.fanout_marker(events[run.event][0].event_id, run.partition)
+            node = self.client.get_node_from_key(key)
+            nodes[node.name] = node
+        for node in nodes.values():
+            pipe.execute_command(
+                "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
+            )
+        return list(nodes)
 
 
 def _by_partition(names: UserStreamNames, users: list[str]) -> dict[int, list[str]]:

@@ -9,7 +9,11 @@ On a partitioned log the script runs once per partition of an event's users,
 each run deduplicated on its own; if one failed, ``handle`` raises
 (:class:`~workbench.delivery.userstreams.FanoutIncomplete`) after the others
 completed, so the batch is not acked and its redelivery completes only what
-is missing.
+is missing. On a cluster with replicas, ``wait_replicas`` makes it wait until
+the replicas of every node written to have the batch before ``handle``
+returns (:class:`~workbench.delivery.userstreams.NotReplicated` otherwise):
+the aggregate entry's ack lives on another node than the user streams, and a
+failover must not lose entries whose source was acked.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from workbench.delivery.entries import UserEntry
 from workbench.delivery.userstreams import (
     DEFAULT_DEDUPE_TTL_S,
     DEFAULT_USER_MAXLEN,
+    DEFAULT_WAIT_TIMEOUT_MS,
     FanoutIncomplete,
+    NotReplicated,
     UserStreams,
 )
 from workbench.domain import events as ev
@@ -42,6 +48,8 @@ class FanoutHandler:
         dedupe_ttl_s: int = DEFAULT_DEDUPE_TTL_S,
         user_max_age_s: float = 0.0,
         clock: Clock | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         self.user_streams = UserStreams(
             client,
@@ -50,6 +58,8 @@ class FanoutHandler:
             dedupe_ttl_s=dedupe_ttl_s,
             max_age_s=user_max_age_s,
             clock=clock,  # a simulation's: entry ids and windows on its time
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
         )
         self.appended = 0
         self.duplicates = 0
@@ -60,10 +70,11 @@ class FanoutHandler:
     def append(self, events: list[ev.Event]) -> list[list[tuple[str, UserEntry]]]:
         """Fan ``events`` out; return per event the (user, entry) pairs appended
         (none for an event already fanned out). :class:`FanoutIncomplete` if some
-        partition's run failed (what the others appended is counted, and on it)."""
+        partition's run failed, :class:`NotReplicated` if replicas did not confirm
+        (what was appended is counted, and on the exception as ``appended``)."""
         try:
             appended = self.user_streams.append_entries([(e, ev.encode(e)) for e in events])
-        except FanoutIncomplete as incomplete:
+        except (FanoutIncomplete, NotReplicated) as incomplete:
             self.appended += sum(map(len, incomplete.appended))
             raise
         self.appended += sum(map(len, appended))

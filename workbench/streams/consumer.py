@@ -248,7 +248,19 @@ class ConsumerWorker:
     def poll(self, block_ms: int | None = None) -> int:
         """Do one step: heartbeat (partitioned: and rebalance), recover, own pending,
         new entries (and those held back before, see :func:`ready_to_handle`).
-        Return entries read."""
+        Return entries read.
+
+        If Redis (or the store) fails mid-step, the error propagates and whatever
+        was read but not acked is re-read, as this consumer's pending, at the next
+        step: every caller (``run``, a simulation's loop) gets the same recovery.
+        """
+        try:
+            return self._poll(block_ms)
+        except TRANSIENT:
+            self._reread_own_at = self.clock.now()
+            raise
+
+    def _poll(self, block_ms: int | None) -> int:
         if not self._ready:
             self.setup()
         now = self.clock.now()
@@ -309,8 +321,6 @@ class ConsumerWorker:
             except TRANSIENT as exc:
                 failures += 1
                 self.stats.redis_errors += isinstance(exc, REDIS_DOWN)
-                # Whatever was read but not acked is still ours: revisit it.
-                self._reread_own_at = self.clock.now()
                 log.warning("%s: %s; retrying", self.consumer, exc)
                 self._stop.wait(backoff.compute(failures))
             except redis.ResponseError as exc:
