@@ -14,6 +14,7 @@ from workbench.ops.redis_cluster import LocalCluster
 from workbench.streams.connection import (
     REDIS_DOWN,
     async_client,
+    close_async_client,
     connect,
     is_cluster,
     is_cluster_url,
@@ -60,7 +61,7 @@ def test_a_cluster_url_reaches_every_master(
         try:
             return [await aclient.get(k) for k in keys]
         finally:
-            await aclient.aclose()
+            await close_async_client(aclient)  # what the API does on shutdown
 
     assert asyncio.run(read_back()) == [b"v"] * 30
     client.close()
@@ -93,3 +94,15 @@ def test_scripts_queued_on_a_cluster_go_straight_to_their_slot_s_node(
     plain.execute()
     assert _getkeys_calls(redis_cluster) > before  # what redis-py does by itself
     client.close()
+
+
+def test_a_plain_async_client_is_closed_with_its_pool(redis_url: str) -> None:
+    async def open_and_close() -> list[bool]:
+        aclient = async_client(redis_url)
+        assert await aclient.ping()
+        pooled = list(aclient.connection_pool._available_connections)  # type: ignore[attr-defined]
+        assert pooled and all(c.is_connected for c in pooled)
+        await close_async_client(aclient)
+        return [c.is_connected for c in pooled]
+
+    assert asyncio.run(open_and_close()) == [False]

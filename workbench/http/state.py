@@ -44,7 +44,7 @@ from workbench.payments.mpesa import (
 )
 from workbench.service import EscrowService
 from workbench.store import Store, outbox
-from workbench.streams.connection import async_client, connect
+from workbench.streams.connection import async_client, close_async_client, connect
 from workbench.streams.keys import UserStreamNames, names_for
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class App:
 
     async def close(self) -> None:
         self.hub.close_all("server shutting down")
-        await self.aredis.aclose(close_connection_pool=True)  # the pool was passed in
+        await close_async_client(self.aredis)
         self.redis.close()
         if self.daraja is not None:
             self.daraja.close()

@@ -158,6 +158,18 @@ def async_client(url: str, *, max_connections: int = 16) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+async def close_async_client(client: aioredis.Redis | aiocluster.RedisCluster) -> None:
+    """Close an :func:`async_client` and its connections, whichever kind it is.
+
+    The plain client was given its pool, so it must be told to close that too;
+    the cluster client owns its nodes' pools and refuses the argument.
+    """
+    if isinstance(client, aiocluster.RedisCluster):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
+
+
 def server_version(client: redis.Redis) -> tuple[int, ...]:
     version = client.info("server")["redis_version"]
     return tuple(int(part) for part in str(version).split(".")[:3])
