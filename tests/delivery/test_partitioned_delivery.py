@@ -36,7 +36,8 @@ from workbench.domain import events as ev
 from workbench.domain.streamid import parse
 from workbench.handlers.fanout import FanoutHandler
 from workbench.ops.redis_cluster import LocalCluster
-from workbench.streams.connection import server_version
+from workbench.ops.waiting import wait_until
+from workbench.streams.connection import REDIS_DOWN, server_version
 from workbench.streams.keys import StreamNames, UserStreamNames
 from workbench.streams.partitions import Partitioning, slot_of
 
@@ -393,3 +394,25 @@ def test_live_nodes_from_urls_clients_and_addresses() -> None:
     assert plain.known == [Node("h", 3)] and plain.options["password"] == "pw"
     with pytest.raises(ValueError):
         LiveNodes([])
+
+
+def test_runs_refused_while_the_cluster_is_down_are_not_the_events_fault(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """CLUSTERDOWN (a master gone, no replica yet promoted) fails every run: the
+    handler raises it as Redis down, which the consumer retries after its pause
+    instead of counting a failure against each event (and dead-lettering it)."""
+    names = user_names("down")
+    alice, bob = users_in(names, [0, 1])  # the first slot range: the first master
+    with LocalCluster(tmp_path, masters=3, replicas=0) as cluster:
+        client = cluster.client()
+        handler = FanoutHandler(client, StreamNames("down", Partitioning(P)))
+        handler.handle([event(alice, bob)])
+        cluster.kill(cluster.masters[2])  # not alice's nor bob's master
+        wait_until(
+            lambda: cluster._state(cluster.masters[0]) == "fail",
+            timeout=DEADLINE,
+            what="the cluster to say it is down",
+        )
+        with pytest.raises(REDIS_DOWN) as down:
+            handler.handle([event(alice, bob)])
+        assert isinstance(down.value.__cause__, FanoutIncomplete)
+        client.close()

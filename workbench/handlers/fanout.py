@@ -32,6 +32,7 @@ from workbench.delivery.userstreams import (
 )
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock
+from workbench.streams.connection import REDIS_DOWN
 from workbench.streams.keys import StreamNames, UserStreamNames
 
 
@@ -65,7 +66,17 @@ class FanoutHandler:
         self.duplicates = 0
 
     def handle(self, events: list[ev.Event]) -> None:
-        self.append(events)
+        """:meth:`append`; if every failed run failed because Redis was down (a node
+        unreachable, a cluster failing over), raise that error instead of
+        :class:`FanoutIncomplete`: the consumer then retries the batch after its
+        pause, as for a failed read, instead of counting a failure against each
+        event (which would dead-letter them after ``max_deliveries``)."""
+        try:
+            self.append(events)
+        except FanoutIncomplete as incomplete:
+            if all(isinstance(e, REDIS_DOWN) for e in incomplete.errors):
+                raise incomplete.errors[0] from incomplete
+            raise
 
     def append(self, events: list[ev.Event]) -> list[list[tuple[str, UserEntry]]]:
         """Fan ``events`` out; return per event the (user, entry) pairs appended
