@@ -15,8 +15,9 @@ every master.
   receives; then the master is SIGKILLed and the replica takes over without
   them. The relay finds the streams behind what the outbox says it published
   and puts the lost rows back with their original ids, the groups re-read, and
-  the fan-out (``WORKBENCH_WAIT_REPLICAS=1``: a batch is acked once the
-  replicas of the nodes it wrote to have it) had not acked what the replica
+  the fan-out (``serve`` sets ``WORKBENCH_WAIT_REPLICAS=1`` on a cluster whose
+  every master has a replica: a batch is acked once the replicas of the nodes it
+  wrote to have it) had not acked what the replica
   lacked, so it appends that again. Afterwards: every outbox row is
   published, every group handled every event of its aggregate types exactly
   once (its inbox), every stream holds exactly its published rows, every
@@ -51,6 +52,7 @@ from workbench.handlers import ALL_GROUPS, GROUPS, aggregate_types_of
 from workbench.ops.inspection import inspect
 from workbench.ops.redis_cluster import LocalCluster
 from workbench.ops.redis_server import RedisServer, free_port
+from workbench.ops.serve import fanout_wait_replicas
 from workbench.ops.waiting import WaitTimeout, wait_until
 from workbench.store import Store, inbox, outbox
 from workbench.streams.keys import StreamNames, names_for
@@ -105,8 +107,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             "WORKBENCH_SSE_PING_S": "1",
             # Six users create escrows naming each other over and over: no per-pair limit.
             "WORKBENCH_CREATE_LIMIT": "0",
-            # Every master has a replica: the fan-out acks a batch once they have it.
-            "WORKBENCH_WAIT_REPLICAS": "1",
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "workbench", "serve", "--port", str(port),
@@ -530,3 +530,13 @@ def _escrow_count(store: Store) -> int:
                 select(func.count()).select_from(outbox).where(outbox.c.type == "escrow.created")
             ).scalar_one()
         )
+
+
+def test_serve_makes_the_fan_out_wait_for_replicas_only_where_every_master_has_one(
+    redis_cluster: LocalCluster,
+) -> None:
+    url = redis_cluster.url.replace("redis://", "redis+cluster://")
+    wait, warning = fanout_wait_replicas(url, {})  # the session's cluster has no replicas
+    assert wait == "0" and warning and "3 cluster master(s) have no replica" in warning
+    assert fanout_wait_replicas(url, {"WORKBENCH_WAIT_REPLICAS": "1"}) == (None, None)
+    assert fanout_wait_replicas("redis://127.0.0.1:1", {}) == (None, None)

@@ -74,6 +74,37 @@ class ServeOptions:
 # -- startup checks ---------------------------------------------------------------------
 
 
+def fanout_wait_replicas(redis_url: str, environ: dict[str, str]) -> tuple[str | None, str | None]:
+    """What ``WORKBENCH_WAIT_REPLICAS`` the fan-out gets, and a warning, if any.
+
+    On a Redis Cluster whose every master has a replica the fan-out must wait for
+    it before acking (:class:`workbench.delivery.userstreams.NotReplicated`: a
+    failover could otherwise lose user-stream entries whose events were acked on
+    another node), so that is the default there; the simulations prove this
+    configuration. A value set in the environment wins; on one server nothing is
+    set (there a kill loses a prefix of the history and redelivery repairs it).
+    """
+    from workbench.streams.connection import connect, is_cluster_url
+
+    if "WORKBENCH_WAIT_REPLICAS" in environ or not is_cluster_url(redis_url):
+        return None, None
+    client = connect(redis_url)
+    try:  # each master's own word: gossip may not have spread yet
+        replicas = [
+            int(client.info("replication", target_nodes=node).get("connected_slaves", 0))
+            for node in client.get_primaries()  # type: ignore[attr-defined]
+        ]
+    finally:
+        client.close()
+    if without := replicas.count(0):
+        return "0", (
+            f"{without} cluster master(s) have no replica: the fan-out does not wait for "
+            "replicas (WORKBENCH_WAIT_REPLICAS=0); a master lost with its data can lose "
+            "phone events for good"
+        )
+    return "1", None
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
     if host == "localhost":
@@ -376,6 +407,11 @@ def serve(options: ServeOptions, ready: Callable[[], None] | None = None) -> int
         children["redis"] = SupervisedRedis(server)
         redis_url = server.url
     env = dict(os.environ)
+    wait_replicas, warning = fanout_wait_replicas(redis_url, env)
+    if warning:
+        _say(f"warning: {warning}")
+    if wait_replicas is not None:
+        env["WORKBENCH_WAIT_REPLICAS"] = wait_replicas
     env.update(
         REDIS_URL=redis_url,
         DATABASE_URL=database_url,
