@@ -95,10 +95,9 @@ def queue_script(pipe: Any, client: Any, sha: str, keys: list[str], *args: Any) 
     Not ``pipe.evalsha``: a cluster's pipeline refuses it. On a cluster the
     command goes to the node serving ``keys[0]``'s slot, found in the client's
     slot map: left to itself redis-py asks the server which keys each EVALSHA
-    names (``COMMAND GETKEYS``), a round trip per script that made the fan-out
-    four times slower. A script's keys share one slot (:mod:`workbench.streams.keys`);
-    if the slot moved, the node answers MOVED and redis-py sends that command
-    again, routed afresh.
+    names (``COMMAND GETKEYS``), a round trip per script. A script's keys share
+    one slot (:mod:`workbench.streams.keys`); if the slot moved, the node answers
+    MOVED and redis-py sends that command again, routed afresh.
     """
     pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args, **on_slot_of(client, keys[0]))
 
