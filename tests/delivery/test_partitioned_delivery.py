@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -28,6 +30,7 @@ from workbench.delivery.livenodes import LiveNodes, Node
 from workbench.delivery.sessions import SessionStats, SseSession
 from workbench.delivery.userstreams import (
     FanoutIncomplete,
+    NotReplicated,
     UserStreamReader,
     UserStreams,
     entry_from_fields,
@@ -37,7 +40,7 @@ from workbench.domain.streamid import parse
 from workbench.handlers.fanout import FanoutHandler
 from workbench.ops.redis_cluster import LocalCluster
 from workbench.ops.waiting import wait_until
-from workbench.streams.connection import REDIS_DOWN, server_version
+from workbench.streams.connection import REDIS_DOWN, connect, server_version
 from workbench.streams.keys import StreamNames, UserStreamNames
 from workbench.streams.partitions import Partitioning, slot_of
 
@@ -416,3 +419,30 @@ def test_runs_refused_while_the_cluster_is_down_are_not_the_events_fault(tmp_pat
             handler.handle([event(alice, bob)])
         assert isinstance(down.value.__cause__, FanoutIncomplete)
         client.close()
+
+
+def test_a_redelivered_batch_waits_for_what_its_first_run_wrote(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """WAIT covers the writes of its own connection only. A batch whose first run's
+    WAIT timed out comes back on a new connection (a restarted worker, another
+    node's); every run finds its marker, yet the batch must not be acked while the
+    replica still lacks the first run's entries: the duplicate writes too."""
+    names = user_names("wait", 4)
+    with LocalCluster(tmp_path, masters=1, replicas=1) as cluster:
+        replica = next(n for n in cluster.nodes if n is not cluster.master_of(0))
+        url = cluster.url.replace("redis://", "redis+cluster://")
+        fanned = batch(event(*users_in(names, [0, 1])))
+        first = connect(url)
+        assert replica.pid is not None
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(NotReplicated):
+                UserStreams(first, names, wait_replicas=1, wait_timeout_ms=200).append(fanned)
+            again = connect(url)  # another process's connections
+            with pytest.raises(NotReplicated):
+                UserStreams(again, names, wait_replicas=1, wait_timeout_ms=200).append(fanned)
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        done = UserStreams(again, names, wait_replicas=1, wait_timeout_ms=5000).append(fanned)
+        assert done == [0]  # the replica caught up: the redelivery is acked, nothing twice
+        first.close()
+        again.close()

@@ -8,7 +8,13 @@ import asyncio
 import pytest
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import ClusterDownError, MasterDownError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from workbench.ops.redis_cluster import LocalCluster
 from workbench.streams.connection import (
@@ -31,7 +37,9 @@ def test_cluster_urls_are_told_from_node_urls() -> None:
     assert node_url("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
 
 
-@pytest.mark.parametrize("error", [ClusterDownError, MasterDownError, TryAgainError])
+@pytest.mark.parametrize(
+    "error", [ClusterDownError, MasterDownError, TryAgainError, ClusterError, SlotNotCoveredError]
+)
 def test_a_failing_over_cluster_counts_as_redis_down(error: type[Exception]) -> None:
     assert isinstance(error("CLUSTERDOWN"), REDIS_DOWN)
 

@@ -91,14 +91,21 @@ DEFAULT_WAIT_TIMEOUT_MS = 1000
 # lifetime all run on it: the marker holds its expiry in that clock's ms, and EX is
 # only its garbage collection.
 _FANOUT_LUA = """
+-- A duplicate still writes (the marker's own TTL again), so that a WAIT after it,
+-- perhaps on another connection than the first run's, covers that first run too.
+local function duplicate()
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  return {}
+end
 local now_ms = tonumber(ARGV[8])
 if now_ms then
   local seen = redis.call('GET', KEYS[1])
-  if seen and tonumber(seen) and tonumber(seen) > now_ms then return {} end
+  if seen and tonumber(seen) and tonumber(seen) > now_ms then return duplicate() end
   redis.call('SET', KEYS[1], string.format('%.0f', now_ms + tonumber(ARGV[5]) * 1000),
     'EX', ARGV[5])
 elseif not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[5]) then
-  return {}
+  return duplicate()
 end
 local ids = {}
 local min_id = nil

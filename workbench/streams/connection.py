@@ -30,7 +30,7 @@ import sqlalchemy.exc
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import ClusterDownError, ClusterError, SlotNotCoveredError, TryAgainError
 from redis.retry import Retry
 
 # BLOCK must stay below this, or redis-py raises TimeoutError mid-read.
@@ -42,6 +42,8 @@ REDIS_DOWN = (
     redis.TimeoutError,
     ClusterDownError,  # a master failing over (also MasterDownError)
     TryAgainError,  # a slot migrating
+    ClusterError,  # redirections exhausted ("TTL exhausted") while the slot map settles
+    SlotNotCoveredError,  # no node serves the slot yet: a failover not finished
 )
 #: URL schemes naming a Redis Cluster (any one node; the client finds the rest).
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
