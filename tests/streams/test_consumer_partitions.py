@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import pytest
 import redis
 
 from tests.streams.test_connection import _getkeys_calls
@@ -331,3 +332,43 @@ def test_on_a_cluster_a_worker_reads_every_partition_and_dead_letters_into_its_o
     worker.leave()
     assert all(client.get(names.lease("ledger", p)) is None for p in names.partitions)
     client.close()
+
+
+def test_a_partition_is_not_read_until_its_takeover_has_claimed_what_was_left(r) -> None:
+    """A live member ("a-ghost") left an escrow's first event pending in a partition
+    that is now "b"'s. b's first claim of it fails (Redis went away mid-takeover):
+    b must not read that partition's newer entries meanwhile, or the escrow's second
+    event would be handled before its first, and the first never, as the lease was
+    already b's when it retried. The takeover is retried; then both are handled, in
+    order."""
+    names = StreamNames("takeover", Partitioning(4))
+    clock, log = ManualClock(1000.0), _Log()
+    r.hset(names.heartbeats("ledger"), "a-ghost", repr(clock.now()))  # alive, holds nothing
+    share = assign(["a-ghost", "b"], 4)["b"]
+    escrow = next(e for e in (f"esc-{n}" for n in range(100)) if names.partition_of(e) in share)
+    worker = _worker(r, names, log, "b", clock)
+    worker.setup()  # the group exists; b has taken its share (nothing pending yet)
+    worker.leave()
+    r.hset(names.heartbeats("ledger"), "a-ghost", repr(clock.now()))
+    _publish(r, names, [escrow], [1])
+    stream = names.stream("escrow", names.partition_of(escrow))
+    assert r.xreadgroup("ledger", "a-ghost", {stream: ">"})  # its first event, pending there
+    _publish(r, names, [escrow], [2])
+
+    worker = _worker(r, names, log, "b", clock)
+    real_claim, failures = worker._claim_from, []
+
+    def claim_once_failing(stream_key: str, dead: str) -> int:
+        if not failures:
+            failures.append(stream_key)
+            raise redis.ConnectionError("Redis went away mid-takeover")
+        return real_claim(stream_key, dead)
+
+    worker._claim_from = claim_once_failing  # type: ignore[method-assign]
+    with pytest.raises(redis.ConnectionError):
+        worker.poll(block_ms=0)
+    assert failures
+    assert names.partition_of(escrow) not in worker.reading  # not read meanwhile
+    worker.drain()  # the takeover is retried first (a failed start sets up again)
+    assert [e.sequence for _, e in log.calls] == [1, 2]
+    assert names.partition_of(escrow) in worker.reading

@@ -218,6 +218,9 @@ class ConsumerWorker:
             self._leases = Leases(client, keys, self.consumer, self.settings.dead_after_s)
         self.reading: tuple[int, ...] = () if self._leases else (0,)
         self._read_streams = self._streams_of(self.reading)
+        # Partitions held whose takeover (claiming what others left pending) has not
+        # yet succeeded: not read until it has, or new entries would pass older ones.
+        self._taking: set[int] = set()
         self._turn = 0  # which partition a cluster read blocks on next
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self.stats = ConsumerStats()
@@ -772,10 +775,13 @@ class ConsumerWorker:
         # A lease lost to another member (ours expired: this process was paused) is
         # simply no longer read; what we still had pending there is claimed by the
         # new holder when it took it, or by the idle backstop.
-        self._set_reading(held)
-        taken = newly_taken(before, held)
-        if taken:
-            self._take_over(taken)
+        self._taking = (self._taking | set(newly_taken(before, held))) & held
+        self._set_reading(held - self._taking)
+        if self._taking:
+            self._claim_left_behind(tuple(sorted(self._taking)))  # may fail: retried
+            self._taking = set()
+            self._set_reading(held)
+            self._reread_own_pending()  # merged with this poll's read of new entries
 
     def _set_reading(self, partitions: frozenset[int]) -> None:
         self.reading = tuple(sorted(partitions))
@@ -794,11 +800,11 @@ class ConsumerWorker:
         self.stats.partitions_given += len(partitions)
         log.info("%s gave back partitions %s", self.consumer, sorted(partitions))
 
-    def _take_over(self, partitions: tuple[int, ...]) -> None:
+    def _claim_left_behind(self, partitions: tuple[int, ...]) -> None:
         """Claim the pending entries of every other consumer in the streams of newly
-        taken ``partitions`` (a previous holder that gave them back or died), and
-        re-read our own pending, so they are handled before, and with, the first
-        new entries read from them."""
+        taken ``partitions`` (a previous holder that gave them back or died); the
+        caller then re-reads our own pending, so they are handled before, and with,
+        the first new entries read from them."""
         streams = self._streams_of(partitions)
         pipe = self.client.pipeline(transaction=False)
         for stream in streams:
@@ -810,7 +816,6 @@ class ConsumerWorker:
                 name = text(c["name"])
                 if name != self.consumer and int(c["pending"]):
                     self._claim_from(stream, name)
-        self._reread_own_pending()  # merged with this poll's read of new entries
         self.stats.partitions_taken += len(partitions)
         log.info("%s took partitions %s", self.consumer, list(partitions))
 
