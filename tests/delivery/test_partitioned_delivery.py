@@ -446,3 +446,41 @@ def test_a_redelivered_batch_waits_for_what_its_first_run_wrote(tmp_path) -> Non
         assert done == [0]  # the replica caught up: the redelivery is acked, nothing twice
         first.close()
         again.close()
+
+
+def test_a_live_connection_that_goes_silent_is_found_dead_by_its_ping(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A lost machine sends no reset: the reader's connection would wait forever.
+    Stopped (SIGSTOP), the server answers no ping; the reader takes the feed for
+    lost, reconnects once it answers again, and sessions are told to catch up."""
+    from workbench.ops.redis_server import RedisServer
+
+    names = user_names("silent", partitions=4)
+    [user] = users_in(names, [1])
+    with RedisServer(tmp_path / "r") as server:
+        client = connect(server.url)
+        assert server.pid is not None
+
+        async def scenario() -> None:
+            hub = Hub()
+            subscription = hub.subscribe(user)
+            async with Running(LiveReader(server.url, hub, names, liveness_s=0.2)) as reader:
+                await next_of(subscription, Resync)
+                os.kill(server.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+                try:
+                    await wait_for_async(lambda: not reader.connected.is_set(), 10)
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)  # type: ignore[arg-type]
+                assert (await next_of(subscription, Resync)).reason == "live feed (re)connected"
+                assert reader.reconnects == 1
+                [pairs] = UserStreams(client, names).append_entries(batch(event(user)))
+                assert await next_of(subscription, UserEntry) == pairs[0][1]
+
+        run(scenario)
+        client.close()
+
+
+async def wait_for_async(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

@@ -40,6 +40,9 @@ from workbench.streams.connection import outage_backoff
 from workbench.streams.keys import UserStreamNames
 
 log = logging.getLogger(__name__)
+#: Seconds of silence after which a live connection is pinged; twice that without an
+#: answer, it is taken for dead and every connection is re-planned (a Resync follows).
+LIVENESS_S = 5.0
 
 
 class FeedLost(Exception):
@@ -66,8 +69,13 @@ class LiveReader:
         source: LiveSource | LiveNodes,
         hub: Hub,
         names: UserStreamNames | None = None,
+        *,
+        liveness_s: float = LIVENESS_S,
     ) -> None:
         self.nodes = LiveNodes.of(source)
+        # A connection silent this long is pinged; silent twice as long, it is dead
+        # (a lost machine sends no reset, and a new master never had our subscription).
+        self.liveness_s = liveness_s
         self.hub = hub
         self.names = names or UserStreamNames()
         self.connected = asyncio.Event()
@@ -145,10 +153,18 @@ class LiveReader:
         waiting: set[Node | None],
     ) -> None:
         confirmed = 0
+        clock = asyncio.get_running_loop().time
+        heard = clock()
         while True:
-            message = await pubsub.get_message(timeout=None)
+            message = await pubsub.get_message(timeout=self.liveness_s)
             if message is None:
+                if clock() - heard >= 2 * self.liveness_s:
+                    raise FeedLost(
+                        f"{node or self.url} did not answer a ping within {self.liveness_s:g} s"
+                    )
+                await pubsub.ping()  # its pong, or any message, proves the link alive
                 continue
+            heard = clock()
             kind = message["type"]
             if kind in ("message", "smessage"):
                 self._deliver(message["data"])
