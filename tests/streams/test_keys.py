@@ -71,3 +71,17 @@ def test_a_user_s_stream_marker_and_channel_share_the_user_s_partition_slot() ->
 def test_the_risk_stream_and_its_markers_share_a_slot() -> None:
     risk = RiskNames.of(names_for("wb", 8))
     assert _slot(risk.stream) == _slot(risk.marker("analytics", "e9"))
+
+
+def test_defaults_name_partition_zero_of_the_wb_prefix() -> None:
+    assert names_for() == StreamNames("wb")
+    names = names_for("wb", 4)
+    assert names.lease("relay") == names.lease("relay", 0)
+    assert StreamNames().dead_letter("ledger") == "wb:dead:ledger"
+    assert UserStreamNames().live_channel() == "wb:live"
+    users = UserStreamNames.of(names)
+    assert users.live_channel() == users.live_channels[0]
+    assert names.dead_letters("ledger") == [names.dead_letter("ledger", p) for p in range(4)]
+    assert len(set(names.dead_letters("ledger"))) == 4
+    with pytest.raises(ValueError, match=r"^unknown aggregate type 'nope'; known: escrow, "):
+        names.stream("nope")

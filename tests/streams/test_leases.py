@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 from hypothesis import given
 from hypothesis import strategies as st
@@ -66,9 +67,15 @@ def test_given_back_leases_are_taken_at_once_and_only_ones_own_are_deleted(
     assert a.sync([4], now=1.0) == {4, 5}  # kept until given back
     a.give([5])
     assert a.held == {4}
+    assert r.get(NAMES.lease("g", 4)) == lease_value("a", 11.0).encode()  # 4 kept
     assert b.sync([5], now=1.0) == {5}
     a.held = frozenset({4, 5})  # a stale view: giving back 5 must not free b's lease
     a.give([5])
     assert r.get(NAMES.lease("g", 5)) == lease_value("b", 11.0).encode()
     a.give_all()
     assert r.get(NAMES.lease("g", 4)) is None
+
+
+def test_a_member_name_with_a_space_is_refused(r: redis.Redis) -> None:
+    with pytest.raises(ValueError, match="^a lease member's name has no spaces: 'a b'$"):
+        _leases(r, "a b")

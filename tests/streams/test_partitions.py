@@ -11,7 +11,13 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS
 
 from tests.support import ROOT
 from workbench.ops.redis_cluster import slot_ranges
-from workbench.streams.partitions import MAX_PARTITIONS, Partitioning, even_tags, slot_of
+from workbench.streams.partitions import (
+    MAX_PARTITIONS,
+    Partitioning,
+    _first_tag,
+    even_tags,
+    slot_of,
+)
 
 
 def _per_master(tags: tuple[str, ...], masters: int) -> list[int]:
@@ -93,3 +99,20 @@ def test_slot_ranges_cover_every_slot_once(masters: int) -> None:
     assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="at least one master"):
         slot_ranges(0)
+
+
+@pytest.mark.parametrize("count", [3, 16])
+def test_each_tag_is_the_first_candidate_in_its_range(count: int) -> None:
+    """Tags are found, not chosen: ``p<p>-<n>`` with the smallest ``n`` in range, so
+    every process derives the same tags."""
+    for p, tag in enumerate(even_tags(count)):
+        prefix, n = tag.rsplit("-", 1)
+        assert prefix == f"p{p}"
+        low, high = p * 16384 // count, (p + 1) * 16384 // count
+        assert not any(low <= slot_of(f"p{p}-{k}") < high for k in range(int(n)))
+
+
+def test_the_largest_partition_count_has_tags_and_an_empty_range_none() -> None:
+    assert len(set(even_tags(MAX_PARTITIONS))) == MAX_PARTITIONS
+    with pytest.raises(ValueError, match=r"no tag of partition 3 in slots \[5, 5\)"):
+        _first_tag(3, 5, 5)

@@ -46,15 +46,28 @@ def even_tags(count: int) -> tuple[str, ...]:
     """One hash tag per partition, the ``p``-th in the ``p``-th of ``count`` equal slot ranges."""
     if not 1 <= count <= MAX_PARTITIONS:
         raise ValueError(f"partitions must be between 1 and {MAX_PARTITIONS}, not {count}")
-    tags = []
-    for p in range(count):
-        low = p * REDIS_CLUSTER_HASH_SLOTS // count
-        high = (p + 1) * REDIS_CLUSTER_HASH_SLOTS // count
-        n = 0
-        while not low <= slot_of(f"p{p}-{n}") < high:
-            n += 1
-        tags.append(f"p{p}-{n}")
-    return tuple(tags)
+    return tuple(
+        _first_tag(
+            p,
+            p * REDIS_CLUSTER_HASH_SLOTS // count,
+            (p + 1) * REDIS_CLUSTER_HASH_SLOTS // count,
+        )
+        for p in range(count)
+    )
+
+
+#: How many candidate tags are tried per partition: a range holds at least 16 of the
+#: 16384 slots, so about 1024 tries are expected and this many never run out.
+_TAG_TRIES = 100_000
+
+
+def _first_tag(partition: int, low: int, high: int) -> str:
+    """The first tag ``p<partition>-<n>`` (smallest ``n``) whose slot is in ``[low, high)``."""
+    for n in range(_TAG_TRIES):
+        tag = f"p{partition}-{n}"
+        if low <= slot_of(tag) < high:
+            return tag
+    raise ValueError(f"no tag of partition {partition} in slots [{low}, {high})")
 
 
 @dataclass(frozen=True)
