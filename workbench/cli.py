@@ -205,6 +205,8 @@ def worker(
     ``analytics`` (score sellers with the risk model of ``--model``, publishing
     ``risk.scored`` entries).
     """
+    from workbench.streams.groups import PartitionCountMismatch
+
     names = _names(prefix, partitions)
     if (group == "analytics") != (model_dir is not None):
         raise click.UsageError("--model is required for the analytics group, and only for it")
@@ -241,7 +243,11 @@ def worker(
         clock=clock,
     )  # fmt: skip
     w.install_signal_handlers()
-    w.setup()
+    try:
+        w.setup()
+    except PartitionCountMismatch as exc:
+        click.echo(f"workbench worker {group} --partitions {partitions}: {exc}", err=True)
+        sys.exit(2)
     click.echo(f"{w.consumer}: consuming {group} from {', '.join(w.streams)}", err=True)
     w.run()
     w.leave()
@@ -313,6 +319,7 @@ def relay(
     import signal
 
     from workbench.streams.connection import TRANSIENT
+    from workbench.streams.groups import PartitionCountMismatch
     from workbench.streams.relay import DurabilityUnavailable, PartitionCountChanged
 
     setup_logging(verbose)
@@ -337,7 +344,7 @@ def relay(
     except DurabilityUnavailable as exc:
         click.echo(f"workbench relay --wait-fsync: {exc}", err=True)
         sys.exit(2)
-    except PartitionCountChanged as exc:
+    except (PartitionCountChanged, PartitionCountMismatch) as exc:
         click.echo(f"workbench relay --partitions {partitions}: {exc}", err=True)
         sys.exit(2)
 

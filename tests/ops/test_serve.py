@@ -13,6 +13,7 @@ import httpx
 from tests.http_support import ROOT, SECRET, auth, read_events
 from workbench.ops.redis_server import free_port
 from workbench.ops.waiting import wait_until
+from workbench.streams.connection import connect
 
 
 def _processes_mentioning(marker: str) -> list[str]:
@@ -103,3 +104,19 @@ def test_an_out_of_range_partition_count_is_an_exit_2_naming_the_option() -> Non
         )  # fmt: skip
         assert done.returncode == 2, (command, done.stderr)
         assert "--partitions" in done.stderr and "5000" in done.stderr, done.stderr
+
+
+def test_a_worker_or_relay_with_another_partition_count_than_the_log_exits_2(
+    redis_url: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    prefix = f"cnt{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"}
+    connect(redis_url).set(f"{prefix}:partitions", "16")
+    for command in (["relay"], ["worker", "ledger"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "workbench", *command, "--prefix", prefix, "--partitions", "8"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert done.returncode == 2, (command, done.stderr)
+        assert "has 16 partitions" in done.stderr and "started with 8" in done.stderr
+        assert "Traceback" not in done.stderr

@@ -311,3 +311,25 @@ def test_unpartitioned_relays_use_no_leases(r, store, clock) -> None:
     assert relay.held == {0}
     assert r.keys(f"{names.prefix}:*lease*") == []
     assert all(aggregate in AGGREGATE_TYPES for _, _, aggregate, *_ in _outbox(store))
+
+
+def test_processes_started_with_another_partition_count_are_refused(r, store, clock) -> None:
+    from workbench.streams.consumer import ConsumerWorker
+    from workbench.streams.groups import PartitionCountMismatch
+    from workbench.streams.keys import names_for
+
+    four, eight, none = names_for("count", 4), names_for("count", 8), names_for("count", 0)
+    _relay(store, r, four, clock).drain()  # the first one records 4
+    assert r.get(four.partition_count()) == b"4"
+    with pytest.raises(PartitionCountMismatch, match="has 4 partitions .* started with 8"):
+        _relay(store, r, eight, clock, member="relay-b").publish_batch()
+
+    class _Nothing:
+        group, aggregate_types = "ledger", ("escrow",)
+
+        def handle(self, events: list) -> None:  # type: ignore[type-arg]
+            raise AssertionError("never reached")
+
+    with pytest.raises(PartitionCountMismatch, match="started with 0"):
+        ConsumerWorker(r, _Nothing(), consumer="w", names=none, clock=clock).setup()
+    ConsumerWorker(r, _Nothing(), consumer="w", names=four, clock=clock).setup()  # agrees

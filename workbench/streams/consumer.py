@@ -108,7 +108,7 @@ from workbench.streams.decisions import (
     should_dead_letter,
     to_give_back,
 )
-from workbench.streams.groups import ensure_groups
+from workbench.streams.groups import claim_partition_count, ensure_groups
 from workbench.streams.keys import StreamNames
 from workbench.streams.leases import Leases, assign, live_members
 from workbench.streams.replies import text
@@ -238,6 +238,7 @@ class ConsumerWorker:
     # -- setup ---------------------------------------------------------------------
 
     def setup(self) -> None:
+        claim_partition_count(self.client, self.names)
         ensure_groups(self.client, self.streams, self.group)
         self._heartbeat(force=True)  # and, partitioned, take the first partitions
         self._reread_own_at = self.clock.now()  # own pending before new entries

@@ -23,6 +23,32 @@ from workbench.streams.keys import StreamNames
 from workbench.streams.replies import text
 
 
+class PartitionCountMismatch(RuntimeError):
+    """This process was started with another partition count than the log has."""
+
+
+def claim_partition_count(client: redis.Redis, names: StreamNames) -> None:
+    """Record the log's partition count the first time; refuse another one after.
+
+    Processes of one deployment that disagree on the count would split an escrow
+    over two partitions, or have two relays each holding "its" partition 3 under a
+    different key. The first process stores its count (``<prefix>:partitions``,
+    ``0`` unpartitioned); any process started with another one gets
+    :class:`PartitionCountMismatch`, whose message says how to change the count.
+    """
+    key = names.partition_count()
+    count = str(len(names.partitions)) if names.partitioned else "0"
+    client.set(key, count, nx=True)
+    found = text(client.get(key))
+    if found != count:
+        raise PartitionCountMismatch(
+            f"the log under prefix {names.prefix!r} has {found} partitions (0: unpartitioned) "
+            f"but this process was started with {count}: every process of a deployment "
+            f"needs the same --partitions (WORKBENCH_PARTITIONS). To change it, stop "
+            f"everything, let the outbox publish and every group catch up, delete {key}"
+        )
+
+
 def ensure_groups(client: redis.Redis, streams: list[str], group: str) -> None:
     """Create ``group`` on each stream (from the start, creating the stream).
 

@@ -105,6 +105,10 @@ class StreamNames(_Partitioned):
         """When the relay last published a batch (its clock's time)."""
         return f"{self.prefix}:relay:last_publish"
 
+    def partition_count(self) -> str:
+        """The partition count the log was made with (``0``: unpartitioned)."""
+        return f"{self.prefix}:partitions"
+
 
 def names_for(prefix: str = "wb", partitions: int = 0) -> StreamNames:
     """The log's names under ``prefix`` with ``partitions`` partitions (0: unpartitioned,

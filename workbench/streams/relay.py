@@ -99,6 +99,7 @@ from workbench.streams.connection import (
     queue_script,
     server_version,
 )
+from workbench.streams.groups import claim_partition_count
 from workbench.streams.keys import StreamNames
 from workbench.streams.leases import Leases, assign, live_members
 from workbench.streams.replies import text
@@ -288,6 +289,7 @@ class OutboxRelay:
         self._sha = ""
         self._durability_checked = False
         self._partition_count_checked = False
+        self._partition_count_claimed = False
         self._next_verify = 0.0
         self._stop = StopRequest()
         self.heartbeat_every_s = heartbeat_every_s
@@ -457,6 +459,9 @@ class OutboxRelay:
         rows, one script per partition in one pipeline; a partition whose lease
         turns out lost is dropped and its rows are left to its holder.
         """
+        if not self._partition_count_claimed:
+            claim_partition_count(self.client, self.names)  # PartitionCountMismatch
+            self._partition_count_claimed = True
         held = self.sync_leases()
         if not held:
             return 0
