@@ -101,7 +101,8 @@ def test_slot_ranges_cover_every_slot_once(masters: int) -> None:
         slot_ranges(0)
 
 
-@pytest.mark.parametrize("count", [3, 16])
+# 12 and 35: counts whose range bounds are fractions where a tag sits right on one.
+@pytest.mark.parametrize("count", [3, 12, 16, 35])
 def test_each_tag_is_the_first_candidate_in_its_range(count: int) -> None:
     """Tags are found, not chosen: ``p<p>-<n>`` with the smallest ``n`` in range, so
     every process derives the same tags."""
@@ -109,7 +110,13 @@ def test_each_tag_is_the_first_candidate_in_its_range(count: int) -> None:
         prefix, n = tag.rsplit("-", 1)
         assert prefix == f"p{p}"
         low, high = p * 16384 // count, (p + 1) * 16384 // count
+        assert low <= slot_of(tag) < high
         assert not any(low <= slot_of(f"p{p}-{k}") < high for k in range(int(n)))
+
+
+def test_a_range_includes_its_low_slot() -> None:
+    slot = slot_of("p0-0")
+    assert _first_tag(0, slot, slot + 1) == "p0-0"
 
 
 def test_the_largest_partition_count_has_tags_and_an_empty_range_none() -> None:
