@@ -50,6 +50,18 @@ def _redis_url(value: str | None) -> str:
     return url
 
 
+def _client(url: str) -> Any:
+    """A client for ``url``; a cluster none of whose named nodes answers (its client
+    connects at once) is an exit-2 message, not a traceback."""
+    from redis.exceptions import RedisClusterException
+
+    try:
+        return connect(url)
+    except RedisClusterException as exc:
+        click.echo(f"Error: cannot reach the Redis Cluster at {url}: {exc}", err=True)
+        sys.exit(2)
+
+
 redis_option = click.option("--redis-url", envvar="REDIS_URL", help="Redis URL [env REDIS_URL]")
 database_option = click.option(
     "--database-url", envvar="DATABASE_URL",
@@ -214,7 +226,7 @@ def worker(
         raise click.UsageError("--risk-prefix and --group-name are for the analytics group")
     setup_logging(verbose)
     store = Store(database_url or _default_database())
-    client = connect(_redis_url(redis_url))
+    client = _client(_redis_url(redis_url))
     clock = clock_from_env()
     try:
         settings = ConsumerSettings(
@@ -326,7 +338,7 @@ def relay(
     clock = clock_from_env()
     r = make_relay(
         Store(database_url or _default_database()),
-        connect(_redis_url(redis_url)),
+        _client(_redis_url(redis_url)),
         names=_names(prefix, partitions),
         clock=clock,
         ids_on_clock=simulated(clock) is not None,  # a real-time simulation's timeline
@@ -378,7 +390,7 @@ def timers(
     service = EscrowService(
         Store(database_url or _default_database()), clock=clock, partitioning=names.partitioning
     )
-    beats = connect(redis_url) if redis_url else None
+    beats = _client(redis_url) if redis_url else None
     key, me = names.heartbeats("timers"), f"timers-{os.getpid()}"
     stop = StopRequest()
     stop.on_signals()

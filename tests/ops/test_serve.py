@@ -120,3 +120,15 @@ def test_a_worker_or_relay_with_another_partition_count_than_the_log_exits_2(
         assert done.returncode == 2, (command, done.stderr)
         assert "has 16 partitions" in done.stderr and "started with 8" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_an_unreachable_cluster_is_an_exit_2_message_not_a_traceback() -> None:
+    for command in (["relay"], ["worker", "ledger"], ["timers"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "workbench", *command, "--partitions", "4",
+             "--redis-url", "redis+cluster://127.0.0.1:1"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 2, (command, done.stderr)
+        assert "cannot reach the Redis Cluster at redis+cluster://127.0.0.1:1" in done.stderr
+        assert "Traceback" not in done.stderr
