@@ -20,6 +20,7 @@ The names most people call::
     import simulations
     run = simulations.run_scenario("baseline", seed=1)     # simulate, check, load
     run = simulations.load_run("data/runs/baseline-1")      # a run's tables, verdict, metrics
+    simulations.report("data/runs/baseline-1")              # -> .../report.html, one page
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from workbench._exports import lazy
 
 if TYPE_CHECKING:
     from simulations.analysis.checker import CheckReport, check, check_dir
+    from simulations.analysis.page import report
     from simulations.analysis.report import inspection_frames
     from simulations.analysis.results import Run, load_run, run_scenario
     from simulations.analysis.tables import RunTables
@@ -47,6 +49,7 @@ __all__ = [
     "inspection_frames",
     "load",
     "load_run",
+    "report",
     "run_scenario",
     "simulate",
     "simulate_to",
@@ -64,6 +67,7 @@ __getattr__ = lazy(
         "inspection_frames": "analysis.report",
         "load": "scenario",
         "load_run": "analysis.results",
+        "report": "analysis.page",
         "run_scenario": "analysis.results",
         "simulate": "drivers.virtual",
         "simulate_to": "drivers.virtual",

@@ -346,3 +346,33 @@ def sim_relay(crash_at: str | None, crash_batch: int, **options: Any) -> None:
     hook = sigkill_at(crash_at, crash_batch, RELAY_CRASH_POINTS) if crash_at else None
     assert relay_command.callback is not None
     relay_command.callback(**options, make_relay=functools.partial(CrashingRelay, crash_hook=hook))
+
+
+# -- a page people open ---------------------------------------------------------------
+
+
+@click.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path),
+    help="the HTML file to write [default DIRECTORY/report.html]",
+)  # fmt: skip
+def report(directory: Path, out: Path | None) -> None:
+    """Write one self-contained HTML page of the run or sweep in DIRECTORY; print its path.
+
+    A run's page: the checker's verdict and tables, backlog over time with the
+    faults, latency ECDFs, replays, reconnects and resets, the manifest. A
+    sweep's: runs OK, the summary over seeds, measures against the grid with
+    95% intervals. No server, no external URL: CSS and SVG figures are inline.
+    Exits 2 when DIRECTORY is neither a finished run nor a sweep.
+    """
+    from simulations.analysis.page import ReportError
+    from simulations.analysis.page import report as write_page
+
+    try:
+        path = write_page(directory, out)
+    except ReportError as exc:
+        error = click.ClickException(str(exc))
+        error.exit_code = 2
+        raise error from None
+    click.echo(path)

@@ -6,6 +6,7 @@
 * :mod:`.handling`: consumers' handling logs (real-time runs' SIGKILLed workers).
 * :mod:`.results`: ``load_run`` and ``run_scenario``, what notebooks call.
 * :mod:`.report`: terminal tables, and inspections as frames.
+* :mod:`.figures` and :mod:`.page`: a run or a sweep as one self-contained HTML page.
 """
 
 from __future__ import annotations
