@@ -10,8 +10,9 @@ module guarantees of every figure it makes:
   and :data:`MEASURES` below, so a test can look for them in the page);
 * text stays text (``svg.fonttype = "none"``): selectable, searchable, small;
 * nothing refers outside the page: no XML prolog, DOCTYPE, namespace URLs or
-  metadata, and ids (clip paths, markers) salted with the figure's name, so
-  several figures share a page without clashing and the same run gives the
+  metadata; every id (groups, clip paths, markers) and reference to one is
+  prefixed with the figure's name, so several figures share a page without
+  clashing, and the hashed ones are salted with it, so the same run gives the
   same page;
 * big series are reduced before drawing (at most :data:`MAX_POINTS` points a
   line: backlogs keep each bin's peak, ECDFs are drawn at evenly spaced
@@ -314,6 +315,7 @@ def _ecdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _PROLOG = re.compile(r"^.*?(?=<svg)", re.DOTALL)
 _METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.DOTALL)
 _NAMESPACES = re.compile(r'\s+xmlns(:\w+)?="[^"]*"')
+_IDS = re.compile(r'(\bid="|href="#|url\(#)(?=[^"#)])')
 
 
 def _figure(fig: Any, name: str, title: str, caption: str) -> Figure:
@@ -322,6 +324,9 @@ def _figure(fig: Any, name: str, title: str, caption: str) -> Figure:
     with matplotlib.rc_context({"svg.hashsalt": name}):
         fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     svg = _NAMESPACES.sub("", _METADATA.sub("", _PROLOG.sub("", buffer.getvalue(), count=1)))
+    # matplotlib numbers its groups "figure_1", "axes_1"... in every figure: prefix them
+    # (and the references to them), so ids stay unique on a page of several figures.
+    svg = _IDS.sub(lambda m: f"{m.group(1)}{name}-", svg)
     return Figure(name=name, title=title, caption=caption, svg=svg.strip())
 
 

@@ -223,12 +223,12 @@ def _delivery_section(checked: CheckReport) -> Section:
 
 
 def _backlog_section(run: Run) -> Section:
+    every = run.manifest.get("params", {}).get("run", {}).get("sample_every_s")
     section = Section(
         "backlog",
         "Backlog over time",
-        "Sampled from Redis (XINFO GROUPS and the oldest pending entry) every "
-        f"{_seconds(run.manifest.get('params', {}).get('run', {}).get('sample_every_s'))}"
-        " of run time.",
+        "Sampled from Redis (XINFO GROUPS and the oldest pending entry)"
+        + (f" every {_seconds(every)} of run time." if isinstance(every, numbers.Real) else "."),
     )
     if run.samples.empty:
         section.notes.append("no backlog samples in this run")
