@@ -55,6 +55,8 @@ ROW_LIMIT = 50
 #: Columns of ``results.parquet`` that are not grid keys (grid keys are ``section.key``).
 RESULT_COLUMNS = ("seed", "events", "faults", "ok", "lost", "duplicated", "unseen",
                   "client_lost", "handling_p99_s", "wall_seconds", "cpu")  # fmt: skip
+#: Columns of ``results.parquet`` whose nonzero values fail a run.
+SWEEP_FAILURES = ("lost", "duplicated", "unseen", "client_lost")
 
 
 class ReportError(Exception):
@@ -356,10 +358,40 @@ def sweep_page(directory: Path) -> Page:
     results = _read_parquet(directory / "results.parquet")
     keys = grid_keys(results)
     summary = _summary(directory, results, keys)
-    measures = [m for m in figures.MEASURES if f"{m}_mean" in summary.columns]
     runs = _run_table(directory, keys)
-    scenario = runs["scenario"].iloc[0] if len(runs) else directory.name
+    scenario = str(runs["scenario"].iloc[0]) if len(runs) else directory.name
     passed = int(results["ok"].astype(bool).sum()) if "ok" in results else 0
+    return Page(
+        kind="sweep",
+        title=f"sweep of {scenario}",
+        ok=passed == len(results),
+        verdict=f"{passed} of {len(results)} runs OK",
+        facts=[
+            ("scenario", scenario),
+            ("grid", "; ".join(f"{k} = {', '.join(map(str, results[k].unique()))}" for k in keys)
+             or "none"),
+            ("seeds", ", ".join(map(str, sorted(results["seed"].unique())))
+             if "seed" in results else "?"),
+            ("runs", f"{len(results):,}"),
+            ("summary", "summary.parquet" if (directory / "summary.parquet").is_file()
+             else "computed from results.parquet"),
+        ],
+        sections=[
+            _summary_section(summary, keys),
+            Section("runs", "Every run", "results.parquet, a row per run.",
+                    tables=[table(results, "results", failing=SWEEP_FAILURES,
+                                  must_hold=("ok",))]),
+            Section("directories", "Run directories",
+                    "The run directories under the sweep (each has its own tables; "
+                    "`workbench report` on one gives its page).",
+                    tables=[table(runs, "run directories", empty="none found")]),
+        ],
+    )  # fmt: skip
+
+
+def _summary_section(summary: pd.DataFrame, keys: list[str]) -> Section:
+    """The summary table, and each measure it has against the grid's first key."""
+    measures = [m for m in figures.MEASURES if f"{m}_mean" in summary.columns]
     section = Section(
         "summary",
         "Summary over seeds",
@@ -369,33 +401,7 @@ def sweep_page(directory: Path) -> Page:
     )
     if keys:
         section.figures = [figures.measure_figure(summary, keys[0], m, keys[1:]) for m in measures]
-    return Page(
-        kind="sweep",
-        title=f"sweep of {scenario}",
-        ok=passed == len(results),
-        verdict=f"{passed} of {len(results)} runs OK",
-        facts=[
-            ("scenario", str(scenario)),
-            ("grid", ", ".join(f"{k} = {', '.join(map(str, results[k].unique()))}" for k in keys)
-             or "none"),
-            ("seeds", ", ".join(str(s) for s in sorted(results["seed"].unique()))
-             if "seed" in results else "?"),
-            ("runs", f"{len(results):,}"),
-            ("summary", "summary.parquet" if (directory / "summary.parquet").is_file()
-             else "computed from results.parquet"),
-        ],
-        sections=[
-            section,
-            Section("runs", "Every run", "results.parquet, a row per run.",
-                    tables=[table(results, "results", failing=("lost", "duplicated", "unseen",
-                                                                "client_lost"),
-                                  must_hold=("ok",))]),
-            Section("directories", "Run directories",
-                    "The run directories under the sweep (each has its own tables; "
-                    "`workbench report` on one gives its page).",
-                    tables=[table(runs, "run directories", empty="none found")]),
-        ],
-    )  # fmt: skip
+    return section
 
 
 def grid_keys(results: pd.DataFrame) -> list[str]:
@@ -408,6 +414,10 @@ def _summary(directory: Path, results: pd.DataFrame, keys: list[str]) -> pd.Data
     path = directory / "summary.parquet"
     if path.is_file():
         summary = _read_parquet(path)
+        if missing := [k for k in keys if k not in summary.columns]:
+            raise ReportError(
+                f"{path} lacks the grid's columns {missing} (results.parquet has them)"
+            )
     else:
         measures = [m for m in figures.MEASURES if m in results.columns]
         summary = summarise_over(results, keys, measures)
@@ -431,7 +441,7 @@ def _interval(mean: float, low: float, high: float) -> str:
     if pd.isna(mean):
         return "-"
     if not (math.isfinite(low) and math.isfinite(high)):
-        return f"{_number(mean)} (one seed)"
+        return f"{_number(mean)} (no interval)"
     return f"{_number(mean)} [{_number(low)}, {_number(high)}]"
 
 
