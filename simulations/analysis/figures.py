@@ -39,6 +39,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as Canvas
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 #: The most points a drawn line has; longer series are reduced first.
 MAX_POINTS = 1500
@@ -53,7 +54,7 @@ LATENCY_AXIS = "latency (s)"
 ECDF_AXIS = "fraction at or below (ECDF)"
 REPLAY_AXIS = "entries replayed on connecting (entries)"
 CONNECTIONS_AXIS = "connections (count)"
-CUMULATIVE_AXIS = "cumulative count (connections)"
+CUMULATIVE_AXIS = "cumulative count (reconnects, resyncs)"
 
 #: Sweep measures drawn against the grid, with their axis labels and units.
 MEASURES: dict[str, str] = {
@@ -158,6 +159,7 @@ def replay_figure(replays: pd.DataFrame) -> Figure:
     top = int(sizes.max(initial=0))
     bins = np.arange(top + 2) - 0.5 if top < 60 else 60
     ax.hist(sizes, bins=bins, color="#4c72b0")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(REPLAY_AXIS)
     ax.set_ylabel(CONNECTIONS_AXIS)
     return _figure(
@@ -171,9 +173,13 @@ def replay_figure(replays: pd.DataFrame) -> Figure:
 
 @_styled
 def connections_figure(
-    deliveries: pd.DataFrame, faults: pd.DataFrame, drain_start: float | None
+    deliveries: pd.DataFrame,
+    faults: pd.DataFrame,
+    drain_start: float | None,
+    until: float | None = None,
 ) -> Figure:
-    """Cumulative reconnects and snapshot resyncs (resets) over time, with the faults."""
+    """Cumulative reconnects and snapshot resyncs (resets) over time, with the faults;
+    the counts are drawn on to ``until`` (the run's end) when it is given."""
     fig = Canvas(figsize=(9, 3.5))
     ax = fig.subplots()
     starts = deliveries.groupby(["phone", "connection"])["t"].min().reset_index()
@@ -182,7 +188,10 @@ def connections_figure(
     resyncs = deliveries.loc[deliveries["source"] == "snapshot", "t"]
     for label, times in (("reconnects", reconnects), ("snapshot resyncs (resets)", resyncs)):
         t = np.sort(times.to_numpy(float))
-        ax.step(np.r_[0.0, t], np.arange(len(t) + 1), where="post", label=f"{label}: {len(t):,}")
+        counts = np.arange(len(t) + 1)
+        if until is not None and until > t.max(initial=0.0):
+            t, counts = np.r_[t, until], np.r_[counts, len(t)]
+        ax.step(np.r_[0.0, t], counts, where="post", label=f"{label}: {len(times):,}")
     handles = _mark_faults([ax], faults, drain_start)
     ax.set_xlabel(TIME_AXIS)
     ax.set_ylabel(CUMULATIVE_AXIS)

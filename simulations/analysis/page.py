@@ -198,6 +198,14 @@ def _drain_start(run: Run) -> float | None:
     return float(duration) if isinstance(duration, numbers.Real) else None
 
 
+def _end(run: Run) -> float | None:
+    """The run's last instant on its clock: its virtual seconds, else its last sample."""
+    seconds = run.manifest.get("virtual_seconds")
+    if isinstance(seconds, numbers.Real):
+        return float(seconds)
+    return float(run.samples["t"].max()) if len(run.samples) else None
+
+
 def _delivery_section(checked: CheckReport) -> Section:
     clients = checked.clients
     failing = clients[clients[list(CLIENT_FAILURES)].to_numpy().any(axis=1)]
@@ -305,7 +313,7 @@ def _phones_section(run: Run, checked: CheckReport) -> Section:
         return section
     section.figures.append(figures.replay_figure(replays(run)))
     section.figures.append(
-        figures.connections_figure(run.deliveries, run.faults, _drain_start(run))
+        figures.connections_figure(run.deliveries, run.faults, _drain_start(run), _end(run))
     )
     return section
 

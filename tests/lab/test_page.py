@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from simulations.analysis import figures
+from simulations.analysis.checker import check
 from simulations.analysis.page import report
 from simulations.analysis.results import load_run
 from simulations.analysis.tables import RunTables
@@ -186,6 +187,19 @@ def test_a_failed_run_says_not_ok_and_marks_the_failing_cells(
     assert state["verdict"] == "NOT OK"
     assert "3" in state["bad_cells"]  # the ledger's lost column
     assert state["text"].count("lost") >= 3  # the problems table lists them
+
+
+def test_an_unfinished_run_says_so_in_its_verdict(run_dir: Path, tmp_path: Path) -> None:
+    tables = RunTables.load(run_dir)
+    push = tables.final["group"] == "push"
+    tables.final.loc[push, "pending"] = 1  # push had not drained: its misses are unseen
+    tables.handled = tables.handled[tables.handled["group"] != "push"]
+    unseen = check(tables).unseen
+    assert unseen == len(tables.published)  # push reads every stream
+    page = report(tables.save(tmp_path / "unfinished")).read_text()
+    verdict = re.search(r'id="verdict">([^<]*)<', page)
+    assert verdict is not None
+    assert verdict.group(1) == f"NOT OK (UNFINISHED: {unseen:,} events unseen)"
 
 
 def test_the_python_entry_writes_the_same_page(run_dir: Path, tmp_path: Path) -> None:
