@@ -375,7 +375,7 @@ def sweep(
     typed = typed_grid(scenario, grid or {}, base_overrides)
     seed_list = list(range(1, seeds + 1)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
-        raise ScenarioError("a sweep needs at least one seed")
+        raise ScenarioError(f"seeds must be at least 1 (or a list of seeds), not {seeds!r}")
     name = load(scenario, list(base_overrides)).name
     directory = Path(out) if out is not None else paths.sweeps_dir() / name
     jobs = _jobs(scenario, typed, seed_list, base_overrides, directory)
