@@ -187,7 +187,7 @@ def simulate(
 )  # fmt: skip
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path),
-    help="sweep directory [default data/sweeps/SCENARIO]",
+    help="sweep directory [default: sweeps/SCENARIO in the data directory, WORKBENCH_DATA]",
 )  # fmt: skip
 @click.option("--force", is_flag=True, help="simulate every run again, even those already made")
 def sweep(

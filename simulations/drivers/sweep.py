@@ -36,7 +36,7 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,12 @@ def points(grid: dict[str, list[Any]]) -> list[Point]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 
-def typed_grid(scenario: str, grid: dict[str, Sequence[Any]], base: Sequence[str] = ()) -> Grid:
+def typed_grid(scenario: str, grid: dict[str, Any], base: Sequence[str] = ()) -> Grid:
     """``grid`` with each value as the scenario holds it (``"30"`` and ``30`` -> ``30.0``
     for a float field), duplicates dropped; a :class:`ScenarioError` names a bad key or value."""
     typed: Grid = {}
     for key, values in grid.items():
+        values = _as_list(values)
         if not values:
             raise ScenarioError(f"--grid {key} has no values")
         typed[key] = []
@@ -103,8 +104,14 @@ def typed_grid(scenario: str, grid: dict[str, Sequence[Any]], base: Sequence[str
     return typed
 
 
+def _as_list(values: Any) -> list[Any]:
+    """One value (``{"consumers.restart": "replacement"}``) or any iterable of them."""
+    return [values] if isinstance(values, str) or not isinstance(values, Iterable) else list(values)
+
+
 def override(key: str, value: Any) -> str:
     """``section.key=value`` in ``--set`` syntax; a string is read as ``--set`` reads it."""
+    value = value.item() if hasattr(value, "item") else value  # numpy scalars
     if isinstance(value, str):
         value = parse_value(value)
     if isinstance(value, bool):
@@ -354,7 +361,7 @@ def _simulate(jobs: list[_Job], scheduler: str | None, workers: int | None,
 
 def sweep(
     scenario: str,
-    grid: dict[str, Sequence[Any]] | None = None,
+    grid: dict[str, Any] | None = None,
     seeds: int | Sequence[int] = 3,
     *,
     out: str | Path | None = None,

@@ -3,6 +3,7 @@ per grid point, and runs already made taken from the cache instead of Dask."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_grid_values_are_read_as_set_reads_them_and_take_their_fields_types() ->
     grid = typed_grid(
         "baseline",
         {"consumers.mtbf_s": ["120", 30, "30.0"], "consumers.batch_size": ["10"],
-         "consumers.wake_on_publish": ["false"], "consumers.restart": ["replacement"]},
+         "consumers.wake_on_publish": ["false"], "consumers.restart": "replacement"},
     )  # fmt: skip
     assert grid == {
         "consumers.mtbf_s": [120.0, 30.0],  # 30 and "30.0" are one value
@@ -131,6 +132,13 @@ def test_a_sweep_types_summarises_and_reuses_its_runs(tmp_path) -> None:  # type
     columns = [c for c in runs.columns if c != "cached"]
     pd.testing.assert_frame_equal(again.runs[columns], runs[columns])
     pd.testing.assert_frame_equal(again.summary, first.summary)
+    # A key file without the row (run_scenario writes none): measured from the tables.
+    key_file = out / runs["run"][0] / cache.KEY_FILE
+    stored = json.loads(key_file.read_text())
+    key_file.write_text(json.dumps({"key": stored["key"]}))
+    remeasured = simulations.sweep("baseline", grid, seeds=2, out=out, scheduler=UNREACHABLE,
+                                   base_overrides=TINY)  # fmt: skip
+    pd.testing.assert_frame_equal(remeasured.runs, again.runs)
 
     # A third seed is a miss: it needs the scheduler.
     with pytest.raises(ScenarioError, match="cannot reach the Dask scheduler"):
