@@ -28,13 +28,15 @@ def test_grid_parsing_and_points() -> None:
 
 def test_sweep_command_runs_the_grid_in_parallel(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "workbench", "sweep", "baseline",
+        "--grid", "market.arrival_rate=0.5,1.5", "--seeds", "1",
+        "--set", "run.duration_s=40", "--set", "run.drain_s=30", "--set", "phones.count=5",
+        "--out", str(out),
+    ]  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "workbench", "sweep", "baseline",
-         "--grid", "market.arrival_rate=0.5,1.5", "--seeds", "1", "--workers", "2",
-         "--set", "run.duration_s=40", "--set", "run.drain_s=30", "--set", "phones.count=5",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [*command, "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     table = pd.read_parquet(out / "results.parquet")
     assert list(table["market.arrival_rate"]) == [0.5, 1.5]
@@ -49,6 +51,16 @@ def test_sweep_command_runs_the_grid_in_parallel(tmp_path) -> None:  # type: ign
     cpus = affinity.allowed_cpus()
     if len(cpus) > 1:  # each worker took a CPU of its own, and kept it for its runs
         assert set(table["cpu"]) <= cpus
+
+    # Again: both runs are made, so no scheduler is needed; --force needs one.
+    offline = [*command, "--scheduler", "tcp://127.0.0.1:1"]
+    again = subprocess.run(offline, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "2 runs (2 already made" in again.stderr and "market.arrival_rate=1.5" in again.stdout
+    forced = subprocess.run(
+        [*offline, "--force"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert forced.returncode == 2 and "cannot reach the Dask scheduler" in forced.stderr
 
 
 def test_sweep_rejects_an_unknown_key_before_running(tmp_path) -> None:  # type: ignore[no-untyped-def]
