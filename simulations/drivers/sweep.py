@@ -125,8 +125,7 @@ def override(key: str, value: Any) -> str:
 
 def _value_of(loaded: Scenario, key: str) -> Any:
     section, _, name = key.partition(".")
-    value = getattr(getattr(loaded, section), name)
-    return list(value) if isinstance(value, tuple) else value
+    return getattr(getattr(loaded, section), name)  # a profile stays a tuple: hashable
 
 
 def column_dtype(key: str) -> str:
