@@ -21,6 +21,12 @@ The names most people call::
     run = simulations.run_scenario("baseline", seed=1)     # simulate, check, load
     run = simulations.load_run("data/runs/baseline-1")      # a run's tables, verdict, metrics
     simulations.report("data/runs/baseline-1")              # -> .../report.html, one page
+    result = simulations.sweep("baseline", grid={"consumers.mtbf_s": [30, 120]}, seeds=5)
+    result.runs, result.summary                              # per run; per grid point, intervals
+    result.interval("lost", mtbf_s=30)                       # mean [low, high] over the seeds
+
+Runs already made (same parameters, seed and code) are loaded, not simulated
+again: ``force=True`` re-simulates.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
     from simulations.analysis.report import inspection_frames
     from simulations.analysis.results import Run, load_run, run_scenario
     from simulations.analysis.tables import RunTables
+    from simulations.drivers.sweep import SweepResult, sweep
     from simulations.drivers.virtual import simulate, simulate_to
     from simulations.scenario import Scenario, ScenarioError, load
 
@@ -44,6 +51,7 @@ __all__ = [
     "RunTables",
     "Scenario",
     "ScenarioError",
+    "SweepResult",
     "check",
     "check_dir",
     "inspection_frames",
@@ -53,6 +61,7 @@ __all__ = [
     "run_scenario",
     "simulate",
     "simulate_to",
+    "sweep",
 ]
 __getattr__ = lazy(
     __name__,
@@ -62,6 +71,7 @@ __getattr__ = lazy(
         "RunTables": "analysis.tables",
         "Scenario": "scenario",
         "ScenarioError": "scenario",
+        "SweepResult": "drivers.sweep",
         "check": "analysis.checker",
         "check_dir": "analysis.checker",
         "inspection_frames": "analysis.report",
@@ -71,5 +81,6 @@ __getattr__ = lazy(
         "run_scenario": "analysis.results",
         "simulate": "drivers.virtual",
         "simulate_to": "drivers.virtual",
+        "sweep": "drivers.sweep",
     },
 )

@@ -187,8 +187,9 @@ def simulate(
 )  # fmt: skip
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path),
-    help="sweep directory [default data/sweeps/SCENARIO]",
+    help="sweep directory [default: sweeps/SCENARIO in the data directory, WORKBENCH_DATA]",
 )  # fmt: skip
+@click.option("--force", is_flag=True, help="simulate every run again, even those already made")
 def sweep(
     scenario: str,
     grid_items: tuple[str, ...],
@@ -197,39 +198,51 @@ def sweep(
     workers: int | None,
     scheduler: str | None,
     out: Path | None,
+    force: bool,
 ) -> None:
     """Run SCENARIO over a grid of values and seeds in parallel; one table out.
 
-    Every run has its own private redis-server. Writes results.parquet and each
-    run's directory; exits 1 if any run failed the checker.
+    Every run has its own private redis-server and a directory named by its
+    values (``KEY=VALUE,.../seed-N``); runs already there (same parameters, seed
+    and code) are reused unless --force. Writes results.parquet (a row per run)
+    and summary.parquet (per grid point: each measure's mean and 95% interval
+    over the seeds), prints the summary; exits 1 if any run failed the checker.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich import progress as rp
 
-    from simulations.analysis.report import wide_console
+    from simulations.analysis.report import frame_table, wide_console
     from simulations.drivers.sweep import parse_grid
     from simulations.drivers.sweep import sweep as run_sweep
     from simulations.scenario import ScenarioError
 
     if scheduler and workers:
         raise click.UsageError("--workers is for the local cluster; --scheduler brings its own")
-    try:
-        grid = parse_grid(grid_items)
-    except ScenarioError as exc:
-        raise click.UsageError(str(exc)) from None
-    directory = out or Path("data") / "sweeps" / scenario
-    with Progress(TextColumn("[bold]sweep[/]"), BarColumn(), MofNCompleteColumn()) as bar:
+    columns = (
+        rp.TextColumn("[bold]sweep[/]"), rp.BarColumn(), rp.MofNCompleteColumn(),
+        rp.TimeElapsedColumn(), rp.TextColumn("eta"), rp.TimeRemainingColumn(),
+    )  # fmt: skip
+    with rp.Progress(*columns) as bar:
         task = bar.add_task("runs", total=None)
         try:
-            table = run_sweep(
-                scenario, grid, seeds, out=directory, workers=workers, scheduler=scheduler,
-                base_overrides=overrides,
+            result = run_sweep(
+                scenario, parse_grid(grid_items), seeds, out=out, workers=workers,
+                scheduler=scheduler, base_overrides=overrides, force=force,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )  # fmt: skip
         except ScenarioError as exc:
             raise click.UsageError(str(exc)) from None
-    wide_console().print(table.to_string(index=False))
-    click.echo(f"results in {directory / 'results.parquet'}", err=True)
-    if not table["ok"].all():
+    runs = result.runs
+    title = f"{scenario}: mean [95% interval] over seeds, per grid point"
+    wide_console().print(frame_table(result.table(), title))
+    click.echo(
+        f"{len(runs)} runs ({int(runs['cached'].sum())} already made, not simulated again); "
+        f"per run: {result.directory / 'results.parquet'}, "
+        f"summary: {result.directory / 'summary.parquet'}",
+        err=True,
+    )
+    if not result.ok:
+        failed = runs.loc[~runs["ok"], "run"]
+        click.echo(f"failed the checker: {', '.join(failed)}", err=True)
         raise SystemExit(1)
 
 

@@ -362,10 +362,12 @@ def _override(item: str) -> tuple[str, str, Any]:
     if not sep or "." not in key:
         raise ScenarioError(f"--set takes section.key=value, not {item!r}")
     section, _, name = key.partition(".")
-    return section, name, _parse(raw)
+    return section, name, parse_value(raw)
 
 
-def _parse(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
+    """A ``--set`` (or ``--grid``) value: TOML (``30``, ``0.5``, ``true``, ``"a b"``,
+    ``[1, 2]``), or else the bare text as a string (``replacement``)."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

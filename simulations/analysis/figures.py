@@ -56,16 +56,31 @@ REPLAY_AXIS = "entries replayed on connecting (entries)"
 CONNECTIONS_AXIS = "connections (count)"
 CUMULATIVE_AXIS = "cumulative count (reconnects, resyncs)"
 
-#: Sweep measures drawn against the grid, with their axis labels and units.
+#: Axis labels, with units, of a sweep's measures
+#: (:data:`simulations.analysis.measures.MEASURES`).
 MEASURES: dict[str, str] = {
-    "handling_p99_s": "p99 handling latency (s)",
+    "events": "events published (events)",
+    "faults": "faults injected (faults)",
     "lost": "events lost (events)",
     "duplicated": "events duplicated (events)",
     "unseen": "events unseen (events)",
+    "unexpected": "events unexpected (events)",
     "client_lost": "phone entries lost (entries)",
-    "events": "events published (events)",
-    "wall_seconds": "wall time of a run (s)",
+    "client_duplicated": "phone entries duplicated (entries)",
+    "client_reordered": "phone entries reordered (entries)",
+    "handling_p50_s": "p50 handling latency, slowest group (s)",
+    "handling_p99_s": "p99 handling latency, slowest group (s)",
+    "phone_replay_p99_s": "p99 phone latency, replayed (s)",
+    "phone_live_p99_s": "p99 phone latency, live (s)",
+    "lag_max_s": "largest lag sampled (s)",
+    "recovery_mean_s": "mean recovery after a consumer crash (s)",
+    "recovery_max_s": "longest recovery after a consumer crash (s)",
 }
+#: The measures a sweep's page draws against the grid (when the sweep has them).
+MAIN_MEASURES = (
+    "lost", "duplicated", "unseen", "client_lost", "handling_p99_s", "phone_replay_p99_s",
+    "phone_live_p99_s", "lag_max_s", "recovery_max_s", "events",
+)  # fmt: skip
 
 _STYLE = {
     "svg.fonttype": "none",
@@ -263,13 +278,13 @@ def key_axis(key: str) -> str:
 
 
 def _grid_positions(values: pd.Series) -> tuple[np.ndarray, list[str] | None]:
-    """Numeric x positions of grid values: the numbers themselves when they all are,
-    else their rank among the distinct values (and the values as tick labels)."""
-    numbers = pd.to_numeric(values, errors="coerce")
-    if numbers.notna().all():
-        return numbers.to_numpy(float), None
-    labels = sorted({str(v) for v in values})
-    return values.astype(str).map(labels.index).to_numpy(float), labels
+    """x positions of grid values: the numbers themselves when the column is numeric,
+    else each value's rank among the distinct values (and the values as tick labels)."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values.to_numpy(float), None
+    text = values.astype(str)
+    labels = sorted(set(text))
+    return text.map(labels.index).to_numpy(float), labels
 
 
 # -- drawing helpers --------------------------------------------------------------
@@ -340,6 +355,7 @@ def _figure(fig: Any, name: str, title: str, caption: str) -> Figure:
 
 
 __all__ = [
+    "MAIN_MEASURES",
     "MEASURES",
     "Figure",
     "backlog_figure",

@@ -38,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
 from simulations.analysis import figures
 from simulations.analysis.checker import CLIENT_FAILURES, GROUP_FAILURES, CheckReport
 from simulations.analysis.intervals import summarise_over
+from simulations.analysis.measures import MEASURES as RUN_MEASURES
 from simulations.analysis.results import Run, load_run
 from simulations.analysis.tables import COLUMNS
 from simulations.analysis.timings import client_latency, handling_latency, recovery_times, replays
@@ -52,11 +54,9 @@ from simulations.analysis.timings import client_latency, handling_latency, recov
 DEFAULT_NAME = "report.html"
 #: Rows shown of a long table (the page says how many more there are).
 ROW_LIMIT = 50
-#: Columns of ``results.parquet`` that are not grid keys (grid keys are ``section.key``).
-RESULT_COLUMNS = ("seed", "events", "faults", "ok", "lost", "duplicated", "unseen",
-                  "client_lost", "handling_p99_s", "wall_seconds", "cpu")  # fmt: skip
 #: Columns of ``results.parquet`` whose nonzero values fail a run.
-SWEEP_FAILURES = ("lost", "duplicated", "unseen", "client_lost")
+SWEEP_FAILURES = ("lost", "duplicated", "unseen", "unexpected", "client_lost",
+                  "client_duplicated", "client_reordered")  # fmt: skip
 
 
 class ReportError(Exception):
@@ -131,10 +131,12 @@ def kind_of(directory: Path) -> str:
             f"{directory} is an unfinished run: it has tables but no manifest.json, which a "
             "run writes last (the run did not finish, or is still running)"
         )
-    if _run_dirs(directory):
+    if runs := _run_dirs(directory):
         raise ReportError(
-            f"{directory} is an unfinished sweep: it has run directories but no "
-            "results.parquet, which a sweep writes when every run is done"
+            f"{directory} holds {len(runs):,} run directories (e.g. "
+            f"{runs[0].relative_to(directory)}) but no results.parquet: an unfinished sweep "
+            "(it writes the table when every run is done), or not a sweep at all; "
+            "report on one run's directory, or on the sweep's once it is done"
         )
     raise ReportError(
         f"{directory} is neither a run directory (manifest.json and Parquet tables) "
@@ -365,7 +367,8 @@ def sweep_page(directory: Path) -> Page:
     """The page of a sweep: verdict count, summary over seeds, measures vs the grid."""
     results = _read_parquet(directory / "results.parquet")
     keys = grid_keys(results)
-    summary = _summary(directory, results, keys)
+    results = _hashable(results, keys)
+    summary = _hashable(_summary(directory, results, keys), keys)
     runs = _run_table(directory, keys)
     scenario = str(runs["scenario"].iloc[0]) if len(runs) else directory.name
     passed = int(results["ok"].astype(bool).sum()) if "ok" in results else 0
@@ -376,8 +379,8 @@ def sweep_page(directory: Path) -> Page:
         verdict=f"{passed} of {len(results)} runs OK",
         facts=[
             ("scenario", scenario),
-            ("grid", "; ".join(f"{k} = {', '.join(map(str, results[k].unique()))}" for k in keys)
-             or "none"),
+            ("grid", "; ".join(f"{k} = {', '.join(dict.fromkeys(map(_cell, results[k])))}"
+                               for k in keys) or "none"),
             ("seeds", ", ".join(map(str, sorted(results["seed"].unique())))
              if "seed" in results else "?"),
             ("runs", f"{len(results):,}"),
@@ -399,22 +402,42 @@ def sweep_page(directory: Path) -> Page:
 
 def _summary_section(summary: pd.DataFrame, keys: list[str]) -> Section:
     """The summary table, and each measure it has against the grid's first key."""
-    measures = [m for m in figures.MEASURES if f"{m}_mean" in summary.columns]
+    measures = [
+        m
+        for m in figures.MEASURES
+        if f"{m}_mean" in summary.columns and summary[f"{m}_mean"].notna().any()
+    ]  # measures no run had (no crash: no recovery time) are left out
     section = Section(
         "summary",
         "Summary over seeds",
-        "One row per grid point: n runs (seeds), and for each measure the mean with its "
-        "95% Student-t interval [low, high] over the seeds.",
+        "One row per grid point: n runs (seeds), how many passed the checker, and for each "
+        "measure the mean with its 95% Student-t interval [low, high] over the seeds (a "
+        "measure no run at a point had is left out of its mean). The figures draw the main "
+        "measures against the grid's first key.",
         tables=[table(_intervals(summary, keys, measures), "summary")],
     )
     if keys:
-        section.figures = [figures.measure_figure(summary, keys[0], m, keys[1:]) for m in measures]
+        drawn = [m for m in figures.MAIN_MEASURES if m in measures]
+        section.figures = [figures.measure_figure(summary, keys[0], m, keys[1:]) for m in drawn]
     return section
 
 
 def grid_keys(results: pd.DataFrame) -> list[str]:
     """The grid's keys: the ``section.key`` columns, in the table's order."""
-    return [c for c in results.columns if "." in str(c) and c not in RESULT_COLUMNS]
+    return [str(c) for c in results.columns if "." in str(c)]
+
+
+def _hashable(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``frame`` with list-valued grid columns (a profile: arrays once in Parquet) as
+    text, so grid points group, compare and label like any value."""
+    frame = frame.copy()
+    for key in keys:
+        if (
+            key in frame
+            and frame[key].map(lambda v: isinstance(v, list | tuple | np.ndarray)).any()
+        ):
+            frame[key] = frame[key].map(_cell)
+    return frame
 
 
 def _summary(directory: Path, results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -427,14 +450,17 @@ def _summary(directory: Path, results: pd.DataFrame, keys: list[str]) -> pd.Data
                 f"{path} lacks the grid's columns {missing} (results.parquet has them)"
             )
     else:
-        measures = [m for m in figures.MEASURES if m in results.columns]
+        measures = [m for m in RUN_MEASURES if m in results.columns]  # as the sweep averages
         summary = summarise_over(results, keys, measures)
+        if "ok" in results:
+            ok_runs = results.groupby(keys, sort=True)["ok"].sum() if keys else results["ok"].sum()
+            summary.insert(len(keys) + 1, "ok_runs", list(ok_runs) if keys else [int(ok_runs)])
     return summary.reset_index(drop=True)
 
 
 def _intervals(summary: pd.DataFrame, keys: list[str], measures: list[str]) -> pd.DataFrame:
     """The summary with each measure as one "mean [low, high]" column."""
-    out = summary[[*keys, *(["n"] if "n" in summary else [])]].copy()
+    out = summary[[*keys, *(c for c in ("n", "ok_runs") if c in summary)]].copy()
     for m in measures:
         out[m] = [
             _interval(mean, low, high)
@@ -454,7 +480,9 @@ def _interval(mean: float, low: float, high: float) -> str:
 
 
 def _run_dirs(directory: Path) -> list[Path]:
-    return sorted(p.parent for p in directory.glob("*/manifest.json"))
+    """Run directories under ``directory`` at any depth (a sweep nests them by grid
+    point: ``k=v/seed-1``); each holds a manifest."""
+    return sorted(p.parent for p in directory.rglob("manifest.json") if p.parent != directory)
 
 
 def _run_table(directory: Path, keys: list[str]) -> pd.DataFrame:
@@ -465,7 +493,8 @@ def _run_table(directory: Path, keys: list[str]) -> pd.DataFrame:
             m = json.loads((run_dir / "manifest.json").read_text())
         except (OSError, ValueError):
             continue  # a page about the sweep, not a check of every manifest
-        row = {"directory": run_dir.name, "scenario": m.get("scenario"), "seed": m.get("seed")}
+        row = {"directory": run_dir.relative_to(directory).as_posix(),
+               "scenario": m.get("scenario"), "seed": m.get("seed")}  # fmt: skip
         for key in keys:
             section, _, name = key.partition(".")
             row[key] = m.get("params", {}).get(section, {}).get(name)
@@ -540,8 +569,8 @@ def _cell(value: Any) -> str:
         return f"{int(value):,}"
     if isinstance(value, numbers.Real):
         return "-" if pd.isna(value) else _number(float(value))
-    if isinstance(value, list | tuple):
-        return ", ".join(_cell(v) for v in value) or "-"
+    if isinstance(value, list | tuple | np.ndarray):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
     return str(value)
 
 

@@ -6,10 +6,15 @@
     run.published, run.deliveries, ...   # every table of simulations.analysis.tables, as DataFrames
     run.ok, run.report.groups            # the checker's verdict (simulations.analysis.checker)
     run.metrics["handling"]              # latency quantiles etc. (simulations.analysis.timings)
+
+``run_scenario(name, seed, overrides)`` simulates a run into a directory and
+loads it; a directory that already holds the same run (same parameters, seed
+and code) is loaded without simulating (``force=True`` simulates anyway).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +25,9 @@ import pandas as pd
 from simulations.analysis.checker import CheckReport, check
 from simulations.analysis.tables import RunTables
 from simulations.analysis.timings import summarise
+from workbench.paths import runs_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,20 +70,31 @@ def run_scenario(
     *,
     out: str | Path | None = None,
     redis_url: str | None = None,
+    force: bool = False,
 ) -> Run:
     """Simulate ``scenario`` (a name or .toml path) with ``overrides`` (``--set``
     syntax) in virtual time, write it to ``out`` (default
-    ``data/runs/<scenario>-<seed>``) and return it loaded.
+    ``workbench.paths.runs_dir() / "<scenario>-<seed>"``) and return it loaded.
 
     The notebooks' way in: one call per run, the same tables as ``workbench
-    simulate`` writes.
+    simulate`` writes. If ``out`` already holds this run (same scenario,
+    parameters, seed and code: :mod:`simulations.drivers.cache`), it is loaded,
+    not simulated again; ``force`` simulates it anyway.
     """
+    from simulations.drivers import cache
     from simulations.drivers.virtual import simulate_to
     from simulations.scenario import load
 
     loaded = load(scenario, list(overrides))
-    directory = Path(out) if out is not None else Path("data") / "runs" / f"{loaded.name}-{seed}"
+    directory = Path(out) if out is not None else runs_dir() / f"{loaded.name}-{seed}"
+    key = cache.key_of(loaded, seed, "virtual")
+    if not force and cache.hit(directory, key):
+        log.debug("%s: seed %d already in %s, not simulated again", loaded.name, seed, directory)
+        return load_run(directory)
+    cache.forget(directory)
     simulate_to(loaded, seed, directory, redis_url=redis_url)
+    cache.remember(directory, key, scenario=loaded.name, seed=seed, mode="virtual",
+                   code=cache.code_version())  # fmt: skip
     return load_run(directory)
 
 

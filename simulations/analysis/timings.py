@@ -6,6 +6,7 @@ All times are the run's clock (virtual seconds in a SimPy run):
 * :func:`client_latency`: per phone delivery, commit -> delivered, by source
   (replayed on reconnect, or live);
 * :func:`replays`: per phone connection, how many entries the replay carried;
+  :func:`reconnect_replays`: the same for reconnections only (not first connections);
 * :func:`backlog`: pending and lag per group over time (the ``samples`` table);
 * :func:`summarise`: quantiles of the first three, one row per group or source.
 """
@@ -47,6 +48,14 @@ def replays(run: RunTables) -> pd.DataFrame:
     out = connections.merge(counts.reset_index(), on=["phone", "connection"], how="left")
     out["replayed"] = out.replayed.fillna(0).astype(int)
     return out.reset_index(drop=True)
+
+
+def reconnect_replays(run: RunTables) -> pd.DataFrame:
+    """:func:`replays` of reconnections only: each phone's first connection resumes
+    from where the phone started, not from a drop, so it says nothing about time away."""
+    sizes = replays(run)
+    first = sizes.groupby("phone").connection.transform("min")
+    return sizes[sizes.connection > first].reset_index(drop=True)
 
 
 def backlog(run: RunTables, column: str = "pending") -> pd.DataFrame:

@@ -4,6 +4,7 @@
   instants (:mod:`.loops`) against a private redis-server and SQLite.
 * :mod:`.realtime`: wall time against ``serve``'s real processes, HTTP and SSE.
 * :mod:`.sweep`: one scenario over a grid of values and seeds, in parallel.
+* :mod:`.cache`: a finished run's key, so that it is reused, not simulated again.
 * :mod:`.demo`: ``workbench run``, the end-to-end demo with a real crash.
 """
 

@@ -83,7 +83,7 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("page") / "sweep"
     sweep(
-        "baseline", {"market.arrival_rate": ["0.5", "1.5"]}, 2, out=out, workers=1,
+        "baseline", {"market.arrival_rate": [0.5, 1.5]}, 2, out=out, workers=1,
         base_overrides=("run.duration_s=20", "run.drain_s=20", "phones.count=5"),
     )  # fmt: skip
     return out
@@ -222,32 +222,66 @@ def test_a_sweeps_page_has_the_verdict_count_summary_and_measures_with_intervals
     state = open_page(browser, page)
     assert_self_contained(page, state)
     results = pd.read_parquet(sweep_dir / "results.parquet")
-    measures = [m for m in figures.MEASURES if m in results.columns]
-    assert len(measures) == 7
+    summary = pd.read_parquet(sweep_dir / "summary.parquet")
+    drawn = [m for m in figures.MAIN_MEASURES if summary[f"{m}_mean"].notna().any()]
+    assert {"lost", "handling_p99_s", "events"} <= set(drawn)
+    assert "recovery_max_s" not in drawn  # baseline has no crash: nothing to draw
     rate_axis = figures.key_axis("market.arrival_rate")
     assert rate_axis == "market.arrival_rate (per s)"
-    assert_figures_labelled(state, [f"sweep-{m}" for m in measures], {rate_axis})
+    assert_figures_labelled(state, [f"sweep-{m}" for m in drawn], {rate_axis})
     assert state["verdict"] == f"{int(results['ok'].sum())} of 4 runs OK"
-    # The summary's interval for events at rate 1.5, as summarise_over computes it.
-    events = results[results["market.arrival_rate"] == "1.5"]["events"]
-    mean = events.mean()
-    assert f"{mean:,.0f} [" in state["text"] or f"{mean:.4g} [" in state["text"]
-    for run in ["run-000", "run-001", "run-002", "run-003"]:
+    # The sweep's interval for events at rate 1.5, as its summary.parquet has it.
+    row = summary[summary["market.arrival_rate"] == 1.5].iloc[0]
+    cell = f"{shown(row['events_mean'])} [{shown(row['events_low'])}, {shown(row['events_high'])}]"
+    assert cell in state["text"]
+    for run in results["run"]:  # market.arrival_rate=0.5/seed-1 ...
         assert run in state["text"]
 
 
-def test_a_sweeps_own_summary_is_shown_when_it_wrote_one(sweep_dir: Path, tmp_path: Path) -> None:
-    copy = shutil.copytree(sweep_dir, tmp_path / "sweep")
+def shown(value: float) -> str:
+    """A number as the page shows it: integers in full, others to 4 significant digits."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:.4g}"
+
+
+def summary_table(page: str) -> str:
+    found = re.search(r"<h3>summary</h3>.*?</table>", page, re.DOTALL)
+    assert found is not None
+    return found.group(0)
+
+
+def test_without_summary_parquet_the_page_computes_the_same_summary(
+    sweep_dir: Path, tmp_path: Path
+) -> None:
+    written = report(sweep_dir, tmp_path / "written.html").read_text()
+    copy = Path(shutil.copytree(sweep_dir, tmp_path / "sweep"))
+    (copy / "summary.parquet").unlink()
+    computed = report(copy).read_text()
+    assert "computed from results.parquet" in computed and "computed from" not in written
+    assert summary_table(computed) == summary_table(written)
+    assert computed.count("<svg") == written.count("<svg") > 0
+
+
+def test_every_measure_a_sweep_averages_has_an_axis_label_with_a_unit() -> None:
+    from simulations.analysis.measures import MEASURES
+
+    assert list(figures.MEASURES) == list(MEASURES)
+    assert all(
+        re.search(r" \((s|events|entries|faults)\)$", label) for label in figures.MEASURES.values()
+    )
+    assert set(figures.MAIN_MEASURES) <= set(MEASURES)
+
+
+def test_a_sweeps_own_summary_is_what_the_page_shows(sweep_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(sweep_dir, tmp_path / "sweep"))
     summary = pd.DataFrame(
-        {"market.arrival_rate": ["0.5", "1.5"], "n": [2, 2],
+        {"market.arrival_rate": [0.5, 1.5], "n": [2, 2], "ok_runs": [2, 2],
          "events_mean": [111.0, 222.0], "events_low": [101.0, 202.0],
          "events_high": [121.0, 242.0]}
     )  # fmt: skip
     summary.to_parquet(copy / "summary.parquet", index=False)
     page = report(copy).read_text()
-    assert "summary.parquet" in page
-    assert "222 [202, 242]" in page
-    assert page.count("<svg") == 1  # only the measure the summary has
+    assert "222 [202, 242]" in summary_table(page)
+    assert page.count("<svg") == 1  # only the measure this summary has
 
     summary.drop(columns="market.arrival_rate").to_parquet(copy / "summary.parquet")
     result = CliRunner().invoke(main, ["report", str(copy)])
@@ -270,7 +304,7 @@ def unfinished_run(run_dir: Path, where: Path) -> Path:
 
 
 def unfinished_sweep(run_dir: Path, where: Path) -> Path:
-    copy_run(run_dir, where / "run-000")
+    copy_run(run_dir, where / "market.arrival_rate=1" / "seed-1")
     return where
 
 
@@ -293,7 +327,7 @@ def bad_manifest(run_dir: Path, where: Path) -> Path:
         (lambda run, where: where.mkdir() or where, "is neither a run directory"),
         (lambda run, where: where.write_text("x") and where, "is not a directory"),
         (unfinished_run, "is an unfinished run: it has tables but no manifest.json"),
-        (unfinished_sweep, "is an unfinished sweep"),
+        (unfinished_sweep, "(e.g. market.arrival_rate=1/seed-1) but no results.parquet"),
         (corrupt_run, "cannot read the run"),
         (bad_manifest, "cannot read the run"),
     ],

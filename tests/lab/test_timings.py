@@ -10,6 +10,7 @@ from simulations.analysis.timings import (
     backlog,
     client_latency,
     handling_latency,
+    reconnect_replays,
     replays,
     summarise,
 )
@@ -125,3 +126,16 @@ def test_littles_law_compares_redis_samples_with_the_event_log() -> None:
     law = littles_law(run, "ledger")
     assert law["lambda"] == pytest.approx(0.2) and law["W"] == pytest.approx(2.0)
     assert law["L"] == pytest.approx(0.4) and law["ratio"] == pytest.approx(1.0)
+
+
+def test_reconnect_replays_leave_out_each_phones_first_connection() -> None:
+    run = _run()
+    run.deliveries = pd.concat([run.deliveries, pd.DataFrame(
+        {"phone": ["b", "b"], "connection": [4, 5], "source": ["replay", "replay"],
+         "entry_id": ["1-0", "2-0"], "event_id": ["e1", "e2"], "t": [0.5, 6.0]}
+    )], ignore_index=True)  # fmt: skip
+    sizes = reconnect_replays(run)
+    assert sorted(zip(sizes.phone, sizes.connection, sizes.replayed, strict=True)) == [
+        ("a", 2, 1),
+        ("b", 5, 1),
+    ]
