@@ -251,7 +251,7 @@ def measure_figure(
     ax.set_xlabel(key_axis(key))
     ax.set_ylabel(MEASURES[measure])
     if other_keys:
-        ax.legend(loc="best")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _figure(
         fig,
         f"sweep-{measure}",

@@ -556,8 +556,10 @@ def _truthy(value: Any) -> bool:
 
 
 def _align(value: Any) -> str:
-    is_number = isinstance(value, numbers.Number) and not isinstance(value, bool)
-    return "num" if is_number else ""
+    """The cell's CSS class: numbers align right; long text may wrap (others do not)."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return "num"
+    return "long" if isinstance(value, str) and len(value) > 60 else ""
 
 
 def _cell(value: Any) -> str:
@@ -609,7 +611,9 @@ TEMPLATE = """\
   section { margin-top: 1.8em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; }
   h3 { font-size: 1em; margin: 1.2em 0 .3em; }
   table { border-collapse: collapse; background: #fff; font-size: 13px; }
-  th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
+  th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top;
+           white-space: nowrap; }
+  td.long { white-space: normal; min-width: 24em; }
   th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
   td.bad { background: #ffebe9; color: #a40e26; font-weight: 600; text-align: right; }
   .more, .note { color: #666; font-style: italic; margin: .3em 0; }
@@ -618,6 +622,7 @@ TEMPLATE = """\
   figcaption { color: #444; font-size: 13px; } figcaption b { color: #1d1d1f; }
   .figures { display: flex; flex-wrap: wrap; gap: 0 1.2em; }
   .tables { display: flex; flex-wrap: wrap; gap: 0 2em; align-items: flex-start; }
+  .tables > div { max-width: 100%; overflow-x: auto; }
 </style>
 </head>
 <body>
