@@ -1,6 +1,7 @@
 """Latencies and backlogs from a run's tables (pure pandas, no Redis).
 
-All times are the run's clock (virtual seconds in a SimPy run):
+All times are the run's clock (virtual seconds in a SimPy run); latencies are
+rounded to the microsecond:
 
 * :func:`handling_latency`: per group and event, commit -> first handled;
 * :func:`client_latency`: per phone delivery, commit -> delivered, by source
@@ -20,13 +21,20 @@ from simulations.analysis.tables import RunTables
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
+def _to_microseconds(seconds: pd.Series) -> pd.Series:
+    """Differences of two float clock readings, rounded to the microsecond: below it
+    is the floats' noise (a live delivery at its commit's instant reads -1e-9 s), not
+    a latency. ``+ 0.0`` turns the rounded ``-0.0`` into ``0.0``."""
+    return seconds.round(6) + 0.0
+
+
 def handling_latency(run: RunTables) -> pd.DataFrame:
     """group, event_id, type, latency_s (handled events only)."""
     handled = run.handled[run.handled.handler_calls > 0][["group", "event_id", "t_first"]]
     joined = handled.merge(
         run.published[["event_id", "type", "t_committed"]], on="event_id", how="inner"
     )
-    joined["latency_s"] = joined.t_first - joined.t_committed
+    joined["latency_s"] = _to_microseconds(joined.t_first - joined.t_committed)
     return joined[["group", "event_id", "type", "latency_s"]].reset_index(drop=True)
 
 
@@ -36,7 +44,7 @@ def client_latency(run: RunTables) -> pd.DataFrame:
     joined = deliveries.merge(
         run.published[["event_id", "t_committed"]], on="event_id", how="inner"
     )
-    joined["latency_s"] = joined.t - joined.t_committed
+    joined["latency_s"] = _to_microseconds(joined.t - joined.t_committed)
     return joined[["phone", "connection", "source", "event_id", "latency_s"]].reset_index(drop=True)
 
 

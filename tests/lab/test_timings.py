@@ -139,3 +139,11 @@ def test_reconnect_replays_leave_out_each_phones_first_connection() -> None:
         ("a", 2, 1),
         ("b", 5, 1),
     ]
+
+
+def test_latencies_are_rounded_to_the_microsecond_without_negative_zero() -> None:
+    run = _run()
+    run.deliveries = run.deliveries.assign(t=[1e-10 - 1e-9, 1.0 + 3e-7, 5.0, 5.0])
+    latency = client_latency(run)
+    assert list(latency.latency_s) == [0.0, 0.0, 3.0]
+    assert str(latency.latency_s.iloc[0]) == "0.0"  # not "-0.0"
