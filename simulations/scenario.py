@@ -69,8 +69,10 @@ class MarketParams:
     cancel_p: float = 0.03
     dispute_p: float = 0.05
     refund_p: float = 0.5  # of disputes resolved by refund
-    honest_p: float = 0.85  # seller classes: honest, slow (ships late), fraudulent (never)
-    slow_p: float = 0.10
+    honest_p: float = 0.85  # seller classes: honest, slow (ships late), exit_scam, fraudulent
+    slow_p: float = 0.10  # (never ships: the rest, 1 - honest_p - slow_p - exit_scam_p)
+    exit_scam_p: float = 0.0  # ships like an honest seller, then stops shipping for good
+    exit_after_escrows: int = 3  # an exit scammer ships this many of its funded escrows first
     slow_factor: float = 10.0
     disputer_p: float = 0.05  # buyer classes: regular, disputer (disputes often), abandoner
     abandoner_p: float = 0.05  # (opens escrows and never pays)

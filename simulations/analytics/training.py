@@ -1,10 +1,12 @@
 """The seller risk model: trained offline on one run, scored online, evaluated on another.
 
-**What it predicts.** The probability that a seller is *fraudulent* (in the
-simulation: takes the money and never ships, so the shipping timer refunds the
-buyer), from the seller's features (:mod:`workbench.analytics.features`) as
-they stand after an event. Labels are the market's ground truth, the
-``seller_class`` column of a run's ``escrows`` table.
+**What it predicts.** The probability that a seller is a fraudster (in the
+simulation, :data:`FRAUD_CLASSES`: ``fraudulent`` takes the money and never
+ships, ``exit_scam`` ships honestly for a while and then stops; the shipping
+timer refunds the buyers), from the seller's features
+(:mod:`workbench.analytics.features`) as they stand after an event. Labels are
+the market's ground truth, the ``seller_class`` column of a run's ``escrows``
+table; the runtime's model calls the positive class ``fraudulent``.
 
 **What it is trained on.** Not one row per seller at the end of the run, but
 the seller's feature vector after *each* of its events, replayed in time order
@@ -83,7 +85,6 @@ from workbench.analytics.model import (
     METADATA_FILE,
     MODEL_FILE,
     MODELS_DIR,
-    POSITIVE_CLASS,
     RiskModel,
 )
 from workbench.domain.clock import Clock, SystemClock
@@ -103,12 +104,17 @@ def make_estimator() -> Pipeline:
     )
 
 
+#: Seller classes the model should flag: both take buyers' money without shipping.
+FRAUD_CLASSES = ("fraudulent", "exit_scam")
+
+
 def labels(tables: RunTables, role: str = "seller") -> pd.Series:
-    """Ground truth per party: True for fraudulent sellers (``role="seller"``)."""
+    """Ground truth per party: True for sellers of a :data:`FRAUD_CLASSES` class
+    (``role="seller"``)."""
     if role != "seller":
         raise ValueError("only sellers have a fraud label (seller_class)")
     escrows = tables.escrows.drop_duplicates("seller_id").set_index("seller_id")
-    truth = escrows["seller_class"] == POSITIVE_CLASS
+    truth = escrows["seller_class"].isin(FRAUD_CLASSES)
     truth.index.name = "party"
     return truth.astype(bool)
 
@@ -149,7 +155,7 @@ def train(
     cv = GroupKFold(n_splits=min(folds, n_sellers))
     oof = cross_val_predict(make_estimator(), x, y, groups=groups, cv=cv, method="predict_proba")
     oof_scores = oof[:, 1]
-    threshold, oof_f1 = _choose_threshold(rows["party"], oof_scores, truth)
+    threshold, oof_f1 = choose_threshold(rows["party"], oof_scores, truth)
     estimator = make_estimator().fit(x, y)
 
     final = batch_features(tables, "seller")
@@ -161,7 +167,7 @@ def train(
     now = (clock or SystemClock()).now()
     metadata: dict[str, Any] = {
         "name": name,
-        "kind": "seller fraud risk: P(seller_class == 'fraudulent')",
+        "kind": f"seller fraud risk: P(seller_class in {list(FRAUD_CLASSES)})",
         "features": list(MODEL_FEATURES),
         "threshold": threshold,
         "threshold_rule": (
@@ -197,10 +203,9 @@ def train(
     return RiskModel(name, version, estimator, MODEL_FEATURES, threshold, metadata)
 
 
-def _choose_threshold(
-    party: pd.Series, scores: np.ndarray, truth: pd.Series
-) -> tuple[float, float]:
-    """The threshold maximising F1 of "ever flagged" per seller.
+def choose_threshold(party: pd.Series, scores: np.ndarray, truth: pd.Series) -> tuple[float, float]:
+    """The threshold maximising F1 of "ever flagged" per seller, and that F1
+    (``scores``: one per row of ``party``; ``truth``: the label per party).
 
     A seller is flagged iff its peak score reaches the threshold, so only the
     peaks matter: each peak is a candidate cut (ties: the lowest cut, more

@@ -10,7 +10,10 @@ All three have the same shape (producer -> fan-out step -> per-user delivery
 :class:`Schedule` (load, fan-out crash and restart, phone disconnects), and are
 measured the same way (:mod:`simulations.designs.harness`). :func:`claims` turns
 the results into the notebook's last table: each claim of the design note,
-the numbers for and against it, and a verdict.
+the numbers for and against it, and a verdict. :func:`connection_scaling`
+(:mod:`simulations.designs.scaling`) repeats the runs over phone counts and
+seeds for the note's central claim: the Redis connections each design needs as
+phones grow.
 
     from simulations.designs import Schedule, compare, claims
     results = compare(Schedule(), "redis://127.0.0.1:6379/0")
@@ -28,6 +31,7 @@ from simulations.designs.harness import (
     run_design_async,
 )
 from simulations.designs.pubsub_only import PubSubOnly
+from simulations.designs.scaling import connection_scaling, connection_slopes
 from simulations.designs.schedule import Disconnect, PlannedEvent, Schedule, Window
 from simulations.designs.scoring import DesignResult, Sample
 from simulations.designs.streams_only import StreamsOnly
@@ -50,6 +54,8 @@ __all__ = [
     "Window",
     "claims",
     "compare",
+    "connection_scaling",
+    "connection_slopes",
     "default_designs",
     "results_frame",
     "run_all",

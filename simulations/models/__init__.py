@@ -1,7 +1,7 @@
 """The SimPy models: who does what, when.
 
 * :mod:`.market`: buyers open escrows with sellers (Poisson arrivals) and take
-  them through their lives; honest, slow and fraudulent sellers.
+  them through their lives; honest, slow, exit-scam and fraudulent sellers.
 * :mod:`.gateway`: M-Pesa (Daraja) answering STK pushes in virtual time.
 * :mod:`.phones`: app users whose SSE connections keep dropping.
 * :mod:`.supervision`: serve's supervisor deciding when a killed process is back.

@@ -4,8 +4,11 @@ Escrows arrive as a Poisson process. Each one is a SimPy process that calls
 the real :class:`~workbench.service.EscrowService` at virtual instants:
 create, maybe cancel, fund (an STK push; the gateway's callback funds it
 later), then the seller ships after a delay that depends on its class and the
-buyer confirms or disputes; the admin resolves disputes. A seller's class
-(honest, slow, fraudulent: never ships) is ground truth for analytics.
+buyer confirms or disputes; the admin resolves disputes. A seller's class is
+ground truth for analytics: honest, slow (ships ``slow_factor`` times later),
+exit_scam (ships its first ``exit_after_escrows`` funded escrows like an honest
+seller, then never again) and fraudulent (never ships); the shipping timer
+refunds what is never shipped.
 Anything the service rejects is recorded, not raised: a late or illegal step
 is part of the load, and the escrow timers (run by the runtime) clean up.
 """
@@ -44,11 +47,12 @@ class Market:
         self.until = until
         self.buyers = [f"buyer-{i}" for i in range(params.buyers)]
         self.sellers = [f"seller-{i}" for i in range(params.sellers)]
-        cut = np.cumsum([params.honest_p, params.slow_p])
+        cut = np.cumsum([params.honest_p, params.slow_p, params.exit_scam_p])
         self.seller_class = {
-            s: ("honest" if u < cut[0] else "slow" if u < cut[1] else "fraudulent")
+            s: _seller_class(u, cut)
             for s, u in zip(self.sellers, rng.random(len(self.sellers)), strict=True)
         }
+        self.promised: dict[str, int] = {}  # exit scammer -> funded escrows it chose to ship
         cut_b = np.cumsum([params.disputer_p, params.abandoner_p])
         self.buyer_class = {
             b: ("disputer" if u < cut_b[0] else "abandoner" if u < cut_b[1] else "regular")
@@ -89,6 +93,17 @@ class Market:
         except DomainError:
             return None
 
+    def _ships_as_exit_scam(self, seller: str, cls: str) -> bool:
+        """False once an exit scammer has shipped its quota (decided at funding, so
+        escrows funded together are counted in funding order)."""
+        if cls != "exit_scam":
+            return True
+        promised = self.promised.get(seller, 0)
+        if promised >= self.p.exit_after_escrows:
+            return False
+        self.promised[seller] = promised + 1
+        return True
+
     def lifecycle(self) -> Any:
         p, rng = self.p, self.rng
         buyer = self.buyers[int(rng.integers(len(self.buyers)))]
@@ -124,7 +139,7 @@ class Market:
         if self._state(escrow_id) is not EscrowState.FUNDED:
             return  # payment failed or never came: the timer expires it
         cls = self.seller_class[seller]
-        if cls == "fraudulent":
+        if cls == "fraudulent" or not self._ships_as_exit_scam(seller, cls):
             return  # never ships: the shipping timer refunds the buyer
         ship_mean = p.ship_delay_mean_s * (p.slow_factor if cls == "slow" else 1.0)
         yield self.env.timeout(rng.exponential(ship_mean))
@@ -153,3 +168,12 @@ class Market:
             )
             return
         self._do("confirm", escrow_id, buyer, lambda: self.service.confirm(escrow_id, buyer))
+
+
+def _seller_class(u: float, cut: np.ndarray) -> str:
+    """The class of a seller drawn ``u`` ~ U(0, 1): cumulative ``cut`` of honest,
+    slow and exit_scam; the rest is fraudulent."""
+    for name, bound in zip(("honest", "slow", "exit_scam"), cut, strict=True):
+        if u < bound:
+            return name
+    return "fraudulent"

@@ -20,6 +20,8 @@ from simulations.designs import (
     StreamsPlusLocalPubSub,
     claims,
     compare,
+    connection_scaling,
+    connection_slopes,
     run_design,
 )
 from simulations.designs.claims import CLAIMS
@@ -192,6 +194,35 @@ def test_two_layer_connections_do_not_grow_with_clients(redis_server: RedisServe
         wait_until(none_left, timeout=30, what="the runs' connections to close")
     finally:
         client.close()
+
+
+def test_connections_per_added_phone_one_for_streams_only_none_for_two_layer(
+    redis_server: RedisServer,
+) -> None:
+    if not redis_server.running:
+        redis_server.restart()
+    scaling = connection_scaling(
+        [4, 12], [1, 2], redis_server.url,
+        designs=lambda: [StreamsOnly(), StreamsPlusLocalPubSub(pool_size=2)],
+        rate=20.0, duration_s=0.5,
+    )  # fmt: skip
+    assert len(scaling) == 2 * 2 * 2 and (scaling["lost"] == 0).all()
+    two = scaling[scaling.design == TWO_LAYER]
+    assert (two["client_connections"] <= 3).all()  # 1 live + a pool of 2
+    assert (two["client_connection_bound"] == 3).all()
+    slopes = connection_slopes(scaling).set_index(["design", "seed"])["slope"]
+    assert slopes.loc[STREAMS].tolist() == [1.0, 1.0]  # 4 phones: 4; 12 phones: 12
+    assert slopes.loc[TWO_LAYER].abs().max() <= 2 / 8  # at most the pool's 2 over 8 phones
+
+
+def test_a_slope_needs_two_phone_counts_and_a_sweep_needs_runs() -> None:
+    one_count = pd.DataFrame(
+        {"design": [STREAMS], "seed": [1], "phones": [4], "client_connections": [4]}
+    )
+    with pytest.raises(ValueError, match="two phone counts"):
+        connection_slopes(one_count)
+    with pytest.raises(ValueError, match="at least one phone count"):
+        connection_scaling([], [1], "redis://127.0.0.1:1/0")
 
 
 # -- the claims ---------------------------------------------------------------------

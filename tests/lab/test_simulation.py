@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -288,3 +289,41 @@ def test_a_partitioned_log_with_consumers_replaced_loses_nothing_and_is_determin
     again = simulate(scenario, seed=5)
     for name in first.table_names():
         pd.testing.assert_frame_equal(getattr(first, name), getattr(again, name), obj=name)
+
+
+def test_exit_scammers_ship_their_quota_then_never_again(redis_server) -> None:  # type: ignore[no-untyped-def]
+    scenario = load(
+        "baseline",
+        ["run.duration_s=400", "run.drain_s=200", "market.arrival_rate=1", "market.sellers=12",
+         "phones.count=0", "market.honest_p=0.5", "market.slow_p=0", "market.exit_scam_p=0.5",
+         "market.exit_after_escrows=2", "market.shipping_timeout_s=120",
+         "market.ship_delay_mean_s=5", "mpesa.failure_p=0", "market.cancel_p=0",
+         "market.abandoner_p=0"],
+    )  # fmt: skip
+    tables = simulate(scenario, seed=3, redis_url=redis_server.url, prefix="exit")
+    escrows = tables.escrows.set_index("id")
+    types = tables.published.groupby("escrow_id")["type"].agg(set)
+    funded = types[types.map(lambda t: "escrow.funded" in t)]
+    shipped = funded.map(lambda t: "escrow.shipped" in t)
+    by_seller = pd.DataFrame(
+        {"seller_class": escrows.seller_class.reindex(funded.index),
+         "seller": escrows.seller_id.reindex(funded.index), "shipped": shipped}
+    )  # fmt: skip
+    exit_scam = by_seller[by_seller.seller_class == "exit_scam"].groupby("seller")["shipped"]
+    assert len(exit_scam) >= 3 and (exit_scam.size() > 2).all()  # every one got past its quota
+    assert (exit_scam.sum() == 2).all()  # shipped exactly its quota, then nothing
+    honest = by_seller[by_seller.seller_class == "honest"]
+    assert len(honest) > 20 and honest.shipped.all()
+    # What an exit scammer never shipped, the shipping timer expired.
+    unshipped = by_seller[~by_seller.shipped].index
+    assert len(unshipped) and all("escrow.expired" in types[e] for e in unshipped)
+
+
+def test_no_exit_scammers_by_default_and_the_classes_are_drawn_as_before() -> None:
+    from simulations.models.market import _seller_class
+
+    cut = np.cumsum([0.85, 0.10, 0.0])  # the defaults: exit_scam_p = 0
+    draws = np.linspace(0, 0.999, 1000)
+    old = ["honest" if u < 0.85 else "slow" if u < 0.95 else "fraudulent" for u in draws]
+    assert [_seller_class(u, cut) for u in draws] == old
+    assert _seller_class(0.96, np.cumsum([0.85, 0.10, 0.02])) == "exit_scam"
