@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from workbench import paths
 from workbench.delivery.userstreams import DEFAULT_USER_MAXLEN
 from workbench.domain.clock import clock_from_env, simulated
 from workbench.handlers import ALL_GROUPS, handler_for
@@ -65,7 +66,7 @@ def _client(url: str) -> Any:
 redis_option = click.option("--redis-url", envvar="REDIS_URL", help="Redis URL [env REDIS_URL]")
 database_option = click.option(
     "--database-url", envvar="DATABASE_URL",
-    help="SQLAlchemy URL of the store [env DATABASE_URL; default sqlite data/workbench.db]",
+    help="SQLAlchemy URL of the store [env DATABASE_URL; default sqlite DATA/workbench.db]",
 )  # fmt: skip
 _prefix_only = click.option(
     "--prefix", default="wb", show_default=True, help="key prefix of the streams"
@@ -458,8 +459,8 @@ def inspect_command(redis_url: str | None, prefix: str, partitions: int, as_json
 @click.option("--debug", is_flag=True, help="enable /debug endpoints (tests)")
 @click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path),
-    default=Path("data") / "serve", show_default=True,
-    help="embedded Redis, SQLite file and worker logs",
+    help="embedded Redis, SQLite file and worker logs [default: DATA/serve, DATA being"
+    " WORKBENCH_DATA or the project's data/]",
 )  # fmt: skip
 @click.option(
     "--restart-backoff", default=0.5, show_default=True, type=click.FloatRange(0.01, 60),
@@ -481,7 +482,7 @@ def serve(
     user_maxlen: int,
     api_only: bool,
     debug: bool,
-    data_dir: Path,
+    data_dir: Path | None,
     restart_backoff: float,
     restart_limit: int,
 ) -> None:
@@ -515,7 +516,7 @@ def serve(
         partitions=partitions,
         debug=debug,
         api_only=api_only,
-        data_dir=data_dir,
+        data_dir=data_dir or paths.data_dir() / "serve",
         user_maxlen=user_maxlen,
         policy=RestartPolicy(
             initial_backoff_s=restart_backoff,

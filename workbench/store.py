@@ -48,6 +48,8 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql import Executable
 
+from workbench.paths import data_dir
+
 metadata = MetaData()
 
 _Serial = BigInteger().with_variant(Integer, "sqlite")
@@ -212,15 +214,14 @@ dispute_timeline = Table(
     PrimaryKeyConstraint("escrow_id", "sequence"),
 )
 
-DEFAULT_SQLITE_PATH = Path("data") / "workbench.db"
-
 
 def database_url(default_path: str | os.PathLike[str] | None = None) -> str:
-    """``DATABASE_URL`` if set, else a SQLite file (``data/workbench.db``)."""
+    """``DATABASE_URL`` if set, else a SQLite file (``workbench.db`` in the data
+    directory, :func:`workbench.paths.data_dir`)."""
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    path = Path(default_path or DEFAULT_SQLITE_PATH)
+    path = Path(default_path) if default_path else data_dir() / "workbench.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 

@@ -84,10 +84,10 @@ from workbench.analytics.model import (
     DEFAULT_NAME,
     METADATA_FILE,
     MODEL_FILE,
-    MODELS_DIR,
     RiskModel,
 )
 from workbench.domain.clock import Clock, SystemClock
+from workbench.paths import data_dir
 
 if TYPE_CHECKING:
     from simulations.analysis.tables import RunTables
@@ -261,8 +261,8 @@ def _versions() -> dict[str, str]:
 
 def save(model: RiskModel, directory: str | Path | None = None) -> Path:
     """Write ``model.joblib`` and ``metadata.json`` to ``directory`` (default
-    ``data/models/<name>/``); return the directory."""
-    out = Path(directory) if directory is not None else MODELS_DIR / model.name
+    ``<data dir>/models/<name>/``, :func:`workbench.paths.data_dir`); return the directory."""
+    out = Path(directory) if directory is not None else data_dir() / "models" / model.name
     out.mkdir(parents=True, exist_ok=True)
     data = _dump(model.estimator)
     if _digest(data) != model.version:

@@ -25,3 +25,16 @@ def test_workbench_data_moves_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(paths.DATA_ENV, str(tmp_path / "elsewhere"))
     assert paths.data_dir() == tmp_path / "elsewhere"
     assert paths.runs_dir() == tmp_path / "elsewhere" / "runs"
+
+
+def test_serve_and_store_default_under_the_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.ops.serve import ServeOptions
+    from workbench.store import database_url
+
+    monkeypatch.setenv(paths.DATA_ENV, str(tmp_path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.chdir(ROOT / "notebooks")  # not where the data goes
+    assert ServeOptions().data_dir == tmp_path / "serve"
+    assert database_url() == f"sqlite:///{tmp_path / 'workbench.db'}"

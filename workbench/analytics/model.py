@@ -2,7 +2,7 @@
 
 A model is trained and evaluated in the lab (:mod:`simulations.analytics.training`,
 which says what it predicts, what it is trained on and how it is judged) and
-saved as ``data/models/<name>/model.joblib`` beside ``metadata.json``
+saved as ``<data dir>/models/<name>/model.joblib`` beside ``metadata.json``
 (features, threshold, version, provenance). The version is the first 12 hex
 digits of the SHA-256 of the model file; :func:`load` checks the file against
 the recorded hash, then unpickles it: load only artefacts you made.
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 
 DEFAULT_NAME = "seller-risk"
-MODELS_DIR = Path("data") / "models"
 MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
 POSITIVE_CLASS = "fraudulent"

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
+from workbench import paths
 from workbench.handlers import ALL_GROUPS
 from workbench.ops.children import signal_on_parent_death
 from workbench.ops.redis_server import RedisServer
@@ -66,7 +67,7 @@ class ServeOptions:
     partitions: int = 0  # of the log; 0: unpartitioned (workbench.streams.keys)
     debug: bool = False
     api_only: bool = False
-    data_dir: Path = Path("data") / "serve"
+    data_dir: Path = field(default_factory=lambda: paths.data_dir() / "serve")
     user_maxlen: int = 1000
     policy: RestartPolicy = field(default_factory=RestartPolicy)
 
