@@ -78,6 +78,7 @@ from workbench.domain.escrow import DomainError, EscrowState
 from workbench.domain.streamid import parse
 from workbench.handlers import ALL_GROUPS
 from workbench.http.auth import issue_token
+from workbench.ops.children import signal_on_parent_death
 from workbench.ops.redis_server import RedisServer, attach_or_start, free_port
 from workbench.ops.waiting import WaitTimeout, wait_until
 from workbench.payments.daraja import DarajaStub
@@ -113,8 +114,12 @@ class Fleet:
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         process = subprocess.Popen(
-            self.argv[name], env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
+            self.argv[name], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Like redis-server: its own session, so a terminal's Ctrl-C reaches the
+            # simulator only (which stops the fleet), and killed if the simulator dies.
+            start_new_session=True, preexec_fn=signal_on_parent_death(signal.SIGKILL),
+        )  # fmt: skip
         log.close()
         self.processes[name] = process
         return process
@@ -136,13 +141,15 @@ class Fleet:
         process = self.processes.get(name)
         return process is not None and process.poll() is None
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every process, and SIGKILL what has not exited ``timeout`` s later."""
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
         for process in self.processes.values():
             try:
-                process.wait(timeout)
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -617,7 +624,8 @@ def _build_world(
     stops and closes everything in reverse order."""
     run_p = scenario.run
     load_s, drain_s = run_p.duration_s, run_p.drain_s
-    work = Path(tempfile.mkdtemp(prefix="workbench-rt-"))
+    # Removed last, once every process that writes into it has stopped.
+    work = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="workbench-rt-")))
     url, server = resources.enter_context(
         attach_or_start(
             redis_url, work / "redis", appendonly=True, appendfsync=scenario.redis.appendfsync
