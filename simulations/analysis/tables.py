@@ -137,6 +137,11 @@ class TableWriter:
         self.flush()
         self._writer.close()
 
+    def abandon(self) -> None:
+        """Close the file as it is, without the rows not yet flushed (a run stopped)."""
+        self._rows = []
+        self._writer.close()
+
 
 #: The file that marks a run directory unfinished; it says why.
 UNFINISHED = "UNFINISHED"
@@ -183,6 +188,11 @@ class RunWriter:
         (self.directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         (self.directory / UNFINISHED).unlink(missing_ok=True)
         return manifest
+
+    def abandon(self) -> None:
+        """Close every table's file, write no manifest: the directory stays unfinished."""
+        for writer in self.tables.values():
+            writer.abandon()
 
 
 def empty(table: str) -> pd.DataFrame:

@@ -9,6 +9,10 @@ served processes is stopped, the private redis-server stopped, the temporary
 directories removed). The caller then says what happened and exits with
 :attr:`Interrupted.exit_code` (128 + the signal: 130, 143), as a shell would.
 
+Starting a child is :func:`held`: a signal during it is raised once the child is
+known to whoever stops it (a ``Popen`` cut between its fork and its return would
+leave a child that nobody stops, writing into a directory being removed).
+
 The children do not see the terminal's Ctrl-C: redis-server and the served
 processes run in sessions of their own (:mod:`workbench.ops.redis_server`,
 :mod:`simulations.drivers.realtime`), so nothing dies under the simulator while
@@ -61,6 +65,34 @@ REDELIVER_S = 0.05
 class _Stop:
     signum: int | None = None  # the signal that stops the run, once one came
     redelivering: bool = False  # its exception was dropped: raise it again (SIGALRM)
+    held: int = 0  # inside held(): the signal waits for the end of the section
+    waiting: bool = False  # a signal came while held
+
+
+#: The stop of the innermost interruptible() block, if one is active.
+_active: list[_Stop] = []
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A section a stop must not cut in two: a signal inside it raises
+    :class:`Interrupted` at its end. For starting a child process: started and
+    known to whoever stops it, or not started (a ``Popen`` interrupted between the
+    fork and its return leaves a child nobody stops). Outside :func:`interruptible`,
+    nothing is held."""
+    if not _active:
+        yield
+        return
+    stop = _active[-1]
+    stop.held += 1
+    try:
+        yield
+    finally:
+        stop.held -= 1
+    if stop.waiting and not stop.held:
+        stop.waiting = False
+        assert stop.signum is not None
+        raise Interrupted(stop.signum)
 
 
 @contextlib.contextmanager
@@ -82,6 +114,9 @@ def interruptible() -> Iterator[None]:
             os.write(2, f"\n{signal.Signals(signum).name} again: exiting now\n".encode())
             os._exit(128 + stop.signum)
         stop.signum, stop.redelivering = stop.signum or signum, False
+        if stop.held:
+            stop.waiting = True  # raised at the end of the held section
+            return
         raise Interrupted(stop.signum)
 
     def on_alarm(signum: int, frame: FrameType | None) -> None:
@@ -100,9 +135,11 @@ def interruptible() -> Iterator[None]:
     previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
     sys.unraisablehook = on_unraisable
+    _active.append(stop)
     try:
         yield
     finally:
+        _active.remove(stop)
         signal.setitimer(signal.ITIMER_REAL, 0)
         sys.unraisablehook = previous_hook
         for signum, old in previous.items():

@@ -58,6 +58,7 @@ import simpy.rt
 from httpx_sse import aconnect_sse
 
 from simulations.analysis.tables import RunTables, RunWriter
+from simulations.drivers.interruption import held
 from simulations.drivers.loops import sample_backlog, waiting
 from simulations.drivers.virtual import (
     Progress,
@@ -113,15 +114,16 @@ class Fleet:
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        process = subprocess.Popen(
-            self.argv[name], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # Like redis-server: its own session, so a terminal's Ctrl-C reaches the
-            # simulator only (which stops the fleet), and killed if the simulator dies.
-            start_new_session=True, preexec_fn=signal_on_parent_death(signal.SIGKILL),
-        )  # fmt: skip
+        with held():  # a Ctrl-C waits until the process is in the fleet (stopped with it)
+            process = subprocess.Popen(
+                self.argv[name], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # Like redis-server: its own session, so a terminal's Ctrl-C reaches the
+                # simulator only (which stops the fleet), and killed if the simulator dies.
+                start_new_session=True, preexec_fn=signal_on_parent_death(signal.SIGKILL),
+            )  # fmt: skip
+            self.processes[name] = process
         log.close()
-        self.processes[name] = process
         return process
 
     def kill(self, name: str) -> None:
@@ -626,11 +628,12 @@ def _build_world(
     load_s, drain_s = run_p.duration_s, run_p.drain_s
     # Removed last, once every process that writes into it has stopped.
     work = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="workbench-rt-")))
-    url, server = resources.enter_context(
-        attach_or_start(
-            redis_url, work / "redis", appendonly=True, appendfsync=scenario.redis.appendfsync
+    with held():  # started and known to `resources`, or not started
+        url, server = resources.enter_context(
+            attach_or_start(
+                redis_url, work / "redis", appendonly=True, appendfsync=scenario.redis.appendfsync
+            )
         )
-    )
     client = connect(url)
     resources.callback(client.close)
     clear_prefix(client, prefix)
