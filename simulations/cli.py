@@ -2,9 +2,14 @@
 
 ``workbench.cli`` finds these through the ``workbench.commands`` entry points
 and imports this module only when one of them is called: ``simulate``,
-``check``, ``sweep``, ``run`` (the demo), and the fault-injecting
-``sim-worker`` and ``sim-relay`` that real-time runs and the demo start in
-place of ``worker`` and ``relay``.
+``check``, ``sweep``, ``run`` (the demo), ``scenarios`` (list, ``show``), and
+the fault-injecting ``sim-worker`` and ``sim-relay`` that real-time runs and
+the demo start in place of ``worker`` and ``relay``.
+
+Bad input is exit 2 with a message naming what is wrong (``click.UsageError``),
+checked before anything starts; ``simulate`` never writes over a run directory
+that holds something without ``--force``, and Ctrl-C or SIGTERM stops it
+cleanly (:mod:`simulations.drivers.interruption`, exit 130 or 143).
 """
 
 from __future__ import annotations

@@ -6,13 +6,23 @@ file only lists what differs from them, and ``--set section.key=value`` override
 a file. :func:`load` checks every value once, against the type of the field's
 default, before any model sees it: an unknown section or key (a typo), a value of
 the wrong type or a negative number, a string that is none of the values its key
-takes (``consumers.restart``, ``redis.appendfsync``, the groups of ``consumers.only``)
-or a lower bound above its upper bound (``mpesa.query_delay_min_s``), or keys that
-do not go together (``redis.cluster_masters`` without ``redis.partitions``, or with
-``redis.lose_last_writes``) is a :class:`ScenarioError` naming ``section.key``,
-never a silently ignored setting or a crash halfway through a run. After that the
-models and the drivers read typed attributes (``scenario.market.arrival_rate``) and
-trust them.
+takes (``consumers.restart``, ``redis.appendfsync``, the groups of ``consumers.only``),
+a probability (every key ending in ``_p``) outside [0, 1], shares of one population
+above 1 in all (seller and buyer classes), a size or interval that must be positive
+at 0 (:data:`_POSITIVE`, each with the reason: a batch of 0 entries, a sampler that
+never advances), a number beyond its bound, a lower bound above its upper bound
+(``mpesa.query_delay_min_s``), a run with nothing to check (no load time, no
+arrivals), or keys that do not go together (``redis.cluster_masters`` without
+``redis.partitions``, or with ``redis.lose_last_writes``) is a :class:`ScenarioError`
+naming ``section.key``, the value and what is allowed, never a silently ignored
+setting, a hang or a crash halfway through a run. The checks are tables, not code
+per key. After that the models and the drivers read typed attributes
+(``scenario.market.arrival_rate``) and trust them.
+
+Each field carries its meaning (``metadata["doc"]``): :func:`settings` lists every
+key of a scenario with its value, default and meaning (``workbench scenarios show``).
+:func:`warnings` says what a valid scenario asks for in vain: faults that cannot,
+or most likely will not, fire within its load.
 
 :attr:`Scenario.params` is the same values as plain data, section by section in
 the order below; it is what a run's manifest records, so it keeps the shape the

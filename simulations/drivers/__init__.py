@@ -5,6 +5,8 @@
 * :mod:`.realtime`: wall time against ``serve``'s real processes, HTTP and SSE.
 * :mod:`.sweep`: one scenario over a grid of values and seeds, in parallel.
 * :mod:`.demo`: ``workbench run``, the end-to-end demo with a real crash.
+* :mod:`.interruption`: Ctrl-C and SIGTERM stop a run cleanly (children
+  stopped, temporary directories removed, the run directory left unfinished).
 """
 
 from __future__ import annotations
