@@ -178,7 +178,28 @@ def _checked_scenario(
             "redis.cluster_masters runs in virtual time on a cluster the run starts itself:"
             " not with --realtime, nor with --redis-url / REDIS_URL"
         )
+    if redis_url:
+        _check_reachable(redis_url)
     return loaded
+
+
+def _check_reachable(url: str) -> None:
+    """A ``click.UsageError`` unless the Redis at ``url`` answers PING."""
+    import redis
+    from redis.exceptions import RedisClusterException
+
+    from workbench.streams.connection import connect
+
+    try:
+        client = connect(url)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException, ValueError) as exc:
+        raise click.UsageError(
+            f"cannot reach Redis at --redis-url / REDIS_URL {url}: {exc}"
+        ) from None
 
 
 def _refuse_to_overwrite(directory: Path, force: bool) -> None:
@@ -246,6 +267,10 @@ def _simulate_until_done_or_stopped(
                 scenario, seed, directory, redis_url=redis_url, progress=progress
             )
             return manifest
+    except Exception as exc:  # the traceback follows; the directory says what happened
+        what = ": ".join([type(exc).__name__, *str(exc).splitlines()[:1]])
+        mark_unfinished(directory, f"failed at {reached[0]:g} virtual s: {what}")
+        raise
     except Interrupted as stop:
         mark_unfinished(directory, f"stopped by {stop.name} at {reached[0]:g} virtual s")
         click.echo(

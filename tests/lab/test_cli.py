@@ -75,6 +75,15 @@ def test_an_invalid_setting_is_exit_2_before_anything_starts(
     assert not out.exists() and not list((tmp_path / "tmp").iterdir())  # nothing started
 
 
+def test_an_unreachable_redis_url_is_exit_2_before_anything_starts(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    result = _workbench(tmp_path, "simulate", "baseline", "--redis-url", url, "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot reach Redis at --redis-url / REDIS_URL {url}: " in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
 # -- 2. faults that cannot fire within the run: a warning before it
 
 
