@@ -89,10 +89,10 @@ def held() -> Iterator[None]:
         yield
     finally:
         stop.held -= 1
-    if stop.waiting and not stop.held:
-        stop.waiting = False
-        assert stop.signum is not None
-        raise Interrupted(stop.signum)
+        if stop.waiting and not stop.held:  # the stop asked for, whatever else happened
+            stop.waiting = False
+            assert stop.signum is not None
+            raise Interrupted(stop.signum)
 
 
 @contextlib.contextmanager

@@ -156,7 +156,8 @@ def test_a_signal_stops_the_run_cleanly(tmp_path: Path, mode: str, signum: int, 
         def started() -> dict[int, str]:
             kids = _children(simulator.pid)
             commands = " ".join(kids.values())
-            needed = ["redis-server", *(["sim-worker", "serve --api-only"] if realtime else [])]
+            needed = ["redis-server 127.0.0.1:"]  # the server (not its --version probe)
+            needed += ["sim-worker", "serve --api-only"] if realtime else []
             return kids if all(n in commands for n in needed) else {}
 
         kids = wait_until(started, timeout=120, interval=0.05, what="the run's processes")
@@ -204,6 +205,10 @@ def test_a_signal_while_a_child_starts_is_raised_once_it_has_started() -> None:
             done.append("started")  # not cut in two
         done.append("after")  # never reached
     assert done == ["started"]
+    # Also when the section fails meanwhile (a child that saw the signal too): the stop wins.
+    with pytest.raises(Interrupted), interruptible(), held():
+        signal.raise_signal(signal.SIGINT)
+        raise RuntimeError("the child could not start")
 
 
 # -- 4. run directories: named by mode, never overwritten silently

@@ -51,8 +51,9 @@ class RedisServerError(RuntimeError):
 
 def _version_of(binary: str) -> tuple[int, ...]:
     out = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
-    ).stdout
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False,
+        start_new_session=True,  # as the server: a terminal's Ctrl-C is its owner's to handle
+    ).stdout  # fmt: skip
     match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
     if not match:
         raise RedisServerError(f"cannot read the version of {binary}: {out!r}")
