@@ -19,8 +19,10 @@ $(STAMP): requirements.lock pyproject.toml
 	@$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	@touch $(STAMP)
 
+# The baseline scenario into data/runs/baseline-1; --force: a second `make run`
+# overwrites the first one's run (`workbench simulate` refuses to without it).
 run: $(STAMP)
-	$(BIN)/workbench simulate baseline $(RUN_ARGS)
+	$(BIN)/workbench simulate baseline --force $(RUN_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/workbench run
@@ -39,8 +41,9 @@ test-notebooks: $(STAMP)
 		--nbval-sanitize-with sanitize.cfg --nbval-cell-timeout 900 -o testpaths=. .
 
 # JupyterLab on notebooks/ with the project's environment as the kernel.
+# As root (a container) jupyter refuses to start without --allow-root.
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir notebooks
+	$(BIN)/jupyter lab --notebook-dir notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # Re-run every notebook in place (refreshes the committed outputs), then strip what
 # says when and how it ran (timestamps, papermill's records: simulations/notebooks.py).

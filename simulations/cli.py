@@ -2,18 +2,24 @@
 
 ``workbench.cli`` finds these through the ``workbench.commands`` entry points
 and imports this module only when one of them is called: ``simulate``,
-``check``, ``sweep``, ``run`` (the demo), and the fault-injecting
-``sim-worker`` and ``sim-relay`` that real-time runs and the demo start in
-place of ``worker`` and ``relay``.
+``check``, ``sweep``, ``run`` (the demo), ``scenarios`` (list, ``show``), and
+the fault-injecting ``sim-worker`` and ``sim-relay`` that real-time runs and
+the demo start in place of ``worker`` and ``relay``.
+
+Bad input is exit 2 with a message naming what is wrong (``click.UsageError``),
+checked before anything starts; ``simulate`` never writes over a run directory
+that holds something without ``--force``, and Ctrl-C or SIGTERM stops it
+cleanly (:mod:`simulations.drivers.interruption`, exit 130 or 143).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -32,9 +38,13 @@ from simulations.faults import (
     sigkill_at,
     sigkill_when_signalled,
 )
+from workbench import paths
 from workbench.cli import redis_option, setup_logging
 from workbench.cli import relay as relay_command
 from workbench.cli import worker as worker_command
+
+if TYPE_CHECKING:
+    from simulations.scenario import Scenario
 
 
 @click.command()
@@ -43,9 +53,8 @@ from workbench.cli import worker as worker_command
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    default=Path("data/demo"),
-    show_default=True,
-    help="where results are written",
+    help="where results are written [default: DATA/demo; DATA: WORKBENCH_DATA or the"
+    " project's data/]",
 )
 @click.option(
     "--crash/--no-crash",
@@ -56,11 +65,12 @@ from workbench.cli import worker as worker_command
 @click.option(
     "--timeout", default=120.0, show_default=True, help="seconds to wait for the groups to drain"
 )
-def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None:
+def run(escrows: int, seed: int, out: Path | None, crash: bool, timeout: float) -> None:
     """Run the end-to-end escrow demo against an embedded Redis."""
     from simulations.drivers.demo import DemoConfig, run_demo
 
     setup_logging(False)
+    out = out or paths.data_dir() / "demo"
     summary = run_demo(
         DemoConfig(escrows=escrows, seed=seed, out=out, crash=crash, timeout=timeout)
     )
@@ -77,8 +87,9 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
 )  # fmt: skip
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path),
-    help="run directory [default data/runs/SCENARIO-SEED]",
+    help="run directory [default: DATA/runs/SCENARIO-SEED, with -realtime for --realtime]",
 )  # fmt: skip
+@click.option("--force", is_flag=True, help="overwrite the run directory if it holds a run")
 @redis_option
 @click.option("--no-check", is_flag=True, help="write the tables, skip the checker")
 @click.option(
@@ -99,6 +110,7 @@ def simulate(
     seed: int,
     overrides: tuple[str, ...],
     out: Path | None,
+    force: bool,
     redis_url: str | None,
     no_check: bool,
     realtime: bool,
@@ -111,52 +123,24 @@ def simulate(
     instants against a private redis-server (or REDIS_URL) and a SQLite store.
     --realtime: the same models drive the served runtime in wall time (API/SSE
     servers, relay, workers as processes; SIGKILL as the crash). The run's
-    tables go to the run directory, then the checker reports on them (exit 1 if
-    anything is lost, unexpected or an invariant fails).
+    tables go to the run directory, then the checker reports on them.
+
+    Exits 0 when the checker finds the run ok, 1 when anything is lost,
+    unexpected or an invariant fails, 2 for a bad setting (checked before
+    anything starts) or a run directory that holds a run (without --force);
+    Ctrl-C or SIGTERM stops the run and its processes, leaves the run
+    directory marked unfinished and exits 130 or 143.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from simulations.scenario import warnings
 
-    from simulations.drivers.virtual import simulate_to
-    from simulations.scenario import ScenarioError, load
-    from workbench.ops import affinity
-
-    if factor is not None and not realtime:
-        raise click.UsageError("--factor only applies with --realtime")
-    if cpu != "auto" and realtime:
-        raise click.UsageError("--cpu only applies in virtual time (without --realtime)")
-    try:
-        loaded = load(scenario, overrides)
-        affinity.resolve(cpu)
-    except (ScenarioError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
-    if loaded.redis.cluster_masters and (realtime or redis_url):
-        raise click.UsageError(
-            "redis.cluster_masters runs in virtual time on a cluster the run starts itself:"
-            " not with --realtime, nor with --redis-url / REDIS_URL"
-        )
-    run: Any = functools.partial(simulate_to, cpu=cpu)
-    if realtime:
-        from simulations.drivers.realtime import simulate_realtime_to
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            return simulate_realtime_to(*args, factor=factor, **kwargs)
-
-    directory = out or Path("data") / "runs" / f"{loaded.name}-{seed}"
-    with Progress(
-        TextColumn(f"[bold]{loaded.name}[/] seed {seed}"),
-        BarColumn(),
-        TextColumn(
-            "{task.completed:.0f}/{task.total:.0f} virtual s" + (" (real time)" if realtime else "")
-        ),  # fmt: skip
-        TimeElapsedColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task("simulate", total=1.0)
-
-        def progress(t: float, total: float) -> None:
-            bar.update(task, completed=t, total=total)
-
-        manifest = run(loaded, seed, directory, redis_url=redis_url, progress=progress)
+    loaded = _checked_scenario(scenario, overrides, redis_url, realtime, factor, cpu)
+    directory = out or paths.runs_dir() / f"{loaded.name}-{seed}{'-realtime' * realtime}"
+    _refuse_to_overwrite(directory, force)
+    for warning in warnings(loaded):
+        click.echo(f"warning: {warning}", err=True)
+    manifest = _simulate_until_done_or_stopped(
+        loaded, seed, directory, redis_url=redis_url, realtime=realtime, factor=factor, cpu=cpu
+    )
     rows = manifest["rows"]
     click.echo(
         f"{rows['published']} events, {rows['commands']} commands, "
@@ -165,6 +149,135 @@ def simulate(
     )
     if not no_check:
         _check_and_exit(directory)
+
+
+def _checked_scenario(
+    name: str,
+    overrides: tuple[str, ...],
+    redis_url: str | None,
+    realtime: bool,
+    factor: float | None,
+    cpu: str,
+) -> Scenario:
+    """The scenario with its overrides, and the options with it, checked: a
+    ``click.UsageError`` (exit 2) naming what is wrong before anything starts."""
+    from simulations.scenario import ScenarioError, load
+    from workbench.ops import affinity
+
+    if factor is not None and not realtime:
+        raise click.UsageError("--factor only applies with --realtime")
+    if cpu != "auto" and realtime:
+        raise click.UsageError("--cpu only applies in virtual time (without --realtime)")
+    try:
+        loaded = load(name, overrides)
+        affinity.resolve(cpu)
+    except (ScenarioError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    if loaded.redis.cluster_masters and (realtime or redis_url):
+        raise click.UsageError(
+            "redis.cluster_masters runs in virtual time on a cluster the run starts itself:"
+            " not with --realtime, nor with --redis-url / REDIS_URL"
+        )
+    if redis_url:
+        _check_reachable(redis_url)
+    return loaded
+
+
+def _check_reachable(url: str) -> None:
+    """A ``click.UsageError`` unless the Redis at ``url`` answers PING."""
+    import redis
+    from redis.exceptions import RedisClusterException
+
+    from workbench.streams.connection import connect
+
+    try:
+        client = connect(url)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException, ValueError) as exc:
+        raise click.UsageError(
+            f"cannot reach Redis at --redis-url / REDIS_URL {url}: {exc}"
+        ) from None
+
+
+def _refuse_to_overwrite(directory: Path, force: bool) -> None:
+    """A ``click.UsageError`` if ``directory`` is a file, or holds anything (a run,
+    finished or not, or other files) and ``force`` is not given."""
+    from simulations.analysis.tables import UNFINISHED
+
+    if directory.exists() and not directory.is_dir():
+        raise click.UsageError(f"{directory} is a file, not a run directory")
+    if force or not directory.is_dir() or not any(directory.iterdir()):
+        return
+    run_files = ("manifest.json", UNFINISHED, "commands.parquet")
+    what = "a run" if any((directory / f).exists() for f in run_files) else "other files"
+    raise click.UsageError(f"{directory} exists and holds {what}; --force to overwrite")
+
+
+def _simulate_until_done_or_stopped(
+    scenario: Scenario,
+    seed: int,
+    directory: Path,
+    *,
+    redis_url: str | None,
+    realtime: bool,
+    factor: float | None,
+    cpu: str,
+) -> dict[str, Any]:
+    """Run the simulation into ``directory`` with a progress bar; return its manifest.
+
+    SIGINT or SIGTERM stops it (:mod:`simulations.drivers.interruption`): its
+    processes stopped, its temporary directories removed, ``directory`` marked
+    unfinished, then exit 130 or 143 with a line saying so.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulations.analysis.tables import mark_unfinished
+    from simulations.drivers.interruption import Interrupted, interruptible
+
+    if realtime:
+        from simulations.drivers.realtime import simulate_realtime_to
+
+        run: Any = functools.partial(simulate_realtime_to, factor=factor)
+    else:
+        from simulations.drivers.virtual import simulate_to
+
+        run = functools.partial(simulate_to, cpu=cpu)
+    mark_unfinished(directory)  # claimed: an earlier run's manifest is gone from here on
+    unit = "virtual s" + (" (real time)" if realtime else "")
+    reached = [0.0]  # virtual seconds, for the message if the run is stopped
+    try:
+        with (
+            interruptible(),
+            Progress(
+                TextColumn(f"[bold]{scenario.name}[/] seed {seed}"), BarColumn(),
+                TextColumn("{task.completed:.0f}/{task.total:.0f} " + unit),
+                TimeElapsedColumn(), transient=False,
+            ) as bar,
+        ):  # fmt: skip
+            task = bar.add_task("simulate", total=1.0)
+
+            def progress(t: float, total: float) -> None:
+                reached[0] = t
+                bar.update(task, completed=t, total=total)
+
+            manifest: dict[str, Any] = run(
+                scenario, seed, directory, redis_url=redis_url, progress=progress
+            )
+            return manifest
+    except Exception as exc:  # the traceback follows; the directory says what happened
+        what = ": ".join([type(exc).__name__, *str(exc).splitlines()[:1]])
+        mark_unfinished(directory, f"failed at {reached[0]:g} virtual s: {what}")
+        raise
+    except Interrupted as stop:
+        mark_unfinished(directory, f"stopped by {stop.name} at {reached[0]:g} virtual s")
+        click.echo(
+            f"{stop}: stopped the run and its processes; {directory} is marked unfinished",
+            err=True,
+        )
+        sys.exit(stop.exit_code)
 
 
 @click.command()
@@ -289,6 +402,66 @@ def check(run_dir: Path, as_json: bool) -> None:
         print_report(report)
     if not report.ok:
         raise SystemExit(1)
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def scenarios(ctx: click.Context) -> None:
+    """List the scenarios: each name and what it is for.
+
+    `workbench scenarios show NAME`: every key of one, its value, its default and
+    what it means.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from simulations.scenario import available, description
+    from workbench.ops.inspection import wide_console
+
+    table = Table("scenario", "what it is", title="scenarios", title_justify="left")
+    for name in available():
+        table.add_row(name, description(name))
+    wide_console().print(table)
+
+
+@scenarios.command()
+@click.argument("name")
+def show(name: str) -> None:
+    """Every key of scenario NAME (or a .toml path): section.key, its value, the default
+    when it differs, and its meaning."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from simulations.scenario import ScenarioError, description, load, settings
+    from workbench.ops.inspection import wide_console
+
+    try:
+        loaded = load(name)
+    except ScenarioError as exc:
+        raise click.UsageError(str(exc)) from None
+    table = Table(
+        "key", "value", "default", "meaning",
+        title=f"{loaded.name}: {description(name)}", title_justify="left",
+    )  # fmt: skip
+    for setting in settings(loaded):
+        value = escape(_as_toml(setting.value))
+        table.add_row(
+            setting.key,
+            f"[bold]{value}[/]" if setting.differs else value,
+            escape(_as_toml(setting.default)) if setting.differs else "(same)",
+            setting.meaning,
+        )
+    wide_console().print(table)
+
+
+def _as_toml(value: Any) -> str:
+    """A value as a scenario file (or ``--set``) writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_as_toml(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 # -- fault-injecting runtime processes -----------------------------------------------

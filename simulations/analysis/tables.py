@@ -33,7 +33,11 @@ Every table is written even when empty, so readers need no special cases.
 The simulator writes tables *as the run goes* (:class:`RunWriter`: Parquet row
 groups of a fixed size), so its memory does not grow with the run's length;
 ``manifest.json`` is written last, so a directory without one is an
-unfinished run and :meth:`RunTables.load` refuses it.
+unfinished run and :meth:`RunTables.load` refuses it. A run being written also
+holds an ``UNFINISHED`` file (:func:`mark_unfinished`) from its start until its
+manifest is written: a run stopped halfway (Ctrl-C, or a simulator killed) keeps
+it, saying why, and :meth:`RunTables.load` refuses the directory with
+:class:`UnfinishedRun`, whatever tables it holds.
 """
 
 from __future__ import annotations
@@ -133,13 +137,39 @@ class TableWriter:
         self.flush()
         self._writer.close()
 
+    def abandon(self) -> None:
+        """Close the file as it is, without the rows not yet flushed (a run stopped)."""
+        self._rows = []
+        self._writer.close()
+
+
+#: The file that marks a run directory unfinished; it says why.
+UNFINISHED = "UNFINISHED"
+
+
+class UnfinishedRun(FileNotFoundError):
+    """The run directory holds a run that did not finish: no complete tables to read."""
+
+
+def mark_unfinished(directory: str | Path, reason: str = "being written") -> Path:
+    """Mark ``directory`` (made if need be) a run that is not finished, saying why, and
+    take an earlier run's manifest out of it: until :meth:`RunWriter.close` writes the
+    new one, the directory reads as unfinished. Returns the directory."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / UNFINISHED).write_text(reason + "\n")
+    (path / "manifest.json").unlink(missing_ok=True)
+    return path
+
 
 class RunWriter:
-    """A run directory being written: a :class:`TableWriter` per table."""
+    """A run directory being written: a :class:`TableWriter` per table; marked
+    unfinished (:func:`mark_unfinished`) until :meth:`close`."""
 
     def __init__(self, directory: str | Path, rows_per_group: int = 10_000) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not (self.directory / UNFINISHED).exists():  # keep a reason given before
+            mark_unfinished(self.directory)
         (self.directory / "manifest.json").unlink(missing_ok=True)
         self.tables = {
             name: TableWriter(self.directory / f"{name}.parquet", name, rows_per_group)
@@ -156,7 +186,13 @@ class RunWriter:
             writer.close()
         manifest["rows"] = {name: writer.written for name, writer in self.tables.items()}
         (self.directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        (self.directory / UNFINISHED).unlink(missing_ok=True)
         return manifest
+
+    def abandon(self) -> None:
+        """Close every table's file, write no manifest: the directory stays unfinished."""
+        for writer in self.tables.values():
+            writer.abandon()
 
 
 def empty(table: str) -> pd.DataFrame:
@@ -196,11 +232,19 @@ class RunTables:
                 raise ValueError(f"table {name} lacks columns {sorted(missing)}")
             frame[COLUMNS[name]].to_parquet(out / f"{name}.parquet", index=False)
         (out / "manifest.json").write_text(json.dumps(self.manifest, indent=2, default=str))
+        (out / UNFINISHED).unlink(missing_ok=True)
         return out
 
     @classmethod
     def load(cls, directory: str | Path) -> RunTables:
+        """The run in ``directory``; :class:`UnfinishedRun` if it did not finish,
+        ``FileNotFoundError`` if it is no run directory or lacks a table."""
         path = Path(directory)
+        if (marker := path / UNFINISHED).exists():
+            raise UnfinishedRun(
+                f"{path} holds an unfinished run ({marker.read_text().strip()}):"
+                " no complete tables to read; simulate it again"
+            )
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"{path} is not a run directory (no manifest.json)")

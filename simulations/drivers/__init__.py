@@ -6,6 +6,8 @@
 * :mod:`.sweep`: one scenario over a grid of values and seeds, in parallel.
 * :mod:`.cache`: a finished run's key, so that it is reused, not simulated again.
 * :mod:`.demo`: ``workbench run``, the end-to-end demo with a real crash.
+* :mod:`.interruption`: Ctrl-C and SIGTERM stop a run cleanly (children
+  stopped, temporary directories removed, the run directory left unfinished).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from typing import Any
 import redis
 import simpy
 
+from simulations.drivers.interruption import held
 from simulations.scenario import RedisParams
 from workbench.ops.redis_cluster import LocalCluster, slot_ranges
 from workbench.ops.redis_server import RedisServer
@@ -173,7 +174,8 @@ class ClusterFaults:
             timeout=FAILOVER_TIMEOUT_S, what=f"{replica!r} to take over from port {master.port}",
         )  # fmt: skip
         self.cluster.wait_ok(FAILOVER_TIMEOUT_S)
-        master.start()  # same port, directory and nodes.conf: it rejoins as a replica
+        with held():  # a Ctrl-C waits until the node is back under the cluster's control
+            master.start()  # same port, directory and nodes.conf: it rejoins as a replica
         wait_until(
             lambda: _role(master) == ("slave", replica.port, "up"),
             timeout=FAILOVER_TIMEOUT_S, what=f"port {master.port} to rejoin as a synced replica",

@@ -32,6 +32,7 @@ from rich.progress import Progress
 from sqlalchemy import func, select
 
 from simulations.analysis.report import frame_table, inspection_frames, wide_console
+from workbench import paths
 from workbench.domain.clock import ManualClock
 from workbench.domain.escrow import ADMIN, DomainError, Timeouts
 from workbench.domain.events import AGGREGATE_TYPES
@@ -68,7 +69,7 @@ PATHS: dict[str, float] = {
 class DemoConfig:
     escrows: int = 300
     seed: int = 42
-    out: Path = Path("data/demo")
+    out: Path = field(default_factory=lambda: paths.data_dir() / "demo")
     crash: bool = True
     timeout: float = 120.0
     batch_size: int = 50

@@ -58,6 +58,7 @@ import simpy.rt
 from httpx_sse import aconnect_sse
 
 from simulations.analysis.tables import RunTables, RunWriter
+from simulations.drivers.interruption import held
 from simulations.drivers.loops import sample_backlog, waiting
 from simulations.drivers.virtual import (
     Progress,
@@ -78,6 +79,7 @@ from workbench.domain.escrow import DomainError, EscrowState
 from workbench.domain.streamid import parse
 from workbench.handlers import ALL_GROUPS
 from workbench.http.auth import issue_token
+from workbench.ops.children import signal_on_parent_death
 from workbench.ops.redis_server import RedisServer, attach_or_start, free_port
 from workbench.ops.waiting import WaitTimeout, wait_until
 from workbench.payments.daraja import DarajaStub
@@ -112,11 +114,16 @@ class Fleet:
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        process = subprocess.Popen(
-            self.argv[name], env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
+        with held():  # a Ctrl-C waits until the process is in the fleet (stopped with it)
+            process = subprocess.Popen(
+                self.argv[name], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # Like redis-server: its own session, so a terminal's Ctrl-C reaches the
+                # simulator only (which stops the fleet), and killed if the simulator dies.
+                start_new_session=True, preexec_fn=signal_on_parent_death(signal.SIGKILL),
+            )  # fmt: skip
+            self.processes[name] = process
         log.close()
-        self.processes[name] = process
         return process
 
     def kill(self, name: str) -> None:
@@ -136,13 +143,15 @@ class Fleet:
         process = self.processes.get(name)
         return process is not None and process.poll() is None
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every process, and SIGKILL what has not exited ``timeout`` s later."""
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
         for process in self.processes.values():
             try:
-                process.wait(timeout)
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -617,12 +626,14 @@ def _build_world(
     stops and closes everything in reverse order."""
     run_p = scenario.run
     load_s, drain_s = run_p.duration_s, run_p.drain_s
-    work = Path(tempfile.mkdtemp(prefix="workbench-rt-"))
-    url, server = resources.enter_context(
-        attach_or_start(
-            redis_url, work / "redis", appendonly=True, appendfsync=scenario.redis.appendfsync
+    # Removed last, once every process that writes into it has stopped.
+    work = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="workbench-rt-")))
+    with held():  # started and known to `resources`, or not started
+        url, server = resources.enter_context(
+            attach_or_start(
+                redis_url, work / "redis", appendonly=True, appendfsync=scenario.redis.appendfsync
+            )
         )
-    )
     client = connect(url)
     resources.callback(client.close)
     clear_prefix(client, prefix)

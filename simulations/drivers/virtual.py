@@ -39,6 +39,7 @@ from sqlalchemy import Connection, select
 from simulations.analysis.handling import HandlingIndex
 from simulations.analysis.tables import RunTables, RunWriter, TableWriter
 from simulations.drivers.cluster import ClusterFaults, cluster_url, start_cluster
+from simulations.drivers.interruption import held
 from simulations.drivers.loops import Doorbell, Runtime, backlog
 from simulations.models.clock import SimClock
 from simulations.models.gateway import MpesaGateway
@@ -116,7 +117,8 @@ class RedisFaults:
                 fault["detail"] += f"; {self.restarts.given_up['redis-server']}"
                 return
             yield self.env.timeout(down_for)
-            self.server.restart()
+            with held():  # a Ctrl-C waits until the server is back under our control
+                self.server.restart()
             self.restarts.started("redis-server", self.env.now)
             if self.on_restart is not None and (lost := self.on_restart()):
                 fault["detail"] += f"; {lost} user-stream entries lost"
@@ -239,14 +241,18 @@ def simulate_to(
     """
     started = time.monotonic()
     writer = RunWriter(out)
-    with contextlib.ExitStack() as resources:
-        world = _build_world(
-            resources, scenario, seed, writer, redis_url=redis_url, prefix=prefix, cpu=cpu
-        )
-        _schedule(world)
-        _run(world, progress)
-        _finish(world)
-        manifest = _collect(world, started)
+    try:
+        with contextlib.ExitStack() as resources:
+            world = _build_world(
+                resources, scenario, seed, writer, redis_url=redis_url, prefix=prefix, cpu=cpu
+            )
+            _schedule(world)
+            _run(world, progress)
+            _finish(world)
+            manifest = _collect(world, started)
+    except BaseException:  # a failure or a stop (Ctrl-C): files closed, no manifest
+        writer.abandon()
+        raise
     writer.close(manifest)
     return manifest
 
@@ -325,13 +331,15 @@ def _start_redis(
             )
         # Its nodes are left to the OS; a chosen CPU pins this thread only.
         resources.enter_context(affinity.pinned(cpu))
-        cluster = start_cluster(resources, scenario.redis, work)
+        with held():  # started and known to `resources`, or not started
+            cluster = start_cluster(resources, scenario.redis, work)
         url = cluster_url(cluster)
     else:
-        url, server = resources.enter_context(
-            paired(redis_url, work / "redis", cpu, appendonly=True,
-                   appendfsync=scenario.redis.appendfsync)
-        )  # fmt: skip
+        with held():
+            url, server = resources.enter_context(
+                paired(redis_url, work / "redis", cpu, appendonly=True,
+                       appendfsync=scenario.redis.appendfsync)
+            )  # fmt: skip
     # One thread drives every part: one connection, no pool to check out from
     # (redis-py's pool checks a connection out and back in around every call:
     # locking and bookkeeping that a single-threaded driver pays for nothing).

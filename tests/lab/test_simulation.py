@@ -9,9 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from simulations import scenario as scenario_module
 from simulations.analysis.checker import check
 from simulations.drivers.virtual import simulate
-from simulations.scenario import ScenarioError, available, load
+from simulations.scenario import (
+    DEFAULTS,
+    ScenarioError,
+    available,
+    description,
+    load,
+    settings,
+    warnings,
+)
 from workbench.ops import affinity
 
 SHORT = ["run.duration_s=90", "run.drain_s=90", "market.arrival_rate=1.5", "phones.count=15"]
@@ -59,6 +68,66 @@ def test_the_five_scenarios_exist_and_load() -> None:
             ["mpesa.query_delay_min_s=3", "mpesa.query_delay_max_s=1"],
             "mpesa.query_delay_min_s (3.0) must not be greater than mpesa.query_delay_max_s",
         ),
+        (
+            "baseline",
+            ["consumers.batch_size=0"],
+            "--set: consumers.batch_size must be greater than 0, not 0: a read takes",
+        ),
+        ("baseline", ["run.sample_every_s=0"], "run.sample_every_s must be greater than 0, not 0"),
+        (
+            "baseline",
+            ["mpesa.failure_p=1.5"],
+            "--set: mpesa.failure_p is a probability: it must be between 0 and 1, not 1.5",
+        ),
+        ("baseline", ["market.honest_p=2"], "market.honest_p is a probability"),
+        (
+            "baseline",
+            ["market.honest_p=0.95"],
+            "market.honest_p + market.slow_p must be at most 1, not 1.05 (seller classes: the"
+            " rest are fraudulent)",
+        ),
+        (
+            "baseline",
+            ["market.disputer_p=0.6", "market.abandoner_p=0.5"],
+            "market.disputer_p + market.abandoner_p must be at most 1, not 1.1 (buyer classes",
+        ),
+        (
+            "baseline",
+            ["run.duration_s=0"],
+            "run.duration_s must be greater than 0, not 0: a run without load time has nothing"
+            " to check",
+        ),
+        (
+            "baseline",
+            ["market.arrival_rate=0"],
+            "market.arrival_rate must be greater than 0, not 0: a run without arrivals",
+        ),
+        (
+            "baseline",
+            [f"market.profile={[0.0] * 24}"],
+            "market.profile is all zeros: no arrivals, so the run has nothing to check",
+        ),
+        ("baseline", ["market.amount_min=0"], "market.amount_min must be at least 1, not 0"),
+        (
+            "baseline",
+            ["market.amount_max=300000"],
+            "market.amount_max must be at most 250000, not 300000",
+        ),
+        (
+            "baseline",
+            ["market.amount_min=500", "market.amount_max=400"],
+            "market.amount_min (500) must not be greater than market.amount_max (400)",
+        ),
+        (
+            "baseline",
+            ["mpesa.delay_min_s=40"],
+            "mpesa.delay_min_s (40.0) must not be greater than mpesa.delay_max_s (30.0)",
+        ),
+        (
+            "baseline",
+            ["supervisor.initial_backoff_s=60"],
+            "supervisor.initial_backoff_s (60.0) must not be greater than supervisor.max_backoff_s",
+        ),
     ],
 )
 def test_bad_scenarios_and_overrides_say_what_exists(
@@ -67,6 +136,77 @@ def test_bad_scenarios_and_overrides_say_what_exists(
     with pytest.raises(ScenarioError) as info:
         load(name, overrides)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("key", sorted(f"{s}.{k}" for s, k in scenario_module._POSITIVE))
+def test_every_size_and_interval_that_must_be_positive_is_refused_at_zero(key: str) -> None:
+    section, name = key.split(".")
+    assert scenario_module.DEFAULTS[section][name] > 0  # the table names real keys
+    with pytest.raises(ScenarioError, match=rf"--set: {key} must be greater than 0, not 0: \w"):
+        load("baseline", [f"{key}=0"])
+
+
+def test_every_probability_is_between_0_and_1() -> None:
+    keys = [f"{s}.{k}" for s, keys in DEFAULTS.items() for k in keys if k.endswith("_p")]
+    assert len(keys) == 11
+    for key in keys:
+        with pytest.raises(ScenarioError, match=rf"{key} is a probability: .* not 1.01"):
+            load("baseline", [f"{key}=1.01"])
+        load("baseline", [f"{key}=0"])  # the ends are allowed
+    # Shares of one class that add up to exactly 1 are fine, whatever float sums make.
+    load("baseline", ["market.honest_p=0.85", "market.slow_p=0.15"])
+    load("baseline", ["market.disputer_p=0.7", "market.abandoner_p=0.3"])
+
+
+def test_every_key_has_a_meaning_and_show_compares_with_the_default() -> None:
+    shown = settings(load("redis-restart"))
+    assert [s.key for s in shown] == [f"{s}.{k}" for s, keys in DEFAULTS.items() for k in keys]
+    assert all(len(s.meaning) > 10 for s in shown), [s.key for s in shown if len(s.meaning) <= 10]
+    differs = {s.key: (s.value, s.default) for s in shown if s.differs}
+    assert differs == {"redis.restart_every_s": (120.0, 0.0), "redis.lose_last_writes": (40, 0)}
+    assert description("baseline").startswith("A calm day: steady arrivals")
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "expected"),
+    [
+        ("redis-restart", [], []),
+        (
+            "redis-restart",
+            ["run.duration_s=60"],
+            ["redis.restart_every_s (120 s) is not shorter than run.duration_s (60 s): Redis is"
+             " never restarted"],
+        ),
+        (
+            "cluster-failover",
+            ["run.duration_s=120"],
+            ["redis.restart_every_s (120 s) is not shorter than run.duration_s (120 s): no master"
+             " fails over"],
+        ),
+        ("crashy-consumers", ["run.duration_s=20"], []),  # 5 groups: 19% chance of no crash
+        (
+            "crashy-consumers",
+            ["run.duration_s=20", "consumers.only=ledger"],
+            ["consumers.mtbf_s (60 s) is far beyond run.duration_s (20 s): with 1 group, the"
+             " run injects no such fault with probability 72%"],
+        ),
+        (
+            "baseline",
+            ["servers.mtbf_s=1000", "run.duration_s=20"],
+            ["servers.mtbf_s (1000 s) is far beyond run.duration_s (20 s): with 2 servers, the"
+             " run injects no such fault with probability 96%"],
+        ),
+        (
+            "baseline",
+            ["redis.lose_last_writes=5"],
+            ["redis.lose_last_writes has no effect: redis.restart_every_s is 0 (no kills)"],
+        ),
+    ],
+)  # fmt: skip
+def test_faults_that_cannot_fire_within_the_run_are_warned_about(
+    name: str, overrides: list[str], expected: list[str]
+) -> None:
+    assert warnings(load(name, overrides)) == expected
 
 
 # Short windows on the simulation's clock (user-stream history by age, dedupe markers,

@@ -7,7 +7,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from simulations.analysis.tables import COLUMNS, RunTables, RunWriter
+from simulations.analysis.tables import (
+    COLUMNS,
+    UNFINISHED,
+    RunTables,
+    RunWriter,
+    UnfinishedRun,
+    mark_unfinished,
+)
 
 
 def test_rows_are_flushed_in_row_groups_and_read_back_in_order(tmp_path: Path) -> None:
@@ -33,8 +40,26 @@ def test_an_unfinished_run_is_refused(tmp_path: Path) -> None:
     writer = RunWriter(tmp_path)
     writer["samples"].append({"t": 1.0, "group": "ledger", "pending": 0,
                               "oldest_pending_age_s": 0.0, "lag": 0, "lag_s": 0.0})  # fmt: skip
+    # Marked from its start: a run being written, or one whose simulator was stopped.
+    with pytest.raises(UnfinishedRun, match=r"holds an unfinished run \(being written\)"):
+        RunTables.load(tmp_path)
+    mark_unfinished(tmp_path, "stopped by SIGINT at 12 virtual s")
+    with pytest.raises(UnfinishedRun, match="stopped by SIGINT at 12 virtual s"):
+        RunTables.load(tmp_path)
+    (tmp_path / UNFINISHED).unlink()  # no marker, no manifest: not a run directory
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         RunTables.load(tmp_path)
+
+
+def test_a_run_written_again_is_unfinished_until_its_manifest(tmp_path: Path) -> None:
+    RunWriter(tmp_path).close({"scenario": "first"})
+    assert RunTables.load(tmp_path).manifest["scenario"] == "first"
+    again = RunWriter(tmp_path)  # the earlier run's manifest no longer vouches for it
+    with pytest.raises(UnfinishedRun):
+        RunTables.load(tmp_path)
+    again.close({"scenario": "second"})
+    assert RunTables.load(tmp_path).manifest["scenario"] == "second"
+    assert not (tmp_path / UNFINISHED).exists()
 
 
 def test_a_row_of_the_wrong_shape_is_a_clear_error(tmp_path: Path) -> None:

@@ -11,7 +11,10 @@ the workbench supports, kept so tests run on it too).
 
 The child is tied to this process with ``PR_SET_PDEATHSIG``: if the Python
 process dies, even by SIGKILL, the kernel kills redis-server too, so no run
-leaves an orphan behind. ``kill()`` and ``restart()`` exist for fault injection.
+leaves an orphan behind. It runs in a session of its own, so a Ctrl-C at the
+terminal interrupts its owner only, never the server under a run that is still
+using it: the owner stops it (``stop``/``close``, or at exit). ``kill()`` and
+``restart()`` exist for fault injection.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ class RedisServerError(RuntimeError):
 
 def _version_of(binary: str) -> tuple[int, ...]:
     out = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
-    ).stdout
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False,
+        start_new_session=True,  # as the server: a terminal's Ctrl-C is its owner's to handle
+    ).stdout  # fmt: skip
     match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
     if not match:
         raise RedisServerError(f"cannot read the version of {binary}: {out!r}")
@@ -237,6 +241,9 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             # SIGKILL when we go away: redis-server never outlives us.
             preexec_fn=signal_on_parent_death(signal.SIGKILL, self._pin),
+            # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process
+            # group) reaches only its owner, which stops it in order (stop, close).
+            start_new_session=True,
         )
         _live_servers.add(self)
         probe = redis.Redis(
