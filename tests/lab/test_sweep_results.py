@@ -135,7 +135,7 @@ def test_a_sweep_types_summarises_and_reuses_its_runs(tmp_path) -> None:  # type
     # A key file without the row (run_scenario writes none): measured from the tables.
     key_file = out / runs["run"][0] / cache.KEY_FILE
     stored = json.loads(key_file.read_text())
-    key_file.write_text(json.dumps({"key": stored["key"]}))
+    key_file.write_text(json.dumps({"key": stored["key"], "manifest": stored["manifest"]}))
     remeasured = simulations.sweep("baseline", grid, seeds=2, out=out, scheduler=UNREACHABLE,
                                    base_overrides=TINY)  # fmt: skip
     pd.testing.assert_frame_equal(remeasured.runs, again.runs)
