@@ -111,8 +111,11 @@ def report(directory: str | Path, out: str | Path | None = None) -> Path:
     target = Path(out) if out is not None else directory / DEFAULT_NAME
     if target.is_dir():
         raise ReportError(f"--out {target} is a directory; name the HTML file to write")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render(page), encoding="utf-8")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(render(page), encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(f"cannot write {target}: {exc.strerror or exc}") from None
     return target
 
 
@@ -345,10 +348,10 @@ def _manifest_section(run: Run) -> Section:
     for name in ("versions", "relay", "rows"):
         if isinstance(m.get(name), dict):
             tables.append(_mapping_table(name, m[name]))
-    if m.get("supervisor_gave_up"):
-        tables.append(
-            _mapping_table("supervisor gave up on", dict(enumerate(m["supervisor_gave_up"])))
-        )
+    gave_up = m.get("supervisor_gave_up")
+    if gave_up and isinstance(gave_up, dict | list):  # a dict: what -> why
+        as_mapping = gave_up if isinstance(gave_up, dict) else dict(enumerate(gave_up))
+        tables.append(_mapping_table("supervisor gave up on", as_mapping))
     for section_name, values in m.get("params", {}).items():
         tables.append(_mapping_table(f"params: [{section_name}]", values))
     return Section(
@@ -366,6 +369,8 @@ def _manifest_section(run: Run) -> Section:
 def sweep_page(directory: Path) -> Page:
     """The page of a sweep: verdict count, summary over seeds, measures vs the grid."""
     results = _read_parquet(directory / "results.parquet")
+    if results.empty:
+        raise ReportError(f"{directory / 'results.parquet'} has no rows: a sweep with no runs")
     keys = grid_keys(results)
     results = _hashable(results, keys)
     summary = _hashable(_summary(directory, results, keys), keys)
@@ -493,11 +498,15 @@ def _run_table(directory: Path, keys: list[str]) -> pd.DataFrame:
             m = json.loads((run_dir / "manifest.json").read_text())
         except (OSError, ValueError):
             continue  # a page about the sweep, not a check of every manifest
+        if not isinstance(m, dict):
+            continue
         row = {"directory": run_dir.relative_to(directory).as_posix(),
                "scenario": m.get("scenario"), "seed": m.get("seed")}  # fmt: skip
+        params = m.get("params")
         for key in keys:
             section, _, name = key.partition(".")
-            row[key] = m.get("params", {}).get(section, {}).get(name)
+            values = params.get(section) if isinstance(params, dict) else None
+            row[key] = values.get(name) if isinstance(values, dict) else None
         row["wall_seconds"] = m.get("wall_seconds")
         row["report"] = "report.html" if (run_dir / DEFAULT_NAME).is_file() else ""
         rows.append(row)

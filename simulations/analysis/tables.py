@@ -159,6 +159,18 @@ class RunWriter:
         return manifest
 
 
+def _manifest(path: Path) -> dict[str, Any]:
+    """``manifest.json`` read; a ValueError naming it unless it is a JSON object whose
+    ``params`` (if any) are sections of ``key: value``, as :class:`RunWriter` writes."""
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a JSON object (a run's manifest is)")
+    params = manifest.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"{path}: params is not an object of sections (section: {{key: value}})")
+    return manifest
+
+
 def empty(table: str) -> pd.DataFrame:
     return pd.DataFrame({column: [] for column in COLUMNS[table]})
 
@@ -204,7 +216,7 @@ class RunTables:
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"{path} is not a run directory (no manifest.json)")
-        run = cls(manifest=json.loads(manifest_path.read_text()))
+        run = cls(manifest=_manifest(manifest_path))
         for name in cls.table_names():
             file = path / f"{name}.parquet"
             if not file.exists() and name == "risk":

@@ -320,6 +320,34 @@ def bad_manifest(run_dir: Path, where: Path) -> Path:
     return copy
 
 
+def manifest_not_an_object(run_dir: Path, where: Path) -> Path:
+    copy = copy_run(run_dir, where)
+    (copy / "manifest.json").write_text('["<script>alert(1)</script>"]')
+    return copy
+
+
+def params_not_sections(run_dir: Path, where: Path) -> Path:
+    copy = copy_run(run_dir, where)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["params"] = {"run": "fast"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def manifest_not_utf8(run_dir: Path, where: Path) -> Path:
+    copy = copy_run(run_dir, where)
+    (copy / "manifest.json").write_bytes(b'{"scenario": "\xff\xfe"}')
+    return copy
+
+
+def sweep_without_runs(run_dir: Path, where: Path) -> Path:
+    where.mkdir()
+    columns = {"market.arrival_rate": "float64", "seed": "int64", "ok": "bool", "lost": "int64"}
+    no_runs = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in columns.items()})
+    no_runs.to_parquet(where / "results.parquet")
+    return where
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -330,9 +358,14 @@ def bad_manifest(run_dir: Path, where: Path) -> Path:
         (unfinished_sweep, "(e.g. market.arrival_rate=1/seed-1) but no results.parquet"),
         (corrupt_run, "cannot read the run"),
         (bad_manifest, "cannot read the run"),
+        (manifest_not_an_object, "manifest.json is not a JSON object"),
+        (params_not_sections, "params is not an object of sections"),
+        (manifest_not_utf8, "cannot read the run"),
+        (sweep_without_runs, "results.parquet has no rows: a sweep with no runs"),
     ],
     ids=["missing", "empty", "a-file", "unfinished-run", "unfinished-sweep", "corrupt-table",
-         "bad-manifest"],
+         "bad-manifest", "manifest-not-an-object", "params-not-sections", "manifest-not-utf8",
+         "sweep-without-runs"],
 )  # fmt: skip
 def test_what_is_not_a_finished_run_or_sweep_is_exit_2_with_a_message(
     run_dir: Path, tmp_path: Path, make: Any, message: str
@@ -355,6 +388,11 @@ def test_bad_input_from_the_shell_is_exit_2_without_a_traceback(
     result = workbench("report", str(run_dir), "--out", str(tmp_path))
     assert result.returncode == 2
     assert "is a directory" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "a-file").write_text("")
+    result = workbench("report", str(run_dir), "--out", str(tmp_path / "a-file" / "x.html"))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write {tmp_path / 'a-file' / 'x.html'}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- big series -----------------------------------------------------------------------
@@ -404,6 +442,22 @@ def test_manifest_values_are_read_not_trusted(run_dir: Path, tmp_path: Path) -> 
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest.pop("params")
     manifest["wall_seconds"] = "unknown"
+    manifest["supervisor_gave_up"] = {"redis-server": "3 restarts within 60 s"}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     page = report(copy).read_text()
     assert page.count("<svg") == 5 and "wall time</dt><dd>-</dd>" in page
+    assert "redis-server</td>" in page and "3 restarts within 60 s</td>" in page  # the why
+    manifest["supervisor_gave_up"] = 7  # neither a list nor a mapping: left out
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert "supervisor gave up on" not in report(copy).read_text()
+
+
+def test_a_sweep_page_skips_run_manifests_it_cannot_read(sweep_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(sweep_dir, tmp_path / "sweep"))
+    manifests = sorted(copy.rglob("manifest.json"))
+    manifests[0].write_text("[1, 2]")
+    odd = json.loads(manifests[1].read_text())
+    odd["params"] = "none"
+    manifests[1].write_text(json.dumps(odd))
+    page = report(copy).read_text()
+    assert "4 of 4 runs OK" in page
