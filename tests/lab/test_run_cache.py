@@ -148,3 +148,20 @@ def test_an_interrupted_run_is_never_a_hit(tmp_path, monkeypatch, simulations_ma
     monkeypatch.setattr(virtual, "simulate_to", counting)
     assert simulations.run_scenario("baseline", 1, TINY, out=out).ok  # simulated again
     assert simulations_made == [out, out]
+
+
+def test_a_run_on_an_external_redis_is_not_a_private_servers_run(
+    tmp_path, redis_url, simulations_made
+) -> None:  # type: ignore[no-untyped-def]
+    """Redis kills need a server of the run's own: on an external one there are none,
+    so neither run may be returned for the other."""
+    out, kills = tmp_path / "run", [*TINY, "redis.restart_every_s=10"]
+    private = simulations.run_scenario("baseline", 1, kills, out=out)
+    assert "redis_kill" in set(private.faults["kind"])
+    external = simulations.run_scenario("baseline", 1, kills, out=out, redis_url=redis_url)
+    assert len(simulations_made) == 2 and external.manifest["redis"] == "external"
+    assert "redis_kill" not in set(external.faults["kind"])
+    simulations.run_scenario("baseline", 1, kills, out=out, redis_url=redis_url)
+    assert len(simulations_made) == 2  # the external run, made again: a hit
+    again = simulations.run_scenario("baseline", 1, kills, out=out)
+    assert len(simulations_made) == 3 and "redis_kill" in set(again.faults["kind"])
