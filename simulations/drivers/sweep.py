@@ -15,7 +15,9 @@ What a sweep guarantees:
 
 * Grid values are read as ``--set`` reads them (TOML) and checked against the
   scenario before any run starts; each grid column has its field's type
-  (float, int, bool, str), so the tables sort and plot by value.
+  (float, int, bool, str), so the tables sort and plot by value. A ``--grid``
+  splits its values at commas outside brackets and quotes (a list is one value)
+  and names a key once; a seed listed twice is one run.
 * Each run has a directory named by its values, the same for the same values
   in any order: ``<out>/consumers.mtbf_s=30,market.arrival_rate=2/seed-1``
   (:func:`run_folder`).
@@ -71,14 +73,41 @@ Progress = Callable[[int, int], None]
 
 
 def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
-    """``["market.arrival_rate=1,2", ...]`` -> {"market.arrival_rate": ["1", "2"]}."""
+    """``["market.arrival_rate=1,2", ...]`` -> {"market.arrival_rate": ["1", "2"]}.
+
+    Values are split at the commas outside brackets and quotes, so a list is one
+    value (``market.profile=[1,...],[2,...]``: two profiles); a key given twice is
+    a :class:`ScenarioError` (its values would silently replace the first's)."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
+        key = key.strip()
         if not sep or "." not in key or not values:
             raise ScenarioError(f"--grid takes section.key=v1,v2,..., not {item!r}")
-        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+        if key in grid:
+            raise ScenarioError(
+                f"--grid {key} is given twice; list all its values once: {key}=v1,v2,..."
+            )
+        grid[key] = [v.strip() for v in _split_values(values) if v.strip()]
     return grid
+
+
+def _split_values(text: str) -> list[str]:
+    """``text`` split at its top-level commas (not those inside ``[...]`` or quotes)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "[":
+            depth += 1
+        elif char == "]":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def points(grid: dict[str, list[Any]]) -> list[Point]:
@@ -380,6 +409,7 @@ def sweep(
     """
     typed = typed_grid(scenario, grid or {}, base_overrides)
     seed_list = list(range(1, seeds + 1)) if isinstance(seeds, int) else list(seeds)
+    seed_list = list(dict.fromkeys(seed_list))  # a seed twice: two runs in one folder at once
     if not seed_list:
         raise ScenarioError(f"seeds must be at least 1 (or a list of seeds), not {seeds!r}")
     name = load(scenario, list(base_overrides)).name

@@ -158,6 +158,10 @@ def test_a_code_change_makes_every_run_a_miss(tmp_path, monkeypatch) -> None:  #
     simulations.sweep("baseline", {}, seeds=1, out=out, workers=1, base_overrides=TINY)
     assert simulations.sweep("baseline", {}, seeds=1, out=out, scheduler=UNREACHABLE,
                              base_overrides=TINY).runs["cached"].all()  # fmt: skip
+    # A seed listed twice is one run (two would write one folder at once).
+    twice = simulations.sweep("baseline", {}, seeds=[1, 1], out=out, scheduler=UNREACHABLE,
+                              base_overrides=TINY)  # fmt: skip
+    assert list(twice.runs["seed"]) == [1] and list(twice.summary["n"]) == [1]
     monkeypatch.setattr(cache, "code_version", lambda: "edited-code")
     with pytest.raises(ScenarioError, match="cannot reach the Dask scheduler"):
         simulations.sweep("baseline", {}, seeds=1, out=out, scheduler=UNREACHABLE,
