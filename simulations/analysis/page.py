@@ -458,7 +458,8 @@ def _summary(directory: Path, results: pd.DataFrame, keys: list[str]) -> pd.Data
         measures = [m for m in RUN_MEASURES if m in results.columns]  # as the sweep averages
         summary = summarise_over(results, keys, measures)
         if "ok" in results:
-            ok_runs = results.groupby(keys, sort=True)["ok"].sum() if keys else results["ok"].sum()
+            grouped = results.groupby(keys, sort=True, dropna=False) if keys else None
+            ok_runs = grouped["ok"].sum() if grouped is not None else results["ok"].sum()
             summary.insert(len(keys) + 1, "ok_runs", list(ok_runs) if keys else [int(ok_runs)])
     return summary.reset_index(drop=True)
 

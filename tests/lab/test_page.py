@@ -9,6 +9,7 @@ and must have fetched nothing. Bad input is exit 2 with a message, never a trace
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -259,6 +260,17 @@ def test_without_summary_parquet_the_page_computes_the_same_summary(
     assert "computed from results.parquet" in computed and "computed from" not in written
     assert summary_table(computed) == summary_table(written)
     assert computed.count("<svg") == written.count("<svg") > 0
+
+
+def test_a_results_table_with_an_empty_grid_value_is_summarised_with_it(tmp_path: Path) -> None:
+    """A grid column with a missing value (a hand-made or older table) is a grid point
+    of its own in the computed summary, not a crash counting the runs that passed."""
+    results = pd.DataFrame({"market.arrival_rate": [1.0, 1.0, math.nan], "seed": [1, 2, 1],
+                            "ok": [True, False, True], "lost": [0, 3, 0]})  # fmt: skip
+    results.to_parquet(tmp_path / "results.parquet", index=False)
+    table = summary_table(report(tmp_path).read_text())
+    assert table.count("<tr>") == 3  # the header, 1.0 and the missing value
+    assert "1.5 [-17.56, 20.56]" in table
 
 
 def test_every_measure_a_sweep_averages_has_an_axis_label_with_a_unit() -> None:
