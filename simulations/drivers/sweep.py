@@ -315,12 +315,16 @@ def _client(scheduler: str | None, workers: int | None, cpus: list[int]) -> Iter
         yield client
 
 
-def _one(scenario: Scenario, seed: int, directory: str, key: str) -> dict[str, Any]:
+def _one(scenario: Scenario, seed: int, directory: str) -> dict[str, Any]:
     """One run (on a worker): simulated into ``directory``, measured, and remembered
-    under ``key`` once finished. Returns its row (without the grid's columns)."""
+    once finished under the key of the code that ran it, the worker's (a
+    ``--scheduler``'s workers may run other code than the sweep's process: then
+    the sweep's next look finds no run of its own code there). Returns its row
+    (without the grid's columns)."""
     from simulations.analysis.measures import run_measures
     from simulations.drivers.virtual import simulate
 
+    key = cache.key_of(scenario, seed, MODE)
     cache.forget(directory)
     tables = simulate(scenario, seed, out=directory, cpu=_worker_cpu)
     row = {"seed": seed, **run_measures(tables),
@@ -376,7 +380,7 @@ def _simulate(jobs: list[_Job], scheduler: str | None, workers: int | None,
         progress(0, len(jobs))
     with _client(scheduler, workers, sorted(affinity.allowed_cpus())) as client:
         futures = {
-            client.submit(_one, job.scenario, job.seed, str(job.folder), job.key,
+            client.submit(_one, job.scenario, job.seed, str(job.folder),
                           pure=False, retries=RETRIES): job
             for job in jobs
         }  # fmt: skip

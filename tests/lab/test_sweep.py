@@ -157,7 +157,8 @@ def test_a_sweep_gives_the_table_of_the_same_runs_made_one_by_one_here(tmp_path)
     rows = []
     for rate in rates:
         loaded = load("baseline", [*base, f"market.arrival_rate={rate}"])
-        row = _one(loaded, 1, str(tmp_path / f"here-{rate}"), cache.key_of(loaded, 1))
+        row = _one(loaded, 1, str(tmp_path / f"here-{rate}"))
+        assert cache.hit(tmp_path / f"here-{rate}", cache.key_of(loaded, 1))
         rows.append({"market.arrival_rate": rate, **row})
     where = ["wall_seconds", "cpu"]
     swept = result.runs.drop(columns=[*where, "cached", "run"])

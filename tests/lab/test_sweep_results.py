@@ -22,7 +22,7 @@ from simulations.drivers.sweep import (
     summarise,
     typed_grid,
 )  # fmt: skip
-from simulations.scenario import ScenarioError
+from simulations.scenario import ScenarioError, load
 
 TINY = ("run.duration_s=20", "run.drain_s=20", "market.arrival_rate=0.5", "phones.count=4")
 UNREACHABLE = "tcp://127.0.0.1:1"
@@ -166,3 +166,17 @@ def test_a_code_change_makes_every_run_a_miss(tmp_path, monkeypatch) -> None:  #
     with pytest.raises(ScenarioError, match="cannot reach the Dask scheduler"):
         simulations.sweep("baseline", {}, seeds=1, out=out, scheduler=UNREACHABLE,
                           base_overrides=TINY)  # fmt: skip
+
+
+def test_a_run_is_remembered_under_the_code_that_made_it(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A --scheduler's worker may run other code than the sweep's process: its run is
+    not remembered as this code's, so the next sweep here does not take it for one."""
+    from simulations.drivers.sweep import _one
+
+    loaded = load("baseline", TINY)
+    ours = cache.key_of(loaded, 1, "virtual")
+    monkeypatch.setattr(cache, "code_version", lambda: "a-workers-other-code")
+    _one(loaded, 1, str(tmp_path))
+    monkeypatch.undo()
+    assert cache.read(tmp_path)["code"] == "a-workers-other-code"  # type: ignore[index]
+    assert not cache.hit(tmp_path, ours)
