@@ -276,7 +276,9 @@ def _cell(mean: float, low: float, high: float) -> str:
 def summarise(runs: pd.DataFrame, keys: Sequence[str], level: float = 0.95) -> pd.DataFrame:
     """One row per grid point of ``runs``: ``n``, ``ok_runs`` and every measure's interval."""
     summary = summarise_over(runs, keys, list(MEASURES), level)
-    ok_runs = runs.groupby(list(keys), sort=True)["ok"].sum() if keys else runs["ok"].sum()
+    # Grouped as summarise_over groups (missing values are a point), so rows line up.
+    grouped = runs.groupby(list(keys), sort=True, dropna=False) if keys else None
+    ok_runs = grouped["ok"].sum() if grouped is not None else runs["ok"].sum()
     summary.insert(len(keys) + 1, "ok_runs",
                    list(ok_runs) if keys else [int(ok_runs)])  # fmt: skip
     return summary

@@ -93,6 +93,13 @@ def test_intervals_by_grid_point_and_their_table() -> None:
         result.interval("lots", mtbf_s=30)
 
 
+def test_a_missing_grid_value_is_a_point_of_its_own_in_the_summary() -> None:
+    runs = _result({30.0: [1.0, 3.0], math.nan: [0.0]}).runs
+    summary = summarise(runs, ["consumers.mtbf_s"])
+    assert list(summary["n"]) == [2, 1] and list(summary["ok_runs"]) == [2, 1]
+    assert list(summary["lost_mean"]) == [2.0, 0.0]
+
+
 def test_a_sweep_types_summarises_and_reuses_its_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "sweep"
     grid = {"consumers.mtbf_s": ["120", "30"]}  # as text: 120 sorts before 30
