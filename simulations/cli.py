@@ -32,6 +32,7 @@ from simulations.faults import (
     sigkill_at,
     sigkill_when_signalled,
 )
+from workbench import paths
 from workbench.cli import redis_option, setup_logging
 from workbench.cli import relay as relay_command
 from workbench.cli import worker as worker_command
@@ -77,7 +78,7 @@ def run(escrows: int, seed: int, out: Path, crash: bool, timeout: float) -> None
 )  # fmt: skip
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path),
-    help="run directory [default data/runs/SCENARIO-SEED]",
+    help="run directory [default: runs/SCENARIO-SEED in the data directory, WORKBENCH_DATA]",
 )  # fmt: skip
 @redis_option
 @click.option("--no-check", is_flag=True, help="write the tables, skip the checker")
@@ -141,7 +142,7 @@ def simulate(
         def run(*args: Any, **kwargs: Any) -> Any:
             return simulate_realtime_to(*args, factor=factor, **kwargs)
 
-    directory = out or Path("data") / "runs" / f"{loaded.name}-{seed}"
+    directory = out or paths.runs_dir() / f"{loaded.name}-{seed}"
     with Progress(
         TextColumn(f"[bold]{loaded.name}[/] seed {seed}"),
         BarColumn(),

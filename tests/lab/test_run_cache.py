@@ -165,3 +165,22 @@ def test_a_run_on_an_external_redis_is_not_a_private_servers_run(
     assert len(simulations_made) == 2  # the external run, made again: a hit
     again = simulations.run_scenario("baseline", 1, kills, out=out)
     assert len(simulations_made) == 3 and "redis_kill" in set(again.faults["kind"])
+
+
+def test_workbench_simulate_writes_its_run_where_run_scenario_looks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Both default to the data directory's runs/, from whatever working directory."""
+    import os
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    settings = [arg for item in TINY for arg in ("--set", item)]
+    env = {**os.environ, "WORKBENCH_DATA": str(tmp_path / "data")}
+    result = subprocess.run(
+        [sys.executable, "-m", "workbench", "simulate", "baseline", *settings],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "runs" / "baseline-1" / "manifest.json").is_file()
+    assert not (elsewhere / "data").exists()
