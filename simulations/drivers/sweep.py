@@ -119,6 +119,7 @@ def points(grid: dict[str, list[Any]]) -> list[Point]:
 def typed_grid(scenario: str, grid: dict[str, Any], base: Sequence[str] = ()) -> Grid:
     """``grid`` with each value as the scenario holds it (``"30"`` and ``30`` -> ``30.0``
     for a float field), duplicates dropped; a :class:`ScenarioError` names a bad key or value."""
+    load(scenario, list(base))  # the fixed overrides first: their errors are --set's
     typed: Grid = {}
     for key, values in grid.items():
         values = _as_list(values)
@@ -126,7 +127,10 @@ def typed_grid(scenario: str, grid: dict[str, Any], base: Sequence[str] = ()) ->
             raise ScenarioError(f"--grid {key} has no values")
         typed[key] = []
         for value in values:
-            loaded = load(scenario, [*base, override(key, value)])
+            try:
+                loaded = load(scenario, [*base, override(key, value)])
+            except ScenarioError as exc:  # the grid's value is what is wrong
+                raise ScenarioError(str(exc).replace("--set", "--grid", 1)) from None
             held = _value_of(loaded, key)
             if held not in typed[key]:
                 typed[key].append(held)

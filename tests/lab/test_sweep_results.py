@@ -46,6 +46,11 @@ def test_grid_values_are_read_as_set_reads_them_and_take_their_fields_types() ->
         typed_grid("baseline", {"consumers.batch_size": ["1.5"]})
     with pytest.raises(ScenarioError, match="consumers.restart must be one of"):
         typed_grid("baseline", {"consumers.restart": ["sometimes"]})
+    # An error names where the bad value was given: the grid, or a fixed --set.
+    with pytest.raises(ScenarioError, match=r"^--grid: market.arrival_rate must be a number"):
+        typed_grid("baseline", {"market.arrival_rate": ["x"]}, ["phones.count=4"])
+    with pytest.raises(ScenarioError, match=r"^--set: phones.count must be a whole number"):
+        typed_grid("baseline", {"market.arrival_rate": ["1"]}, ["phones.count=4.5"])
 
 
 def test_run_folders_are_named_by_their_values_safely_and_deterministically() -> None:
