@@ -371,6 +371,7 @@ def sweep_page(directory: Path) -> Page:
     results = _read_parquet(directory / "results.parquet")
     if results.empty:
         raise ReportError(f"{directory / 'results.parquet'} has no rows: a sweep with no runs")
+    _check_numbers(directory / "results.parquet", results, RUN_MEASURES)
     keys = grid_keys(results)
     results = _hashable(results, keys)
     summary = _hashable(_summary(directory, results, keys), keys)
@@ -450,6 +451,8 @@ def _summary(directory: Path, results: pd.DataFrame, keys: list[str]) -> pd.Data
     path = directory / "summary.parquet"
     if path.is_file():
         summary = _read_parquet(path)
+        intervals = [f"{m}_{part}" for m in RUN_MEASURES for part in ("mean", "low", "high")]
+        _check_numbers(path, summary, intervals)
         if missing := [k for k in keys if k not in summary.columns]:
             raise ReportError(
                 f"{path} lacks the grid's columns {missing} (results.parquet has them)"
@@ -513,6 +516,15 @@ def _run_table(directory: Path, keys: list[str]) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows, columns=["directory", "scenario", "seed", *keys, "wall_seconds",
                                        "report"])  # fmt: skip
+
+
+def _check_numbers(path: Path, frame: pd.DataFrame, columns: Iterable[str]) -> None:
+    """A ReportError naming the first of ``columns`` in ``frame`` that is not numbers."""
+    for column in columns:
+        if column in frame.columns and not pd.api.types.is_numeric_dtype(frame[column]):
+            raise ReportError(
+                f"{path}: column {column!r} should hold numbers, not {frame[column].dtype}"
+            )
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

@@ -360,6 +360,25 @@ def sweep_without_runs(run_dir: Path, where: Path) -> Path:
     return where
 
 
+def results_with_text_measure(run_dir: Path, where: Path) -> Path:
+    where.mkdir()
+    results = pd.DataFrame({"market.arrival_rate": [1.0, 1.0], "seed": [1, 2], "ok": [True] * 2,
+                            "lost": ["none", "some"]})  # fmt: skip
+    results.to_parquet(where / "results.parquet")
+    return where
+
+
+def summary_with_text_interval(run_dir: Path, where: Path) -> Path:
+    where.mkdir()
+    pd.DataFrame({"market.arrival_rate": [1.0], "seed": [1], "ok": [True], "lost": [0]}).to_parquet(
+        where / "results.parquet"
+    )
+    summary = pd.DataFrame({"market.arrival_rate": [1.0], "n": [1], "lost_mean": ["zero"],
+                            "lost_low": [0.0], "lost_high": [0.0]})  # fmt: skip
+    summary.to_parquet(where / "summary.parquet")
+    return where
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -374,10 +393,12 @@ def sweep_without_runs(run_dir: Path, where: Path) -> Path:
         (params_not_sections, "params is not an object of sections"),
         (manifest_not_utf8, "cannot read the run"),
         (sweep_without_runs, "results.parquet has no rows: a sweep with no runs"),
+        (results_with_text_measure, "results.parquet: column 'lost' should hold numbers"),
+        (summary_with_text_interval, "summary.parquet: column 'lost_mean' should hold numbers"),
     ],
     ids=["missing", "empty", "a-file", "unfinished-run", "unfinished-sweep", "corrupt-table",
          "bad-manifest", "manifest-not-an-object", "params-not-sections", "manifest-not-utf8",
-         "sweep-without-runs"],
+         "sweep-without-runs", "results-text-measure", "summary-text-interval"],
 )  # fmt: skip
 def test_what_is_not_a_finished_run_or_sweep_is_exit_2_with_a_message(
     run_dir: Path, tmp_path: Path, make: Any, message: str
