@@ -23,8 +23,12 @@ and the run directories found under it (each holding a ``manifest.json``).
 
 Anything else is a :class:`ReportError` saying what the directory is and what
 was expected: a missing directory, a directory that is neither, a run whose
-``manifest.json`` (written last) is missing because it never finished, or a
-sweep that has run directories but no ``results.parquet`` yet.
+``manifest.json`` (written last) is missing because it never finished or is not
+a JSON object of the manifest's shape, a sweep that has run directories but no
+``results.parquet`` yet, or whose tables have no rows or text where numbers
+belong, or an ``out`` that cannot be written. Every value shown is text to the
+page (Jinja autoescape; matplotlib escapes the SVG's text): a scenario name or
+fault detail of ``<script>`` is shown, never run.
 """
 
 from __future__ import annotations
