@@ -485,6 +485,26 @@ def test_manifest_values_are_read_not_trusted(run_dir: Path, tmp_path: Path) -> 
     assert "supervisor gave up on" not in report(copy).read_text()
 
 
+def test_text_from_the_tables_is_shown_never_run(run_dir: Path, tmp_path: Path) -> None:
+    """Scenario names, parameters and fault details are the page's text, in the HTML
+    (autoescaped) and in the figures' SVG (legend labels, and matplotlib's comments)."""
+    copy = copy_run(run_dir, tmp_path / "run")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["scenario"] = "<script>alert(1)</script>"
+    manifest["params"]["consumers"]["restart"] = "<img src=x onerror=alert(2)>"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    faults = pd.read_parquet(copy / "faults.parquet")
+    faults["kind"] = "--><script>alert(3)</script><!--"
+    faults["detail"] = "</svg><script>alert(4)</script>"
+    faults.to_parquet(copy / "faults.parquet", index=False)
+    page = report(copy).read_text()
+    assert "<script" not in page.lower() and "<img" not in page.lower()
+    assert "<title>&lt;script&gt;alert(1)&lt;/script&gt;, seed" in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert "fault: --&gt;&lt;script&gt;alert(3)" in page  # the backlog's legend
+    assert "&lt;/svg&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in page  # the faults table
+
+
 def test_a_sweep_page_skips_run_manifests_it_cannot_read(sweep_dir: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(sweep_dir, tmp_path / "sweep"))
     manifests = sorted(copy.rglob("manifest.json"))
