@@ -115,6 +115,10 @@ def report(directory: str | Path, out: str | Path | None = None) -> Path:
     target = Path(out) if out is not None else directory / DEFAULT_NAME
     if target.is_dir():
         raise ReportError(f"--out {target} is a directory; name the HTML file to write")
+    if target.exists() and target.suffix.lower() not in (".html", ".htm"):
+        raise ReportError(  # a run's manifest.json or table, say: never written over
+            f"--out {target} exists and is not an HTML page; not written over"
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(render(page), encoding="utf-8")

@@ -421,6 +421,12 @@ def test_bad_input_from_the_shell_is_exit_2_without_a_traceback(
     result = workbench("report", str(run_dir), "--out", str(tmp_path))
     assert result.returncode == 2
     assert "is a directory" in result.stderr and "Traceback" not in result.stderr
+    copy = copy_run(run_dir, tmp_path / "run")
+    manifest = (copy / "manifest.json").read_bytes()
+    result = workbench("report", str(copy), "--out", str(copy / "manifest.json"))
+    assert result.returncode == 2, result.stderr
+    assert "exists and is not an HTML page; not written over" in result.stderr
+    assert (copy / "manifest.json").read_bytes() == manifest  # the run is intact
     (tmp_path / "a-file").write_text("")
     result = workbench("report", str(run_dir), "--out", str(tmp_path / "a-file" / "x.html"))
     assert result.returncode == 2, result.stderr
