@@ -196,11 +196,17 @@ class RunTables:
 
     @classmethod
     def table_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "manifest"]
+        """The tables' names (a subclass's other fields, a Run's ``path``, are not)."""
+        return [f.name for f in fields(cls) if f.name in COLUMNS]
 
     def save(self, directory: str | Path) -> Path:
+        """Write every table and the manifest to ``directory``. Tables saved over a
+        simulated run are no longer that run: its cache key is removed first."""
+        from simulations.drivers import cache
+
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        cache.forget(out)
         for name in self.table_names():
             frame: pd.DataFrame = getattr(self, name)
             missing = set(COLUMNS[name]) - set(frame.columns)

@@ -184,3 +184,14 @@ def test_workbench_simulate_writes_its_run_where_run_scenario_looks(tmp_path) ->
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "data" / "runs" / "baseline-1" / "manifest.json").is_file()
     assert not (elsewhere / "data").exists()
+
+
+def test_tables_saved_over_a_cached_run_are_not_taken_for_it(tmp_path, simulations_made) -> None:  # type: ignore[no-untyped-def]
+    """The same manifest, other tables (an analyst's filtered copy saved in place)."""
+    out = tmp_path / "run"
+    run = simulations.run_scenario("baseline", 1, TINY, out=out)
+    events = len(run.published)
+    run.published = run.published.head(3)
+    run.save(out)
+    again = simulations.run_scenario("baseline", 1, TINY, out=out)
+    assert len(simulations_made) == 2 and len(again.published) == events
