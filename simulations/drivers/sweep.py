@@ -274,6 +274,8 @@ def _resolve(grid: Grid, point: dict[str, Any]) -> Point:
 def _cell(mean: float, low: float, high: float) -> str:
     if math.isnan(mean):
         return ""
+    if not (math.isfinite(low) and math.isfinite(high)):  # one seed: no interval to claim
+        return f"{mean:.4g} (no interval)"
     return f"{mean:.4g} [{low:.4g}, {high:.4g}]"
 
 

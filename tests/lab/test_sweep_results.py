@@ -96,6 +96,9 @@ def test_intervals_by_grid_point_and_their_table() -> None:
             result.interval("lost", **bad)
     with pytest.raises(ValueError, match="no measure 'lots'"):
         result.interval("lots", mtbf_s=30)
+    # One seed has no interval: the table says so, as the report page does.
+    one_seed = _result({30.0: [2.0]}).table().set_index("measure")
+    assert one_seed.loc["lost", "consumers.mtbf_s=30"] == "2 (no interval)"
 
 
 def test_a_missing_grid_value_is_a_point_of_its_own_in_the_summary() -> None:
