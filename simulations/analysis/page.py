@@ -130,6 +130,8 @@ def report(directory: str | Path, out: str | Path | None = None) -> Path:
 def kind_of(directory: Path) -> str:
     """ "run" or "sweep", from the files ``directory`` holds; else a ReportError."""
     if not directory.exists():
+        if directory.is_symlink():
+            raise ReportError(f"{directory} is a symlink to nothing (a loop, or a missing target)")
         raise ReportError(f"{directory} does not exist")
     if not directory.is_dir():
         raise ReportError(f"{directory} is not a directory (a run or a sweep directory is)")

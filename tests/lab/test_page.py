@@ -383,6 +383,7 @@ def summary_with_text_interval(run_dir: Path, where: Path) -> Path:
     ("make", "message"),
     [
         (lambda run, where: where, "does not exist"),
+        (lambda run, where: where.symlink_to(where) or where, "is a symlink to nothing (a loop"),
         (lambda run, where: where.mkdir() or where, "is neither a run directory"),
         (lambda run, where: where.write_text("x") and where, "is not a directory"),
         (unfinished_run, "is an unfinished run: it has tables but no manifest.json"),
@@ -396,9 +397,10 @@ def summary_with_text_interval(run_dir: Path, where: Path) -> Path:
         (results_with_text_measure, "results.parquet: column 'lost' should hold numbers"),
         (summary_with_text_interval, "summary.parquet: column 'lost_mean' should hold numbers"),
     ],
-    ids=["missing", "empty", "a-file", "unfinished-run", "unfinished-sweep", "corrupt-table",
-         "bad-manifest", "manifest-not-an-object", "params-not-sections", "manifest-not-utf8",
-         "sweep-without-runs", "results-text-measure", "summary-text-interval"],
+    ids=["missing", "symlink-loop", "empty", "a-file", "unfinished-run", "unfinished-sweep",
+         "corrupt-table", "bad-manifest", "manifest-not-an-object", "params-not-sections",
+         "manifest-not-utf8", "sweep-without-runs", "results-text-measure",
+         "summary-text-interval"],
 )  # fmt: skip
 def test_what_is_not_a_finished_run_or_sweep_is_exit_2_with_a_message(
     run_dir: Path, tmp_path: Path, make: Any, message: str
