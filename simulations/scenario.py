@@ -561,14 +561,16 @@ def _check_choice(where: str, key: tuple[str, str], value: Any) -> None:
 def _checked(where: str, default: Any, value: Any) -> Any:
     """``value`` as the type of ``default``, or a :class:`ScenarioError` starting with ``where``.
 
-    Lists are of numbers >= 0 (kept as a tuple of floats); a float field takes
-    any number (as a float), an int field a whole number; numbers are never negative.
+    Lists are of finite numbers >= 0 (kept as a tuple of floats); a float field takes
+    any finite number (as a float: never nan or inf), an int field a whole number;
+    numbers are never negative.
     """
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf
+            for v in value
         ):
-            raise ScenarioError(f"{where} must be a list of numbers >= 0")
+            raise ScenarioError(f"{where} must be a list of finite numbers >= 0")
         if where.endswith(".profile") and value and len(value) != 24:
             raise ScenarioError(f"{where} needs 24 hourly values, not {len(value)}")
         return tuple(float(v) for v in value)
@@ -582,6 +584,8 @@ def _checked(where: str, default: Any, value: Any) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ScenarioError(f"{where} must be a number, not {value!r}")
+    if not math.isfinite(value):  # nan runs nothing; inf never ends (a rate, a duration)
+        raise ScenarioError(f"{where} must be a finite number, not {value!r}")
     if value < 0:
         raise ScenarioError(f"{where} must not be negative")
     if isinstance(default, int) and not isinstance(value, int):

@@ -23,8 +23,12 @@ and the run directories found under it (each holding a ``manifest.json``).
 
 Anything else is a :class:`ReportError` saying what the directory is and what
 was expected: a missing directory, a directory that is neither, a run whose
-``manifest.json`` (written last) is missing because it never finished, or a
-sweep that has run directories but no ``results.parquet`` yet.
+``manifest.json`` (written last) is missing because it never finished or is not
+a JSON object of the manifest's shape, a sweep that has run directories but no
+``results.parquet`` yet, or whose tables have no rows or text where numbers
+belong, or an ``out`` that cannot be written. Every value shown is text to the
+page (Jinja autoescape; matplotlib escapes the SVG's text): a scenario name or
+fault detail of ``<script>`` is shown, never run.
 """
 
 from __future__ import annotations
@@ -111,14 +115,23 @@ def report(directory: str | Path, out: str | Path | None = None) -> Path:
     target = Path(out) if out is not None else directory / DEFAULT_NAME
     if target.is_dir():
         raise ReportError(f"--out {target} is a directory; name the HTML file to write")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render(page), encoding="utf-8")
+    if target.exists() and target.suffix.lower() not in (".html", ".htm"):
+        raise ReportError(  # a run's manifest.json or table, say: never written over
+            f"--out {target} exists and is not an HTML page; not written over"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(render(page), encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(f"cannot write {target}: {exc.strerror or exc}") from None
     return target
 
 
 def kind_of(directory: Path) -> str:
     """ "run" or "sweep", from the files ``directory`` holds; else a ReportError."""
     if not directory.exists():
+        if directory.is_symlink():
+            raise ReportError(f"{directory} is a symlink to nothing (a loop, or a missing target)")
         raise ReportError(f"{directory} does not exist")
     if not directory.is_dir():
         raise ReportError(f"{directory} is not a directory (a run or a sweep directory is)")
@@ -345,10 +358,10 @@ def _manifest_section(run: Run) -> Section:
     for name in ("versions", "relay", "rows"):
         if isinstance(m.get(name), dict):
             tables.append(_mapping_table(name, m[name]))
-    if m.get("supervisor_gave_up"):
-        tables.append(
-            _mapping_table("supervisor gave up on", dict(enumerate(m["supervisor_gave_up"])))
-        )
+    gave_up = m.get("supervisor_gave_up")
+    if gave_up and isinstance(gave_up, dict | list):  # a dict: what -> why
+        as_mapping = gave_up if isinstance(gave_up, dict) else dict(enumerate(gave_up))
+        tables.append(_mapping_table("supervisor gave up on", as_mapping))
     for section_name, values in m.get("params", {}).items():
         tables.append(_mapping_table(f"params: [{section_name}]", values))
     return Section(
@@ -366,6 +379,9 @@ def _manifest_section(run: Run) -> Section:
 def sweep_page(directory: Path) -> Page:
     """The page of a sweep: verdict count, summary over seeds, measures vs the grid."""
     results = _read_parquet(directory / "results.parquet")
+    if results.empty:
+        raise ReportError(f"{directory / 'results.parquet'} has no rows: a sweep with no runs")
+    _check_numbers(directory / "results.parquet", results, RUN_MEASURES)
     keys = grid_keys(results)
     results = _hashable(results, keys)
     summary = _hashable(_summary(directory, results, keys), keys)
@@ -445,6 +461,8 @@ def _summary(directory: Path, results: pd.DataFrame, keys: list[str]) -> pd.Data
     path = directory / "summary.parquet"
     if path.is_file():
         summary = _read_parquet(path)
+        intervals = [f"{m}_{part}" for m in RUN_MEASURES for part in ("mean", "low", "high")]
+        _check_numbers(path, summary, intervals)
         if missing := [k for k in keys if k not in summary.columns]:
             raise ReportError(
                 f"{path} lacks the grid's columns {missing} (results.parquet has them)"
@@ -453,7 +471,8 @@ def _summary(directory: Path, results: pd.DataFrame, keys: list[str]) -> pd.Data
         measures = [m for m in RUN_MEASURES if m in results.columns]  # as the sweep averages
         summary = summarise_over(results, keys, measures)
         if "ok" in results:
-            ok_runs = results.groupby(keys, sort=True)["ok"].sum() if keys else results["ok"].sum()
+            grouped = results.groupby(keys, sort=True, dropna=False) if keys else None
+            ok_runs = grouped["ok"].sum() if grouped is not None else results["ok"].sum()
             summary.insert(len(keys) + 1, "ok_runs", list(ok_runs) if keys else [int(ok_runs)])
     return summary.reset_index(drop=True)
 
@@ -493,16 +512,29 @@ def _run_table(directory: Path, keys: list[str]) -> pd.DataFrame:
             m = json.loads((run_dir / "manifest.json").read_text())
         except (OSError, ValueError):
             continue  # a page about the sweep, not a check of every manifest
+        if not isinstance(m, dict):
+            continue
         row = {"directory": run_dir.relative_to(directory).as_posix(),
                "scenario": m.get("scenario"), "seed": m.get("seed")}  # fmt: skip
+        params = m.get("params")
         for key in keys:
             section, _, name = key.partition(".")
-            row[key] = m.get("params", {}).get(section, {}).get(name)
+            values = params.get(section) if isinstance(params, dict) else None
+            row[key] = values.get(name) if isinstance(values, dict) else None
         row["wall_seconds"] = m.get("wall_seconds")
         row["report"] = "report.html" if (run_dir / DEFAULT_NAME).is_file() else ""
         rows.append(row)
     return pd.DataFrame(rows, columns=["directory", "scenario", "seed", *keys, "wall_seconds",
                                        "report"])  # fmt: skip
+
+
+def _check_numbers(path: Path, frame: pd.DataFrame, columns: Iterable[str]) -> None:
+    """A ReportError naming the first of ``columns`` in ``frame`` that is not numbers."""
+    for column in columns:
+        if column in frame.columns and not pd.api.types.is_numeric_dtype(frame[column]):
+            raise ReportError(
+                f"{path}: column {column!r} should hold numbers, not {frame[column].dtype}"
+            )
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

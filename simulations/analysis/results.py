@@ -87,13 +87,16 @@ def run_scenario(
 
     loaded = load(scenario, list(overrides))
     directory = Path(out) if out is not None else runs_dir() / f"{loaded.name}-{seed}"
-    key = cache.key_of(loaded, seed, "virtual")
+    # A server not ours cannot be killed: its runs have no Redis faults, so they are
+    # not the runs of a private server with the same parameters.
+    mode = "virtual" if redis_url is None else "virtual, external redis"
+    key = cache.key_of(loaded, seed, mode)
     if not force and cache.hit(directory, key):
         log.debug("%s: seed %d already in %s, not simulated again", loaded.name, seed, directory)
         return load_run(directory)
     cache.forget(directory)
     simulate_to(loaded, seed, directory, redis_url=redis_url)
-    cache.remember(directory, key, scenario=loaded.name, seed=seed, mode="virtual",
+    cache.remember(directory, key, scenario=loaded.name, seed=seed, mode=mode,
                    code=cache.code_version())  # fmt: skip
     return load_run(directory)
 

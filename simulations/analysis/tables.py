@@ -195,6 +195,18 @@ class RunWriter:
             writer.abandon()
 
 
+def _manifest(path: Path) -> dict[str, Any]:
+    """``manifest.json`` read; a ValueError naming it unless it is a JSON object whose
+    ``params`` (if any) are sections of ``key: value``, as :class:`RunWriter` writes."""
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a JSON object (a run's manifest is)")
+    params = manifest.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"{path}: params is not an object of sections (section: {{key: value}})")
+    return manifest
+
+
 def empty(table: str) -> pd.DataFrame:
     return pd.DataFrame({column: [] for column in COLUMNS[table]})
 
@@ -220,11 +232,17 @@ class RunTables:
 
     @classmethod
     def table_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "manifest"]
+        """The tables' names (a subclass's other fields, a Run's ``path``, are not)."""
+        return [f.name for f in fields(cls) if f.name in COLUMNS]
 
     def save(self, directory: str | Path) -> Path:
+        """Write every table and the manifest to ``directory``. Tables saved over a
+        simulated run are no longer that run: its cache key is removed first."""
+        from simulations.drivers import cache
+
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        cache.forget(out)
         for name in self.table_names():
             frame: pd.DataFrame = getattr(self, name)
             missing = set(COLUMNS[name]) - set(frame.columns)
@@ -248,7 +266,7 @@ class RunTables:
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"{path} is not a run directory (no manifest.json)")
-        run = cls(manifest=json.loads(manifest_path.read_text()))
+        run = cls(manifest=_manifest(manifest_path))
         for name in cls.table_names():
             file = path / f"{name}.parquet"
             if not file.exists() and name == "risk":

@@ -12,9 +12,13 @@ notebook or a sweep need not simulate it again.
   ``workbench/`` and ``simulations/`` (:func:`code_hash`), once per process: any
   edit to the runtime or the lab makes every earlier run a miss.
 * :func:`remember` writes the key to ``run-key.json`` in the run's directory
-  *after* the run finished (atomically, by rename), and :func:`forget` removes it
-  before a run starts; so a run interrupted halfway, or overwritten halfway, is
-  never a hit. :func:`hit` is true only for a matching key beside a manifest.
+  *after* the run finished (atomically, by rename), with a hash of the
+  ``manifest.json`` that run wrote, and :func:`forget` removes it before a run
+  starts; so a run interrupted halfway, or overwritten halfway, is never a hit.
+* :func:`hit` is true only for a matching key beside that very manifest: a
+  directory another run rewrote since (``workbench simulate --out`` over it,
+  which knows nothing of keys) has a new manifest and is a miss, never the old
+  key passed off as the new run.
 
 The key file may also carry the sweep's row for the run (its measures), so a
 cached sweep run costs a file read, not a reload and a re-check.
@@ -83,21 +87,32 @@ def code_version() -> str:
 
 
 def read(directory: str | Path) -> dict[str, Any] | None:
-    """The key file of ``directory`` (``key`` and, from a sweep, ``row``), or None."""
+    """The key file of ``directory`` (``key``, ``manifest`` and, from a sweep, ``row``),
+    or None (none, or not a JSON object)."""
     try:
-        return json.loads((Path(directory) / KEY_FILE).read_text())
+        stored = json.loads((Path(directory) / KEY_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return stored if isinstance(stored, dict) else None
 
 
 def hit(directory: str | Path, key: str) -> bool:
-    """``directory`` holds the finished run of ``key``."""
+    """``directory`` holds the finished run of ``key``: its key, beside the manifest
+    that run wrote."""
     stored = read(directory)
     return (
         stored is not None
         and stored.get("key") == key
-        and (Path(directory) / "manifest.json").is_file()
+        and stored.get("manifest") == _manifest_hash(directory)
     )
+
+
+def _manifest_hash(directory: str | Path) -> str | None:
+    """The hash of ``directory``'s ``manifest.json`` (written last by a run), or None."""
+    try:
+        return hashlib.sha256((Path(directory) / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def forget(directory: str | Path) -> None:
@@ -110,9 +125,12 @@ def remember(
 ) -> None:
     """After the run in ``directory`` finished: it is the run of ``key``. ``row``:
     the sweep's measures of it; ``about``: what the key was made of, for people."""
+    manifest = _manifest_hash(directory)
+    if manifest is None:
+        raise FileNotFoundError(f"{directory} has no manifest.json: not a finished run")
     path = Path(directory) / KEY_FILE
     tmp = path.with_suffix(".tmp")
-    body: dict[str, Any] = {"key": key, **about}
+    body: dict[str, Any] = {"key": key, "manifest": manifest, **about}
     if row is not None:
         body["row"] = row
     tmp.write_text(json.dumps(body, indent=2, default=str))

@@ -15,7 +15,9 @@ What a sweep guarantees:
 
 * Grid values are read as ``--set`` reads them (TOML) and checked against the
   scenario before any run starts; each grid column has its field's type
-  (float, int, bool, str), so the tables sort and plot by value.
+  (float, int, bool, str), so the tables sort and plot by value. A ``--grid``
+  splits its values at commas outside brackets and quotes (a list is one value)
+  and names a key once; a seed listed twice is one run.
 * Each run has a directory named by its values, the same for the same values
   in any order: ``<out>/consumers.mtbf_s=30,market.arrival_rate=2/seed-1``
   (:func:`run_folder`).
@@ -71,14 +73,41 @@ Progress = Callable[[int, int], None]
 
 
 def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
-    """``["market.arrival_rate=1,2", ...]`` -> {"market.arrival_rate": ["1", "2"]}."""
+    """``["market.arrival_rate=1,2", ...]`` -> {"market.arrival_rate": ["1", "2"]}.
+
+    Values are split at the commas outside brackets and quotes, so a list is one
+    value (``market.profile=[1,...],[2,...]``: two profiles); a key given twice is
+    a :class:`ScenarioError` (its values would silently replace the first's)."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
+        key = key.strip()
         if not sep or "." not in key or not values:
             raise ScenarioError(f"--grid takes section.key=v1,v2,..., not {item!r}")
-        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+        if key in grid:
+            raise ScenarioError(
+                f"--grid {key} is given twice; list all its values once: {key}=v1,v2,..."
+            )
+        grid[key] = [v.strip() for v in _split_values(values) if v.strip()]
     return grid
+
+
+def _split_values(text: str) -> list[str]:
+    """``text`` split at its top-level commas (not those inside ``[...]`` or quotes)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "[":
+            depth += 1
+        elif char == "]":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def points(grid: dict[str, list[Any]]) -> list[Point]:
@@ -90,6 +119,7 @@ def points(grid: dict[str, list[Any]]) -> list[Point]:
 def typed_grid(scenario: str, grid: dict[str, Any], base: Sequence[str] = ()) -> Grid:
     """``grid`` with each value as the scenario holds it (``"30"`` and ``30`` -> ``30.0``
     for a float field), duplicates dropped; a :class:`ScenarioError` names a bad key or value."""
+    load(scenario, list(base))  # the fixed overrides first: their errors are --set's
     typed: Grid = {}
     for key, values in grid.items():
         values = _as_list(values)
@@ -97,7 +127,10 @@ def typed_grid(scenario: str, grid: dict[str, Any], base: Sequence[str] = ()) ->
             raise ScenarioError(f"--grid {key} has no values")
         typed[key] = []
         for value in values:
-            loaded = load(scenario, [*base, override(key, value)])
+            try:
+                loaded = load(scenario, [*base, override(key, value)])
+            except ScenarioError as exc:  # the grid's value is what is wrong
+                raise ScenarioError(str(exc).replace("--set", "--grid", 1)) from None
             held = _value_of(loaded, key)
             if held not in typed[key]:
                 typed[key].append(held)
@@ -241,13 +274,17 @@ def _resolve(grid: Grid, point: dict[str, Any]) -> Point:
 def _cell(mean: float, low: float, high: float) -> str:
     if math.isnan(mean):
         return ""
+    if not (math.isfinite(low) and math.isfinite(high)):  # one seed: no interval to claim
+        return f"{mean:.4g} (no interval)"
     return f"{mean:.4g} [{low:.4g}, {high:.4g}]"
 
 
 def summarise(runs: pd.DataFrame, keys: Sequence[str], level: float = 0.95) -> pd.DataFrame:
     """One row per grid point of ``runs``: ``n``, ``ok_runs`` and every measure's interval."""
     summary = summarise_over(runs, keys, list(MEASURES), level)
-    ok_runs = runs.groupby(list(keys), sort=True)["ok"].sum() if keys else runs["ok"].sum()
+    # Grouped as summarise_over groups (missing values are a point), so rows line up.
+    grouped = runs.groupby(list(keys), sort=True, dropna=False) if keys else None
+    ok_runs = grouped["ok"].sum() if grouped is not None else runs["ok"].sum()
     summary.insert(len(keys) + 1, "ok_runs",
                    list(ok_runs) if keys else [int(ok_runs)])  # fmt: skip
     return summary
@@ -286,12 +323,16 @@ def _client(scheduler: str | None, workers: int | None, cpus: list[int]) -> Iter
         yield client
 
 
-def _one(scenario: Scenario, seed: int, directory: str, key: str) -> dict[str, Any]:
+def _one(scenario: Scenario, seed: int, directory: str) -> dict[str, Any]:
     """One run (on a worker): simulated into ``directory``, measured, and remembered
-    under ``key`` once finished. Returns its row (without the grid's columns)."""
+    once finished under the key of the code that ran it, the worker's (a
+    ``--scheduler``'s workers may run other code than the sweep's process: then
+    the sweep's next look finds no run of its own code there). Returns its row
+    (without the grid's columns)."""
     from simulations.analysis.measures import run_measures
     from simulations.drivers.virtual import simulate
 
+    key = cache.key_of(scenario, seed, MODE)
     cache.forget(directory)
     tables = simulate(scenario, seed, out=directory, cpu=_worker_cpu)
     row = {"seed": seed, **run_measures(tables),
@@ -347,7 +388,7 @@ def _simulate(jobs: list[_Job], scheduler: str | None, workers: int | None,
         progress(0, len(jobs))
     with _client(scheduler, workers, sorted(affinity.allowed_cpus())) as client:
         futures = {
-            client.submit(_one, job.scenario, job.seed, str(job.folder), job.key,
+            client.submit(_one, job.scenario, job.seed, str(job.folder),
                           pure=False, retries=RETRIES): job
             for job in jobs
         }  # fmt: skip
@@ -380,6 +421,7 @@ def sweep(
     """
     typed = typed_grid(scenario, grid or {}, base_overrides)
     seed_list = list(range(1, seeds + 1)) if isinstance(seeds, int) else list(seeds)
+    seed_list = list(dict.fromkeys(seed_list))  # a seed twice: two runs in one folder at once
     if not seed_list:
         raise ScenarioError(f"seeds must be at least 1 (or a list of seeds), not {seeds!r}")
     name = load(scenario, list(base_overrides)).name

@@ -9,6 +9,7 @@ and must have fetched nothing. Bad input is exit 2 with a message, never a trace
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -261,6 +262,17 @@ def test_without_summary_parquet_the_page_computes_the_same_summary(
     assert computed.count("<svg") == written.count("<svg") > 0
 
 
+def test_a_results_table_with_an_empty_grid_value_is_summarised_with_it(tmp_path: Path) -> None:
+    """A grid column with a missing value (a hand-made or older table) is a grid point
+    of its own in the computed summary, not a crash counting the runs that passed."""
+    results = pd.DataFrame({"market.arrival_rate": [1.0, 1.0, math.nan], "seed": [1, 2, 1],
+                            "ok": [True, False, True], "lost": [0, 3, 0]})  # fmt: skip
+    results.to_parquet(tmp_path / "results.parquet", index=False)
+    table = summary_table(report(tmp_path).read_text())
+    assert table.count("<tr>") == 3  # the header, 1.0 and the missing value
+    assert "1.5 [-17.56, 20.56]" in table
+
+
 def test_every_measure_a_sweep_averages_has_an_axis_label_with_a_unit() -> None:
     from simulations.analysis.measures import MEASURES
 
@@ -320,19 +332,75 @@ def bad_manifest(run_dir: Path, where: Path) -> Path:
     return copy
 
 
+def manifest_not_an_object(run_dir: Path, where: Path) -> Path:
+    copy = copy_run(run_dir, where)
+    (copy / "manifest.json").write_text('["<script>alert(1)</script>"]')
+    return copy
+
+
+def params_not_sections(run_dir: Path, where: Path) -> Path:
+    copy = copy_run(run_dir, where)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["params"] = {"run": "fast"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def manifest_not_utf8(run_dir: Path, where: Path) -> Path:
+    copy = copy_run(run_dir, where)
+    (copy / "manifest.json").write_bytes(b'{"scenario": "\xff\xfe"}')
+    return copy
+
+
+def sweep_without_runs(run_dir: Path, where: Path) -> Path:
+    where.mkdir()
+    columns = {"market.arrival_rate": "float64", "seed": "int64", "ok": "bool", "lost": "int64"}
+    no_runs = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in columns.items()})
+    no_runs.to_parquet(where / "results.parquet")
+    return where
+
+
+def results_with_text_measure(run_dir: Path, where: Path) -> Path:
+    where.mkdir()
+    results = pd.DataFrame({"market.arrival_rate": [1.0, 1.0], "seed": [1, 2], "ok": [True] * 2,
+                            "lost": ["none", "some"]})  # fmt: skip
+    results.to_parquet(where / "results.parquet")
+    return where
+
+
+def summary_with_text_interval(run_dir: Path, where: Path) -> Path:
+    where.mkdir()
+    pd.DataFrame({"market.arrival_rate": [1.0], "seed": [1], "ok": [True], "lost": [0]}).to_parquet(
+        where / "results.parquet"
+    )
+    summary = pd.DataFrame({"market.arrival_rate": [1.0], "n": [1], "lost_mean": ["zero"],
+                            "lost_low": [0.0], "lost_high": [0.0]})  # fmt: skip
+    summary.to_parquet(where / "summary.parquet")
+    return where
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda run, where: where, "does not exist"),
+        (lambda run, where: where.symlink_to(where) or where, "is a symlink to nothing (a loop"),
         (lambda run, where: where.mkdir() or where, "is neither a run directory"),
         (lambda run, where: where.write_text("x") and where, "is not a directory"),
         (unfinished_run, "is an unfinished run: it has tables but no manifest.json"),
         (unfinished_sweep, "(e.g. market.arrival_rate=1/seed-1) but no results.parquet"),
         (corrupt_run, "cannot read the run"),
         (bad_manifest, "cannot read the run"),
+        (manifest_not_an_object, "manifest.json is not a JSON object"),
+        (params_not_sections, "params is not an object of sections"),
+        (manifest_not_utf8, "cannot read the run"),
+        (sweep_without_runs, "results.parquet has no rows: a sweep with no runs"),
+        (results_with_text_measure, "results.parquet: column 'lost' should hold numbers"),
+        (summary_with_text_interval, "summary.parquet: column 'lost_mean' should hold numbers"),
     ],
-    ids=["missing", "empty", "a-file", "unfinished-run", "unfinished-sweep", "corrupt-table",
-         "bad-manifest"],
+    ids=["missing", "symlink-loop", "empty", "a-file", "unfinished-run", "unfinished-sweep",
+         "corrupt-table", "bad-manifest", "manifest-not-an-object", "params-not-sections",
+         "manifest-not-utf8", "sweep-without-runs", "results-text-measure",
+         "summary-text-interval"],
 )  # fmt: skip
 def test_what_is_not_a_finished_run_or_sweep_is_exit_2_with_a_message(
     run_dir: Path, tmp_path: Path, make: Any, message: str
@@ -355,6 +423,17 @@ def test_bad_input_from_the_shell_is_exit_2_without_a_traceback(
     result = workbench("report", str(run_dir), "--out", str(tmp_path))
     assert result.returncode == 2
     assert "is a directory" in result.stderr and "Traceback" not in result.stderr
+    copy = copy_run(run_dir, tmp_path / "run")
+    manifest = (copy / "manifest.json").read_bytes()
+    result = workbench("report", str(copy), "--out", str(copy / "manifest.json"))
+    assert result.returncode == 2, result.stderr
+    assert "exists and is not an HTML page; not written over" in result.stderr
+    assert (copy / "manifest.json").read_bytes() == manifest  # the run is intact
+    (tmp_path / "a-file").write_text("")
+    result = workbench("report", str(run_dir), "--out", str(tmp_path / "a-file" / "x.html"))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write {tmp_path / 'a-file' / 'x.html'}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- big series -----------------------------------------------------------------------
@@ -404,6 +483,42 @@ def test_manifest_values_are_read_not_trusted(run_dir: Path, tmp_path: Path) -> 
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest.pop("params")
     manifest["wall_seconds"] = "unknown"
+    manifest["supervisor_gave_up"] = {"redis-server": "3 restarts within 60 s"}
     (copy / "manifest.json").write_text(json.dumps(manifest))
     page = report(copy).read_text()
     assert page.count("<svg") == 5 and "wall time</dt><dd>-</dd>" in page
+    assert "redis-server</td>" in page and "3 restarts within 60 s</td>" in page  # the why
+    manifest["supervisor_gave_up"] = 7  # neither a list nor a mapping: left out
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert "supervisor gave up on" not in report(copy).read_text()
+
+
+def test_text_from_the_tables_is_shown_never_run(run_dir: Path, tmp_path: Path) -> None:
+    """Scenario names, parameters and fault details are the page's text, in the HTML
+    (autoescaped) and in the figures' SVG (legend labels, and matplotlib's comments)."""
+    copy = copy_run(run_dir, tmp_path / "run")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["scenario"] = "<script>alert(1)</script>"
+    manifest["params"]["consumers"]["restart"] = "<img src=x onerror=alert(2)>"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    faults = pd.read_parquet(copy / "faults.parquet")
+    faults["kind"] = "--><script>alert(3)</script><!--"
+    faults["detail"] = "</svg><script>alert(4)</script>"
+    faults.to_parquet(copy / "faults.parquet", index=False)
+    page = report(copy).read_text()
+    assert "<script" not in page.lower() and "<img" not in page.lower()
+    assert "<title>&lt;script&gt;alert(1)&lt;/script&gt;, seed" in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert "fault: --&gt;&lt;script&gt;alert(3)" in page  # the backlog's legend
+    assert "&lt;/svg&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in page  # the faults table
+
+
+def test_a_sweep_page_skips_run_manifests_it_cannot_read(sweep_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(sweep_dir, tmp_path / "sweep"))
+    manifests = sorted(copy.rglob("manifest.json"))
+    manifests[0].write_text("[1, 2]")
+    odd = json.loads(manifests[1].read_text())
+    odd["params"] = "none"
+    manifests[1].write_text(json.dumps(odd))
+    page = report(copy).read_text()
+    assert "4 of 4 runs OK" in page

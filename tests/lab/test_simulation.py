@@ -42,6 +42,9 @@ def test_the_five_scenarios_exist_and_load() -> None:
         ("baseline", ["marke.arrival_rate=2"], "sections: run, market"),
         ("baseline", ["market.arrival_rate=fast"], "must be a number"),
         ("baseline", ["market.arrival_rate=-1"], "must not be negative"),
+        ("baseline", ["market.arrival_rate=nan"], "arrival_rate must be a finite number, not nan"),
+        ("baseline", ["market.arrival_rate=inf"], "arrival_rate must be a finite number, not inf"),
+        ("baseline", ["run.duration_s=+inf"], "run.duration_s must be a finite number"),
         ("baseline", ["redis.partitions=2000"], "redis.partitions must be at most 1024, not 2000"),
         ("baseline", ["arrival_rate=2"], "section.key=value"),
         ("baseline", ["consumers.ack_before_effect=1"], "true or false"),
@@ -372,7 +375,14 @@ def test_time_of_day_profile_and_ground_truth_classes(redis_server) -> None:  # 
 
 
 @pytest.mark.parametrize(
-    "override", ["market.profile=[1, 2]", "market.profile=[-1]", 'market.profile="busy"']
+    "override",
+    [
+        "market.profile=[1, 2]",
+        "market.profile=[-1]",
+        'market.profile="busy"',
+        f"market.profile=[inf{', 1' * 23}]",
+        f"market.profile=[nan{', 1' * 23}]",
+    ],
 )
 def test_a_bad_profile_is_rejected(override: str) -> None:
     with pytest.raises(ScenarioError):

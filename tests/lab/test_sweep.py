@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from simulations.drivers.sweep import parse_grid, points
+from simulations.drivers.sweep import parse_grid, points, typed_grid
 from simulations.scenario import ScenarioError
 from tests.support import ROOT
 from workbench.ops import affinity
@@ -24,6 +24,16 @@ def test_grid_parsing_and_points() -> None:
     for bad in ["arrival_rate=1", "market.arrival_rate", "market.arrival_rate="]:
         with pytest.raises(ScenarioError):
             parse_grid([bad])
+    # A key twice would silently drop its first values.
+    with pytest.raises(ScenarioError, match="market.arrival_rate is given twice"):
+        parse_grid(["market.arrival_rate=1", "phones.count=5", "market.arrival_rate=2"])
+    # Commas inside a list or a quoted string do not split values: profiles can be swept.
+    flat, busy = "[" + ",".join(["1"] * 24) + "]", "[" + ", ".join(["2"] * 24) + "]"
+    grid = parse_grid([f"market.profile={flat},{busy}", 'consumers.only="ledger,push",fanout'])
+    assert grid == {"market.profile": [flat, busy], "consumers.only": ['"ledger,push"', "fanout"]}
+    typed = typed_grid("baseline", grid)
+    assert typed["market.profile"] == [(1.0,) * 24, (2.0,) * 24]
+    assert typed["consumers.only"] == ["ledger,push", "fanout"]
 
 
 def test_sweep_command_runs_the_grid_in_parallel(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -147,7 +157,8 @@ def test_a_sweep_gives_the_table_of_the_same_runs_made_one_by_one_here(tmp_path)
     rows = []
     for rate in rates:
         loaded = load("baseline", [*base, f"market.arrival_rate={rate}"])
-        row = _one(loaded, 1, str(tmp_path / f"here-{rate}"), cache.key_of(loaded, 1))
+        row = _one(loaded, 1, str(tmp_path / f"here-{rate}"))
+        assert cache.hit(tmp_path / f"here-{rate}", cache.key_of(loaded, 1))
         rows.append({"market.arrival_rate": rate, **row})
     where = ["wall_seconds", "cpu"]
     swept = result.runs.drop(columns=[*where, "cached", "run"])

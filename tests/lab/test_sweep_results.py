@@ -22,7 +22,7 @@ from simulations.drivers.sweep import (
     summarise,
     typed_grid,
 )  # fmt: skip
-from simulations.scenario import ScenarioError
+from simulations.scenario import ScenarioError, load
 
 TINY = ("run.duration_s=20", "run.drain_s=20", "market.arrival_rate=0.5", "phones.count=4")
 UNREACHABLE = "tcp://127.0.0.1:1"
@@ -46,6 +46,11 @@ def test_grid_values_are_read_as_set_reads_them_and_take_their_fields_types() ->
         typed_grid("baseline", {"consumers.batch_size": ["1.5"]})
     with pytest.raises(ScenarioError, match="consumers.restart must be one of"):
         typed_grid("baseline", {"consumers.restart": ["sometimes"]})
+    # An error names where the bad value was given: the grid, or a fixed --set.
+    with pytest.raises(ScenarioError, match=r"^--grid: market.arrival_rate must be a number"):
+        typed_grid("baseline", {"market.arrival_rate": ["x"]}, ["phones.count=4"])
+    with pytest.raises(ScenarioError, match=r"^--set: phones.count must be a whole number"):
+        typed_grid("baseline", {"market.arrival_rate": ["1"]}, ["phones.count=4.5"])
 
 
 def test_run_folders_are_named_by_their_values_safely_and_deterministically() -> None:
@@ -91,6 +96,16 @@ def test_intervals_by_grid_point_and_their_table() -> None:
             result.interval("lost", **bad)
     with pytest.raises(ValueError, match="no measure 'lots'"):
         result.interval("lots", mtbf_s=30)
+    # One seed has no interval: the table says so, as the report page does.
+    one_seed = _result({30.0: [2.0]}).table().set_index("measure")
+    assert one_seed.loc["lost", "consumers.mtbf_s=30"] == "2 (no interval)"
+
+
+def test_a_missing_grid_value_is_a_point_of_its_own_in_the_summary() -> None:
+    runs = _result({30.0: [1.0, 3.0], math.nan: [0.0]}).runs
+    summary = summarise(runs, ["consumers.mtbf_s"])
+    assert list(summary["n"]) == [2, 1] and list(summary["ok_runs"]) == [2, 1]
+    assert list(summary["lost_mean"]) == [2.0, 0.0]
 
 
 def test_a_sweep_types_summarises_and_reuses_its_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -135,7 +150,7 @@ def test_a_sweep_types_summarises_and_reuses_its_runs(tmp_path) -> None:  # type
     # A key file without the row (run_scenario writes none): measured from the tables.
     key_file = out / runs["run"][0] / cache.KEY_FILE
     stored = json.loads(key_file.read_text())
-    key_file.write_text(json.dumps({"key": stored["key"]}))
+    key_file.write_text(json.dumps({"key": stored["key"], "manifest": stored["manifest"]}))
     remeasured = simulations.sweep("baseline", grid, seeds=2, out=out, scheduler=UNREACHABLE,
                                    base_overrides=TINY)  # fmt: skip
     pd.testing.assert_frame_equal(remeasured.runs, again.runs)
@@ -158,7 +173,25 @@ def test_a_code_change_makes_every_run_a_miss(tmp_path, monkeypatch) -> None:  #
     simulations.sweep("baseline", {}, seeds=1, out=out, workers=1, base_overrides=TINY)
     assert simulations.sweep("baseline", {}, seeds=1, out=out, scheduler=UNREACHABLE,
                              base_overrides=TINY).runs["cached"].all()  # fmt: skip
+    # A seed listed twice is one run (two would write one folder at once).
+    twice = simulations.sweep("baseline", {}, seeds=[1, 1], out=out, scheduler=UNREACHABLE,
+                              base_overrides=TINY)  # fmt: skip
+    assert list(twice.runs["seed"]) == [1] and list(twice.summary["n"]) == [1]
     monkeypatch.setattr(cache, "code_version", lambda: "edited-code")
     with pytest.raises(ScenarioError, match="cannot reach the Dask scheduler"):
         simulations.sweep("baseline", {}, seeds=1, out=out, scheduler=UNREACHABLE,
                           base_overrides=TINY)  # fmt: skip
+
+
+def test_a_run_is_remembered_under_the_code_that_made_it(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A --scheduler's worker may run other code than the sweep's process: its run is
+    not remembered as this code's, so the next sweep here does not take it for one."""
+    from simulations.drivers.sweep import _one
+
+    loaded = load("baseline", TINY)
+    ours = cache.key_of(loaded, 1, "virtual")
+    monkeypatch.setattr(cache, "code_version", lambda: "a-workers-other-code")
+    _one(loaded, 1, str(tmp_path))
+    monkeypatch.undo()
+    assert cache.read(tmp_path)["code"] == "a-workers-other-code"  # type: ignore[index]
+    assert not cache.hit(tmp_path, ours)
