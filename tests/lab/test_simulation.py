@@ -86,8 +86,8 @@ def test_the_five_scenarios_exist_and_load() -> None:
         (
             "baseline",
             ["market.honest_p=0.95"],
-            "market.honest_p + market.slow_p must be at most 1, not 1.05 (seller classes: the"
-            " rest are fraudulent)",
+            "market.honest_p + market.slow_p + market.exit_scam_p must be at most 1, not 1.05"
+            " (seller classes: the rest are fraudulent)",
         ),
         (
             "baseline",
@@ -151,7 +151,7 @@ def test_every_size_and_interval_that_must_be_positive_is_refused_at_zero(key: s
 
 def test_every_probability_is_between_0_and_1() -> None:
     keys = [f"{s}.{k}" for s, keys in DEFAULTS.items() for k in keys if k.endswith("_p")]
-    assert len(keys) == 11
+    assert len(keys) == 12
     for key in keys:
         with pytest.raises(ScenarioError, match=rf"{key} is a probability: .* not 1.01"):
             load("baseline", [f"{key}=1.01"])
