@@ -79,7 +79,7 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
 
 from bench import records, stats  # noqa: E402
 from bench.loadgen import Bounds, Driver, Phones, StepResult, run_step, step_verdict  # noqa: E402
-from bench.sse import ApiServer, new_loop, raise_fd_limit  # noqa: E402
+from bench.sse import ApiServer, new_loop, process_cpu_s, raise_fd_limit  # noqa: E402
 from bench.throughput import STEP_ESCROWS, produce  # noqa: E402
 from simulations.analysis.report import wide_console  # noqa: E402
 from workbench.domain.clock import ManualClock  # noqa: E402
@@ -230,15 +230,23 @@ class Http:
         return names_for(self.server.prefix)
 
     async def settle(self) -> None:
-        """Wait until every group has nothing pending or undelivered and every phone
-        has its stream's entries (or :data:`SETTLE_S` passed)."""
+        """Wait until the outbox is published, every group has nothing pending or
+        undelivered and every phone has its stream's entries (or :data:`SETTLE_S`)."""
         deadline = time.monotonic() + SETTLE_S
         users = UserStreamNames.of(self.names)
         while time.monotonic() < deadline:
-            idle = await asyncio.to_thread(self._groups_idle)
+            idle = await asyncio.to_thread(self._groups_idle) and await self._outbox_empty()
             if idle and self.phones.received_all(self.client, users):
                 return
             await asyncio.sleep(0.1)
+
+    async def _outbox_empty(self) -> bool:
+        """The relay published everything (and the API answers: its queue has drained)."""
+        try:
+            outbox = (await self.http.get("/healthz")).json()["outbox"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+        return outbox.get("unpublished") == 0
 
     def _groups_idle(self) -> bool:
         from workbench.ops.inspection import inspect
@@ -246,12 +254,28 @@ class Http:
         rows = inspect(self.client, self.names).groups
         return all(not row["pending"] and not row["lag"] for row in rows)
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of each of serve's processes, this one and redis-server."""
+        state = json.loads((self.server.dir / "supervision.json").read_text())
+        out = {
+            name: process_cpu_s(c["pid"]) for name, c in state["components"].items() if c.get("pid")
+        }
+        info = self.client.info("cpu")
+        out["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        out["load generator"] = time.process_time()
+        return out
+
     async def step(self, rate: float) -> StepResult:
         config = self.config
         driver = Driver(self.http, self.phones, timeout_s=config.window_s + config.drain_s)
+        before = self.cpu_seconds()
         result = await run_step(
             driver, self.client, self.names, rate, config.window_s, self.lifecycles
         )
+        after = self.cpu_seconds()
+        result.cpu_cores = {
+            k: round((after[k] - before[k]) / result.wall_s, 3) for k in after if k in before
+        }
         self.lifecycles += result.started
         await self.settle()
         users = UserStreamNames.of(self.names)
@@ -284,8 +308,14 @@ def _step_line(s: StepResult) -> str:
         f"  {s.rate:g}/s x {s.window_s:g} s: {s.completed}/{s.started} lifecycles, "
         f"command p50 {s.command_latency.get('p50_ms')} p99 {s.command_latency.get('p99_ms')} ms, "
         f"delivery p99 {s.delivery_latency.get('p99_ms')} ms, worst group lag {lag:.2f} s, "
-        f"phones {s.phones_exact}/{s.phones} -> {verdict}"
+        f"phones {s.phones_exact}/{s.phones}, cores {_busiest(s.cpu_cores)} -> {verdict}"
     )
+
+
+def _busiest(cores: dict[str, float], top: int = 4) -> str:
+    """The ``top`` busiest processes: ``api-0 0.91, load generator 0.40, ...``."""
+    ranked = sorted(cores.items(), key=lambda kv: -kv[1])[:top]
+    return ", ".join(f"{name} {value:.2f}" for name, value in ranked)
 
 
 # -- a run --------------------------------------------------------------------------------
@@ -427,6 +457,7 @@ def _headline(found: list[StepResult | None], direct_median: float) -> list[list
                 f"{lag:.2f} s, {best.phones_exact} of {best.phones}",
             ]
         )
+        rows.append([f"round {i}: cores busy at that rate", _busiest(best.cpu_cores)])
     rows.append(["direct EscrowService lifecycles/s (median of rounds)", f"{direct_median:,.1f}"])
     return rows
 
@@ -546,15 +577,21 @@ def _positive(options: dict[str, Any]) -> None:
 @click.option("--rounds", default=3, show_default=True, help="interleaved rounds")
 @click.option("--min-seconds", default=1.0, show_default=True, help="direct: seconds per round")
 @click.option("--target", default=TARGET, show_default=True, help="for http_vs_direct")
-@click.option("--quick", is_flag=True, help="smoke run: 10 phones, 2 short steps, 1 round")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="smoke run: 10 phones, 2 short steps, 1 round (explicit options win)",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="also write the record to this file")  # fmt: skip
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path),
               help="record path [bench/records/capacity.json; none with --quick]")  # fmt: skip
 def main(json_path: Path | None, record_path: Path | None, **options: Any) -> None:
     """Escrow lifecycles per second through serve's HTTP API, phones and groups keeping up."""
-    if options["quick"]:
-        options.update(QUICK)
+    if options["quick"]:  # the quick values, save for options given explicitly
+        ctx = click.get_current_context()
+        default = click.core.ParameterSource.DEFAULT
+        options.update({k: v for k, v in QUICK.items() if ctx.get_parameter_source(k) == default})
     _positive(options)
     bounds = Bounds(options.pop("lag_bound"), options.pop("p99_bound"), options.pop("late_bound"))
     config = Config(bounds=bounds, **options)

@@ -21,7 +21,8 @@ user:
 * **Group lag in seconds.** While a step runs, :func:`sample_lag` reads
   :func:`workbench.ops.inspection.inspect` every :data:`LAG_EVERY_S`: per
   consumer group, the largest of its lag (age of the oldest entry not yet
-  delivered to it) and its oldest pending entry's age.
+  delivered to it) and its oldest pending entry's age; and the relay's, the
+  age of the oldest unpublished outbox row (``/healthz``).
 * **Delivery latency.** For every event a phone receives: its receipt time
   minus the envelope's ``occurred_at`` (the command's commit time, the same
   host clock), i.e. command committed -> outbox -> relay -> fan-out -> SSE.
@@ -106,6 +107,7 @@ class StepResult:
     phones_exact: int = 0
     phones_closed: int = 0
     wall_s: float = 0.0  # first arrival to the last lifecycle's end
+    cpu_cores: dict[str, float] = field(default_factory=dict)  # CPU s per wall s, by process
     keeps_up: bool = False
     reasons: list[str] = field(default_factory=list)
 
@@ -282,13 +284,20 @@ def pair(index: int, users: list[str]) -> tuple[str, str]:
 # -- a step ---------------------------------------------------------------------------------
 
 
-async def sample_lag(client: redis.Redis, names: StreamNames, worst: dict[str, float]) -> None:
-    """Until cancelled: the worst lag / oldest pending age per group, in seconds."""
+async def sample_lag(
+    client: redis.Redis, names: StreamNames, http: httpx.AsyncClient, worst: dict[str, float]
+) -> None:
+    """Until cancelled: the worst lag / oldest pending age per group, in seconds, and the
+    relay's (``relay``: the oldest unpublished outbox row's age, from ``/healthz``)."""
     while True:
         snapshot = await asyncio.to_thread(inspect, client, names)
         for row in snapshot.groups:
             behind = max(row["lag_s"] or 0.0, row["oldest_pending_age_s"] or 0.0)
             worst[row["group"]] = max(worst.get(row["group"], 0.0), round(behind, 3))
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+            outbox = (await http.get("/healthz")).json()["outbox"]
+            age = outbox.get("oldest_unpublished_age_s") or 0.0
+            worst["relay"] = max(worst.get("relay", 0.0), round(float(age), 3))
         await asyncio.sleep(LAG_EVERY_S)
 
 
@@ -320,7 +329,7 @@ async def run_step(
     count = max(1, round(rate * window_s))
     worst: dict[str, float] = {}
     driver.phones.delivery_s.clear()
-    sampler = asyncio.create_task(sample_lag(client, names, worst))
+    sampler = asyncio.create_task(sample_lag(client, names, driver.http, worst))
     started = time.perf_counter()
     try:
         late = await _arrivals(driver, rate, count, driver.phones.users, first)
