@@ -115,6 +115,7 @@ class Config:
     min_seconds: float
     target: float
     quick: bool
+    keep: bool = False  # keep the temporary directory (serve's logs) after the run
 
 
 # -- the search: a pure plan ---------------------------------------------------------------
@@ -400,7 +401,10 @@ def run(config: Config) -> dict[str, Any]:
                 runner.run(_close(h))
             errors = server.errors_logged()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if config.keep:
+            print(f"kept {tmp} (serve's logs under serve/)", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     env = records.environment(version, load_before)
     return record_of(config, env, rounds, orders, h.steps, found, store_desc, errors)
 
@@ -491,7 +495,9 @@ def record_of(
         ),
     ]  # fmt: skip
     parameters = {
-        k: v for k, v in dataclasses.asdict(config).items() if k not in ("bounds", "database_url")
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in ("bounds", "database_url", "keep")
     }
     parameters.update(dataclasses.asdict(config.bounds), store=store_desc)
     return records.build(
@@ -577,6 +583,7 @@ def _positive(options: dict[str, Any]) -> None:
 @click.option("--rounds", default=3, show_default=True, help="interleaved rounds")
 @click.option("--min-seconds", default=1.0, show_default=True, help="direct: seconds per round")
 @click.option("--target", default=TARGET, show_default=True, help="for http_vs_direct")
+@click.option("--keep", is_flag=True, help="keep the temporary directory (serve's logs)")
 @click.option(
     "--quick",
     is_flag=True,
