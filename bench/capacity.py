@@ -5,8 +5,8 @@ One run starts the whole service as a separate OS process, ``workbench serve``
 API processes, ``--mpesa sim``: the simulated M-Pesa calls back over HTTP), on
 a private redis-server configured as serve's embedded one (AOF everysec) and
 a fresh store: SQLite in a temporary directory, or PostgreSQL when
-``--database-url`` (or ``TEST_DATABASE_URL``) names one, in a schema of its
-own that is dropped at the end. ``--users`` phones hold SSE streams for the
+``--database-url`` names one, in a schema of its own that is dropped at the
+end. ``--users`` phones hold SSE streams for the
 whole run, and the load generator (``bench/loadgen.py``: asyncio, httpx) drives
 lifecycles through them: create, fund, the callback, ship, confirm, each phone
 waiting for its events.
@@ -41,13 +41,16 @@ clears it.
 Timing is printed and recorded, never asserted: the load generator, the
 server's processes, Redis and the store share the machine's cores, and the
 load average goes into the record. The record goes to
-``bench/records/capacity.json`` (``--quick`` writes none unless ``--record``).
+``bench/records/capacity.json`` (``capacity_postgresql.json`` on PostgreSQL;
+``--quick`` writes none unless ``--record``). ``--keep`` keeps the temporary
+directory with the logs of serve's processes; the record counts the lines in
+them that report trouble.
 
 Usage::
 
     .venv/bin/python bench/capacity.py                   # SQLite, 3 rounds
     .venv/bin/python bench/capacity.py --quick           # smoke run (< 1 min)
-    .venv/bin/python bench/capacity.py --database-url postgresql+psycopg://u@host/db
+    .venv/bin/python bench/capacity.py --database-url "$TEST_DATABASE_URL"   # PostgreSQL
 """
 
 from __future__ import annotations
@@ -116,6 +119,11 @@ class Config:
     target: float
     quick: bool
     keep: bool = False  # keep the temporary directory (serve's logs) after the run
+
+
+def bench_name(config: Config) -> str:
+    """The record's name: one record per store kind (``bench/records/<name>.json``)."""
+    return "capacity" if config.database_url is None else "capacity_postgresql"
 
 
 # -- the search: a pure plan ---------------------------------------------------------------
@@ -399,7 +407,7 @@ def run(config: Config) -> dict[str, Any]:
             finally:
                 direct.close()
                 runner.run(_close(h))
-            errors = server.errors_logged()
+            errors = errors_logged(server.dir)
     finally:
         if config.keep:
             print(f"kept {tmp} (serve's logs under serve/)", file=sys.stderr)
@@ -429,6 +437,19 @@ def _rounds(
         return sample
 
     return stats.interleave({"http": measure_http, "direct": measure_direct}, config.rounds)
+
+
+def errors_logged(directory: Path, keep: int = 5) -> dict[str, Any]:
+    """Per log of serve's processes: how many lines say something went wrong, the last few."""
+    keys = ("Traceback", "ERROR", "Error:", "WARNING", "failed")
+    out: dict[str, Any] = {}
+    for log in sorted(directory.glob("*.log")):
+        lines = [
+            ln for ln in log.read_text(errors="replace").splitlines() if any(k in ln for k in keys)
+        ]
+        if lines:
+            out[log.name] = {"lines": len(lines), "last": lines[-keep:]}
+    return out
 
 
 # -- the record ---------------------------------------------------------------------------
@@ -474,7 +495,7 @@ def record_of(
     steps: list[list[dict[str, Any]]],
     found: list[StepResult | None],
     store_desc: str,
-    errors: list[str],
+    errors: dict[str, Any],
 ) -> dict[str, Any]:
     ratio = stats.ratio_summary(
         "http_vs_direct",
@@ -501,7 +522,7 @@ def record_of(
     }
     parameters.update(dataclasses.asdict(config.bounds), store=store_desc)
     return records.build(
-        "capacity",
+        bench_name(config),
         env,
         parameters=parameters,
         rounds=rounds,
@@ -511,7 +532,7 @@ def record_of(
         figures={
             "headline": _headline(found, rates[1].median),
             "steps": steps,
-            "server_log_errors": errors[-20:],
+            "server_log_errors": errors,
         },
         notes=[
             "http rate: the highest offered rate that kept up in the round's search "
@@ -535,6 +556,10 @@ def print_report(record: dict[str, Any]) -> None:
         f"target >= {r['target']:g}: {r['verdict']}",
     )
     console.print(table)
+    for log, found in record["figures"]["server_log_errors"].items():
+        console.print(f"[red]{log}: {found['lines']} lines report trouble[/], the last:")
+        for line in found["last"]:
+            console.print(f"  {line}", markup=False)
 
 
 # -- the command line ---------------------------------------------------------------------
@@ -564,9 +589,9 @@ def _positive(options: dict[str, Any]) -> None:
 
 
 @click.command()
-@click.option("--database-url", envvar="TEST_DATABASE_URL",
-              help="PostgreSQL to run on (fresh schemas, dropped after) [env TEST_DATABASE_URL; "
-              "default SQLite in a temporary directory]")  # fmt: skip
+@click.option("--database-url",
+              help="PostgreSQL to run on, e.g. \"$TEST_DATABASE_URL\" (two fresh schemas, "
+              "dropped after) [default: SQLite in a temporary directory]")  # fmt: skip
 @click.option("--users", default=100, show_default=True, help="phones on SSE (users)")
 @click.option("--api-workers", default=1, show_default=True, help="serve --workers")
 @click.option("--start-rate", default=5.0, show_default=True, help="lifecycles/s of the 1st step")
@@ -592,7 +617,7 @@ def _positive(options: dict[str, Any]) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="also write the record to this file")  # fmt: skip
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="record path [bench/records/capacity.json; none with --quick]")  # fmt: skip
+              help="record path [bench/records/<name>.json; none with --quick]")  # fmt: skip
 def main(json_path: Path | None, record_path: Path | None, **options: Any) -> None:
     """Escrow lifecycles per second through serve's HTTP API, phones and groups keeping up."""
     if options["quick"]:  # the quick values, save for options given explicitly
@@ -605,7 +630,7 @@ def main(json_path: Path | None, record_path: Path | None, **options: Any) -> No
     record = run(config)
     print_report(record)
     if record_path is None and not config.quick:
-        record_path = records.RECORDS_DIR / "capacity.json"
+        record_path = records.RECORDS_DIR / f"{bench_name(config)}.json"
     for path in (record_path, json_path):
         if path is not None:
             records.write(record, path)
