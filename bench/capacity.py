@@ -92,7 +92,7 @@ from workbench.payments.mpesa import GatewayBehaviour, SimulatedGateway  # noqa:
 from workbench.service import EscrowService  # noqa: E402
 from workbench.store import Store  # noqa: E402
 from workbench.streams.connection import connect, server_version  # noqa: E402
-from workbench.streams.keys import UserStreamNames, names_for  # noqa: E402
+from workbench.streams.keys import StreamNames, UserStreamNames, names_for  # noqa: E402
 
 COMMANDS_PER_LIFECYCLE = 5  # create, fund, callback, ship, confirm (throughput.produce)
 TARGET = 0.5  # issue 16: HTTP lifecycles/s >= half the direct EscrowService rate
@@ -235,7 +235,7 @@ class Http:
     lifecycles: int = 0  # lifecycles started so far (their index)
 
     @property
-    def names(self) -> Any:
+    def names(self) -> StreamNames:
         return names_for(self.server.prefix)
 
     async def settle(self) -> None:
@@ -276,10 +276,10 @@ class Http:
 
     async def step(self, rate: float) -> StepResult:
         config = self.config
-        driver = Driver(self.http, self.phones, timeout_s=config.window_s + config.drain_s)
+        driver = Driver(self.http, self.phones, deadline=0.0)  # run_step sets it
         before = self.cpu_seconds()
         result = await run_step(
-            driver, self.client, self.names, rate, config.window_s, self.lifecycles
+            driver, self.client, self.names, rate, config.window_s, config.drain_s, self.lifecycles
         )
         after = self.cpu_seconds()
         result.cpu_cores = {

@@ -58,7 +58,11 @@ TOKEN_TTL_S = 24 * 3600.0
 
 
 class LifecycleFailed(Exception):
-    """A command was refused, or a phone never saw the event the lifecycle waits for."""
+    """A command was refused (``reason`` e.g. ``create 500``), or payment kept failing."""
+
+    def __init__(self, reason: str, detail: str = "", status: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.status = reason, status
 
 
 # -- pure decisions ---------------------------------------------------------------------
@@ -208,7 +212,7 @@ class Driver:
 
     http: httpx.AsyncClient
     phones: Phones
-    timeout_s: float
+    deadline: float  # time.perf_counter() by which every lifecycle of the step must end
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     lifecycle_s: list[float] = field(default_factory=list)
     failed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -224,7 +228,8 @@ class Driver:
         self.latencies[kind].append(time.perf_counter() - started)
         self.commands += 1
         if response.status_code >= 400:
-            raise LifecycleFailed(f"{kind} {response.status_code}: {response.text[:200]}")
+            status = response.status_code
+            raise LifecycleFailed(f"{kind} {status}", response.text[:200], status)
         return response.json()
 
     async def fund(self, escrow: str, buyer: str) -> None:
@@ -234,7 +239,7 @@ class Driver:
                 await self.command("fund", buyer, f"/escrows/{escrow}/fund", {})
                 return
             except LifecycleFailed as exc:
-                if " 409" not in str(exc) and " 503" not in str(exc):
+                if exc.status not in (409, 503):
                     raise
                 self.retries += 1
                 await asyncio.sleep(0.2)  # a backoff, not a wait for a condition
@@ -243,12 +248,14 @@ class Driver:
     async def lifecycle(self, index: int, buyer: str, seller: str) -> None:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(max(0.0, self.deadline - started)):
                 await self._lifecycle(index, buyer, seller)
         except TimeoutError:
             self.failed["timed out"] += 1
-        except (LifecycleFailed, httpx.HTTPError) as exc:
-            self.failed[str(exc).split(":", 1)[0] or type(exc).__name__] += 1
+        except LifecycleFailed as exc:
+            self.failed[exc.reason] += 1
+        except httpx.HTTPError as exc:
+            self.failed[type(exc).__name__] += 1
         else:
             self.completed += 1
             self.lifecycle_s.append(time.perf_counter() - started)
@@ -323,10 +330,13 @@ async def run_step(
     names: StreamNames,
     rate: float,
     window_s: float,
+    drain_s: float,
     first: int,
 ) -> StepResult:
-    """Offer ``rate`` lifecycles/s for ``window_s``; wait for them to end (or time out)."""
+    """Offer ``rate`` lifecycles/s for ``window_s``; wait for them to end, at most
+    ``drain_s`` after the window (later ones count as timed out)."""
     count = max(1, round(rate * window_s))
+    driver.deadline = time.perf_counter() + window_s + drain_s
     worst: dict[str, float] = {}
     driver.phones.delivery_s.clear()
     sampler = asyncio.create_task(sample_lag(client, names, driver.http, worst))
