@@ -87,6 +87,7 @@ from bench.throughput import STEP_ESCROWS, produce  # noqa: E402
 from simulations.analysis.report import wide_console  # noqa: E402
 from workbench.domain.clock import ManualClock  # noqa: E402
 from workbench.domain.ids import IdFactory  # noqa: E402
+from workbench.ops.inspection import inspect  # noqa: E402
 from workbench.ops.redis_server import attach_or_start  # noqa: E402
 from workbench.payments.mpesa import GatewayBehaviour, SimulatedGateway  # noqa: E402
 from workbench.service import EscrowService  # noqa: E402
@@ -238,16 +239,18 @@ class Http:
     def names(self) -> StreamNames:
         return names_for(self.server.prefix)
 
-    async def settle(self) -> None:
+    async def settle(self) -> float | None:
         """Wait until the outbox is published, every group has nothing pending or
-        undelivered and every phone has its stream's entries (or :data:`SETTLE_S`)."""
-        deadline = time.monotonic() + SETTLE_S
+        undelivered and every phone has its stream's entries; the seconds that took
+        (None: not within :data:`SETTLE_S`)."""
+        started = time.monotonic()
         users = UserStreamNames.of(self.names)
-        while time.monotonic() < deadline:
+        while time.monotonic() < started + SETTLE_S:
             idle = await asyncio.to_thread(self._groups_idle) and await self._outbox_empty()
             if idle and self.phones.received_all(self.client, users):
-                return
+                return round(time.monotonic() - started, 3)
             await asyncio.sleep(0.1)
+        return None
 
     async def _outbox_empty(self) -> bool:
         """The relay published everything (and the API answers: its queue has drained)."""
@@ -258,8 +261,6 @@ class Http:
         return outbox.get("unpublished") == 0
 
     def _groups_idle(self) -> bool:
-        from workbench.ops.inspection import inspect
-
         rows = inspect(self.client, self.names).groups
         return all(not row["pending"] and not row["lag"] for row in rows)
 
@@ -286,7 +287,7 @@ class Http:
             k: round((after[k] - before[k]) / result.wall_s, 3) for k in after if k in before
         }
         self.lifecycles += result.started
-        await self.settle()
+        result.settle_s = await self.settle()
         users = UserStreamNames.of(self.names)
         result.phones = len(self.phones.users)
         result.phones_exact, result.phones_closed = self.phones.check(self.client, users)
