@@ -283,8 +283,10 @@ class Http:
             driver, self.client, self.names, rate, config.window_s, config.drain_s, self.lifecycles
         )
         after = self.cpu_seconds()
+        # CPU seconds the step's work cost per second of offered load: the cores this
+        # rate keeps busy in a steady state (the drain's work belongs to the window).
         result.cpu_cores = {
-            k: round((after[k] - before[k]) / result.wall_s, 3) for k in after if k in before
+            k: round((after[k] - before[k]) / config.window_s, 3) for k in after if k in before
         }
         self.lifecycles += result.started
         result.settle_s = await self.settle()
@@ -483,7 +485,7 @@ def _headline(found: list[StepResult | None], direct_median: float) -> list[list
                 f"{lag:.2f} s, {best.phones_exact} of {best.phones}",
             ]
         )
-        rows.append([f"round {i}: cores busy at that rate", _busiest(best.cpu_cores)])
+        rows.append([f"round {i}: CPU s per offered s at that rate", _busiest(best.cpu_cores)])
     rows.append(["direct EscrowService lifecycles/s (median of rounds)", f"{direct_median:,.1f}"])
     return rows
 

@@ -111,7 +111,7 @@ class StepResult:
     phones_exact: int = 0
     phones_closed: int = 0
     wall_s: float = 0.0  # first arrival to the last lifecycle's end
-    cpu_cores: dict[str, float] = field(default_factory=dict)  # CPU s per wall s, by process
+    cpu_cores: dict[str, float] = field(default_factory=dict)  # CPU s per window s, by process
     settle_s: float | None = None  # after the step, until groups and phones caught up
     keeps_up: bool = False
     reasons: list[str] = field(default_factory=list)
