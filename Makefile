@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: run demo serve test test-notebooks lab notebooks lint bench bench-sse bench-sim \
-	bench-report bench-report-check bench-durability bench-scale inspect clean venv mutation \
+	bench-report bench-report-check bench-durability bench-scale bench-capacity inspect clean venv mutation \
 	mutation-again
 
 venv: $(STAMP)
@@ -70,7 +70,7 @@ $(BENCH_STAMP): bench/requirements-faststream.txt $(STAMP)
 
 # Each bench writes its record to bench/records/<bench>.json; `make bench-report` then
 # regenerates the README's figure tables from them (throughput, sse, simulate,
-# durability, scale, and mutation from `make mutation`). The durability matrix: 10 cells x
+# durability, scale, capacity, and mutation from `make mutation`). The durability matrix: 10 cells x
 # DURABILITY_TRIALS interleaved rounds, each trial a kill -9 of redis-server.
 DURABILITY_TRIALS ?= 5
 bench: $(STAMP)
@@ -81,6 +81,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/simulate.py
 	$(BIN)/python bench/durability.py --trials $(DURABILITY_TRIALS)
 	$(BIN)/python bench/scale.py
+	@$(MAKE) --no-print-directory bench-capacity BENCH_ARGS=
 
 bench-report: $(STAMP)
 	$(BIN)/python bench/report.py
@@ -98,6 +99,15 @@ bench-sse: $(STAMP)
 # and on a 3-master local Redis Cluster; the projection to N machines (#14).
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py $(BENCH_ARGS)
+
+# Escrow lifecycles/s through serve's HTTP API with every group and phone keeping up,
+# against the direct EscrowService rate: SQLite, then PostgreSQL when TEST_DATABASE_URL
+# is set (in two fresh schemas of that database, dropped after).
+bench-capacity: $(STAMP)
+	$(BIN)/python bench/capacity.py $(BENCH_ARGS)
+	@if [ -n "$$TEST_DATABASE_URL" ]; then \
+		$(BIN)/python bench/capacity.py --database-url "$$TEST_DATABASE_URL" $(BENCH_ARGS); \
+	else echo "bench-capacity: TEST_DATABASE_URL not set: PostgreSQL skipped"; fi
 
 bench-durability: $(STAMP)
 	$(BIN)/python bench/durability.py --trials $(DURABILITY_TRIALS) $(BENCH_ARGS)

@@ -241,13 +241,34 @@ def redis_for_bench() -> Iterator[tuple[str, str]]:
 
 
 class ApiServer:
-    """One ``workbench serve --api-only`` process and the one API process it supervises."""
+    """One ``workbench serve`` process (``--api-only`` by default) and its first API process."""
 
-    def __init__(self, redis_url: str, prefix: str, secret: str, directory: Path) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str,
+        secret: str,
+        directory: Path,
+        *,
+        api_only: bool = True,
+        mpesa: str = "external",
+        database_url: str | None = None,
+        workers: int = 1,
+        extra_env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.redis_url = redis_url
         self.prefix = prefix
         self.secret = secret
         self.dir = directory
+        # The defaults are this bench's: API only, no M-Pesa, SQLite in ``directory``;
+        # bench/capacity.py runs the whole service (relay, workers, simulated M-Pesa).
+        self.api_only = api_only
+        self.mpesa = mpesa
+        self.database_url = database_url or f"sqlite:///{directory / 'workbench.db'}"
+        self.workers = workers
+        self.extra_env = dict(extra_env or {})
+        self.extra_args = extra_args
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -268,12 +289,14 @@ class ApiServer:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_", "DATABASE_"))}
         env.update(WORKBENCH_SECRET=self.secret, WORKBENCH_SSE_PING_S=str(PING_S))
+        env.update(self.extra_env)
         argv = [
-            sys.executable, "-m", "workbench", "serve", "--api-only",
-            "--host", "127.0.0.1", "--port", str(self.port), "--mpesa", "external",
+            sys.executable, "-m", "workbench", "serve", *(["--api-only"] * self.api_only),
+            "--host", "127.0.0.1", "--port", str(self.port), "--mpesa", self.mpesa,
+            "--workers", str(self.workers),
             "--redis-url", self.redis_url, "--prefix", self.prefix,
-            "--database-url", f"sqlite:///{self.dir / 'workbench.db'}",
-            "--data-dir", str(self.dir),
+            "--database-url", self.database_url,
+            "--data-dir", str(self.dir), *self.extra_args,
         ]  # fmt: skip
         with open(self.dir / "server.log", "ab") as log:
             self.process = subprocess.Popen(

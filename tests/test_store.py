@@ -140,6 +140,32 @@ def test_each_thread_gets_its_own_transaction_connection(store: Store) -> None:
         assert seen[2] is seen[3] and len({id(c) for c in seen}) == 3
 
 
+def test_threads_holding_their_connections_do_not_starve_the_pool(store: Store) -> None:
+    """More threads than SQLAlchemy's default pool (5 + 10) each keep their transaction
+    connection (SQLite), as an API process's request threads do; a plain checkout
+    still gets a connection at once (it waited 30 s and failed when the pool was capped)."""
+    for i in range(20):
+        thread = threading.Thread(target=lambda i=i: claim_inbox_once(store, f"p{i}"), daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), f"thread {i} got no connection: the pool is exhausted"
+    got = threading.Event()
+
+    def checkout() -> None:
+        with store.engine.connect() as conn:
+            conn.execute(select(1))
+        got.set()
+
+    threading.Thread(target=checkout, daemon=True).start()
+    assert got.wait(timeout=10), "no connection for a new checkout: the pool is exhausted"
+    assert _count(store, "push") == 20
+
+
+def claim_inbox_once(store: Store, event_id: str) -> None:
+    with store.begin() as conn:
+        claim_inbox(conn, "push", [event_id], 1.0)
+
+
 def test_an_outbox_made_before_its_newer_columns_gets_them_and_their_index(store: Store) -> None:
     old = MetaData()
     Table(

@@ -326,7 +326,11 @@ def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and serialised write transactions."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": 60})
+        # No cap on the pool: every thread keeps its own connection for its
+        # transactions (Store.begin), so a capped pool (5 + 10 overflow) ran out
+        # once 15 threads (an API process's request threads) had run one, and
+        # every other checkout then waited 30 s and failed.
+        engine = create_engine(url, connect_args={"timeout": 60}, pool_size=0)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine

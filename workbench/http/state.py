@@ -10,8 +10,9 @@ hold state of their own; they read this through the ``State`` dependency
 same hub and the same service.
 
 Two background loops run for the app's lifetime: the simulated gateway's
-callback deliveries (:meth:`App.run_callbacks`, ``sim`` only) and the payment
-verification pass (:meth:`App.run_verification`).
+callback deliveries (:meth:`App.run_callbacks`, ``sim`` only; the callbacks
+due at once are posted concurrently) and the payment verification pass
+(:meth:`App.run_verification`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -48,6 +50,26 @@ from workbench.streams.connection import async_client, close_async_client, conne
 from workbench.streams.keys import UserStreamNames, names_for
 
 log = logging.getLogger(__name__)
+
+
+#: Simulated callbacks in flight at once per API process (each holds a threadpool
+#: thread while its handler waits for the simulated STK Push Query).
+CALLBACKS_IN_FLIGHT = 16
+
+
+async def deliver_all(
+    deliveries: list[Delivery],
+    post: Callable[[Delivery], Awaitable[None]],
+    limit: int = CALLBACKS_IN_FLIGHT,
+) -> None:
+    """Post every delivery, up to ``limit`` at once; return when all are done."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(delivery: Delivery) -> None:
+        async with gate:
+            await post(delivery)
+
+    await asyncio.gather(*(one(d) for d in deliveries))
 
 
 class UnconfiguredGateway:
@@ -134,21 +156,30 @@ class App:
         self.callbacks_posted = 0
 
     async def run_callbacks(self) -> None:
-        """The simulated M-Pesa: post due callbacks to their CallBackURL (or in-process)."""
+        """The simulated M-Pesa: post due callbacks to their CallBackURL (or in-process).
+
+        The callbacks due at one poll are posted concurrently (:func:`deliver_all`),
+        as a real gateway posts each independently: the handler asks the gateway's
+        STK Push Query (0.05-0.3 s of simulated delay) before answering, so posting
+        them one by one would cap payments at a few per second per API process.
+        """
         assert self.sim is not None
         async with httpx.AsyncClient(timeout=10) as http:
+
+            async def post(delivery: Delivery) -> None:
+                try:
+                    if self.settings.callback_url:
+                        await http.post(delivery.url, json=delivery.body)
+                    else:
+                        await run_in_threadpool(
+                            self.service.handle_callback, token_of(delivery.url), delivery.body
+                        )
+                    self.callbacks_posted += 1
+                except Exception as exc:  # noqa: BLE001 - a gateway just logs and moves on
+                    log.warning("simulated callback failed: %s", exc)
+
             while True:
-                for delivery in self.sim.due():
-                    try:
-                        if self.settings.callback_url:
-                            await http.post(delivery.url, json=delivery.body)
-                        else:
-                            await run_in_threadpool(
-                                self.service.handle_callback, token_of(delivery.url), delivery.body
-                            )
-                        self.callbacks_posted += 1
-                    except Exception as exc:  # noqa: BLE001 - a gateway just logs and moves on
-                        log.warning("simulated callback failed: %s", exc)
+                await deliver_all(self.sim.due(), post)
                 await asyncio.sleep(0.1)
 
     def service_outbox_backlog(self) -> tuple[int, float | None]:
