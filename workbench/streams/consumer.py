@@ -639,24 +639,28 @@ class ConsumerWorker:
         good: list[Delivery] = []
         failed: list[Delivery] = []
         counts = self.stats.delivery_counts
-        for n, k in Counter(d.delivery_count for d in deliveries).items():
-            counts[n] = counts.get(n, 0) + k
-        decode = ev.from_fields
+        decode, data_of = ev.decode, ev.entry_data
         for d in deliveries:
+            counts[d.delivery_count] = counts.get(d.delivery_count, 0) + 1
             if not d.fields:
                 self.stats.deleted += 1
                 to_ack.append(d)
                 continue
+            data = data_of(d.fields)
             try:
-                d.event = decode(d.fields)
+                if data is None:
+                    raise ev.EventDecodeError("entry has no 'data' field")
+                d.event = decode(data)
                 good.append(d)
             except ev.EventDecodeError as exc:
                 d.error = exc.reason
                 failed.append(d)
+        # Reads come grouped by stream and an escrow spans streams; one stream's
+        # entries are already in each escrow's order.
+        if len(good) > 1 and len({d.stream for d in good}) > 1:
+            events = [d.event for d in good if d.event is not None]  # all: decoded above
+            good = [good[i] for i in ev.escrow_order(events)]
         if good:
-            if len(good) > 1:  # reads come grouped by stream; an escrow spans streams
-                events = [d.event for d in good if d.event is not None]  # all: decoded above
-                good = [good[i] for i in ev.escrow_order(events)]
             to_ack.extend(self._handle_in_order(good, failed))
         self._ack_handled(to_ack)
         for d in failed:
