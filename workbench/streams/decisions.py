@@ -15,8 +15,10 @@ testing (``make mutation``) covers this module.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -25,11 +27,13 @@ from workbench.domain.events import Event
 
 @dataclass(slots=True)
 class Delivery:
-    """One stream entry as delivered to this consumer."""
+    """One stream entry as delivered to this consumer. ``fields`` as read: the flat
+    ``[name, value, ...]`` list of a raw reply, or a mapping; None or empty for an
+    entry deleted while pending."""
 
     stream: str
     entry_id: str
-    fields: dict[bytes, bytes] | None
+    fields: dict[bytes, bytes] | list[Any] | None
     delivery_count: int = 1
     event: Event | None = None
     error: str | None = None
@@ -53,20 +57,35 @@ def ready_to_handle(
     behind anything unread; the rest wait for the next read. Unless they all
     belong to the one truncated stream: its unread entries come after them in
     the stream, and after everything else in hand (earlier milliseconds).
+
+    Each stream's entries must come in id order, as reads return them (held
+    entries before those read after them); streams may interleave. Then what is
+    held of a stream is a suffix, found by bisection: the millisecond of an id
+    is parsed a few times per stream, not once per entry.
     """
     if not truncated:
         return deliveries, []
-    ms = [int(d.entry_id.partition("-")[0]) for d in deliveries]
-    last: dict[str, int] = {}
-    for d, m in zip(deliveries, ms, strict=True):
-        if d.stream in truncated:
-            last[d.stream] = max(last.get(d.stream, 0), m)
-    cutoff = min(last.values(), default=0)
-    now = [d for d, m in zip(deliveries, ms, strict=True) if m < cutoff]
-    later = [d for d, m in zip(deliveries, ms, strict=True) if m >= cutoff]
-    if len(truncated) == 1 and all(d.stream in truncated for d in later):
+    by_stream: dict[str, list[Delivery]] = {}
+    for d in deliveries:
+        by_stream.setdefault(d.stream, []).append(d)
+    ends = [_ms(items[-1]) for stream, items in by_stream.items() if stream in truncated]
+    cutoff = min(ends, default=0)
+    now: list[Delivery] = []
+    later: list[Delivery] = []
+    held_streams = set()
+    for stream, items in by_stream.items():
+        split = bisect_left(items, cutoff, key=_ms)
+        now += items[:split]
+        if split < len(items):
+            later += items[split:]
+            held_streams.add(stream)
+    if len(truncated) == 1 and held_streams <= truncated:
         return deliveries, []
     return now, later
+
+
+def _ms(delivery: Delivery) -> int:
+    return int(delivery.entry_id.partition("-")[0])
 
 
 def ready_by_partition(
@@ -82,6 +101,8 @@ def ready_by_partition(
     """
     if not truncated:
         return deliveries, []
+    if len(set(partition_of.values())) == 1:  # unpartitioned: one partition
+        return ready_to_handle(deliveries, truncated)
     by_partition: dict[int, list[Delivery]] = {}
     for d in deliveries:
         by_partition.setdefault(partition_of[d.stream], []).append(d)
