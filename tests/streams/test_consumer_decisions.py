@@ -22,10 +22,12 @@ from workbench.streams.decisions import (
     Delivery,
     blocking_partition,
     dead_consumers,
+    field_pairs,
     group_gone,
     newly_taken,
     ready_by_partition,
     ready_to_handle,
+    reconnected,
     should_dead_letter,
     to_give_back,
 )
@@ -187,3 +189,24 @@ def test_a_partition_read_blocks_for_at_least_a_millisecond() -> None:
     assert ConsumerSettings(partition_block_ms=1).partition_block_ms == 1
     with pytest.raises(ValueError, match="^partition_block_ms must be at least 1$"):
         ConsumerSettings(partition_block_ms=0)
+
+
+def test_a_read_on_another_connection_or_after_a_reconnect_counts_as_reconnected() -> None:
+    first, other = object(), object()
+    # The first check has nothing to compare with (the worker re-reads at setup).
+    assert not reconnected(None, 0, first, 1)
+    # The same connection, no connect since: not reconnected.
+    assert not reconnected(first, 3, first, 3)
+    # The same connection object, connected again since (redis-py retried the read).
+    assert reconnected(first, 3, first, 4)
+    # Another connection, even without a connect counted (a pool handing out another).
+    assert reconnected(first, 3, other, 3)
+
+
+def test_an_entrys_fields_come_as_pairs_from_a_flat_list_or_a_mapping() -> None:
+    assert field_pairs([b"event_id", b"e1", b"data", b"{}"]) == [
+        (b"event_id", b"e1"),
+        (b"data", b"{}"),
+    ]
+    assert field_pairs({b"data": b"{}"}) == [(b"data", b"{}")]
+    assert field_pairs(None) == [] and field_pairs([]) == []

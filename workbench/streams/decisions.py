@@ -43,6 +43,15 @@ class Delivery:
         return not self.fields
 
 
+def field_pairs(fields: dict[bytes, bytes] | list[Any] | None) -> list[tuple[Any, Any]]:
+    """An entry's (name, value) pairs, from a mapping or a flat list."""
+    if not fields:
+        return []
+    if isinstance(fields, dict):
+        return list(fields.items())
+    return list(zip(fields[::2], fields[1::2], strict=True))
+
+
 def ready_to_handle(
     deliveries: list[Delivery], truncated: set[str]
 ) -> tuple[list[Delivery], list[Delivery]]:
@@ -160,6 +169,16 @@ def group_gone(exc: redis.ResponseError) -> bool:
     (NOGROUP; or, to a read blocked when the stream was deleted, UNBLOCKED.)"""
     text = str(exc)
     return "NOGROUP" in text or ("UNBLOCKED" in text and "no longer exists" in text)
+
+
+def reconnected(last_connection: Any, connects_seen: int, connection: Any, connects: int) -> bool:
+    """Was a read served by a connection other than the last check's, or by one that
+    (re)connected since (``connects``, a count of connect events, moved on from
+    ``connects_seen``)? Either way Redis may have restarted in between. Not on the
+    first check (``last_connection`` None): the worker re-reads its pending at setup."""
+    return last_connection is not None and (
+        connection is not last_connection or connects != connects_seen
+    )
 
 
 def should_dead_letter(delivery: Delivery, max_deliveries: int) -> bool:
