@@ -385,6 +385,30 @@ def test_sigterm_finishes_the_batch_acks_and_exits(r, redis_url, store, clock, t
     assert r.hget(NAMES.heartbeats("notifications"), "n-1") is None  # a clean exit
 
 
+class _StopsWhileHandling(_Recording):
+    """Asks its worker to stop while it handles a batch (a SIGTERM then)."""
+
+    worker: ConsumerWorker
+
+    def handle(self, events: list[Event]) -> None:
+        super().handle(events)
+        self.worker.stop()
+
+
+def test_run_acks_the_batch_it_was_stopped_in_before_returning(r) -> None:
+    # stop() while a batch is handled: run() returns after that batch is acked
+    # (the SIGTERM path), without another read.
+    handler = _StopsWhileHandling()
+    worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock())
+    handler.worker = worker
+    r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", 1)))
+    r.xadd(NAMES.stream("payment"), to_fields(_event("esc-2", 1)))
+    worker.run()
+    assert sorted(handler.seen) == ["evt-esc-1-1", "evt-esc-2-1"]
+    assert _pending(r, "recording", ("escrow", "payment")) == 0
+    assert worker.stats.acked == 2
+
+
 def test_groups_are_created_from_the_start_of_the_stream(r) -> None:
     stream = NAMES.stream("escrow")
     r.xadd(stream, to_fields(_event("esc-1", 1)))
