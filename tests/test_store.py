@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 import pytest
@@ -91,12 +92,21 @@ def test_insert_many_writes_every_row_across_multi_row_statements(
     monkeypatch.setattr(store_module, "_PARAMS_PER_INSERT", 12)
     with store.begin() as conn:
         insert_many(conn, notifications, [row(i) for i in range(1201, 1206)])
+    monkeypatch.undo()
+    # The connection's own limit (an SQLite older than 3.32 allows 999): 3 rows.
+    with store.begin() as conn:
+        raw = conn.connection.dbapi_connection
+        before = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 15)
+        try:
+            insert_many(conn, notifications, [row(i) for i in range(1206, 1213)])
+        finally:
+            raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
     with store.engine.connect() as conn:
         got = conn.execute(
             select(notifications.c.event_id, notifications.c.user_id, notifications.c.at)
         ).all()
     assert sorted(got, key=lambda r: r.at) == [
-        (f"e{i}", f"u{i % 7}", float(i)) for i in range(1206)
+        (f"e{i}", f"u{i % 7}", float(i)) for i in range(1213)
     ]
 
 

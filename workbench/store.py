@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -411,8 +412,9 @@ class Store:
 #: SQLite's INSERT text per (table, columns): the head up to VALUES, and one row's
 #: placeholders.
 _INSERTS: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
-#: Rows per multi-row INSERT, and bound parameters per statement (SQLite allows
-#: 32766 since 3.32; the rows are cut to stay below both).
+#: Rows per multi-row INSERT, and bound parameters per statement at most (the
+#: connection's own limit is asked too: 32766 by default since SQLite 3.32, 999
+#: before).
 _ROWS_PER_INSERT = 500
 _PARAMS_PER_INSERT = 30_000
 
@@ -443,7 +445,9 @@ def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
         head, _, values = one.string.rpartition(" VALUES ")
         found = _INSERTS[(table.name, columns)] = (f"{head} VALUES ", values)
     head, placeholders = found
-    per = max(1, min(_ROWS_PER_INSERT, _PARAMS_PER_INSERT // len(columns)))
+    raw = conn.connection.dbapi_connection
+    params_max = min(_PARAMS_PER_INSERT, raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))  # type: ignore[union-attr]
+    per = max(1, min(_ROWS_PER_INSERT, params_max // len(columns)))
     values_of = operator.itemgetter(*columns)
     for start in range(0, len(rows), per):
         chunk = rows[start : start + per]
