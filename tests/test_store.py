@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 import pytest
@@ -22,7 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from workbench.store import Prepared, Store, claim_inbox, inbox, outbox
+from workbench import store as store_module
+from workbench.store import Prepared, Store, claim_inbox, inbox, insert_many, notifications, outbox
 
 
 def _count(store: Store, group: str) -> int:
@@ -74,6 +76,48 @@ def test_a_rolled_back_transaction_claims_nothing(store: Store) -> None:
 
 
 # -- Prepared: statements run on the driver's cursor ---------------------------------
+
+
+def test_insert_many_writes_every_row_across_multi_row_statements(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def row(i: int) -> dict[str, object]:
+        return {"event_id": f"e{i}", "user_id": f"u{i % 7}", "channel": "sms",
+                "body": f"text {i}", "at": float(i)}  # fmt: skip
+
+    # 1201 rows: two full statements of 500 and one of 201.
+    with store.begin() as conn:
+        insert_many(conn, notifications, [row(i) for i in range(1201)])
+    # Few parameters per statement allowed: 2 rows of 5 columns per statement.
+    monkeypatch.setattr(store_module, "_PARAMS_PER_INSERT", 12)
+    with store.begin() as conn:
+        insert_many(conn, notifications, [row(i) for i in range(1201, 1206)])
+    monkeypatch.undo()
+    # The connection's own limit (an SQLite older than 3.32 allows 999): 3 rows.
+    with store.begin() as conn:
+        raw = conn.connection.dbapi_connection
+        before = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 15)
+        try:
+            insert_many(conn, notifications, [row(i) for i in range(1206, 1213)])
+        finally:
+            raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
+    with store.engine.connect() as conn:
+        got = conn.execute(
+            select(notifications.c.event_id, notifications.c.user_id, notifications.c.at)
+        ).all()
+    assert sorted(got, key=lambda r: r.at) == [
+        (f"e{i}", f"u{i % 7}", float(i)) for i in range(1213)
+    ]
+
+
+def test_insert_many_fails_whole_on_a_constraint_and_the_caller_can_roll_back(
+    store: Store,
+) -> None:
+    rows = [{"group_name": "g", "event_id": e, "handled_at": 1.0} for e in ("a", "b", "a")]
+    with pytest.raises(IntegrityError), store.begin() as conn:
+        insert_many(conn, inbox, rows)
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(inbox)).scalar_one() == 0
 
 
 def test_prepared_runs_in_the_callers_transaction_and_rolls_back_with_it(store: Store) -> None:

@@ -17,6 +17,7 @@ from workbench.domain.events import (
     UnknownEventType,
     decode,
     encode,
+    entry_data,
     escrow_order,
     from_fields,
     to_fields,
@@ -198,6 +199,26 @@ def test_from_fields_with_bad_data(data: bytes) -> None:
     assert info.value.reason.startswith("malformed event: ")
 
 
+def test_from_fields_reads_the_flat_field_list_of_a_raw_reply() -> None:
+    event = make_event()
+    flat = [
+        b"event_id",
+        event.event_id.encode(),
+        b"type",
+        event.type.encode(),
+        b"data",
+        encode(event),
+    ]
+    assert from_fields(flat) == event
+    # Another layout: found by name, names at even positions only.
+    assert entry_data([b"x", b"data", b"data", b"{}"]) == b"{}"
+    assert entry_data(["data", "{}"]) == "{}"
+    assert entry_data([b"event_id", b"data", b"type", b"t"]) is None
+    assert entry_data([b"event_id", b"e", b"type", b"t", b"other", b"data"]) is None
+    with pytest.raises(EventDecodeError, match="no 'data' field"):
+        from_fields([b"event_id", b"data"])
+
+
 def test_from_fields_with_unknown_type_raises_unknown_event_type() -> None:
     with pytest.raises(UnknownEventType):
         from_fields({b"data": encoded(type="payment.teleported", aggregate_type="payment")})
@@ -206,7 +227,7 @@ def test_from_fields_with_unknown_type_raises_unknown_event_type() -> None:
 # -- handling order within a batch ------------------------------------------------------
 
 
-def test_escrow_order_puts_each_escrow_in_sequence_order_in_its_own_slots() -> None:
+def test_escrow_order_puts_each_escrow_in_sequence_order() -> None:
     batch = [
         make_event(event_id="a3", aggregate_id="a", sequence=3),  # escrow stream first
         make_event(event_id="b1", aggregate_id="b", sequence=1),
@@ -214,7 +235,7 @@ def test_escrow_order_puts_each_escrow_in_sequence_order_in_its_own_slots() -> N
         make_event(event_id="c7", aggregate_id="c", sequence=7),
     ]
     order = escrow_order(batch)
-    assert [batch[i].event_id for i in order] == ["a2", "b1", "a3", "c7"]
+    assert [batch[i].event_id for i in order] == ["b1", "a2", "a3", "c7"]
 
 
 @given(
@@ -224,7 +245,7 @@ def test_escrow_order_puts_each_escrow_in_sequence_order_in_its_own_slots() -> N
         unique=True,
     ).flatmap(st.permutations)
 )
-def test_escrow_order_is_a_permutation_sorted_per_escrow_keeping_slots(
+def test_escrow_order_is_a_permutation_sorted_per_escrow(
     keys: list[tuple[str, int]],
 ) -> None:
     batch = [make_event(event_id=f"{e}{n}", aggregate_id=e, sequence=n) for e, n in keys]
@@ -234,5 +255,12 @@ def test_escrow_order_is_a_permutation_sorted_per_escrow_keeping_slots(
     for escrow in "abc":
         mine = [e.sequence for e in handled if e.aggregate_id == escrow]
         assert mine == sorted(mine)
-    # Every slot still holds an event of the escrow that held it.
-    assert [e.aggregate_id for e in handled] == [e.aggregate_id for e in batch]
+
+
+def test_the_same_event_read_twice_keeps_its_read_order() -> None:
+    # A republished event (same id and sequence) after a later one of its escrow.
+    first = make_event(event_id="a2", aggregate_id="a", sequence=2, occurred_at=1.0)
+    later = make_event(event_id="a3", aggregate_id="a", sequence=3)
+    again = make_event(event_id="a2", aggregate_id="a", sequence=2, occurred_at=2.0)
+    batch = [first, later, again]
+    assert [batch[i] for i in escrow_order(batch)] == [first, again, later]

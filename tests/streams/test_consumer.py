@@ -142,7 +142,8 @@ class _Recording:
 def test_a_batch_reaches_the_handler_in_each_escrows_sequence_order(r) -> None:
     # The relay publishes payment.received (sequence 2, payment stream) before
     # escrow.funded (3, escrow stream); one read returns them grouped by stream,
-    # escrow first. The handler (the fan-out: phones see this order) gets 2 then 3.
+    # escrow first. The handler (the fan-out: phones see this order) gets 2 then 3
+    # (escrows interleave by sequence: esc-2's first event comes first).
     handler = _Recording()
     worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock())
     worker.setup()
@@ -155,7 +156,7 @@ def test_a_batch_reaches_the_handler_in_each_escrows_sequence_order(r) -> None:
     r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", 3)))
     r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-2", 1)))
     worker.poll()
-    assert handler.seen == ["evt-paid", "evt-esc-2-1", "evt-esc-1-3"]
+    assert handler.seen == ["evt-esc-2-1", "evt-paid", "evt-esc-1-3"]
 
 
 class _Outage(_Recording):
@@ -382,6 +383,30 @@ def test_sigterm_finishes_the_batch_acks_and_exits(r, redis_url, store, clock, t
     assert worker.wait(15) == 0
     assert _pending(r, "notifications", types) == 0
     assert r.hget(NAMES.heartbeats("notifications"), "n-1") is None  # a clean exit
+
+
+class _StopsWhileHandling(_Recording):
+    """Asks its worker to stop while it handles a batch (a SIGTERM then)."""
+
+    worker: ConsumerWorker
+
+    def handle(self, events: list[Event]) -> None:
+        super().handle(events)
+        self.worker.stop()
+
+
+def test_run_acks_the_batch_it_was_stopped_in_before_returning(r) -> None:
+    # stop() while a batch is handled: run() returns after that batch is acked
+    # (the SIGTERM path), without another read.
+    handler = _StopsWhileHandling()
+    worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock())
+    handler.worker = worker
+    r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", 1)))
+    r.xadd(NAMES.stream("payment"), to_fields(_event("esc-2", 1)))
+    worker.run()
+    assert sorted(handler.seen) == ["evt-esc-1-1", "evt-esc-2-1"]
+    assert _pending(r, "recording", ("escrow", "payment")) == 0
+    assert worker.stats.acked == 2
 
 
 def test_groups_are_created_from_the_start_of_the_stream(r) -> None:

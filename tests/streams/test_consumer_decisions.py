@@ -22,10 +22,12 @@ from workbench.streams.decisions import (
     Delivery,
     blocking_partition,
     dead_consumers,
+    field_pairs,
     group_gone,
     newly_taken,
     ready_by_partition,
     ready_to_handle,
+    reconnected,
     should_dead_letter,
     to_give_back,
 )
@@ -102,15 +104,40 @@ _reads = st.lists(
 )
 
 
+def _in_stream_order(deliveries: list[Delivery]) -> list[Delivery]:
+    """``deliveries`` with each stream's entries put in id order in the slots its
+    entries hold (streams keep their interleaving): what reads give the worker."""
+    key = lambda d: tuple(map(int, d.entry_id.split("-")))  # noqa: E731
+    by_stream: dict[str, list[Delivery]] = {}
+    for d in sorted(deliveries, key=key):
+        by_stream.setdefault(d.stream, []).append(d)
+    return [by_stream[d.stream].pop(0) for d in deliveries]
+
+
+def _reference(deliveries: list[Delivery], truncated: set[str]) -> tuple[set, set]:
+    """The hold-back rule, entry by entry (as the docstring states it)."""
+    ms = lambda d: int(d.entry_id.split("-")[0])  # noqa: E731
+    ends = {}
+    for d in deliveries:
+        if d.stream in truncated:
+            ends[d.stream] = max(ends.get(d.stream, 0), ms(d))
+    cutoff = min(ends.values(), default=0)
+    later = [d for d in deliveries if ms(d) >= cutoff]
+    if not truncated or (len(truncated) == 1 and all(d.stream in truncated for d in later)):
+        return {id(d) for d in deliveries}, set()
+    return {id(d) for d in deliveries if ms(d) < cutoff}, {id(d) for d in later}
+
+
 @given(_reads, st.sets(st.sampled_from(["wb:escrow", "wb:payment", "wb:payout"])), st.randoms())
 def test_what_is_held_back_does_not_depend_on_the_order_of_the_read(
     read: list[tuple[str, int, int]], truncated: set[str], rnd
 ) -> None:  # type: ignore[no-untyped-def]
-    deliveries = [_delivery(stream, f"{ms}-{seq}") for stream, ms, seq in read]
+    deliveries = _in_stream_order([_delivery(stream, f"{ms}-{seq}") for stream, ms, seq in read])
     now, later = ready_to_handle(deliveries, truncated)
+    assert ({id(d) for d in now}, {id(d) for d in later}) == _reference(deliveries, truncated)
     shuffled = list(deliveries)
     rnd.shuffle(shuffled)
-    now2, later2 = ready_to_handle(shuffled, truncated)
+    now2, later2 = ready_to_handle(_in_stream_order(shuffled), truncated)
     key = lambda d: (d.stream, d.entry_id)  # noqa: E731
     assert sorted(map(key, now)) == sorted(map(key, now2))
     assert sorted(map(key, later)) == sorted(map(key, later2))
@@ -162,3 +189,24 @@ def test_a_partition_read_blocks_for_at_least_a_millisecond() -> None:
     assert ConsumerSettings(partition_block_ms=1).partition_block_ms == 1
     with pytest.raises(ValueError, match="^partition_block_ms must be at least 1$"):
         ConsumerSettings(partition_block_ms=0)
+
+
+def test_a_read_on_another_connection_or_after_a_reconnect_counts_as_reconnected() -> None:
+    first, other = object(), object()
+    # The first check has nothing to compare with (the worker re-reads at setup).
+    assert not reconnected(None, 0, first, 1)
+    # The same connection, no connect since: not reconnected.
+    assert not reconnected(first, 3, first, 3)
+    # The same connection object, connected again since (redis-py retried the read).
+    assert reconnected(first, 3, first, 4)
+    # Another connection, even without a connect counted (a pool handing out another).
+    assert reconnected(first, 3, other, 3)
+
+
+def test_an_entrys_fields_come_as_pairs_from_a_flat_list_or_a_mapping() -> None:
+    assert field_pairs([b"event_id", b"e1", b"data", b"{}"]) == [
+        (b"event_id", b"e1"),
+        (b"data", b"{}"),
+    ]
+    assert field_pairs({b"data": b"{}"}) == [(b"data", b"{}")]
+    assert field_pairs(None) == [] and field_pairs([]) == []

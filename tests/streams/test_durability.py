@@ -563,3 +563,63 @@ def test_relay_cli_refuses_the_durable_mode_without_waitaof(redis_url, tmp_path)
     )
     assert result.returncode == 2, result.stderr
     assert "WAITAOF" in result.stderr and "Traceback" not in result.stderr
+
+
+class _AofAtHandle:
+    """Records the events it handles and, at each call, the size of the server's
+    write AOF: by then the read's delivery is in it, and the batch's ack is not."""
+
+    group = "recording"
+    aggregate_types = ("escrow",)
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.seen: list[str] = []
+        self.aof_sizes: list[int] = []
+
+    def handle(self, events: list[ev.Event]) -> None:
+        self.aof_sizes.append(aof_with_writes(self.directory).stat().st_size)
+        self.seen.extend(e.event_id for e in events)
+
+
+def test_a_worker_whose_read_reconnects_to_a_regressed_redis_rereads_its_pending(
+    tmp_path,
+) -> None:
+    # Redis restarts from an AOF that has the batch's delivery and not its ack: the
+    # entries are pending for this consumer again, behind the group's position, so
+    # no ">" read returns them. The worker's next read is retried by redis-py on a
+    # new connection; the worker notices that (no recovery pass: it is hours away)
+    # and re-reads its own pending.
+    server = RedisServer(tmp_path / "redis", **KILLABLE).start()  # type: ignore[arg-type]
+    client = connect(server.url)
+    try:
+        handler = _AofAtHandle(server.directory)
+        settings = ConsumerSettings(recover_every_s=3600.0, heartbeat_every_s=3600.0)
+        worker = ConsumerWorker(
+            client, handler, consumer="c1", settings=settings, clock=ManualClock()
+        )
+        worker.setup()
+        stream = StreamNames().stream("escrow")
+        for i in range(3):
+            client.xadd(stream, ev.to_fields(_escrow_event(f"esc-{i}")))
+        worker.poll()
+        assert len(handler.seen) == 3 and client.xpending(stream, "recording")["pending"] == 0
+        server.kill()
+        assert cut_aof_at(server.directory, handler.aof_sizes[-1]) > 0  # the ack is gone
+        server.start()
+        assert client.xpending(stream, "recording")["pending"] == 3
+        worker.poll()  # reads nothing new over a new connection: re-reads its pending
+        worker.poll()  # handles them
+        assert handler.seen[3:] == handler.seen[:3]
+        assert client.xpending(stream, "recording")["pending"] == 0
+    finally:
+        client.close()
+        server.stop()
+
+
+def _escrow_event(escrow_id: str) -> ev.Event:
+    return ev.Event(
+        event_id=f"evt-{escrow_id}", type="escrow.created", aggregate_type="escrow",
+        aggregate_id=escrow_id, sequence=1, user_ids=("b", "s"), occurred_at=1.0,
+        correlation_id="c",
+    )  # fmt: skip

@@ -113,16 +113,31 @@ def to_fields(event: Event) -> dict[str, bytes | str]:
     return {"event_id": event.event_id, "type": event.type, "data": encode(event)}
 
 
-def from_fields(fields: dict[bytes, bytes] | dict[str, Any] | None) -> Event:
-    """Decode a stream entry's fields; raise :class:`EventDecodeError` if bad."""
+def from_fields(fields: dict[bytes, bytes] | dict[str, Any] | list[Any] | None) -> Event:
+    """Decode a stream entry's fields; raise :class:`EventDecodeError` if bad.
+
+    ``fields`` is a mapping, or the flat ``[name, value, ...]`` list of a raw
+    Redis reply (what the consumer reads).
+    """
     if not fields:
         raise EventDecodeError("entry has no fields (deleted while pending?)")
-    data = fields.get(b"data")
-    if data is None:
-        data = fields.get("data")  # type: ignore[call-overload]
+    data = entry_data(fields)
     if data is None:
         raise EventDecodeError("entry has no 'data' field")
     return decode(data)
+
+
+def entry_data(fields: dict[bytes, bytes] | dict[str, Any] | list[Any]) -> Any:
+    """The ``data`` field of an entry's fields (a mapping or a flat list), or None."""
+    if isinstance(fields, dict):
+        data = fields.get(b"data")
+        return fields.get("data") if data is None else data
+    if len(fields) == 6 and fields[4] == b"data":  # the relay's layout: event_id, type, data
+        return fields[5]
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] in (b"data", "data"):
+            return fields[i + 1]
+    return None
 
 
 def escrow_order(events: list[Event]) -> list[int]:
@@ -131,16 +146,10 @@ def escrow_order(events: list[Event]) -> list[int]:
     One escrow's events live in several streams (``payment.received`` in
     ``payment``, ``escrow.funded`` in ``escrow``) and XREADGROUP returns a
     read's entries grouped by stream, so a batch can hold an escrow's events
-    out of ``sequence`` order. Each escrow's events are put back in sequence
-    order in the slots they held; the interleaving of escrows stays as read.
+    out of ``sequence`` order. A stable sort by ``sequence`` puts every escrow's
+    events in order (an escrow's sequence numbers differ; the same event read
+    twice keeps its read order); escrows interleave by sequence, which nothing
+    depends on. One sort on integer keys: the consumer runs this on every batch.
     """
-    slots: dict[str, list[int]] = {}
-    for i, event in enumerate(events):
-        slots.setdefault(event.aggregate_id, []).append(i)
-    order = list(range(len(events)))
-    for indices in slots.values():
-        if len(indices) > 1:
-            by_sequence = sorted(indices, key=lambda i: events[i].sequence)
-            for slot, i in zip(indices, by_sequence, strict=True):
-                order[slot] = i
-    return order
+    sequences = [event.sequence for event in events]
+    return sorted(range(len(events)), key=sequences.__getitem__)

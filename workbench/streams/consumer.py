@@ -74,7 +74,6 @@ drive it at virtual instants.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import signal
@@ -102,9 +101,11 @@ from workbench.streams.decisions import (
     Delivery,
     blocking_partition,
     dead_consumers,
+    field_pairs,
     group_gone,
     newly_taken,
     ready_by_partition,
+    reconnected,
     should_dead_letter,
     to_give_back,
 )
@@ -114,8 +115,6 @@ from workbench.streams.leases import Leases, assign, live_members
 from workbench.streams.replies import text
 
 log = logging.getLogger(__name__)
-#: Names given to connections, unique in this process (see ``_read``).
-_CONNECTION_NAMES = itertools.count(1)
 #: KEYS: the dead-letter stream, the source stream (one slot); ARGV: now_ms ('' for
 #: Redis' clock), group, entry id, then the dead letter's fields. Appends the dead
 #: letter and acks its source atomically.
@@ -123,6 +122,13 @@ _DEAD_LETTER_LUA = XADD_AT_LUA + (
     "redis.call('XADD', KEYS[1], next_id(KEYS[1], ARGV[1]), unpack(ARGV, 4))\n"
     "return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])"
 )
+
+
+def _send_and_read(conn: Any, args: list[Any]) -> Any:
+    """One command on ``conn``, its reply as parsed by redis-py's parser only (an
+    error reply raises; a failed read has already disconnected ``conn``)."""
+    conn.send_command(*args)
+    return conn.read_response()
 
 
 class Handler(Protocol):
@@ -231,7 +237,12 @@ class ConsumerWorker:
         self._next_heartbeat = 0.0
         self._next_recovery = 0.0
         self._run_id: str | None = None  # of the server at the last recovery pass
-        self._client_id: str | None = None  # name of the connection of the last new-entry read
+        # The connection of the last new-entry read, and the count of connects seen then
+        # (see ``_read_raw``): a read on another one, or after a reconnect, may be
+        # served by a restarted Redis.
+        self._read_conn: Any = None
+        self._connects = 0
+        self._connects_seen = 0
         self._reconnected = False
         self._ready = False
 
@@ -383,56 +394,58 @@ class ConsumerWorker:
         self, start: str | dict[str, str], block_ms: int, *, check_connection: bool = False
     ) -> list[Delivery]:
         """XREADGROUP of the held streams (or of ``start``'s); with ``check_connection``,
-        also note (in ``_reconnected``) whether it was served over a different
-        connection than the last check's (not on a cluster: one connection per node)."""
+        also note (in ``_reconnected``) whether the connection that served it is
+        another than, or was reconnected since, the last check's (not on a cluster:
+        one connection per node)."""
         ids = start if isinstance(start, dict) else dict.fromkeys(self._read_streams, start)
         if not ids:
             return []  # no partition held
         if self._cluster:
             return self._deliveries(self._read_per_partition(ids, block_ms))
-        if check_connection:
-            return self._deliveries(self._read_checking_connection(ids, block_ms))
-        reply = self.client.xreadgroup(
-            self.group,
-            self.consumer,
-            ids,  # type: ignore[arg-type]
-            count=self.settings.batch_size,
-            block=block_ms or None,
-        )
-        return self._deliveries(reply)
+        return self._deliveries(self._read_raw(ids, block_ms, check_connection))
 
-    def _read_checking_connection(self, ids: dict[str, str], block_ms: int) -> Any:
-        """XREADGROUP, noting in ``_reconnected`` whether a new connection served it."""
-        # The connection's name in the same pipeline: a retried pipeline is
-        # retried whole, so it is that of the connection that served the read. A
-        # new connection has no name; we give it one never used before. (Not
-        # CLIENT ID: a restarted server numbers connections from 1 again, so a
-        # new connection can get the id the old one had.)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.client_getname()
-        pipe.xreadgroup(
-            self.group,
-            self.consumer,
-            ids,  # type: ignore[arg-type]
-            count=self.settings.batch_size,
-            block=block_ms or None,
-        )
-        name, reply = pipe.execute()
-        if name is None:
-            name = f"wb-{os.getpid()}-{next(_CONNECTION_NAMES)}"
-            # Through a pipeline too: it takes the connection the read's pipeline
-            # just gave back (a single-connection client runs pipelines on its pool).
-            naming = self.client.pipeline(transaction=False)
-            naming.client_setname(name)
-            naming.execute()
-        name = text(name)
-        self._reconnected = self._client_id is not None and name != self._client_id
-        self._client_id = name
-        return reply
+    def _read_raw(self, ids: dict[str, str], block_ms: int, check_connection: bool) -> Any:
+        """XREADGROUP sent and read on a connection of the client's, the reply left
+        as Redis sent it (redis-py would turn every entry into a dict: the loop needs
+        only the id and the ``data`` field). Retried as redis-py retries a command
+        (reconnect, send again); a reconnect is counted by :meth:`_connected`, so
+        noticing it costs no round trip."""
+        client = self.client
+        args = self._xreadgroup(ids, block_ms)
+        conn = client.connection
+        lock = client.single_connection_lock if conn is not None else None
+        if conn is None:
+            conn = client.connection_pool.get_connection()
+        else:
+            lock.acquire()  # type: ignore[union-attr]
+        try:
+            conn.register_connect_callback(self._connected)  # once per connection object
+            reply = conn.retry.call_with_retry(
+                lambda: _send_and_read(conn, args), lambda _error: conn.disconnect()
+            )
+            if check_connection:
+                self._reconnected = reconnected(
+                    self._read_conn, self._connects_seen, conn, self._connects
+                )
+                self._read_conn, self._connects_seen = conn, self._connects
+            return reply
+        finally:
+            if lock is None:
+                client.connection_pool.release(conn)
+            else:
+                lock.release()
 
-    def _deliveries(self, reply: list[Any] | None) -> list[Delivery]:
-        deliveries = []
-        for stream, entries in reply or []:
+    def _connected(self, connection: Any) -> None:
+        """redis-py's connect callback: a connection the worker reads on (re)connected."""
+        self._connects += 1
+
+    def _deliveries(self, reply: Any) -> list[Delivery]:
+        """A read's entries: from a raw reply (``{stream: [[id, [name, value, ...]]]}``,
+        or a list of ``[stream, entries]`` in RESP2) or a parsed one (fields as dicts)."""
+        if not reply:
+            return []
+        deliveries: list[Delivery] = []
+        for stream, entries in reply.items() if isinstance(reply, dict) else reply:
             name = text(stream)
             deliveries += [
                 Delivery(name, entry_id.decode(), fields) for entry_id, fields in entries
@@ -639,24 +652,28 @@ class ConsumerWorker:
         good: list[Delivery] = []
         failed: list[Delivery] = []
         counts = self.stats.delivery_counts
-        for n, k in Counter(d.delivery_count for d in deliveries).items():
-            counts[n] = counts.get(n, 0) + k
-        decode = ev.from_fields
+        decode, data_of = ev.decode, ev.entry_data
         for d in deliveries:
+            counts[d.delivery_count] = counts.get(d.delivery_count, 0) + 1
             if not d.fields:
                 self.stats.deleted += 1
                 to_ack.append(d)
                 continue
+            data = data_of(d.fields)
             try:
-                d.event = decode(d.fields)
+                if data is None:
+                    raise ev.EventDecodeError("entry has no 'data' field")
+                d.event = decode(data)
                 good.append(d)
             except ev.EventDecodeError as exc:
                 d.error = exc.reason
                 failed.append(d)
+        # Reads come grouped by stream and an escrow spans streams; one stream's
+        # entries are already in each escrow's order.
+        if len(good) > 1 and len({d.stream for d in good}) > 1:
+            events = [d.event for d in good if d.event is not None]  # all: decoded above
+            good = [good[i] for i in ev.escrow_order(events)]
         if good:
-            if len(good) > 1:  # reads come grouped by stream; an escrow spans streams
-                events = [d.event for d in good if d.event is not None]  # all: decoded above
-                good = [good[i] for i in ev.escrow_order(events)]
             to_ack.extend(self._handle_in_order(good, failed))
         self._ack_handled(to_ack)
         for d in failed:
@@ -727,7 +744,7 @@ class ConsumerWorker:
             "deliveries": str(d.delivery_count),
             "dead_lettered_at": repr(self.clock.now()),
         }
-        for key, value in (d.fields or {}).items():
+        for key, value in field_pairs(d.fields):
             fields[f"entry.{text(key)}"] = value
         # One script (one slot: the dead letters of the entry's partition), atomic as
         # a MULTI; a cluster client's pipelines cannot carry the EVAL a MULTI would.

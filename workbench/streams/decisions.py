@@ -15,21 +15,31 @@ testing (``make mutation``) covers this module.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import redis
 
 from workbench.domain.events import Event
 
 
-@dataclass(slots=True)
-class Delivery:
-    """One stream entry as delivered to this consumer."""
+class Delivery(msgspec.Struct, gc=False):
+    """One stream entry as delivered to this consumer. ``fields`` as read: the flat
+    ``[name, value, ...]`` list of a raw reply, or a mapping; None or empty for an
+    entry deleted while pending.
+
+    A struct the garbage collector does not track (it refers to nothing that
+    could refer back to it): a batch's thousands of deliveries, alive across
+    several collections, would otherwise be promoted to the oldest generation and
+    bring its full passes on sooner. It is also built three times faster than a
+    dataclass (~70 vs ~230 ns).
+    """
 
     stream: str
     entry_id: str
-    fields: dict[bytes, bytes] | None
+    fields: dict[bytes, bytes] | list[Any] | None
     delivery_count: int = 1
     event: Event | None = None
     error: str | None = None
@@ -37,6 +47,15 @@ class Delivery:
     @property
     def deleted(self) -> bool:
         return not self.fields
+
+
+def field_pairs(fields: dict[bytes, bytes] | list[Any] | None) -> list[tuple[Any, Any]]:
+    """An entry's (name, value) pairs, from a mapping or a flat list."""
+    if not fields:
+        return []
+    if isinstance(fields, dict):
+        return list(fields.items())
+    return list(zip(fields[::2], fields[1::2], strict=True))
 
 
 def ready_to_handle(
@@ -53,20 +72,35 @@ def ready_to_handle(
     behind anything unread; the rest wait for the next read. Unless they all
     belong to the one truncated stream: its unread entries come after them in
     the stream, and after everything else in hand (earlier milliseconds).
+
+    Each stream's entries must come in id order, as reads return them (held
+    entries before those read after them); streams may interleave. Then what is
+    held of a stream is a suffix, found by bisection: the millisecond of an id
+    is parsed a few times per stream, not once per entry.
     """
     if not truncated:
         return deliveries, []
-    ms = [int(d.entry_id.partition("-")[0]) for d in deliveries]
-    last: dict[str, int] = {}
-    for d, m in zip(deliveries, ms, strict=True):
-        if d.stream in truncated:
-            last[d.stream] = max(last.get(d.stream, 0), m)
-    cutoff = min(last.values(), default=0)
-    now = [d for d, m in zip(deliveries, ms, strict=True) if m < cutoff]
-    later = [d for d, m in zip(deliveries, ms, strict=True) if m >= cutoff]
-    if len(truncated) == 1 and all(d.stream in truncated for d in later):
+    by_stream: dict[str, list[Delivery]] = {}
+    for d in deliveries:
+        by_stream.setdefault(d.stream, []).append(d)
+    ends = [_ms(items[-1]) for stream, items in by_stream.items() if stream in truncated]
+    cutoff = min(ends, default=0)
+    now: list[Delivery] = []
+    later: list[Delivery] = []
+    held_streams = set()
+    for stream, items in by_stream.items():
+        split = bisect_left(items, cutoff, key=_ms)
+        now += items[:split]
+        if split < len(items):
+            later += items[split:]
+            held_streams.add(stream)
+    if len(truncated) == 1 and held_streams <= truncated:
         return deliveries, []
     return now, later
+
+
+def _ms(delivery: Delivery) -> int:
+    return int(delivery.entry_id.partition("-")[0])
 
 
 def ready_by_partition(
@@ -82,6 +116,8 @@ def ready_by_partition(
     """
     if not truncated:
         return deliveries, []
+    if len(set(partition_of.values())) == 1:  # unpartitioned: one partition
+        return ready_to_handle(deliveries, truncated)
     by_partition: dict[int, list[Delivery]] = {}
     for d in deliveries:
         by_partition.setdefault(partition_of[d.stream], []).append(d)
@@ -139,6 +175,16 @@ def group_gone(exc: redis.ResponseError) -> bool:
     (NOGROUP; or, to a read blocked when the stream was deleted, UNBLOCKED.)"""
     text = str(exc)
     return "NOGROUP" in text or ("UNBLOCKED" in text and "no longer exists" in text)
+
+
+def reconnected(last_connection: Any, connects_seen: int, connection: Any, connects: int) -> bool:
+    """Was a read served by a connection other than the last check's, or by one that
+    (re)connected since (``connects``, a count of connect events, moved on from
+    ``connects_seen``)? Either way Redis may have restarted in between. Not on the
+    first check (``last_connection`` None): the worker re-reads its pending at setup."""
+    return last_connection is not None and (
+        connection is not last_connection or connects != connects_seen
+    )
 
 
 def should_dead_letter(delivery: Delivery, max_deliveries: int) -> bool:
