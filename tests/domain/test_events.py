@@ -227,7 +227,7 @@ def test_from_fields_with_unknown_type_raises_unknown_event_type() -> None:
 # -- handling order within a batch ------------------------------------------------------
 
 
-def test_escrow_order_puts_each_escrow_in_sequence_order() -> None:
+def test_escrow_order_puts_each_escrow_in_sequence_order_in_its_own_slots() -> None:
     batch = [
         make_event(event_id="a3", aggregate_id="a", sequence=3),  # escrow stream first
         make_event(event_id="b1", aggregate_id="b", sequence=1),
@@ -235,7 +235,7 @@ def test_escrow_order_puts_each_escrow_in_sequence_order() -> None:
         make_event(event_id="c7", aggregate_id="c", sequence=7),
     ]
     order = escrow_order(batch)
-    assert [batch[i].event_id for i in order] == ["b1", "a2", "a3", "c7"]
+    assert [batch[i].event_id for i in order] == ["a2", "b1", "a3", "c7"]
 
 
 @given(
@@ -245,7 +245,7 @@ def test_escrow_order_puts_each_escrow_in_sequence_order() -> None:
         unique=True,
     ).flatmap(st.permutations)
 )
-def test_escrow_order_is_a_permutation_sorted_per_escrow(
+def test_escrow_order_is_a_permutation_sorted_per_escrow_keeping_slots(
     keys: list[tuple[str, int]],
 ) -> None:
     batch = [make_event(event_id=f"{e}{n}", aggregate_id=e, sequence=n) for e, n in keys]
@@ -255,6 +255,8 @@ def test_escrow_order_is_a_permutation_sorted_per_escrow(
     for escrow in "abc":
         mine = [e.sequence for e in handled if e.aggregate_id == escrow]
         assert mine == sorted(mine)
+    # Every slot still holds an event of the escrow that held it.
+    assert [e.aggregate_id for e in handled] == [e.aggregate_id for e in batch]
 
 
 def test_the_same_event_read_twice_keeps_its_read_order() -> None:

@@ -142,8 +142,7 @@ class _Recording:
 def test_a_batch_reaches_the_handler_in_each_escrows_sequence_order(r) -> None:
     # The relay publishes payment.received (sequence 2, payment stream) before
     # escrow.funded (3, escrow stream); one read returns them grouped by stream,
-    # escrow first. The handler (the fan-out: phones see this order) gets 2 then 3
-    # (escrows interleave by sequence: esc-2's first event comes first).
+    # escrow first. The handler (the fan-out: phones see this order) gets 2 then 3.
     handler = _Recording()
     worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock())
     worker.setup()
@@ -156,7 +155,7 @@ def test_a_batch_reaches_the_handler_in_each_escrows_sequence_order(r) -> None:
     r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", 3)))
     r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-2", 1)))
     worker.poll()
-    assert handler.seen == ["evt-esc-2-1", "evt-paid", "evt-esc-1-3"]
+    assert handler.seen == ["evt-paid", "evt-esc-2-1", "evt-esc-1-3"]
 
 
 class _Outage(_Recording):

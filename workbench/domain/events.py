@@ -146,10 +146,17 @@ def escrow_order(events: list[Event]) -> list[int]:
     One escrow's events live in several streams (``payment.received`` in
     ``payment``, ``escrow.funded`` in ``escrow``) and XREADGROUP returns a
     read's entries grouped by stream, so a batch can hold an escrow's events
-    out of ``sequence`` order. A stable sort by ``sequence`` puts every escrow's
-    events in order (an escrow's sequence numbers differ; the same event read
-    twice keeps its read order); escrows interleave by sequence, which nothing
-    depends on. One sort on integer keys: the consumer runs this on every batch.
+    out of ``sequence`` order. Each escrow's events are put back in sequence
+    order in the slots they held; the interleaving of escrows stays as read.
+    The sort is stable: the same event read twice keeps its read order.
     """
-    sequences = [event.sequence for event in events]
-    return sorted(range(len(events)), key=sequences.__getitem__)
+    slots: dict[str, list[int]] = {}
+    for i, event in enumerate(events):
+        slots.setdefault(event.aggregate_id, []).append(i)
+    order = list(range(len(events)))
+    for indices in slots.values():
+        if len(indices) > 1:
+            by_sequence = sorted(indices, key=lambda i: events[i].sequence)
+            for slot, i in zip(indices, by_sequence, strict=True):
+                order[slot] = i
+    return order
