@@ -95,12 +95,14 @@ def test_insert_many_writes_every_row_across_multi_row_statements(
     monkeypatch.undo()
     # The connection's own limit (an SQLite older than 3.32 allows 999): 3 rows.
     with store.begin() as conn:
-        raw = conn.connection.dbapi_connection
-        before = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 15)
+        if conn.dialect.name == "sqlite":
+            raw = conn.connection.dbapi_connection
+            before = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 15)
         try:
             insert_many(conn, notifications, [row(i) for i in range(1206, 1213)])
         finally:
-            raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
+            if conn.dialect.name == "sqlite":
+                raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
     with store.engine.connect() as conn:
         got = conn.execute(
             select(notifications.c.event_id, notifications.c.user_id, notifications.c.at)
