@@ -632,13 +632,11 @@ def main(json_path: Path | None, record_path: Path | None, **options: Any) -> No
     config = Config(bounds=bounds, **options)
     record = run(config)
     print_report(record)
-    if record_path is None and not config.quick:
-        record_path = records.RECORDS_DIR / f"{bench_name(config)}.json"
-    for path in (record_path, json_path):
-        if path is not None:
-            records.write(record, path)
-            print(f"record written to {path}", file=sys.stderr)
-    print(json.dumps(record, sort_keys=True))
+    records.emit(
+        record,
+        (record_path, json_path),
+        None if config.quick else records.RECORDS_DIR / f"{bench_name(config)}.json",
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -122,6 +123,20 @@ def write(record: Mapping[str, Any], path: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")  # the bench's order
     return path
+
+
+def emit(
+    record: Mapping[str, Any], paths: Sequence[Path | None], default: Path | None = None
+) -> None:
+    """A bench's ending: write ``record`` to each of ``paths`` given (``default``
+    when the first is None: a full run's record), say where on stderr, and print
+    the record as one JSON object, the last line of output."""
+    first, *rest = paths
+    for path in (first or default, *rest):
+        if path is not None:
+            write(record, path)
+            print(f"record written to {path}", file=sys.stderr)
+    print(json.dumps(record, sort_keys=True))
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -63,7 +63,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import statistics
@@ -784,13 +783,9 @@ def main(
     if not min_seconds >= 0:
         raise click.UsageError("--min-seconds must be 0 or more")
     record = run(escrows, partitions, masters, repeat, min_seconds, reset_store)
-    if record_path is None and not quick:
-        record_path = records.RECORDS_DIR / "scale.json"
-    for path in (record_path, json_path):
-        if path is not None:
-            records.write(record, path)
-            print(f"record written to {path}", file=sys.stderr)
-    print(json.dumps(record, sort_keys=True))
+    records.emit(
+        record, (record_path, json_path), None if quick else records.RECORDS_DIR / "scale.json"
+    )
 
 
 if __name__ == "__main__":

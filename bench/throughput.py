@@ -829,13 +829,9 @@ def main(
     targets = parse_targets(target_values)
     faststream_or_reason(faststream_option)  # a bad --faststream: exit 2 before any work
     record = run(escrows, sample, repeat, min_seconds, targets, faststream_option, reset_store)
-    if record_path is None and not quick:
-        record_path = records.RECORDS_DIR / "throughput.json"
-    for path in (record_path, json_path):
-        if path is not None:
-            records.write(record, path)
-            print(f"record written to {path}", file=sys.stderr)
-    print(json.dumps(record, sort_keys=True))
+    records.emit(
+        record, (record_path, json_path), None if quick else records.RECORDS_DIR / "throughput.json"
+    )
 
 
 if __name__ == "__main__":
