@@ -24,7 +24,16 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from workbench import store as store_module
-from workbench.store import Prepared, Store, claim_inbox, inbox, insert_many, notifications, outbox
+from workbench.store import (
+    Prepared,
+    Store,
+    claim_inbox,
+    inbox,
+    insert_many,
+    mark_published,
+    notifications,
+    outbox,
+)
 
 
 def _count(store: Store, group: str) -> int:
@@ -110,6 +119,48 @@ def test_insert_many_writes_every_row_across_multi_row_statements(
     assert sorted(got, key=lambda r: r.at) == [
         (f"e{i}", f"u{i % 7}", float(i)) for i in range(1213)
     ]
+
+
+def test_mark_published_marks_each_row_with_its_id_and_keeps_an_earlier_mark(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def row(i: int) -> dict[str, object]:
+        return {"event_id": f"e{i}", "stream": "escrow", "type": "T", "data": b"x",
+                "created_at": 0.0, "partition": 0}  # fmt: skip
+
+    with store.begin() as conn:
+        conn.execute(insert(outbox), [row(i) for i in range(1203)])
+        seqs = [s for (s,) in conn.execute(select(outbox.c.seq).order_by(outbox.c.seq))]
+    first, rest = seqs[:2], seqs[2:]
+    with store.begin() as conn:  # two rows another relay marked first
+        mark_published(conn, 1.0, [(s, f"1-{s}") for s in first])
+    # 1203 rows: three statements (500, 500, 203); the first two rows keep their marks.
+    with store.begin() as conn:
+        mark_published(conn, 2.0, [(s, f"2-{s}") for s in seqs])
+    # The connection's own parameter limit (6: two rows and the time per statement).
+    with store.begin() as conn:
+        conn.execute(outbox.update().where(outbox.c.seq.in_(rest[-10:])).values(published_at=None))
+        if conn.dialect.name == "sqlite":
+            raw = conn.connection.dbapi_connection
+            before = raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 6)
+        try:
+            mark_published(conn, 3.0, [(s, f"3-{s}") for s in rest[-10:]])
+        finally:
+            if conn.dialect.name == "sqlite":
+                raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
+    with store.engine.connect() as conn:
+        got = dict(
+            (
+                (s, (at, sid))
+                for s, at, sid in conn.execute(
+                    select(outbox.c.seq, outbox.c.published_at, outbox.c.stream_id)
+                )
+            )
+        )
+    want = {s: (1.0, f"1-{s}") for s in first}
+    want |= {s: (2.0, f"2-{s}") for s in rest[:-10]}
+    want |= {s: (3.0, f"3-{s}") for s in rest[-10:]}
+    assert got == want
 
 
 def test_insert_many_fails_whole_on_a_constraint_and_the_caller_can_roll_back(

@@ -462,6 +462,40 @@ def insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
         _driver_execute(conn, head + ",".join([placeholders] * len(chunk)), params)
 
 
+def mark_published(conn: Connection, at: float, marks: list[tuple[int, str]]) -> None:
+    """Mark outbox rows published at ``at``, each ``(seq, stream_id)`` with its id.
+
+    One ``UPDATE ... FROM`` a ``VALUES`` list per chunk instead of a statement per
+    row: the relay marks a whole batch at once, and SQLite takes about a third
+    less for it (PostgreSQL one round trip instead of one per row). A row already
+    published (by a relay that took the partition over) keeps its id.
+    """
+    if not marks:
+        return
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    per = _ROWS_PER_INSERT
+    if conn.dialect.name == "sqlite":
+        if sqlite3.sqlite_version_info < (3, 33):  # no UPDATE ... FROM before 3.33
+            sql = (
+                "UPDATE outbox SET published_at = ?, stream_id = ? "
+                "WHERE seq = ? AND published_at IS NULL"
+            )
+            _driver_execute(conn, sql, [(at, sid, seq) for seq, sid in marks], many=True)
+            return
+        raw = conn.connection.dbapi_connection
+        limit = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)  # type: ignore[union-attr]
+        per = max(1, min(per, (min(_PARAMS_PER_INSERT, limit) - 1) // 2))
+    for start in range(0, len(marks), per):
+        chunk = marks[start : start + per]
+        values = ",".join([f"({mark}, {mark})"] * len(chunk))
+        sql = (
+            f"WITH v(seq, sid) AS (VALUES {values}) "
+            f"UPDATE outbox SET published_at = {mark}, stream_id = v.sid FROM v "
+            "WHERE outbox.seq = v.seq AND outbox.published_at IS NULL"
+        )
+        _driver_execute(conn, sql, [x for pair in chunk for x in pair] + [at])
+
+
 def claim_inbox(conn: Connection, group: str, event_ids: list[str], now: float) -> set[str]:
     """Record ``event_ids`` as handled by ``group``; return those that were new.
 

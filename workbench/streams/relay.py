@@ -91,7 +91,7 @@ from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import AGGREGATE_TYPES
 from workbench.domain.streamid import ZERO, StreamId, next_id, parse
 from workbench.ops.shutdown import StopRequest
-from workbench.store import Prepared, Store, outbox
+from workbench.store import Prepared, Store, mark_published, outbox
 from workbench.streams.connection import (
     REDIS_DOWN,
     TRANSIENT,
@@ -113,13 +113,6 @@ DEFAULT_FSYNC_TIMEOUT_MS = 2000
 #: How long a partitioned relay's lease lasts unless renewed (its clock's seconds).
 DEFAULT_LEASE_S = 5.0
 
-# Conditional: a row another relay already marked (it published the row again
-# after this one lost its lease) keeps that relay's id.
-_MARK_PUBLISHED = Prepared(
-    update(outbox)
-    .where(outbox.c.seq == bindparam("seq"), outbox.c.published_at.is_(None))
-    .values(published_at=bindparam("at"), stream_id=bindparam("sid"))
-)
 _UNPUBLISHED_COLUMNS = (
     outbox.c.seq,
     outbox.c.event_id,
@@ -496,19 +489,25 @@ class OutboxRelay:
 
     def _mark(self, groups: dict[int, list[Any]], published: dict[int, list[str]]) -> None:
         """Mark the published rows with their ids; expect those ids of their streams."""
-        now = self.clock.now()
         marks = [
-            {"seq": row[0], "at": now, "sid": sid}
+            (row[0], sid)
             for p, ids in published.items()
             for row, sid in zip(groups[p], ids, strict=True)
         ]
         with self.store.begin() as conn:
-            _MARK_PUBLISHED.executemany(conn, marks)
+            mark_published(conn, self.clock.now(), marks)
         for p, ids in published.items():
             expected = self._expected.get(p)
             if expected is not None:
-                for row, sid in zip(groups[p], ids, strict=True):
-                    expected[self._index[row[2]]] = parse(sid)
+                # Only each stream's last id counts: walk back until every stream is seen.
+                seen: set[int] = set()
+                for row, sid in zip(reversed(groups[p]), reversed(ids), strict=True):
+                    i = self._index[row[2]]
+                    if i not in seen:
+                        seen.add(i)
+                        expected[i] = parse(sid)
+                        if len(seen) == len(expected):
+                            break
         self.stats.published += len(marks)
 
     def _entry_ids(self, rows: list[Any], partition: int = 0) -> list[str]:
