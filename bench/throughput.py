@@ -14,6 +14,10 @@ other round:
   Anchor ``xadd``: the same entries XADDed to the same number of streams by
   hand-packed pipelines of 500 (prebuilt arguments, one socket write per
   pipeline, replies read raw): the relay minus SQL and redis-py's pipeline.
+  Anchor ``relay_plain``: the relay's job as the plainest code that does it
+  (read 500 unpublished rows on the DBAPI cursor, XADD them hand-packed, mark
+  them with their ids in one UPDATE and commit; no loss check, no leases):
+  ``plain_relay_vs_xadd`` is the floor the SQL sets on ``relay_vs_xadd``.
 * ``parallel4``  the four SQL handler groups as four processes at once, as
   deployed (:class:`ConsumerWorker` + the real handlers, one SQLite store;
   groups, inbox and effects reset between steps). Anchor ``raw4``: four
@@ -38,7 +42,8 @@ lifecycles made) through a fresh consumer group.
 
 Ratios (names stable; targets in :data:`TARGETS` or ``--target``):
 ``parallel_vs_raw4``, ``noop_vs_raw1``, ``noop_vs_faststream_batch``,
-``noop_vs_faststream_one``, ``relay_vs_xadd``; rates of every measurement,
+``noop_vs_faststream_one``, ``relay_vs_xadd``, ``relay_vs_plain``,
+``plain_relay_vs_xadd``; rates of every measurement,
 ``commands`` among them.
 
 A private redis-server (AOF off) is started unless ``REDIS_URL`` is set; on a
@@ -114,6 +119,7 @@ MEASURES: dict[str, str] = {
     "commands": "EscrowService commands (create, fund, callback, ship, confirm)",
     "relay": "OutboxRelay.drain: SQL read, XADD pipeline, mark published",
     "xadd": f"hand-packed XADD, pipelines of {BATCH}, replies read raw",
+    "relay_plain": f"plain relay: read {BATCH} rows, hand-packed XADD, one UPDATE, commit",
     "parallel4": "four handler groups as four processes (ConsumerWorker + SQL handlers)",
     "raw4": "four raw redis-py processes, each on one handler group's streams",
     "raw1": f"one raw redis-py process: XREADGROUP COUNT {BATCH}, XACK pipelined with next read",
@@ -135,9 +141,20 @@ RATIOS: dict[str, tuple[str, str, str]] = {
     "noop_vs_faststream_batch": ("noop", "fs_batch", "runtime no-op loop / FastStream batch"),
     "noop_vs_faststream_one": ("noop", "fs_one", "runtime no-op loop / FastStream one-by-one"),
     "relay_vs_xadd": ("relay", "xadd", "relay / hand-packed XADD"),
+    "relay_vs_plain": ("relay", "relay_plain", "relay / the same job as plain code"),
+    "plain_relay_vs_xadd": (
+        "relay_plain",
+        "xadd",
+        "floor: plain relay / hand-packed XADD (the SQL's share)",
+    ),
 }
-# The target the project stated before these anchors existed; issue 16 sets the others.
-TARGETS: dict[str, float] = {"parallel_vs_raw4": 0.25}
+# Issue 16's targets.
+TARGETS: dict[str, float] = {
+    "parallel_vs_raw4": 0.33,
+    "noop_vs_raw1": 0.8,
+    "noop_vs_faststream_batch": 3.0,
+    "relay_vs_xadd": 0.7,
+}
 
 
 class NoopHandler:
@@ -291,6 +308,52 @@ def hand_packed_xadd(client: redis.Redis, pipelines: list[list[tuple]]) -> int:
         return sent
     finally:
         pool.release(conn)
+
+
+def plain_relay(store: Store, client: redis.Redis, names: StreamNames, at: float) -> int:
+    """Publish every unpublished outbox row as plain code would; return how many.
+
+    Per batch: the oldest :data:`BATCH` rows read on the DBAPI cursor, their
+    XADDs packed into one write and the ids read raw, then one ``UPDATE ...
+    FROM VALUES`` marking each row with its id, committed.
+    """
+    raw = store.engine.raw_connection()
+    mark = "?" if store.engine.dialect.paramstyle == "qmark" else "%s"
+    stream_of = {aggregate: names.stream(aggregate) for aggregate in AGGREGATE_TYPES}
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    read = (
+        "SELECT seq, event_id, stream, type, data FROM outbox "
+        f"WHERE published_at IS NULL ORDER BY seq LIMIT {BATCH}"
+    )
+    try:
+        cursor = raw.cursor()
+        total = 0
+        while rows := _fetch(cursor, read):
+            conn.send_packed_command(
+                conn.pack_commands(
+                    [("XADD", stream_of[s], "*", "event_id", e, "type", t, "data", d)
+                     for _, e, s, t, d in rows]
+                )
+            )  # fmt: skip
+            ids = [conn.read_response().decode() for _ in rows]
+            values = ",".join([f"({mark}, {mark})"] * len(rows))
+            cursor.execute(
+                f"WITH v(seq, sid) AS (VALUES {values}) UPDATE outbox SET published_at = "
+                f"{mark}, stream_id = v.sid FROM v WHERE outbox.seq = v.seq",
+                [x for row, sid in zip(rows, ids, strict=True) for x in (row[0], sid)] + [at],
+            )
+            raw.commit()
+            total += len(rows)
+        return total
+    finally:
+        pool.release(conn)
+        raw.close()
+
+
+def _fetch(cursor: Any, sql: str) -> list[Any]:
+    cursor.execute(sql)  # DBAPI does not promise that execute returns the cursor
+    return cursor.fetchall()  # type: ignore[no-any-return]
 
 
 def create_groups(client: redis.Redis, streams: list[str], group: str) -> None:
@@ -494,6 +557,7 @@ def run(
     names = StreamNames(prefix)
     relay_names = StreamNames(f"{prefix}-relay")
     xadd_names = StreamNames(f"{prefix}-xadd")
+    plain_names = StreamNames(f"{prefix}-plain")
     faststream_python, faststream_reason = faststream_or_reason(faststream_option)
     notes: list[str] = []
     crews: list[Crew] = []
@@ -535,7 +599,6 @@ def run(
                 "each) on the consume streams"
             )
 
-            relay = OutboxRelay(store, client, names=relay_names, batch_size=BATCH)
             pipelines = xadd_commands(xadd_names, entries)
             steps = {"noop": 0, "raw1": 0}
 
@@ -553,11 +616,31 @@ def run(
                 client.delete(*relay_names.streams())
                 with store.begin() as conn:
                     conn.execute(
-                        update(outbox).where(outbox.c.seq <= last_seq).values(published_at=None)
+                        update(outbox)
+                        .where(outbox.c.seq <= last_seq)
+                        .values(published_at=None, stream_id=None)
                     )
+                # A relay of its own per step: one that published to the deleted
+                # streams would find them lost and repair first.
+                relay = OutboxRelay(store, client, names=relay_names, batch_size=BATCH)
                 count, seconds = stats.timed(relay.drain)
                 if count != n:
                     raise RuntimeError(f"relay step published {count}, expected {n}")
+                return count, seconds
+
+            def step_relay_plain() -> tuple[int, float]:
+                client.delete(*plain_names.streams())
+                with store.begin() as conn:
+                    conn.execute(
+                        update(outbox)
+                        .where(outbox.c.seq <= last_seq)
+                        .values(published_at=None, stream_id=None)
+                    )
+                count, seconds = stats.timed(
+                    lambda: plain_relay(store, client, plain_names, clock.now())
+                )
+                if count != n:
+                    raise RuntimeError(f"plain relay published {count}, expected {n}")
                 return count, seconds
 
             def step_xadd() -> tuple[int, float]:
@@ -613,6 +696,7 @@ def run(
             for name, step in (
                 ("commands", step_commands),
                 ("relay", step_relay),
+                ("relay_plain", step_relay_plain),
                 ("xadd", step_xadd),
                 ("parallel4", step_parallel4),
                 ("raw4", step_raw4),
