@@ -458,7 +458,29 @@ def errors_logged(directory: Path, keep: int = 5) -> dict[str, Any]:
 # -- the record ---------------------------------------------------------------------------
 
 
-def _headline(found: list[StepResult | None], direct_median: float) -> list[list[str]]:
+def ceilings(best: StepResult, cpus: int) -> dict[str, float]:
+    """What the cores allow at the CPU a lifecycle cost at the sustained rate.
+
+    ``total_ms``: CPU ms per lifecycle of every process (serve's, Redis and the
+    load generator); ``client_ms``: the load generator's share. ``machine``:
+    lifecycles/s at which ``cpus`` cores would be saturated at that cost;
+    ``client``: the same for the load generator alone, a ceiling no server
+    could lift on this machine (the phones must be driven from its cores).
+    """
+    per = {name: cores / best.rate for name, cores in best.cpu_cores.items()}
+    total = sum(per.values())
+    client = per.get("load generator", 0.0)
+    return {
+        "total_ms": round(total * 1000, 2),
+        "client_ms": round(client * 1000, 2),
+        "machine": round(cpus / total, 1) if total else float("inf"),
+        "client": round(cpus / client, 1) if client else float("inf"),
+    }
+
+
+def _headline(
+    found: list[StepResult | None], direct_median: float, target: float, cpus: int
+) -> list[list[str]]:
     rows: list[list[str]] = []
     for i, best in enumerate(found, 1):
         if best is None:
@@ -486,7 +508,27 @@ def _headline(found: list[StepResult | None], direct_median: float) -> list[list
             ]
         )
         rows.append([f"round {i}: CPU s per offered s at that rate", _busiest(best.cpu_cores)])
+        c = ceilings(best, cpus)
+        rows.append(
+            [
+                f"round {i}: CPU ms per lifecycle, all processes (load generator's share); "
+                f"lifecycles/s that saturate {cpus} cores at that cost (the generator alone)",
+                f"{c['total_ms']:,.1f} ({c['client_ms']:,.1f}) ms; "
+                f"{c['machine']:,.1f} ({c['client']:,.1f})/s",
+            ]
+        )
     rows.append(["direct EscrowService lifecycles/s (median of rounds)", f"{direct_median:,.1f}"])
+    needed = target * direct_median
+    reached = [ceilings(b, cpus)["machine"] for b in found if b is not None]
+    if reached:
+        ceiling = max(reached)
+        rows.append(
+            [
+                f"the target needs {target:g} x direct over HTTP; these cores allow at most",
+                f"{needed:,.1f}/s needed; {ceiling:,.1f}/s at the measured CPU per lifecycle"
+                + (" (out of reach on this machine)" if ceiling < needed else ""),
+            ]
+        )
     return rows
 
 
@@ -533,7 +575,8 @@ def record_of(
         ratios=[ratio],
         rates=rates,
         figures={
-            "headline": _headline(found, rates[1].median),
+            "headline": _headline(found, rates[1].median, config.target, os.cpu_count() or 1),
+            "ceilings": [None if b is None else ceilings(b, os.cpu_count() or 1) for b in found],
             "steps": steps,
             "server_log_errors": errors,
         },

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from bench import stats
-from bench.capacity import Config, next_rate, sustainable
+from bench.capacity import Config, ceilings, next_rate, sustainable
 from bench.loadgen import Bounds, StepResult, pair, quantiles_ms, step_verdict
 from tests.support import ROOT
 
@@ -118,6 +118,19 @@ def test_a_step_keeps_up_only_within_every_bound() -> None:
     assert "1 of 10 phones" in phones
     [late] = step_verdict(_step(max_late_s=1.5), BOUNDS)
     assert "load generator" in late
+
+
+def test_ceilings_are_the_cores_over_the_cpu_a_lifecycle_costs() -> None:
+    # 20 lifecycles/s keeping 0.5 + 0.3 + 0.2 cores busy: 50 ms of CPU per lifecycle,
+    # 10 of them the load generator's.
+    step = StepResult(rate=20.0, window_s=10.0,
+                      cpu_cores={"api-0": 0.5, "relay": 0.3, "load generator": 0.2})  # fmt: skip
+    assert ceilings(step, cpus=2) == {
+        "total_ms": 50.0,
+        "client_ms": 10.0,
+        "machine": 40.0,
+        "client": 200.0,
+    }
 
 
 def test_quantiles_and_pairs() -> None:

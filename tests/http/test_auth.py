@@ -118,6 +118,25 @@ def test_a_tampered_payload_has_a_bad_signature() -> None:
     assert refusal(f"{header}.{forged_payload}.{signature}", clock) == "bad signature"
 
 
+def test_a_token_accepted_before_is_judged_again_every_time() -> None:
+    """Verified tokens are remembered (PyJWT's decode is slow); no decision changes."""
+    clock = ManualClock(START)
+    token = issue_token("user-1", SECRET, ttl_s=60, clock=clock)
+    assert verify_token(token, SECRET, clock=clock) == "user-1"
+    assert verify_token(token, SECRET, clock=clock) == "user-1"
+    # Still expiry on the clock of each call, not of the first.
+    clock.advance(60)
+    assert refusal(token, clock) == "token expired"
+    # Remembered under its secret only: the same token is refused by another one.
+    with pytest.raises(TokenError, match="bad signature"):
+        verify_token(token, OTHER_SECRET, clock=ManualClock(START))
+    # A refusal is not remembered as an acceptance, nor an acceptance as a refusal.
+    tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    assert refusal(tampered) == "bad signature"
+    assert refusal(tampered) == "bad signature"
+    assert verify_token(token, SECRET, clock=ManualClock(START)) == "user-1"
+
+
 @pytest.mark.parametrize(
     "garbage", ["", "garbage", "a.b.c", "a.b", "ünïcode.✓.x", "Bearer abc", "...."]
 )

@@ -13,6 +13,7 @@ Every way a token can be refused raises :class:`TokenError` with a readable
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -65,6 +66,23 @@ def issue_token(
 def verify_token(token: str, secret: str, *, clock: Clock | None = None) -> str:
     """The user id a valid token was issued for; :class:`TokenError` otherwise."""
     _check_secret(secret)
+    user_id, exp = _claims(token, secret)
+    if exp <= (clock or SystemClock()).now():
+        raise TokenError("token expired")
+    return user_id
+
+
+#: Tokens whose signature and claims were verified, by (token, secret): a phone
+#: sends the same token with every request, and PyJWT's decode costs more than
+#: the rest of authenticating it. Only accepted tokens are kept (a refusal
+#: raises, and lru_cache keeps no exceptions), and expiry is judged on every
+#: call, so the cache changes no decision.
+_VERIFIED_TOKENS = 8192
+
+
+@functools.lru_cache(maxsize=_VERIFIED_TOKENS)
+def _claims(token: str, secret: str) -> tuple[str, int | float]:
+    """``(sub, exp)`` of a token whose signature and claims are sound."""
     try:
         claims = jwt.decode(
             token,
@@ -72,8 +90,8 @@ def verify_token(token: str, secret: str, *, clock: Clock | None = None) -> str:
             # A fixed list: the token's own header must not choose the algorithm.
             algorithms=[_ALGORITHM],
             # PyJWT would judge exp/iat/nbf on the wall clock; exp is checked
-            # below on the injected clock instead. We never issue nbf, and iat
-            # carries no decision.
+            # by verify_token on the injected clock instead. We never issue nbf,
+            # and iat carries no decision.
             options={
                 "verify_exp": False,
                 "verify_iat": False,
@@ -99,12 +117,10 @@ def verify_token(token: str, secret: str, *, clock: Clock | None = None) -> str:
     # false with everything and so would never expire.
     if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         raise TokenError("token expiry is not a number")
-    if exp <= (clock or SystemClock()).now():
-        raise TokenError("token expired")
     user_id: str = claims["sub"]
     if not user_id:
         raise TokenError("token has no subject")
-    return user_id
+    return user_id, exp
 
 
 def bearer_token(authorization: str | None) -> str | None:

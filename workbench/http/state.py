@@ -164,7 +164,12 @@ class App:
         them one by one would cap payments at a few per second per API process.
         """
         assert self.sim is not None
-        async with httpx.AsyncClient(timeout=10) as http:
+        # As many connections as callbacks in flight: httpcore scans its whole pool
+        # for every request, and a pool grown to a hundred costs more than the post.
+        limits = httpx.Limits(
+            max_connections=CALLBACKS_IN_FLIGHT, max_keepalive_connections=CALLBACKS_IN_FLIGHT
+        )
+        async with httpx.AsyncClient(timeout=10, limits=limits) as http:
 
             async def post(delivery: Delivery) -> None:
                 try:
