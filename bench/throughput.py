@@ -26,7 +26,10 @@ other round:
   barrier to the last one's end.
 * ``noop``  :meth:`ConsumerWorker.drain` with a no-op handler over all streams
   in this process: the runtime loop's own cost. Anchor ``raw1``: one plain
-  redis-py process on the same streams.
+  redis-py process on the same streams; ``raw1_decoded``: the same process
+  decoding every envelope too, the least a loop that puts a batch back in
+  escrow order (it spans streams) must do: ``decoded_raw1_vs_raw1`` is the
+  floor decoding sets on ``noop_vs_raw1``.
 * ``fs_batch`` and ``fs_one``  FastStream's Redis Streams subscriber (batch of
   500, and one message per call), one subscriber per stream, a no-op handler:
   the peer a Python user would pick. It runs in ``.venv-bench/`` (made by
@@ -42,8 +45,8 @@ lifecycles made) through a fresh consumer group.
 
 Ratios (names stable; targets in :data:`TARGETS` or ``--target``):
 ``parallel_vs_raw4``, ``noop_vs_raw1``, ``noop_vs_faststream_batch``,
-``noop_vs_faststream_one``, ``relay_vs_xadd``, ``relay_vs_plain``,
-``plain_relay_vs_xadd``; rates of every measurement,
+``noop_vs_faststream_one``, ``noop_vs_raw1_decoded``, ``decoded_raw1_vs_raw1``,
+``relay_vs_xadd``, ``relay_vs_plain``, ``plain_relay_vs_xadd``; rates of every measurement,
 ``commands`` among them.
 
 A private redis-server (AOF off) is started unless ``REDIS_URL`` is set; on a
@@ -92,7 +95,8 @@ from bench import records, stats  # noqa: E402
 from bench.stats import Sample  # noqa: E402
 from simulations.analysis.report import wide_console  # noqa: E402
 from workbench.domain.clock import ManualClock  # noqa: E402
-from workbench.domain.events import AGGREGATE_TYPES, Event  # noqa: E402
+from workbench.domain.events import AGGREGATE_TYPES, Event, entry_data  # noqa: E402
+from workbench.domain.events import decode as decode_event  # noqa: E402
 from workbench.domain.ids import IdFactory  # noqa: E402
 from workbench.handlers import GROUPS, HANDLERS, make_handler  # noqa: E402
 from workbench.ops.redis_server import attach_or_start  # noqa: E402
@@ -123,6 +127,7 @@ MEASURES: dict[str, str] = {
     "parallel4": "four handler groups as four processes (ConsumerWorker + SQL handlers)",
     "raw4": "four raw redis-py processes, each on one handler group's streams",
     "raw1": f"one raw redis-py process: XREADGROUP COUNT {BATCH}, XACK pipelined with next read",
+    "raw1_decoded": "the same raw process, each envelope also decoded (msgspec, validated)",
     "noop": "ConsumerWorker.drain, no-op handler, every stream",
     "fs_batch": f"FastStream subscriber, batch of {BATCH}, one per stream",
     "fs_one": "FastStream subscriber, one message per call, one per stream",
@@ -138,6 +143,16 @@ RATIOS: dict[str, tuple[str, str, str]] = {
         "four handler groups in parallel / four raw processes",
     ),
     "noop_vs_raw1": ("noop", "raw1", "runtime no-op loop / one raw process"),
+    "noop_vs_raw1_decoded": (
+        "noop",
+        "raw1_decoded",
+        "runtime no-op loop / one raw process that decodes",
+    ),
+    "decoded_raw1_vs_raw1": (
+        "raw1_decoded",
+        "raw1",
+        "floor: a raw process that decodes / one that does not (decoding's share)",
+    ),
     "noop_vs_faststream_batch": ("noop", "fs_batch", "runtime no-op loop / FastStream batch"),
     "noop_vs_faststream_one": ("noop", "fs_one", "runtime no-op loop / FastStream one-by-one"),
     "relay_vs_xadd": ("relay", "xadd", "relay / hand-packed XADD"),
@@ -257,12 +272,16 @@ def expected_entries(entries: list[tuple[str, Any]], aggregate_types: tuple[str,
 # -- the anchors: plain redis-py at its best --------------------------------------------
 
 
-def raw_consume(client: redis.Redis, streams: list[str], group: str) -> int:
+def raw_consume(
+    client: redis.Redis, streams: list[str], group: str, *, decode: bool = False
+) -> int:
     """Read ``streams`` to the end through ``group``; return the entries read and acked.
 
     XREADGROUP COUNT 500 on every stream at once, sent and read raw on one
     connection (no reply conversion: an entry is only its id here); the XACKs
-    of a batch go in one write with the next read.
+    of a batch go in one write with the next read. With ``decode``, each
+    entry's envelope is also decoded and validated (:func:`events.decode`),
+    as anything that orders a batch by escrow must.
     """
     pool = client.connection_pool
     conn = pool.get_connection()
@@ -274,6 +293,10 @@ def raw_consume(client: redis.Redis, streams: list[str], group: str) -> int:
         total = 0
         while reply:
             batches = reply.items() if isinstance(reply, dict) else reply
+            if decode:
+                for _, got in batches:
+                    for entry in got:
+                        decode_event(entry_data(entry[1]))
             acks = [("XACK", s, group, *[entry[0] for entry in got]) for s, got in batches]
             total += sum(len(a) - 3 for a in acks)
             conn.send_packed_command(conn.pack_commands([*acks, read]))
@@ -657,6 +680,18 @@ def run(
                     raise RuntimeError(f"raw1 read {count}, expected {n}")
                 return count, seconds
 
+            def step_raw1_decoded() -> tuple[int, float]:
+                steps["raw1"] += 1
+                group = f"raw1d-{steps['raw1']}"
+                create_groups(client, streams, group)
+                count, seconds = stats.timed(
+                    lambda: raw_consume(client, streams, group, decode=True)
+                )
+                destroy_groups(client, streams, group)
+                if count != n:
+                    raise RuntimeError(f"raw1_decoded read {count}, expected {n}")
+                return count, seconds
+
             def step_noop() -> tuple[int, float]:
                 steps["noop"] += 1
                 group = f"noop-{steps['noop']}"
@@ -701,6 +736,7 @@ def run(
                 ("parallel4", step_parallel4),
                 ("raw4", step_raw4),
                 ("raw1", step_raw1),
+                ("raw1_decoded", step_raw1_decoded),
                 ("noop", step_noop),
             ):
                 measures[name] = lambda step=step: stats.accumulate(step, min_seconds)

@@ -22,6 +22,8 @@ RATIOS = {
     "relay_vs_xadd",
     "relay_vs_plain",
     "plain_relay_vs_xadd",
+    "noop_vs_raw1_decoded",
+    "decoded_raw1_vs_raw1",
 }
 
 
@@ -51,6 +53,7 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
 
     faststream = p["faststream"] is not None
     measured = {"commands", "relay", "relay_plain", "xadd", "parallel4", "raw4", "raw1", "noop"}
+    measured.add("raw1_decoded")
     if faststream:
         measured |= {"fs_batch", "fs_one"}
     else:  # the record says why the peer anchor is missing
@@ -64,7 +67,8 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     # Every step did all its work: each entry once, in the parallel shapes once per group
     # that reads its stream (the FastStream one-by-one sample aside).
     per_step = {
-        name: p["entries"] for name in ("relay", "relay_plain", "xadd", "raw1", "noop", "fs_batch")
+        name: p["entries"]
+        for name in ("relay", "relay_plain", "xadd", "raw1", "raw1_decoded", "noop", "fs_batch")
     }
     per_step |= dict.fromkeys(("parallel4", "raw4"), sum(p["entries_per_group"].values()))
     assert per_step["raw4"] > p["entries"]  # the escrow stream is read by all four groups
