@@ -18,7 +18,9 @@ one row per cell: kills, kills that lost acknowledged entries, entries lost,
 events lost after repair, time to repair, publish cost, each with its number
 of trials; then its cost ratios against the plain cells) and ``mutation`` (per
 mutated module: mutants, killed, survived, equivalent, score; the record
-``bench/mutation_score.py`` writes). The output depends on the records alone, so running it twice
+``bench/mutation_score.py`` writes). The block ``targets`` gathers, across
+all records, every figure with a target and every floor (a figure whose
+``what`` starts with "floor"). The output depends on the records alone, so running it twice
 changes nothing. ``--check`` changes nothing and exits 1 when the README
 differs from what the records give (a stale or hand-edited table), naming the
 blocks; markers without a record and records without markers are reported,
@@ -388,6 +390,59 @@ def render_scale(record: Mapping[str, Any]) -> str:
 
 RENDERERS = {"durability": render_durability, "mutation": render_mutation, "scale": render_scale}
 
+#: The block that gathers, across records, every figure with a target and every floor.
+TARGETS_BLOCK = "targets"
+
+
+def _is_floor(summary: Mapping[str, Any]) -> bool:
+    return str(summary.get("what", "")).startswith("floor")
+
+
+def render_targets(recs: Mapping[str, Mapping[str, Any]]) -> str:
+    """One table of every figure that has a target, from whichever record holds it,
+    then the floors the benches measured (the most a figure can be on this
+    machine while the work it names stays in the loop), each with its record's
+    commit and date."""
+    targets: list[str] = []
+    floors: list[str] = []
+    for bench in sorted(recs):
+        record = recs[bench]
+        _check_verdicts(record)
+        e = record.get("environment", {})
+        where = f"`{(e.get('commit') or '?')[:10]}` {str(e.get('date', ''))[:10]}"
+        for section in ("ratios", "rates"):
+            for name, s in record.get(section, {}).items():
+                unit = s["unit"]
+                lo, hi = s["interval"]
+                cells = [
+                    bench,
+                    f"`{name}`",
+                    s.get("what", ""),
+                    _number(s["median"], unit) + ("" if unit == "ratio" else f" {unit}"),
+                    f"{_number(lo, unit)}–{_number(hi, unit)}",
+                ]
+                if s.get("target") is not None:
+                    cells += [f"≥ {_number(s['target'], unit)}", s.get("verdict") or "", where]
+                    targets.append("| " + " | ".join(cells) + " |")
+                elif _is_floor(s):
+                    floors.append("| " + " | ".join([*cells, where]) + " |")
+    out = [
+        "| bench | figure | what | median | interval | target | verdict | measured |",
+        "|---|---|---|---:|---:|---:|---|---|",
+        *targets,
+    ]
+    if floors:
+        out += [
+            "",
+            "Floors: the plain code doing the same work (with what the figure keeps in its "
+            "loop) against the anchor — the most the figure above it can reach here.",
+            "",
+            "| bench | figure | what | median | interval | measured |",
+            "|---|---|---|---:|---:|---|",
+            *floors,
+        ]
+    return "\n".join(out)
+
 
 def blocks(text: str) -> list[tuple[str, int, int]]:
     """(bench, start of the block's body, end of it) for each marker pair, in order."""
@@ -415,7 +470,9 @@ def regenerate(text: str, recs: Mapping[str, Mapping[str, Any]]) -> tuple[str, l
     out, last, missing = [], 0, []
     for name, start, end in blocks(text):
         out.append(text[last:start])
-        if name in recs:
+        if name == TARGETS_BLOCK and recs:
+            out.append("\n" + render_targets(recs) + "\n")
+        elif name in recs:
             out.append("\n" + render(recs[name]) + "\n")
         else:
             out.append(text[start:end])
@@ -451,7 +508,7 @@ def main(readme: Path, records_dir: Path, check: bool) -> None:
     except (MarkerError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     placed = {name for name, _, _ in blocks(text)}
-    for name in missing:
+    for name in [m for m in missing if m != TARGETS_BLOCK]:
         click.echo(
             f"no record for the block bench:{name} in {records_dir}: left as it is", err=True
         )
@@ -461,6 +518,11 @@ def main(readme: Path, records_dir: Path, check: bool) -> None:
         )
     stale = [
         n for n, s, e in blocks(text) if n in recs and text[s:e] != "\n" + render(recs[n]) + "\n"
+    ]
+    stale += [
+        n
+        for n, s, e in blocks(text)
+        if n == TARGETS_BLOCK and recs and text[s:e] != "\n" + render_targets(recs) + "\n"
     ]
     if check:
         if stale:

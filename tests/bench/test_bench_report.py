@@ -319,3 +319,38 @@ def test_unexplained_survivors_are_named_under_the_mutation_table() -> None:
     ]
     block = report.render(record)
     assert "Not killed and not explained: `x_take_live__mutmut_3`." in block
+
+
+def test_the_targets_block_gathers_every_target_and_floor_across_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    met = throughput_record([300, 310, 320, 305, 315])
+    rounds = [{"a": Sample(a, 1.0), "b": Sample(1000, 1.0)} for a in (500, 510, 520)]
+    other = throughput_record([300, 310, 320])
+    other["bench"] = "relay"
+    other["ratios"] = {
+        "x_vs_y": stats.ratio_summary("x_vs_y", rounds, "a", "b", what="x / y").to_dict(),
+        "floor_ab": stats.ratio_summary(
+            "floor_ab", rounds, "a", "b", what="floor: plain / anchor"
+        ).to_dict(),
+    }
+    block = report.render_targets({"throughput": met, "relay": other})
+    lines = block.splitlines()
+    target_rows = [ln for ln in lines if "| ≥ " in ln]
+    assert target_rows == [
+        "| throughput | `a_vs_b` | a / b | 0.31 | 0.3–0.32 | ≥ 0.25 | MET "
+        "| `0123456789` 2026-12-06 |"
+    ]
+    floors = lines[lines.index("| bench | figure | what | median | interval | measured |") :]
+    assert "| relay | `floor_ab` | floor: plain / anchor | 0.51 |" in "\n".join(floors)
+    assert "x_vs_y" not in block  # neither a target nor a floor
+
+    # The README block follows the records; --check finds it stale when they change.
+    recs = tmp_path / "records"
+    records.write(met, recs / "throughput.json")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:targets:start -->\n<!-- bench:targets:end -->\n")
+    assert run_report(readme, recs, "--check").returncode == 1
+    assert run_report(readme, recs).returncode == 0
+    assert "| ≥ 0.25 | MET |" in readme.read_text()
+    assert run_report(readme, recs, "--check").returncode == 0
+    records.write(throughput_record([200, 240, 260, 300, 220]), recs / "throughput.json")
+    assert run_report(readme, recs, "--check").returncode == 1
