@@ -635,14 +635,18 @@ def run(
                     )
                 return done
 
-            def step_relay() -> tuple[int, float]:
-                client.delete(*relay_names.streams())
+            def unpublish(streams_of: StreamNames) -> None:
+                """The lifecycles' rows unpublished again, the streams they went to gone."""
+                client.delete(*streams_of.streams())
                 with store.begin() as conn:
                     conn.execute(
                         update(outbox)
                         .where(outbox.c.seq <= last_seq)
                         .values(published_at=None, stream_id=None)
                     )
+
+            def step_relay() -> tuple[int, float]:
+                unpublish(relay_names)
                 # A relay of its own per step: one that published to the deleted
                 # streams would find them lost and repair first.
                 relay = OutboxRelay(store, client, names=relay_names, batch_size=BATCH)
@@ -652,13 +656,7 @@ def run(
                 return count, seconds
 
             def step_relay_plain() -> tuple[int, float]:
-                client.delete(*plain_names.streams())
-                with store.begin() as conn:
-                    conn.execute(
-                        update(outbox)
-                        .where(outbox.c.seq <= last_seq)
-                        .values(published_at=None, stream_id=None)
-                    )
+                unpublish(plain_names)
                 count, seconds = stats.timed(
                     lambda: plain_relay(store, client, plain_names, clock.now())
                 )
