@@ -23,7 +23,9 @@ other round:
   groups, inbox and effects reset between steps). Anchor ``raw4``: four
   plain redis-py processes at once, each reading the streams of one handler
   group. Each parallel step runs from the moment the processes leave a
-  barrier to the last one's end.
+  barrier to the last one's end. Anchor ``sql4``: the same four handlers on
+  their groups' events (decoded before the step) in batches of 500, no Redis:
+  their SQL alone, the floor ``sql4_vs_raw4`` sets on ``parallel_vs_raw4``.
 * ``noop``  :meth:`ConsumerWorker.drain` with a no-op handler over all streams
   in this process: the runtime loop's own cost. Anchor ``raw1``: one plain
   redis-py process on the same streams; ``raw1_decoded``: the same process
@@ -45,7 +47,8 @@ lifecycles made) through a fresh consumer group.
 
 Ratios (names stable; targets in :data:`TARGETS` or ``--target``):
 ``parallel_vs_raw4``, ``noop_vs_raw1``, ``noop_vs_faststream_batch``,
-``noop_vs_faststream_one``, ``noop_vs_raw1_decoded``, ``decoded_raw1_vs_raw1``,
+``noop_vs_faststream_one``, ``parallel_vs_sql4``, ``sql4_vs_raw4``,
+``noop_vs_raw1_decoded``, ``decoded_raw1_vs_raw1``,
 ``relay_vs_xadd``, ``relay_vs_plain``, ``plain_relay_vs_xadd``; rates of every measurement,
 ``commands`` among them.
 
@@ -126,6 +129,7 @@ MEASURES: dict[str, str] = {
     "relay_plain": f"plain relay: read {BATCH} rows, hand-packed XADD, one UPDATE, commit",
     "parallel4": "four handler groups as four processes (ConsumerWorker + SQL handlers)",
     "raw4": "four raw redis-py processes, each on one handler group's streams",
+    "sql4": "the four handlers' SQL alone, four processes (events decoded before)",
     "raw1": f"one raw redis-py process: XREADGROUP COUNT {BATCH}, XACK pipelined with next read",
     "raw1_decoded": "the same raw process, each envelope also decoded (msgspec, validated)",
     "noop": "ConsumerWorker.drain, no-op handler, every stream",
@@ -141,6 +145,12 @@ RATIOS: dict[str, tuple[str, str, str]] = {
         "parallel4",
         "raw4",
         "four handler groups in parallel / four raw processes",
+    ),
+    "parallel_vs_sql4": ("parallel4", "sql4", "four handler groups / their SQL alone"),
+    "sql4_vs_raw4": (
+        "sql4",
+        "raw4",
+        "floor: the handlers' SQL alone / four raw processes (the SQL's share)",
     ),
     "noop_vs_raw1": ("noop", "raw1", "runtime no-op loop / one raw process"),
     "noop_vs_raw1_decoded": (
@@ -400,13 +410,22 @@ def _crew_member(
     group = GROUPS[index]
     client = connect(url)
     streams = names.streams(HANDLERS[group].aggregate_types)
-    handler = make_handler(group, Store(store_url)) if kind == "runtime" else None
+    handler = make_handler(group, Store(store_url)) if kind in ("runtime", "sql") else None
+    events = _group_events(client, streams) if kind == "sql" else []
     while True:
         step = pipe.recv()
         if step is None:
             return
         try:
-            if handler is not None:
+            if kind == "sql":
+                assert handler is not None
+                barrier.wait(timeout=120)
+                started = time.monotonic()
+                for i in range(0, len(events), BATCH):
+                    handler.handle(events[i : i + BATCH])
+                ended = time.monotonic()
+                pipe.send(("ok", group, len(events), started, ended))
+            elif handler is not None:
                 worker = ConsumerWorker(client, handler, consumer=f"{group}-bench", names=names)
                 worker.setup()
                 barrier.wait(timeout=120)
@@ -431,8 +450,19 @@ def _crew_member(
             pipe.send(("error", group, traceback.format_exc(), 0.0, 0.0))
 
 
+def _group_events(client: redis.Redis, streams: list[str]) -> list[Event]:
+    """Every event of ``streams``, decoded once, each stream in its order."""
+    return [
+        decode_event(entry_data(fields))
+        for stream in streams
+        for _, fields in client.xrange(stream)
+    ]
+
+
 class Crew:
-    """Four processes, one per handler group: ``runtime`` ones or ``raw`` ones."""
+    """Four processes, one per handler group: ``runtime`` ones (a worker and the real
+    handler), ``raw`` ones (the plain loop) or ``sql`` ones (the real handler on the
+    group's events, decoded before the step, in batches of :data:`BATCH`: its SQL alone)."""
 
     def __init__(self, kind: str, url: str, store: Store, names: StreamNames) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -712,7 +742,8 @@ def run(
 
             runtime_crew = Crew("runtime", url, store, names)
             raw_crew = Crew("raw", url, store, names)
-            crews += [runtime_crew, raw_crew]
+            sql_crew = Crew("sql", url, store, names)
+            crews += [runtime_crew, raw_crew, sql_crew]
 
             def step_parallel4() -> tuple[int, float]:
                 reset_handler_groups(client, store, names)
@@ -725,6 +756,14 @@ def run(
             def step_raw4() -> tuple[int, float]:
                 return raw_crew.step(per_group)
 
+            def step_sql4() -> tuple[int, float]:
+                reset_handler_groups(client, store, names)
+                done = sql_crew.step(per_group)
+                counts = inbox_counts(store)
+                if counts != per_group:
+                    raise RuntimeError(f"sql4: inbox rows by group {counts}, expected {per_group}")
+                return done
+
             measures: dict[str, Callable[[], Sample]] = {}
             for name, step in (
                 ("commands", step_commands),
@@ -733,6 +772,7 @@ def run(
                 ("xadd", step_xadd),
                 ("parallel4", step_parallel4),
                 ("raw4", step_raw4),
+                ("sql4", step_sql4),
                 ("raw1", step_raw1),
                 ("raw1_decoded", step_raw1_decoded),
                 ("noop", step_noop),

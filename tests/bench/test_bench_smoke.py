@@ -24,6 +24,8 @@ RATIOS = {
     "plain_relay_vs_xadd",
     "noop_vs_raw1_decoded",
     "decoded_raw1_vs_raw1",
+    "parallel_vs_sql4",
+    "sql4_vs_raw4",
 }
 
 
@@ -53,7 +55,7 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
 
     faststream = p["faststream"] is not None
     measured = {"commands", "relay", "relay_plain", "xadd", "parallel4", "raw4", "raw1", "noop"}
-    measured.add("raw1_decoded")
+    measured |= {"raw1_decoded", "sql4"}
     if faststream:
         measured |= {"fs_batch", "fs_one"}
     else:  # the record says why the peer anchor is missing
@@ -70,7 +72,7 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
         name: p["entries"]
         for name in ("relay", "relay_plain", "xadd", "raw1", "raw1_decoded", "noop", "fs_batch")
     }
-    per_step |= dict.fromkeys(("parallel4", "raw4"), sum(p["entries_per_group"].values()))
+    per_step |= dict.fromkeys(("parallel4", "raw4", "sql4"), sum(p["entries_per_group"].values()))
     assert per_step["raw4"] > p["entries"]  # the escrow stream is read by all four groups
     for name in measured - {"commands", "fs_one"}:
         for rnd in record["rounds"]:
