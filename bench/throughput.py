@@ -745,24 +745,25 @@ def run(
             sql_crew = Crew("sql", url, store, names)
             crews += [runtime_crew, raw_crew, sql_crew]
 
-            def step_parallel4() -> tuple[int, float]:
+            def handled_by(crew: Crew) -> tuple[int, float]:
+                """A step of a crew that writes: from empty tables, every entry handled."""
                 reset_handler_groups(client, store, names)
-                done = runtime_crew.step(per_group)
+                done = crew.step(per_group)
                 counts = inbox_counts(store)
                 if counts != per_group:
-                    raise RuntimeError(f"inbox rows by group {counts}, expected {per_group}")
+                    raise RuntimeError(
+                        f"{crew.kind}: inbox rows by group {counts}, expected {per_group}"
+                    )
                 return done
+
+            def step_parallel4() -> tuple[int, float]:
+                return handled_by(runtime_crew)
 
             def step_raw4() -> tuple[int, float]:
                 return raw_crew.step(per_group)
 
             def step_sql4() -> tuple[int, float]:
-                reset_handler_groups(client, store, names)
-                done = sql_crew.step(per_group)
-                counts = inbox_counts(store)
-                if counts != per_group:
-                    raise RuntimeError(f"sql4: inbox rows by group {counts}, expected {per_group}")
-                return done
+                return handled_by(sql_crew)
 
             measures: dict[str, Callable[[], Sample]] = {}
             for name, step in (
