@@ -18,6 +18,7 @@ due at once are posted concurrently) and the payment verification pass
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -164,17 +165,24 @@ class App:
         them one by one would cap payments at a few per second per API process.
         """
         assert self.sim is not None
-        # As many connections as callbacks in flight: httpcore scans its whole pool
-        # for every request, and a pool grown to a hundred costs more than the post.
-        limits = httpx.Limits(
-            max_connections=CALLBACKS_IN_FLIGHT, max_keepalive_connections=CALLBACKS_IN_FLIGHT
-        )
-        async with httpx.AsyncClient(timeout=10, limits=limits) as http:
+        async with contextlib.AsyncExitStack() as clients:
+            # A client of one connection per callback in flight, taken in turn:
+            # httpcore checks every connection of its pool (a poll of its socket)
+            # for each request it places, so one pool of 16 cost more than the posts.
+            idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+            one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            for _ in range(CALLBACKS_IN_FLIGHT):
+                client = httpx.AsyncClient(timeout=10, limits=one)
+                idle.put_nowait(await clients.enter_async_context(client))
 
             async def post(delivery: Delivery) -> None:
                 try:
                     if self.settings.callback_url:
-                        await http.post(delivery.url, json=delivery.body)
+                        http = await idle.get()
+                        try:
+                            await http.post(delivery.url, json=delivery.body)
+                        finally:
+                            idle.put_nowait(http)
                     else:
                         await run_in_threadpool(
                             self.service.handle_callback, token_of(delivery.url), delivery.body

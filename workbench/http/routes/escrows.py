@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from workbench.http import edge
 from workbench.http.commands import Caller
@@ -78,11 +79,11 @@ class ResolveBody(BaseModel):
 
 
 @router.post("/escrows", status_code=201, tags=["commands"])
-def create_escrow(body: CreateEscrowBody, caller: Caller) -> dict[str, Any]:
+async def create_escrow(body: CreateEscrowBody, caller: Caller) -> dict[str, Any]:
     """Open an escrow between a buyer and a seller; the caller must be one of them."""
     if caller.user not in (body.buyer_id, body.seller_id):
         raise Forbidden(f"{caller.user!r} is neither the buyer nor the seller")
-    return caller.run(
+    return await caller.run(
         lambda service, actor, key: service.create(
             body.buyer_id,
             body.seller_id,
@@ -95,8 +96,8 @@ def create_escrow(body: CreateEscrowBody, caller: Caller) -> dict[str, Any]:
 
 
 @router.get("/escrows/{escrow_id}", tags=["queries"])
-def get_escrow(escrow_id: str, user: User, state: State) -> dict[str, Any]:
-    escrow = state.service.get(escrow_id)
+async def get_escrow(escrow_id: str, user: User, state: State) -> dict[str, Any]:
+    escrow = await run_in_threadpool(state.service.get, escrow_id)
     if user not in (escrow.buyer_id, escrow.seller_id, "admin"):
         raise Forbidden(f"{user!r} is not a party to {escrow_id}")
     return escrow.to_dict()
@@ -108,42 +109,42 @@ def _checkout(result: CommandResult) -> dict[str, Any]:
 
 
 @router.post("/escrows/{escrow_id}/fund", tags=["commands"])
-def fund(escrow_id: str, caller: Caller, body: FundBody | None = None) -> dict[str, Any]:
+async def fund(escrow_id: str, caller: Caller, body: FundBody | None = None) -> dict[str, Any]:
     """Start the M-Pesa STK push to the buyer's phone."""
     phone = (body or FundBody()).phone
-    return caller.run(
+    return await caller.run(
         lambda service, actor, key: service.fund(escrow_id, actor, phone, idempotency_key=key),
         extra=_checkout,
     )
 
 
 @router.post("/escrows/{escrow_id}/ship", tags=["commands"])
-def ship(escrow_id: str, caller: Caller, body: ShipBody | None = None) -> dict[str, Any]:
+async def ship(escrow_id: str, caller: Caller, body: ShipBody | None = None) -> dict[str, Any]:
     tracking = (body or ShipBody()).tracking
-    return caller.run(
+    return await caller.run(
         lambda service, actor, key: service.ship(escrow_id, actor, tracking, idempotency_key=key)
     )
 
 
 @router.post("/escrows/{escrow_id}/confirm", tags=["commands"])
-def confirm(escrow_id: str, caller: Caller) -> dict[str, Any]:
-    return caller.run(
+async def confirm(escrow_id: str, caller: Caller) -> dict[str, Any]:
+    return await caller.run(
         lambda service, actor, key: service.confirm(escrow_id, actor, idempotency_key=key)
     )
 
 
 @router.post("/escrows/{escrow_id}/dispute", tags=["commands"])
-def dispute(escrow_id: str, caller: Caller, body: ReasonBody | None = None) -> dict[str, Any]:
+async def dispute(escrow_id: str, caller: Caller, body: ReasonBody | None = None) -> dict[str, Any]:
     reason = (body or ReasonBody()).reason
-    return caller.run(
+    return await caller.run(
         lambda service, actor, key: service.dispute(escrow_id, actor, reason, idempotency_key=key)
     )
 
 
 @router.post("/escrows/{escrow_id}/resolve", tags=["commands"])
-def resolve(escrow_id: str, body: ResolveBody, caller: Caller) -> dict[str, Any]:
+async def resolve(escrow_id: str, body: ResolveBody, caller: Caller) -> dict[str, Any]:
     """Resolve a dispute (the ``admin`` user only): refund the buyer or release."""
-    return caller.run(
+    return await caller.run(
         lambda service, actor, key: service.resolve(
             escrow_id, actor, body.outcome, body.note, idempotency_key=key
         )
@@ -151,8 +152,8 @@ def resolve(escrow_id: str, body: ResolveBody, caller: Caller) -> dict[str, Any]
 
 
 @router.post("/escrows/{escrow_id}/cancel", tags=["commands"])
-def cancel(escrow_id: str, caller: Caller, body: ReasonBody | None = None) -> dict[str, Any]:
+async def cancel(escrow_id: str, caller: Caller, body: ReasonBody | None = None) -> dict[str, Any]:
     reason = (body or ReasonBody()).reason
-    return caller.run(
+    return await caller.run(
         lambda service, actor, key: service.cancel(escrow_id, actor, reason, idempotency_key=key)
     )
