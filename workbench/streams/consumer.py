@@ -94,6 +94,7 @@ from workbench.streams.connection import (
     REDIS_DOWN,
     SOCKET_TIMEOUT_S,
     TRANSIENT,
+    execute,
     on_slot_of,
     outage_backoff,
 )
@@ -563,7 +564,7 @@ class ConsumerWorker:
             pipe.xpending(stream, self.group)
         if not self._cluster:  # a cluster has a run_id per node, and fails over instead
             pipe.info("server")
-        found = pipe.execute()
+        found = execute(self.client, pipe)
         if beat is not None:
             self._beat_sent(beat)
             found = found[1:]
@@ -759,14 +760,22 @@ class ConsumerWorker:
         by_stream: dict[str, list[str]] = {}
         for d in deliveries:
             by_stream.setdefault(d.stream, []).append(d.entry_id)
-        if len(by_stream) == 1:  # the usual batch: no pipeline to build
+        conn = None if self._cluster else self.client.connection
+        if len(by_stream) == 1 and conn is not None:  # one connection: sent as the reads are
+            [(stream, ids)] = by_stream.items()
+            args = ["XACK", stream, self.group, *ids]
+            with self.client.single_connection_lock:
+                conn.retry.call_with_retry(
+                    lambda: _send_and_read(conn, args), lambda _error: conn.disconnect()
+                )
+        elif len(by_stream) == 1:  # the usual batch: no pipeline to build
             [(stream, ids)] = by_stream.items()
             self.client.xack(stream, self.group, *ids)
         else:
             pipe = self.client.pipeline(transaction=False)
             for stream, ids in by_stream.items():
                 pipe.xack(stream, self.group, *ids)
-            pipe.execute()
+            execute(self.client, pipe)
         self.stats.acked += len(deliveries)
 
     def _dead_letter(self, d: Delivery, reason: str) -> None:
@@ -875,7 +884,7 @@ class ConsumerWorker:
         pipe = self.client.pipeline(transaction=False)
         for stream in streams:
             pipe.xpending(stream, self.group)
-        for stream, summary in zip(streams, pipe.execute(), strict=True):
+        for stream, summary in zip(streams, execute(self.client, pipe), strict=True):
             if not summary["pending"]:
                 continue
             for c in summary["consumers"]:
