@@ -47,6 +47,9 @@ on one side of the target gives (:mod:`bench.stats`):
   is made once per round, beside the speed run, and is also the load sweep's
   batched run at that rate (the median round's).
 
+The floor's own events per second per round (``floor``, no target) goes in the
+record too, so the README's block of targets and floors lists it.
+
 **Memory.** ``simulate`` for ``--base-duration`` and ``--multiplier`` times it
 of virtual load (same phones, drain unchanged), each in a child process with a
 redis-server of its own (AOF on, as ``simulate`` starts one). Where the tree
@@ -790,6 +793,11 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         what="the baseline's runtime events per wall s (wake-ups) / the floor's events per s "
         "(this round's unit costs)",
     )  # fmt: skip
+    floor_judged = stats.rate_summary(
+        "floor", rounds, unit="events/s",
+        what="floor: runtime events per s that the baseline's own Redis round trips and SQL "
+        "commits allow, before any other work",
+    )  # fmt: skip
     print_targets(vs_floor, batched_judged)
     rate = events_per_s(speed)
     for run in (speed, small, big):
@@ -812,7 +820,8 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     if record_path is None and not quick:
         record_path = records.RECORDS_DIR / "simulate.json"
     if record_path is not None:
-        record = record_of(summary, rounds, [judged, batched_judged], [vs_floor], load_before,
+        record = record_of(summary, rounds, [judged, batched_judged, floor_judged], [vs_floor],
+                           load_before,
                            multiplier,
                            {"scenario": scenario, "seed": seed, "phones": phones,
                             "duration": duration, "repeat": repeat, "cpu": cpu,
@@ -864,7 +873,8 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[st
     per_event = floor_us(floor["counts"], floor["events"], floor)
     headline = [
         *[[f"target: {s.what}", _target_line(s)] for s in targets],
-        *[[f"target: {s.what}", _target_line(s)] for s in rates if s.name != "speed"],
+        *[[f"target: {s.what}", _target_line(s)] for s in rates
+          if s.name != "speed" and s.target is not None],
         ["runtime share of wall time (median speed run)", f"{summary['runtime_share']:.1%}"],
         [f"simulator peak RSS, 1x / {multiplier:g}x virtual load",
          f"{small['sim_rss_peak'] / MIB:,.0f} / {big['sim_rss_peak'] / MIB:,.0f} MiB"],

@@ -67,9 +67,16 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert vs_floor["per_round"] == [pytest.approx(speed_rate / floor_rate)]
     assert summary["targets"]["speed_vs_floor"]["verdict"] == vs_floor["verdict"]
     assert "target: speed / floor" in result.stdout
-    # The README's renderer takes the record with its new fields.
+    floor = record["rates"]["floor"]  # the floor itself: no target, listed among the floors
+    assert floor["target"] is None and floor["what"].startswith("floor")
+    assert floor["per_round"] == [pytest.approx(floor_rate)]
+    # The README's renderers take the record with its new fields: its own block, and the
+    # block gathering every target and floor across records.
     rendered = report.render(record)
     assert "speed_vs_floor" in rendered and "batched_at_5" in rendered
+    gathered = report.render_targets({"simulate": record})
+    assert "`speed_vs_floor`" in gathered and "`batched_at_5`" in gathered
+    assert "`floor`" in gathered.split("Floors:")[1]
 
 
 def test_simulation_bench_rejects_bad_rates() -> None:
