@@ -31,7 +31,24 @@ hooked): round trips and commits per runtime event. Beside it, timed here:
 one redis-py call through the pool, on one connection (as the simulator
 uses), by hand on the socket, and a SQLite transaction of one prepared insert.
 Their product is the cost per event of those alone, a ceiling on speed
-before any other work.
+before any other work. The unit costs are timed again in every round, right
+after that round's runs, so each round's speed is set against a floor taken
+under the same load.
+
+**Targets (issue #16).** Two, each stated in the record with its per-round
+values, min–max, bootstrap interval and a verdict that only an interval wholly
+on one side of the target gives (:mod:`bench.stats`):
+
+* ``speed_vs_floor`` (a ratio): the baseline's speed with wake-ups (the speed
+  run) over the floor's events per second, target :data:`FLOOR_TARGET`: how
+  close the runtime gets to what its own round trips and commits allow;
+* ``batched_at_<rate>`` (a rate): runtime events per wall second of the scenario
+  at ``--target-rate`` escrows/s (10) batched, target :data:`TARGET`. That run
+  is made once per round, beside the speed run, and is also the load sweep's
+  batched run at that rate (the median round's).
+
+The floor's own events per second per round (``floor``, no target) goes in the
+record too, so the README's block of targets and floors lists it.
 
 **Memory.** ``simulate`` for ``--base-duration`` and ``--multiplier`` times it
 of virtual load (same phones, drain unchanged), each in a child process with a
@@ -98,6 +115,8 @@ from workbench.service import CommandResult  # noqa: E402
 from workbench.streams.keys import UserStreamNames  # noqa: E402
 
 TARGET = 20_000  # runtime events per wall-clock second
+FLOOR_TARGET = 0.5  # the baseline's speed over the floor's events per second
+TARGET_RATE = 10.0  # escrows/s of the batched run judged against TARGET
 FLAT = 1.5  # Nx/1x ratio below which memory counts as flat
 MIB = 1024 * 1024
 S = EscrowState
@@ -420,6 +439,24 @@ def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
     return costs
 
 
+def floor_us(counts: dict[str, int], events: int, costs: dict[str, float]) -> float:
+    """Microseconds per runtime event spent in round trips (each timed as one call on
+    one connection) and SQL commits (each a one-insert transaction) alone."""
+    trips, commits = counts["round_trips"] / events, counts["sql_commits"] / events
+    return trips * costs["redis_single_us"] + commits * costs["sqlite_txn_us"]
+
+
+def floor_sample(run: dict[str, Any], costs: dict[str, float]) -> stats.Sample:
+    """The counting run's events as the floor would do them: in the time its round
+    trips and commits take at ``costs``, so ``Sample.rate`` is the floor's events/s."""
+    events = run["total_events"]
+    return stats.Sample(events, events * floor_us(run["counts"], events, costs) / 1e6)
+
+
+def _median_costs(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.median([c[k] for c in rounds])) for k in rounds[0]}
+
+
 def _print_costs(costs: dict[str, float], placement: str) -> None:
     print(f"per call ({placement}): redis-py through the pool {costs['redis_pooled_us']:.1f} us, "
           f"on one connection {costs['redis_single_us']:.1f} us, by hand on the socket "
@@ -432,8 +469,9 @@ def print_floor(
 ) -> None:
     counts, events = run["counts"], run["total_events"]
     trips, commits = counts["round_trips"] / events, counts["sql_commits"] / events
-    floor = trips * costs["redis_single_us"] + commits * costs["sqlite_txn_us"]
-    _print_costs(costs, "placed as the runs" if os_costs is not None else "CPUs left to the OS")
+    floor = floor_us(counts, events, costs)
+    where = "placed as the runs" if os_costs is not None else "CPUs left to the OS"
+    _print_costs(costs, f"{where}, median of the rounds")
     if os_costs is not None:
         _print_costs(os_costs, "CPUs left to the OS, for comparison")
     print(f"counting run ({run['label']}, {events:,} runtime events): {counts['round_trips']:,} "
@@ -607,6 +645,11 @@ def print_within(console: Any, big: dict[str, Any], n: float, verdicts: dict[str
     help="as `workbench simulate --cpu`; unless none, the speed runs are repeated "
     "with none beside them",
 )  # fmt: skip
+@click.option(
+    "--target-rate", type=float, metavar="R",
+    help=f"the batched run judged against {TARGET:,} events/s, once per round, at R "
+    f"escrows/s for --rate-duration [{TARGET_RATE:g}; --quick: 5]",
+)  # fmt: skip
 @click.option("--quick", is_flag=True, help="smoke run: 100 phones, 60 s load, 30 s drain, 3x")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -618,9 +661,9 @@ def print_within(console: Any, big: dict[str, Any], n: float, verdicts: dict[str
 @click.option("--child", "child_spec", hidden=True)
 def main(scenario: str, seed: int, phones: int, duration: float | None,
          base_duration: float | None, multiplier: float, overrides: tuple[str, ...],
-         rates: str | None, rate_duration: float, repeat: int, cpu: str, quick: bool,
-         json_path: Path | None, record_path: Path | None,
-         child_spec: str | None) -> None:  # fmt: skip
+         rates: str | None, rate_duration: float, repeat: int, cpu: str,
+         target_rate: float | None, quick: bool, json_path: Path | None,
+         record_path: Path | None, child_spec: str | None) -> None:  # fmt: skip
     """Virtual-time speed of the baseline simulation, the runtime's share, and memory."""
     if child_spec:
         print(json.dumps(child(json.loads(child_spec))))
@@ -631,7 +674,9 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         sets.insert(0, "run.drain_s=30")
         rates, rate_duration = "5" if rates is None else rates, min(rate_duration, 30.0)
         repeat = 1
+        target_rate = 5.0 if target_rate is None else target_rate
     rates = "1,10,50" if rates is None else rates
+    target_rate = TARGET_RATE if target_rate is None else target_rate
     try:
         loaded = load(scenario, sets)
     except ScenarioError as exc:
@@ -648,8 +693,10 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         raise click.UsageError(
             f"--rates takes numbers separated by commas, not {rates!r}"
         ) from None
-    if any(r <= 0 for r in arrival_rates):
-        raise click.UsageError("--rates must be positive (escrows per virtual second)")
+    if any(r <= 0 for r in arrival_rates) or target_rate <= 0:
+        raise click.UsageError(
+            "--rates and --target-rate must be positive (escrows per virtual second)"
+        )
     duration = duration or loaded.run.duration_s
     base_duration = base_duration or loaded.run.duration_s
     buyers = max(phones, loaded.market.buyers)
@@ -670,6 +717,13 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     runs, unplaced = [], []
     load_before = records.load_average()
     rounds: list[stats.Round] = []
+    # Each round: the speed run (and left to the OS), the batched run at the target
+    # rate, then the floor's unit costs, all under that round's load.
+    batched_key = f"batched_at_{target_rate:g}"
+    batched_more = [f"market.arrival_rate={target_rate}", *BATCHED]
+    batched_runs: list[dict[str, Any]] = []
+    round_costs: list[dict[str, float]] = []
+    cost_calls = 500 if quick else 5000
     for i in range(repeat):
         runs.append(spawn(spec(duration, f"speed {i + 1}/{repeat}")))
         rounds.append({"speed": stats.Sample(runs[-1]["total_events"], runs[-1]["wall_s"])})
@@ -679,8 +733,19 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
             rounds[-1]["speed_os_placed"] = stats.Sample(
                 unplaced[-1]["total_events"], unplaced[-1]["wall_s"]
             )
+        label = f"{target_rate:g}/s batched {i + 1}/{repeat}"
+        batched_runs.append(spawn(spec(rate_duration, label, batched_more)))
+        rounds[-1][batched_key] = stats.Sample(
+            batched_runs[-1]["total_events"], batched_runs[-1]["wall_s"]
+        )
+        round_costs.append(call_costs(cost_calls, placed))
     judged = stats.rate_summary("speed", rounds, what="runtime events per wall second",
                                 unit="events/s", target=TARGET)  # fmt: skip
+    batched_judged = stats.rate_summary(
+        batched_key, rounds, unit="events/s", target=TARGET,
+        what=f"runtime events per wall second, batched, {target_rate:g} escrows/s",
+    )  # fmt: skip
+    batched_runs.sort(key=events_per_s)
     runs.sort(key=events_per_s)
     unplaced.sort(key=events_per_s)
     speed = runs[len(runs) // 2]
@@ -707,19 +772,33 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     by_rate = []
     for rate in arrival_rates:
         more = [f"market.arrival_rate={rate}"]
-        by_rate.append({
-            "rate": rate,
-            "woken": spawn(spec(rate_duration, f"{rate:g}/s", more)),
-            "batched": spawn(spec(rate_duration, f"{rate:g}/s batched", more + BATCHED)),
-        })  # fmt: skip
+        woken = spawn(spec(rate_duration, f"{rate:g}/s", more))
+        if rate == target_rate:  # made in the rounds already: the median one
+            batched = batched_runs[len(batched_runs) // 2]
+        else:
+            batched = spawn(spec(rate_duration, f"{rate:g}/s batched", more + BATCHED))
+        by_rate.append({"rate": rate, "woken": woken, "batched": batched})
     if by_rate:
         print_load(console, by_rate)
     # Where the baseline's floor is: round trips and commits per runtime event (a
     # run of its own, hooked to count) times what each costs on this machine.
     counting = spawn({**spec(rate_duration, "counting"), "count": True})
-    costs = call_costs(500 if quick else 5000, placed)
-    os_costs = None if placed is None else call_costs(500 if quick else 5000, None)
+    costs = _median_costs(round_costs)
+    os_costs = None if placed is None else call_costs(cost_calls, None)
     print_floor(counting, costs, os_costs)
+    for rnd, round_cost in zip(rounds, round_costs, strict=True):
+        rnd["floor"] = floor_sample(counting, round_cost)
+    vs_floor = stats.ratio_summary(
+        "speed_vs_floor", rounds, "speed", "floor", target=FLOOR_TARGET,
+        what="the baseline's runtime events per wall s (wake-ups) / the floor's events per s "
+        "(this round's unit costs)",
+    )  # fmt: skip
+    floor_judged = stats.rate_summary(
+        "floor", rounds, unit="events/s",
+        what="floor: runtime events per s that the baseline's own Redis round trips and SQL "
+        "commits allow, before any other work",
+    )  # fmt: skip
+    print_targets(vs_floor, batched_judged)
     rate = events_per_s(speed)
     for run in (speed, small, big):
         run.pop("trace", None)  # every sample: printed above, too long for the JSON line
@@ -728,8 +807,10 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                "interval": [round(x, 1) for x in judged.interval],
                "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
                "events_per_s_runs": [round(r, 1) for r in rates_seen], "placement": placement,
+               "targets": {s.name: _target_figures(s) for s in (vs_floor, batched_judged)},
                "floor": {"counts": counting["counts"], "events": counting["total_events"],
                          **{k: round(v, 2) for k, v in costs.items()},
+                         "rounds": [{k: round(v, 2) for k, v in c.items()} for c in round_costs],
                          "os_placed": os_costs and {k: round(v, 2) for k, v in os_costs.items()}},
                "speed": speed, "model_only": model,
                "memory": {"1x": small, f"{multiplier:g}x": big},
@@ -739,10 +820,13 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     if record_path is None and not quick:
         record_path = records.RECORDS_DIR / "simulate.json"
     if record_path is not None:
-        record = record_of(summary, rounds, judged, load_before, multiplier,
+        record = record_of(summary, rounds, [judged, batched_judged, floor_judged], [vs_floor],
+                           load_before,
+                           multiplier,
                            {"scenario": scenario, "seed": seed, "phones": phones,
                             "duration": duration, "repeat": repeat, "cpu": cpu,
-                            "overrides": sets, "rates": arrival_rates})  # fmt: skip
+                            "overrides": sets, "rates": arrival_rates,
+                            "target_rate": target_rate})  # fmt: skip
         records.write(record, record_path)
     line = json.dumps(summary, sort_keys=True)
     if json_path is not None:
@@ -750,11 +834,34 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     print(line)
 
 
-def record_of(summary: dict[str, Any], rounds: list[stats.Round], judged: stats.Summary,
-              load_before: list[float], multiplier: float,
+def _target_figures(s: stats.Summary) -> dict[str, Any]:
+    digits = 3 if s.unit == "ratio" else 1
+    return {"what": s.what, "median": round(s.median, digits), "target": s.target,
+            "interval": [round(x, digits) for x in s.interval], "verdict": s.verdict,
+            "per_round": [round(x, digits) for x in s.per_round]}  # fmt: skip
+
+
+def _target_line(s: stats.Summary) -> str:
+    """``median (interval lo–hi, n rounds) against >= target: VERDICT``."""
+    fmt = "{:.2f}" if s.unit == "ratio" else "{:,.0f}"
+    lo, hi = s.interval
+    median, lo, hi, target = (fmt.format(x) for x in (s.median, lo, hi, s.target))
+    return (f"{median} (interval {lo}–{hi}, {len(s.per_round)} round(s)) "
+            f"against ≥ {target}: {s.verdict}")  # fmt: skip
+
+
+def print_targets(vs_floor: stats.Summary, batched: stats.Summary) -> None:
+    print(f"target: speed / floor (baseline, wake-ups): {_target_line(vs_floor)}")
+    print(f"target: {batched.what}: {_target_line(batched)}")
+
+
+def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[stats.Summary],
+              targets: list[stats.Summary], load_before: list[float], multiplier: float,
               parameters: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """The bench record: the speed runs as rounds, the headline figures of the rest."""
-    ratios = []
+    """The bench record: each round's runs (speed, batched at the target rate) and
+    floor, the two targets (a ratio and a rate, each with its interval and verdict),
+    the headline figures of the rest."""
+    ratios = list(targets)
     if "speed_os_placed" in rounds[0]:
         ratios.append(stats.ratio_summary("one_cpu_vs_os_placed", rounds, "speed",
                                           "speed_os_placed",
@@ -763,8 +870,11 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], judged: stats.
     floor = summary["floor"]
     trips = floor["counts"]["round_trips"] / floor["events"]
     commits = floor["counts"]["sql_commits"] / floor["events"]
-    floor_us = trips * floor["redis_single_us"] + commits * floor["sqlite_txn_us"]
+    per_event = floor_us(floor["counts"], floor["events"], floor)
     headline = [
+        *[[f"target: {s.what}", _target_line(s)] for s in targets],
+        *[[f"target: {s.what}", _target_line(s)] for s in rates
+          if s.name != "speed" and s.target is not None],
         ["runtime share of wall time (median speed run)", f"{summary['runtime_share']:.1%}"],
         [f"simulator peak RSS, 1x / {multiplier:g}x virtual load",
          f"{small['sim_rss_peak'] / MIB:,.0f} / {big['sim_rss_peak'] / MIB:,.0f} MiB"],
@@ -772,8 +882,8 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], judged: stats.
          f"{small['redis_used_memory'] / MIB:,.1f} / {big['redis_used_memory'] / MIB:,.1f} MiB"],
         ["Redis round trips / SQL commits per runtime event (counting run)",
          f"{trips:.2f} / {commits:.2f}"],
-        ["floor from round trips and commits alone",
-         f"{floor_us:.0f} µs per event: at most {1e6 / floor_us:,.0f} events/s"],
+        ["floor from round trips and commits alone (median of the rounds' unit costs)",
+         f"{per_event:.0f} µs per event: at most {1e6 / per_event:,.0f} events/s"],
         *[[f"runtime events per wall s at {row['rate']:g} escrows/s: woken / batched",
            " / ".join(f"{row[k]['total_events'] / row[k]['wall_s']:,.0f}"
                       for k in ("woken", "batched"))]
@@ -787,10 +897,12 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], judged: stats.
         rounds=rounds,
         orders=[order] * len(rounds),
         ratios=ratios,
-        rates=[judged],
+        rates=rates,
         figures={"headline": headline, "summary": summary},
-        notes=["each speed run is one round, a fresh process; runs pinned and left to the "
-               "OS alternate"],
+        notes=["a round: the speed run (and, where pinned, the same left to the OS), the "
+               "batched run at the target rate, each a fresh process, then the floor's unit "
+               "costs timed; the floor's round trips and commits per event come from one "
+               "counting run"],
     )  # fmt: skip
 
 

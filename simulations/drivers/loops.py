@@ -45,7 +45,7 @@ from workbench.handlers import ALL_GROUPS, aggregate_types_of, handler_for
 from workbench.handlers.fanout import FanoutHandler
 from workbench.service import EscrowService
 from workbench.store import Store
-from workbench.streams.connection import TRANSIENT
+from workbench.streams.connection import TRANSIENT, execute
 from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
 from workbench.streams.keys import StreamNames, UserStreamNames
 from workbench.streams.relay import OutboxRelay
@@ -79,7 +79,7 @@ def backlogs(
     pipe = client.pipeline(transaction=False)
     for stream in streams:
         pipe.xinfo_groups(stream)
-    infos = dict(zip(streams, pipe.execute(raise_on_error=False), strict=True))
+    infos = dict(zip(streams, execute(client, pipe, raise_on_error=False), strict=True))
     pending = dict.fromkeys(groups, 0)
     lag = dict.fromkeys(groups, 0)
     heads: list[tuple[str, str, str]] = []  # (group, stream, "pending" | last-delivered id)
@@ -108,7 +108,7 @@ def backlogs(
                 pipe.xpending_range(stream, group, "-", "+", 1)
             else:
                 pipe.xrange(stream, f"({what}", "+", count=1)
-        for (group, _, what), rows in zip(heads, pipe.execute(), strict=True):
+        for (group, _, what), rows in zip(heads, execute(client, pipe), strict=True):
             if not rows:
                 continue
             entry = rows[0]["message_id"] if what == "pending" else rows[0][0]
@@ -490,7 +490,7 @@ class Runtime:
             pipe.xrevrange(self.user_names.stream(user), count=1)
         last = {
             user: parse(tail[0][0]) if tail else ZERO
-            for user, tail in zip(users, pipe.execute(), strict=True)
+            for user, tail in zip(users, execute(self.client, pipe), strict=True)
         }
         lost = [entry for entry in recent if parse(entry[1]) > last[entry[0]]]
         if not lost:

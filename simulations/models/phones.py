@@ -38,7 +38,7 @@ from workbench.delivery.handoff import (
 )
 from workbench.delivery.userstreams import entry_from_fields, first_page_from, queue_first_page
 from workbench.domain.streamid import ZERO, StreamId
-from workbench.streams.connection import TRANSIENT
+from workbench.streams.connection import TRANSIENT, execute
 from workbench.streams.keys import UserStreamNames
 
 PAGE = 500
@@ -184,7 +184,7 @@ class Phone:
         # (No MULTI, unlike the server: one thread drives every part of a virtual run.)
         pipe = self.client.pipeline(transaction=False)
         queue_first_page(pipe, self.key, self.cursor, PAGE)
-        first, exists = first_page_from(pipe.execute())
+        first, exists = first_page_from(execute(self.client, pipe))
         page: list[Any] | None = first
         if not resume_point_known(self.cursor, page or [], exists):
             self.cursor = self._snapshot()  # the server's `event: reset`

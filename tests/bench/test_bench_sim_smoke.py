@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
-from bench import stats
+import pytest
+
+from bench import report, stats
 from tests.support import ROOT
 from workbench.ops import affinity
 
@@ -53,6 +55,28 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert speed["verdict"] == summary["verdict"] == stats.INCONCLUSIVE
     assert record["environment"]["redis_server"] == summary["speed"]["redis_version"]
     assert any("runtime share" in row[0] for row in record["figures"]["headline"])
+    # Both targets of issue #16, each with its interval and a verdict that interval gives:
+    # the speed over the floor (a ratio, the floor timed in the round) and the batched run
+    # at the target rate (5 escrows/s in a quick run, the sweep's batched run there too).
+    vs_floor, batched = record["ratios"]["speed_vs_floor"], record["rates"]["batched_at_5"]
+    assert vs_floor["target"] == 0.5 and batched["target"] == 20_000
+    assert stats.consistent(vs_floor) and stats.consistent(batched)
+    assert rnd["batched_at_5"]["items"] == row["batched"]["total_events"]
+    floor_rate = rnd["floor"]["items"] / rnd["floor"]["seconds"]
+    speed_rate = rnd["speed"]["items"] / rnd["speed"]["seconds"]
+    assert vs_floor["per_round"] == [pytest.approx(speed_rate / floor_rate)]
+    assert summary["targets"]["speed_vs_floor"]["verdict"] == vs_floor["verdict"]
+    assert "target: speed / floor" in result.stdout
+    floor = record["rates"]["floor"]  # the floor itself: no target, listed among the floors
+    assert floor["target"] is None and floor["what"].startswith("floor")
+    assert floor["per_round"] == [pytest.approx(floor_rate)]
+    # The README's renderers take the record with its new fields: its own block, and the
+    # block gathering every target and floor across records.
+    rendered = report.render(record)
+    assert "speed_vs_floor" in rendered and "batched_at_5" in rendered
+    gathered = report.render_targets({"simulate": record})
+    assert "`speed_vs_floor`" in gathered and "`batched_at_5`" in gathered
+    assert "`floor`" in gathered.split("Floors:")[1]
 
 
 def test_simulation_bench_rejects_bad_rates() -> None:

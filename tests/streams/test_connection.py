@@ -22,6 +22,7 @@ from workbench.streams.connection import (
     async_client,
     close_async_client,
     connect,
+    execute,
     is_cluster,
     is_cluster_url,
     node_url,
@@ -114,3 +115,41 @@ def test_a_plain_async_client_is_closed_with_its_pool(redis_url: str) -> None:
         return [c.is_connected for c in pooled]
 
     assert asyncio.run(open_and_close()) == [False]
+
+
+def test_execute_runs_a_pipeline_on_a_single_connection_clients_own_connection(
+    redis_url: str,
+) -> None:
+    """The same replies as ``pipe.execute`` (parsed, errors raised or returned), on the
+    client's one connection (no second one from the pool), retried over a dropped one."""
+    client = connect(redis_url, single_connection_client=True)
+    client.delete("conn:s", "conn:k")
+    client.xadd("conn:s", {"data": "x"}, id="1-1")
+    own = client.client_id()
+
+    def pipe() -> redis.client.Pipeline:
+        p = client.pipeline(transaction=False)
+        p.xrange("conn:s", "-", "+")
+        p.client_id()
+        p.incr("conn:k")
+        return p
+
+    assert execute(client, pipe()) == [[(b"1-1", {b"data": b"x"})], own, 1]
+    pooled = pipe().execute()  # redis-py's own: the same replies, on a pool connection
+    assert pooled[0] == [(b"1-1", {b"data": b"x"})] and pooled[1] != own and pooled[2] == 2
+    bad = client.pipeline(transaction=False)
+    bad.incr("conn:k")
+    bad.hset("conn:s", "f", "v")  # WRONGTYPE
+    bad.incr("conn:k")
+    with pytest.raises(redis.ResponseError, match="Command # 2"):
+        execute(client, bad)
+    bad = client.pipeline(transaction=False)
+    bad.hset("conn:s", "f", "v")
+    bad.incr("conn:k")
+    error, n = execute(client, bad, raise_on_error=False)
+    assert isinstance(error, redis.ResponseError) and n == 5
+    # A dropped connection is reconnected and the pipeline sent again, as redis-py would.
+    connect(redis_url).client_kill_filter(_id=own)
+    assert execute(client, pipe())[1:] == [client.client_id(), 6]
+    assert client.client_id() != own
+    client.close()

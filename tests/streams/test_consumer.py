@@ -515,3 +515,40 @@ def test_ready_to_handle_holds_what_an_unread_entry_may_precede() -> None:
         [a1, p1],
         [a2, p2],
     )
+
+
+def test_a_due_heartbeat_rides_with_the_polls_next_command(r, monkeypatch) -> None:
+    """The heartbeat is written ahead of the read (or of the recovery pass) in the same
+    write: one round trip for an idle poll, and the heartbeat is there all the same."""
+    clock = ManualClock(start=0.0)
+    settings = ConsumerSettings(heartbeat_every_s=1.0, recover_every_s=10.0)
+    worker = ConsumerWorker(r, _Picky(), consumer="c1", clock=clock, settings=settings)
+    worker.poll()  # setup and the first recovery pass
+    sends = []
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sends.append(1)
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    beats = NAMES.heartbeats("picky")
+    for at in (2.0, 5.0):  # heartbeat due, recovery not: with the read
+        clock.set(at)
+        sends.clear()
+        assert worker.poll() == 0
+        assert len(sends) == 1
+        assert float(r.hget(beats, "c1")) == at
+    clock.set(12.0)  # both due: with the recovery pass, then the read
+    sends.clear()
+    worker.poll()
+    assert len(sends) == 2 and float(r.hget(beats, "c1")) == 12.0
+    clock.set(12.5)  # not due: the read alone, the heartbeat left as it was
+    sends.clear()
+    worker.poll()
+    assert len(sends) == 1 and float(r.hget(beats, "c1")) == 12.0
+    # Entries read with the heartbeat are handled as ever.
+    r.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", 1)))
+    clock.set(14.0)
+    assert worker.poll() == 1 and float(r.hget(beats, "c1")) == 14.0
+    assert _pending(r, "picky", ("escrow",)) == 0

@@ -51,7 +51,7 @@ from workbench.domain.clock import Clock, SystemClock, now_ms
 from workbench.domain.events import Event
 from workbench.store import Store, analytics_facts, claim_inbox, insert_many, risk_scores
 from workbench.streams.append import XADD_AT_LUA
-from workbench.streams.connection import queue_script
+from workbench.streams.connection import execute, queue_script
 from workbench.streams.keys import RiskNames, StreamNames
 
 GROUP = "analytics"
@@ -281,7 +281,7 @@ class RiskScorer:
                 now_ms(self.clock) if self.ids_on_clock else "",
                 *self._fields(row),
             )
-        return [int(n) for n in pipe.execute()]
+        return [int(n) for n in execute(self.client, pipe)]
 
 
 def _chunks(items: list[str], size: int = _IN_CHUNK) -> Iterable[list[str]]:

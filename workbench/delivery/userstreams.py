@@ -74,7 +74,7 @@ from workbench.delivery.entries import UserEntry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, StreamId, parse
-from workbench.streams.connection import is_cluster, queue_script
+from workbench.streams.connection import execute, is_cluster, queue_script
 from workbench.streams.keys import UserStreamNames
 
 DEFAULT_USER_MAXLEN = 1000
@@ -313,7 +313,7 @@ class UserStreams:
                 *run.users,
             )
         waits = self._queue_waits(pipe, runs, events)
-        replies = list(pipe.execute(raise_on_error=False))
+        replies = list(execute(self.client, pipe, raise_on_error=False))
         scripts, confirmed = replies[: len(runs)], replies[len(runs) :]
         for node, count in zip(waits, confirmed, strict=True):
             short = isinstance(count, Exception) or int(count) < self.wait_replicas

@@ -104,6 +104,34 @@ def queue_script(pipe: Any, client: Any, sha: str, keys: list[str], *args: Any) 
     pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args, **on_slot_of(client, keys[0]))
 
 
+def execute(client: Any, pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
+    """``pipe.execute(raise_on_error=...)`` for a pipeline of ``client``, on the
+    client's own connection when it has one (``single_connection_client``, as a
+    virtual run's client), else as redis-py runs it.
+
+    Same commands, one write, the same replies (parsed by the pipeline) and the
+    same retry (reconnect, send again): what is left out is redis-py's per-call
+    bookkeeping around a pipeline, mostly a pool checkout that polls the socket of
+    the connection it hands out, which costs as much again as the round trip.
+    Plain pipelines only: a MULTI, a WATCH, queued scripts or a cluster's
+    pipeline go to ``pipe.execute``. A client with one connection is driven by one
+    thread at a time, so the pipeline and the client's commands take turns on it
+    (under its lock) in the order they are made.
+    """
+    conn = getattr(client, "connection", None)
+    stack = pipe.command_stack
+    if (conn is None or not isinstance(pipe, redis.client.Pipeline) or is_cluster(client)
+            or pipe.transaction or pipe.explicit_transaction or pipe.watching
+            or pipe.scripts or not stack):  # fmt: skip
+        return pipe.execute(raise_on_error=raise_on_error)  # type: ignore[no-any-return]
+    pipe.command_stack = []  # run once, as execute's reset does
+    with client.single_connection_lock:
+        return conn.retry.call_with_retry(  # type: ignore[no-any-return]
+            lambda: pipe._execute_pipeline(conn, stack, raise_on_error),
+            lambda _error: conn.disconnect(),
+        )
+
+
 def connect(url: str | None = None, **overrides: object) -> redis.Redis:
     """A client with bounded timeouts and a few quick retries.
 

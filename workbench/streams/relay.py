@@ -95,6 +95,7 @@ from workbench.store import Prepared, Store, mark_published, outbox
 from workbench.streams.connection import (
     REDIS_DOWN,
     TRANSIENT,
+    execute,
     outage_backoff,
     queue_script,
     server_version,
@@ -304,7 +305,7 @@ class OutboxRelay:
             pipe.hset(self.names.heartbeats("relay"), self.name, repr(now))
             if self._last_publish_at is not None:  # so /healthz tells stalled from idle
                 pipe.set(self.names.last_publish(), repr(self._last_publish_at))
-            pipe.execute()
+            execute(self.client, pipe)
             self._next_heartbeat = now + self.heartbeat_every_s
 
     def backlog(self) -> int:
@@ -632,9 +633,9 @@ class OutboxRelay:
         """Run the pipeline and return its replies; in the durable mode follow it
         with WAITAOF, in the same pipeline, so on the same connection."""
         if not (self.wait_fsync and fsync):
-            return pipe.execute(raise_on_error=raise_on_error)  # type: ignore[no-any-return]
+            return execute(self.client, pipe, raise_on_error=raise_on_error)
         pipe.execute_command("WAITAOF", 1, 0, self.fsync_timeout_ms)
-        *replies, waited = pipe.execute(raise_on_error=raise_on_error)
+        *replies, waited = execute(self.client, pipe, raise_on_error=raise_on_error)
         if isinstance(waited, Exception):
             raise waited
         if int(waited[0]) < 1:
