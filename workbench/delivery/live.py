@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from workbench.delivery.hub import Hub
 from workbench.delivery.livenodes import LiveNodes, LiveSource, Node
 from workbench.delivery.userstreams import live_message
+from workbench.delivery.wire import LiveEvent
 from workbench.streams.connection import outage_backoff
 from workbench.streams.keys import UserStreamNames
 
@@ -190,7 +191,8 @@ class LiveReader:
             log.error("unreadable live message %r: %s", data[:200], exc)
             return
         self.messages += 1
-        self.hub.publish(user, entry)
+        # Encoded here, once: every session of the user writes these same bytes.
+        self.hub.publish(user, LiveEvent(entry))
 
     def _on_subscribed(self) -> None:
         if self._subscribed_before:
