@@ -120,7 +120,9 @@ def _summary_rows(summaries: Mapping[str, Any], with_target: bool) -> list[str]:
         if with_target:
             target = s.get("target")
             cells += [
-                "none" if target is None else f"≥ {_number(target, unit)}",
+                "none"
+                if target is None
+                else f"{'≤' if s.get('at_most') else '≥'} {_number(target, unit)}",
                 s.get("verdict") or "",
             ]
         else:
@@ -138,7 +140,7 @@ def render(record: Mapping[str, Any]) -> str:
 
 
 def _check_verdicts(record: Mapping[str, Any]) -> None:
-    for section in ("ratios", "rates"):
+    for section in ("ratios", "rates", "bounds"):
         for name, s in record.get(section, {}).items():
             if not stats.consistent(s):
                 raise ValueError(
@@ -161,6 +163,13 @@ def _render_generic(record: Mapping[str, Any]) -> str:
             "| ratio | what | median | min–max | interval | target | verdict |",
             "|---|---|---:|---:|---:|---:|---|",
             *_summary_rows(record["ratios"], with_target=True),
+        ]
+    if record.get("bounds"):
+        out += [
+            "",
+            "| figure | what | median | min–max | interval | target | verdict |",
+            "|---|---|---:|---:|---:|---:|---|",
+            *_summary_rows(record["bounds"], with_target=True),
         ]
     if record.get("rates"):
         out += [

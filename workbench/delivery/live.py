@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from workbench.delivery.hub import Hub
 from workbench.delivery.livenodes import LiveNodes, LiveSource, Node
 from workbench.delivery.userstreams import live_message
-from workbench.delivery.wire import LiveEvent
+from workbench.delivery.wire import LiveEntry
 from workbench.streams.connection import outage_backoff
 from workbench.streams.keys import UserStreamNames
 
@@ -184,15 +184,15 @@ class LiveReader:
 
     def _deliver(self, data: bytes) -> None:
         try:
-            user, entry = live_message(data)
+            user, entry = live_message(data, LiveEntry)
         except (ValueError, TypeError, KeyError) as exc:
             # Not ours to fix; sessions still catch up by the prev chain.
             self.bad_messages += 1
             log.error("unreadable live message %r: %s", data[:200], exc)
             return
         self.messages += 1
-        # Encoded here, once: every session of the user writes these same bytes.
-        self.hub.publish(user, LiveEvent(entry))
+        # A LiveEntry, encoded once here: every session of the user writes these bytes.
+        self.hub.publish(user, entry)
 
     def _on_subscribed(self) -> None:
         if self._subscribed_before:

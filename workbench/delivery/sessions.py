@@ -41,7 +41,7 @@ from workbench.delivery.handoff import (
 from workbench.delivery.hub import Hub, Subscription, SubscriptionClosed
 from workbench.delivery.live import Resync
 from workbench.delivery.userstreams import UserStreamReader
-from workbench.delivery.wire import HEARTBEAT, LiveEvent, encode_page
+from workbench.delivery.wire import HEARTBEAT, LiveEntry, LiveEvent, encode_page
 from workbench.domain.streamid import StreamId
 
 #: What :meth:`SseSession.messages` yields: pre-encoded bytes (replay pages,
@@ -211,13 +211,13 @@ class SseSession:
             if message is heartbeat:
                 yield HEARTBEAT
                 continue
-            if isinstance(message, UserEntry):  # published by hand, not by the live reader
-                message = LiveEvent(message)
-            if isinstance(message, LiveEvent):
-                decision = session.take_live(message.entry)
+            if isinstance(message, UserEntry):
+                decision = session.take_live(message)
                 if decision is Live.SEND:
                     self.stats.live_sent += 1
-                    yield message  # the frame every session of this user shares
+                    # The frame every session of this user shares (encoded here only
+                    # for an entry published by hand, not by the live reader).
+                    yield LiveEntry.of(message).sse
                     continue
                 if decision is Live.SKIP:
                     continue

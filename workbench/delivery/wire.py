@@ -7,11 +7,12 @@ It is written here by concatenation instead, because every live message and
 every replayed entry goes through it: no ``StringIO``, no regular expression
 unless a value holds a line break (an envelope is one-line JSON, so it does not).
 
-:class:`LiveEvent` is a live entry with its frame: the live reader makes one
-per message and the hub hands that same object to every session of the user,
-so a message is encoded once per server process, not once per session. It
-answers ``id``, ``event``, ``data`` and ``encode()`` as a ``ServerSentEvent``
-does, so code that reads sessions' messages does not need to tell them apart.
+:class:`LiveEntry` is a live entry with its :class:`LiveEvent` (the frame):
+the live reader makes one per message and the hub hands that same object to
+every session of the user, so a message is encoded once per server process,
+not once per session. A ``LiveEvent`` answers ``id``, ``event``, ``data`` and
+``encode()`` as a ``ServerSentEvent`` does, so code that reads sessions'
+messages does not need to tell them apart.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import re
 
 from workbench.delivery.entries import UserEntry
+from workbench.domain.streamid import StreamId
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 #: The first bytes of a heartbeat comment: what clients and proxies see between events.
@@ -63,32 +65,56 @@ def encode_comment(text: str) -> bytes:
 
 
 class LiveEvent:
-    """A live entry and its encoded frame, shared by every session of the user."""
+    """A live event as a session yields it: ``id``, ``event``, ``data`` as text (as a
+    ``ServerSentEvent`` has them) and ``frame``, the encoded bytes; made once per message."""
 
-    __slots__ = ("entry", "frame")
+    __slots__ = ("id", "event", "data", "frame")
 
     def __init__(self, entry: UserEntry) -> None:
-        self.entry = entry
-        self.frame = encode_entry(entry)
-
-    @property
-    def id(self) -> str:
-        return str(self.entry.id)
-
-    @property
-    def event(self) -> str:
-        return self.entry.type
-
-    @property
-    def data(self) -> str:
-        return self.entry.data
+        self.id = str(entry.id)
+        self.event = entry.type
+        self.data = entry.data
+        self.frame = encode_event(self.id, self.event, self.data)
 
     def encode(self) -> bytes:
         """The frame (already encoded: the same bytes object every time)."""
         return self.frame
 
     def __repr__(self) -> str:
-        return f"<LiveEvent {self.entry.id} {self.entry.type}>"
+        return f"<LiveEvent {self.id} {self.event}>"
+
+
+class LiveEntry(UserEntry):
+    """A user entry from the live feed, with its :class:`LiveEvent` made once.
+
+    Still a :class:`UserEntry` to everyone (equal to the plain entry with the
+    same fields, same hash), so the hub's subscribers that want entries get them.
+    """
+
+    __slots__ = ("sse",)
+    sse: LiveEvent
+
+    def __init__(self, id: StreamId, prev: StreamId, event_id: str, type: str, data: str) -> None:
+        super().__init__(id, prev, event_id, type, data)
+        # Not a field (UserEntry's frozen fields are untouched); object's setattr
+        # because the frozen dataclass refuses every assignment.
+        object.__setattr__(self, "sse", LiveEvent(self))
+
+    @classmethod
+    def of(cls, entry: UserEntry) -> LiveEntry:
+        if isinstance(entry, LiveEntry):
+            return entry
+        return cls(entry.id, entry.prev, entry.event_id, entry.type, entry.data)
+
+    def _fields(self) -> tuple[StreamId, StreamId, str, str, str]:
+        return (self.id, self.prev, self.event_id, self.type, self.data)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, UserEntry):
+            return self._fields() == (other.id, other.prev, other.event_id, other.type, other.data)
+        return NotImplemented
+
+    __hash__ = UserEntry.__hash__
 
 
 __all__ = [
