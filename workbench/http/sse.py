@@ -10,9 +10,11 @@ connection must have and shares the rest:
 * the session's messages are written by the task uvicorn already runs for the
   request, each as the bytes it arrives as (live frames are encoded once per
   message by the live reader, replay pages once per page);
-* one small task per connection waits for the client to leave (uvicorn says
-  so only to a pending ``receive``) and closes the session's subscription;
-  the writer stops after its next write, or at once if it was waiting;
+* the client leaving closes the session's subscription, so the writer stops
+  after its next write, or at once if it was waiting: the server's protocol
+  (:class:`~workbench.http.edge.GuardedHttpToolsProtocol`) calls the hook
+  this response leaves in the scope. Under another protocol, which says so
+  only to a pending ``receive``, one small task per connection waits there;
 * heartbeats come from one ticker per process (:class:`Ticker`), through the
   hub, which also closes a session that never took its last heartbeat: its
   client stopped reading, its write is blocked, and closing it cancels that
@@ -34,6 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from workbench.delivery.hub import Hub
 from workbench.delivery.sessions import SseSession
+from workbench.http import edge
 
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -67,15 +70,24 @@ class SseResponse(Response):
                 return
             task = asyncio.current_task()
             assert task is not None
-            watcher = asyncio.get_running_loop().create_task(_watch(receive, session))
+            watcher = None
+            if scope.get(edge.DISCONNECT_HOOKED):
+                scope[edge.DISCONNECT_HOOK] = self._client_left
+            else:
+                watcher = asyncio.get_running_loop().create_task(_watch(receive, session))
             try:
                 await _stream(session, send, task)
             finally:
-                watcher.cancel()
+                scope.pop(edge.DISCONNECT_HOOK, None)
+                if watcher is not None:
+                    watcher.cancel()
         finally:
             session.close()
             if self.background is not None:
                 await self.background()
+
+    def _client_left(self) -> None:
+        self.session.subscription.close("client disconnected")
 
 
 async def _stream(session: SseSession, send: Send, task: asyncio.Task[Any]) -> None:
