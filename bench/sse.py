@@ -1454,8 +1454,8 @@ def record_of(
         ["SSE connections held by one server process",
          f"{cn['established']:,} of {cn['target']:,}"],
         ["clients that got exactly their events", f"{cn['clients_exact']:,}"],
-        ["server memory per connection, all connected / before",
-         f"{cn['server_kib_per_connection']:.1f} KiB (target ≤ {KIB_PER_CONNECTION_TARGET} KiB)"],
+        ["server memory per connection (RSS all connected - before, / connections)",
+         f"{cn['server_kib_per_connection']:.1f} KiB (target ≤ {KIB_PER_CONNECTION_TARGET:g} KiB)"],
         ["server's Redis connections: idle, most, after",
          f"{cn['server_redis_conns_before']}, {cn['server_redis_conns_max']}, "
          f"{cn['server_redis_conns_after']} (bound {POOL_BOUND})"],
