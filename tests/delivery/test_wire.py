@@ -169,3 +169,43 @@ def test_a_cancelled_getter_does_not_cancel_another_waiting_on_the_same_subscrip
         assert await asyncio.wait_for(second, DEADLINE) == "hello"
 
     asyncio.run(asyncio.wait_for(scenario(), DEADLINE))
+
+
+def test_a_burst_of_live_messages_arrives_whole_and_in_order(redis_url: str) -> None:
+    """A burst read off the socket at once is delivered from the parser's buffer (not
+    one get_message each): every message, in order, for each user."""
+    names = UserStreamNames(f"burst{next(_N)}")
+    users = [f"b{next(_N)}" for _ in range(4)]
+    client = redis.Redis.from_url(redis_url)
+    events = [
+        ev.Event(
+            event_id=f"evt_b{next(_N)}", type="escrow.created", aggregate_type="escrow",
+            aggregate_id=f"esc_{i}", sequence=1, user_ids=(users[i % 4],), occurred_at=1.0,
+            correlation_id="c", payload={"i": i},
+        )
+        for i in range(2000)
+    ]  # fmt: skip
+
+    async def scenario() -> None:
+        hub = Hub(max_queue=10_000)
+        subs = {u: hub.subscribe(u) for u in users}
+        live = LiveReader(redis_url, hub, names)
+        task = asyncio.create_task(live.run())
+        try:
+            await asyncio.wait_for(live.connected.wait(), DEADLINE)
+            for u in users:
+                assert await asyncio.wait_for(subs[u].get(), DEADLINE) is not None  # the Resync
+            pairs = UserStreams(client, names).append_entries([(e, ev.encode(e)) for e in events])
+            for u in users:
+                want = [entry for batch in pairs for user, entry in batch if user == u]
+                got = [await asyncio.wait_for(subs[u].get(), DEADLINE) for _ in want]
+                assert got == want
+                assert all(isinstance(g, LiveEntry) for g in got)
+            assert live.messages == len(events) and live.bad_messages == 0
+            assert live.drained > 0  # the burst came through the buffer, not one by one
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
+    client.close()
