@@ -13,7 +13,7 @@ from workbench.delivery.hub import Hub
 from workbench.delivery.sessions import SessionStats, SseSession
 from workbench.delivery.userstreams import UserStreamReader
 from workbench.http import edge
-from workbench.http.sse import SseResponse
+from workbench.http.sse import SseResponse, Ticker
 from workbench.streams.keys import UserStreamNames
 
 DEADLINE = 10.0
@@ -122,3 +122,25 @@ def test_a_client_that_stops_reading_is_cut_off_by_the_shared_heartbeat(redis_ur
         await client.aclose()
 
     asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
+
+
+def test_one_ticker_beats_for_everyone_and_closes_every_session_when_the_server_stops() -> None:
+    from sse_starlette.sse import AppStatus
+
+    async def scenario() -> None:
+        hub = Hub()
+        subs = [hub.subscribe(f"u{i}") for i in range(3)]
+        ticker = Ticker(hub, ping_s=0.05, check_s=0.01)
+        task = asyncio.create_task(ticker.run())
+        try:
+            await _until(lambda: ticker.beats >= 1, "a heartbeat")
+            assert all(s.get_nowait() is hub.heartbeat_message for s in subs)
+            AppStatus.should_exit = True  # what uvicorn's patched handle_exit sets on SIGTERM
+            await _until(lambda: hub.subscriptions() == 0, "every session closed")
+            assert {s.closed_reason for s in subs} == {"server shutting down"}
+        finally:
+            AppStatus.should_exit = False
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(scenario(), DEADLINE))
