@@ -99,11 +99,17 @@ def build(
     orders: Sequence[Sequence[str]] = (),
     ratios: Sequence[Summary] = (),
     rates: Sequence[Summary] = (),
+    bounds: Sequence[Summary] = (),
     figures: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The record of one run; the load average after is taken now."""
-    return {
+    """The record of one run; the load average after is taken now.
+
+    ``bounds`` are figures held to a target that are neither ratios nor rates
+    (KiB per connection, a latency ratio's ceiling); the key is left out when
+    there are none, so other benches' records keep their shape.
+    """
+    record = {
         "bench": bench,
         "schema": SCHEMA,
         "environment": {**env, "load_after": load_average()},
@@ -115,6 +121,9 @@ def build(
         "figures": dict(figures or {}),
         "notes": list(notes),
     }
+    if bounds:
+        record["bounds"] = {s.name: s.to_dict() for s in bounds}
+    return record
 
 
 def write(record: Mapping[str, Any], path: Path | None = None) -> Path:

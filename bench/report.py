@@ -122,7 +122,9 @@ def _summary_rows(summaries: Mapping[str, Any], with_target: bool) -> list[str]:
         if with_target:
             target = s.get("target")
             cells += [
-                "none" if target is None else f"≥ {_number(target, unit)}",
+                "none"
+                if target is None
+                else f"{'≤' if s.get('at_most') else '≥'} {_number(target, unit)}",
                 s.get("verdict") or "",
             ]
         else:
@@ -140,7 +142,7 @@ def render(record: Mapping[str, Any]) -> str:
 
 
 def _check_verdicts(record: Mapping[str, Any]) -> None:
-    for section in ("ratios", "rates"):
+    for section in ("ratios", "rates", "bounds"):
         for name, s in record.get(section, {}).items():
             if not stats.consistent(s):
                 raise ValueError(
@@ -163,6 +165,13 @@ def _render_generic(record: Mapping[str, Any]) -> str:
             "| ratio | what | median | min–max | interval | target | verdict |",
             "|---|---|---:|---:|---:|---:|---|",
             *_summary_rows(record["ratios"], with_target=True),
+        ]
+    if record.get("bounds"):
+        out += [
+            "",
+            "| figure | what | median | min–max | interval | target | verdict |",
+            "|---|---|---:|---:|---:|---:|---|",
+            *_summary_rows(record["bounds"], with_target=True),
         ]
     if record.get("rates"):
         out += [
@@ -410,7 +419,7 @@ def render_targets(recs: Mapping[str, Mapping[str, Any]]) -> str:
         _check_verdicts(record)
         e = record.get("environment", {})
         where = f"`{(e.get('commit') or '?')[:10]}` {str(e.get('date', ''))[:10]}"
-        for section in ("ratios", "rates"):
+        for section in ("ratios", "rates", "bounds"):
             for name, s in record.get(section, {}).items():
                 unit = s["unit"]
                 lo, hi = s["interval"]
@@ -422,7 +431,8 @@ def render_targets(recs: Mapping[str, Mapping[str, Any]]) -> str:
                     f"{_number(lo, unit)}–{_number(hi, unit)}",
                 ]
                 if s.get("target") is not None:
-                    cells += [f"≥ {_number(s['target'], unit)}", s.get("verdict") or "", where]
+                    side = "≤" if s.get("at_most") else "≥"
+                    cells += [f"{side} {_number(s['target'], unit)}", s.get("verdict") or "", where]
                     targets.append("| " + " | ".join(cells) + " |")
                 elif _is_floor(s):
                     floors.append("| " + " | ".join([*cells, where]) + " |")

@@ -22,7 +22,9 @@ guarantees:
   ``MET`` only when the whole interval is at or above it, ``NOT MET`` only
   when the whole interval is below it, and ``INCONCLUSIVE`` otherwise (or with
   fewer than :data:`MIN_ROUNDS` rounds, when no spread is known). A verdict
-  that a busier machine could flip is not given.
+  that a busier machine could flip is not given. A target is a floor unless
+  ``at_most`` says it is a ceiling (memory per connection, a latency ratio):
+  then ``MET`` needs the whole interval at or below it.
 """
 
 from __future__ import annotations
@@ -139,16 +141,25 @@ def bootstrap_median_interval(
     return float(lo), float(hi)
 
 
-def verdict(interval: tuple[float, float], target: float | None, rounds: int) -> str | None:
+def verdict(
+    interval: tuple[float, float], target: float | None, rounds: int, *, at_most: bool = False
+) -> str | None:
     """``MET`` / ``NOT MET`` when the whole interval is on one side of ``target``.
 
     ``None`` without a target; ``INCONCLUSIVE`` when the interval straddles it
-    or there are fewer than :data:`MIN_ROUNDS` rounds.
+    or there are fewer than :data:`MIN_ROUNDS` rounds. ``target`` is a floor
+    (at least), or with ``at_most`` a ceiling.
     """
     if target is None:
         return None
     lo, hi = interval
     if rounds < MIN_ROUNDS:
+        return INCONCLUSIVE
+    if at_most:
+        if hi <= target:
+            return MET
+        if lo > target:
+            return NOT_MET
         return INCONCLUSIVE
     if lo >= target:
         return MET
@@ -175,12 +186,15 @@ class Summary:
     numerator: str | None = None
     denominator: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    at_most: bool = False  # the target is a ceiling, not a floor
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["interval"] = list(self.interval)
         if not self.extra:
             out.pop("extra")
+        if not self.at_most:
+            out.pop("at_most")  # records of floors read as before
         return out
 
 
@@ -194,8 +208,10 @@ def summarise(
     seed: int = SEED,
     numerator: str | None = None,
     denominator: str | None = None,
+    at_most: bool = False,
 ) -> Summary:
-    """Median, min–max and bootstrap interval of per-round ``values``; the verdict."""
+    """Median, min–max and bootstrap interval of per-round ``values``; the verdict
+    against ``target``, a floor, or with ``at_most`` a ceiling."""
     values = [float(v) for v in values]
     interval = bootstrap_median_interval(values, seed=seed)
     return Summary(
@@ -209,9 +225,10 @@ def summarise(
         interval=interval,
         confidence=CONFIDENCE,
         target=target,
-        verdict=verdict(interval, target, len(values)),
+        verdict=verdict(interval, target, len(values), at_most=at_most),
         numerator=numerator,
         denominator=denominator,
+        at_most=at_most,
     )
 
 
@@ -256,5 +273,10 @@ def rate_summary(
 def consistent(summary: Mapping[str, Any]) -> bool:
     """Whether a recorded summary's verdict is the one its interval, target and rounds give."""
     lo, hi = summary["interval"]
-    expected = verdict((lo, hi), summary["target"], len(summary["per_round"]))
+    expected = verdict(
+        (lo, hi),
+        summary["target"],
+        len(summary["per_round"]),
+        at_most=summary.get("at_most", False),
+    )
     return lo <= hi and summary["verdict"] == expected

@@ -22,13 +22,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from sse_starlette import ServerSentEvent
 
 from simulations.designs.base import Client, Inbox, RunContext, close_quietly, stop_task
 from simulations.designs.logged import LoggedDesign
 from workbench.delivery.hub import Hub
 from workbench.delivery.live import LiveReader
-from workbench.delivery.sessions import SessionStats, SseSession
+from workbench.delivery.sessions import Message, SessionStats, SseSession
 from workbench.delivery.userstreams import UserStreamReader
 from workbench.domain.streamid import ZERO, parse
 
@@ -54,7 +53,7 @@ class _SsePhone(Client):
         super().__init__(ctx, inbox)
         self.design = design
         self._task: asyncio.Task[None] | None = None
-        self._messages: AsyncIterator[ServerSentEvent | bytes] | None = None
+        self._messages: AsyncIterator[Message] | None = None
 
     async def connect(self) -> None:
         requested = parse(self.inbox.last_id) if self.inbox.last_id else ZERO
@@ -70,9 +69,7 @@ class _SsePhone(Client):
         await ready  # replayed, live from now on (or the task failed)
         self.inbox.connects += 1
 
-    async def _consume(
-        self, messages: AsyncIterator[ServerSentEvent | bytes], ready: asyncio.Future[None]
-    ) -> None:
+    async def _consume(self, messages: AsyncIterator[Message], ready: asyncio.Future[None]) -> None:
         reconnect = self.inbox.connects > 0
         replaying = True
         try:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import records, report, stats
 from bench.stats import Sample
 from tests.support import ROOT
@@ -155,6 +157,22 @@ def test_records_of_the_sse_and_simulate_benches_render(tmp_path) -> None:  # ty
     block = report.render(json.loads(path.read_text()))
     assert "| `replay_sse_vs_xrange` |  | 0.1 | 0.1–0.1 | 0.1–0.1 | none |  |" in block
     assert "| SSE connections held by one process | 200 of 200 |" in block
+
+
+def test_bounds_render_with_their_ceiling_and_are_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = records.environment(None, [1.0, 1.0, 1.0])
+    kib = stats.summarise(
+        "server_kib_per_connection", [30.0, 31.0, 29.5], what="KiB", unit="KiB", target=32.0,
+        at_most=True,
+    )  # fmt: skip
+    record = records.build("sse", env, parameters={}, bounds=[kib])
+    assert "bounds" not in records.build("sse", env, parameters={})  # other records unchanged
+    block = report.render(json.loads(records.write(record, tmp_path / "sse.json").read_text()))
+    assert "| `server_kib_per_connection` | KiB | 30 | 29.5–31 |" in block
+    assert "| ≤ 32 | MET |" in block
+    record["bounds"]["server_kib_per_connection"]["verdict"] = stats.NOT_MET  # typed by hand
+    with pytest.raises(ValueError, match="server_kib_per_connection"):
+        report.render(record)
 
 
 def durability_record() -> dict:  # type: ignore[type-arg]
@@ -332,8 +350,14 @@ def test_the_targets_block_gathers_every_target_and_floor_across_records(tmp_pat
             "floor_ab", rounds, "a", "b", what="floor: plain / anchor"
         ).to_dict(),
     }
+    other["bounds"] = {
+        "kib": stats.summarise(
+            "kib", [20.0, 21.0, 22.0], what="KiB each", unit="KiB", target=32, at_most=True
+        ).to_dict()
+    }
     block = report.render_targets({"throughput": met, "relay": other})
     lines = block.splitlines()
+    assert "| relay | `kib` | KiB each | 21 KiB | 20–22 | ≤ 32 | MET |" in block  # a ceiling
     target_rows = [ln for ln in lines if "| ≥ " in ln]
     assert target_rows == [
         "| throughput | `a_vs_b` | a / b | 0.31 | 0.3–0.32 | ≥ 0.25 | MET "

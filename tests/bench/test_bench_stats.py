@@ -156,3 +156,19 @@ def test_record_carries_environment_rounds_and_summaries(tmp_path) -> None:  # t
     assert len(e["load_before"]) == len(e["load_after"]) == 3
     assert e["redis_server"] == "7.0.15" and e["redis_py"] and e["python"]
     assert records.read_all(tmp_path) == {"demo": back}
+
+
+def test_a_ceiling_is_met_only_when_the_whole_interval_is_at_or_below_it() -> None:
+    assert stats.verdict((20.0, 32.0), 32.0, 5, at_most=True) == MET  # at the ceiling: met
+    assert stats.verdict((32.01, 40.0), 32.0, 5, at_most=True) == NOT_MET
+    assert stats.verdict((30.0, 33.0), 32.0, 5, at_most=True) == INCONCLUSIVE
+    assert stats.verdict((1.0, 2.0), 32.0, 2, at_most=True) == INCONCLUSIVE  # too few rounds
+    low = stats.summarise(
+        "kib", [29.0, 30.0, 31.0, 30.5, 29.5], unit="KiB", target=32.0, at_most=True
+    )
+    high = stats.summarise("kib", [29.0, 30.0, 31.0, 30.5, 29.5], unit="KiB", target=32.0)
+    assert low.verdict == MET and high.verdict == NOT_MET  # the same values, floor vs ceiling
+    assert low.to_dict()["at_most"] is True and "at_most" not in high.to_dict()
+    assert stats.consistent(low.to_dict()) and stats.consistent(high.to_dict())
+    forged = {**low.to_dict(), "at_most": False}  # a ceiling read as a floor
+    assert not stats.consistent(forged)

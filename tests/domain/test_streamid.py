@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,3 +41,27 @@ def test_rejects_non_ascii_bytes() -> None:
 @given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
 def test_round_trip(ms: int, seq: int) -> None:
     assert parse(str(StreamId(ms, seq))) == StreamId(ms, seq)
+
+
+def _by_the_pattern(text: str) -> StreamId | None:
+    """What parse accepts, by its definition: the pattern, ``0``, 64-bit parts."""
+    if text == "0":
+        return ZERO
+    match = re.fullmatch(r"([0-9]{1,20})-([0-9]{1,20})", text)
+    if match is None or int(match[1]) >= 2**64 or int(match[2]) >= 2**64:
+        return None
+    return StreamId(int(match[1]), int(match[2]))
+
+
+@given(
+    st.text(alphabet="0123456789-+ _\n²٣a", max_size=24)
+    | st.from_regex(r"[0-9]{1,21}-[0-9]{1,21}", fullmatch=True)
+)
+def test_the_fast_path_accepts_exactly_what_the_pattern_does(text: str) -> None:
+    expected = _by_the_pattern(text)
+    for given_as in (text, text.encode()):
+        if expected is None:
+            with pytest.raises(MalformedStreamId):
+                parse(given_as)
+        else:
+            assert parse(given_as) == expected

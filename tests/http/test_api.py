@@ -279,6 +279,7 @@ def test_health_and_metrics(api: str, alice: str, bob: str) -> None:
         "workbench_dead_letters",
         "workbench_sse_sessions",
         "workbench_sse_replays_total",
+        "workbench_hub_stalled_disconnects_total",
         "workbench_redis_up 1.0",
     ):
         assert name in text

@@ -14,9 +14,8 @@ is not thread-safe: call it from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
-
-# Queued by close() so that a getter already waiting on the queue wakes up.
-_CLOSED = object()
+from collections import deque
+from collections.abc import Callable
 
 
 class SubscriptionClosed(Exception):
@@ -28,34 +27,58 @@ class SubscriptionClosed(Exception):
 
 
 class Subscription:
-    """One subscriber's view of a topic. Obtain with :meth:`Hub.subscribe`."""
+    """One subscriber's view of a topic. Obtain with :meth:`Hub.subscribe`.
 
-    def __init__(self, hub: Hub, topic: str, max_queue: int) -> None:
+    Memory matters here: a server process holds one per SSE connection, tens of
+    thousands of them. So no ``asyncio.Queue`` (a deque, two more deques of
+    waiters and a lock-free counter each): a plain deque of messages and one
+    future, made only while a getter waits on an empty queue and shared by
+    every getter. ``__slots__`` leaves out the instance dict.
+    """
+
+    __slots__ = ("topic", "closed_reason", "on_close", "_hub", "_queue", "_wakeup", "_beat")
+
+    def __init__(self, hub: Hub, topic: str) -> None:
         self.topic = topic
         self.closed_reason: str | None = None
+        #: Called once by :meth:`close` (whoever closes it); the SSE response sets
+        #: it while a write is blocked, so a slow or stalled client's write ends too.
+        self.on_close: Callable[[], None] | None = None
         self._hub = hub
-        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=max_queue)
+        self._queue: deque[object] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._beat = False  # a heartbeat is queued and not yet taken
 
     async def get(self) -> object:
         """The next message; :class:`SubscriptionClosed` once closed, even if waiting."""
-        self._raise_if_closed()
-        message = await self._queue.get()
-        if message is _CLOSED:
-            # Put it back so any other task waiting on this subscription wakes too.
-            self._queue.put_nowait(_CLOSED)
-        # Also covers a close() between this task being handed a message and
-        # resuming: once closed, the backlog is dropped, that message included.
-        self._raise_if_closed()
-        return message
+        while True:
+            # Also covers a close() between this task being woken for a message and
+            # resuming: once closed, the backlog is dropped, that message included.
+            self._raise_if_closed()
+            if self._queue:
+                return self._take()
+            if self._wakeup is None or self._wakeup.done():
+                self._wakeup = asyncio.get_running_loop().create_future()
+            wakeup = self._wakeup
+            try:
+                await wakeup
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # Another getter was cancelled, and the future it shared with it:
+                # not this task's cancellation, so wait again on a fresh one.
 
     def get_nowait(self) -> object:
         """The next message if one is queued, else :class:`asyncio.QueueEmpty`."""
         self._raise_if_closed()
-        return self._queue.get_nowait()
+        if not self._queue:
+            raise asyncio.QueueEmpty
+        return self._take()
 
     def qsize(self) -> int:
         """Messages waiting to be read (0 once closed: the backlog is dropped)."""
-        return 0 if self.closed_reason is not None else self._queue.qsize()
+        return 0 if self.closed_reason is not None else len(self._queue)
 
     def close(self, reason: str = "unsubscribed") -> None:
         """Stop delivery, drop the backlog and wake any waiting getter. Idempotent."""
@@ -63,16 +86,29 @@ class Subscription:
             return
         self.closed_reason = reason
         self._hub._remove(self)
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(_CLOSED)
+        self._queue.clear()
+        self._wake()
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+
+    def _take(self) -> object:
+        message = self._queue.popleft()
+        if message is self._hub.heartbeat_message:
+            self._beat = False
+        return message
 
     def _offer(self, message: object) -> bool:
-        try:
-            self._queue.put_nowait(message)
-        except asyncio.QueueFull:
+        if len(self._queue) >= self._hub.max_queue:
             return False
+        self._queue.append(message)
+        self._wake()
         return True
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     def _raise_if_closed(self) -> None:
         if self.closed_reason is not None:
@@ -83,19 +119,31 @@ class Subscription:
         return f"<Subscription topic={self.topic!r} {state}>"
 
 
-class Hub:
-    """Topic -> local subscribers, each with a queue of at most ``max_queue`` messages."""
+#: The default heartbeat, for a hub whose subscribers need no particular object.
+_HEARTBEAT = object()
 
-    def __init__(self, max_queue: int = 1000) -> None:
-        # asyncio.Queue(maxsize=0) is unbounded, which would void the memory bound.
+
+class Hub:
+    """Topic -> local subscribers, each with a queue of at most ``max_queue`` messages.
+
+    ``heartbeat_message`` is what :meth:`heartbeat` queues: one object for
+    every subscriber (the SSE layer passes its pre-encoded comment).
+    """
+
+    def __init__(self, max_queue: int = 1000, heartbeat_message: object = None) -> None:
+        # A bound of 0 would mean "unbounded" to a queue, which would void the memory bound.
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.max_queue = max_queue
+        self.heartbeat_message: object = (
+            heartbeat_message if heartbeat_message is not None else _HEARTBEAT
+        )
         self.dropped_slow = 0
+        self.dropped_stalled = 0
         self._topics: dict[str, set[Subscription]] = {}
 
     def subscribe(self, topic: str) -> Subscription:
-        subscription = Subscription(self, topic, self.max_queue)
+        subscription = Subscription(self, topic)
         self._topics.setdefault(topic, set()).add(subscription)
         return subscription
 
@@ -108,6 +156,30 @@ class Hub:
         """Queue ``message`` for every subscriber of every topic."""
         everyone = tuple(s for subs in self._topics.values() for s in subs)
         return self._deliver(everyone, message)
+
+    def heartbeat(self) -> int:
+        """Queue the heartbeat for every subscriber; close those that never took the last one.
+
+        Called by one shared ticker (every ``ping_s``), instead of a timer per
+        connection. A subscriber whose previous heartbeat is still queued has
+        not read for a whole interval (its client is not reading, so its writes
+        block): it is closed as stalled, and its ``on_close`` ends the blocked write.
+        Returns how many got the heartbeat.
+        """
+        message = self.heartbeat_message
+        everyone = tuple(s for subs in self._topics.values() for s in subs)
+        delivered = 0
+        for subscription in everyone:
+            if subscription._beat:
+                self.dropped_stalled += 1
+                subscription.close("stalled: no read for a whole heartbeat interval")
+            elif subscription._offer(message):
+                subscription._beat = True
+                delivered += 1
+            else:
+                self.dropped_slow += 1
+                subscription.close(f"slow consumer: {subscription.qsize()} messages queued")
+        return delivered
 
     def topics(self) -> int:
         """Topics with at least one subscriber."""

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from workbench.delivery.hub import Hub
 from workbench.delivery.livenodes import LiveNodes, LiveSource, Node
 from workbench.delivery.userstreams import live_message
+from workbench.delivery.wire import LiveEntry
 from workbench.streams.connection import outage_backoff
 from workbench.streams.keys import UserStreamNames
 
@@ -82,6 +83,8 @@ class LiveReader:
         self.messages = 0
         self.reconnects = 0
         self.bad_messages = 0
+        #: Messages taken straight from the parser's buffer (of ``messages``), see _drain.
+        self.drained = 0
         #: Redis connections open now: at most one per node serving a channel.
         self.connections = 0
         self._subscribed_before = False
@@ -125,6 +128,7 @@ class LiveReader:
                 opened.append((pubsub, client))
                 self.connections += 1
                 await self._subscribe(pubsub, channels)
+                _skip_push_logging(pubsub)
                 tasks.append(asyncio.create_task(self._read(pubsub, node, channels, waiting)))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -168,6 +172,8 @@ class LiveReader:
             kind = message["type"]
             if kind in ("message", "smessage"):
                 self._deliver(message["data"])
+                if confirmed == len(channels):
+                    self._drain(pubsub, node)
             elif kind in ("subscribe", "ssubscribe"):
                 confirmed += 1
                 if confirmed == len(channels):
@@ -181,15 +187,51 @@ class LiveReader:
                     "(its slot moved: a failover or a migration)"
                 )
 
+    def _drain(self, pubsub: aioredis.client.PubSub, node: Node | None) -> None:
+        """Deliver the replies already read off the socket, without a ``get_message`` each.
+
+        A burst arrives in large reads; redis-py hands its replies out one
+        ``get_message`` at a time, each through a timeout, a retry wrapper and a
+        dict, which costs more than everything else a live message goes through.
+        So once every channel is subscribed (nothing left for redis-py to track),
+        the replies its hiredis reader already holds are taken from it here
+        (RESP2 arrays and RESP3 pushes alike: ``[kind, channel, data]``). Only
+        with hiredis; otherwise nothing. A reply that is no array (a ``PONG``)
+        ends the drain: it and what follows are left to ``get_message``.
+        """
+        connection = pubsub.connection
+        reader = getattr(getattr(connection, "_parser", None), "_reader", None)
+        if reader is None:
+            return
+        while True:
+            reply = reader.gets()
+            if not isinstance(reply, list) or not reply:
+                if isinstance(reply, Exception):  # an error reply: the link is not sane
+                    raise FeedLost(f"{node or self.url} answered {reply!r}")
+                return  # no whole reply left (hiredis' "not enough data" marker)
+            kind = reply[0]
+            if isinstance(kind, str):  # a client with decode_responses
+                kind = kind.encode()
+            if kind in (b"message", b"smessage") and len(reply) == 3:
+                self.drained += 1
+                self._deliver(reply[2])
+            elif kind in (b"unsubscribe", b"sunsubscribe"):
+                raise FeedLost(
+                    f"{node or self.url} dropped {reply[1]!r} "
+                    "(its slot moved: a failover or a migration)"
+                )
+            # b"pong" (an answer to our liveness ping) needs nothing.
+
     def _deliver(self, data: bytes) -> None:
         try:
-            user, entry = live_message(data)
+            user, entry = live_message(data, LiveEntry)
         except (ValueError, TypeError, KeyError) as exc:
             # Not ours to fix; sessions still catch up by the prev chain.
             self.bad_messages += 1
             log.error("unreadable live message %r: %s", data[:200], exc)
             return
         self.messages += 1
+        # A LiveEntry, encoded once here: every session of the user writes these bytes.
         self.hub.publish(user, entry)
 
     def _on_subscribed(self) -> None:
@@ -201,6 +243,23 @@ class LiveReader:
         # Also on the first subscription: sessions opened before it may have
         # missed entries appended in between.
         self.hub.broadcast(Resync("live feed (re)connected"))
+
+
+async def _pass_through(response: object) -> object:
+    return response
+
+
+def _skip_push_logging(pubsub: aioredis.client.PubSub) -> None:
+    """Hand pushed messages straight back, as redis-py's handler does after logging them.
+
+    With hiredis, redis-py's handler for every pushed message looks its logger
+    up and formats the whole message for a debug line, whether or not debug is
+    on: about a tenth of this reader's CPU per message. A redis-py without that
+    attribute is left alone.
+    """
+    parser = getattr(pubsub.connection, "_parser", None)
+    if parser is not None and hasattr(parser, "pubsub_push_handler_func"):
+        parser.pubsub_push_handler_func = _pass_through
 
 
 async def _close_quietly(pubsub: aioredis.client.PubSub, client: aioredis.Redis) -> None:

@@ -14,7 +14,13 @@ if the replay already sent it. Messages on the wire:
   or was never an entry of this user's stream: fetch the snapshot
   (``GET /users/{id}/escrows``) and reconnect with its ``as_of``. The stream
   ends after a reset;
-* ``:`` comments as heartbeats (sent by the response).
+* ``:`` comments as heartbeats: the hub queues one for every session at
+  once (:meth:`~workbench.delivery.hub.Hub.heartbeat`, from one ticker per
+  process), so an idle session costs no timer of its own.
+
+Live messages are :class:`~workbench.delivery.wire.LiveEvent` objects, encoded
+once by the live reader and shared by every session of the user: a session
+passes the frame on, it does not encode it again.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ from workbench.delivery.handoff import (
 from workbench.delivery.hub import Hub, Subscription, SubscriptionClosed
 from workbench.delivery.live import Resync
 from workbench.delivery.userstreams import UserStreamReader
+from workbench.delivery.wire import HEARTBEAT, LiveEntry, LiveEvent, encode_page
 from workbench.domain.streamid import StreamId
+
+#: What :meth:`SseSession.messages` yields: pre-encoded bytes (replay pages,
+#: heartbeats), a shared live event, or a rare control message (ready, reset, closing).
+Message = bytes | LiveEvent | ServerSentEvent
 
 
 @dataclass
@@ -50,18 +61,29 @@ class SessionStats:
     resets: int = 0
 
 
-def event_message(entry: UserEntry) -> ServerSentEvent:
-    return ServerSentEvent(data=entry.data, event=entry.type, id=str(entry.id))
-
-
 def page_chunk(entries: list[UserEntry]) -> bytes:
     """A replayed page as one body chunk: one ASGI send and one socket write, not
     one per event (what dominates a replay's cost otherwise; bench/sse.py measures it)."""
-    return b"".join(event_message(entry).encode() for entry in entries)
+    return encode_page(entries)
 
 
 class SseSession:
-    """The message sequence for one connection of one user."""
+    """The message sequence for one connection of one user.
+
+    One per SSE connection, so slotted: no instance dict for each of 10,000.
+    """
+
+    __slots__ = (
+        "user_id",
+        "requested",
+        "reader",
+        "hub",
+        "stats",
+        "page_size",
+        "retry_ms",
+        "_subscription",
+        "_opening",
+    )
 
     def __init__(
         self,
@@ -92,7 +114,7 @@ class SseSession:
         self.stats.opened += 1
         try:
             self._opening: (
-                tuple[ReplaySession, list[UserEntry], bool] | HistoryLost
+                tuple[ReplaySession, list[UserEntry], bool] | HistoryLost | None
             ) = await self._start()
         except HistoryLost as lost:
             self._opening = lost
@@ -105,9 +127,17 @@ class SseSession:
         because a generator the server never started has no ``finally`` to run."""
         self._subscription.close()
 
-    async def messages(self) -> AsyncIterator[ServerSentEvent | bytes]:
+    @property
+    def subscription(self) -> Subscription:
+        """The session's hub subscription (after :meth:`open`)."""
+        return self._subscription
+
+    async def messages(self) -> AsyncIterator[Message]:
         """The whole message sequence; call :meth:`open` first."""
         subscription, opening = self._subscription, self._opening
+        self._opening = None  # the first page is not kept for the session's lifetime
+        if opening is None:
+            raise RuntimeError("messages() needs open() first, and runs once")
         try:
             if isinstance(opening, HistoryLost):
                 yield self._reset(opening.reason)
@@ -168,7 +198,8 @@ class SseSession:
 
     async def _live(
         self, subscription: Subscription, session: ReplaySession
-    ) -> AsyncIterator[ServerSentEvent | bytes]:
+    ) -> AsyncIterator[Message]:
+        heartbeat = self.hub.heartbeat_message
         while True:
             try:
                 message = await subscription.get()
@@ -177,11 +208,16 @@ class SseSession:
                 # server"); the client resumes from its Last-Event-ID.
                 yield ServerSentEvent(comment=f"closing: {closed.reason}")
                 return
+            if message is heartbeat:
+                yield HEARTBEAT
+                continue
             if isinstance(message, UserEntry):
                 decision = session.take_live(message)
                 if decision is Live.SEND:
                     self.stats.live_sent += 1
-                    yield event_message(message)
+                    # The frame every session of this user shares (encoded here only
+                    # for an entry published by hand, not by the live reader).
+                    yield LiveEntry.of(message).sse
                     continue
                 if decision is Live.SKIP:
                     continue

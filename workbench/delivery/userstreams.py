@@ -368,10 +368,11 @@ def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> User
     )
 
 
-def live_message(raw: bytes | str) -> tuple[str, UserEntry]:
-    """Decode a message of the live channel: (user id, entry)."""
+def live_message(raw: bytes | str, make: type[UserEntry] = UserEntry) -> tuple[str, UserEntry]:
+    """Decode a message of the live channel: (user id, entry), the entry made by ``make``
+    (a subclass, such as the live reader's entry that carries its encoded frame)."""
     user, entry_id, prev, event_id, type_, data = json.loads(raw)
-    return user, UserEntry(parse(entry_id), parse(prev), event_id, type_, data)
+    return user, make(parse(entry_id), parse(prev), event_id, type_, data)
 
 
 # KEYS[1] a user stream; ARGV: the page's start ("(cursor"), the cursor, count.

@@ -34,6 +34,22 @@ ZERO = StreamId(0, 0)
 
 def parse(text: str | bytes) -> StreamId:
     """Parse ``<ms>-<seq>`` (or ``0``); raise :class:`MalformedStreamId` otherwise."""
+    # The common case first, without the regular expression: every entry of every
+    # replayed page and live message has two ids. ASCII digits only (str.isdigit
+    # alone would take other scripts' digits), 1 to 20 of each: what _ID matches.
+    ms, sep, seq = text.partition(b"-" if isinstance(text, bytes) else "-")  # type: ignore[arg-type]
+    if (
+        sep
+        and 0 < len(ms) <= 20
+        and 0 < len(seq) <= 20
+        and ms.isascii()
+        and ms.isdigit()
+        and seq.isascii()
+        and seq.isdigit()
+    ):
+        whole = StreamId(int(ms), int(seq))
+        if whole.ms <= _MAX and whole.seq <= _MAX:
+            return whole
     if isinstance(text, bytes):
         try:
             text = text.decode("ascii")

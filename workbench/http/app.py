@@ -31,6 +31,7 @@ from workbench.domain.clock import Clock, clock_from_env
 from workbench.http import edge, errors
 from workbench.http.routes import escrows, mpesa, operations, phones
 from workbench.http.settings import Settings
+from workbench.http.sse import Ticker
 from workbench.http.state import App
 
 __all__ = ["App", "Settings", "app_from_env", "create_app"]
@@ -45,6 +46,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         state = App(settings, clock)
         app.state.wb = state
         tasks = [asyncio.create_task(state.live.run(), name="live-reader")]
+        # One heartbeat and shutdown ticker for every SSE session of this process.
+        ticker = Ticker(state.hub, settings.ping_s)
+        tasks.append(asyncio.create_task(ticker.run(), name="sse-ticker"))
         if state.sim is not None:
             tasks.append(asyncio.create_task(state.run_callbacks(), name="mpesa-sim"))
         tasks.append(asyncio.create_task(state.run_verification(), name="mpesa-verify"))

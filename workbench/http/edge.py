@@ -110,6 +110,14 @@ def uvicorn_options(limits: EdgeLimits | None = None) -> dict[str, Any]:
 # -- connections ----------------------------------------------------------------------------
 
 
+#: Scope keys of the disconnect hook: the protocol sets ``DISCONNECT_HOOKED`` in the
+#: scope of every request it serves, and calls ``scope[DISCONNECT_HOOK]()`` (if a
+#: response set one) when the connection is lost. A long response (SSE) learns
+#: that the client left without a task per connection parked in ``receive()``.
+DISCONNECT_HOOKED = "workbench.disconnect_hooked"
+DISCONNECT_HOOK = "workbench.on_disconnect"
+
+
 def _plain_response(status: int, reason: str, text: str) -> bytes:
     body = text.encode()
     return (
@@ -124,7 +132,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     uvicorn itself only times out idle keep-alive connections: a connection
     that never completes its request line and headers, or its body, is held
     forever. Each deadline is one loop timer, armed when the phase starts and
-    cancelled when it ends.
+    cancelled when it ends. It also calls a response's disconnect hook
+    (:data:`DISCONNECT_HOOK`) when the connection is lost.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -167,6 +176,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        cycle = self.cycle
+        hook = cycle.scope.get(DISCONNECT_HOOK) if cycle is not None else None
+        if hook is not None:
+            hook()
 
     def data_received(self, data: bytes) -> None:
         if self._awaiting_headers:
@@ -203,6 +216,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self.scope[DISCONNECT_HOOKED] = True  # type: ignore[literal-required]
         self._awaiting_headers = False
         self._header_bytes = 0
         self._arm(self.limits.body_timeout_s, self._body_too_slow)

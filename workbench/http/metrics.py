@@ -90,6 +90,11 @@ class _Collector:
             ("sse_catch_ups", stats.catch_ups, "live gaps closed by reading the stream"),
             ("sse_resets", stats.resets, "sessions told their history is gone"),
             ("hub_slow_disconnects", app.hub.dropped_slow, "subscribers dropped as too slow"),
+            (
+                "hub_stalled_disconnects",
+                app.hub.dropped_stalled,
+                "subscribers dropped for not reading a whole heartbeat interval",
+            ),
             ("live_messages", app.live.messages, "messages read by the live reader"),
             ("live_reconnects", app.live.reconnects, "live reader resubscriptions"),
             ("mpesa_sim_callbacks", app.callbacks_posted, "simulated callbacks delivered"),

@@ -19,8 +19,6 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from workbench.delivery.sessions import SseSession
@@ -28,6 +26,7 @@ from workbench.domain.streamid import MalformedStreamId, StreamId, parse
 from workbench.http import edge
 from workbench.http.dependencies import State, User, same_user
 from workbench.http.errors import redis_unavailable
+from workbench.http.sse import SseResponse
 
 router = APIRouter(route_class=edge.StrictJsonRoute)
 
@@ -83,10 +82,5 @@ async def user_events(
         await session.open()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         return redis_unavailable(f"cannot read the event log: {exc}")
-    return EventSourceResponse(
-        session.messages(),
-        background=BackgroundTask(session.close),
-        ping=state.settings.ping_s,
-        send_timeout=30,
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    # See workbench.http.sse for what it saves per connection over sse_starlette's.
+    return SseResponse(session)

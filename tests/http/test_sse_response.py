@@ -1,0 +1,146 @@
+"""The SSE response on its own: driven through ASGI as uvicorn drives it, with a real
+session (real Redis), to see what it costs per connection and how it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from workbench.delivery.hub import Hub
+from workbench.delivery.sessions import SessionStats, SseSession
+from workbench.delivery.userstreams import UserStreamReader
+from workbench.http import edge
+from workbench.http.sse import SseResponse, Ticker
+from workbench.streams.keys import UserStreamNames
+
+DEADLINE = 10.0
+_N = itertools.count()
+
+
+class Wire:
+    """What uvicorn gives an app: ``send`` (here recording, or blocking like a socket
+    whose client stopped reading) and a ``receive`` that waits until the client leaves."""
+
+    def __init__(self, *, block_after: int | None = None) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.block_after = block_after
+        self.gone = asyncio.Event()
+        self.blocked = asyncio.Event()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.block_after is not None and len(self.sent) >= self.block_after:
+            self.blocked.set()
+            await asyncio.Event().wait()  # the socket's buffer is full, forever
+        self.sent.append(message)
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent[1:])
+
+
+async def _opened(redis_url: str, hub: Hub) -> tuple[SseSession, aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    names = UserStreamNames(f"resp{next(_N)}")
+    session = SseSession(f"u{next(_N)}", None, UserStreamReader(client, names), hub, SessionStats())
+    await session.open()
+    return session, client
+
+
+async def _until(condition: Any, what: str) -> None:
+    async with asyncio.timeout(DEADLINE):
+        while not condition():
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+def test_the_protocols_disconnect_hook_ends_the_stream_with_no_task_of_its_own(
+    redis_url: str,
+) -> None:
+    async def scenario() -> None:
+        hub = Hub()
+        session, client = await _opened(redis_url, hub)
+        wire = Wire()
+        scope: dict[str, Any] = {"type": "http", "method": "GET", edge.DISCONNECT_HOOKED: True}
+        before = len(asyncio.all_tasks())
+        response = asyncio.create_task(SseResponse(session)(scope, wire.receive, wire.send))
+        await _until(lambda: b"event: ready" in wire.body(), "ready")
+        # The request's own task only: no disconnect watcher, no ping timer.
+        assert len(asyncio.all_tasks()) == before + 1
+        assert hub.subscriptions() == 1
+        scope[edge.DISCONNECT_HOOK]()  # what GuardedHttpToolsProtocol.connection_lost does
+        await asyncio.wait_for(response, DEADLINE)
+        assert hub.subscriptions() == 0
+        assert edge.DISCONNECT_HOOK not in scope
+        assert wire.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+        await client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
+
+
+def test_without_the_hook_a_watcher_notices_the_client_leaving(redis_url: str) -> None:
+    async def scenario() -> None:
+        hub = Hub()
+        session, client = await _opened(redis_url, hub)
+        wire = Wire()
+        response = asyncio.create_task(
+            SseResponse(session)({"type": "http", "method": "GET"}, wire.receive, wire.send)
+        )
+        await _until(lambda: b"event: ready" in wire.body(), "ready")
+        wire.gone.set()
+        await asyncio.wait_for(response, DEADLINE)
+        assert hub.subscriptions() == 0
+        await client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
+
+
+def test_a_client_that_stops_reading_is_cut_off_by_the_shared_heartbeat(redis_url: str) -> None:
+    """Its write blocks; the hub's next heartbeats find it never took one and close it,
+    which abandons the blocked write: no per-write timeout needed."""
+
+    async def scenario() -> None:
+        hub = Hub()
+        session, client = await _opened(redis_url, hub)
+        wire = Wire(block_after=2)  # the headers and the ready event get through
+        scope: dict[str, Any] = {"type": "http", "method": "GET", edge.DISCONNECT_HOOKED: True}
+        response = asyncio.create_task(SseResponse(session)(scope, wire.receive, wire.send))
+        await _until(lambda: len(wire.sent) == 2, "ready")
+        hub.heartbeat()  # taken from the queue, and its write blocks
+        await asyncio.wait_for(wire.blocked.wait(), DEADLINE)
+        hub.heartbeat()  # queued behind the blocked write: never taken
+        assert not response.done()
+        hub.heartbeat()  # the one before was never taken: stalled
+        await asyncio.wait_for(response, DEADLINE)
+        assert response.exception() is None
+        assert hub.subscriptions() == 0 and hub.dropped_stalled == 1
+        await client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
+
+
+def test_one_ticker_beats_for_everyone_and_closes_every_session_when_the_server_stops() -> None:
+    from sse_starlette.sse import AppStatus
+
+    async def scenario() -> None:
+        hub = Hub()
+        subs = [hub.subscribe(f"u{i}") for i in range(3)]
+        ticker = Ticker(hub, ping_s=0.05, check_s=0.01)
+        task = asyncio.create_task(ticker.run())
+        try:
+            await _until(lambda: ticker.beats >= 1, "a heartbeat")
+            assert all(s.get_nowait() is hub.heartbeat_message for s in subs)
+            AppStatus.should_exit = True  # what uvicorn's patched handle_exit sets on SIGTERM
+            await _until(lambda: hub.subscriptions() == 0, "every session closed")
+            assert {s.closed_reason for s in subs} == {"server shutting down"}
+        finally:
+            AppStatus.should_exit = False
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(scenario(), DEADLINE))

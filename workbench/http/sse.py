@@ -1,0 +1,180 @@
+"""The SSE response: one session streamed by the request's own task.
+
+``sse_starlette.EventSourceResponse`` runs four tasks per connection in an
+anyio task group (the stream, a ping timer, a disconnect listener, a shutdown
+listener), each with its cancel scope, and a lock and a timeout scope per
+write. At 10,000 connections that is most of a process's memory per
+connection, and most of its CPU per live message. This response keeps what a
+connection must have and shares the rest:
+
+* the session's messages are written by the task uvicorn already runs for the
+  request, each as the bytes it arrives as (live frames are encoded once per
+  message by the live reader, replay pages once per page);
+* the client leaving closes the session's subscription, so the writer stops
+  after its next write, or at once if it was waiting: the server's protocol
+  (:class:`~workbench.http.edge.GuardedHttpToolsProtocol`) calls the hook
+  this response leaves in the scope. Under another protocol, which says so
+  only to a pending ``receive``, one small task per connection waits there;
+* heartbeats come from one ticker per process (:class:`Ticker`), through the
+  hub, which also closes a session that never took its last heartbeat: its
+  client stopped reading, its write is blocked, and closing it cancels that
+  write (``Subscription.on_close``), as a per-write timeout would have;
+* server shutdown closes every session from the same ticker, so uvicorn's
+  graceful shutdown is not held open by streams that never end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from workbench.delivery.hub import Hub
+from workbench.delivery.sessions import SseSession
+from workbench.http import edge
+
+_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class SseResponse(Response):
+    """An ASGI response that streams ``session`` (opened) until it ends or the client leaves.
+
+    A :class:`~starlette.responses.Response` only so that FastAPI passes it
+    through as the route's answer; none of its body machinery is used.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, session: SseSession, background: BackgroundTask | None = None) -> None:
+        self.session = session
+        self.background = background
+        self.status_code = 200
+        self.raw_headers = list(_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session = self.session
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if scope.get("method") == "HEAD":  # headers only; a stream would never end
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            watcher = None
+            if scope.get(edge.DISCONNECT_HOOKED):
+                scope[edge.DISCONNECT_HOOK] = self._client_left
+            else:
+                watcher = asyncio.get_running_loop().create_task(_watch(receive, session))
+            try:
+                await _stream(session, send, task)
+            finally:
+                scope.pop(edge.DISCONNECT_HOOK, None)
+                if watcher is not None:
+                    watcher.cancel()
+        finally:
+            session.close()
+            if self.background is not None:
+                await self.background()
+
+    def _client_left(self) -> None:
+        self.session.subscription.close("client disconnected")
+
+
+async def _stream(session: SseSession, send: Send, task: asyncio.Task[Any]) -> None:
+    subscription = session.subscription
+    messages = session.messages()
+    cancelled = False
+
+    def cancel_write() -> None:
+        nonlocal cancelled
+        cancelled = True
+        task.cancel()
+
+    body: dict[str, Any] = {"type": "http.response.body", "body": b"", "more_body": True}
+    try:
+        async for message in messages:
+            body["body"] = message if isinstance(message, bytes) else message.encode()
+            if subscription.closed_reason is not None:
+                # The client left, or the server closed it: the closing comment
+                # (the last message) is still worth a try; nothing after it.
+                await send(body)
+                break
+            # A write blocks while the client does not read; whoever closes the
+            # subscription meanwhile (slow consumer, stalled, shutdown) ends it.
+            subscription.on_close = cancel_write
+            try:
+                await send(body)
+            finally:
+                subscription.on_close = None
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if cancelled and task.uncancel() == 0:
+            return  # our own cancel: the write was abandoned, the response ends here
+        raise
+    finally:
+        await messages.aclose()
+
+
+async def _watch(receive: Receive, session: SseSession) -> None:
+    """Wait for ``http.disconnect`` and close the session (its writer then stops)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            session.subscription.close("client disconnected")
+            return
+
+
+def _server_exiting() -> bool:
+    """Whether uvicorn was told to stop (SIGTERM/SIGINT): its handler's server says so."""
+    from sse_starlette.sse import AppStatus  # patched onto uvicorn's handle_exit
+
+    if AppStatus.should_exit:
+        return True
+    handler = signal.getsignal(signal.SIGTERM)
+    server = getattr(handler, "__self__", None)
+    return bool(getattr(server, "should_exit", False))
+
+
+class Ticker:
+    """One task per process: heartbeats for every session, and shutdown.
+
+    Every ``ping_s`` it queues a heartbeat for every subscriber of the hub
+    (:meth:`Hub.heartbeat`); every ``check_s`` it looks whether the server
+    is shutting down, and if so closes every session so their responses end.
+    """
+
+    def __init__(self, hub: Hub, ping_s: float, *, check_s: float = 0.5) -> None:
+        self.hub = hub
+        self.ping_s = ping_s
+        self.check_s = min(check_s, ping_s) if ping_s > 0 else check_s
+        self.beats = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + self.ping_s
+        closed = False
+        while True:
+            await asyncio.sleep(self.check_s)
+            if not closed and _server_exiting():
+                closed = True
+                self.hub.close_all("server shutting down")
+            if self.ping_s > 0 and loop.time() >= next_beat:
+                next_beat = loop.time() + self.ping_s
+                self.hub.heartbeat()
+                self.beats += 1
+
+
+with contextlib.suppress(ImportError):  # the patch of uvicorn's handle_exit, made on import
+    import sse_starlette.sse  # noqa: F401
+
+__all__ = ["SseResponse", "Ticker"]
