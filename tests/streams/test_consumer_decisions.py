@@ -210,3 +210,17 @@ def test_an_entrys_fields_come_as_pairs_from_a_flat_list_or_a_mapping() -> None:
     ]
     assert field_pairs({b"data": b"{}"}) == [(b"data", b"{}")]
     assert field_pairs(None) == [] and field_pairs([]) == []
+    # A name without its value is not an entry Redis would send: refused, not paired.
+    with pytest.raises(ValueError):
+        field_pairs([b"event_id", b"e1", b"data"])
+
+
+def test_one_partition_decides_as_the_unpartitioned_hold_back() -> None:
+    partition_of = {"wb:escrow": 0, "wb:payment": 0}
+    e1, e2 = _delivery("wb:escrow", "5-0"), _delivery("wb:escrow", "9-0")
+    p1 = _delivery("wb:payment", "9-1")
+    full = {"wb:escrow"}
+    assert ready_by_partition([e1, e2, p1], full, partition_of) == ([e1], [e2, p1])
+    assert ready_by_partition([e1, e2, p1], full, partition_of) == ready_to_handle(
+        [e1, e2, p1], full
+    )
