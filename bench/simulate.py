@@ -534,8 +534,8 @@ def print_speed(console: Any, run: dict[str, Any], model: dict[str, Any], phones
     rate, share = total / wall, 1 - model["wall_s"] / wall
     lo, hi = judged.interval
     print(f"runtime events per wall second: {rate:,.0f}; median of {len(judged.per_round)} "
-          f"run(s) {judged.median:,.0f}, interval {lo:,.0f}-{hi:,.0f}; target >= {TARGET:,}/s: "
-          f"{judged.verdict}")  # fmt: skip
+          f"run(s) {judged.median:,.0f}, interval {lo:,.0f}-{hi:,.0f} "
+          "(judged as speed / floor, below)")  # fmt: skip
     print(f"model only (stand-in service, phones that read nothing): {model['wall_s']:,.2f} s "
           f"wall, {model['commands']:,} commands and {model['escrows']:,} escrows "
           f"(runtime run: {run['events']['commands']:,}, {run['escrows']:,}); "
@@ -739,8 +739,10 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
             batched_runs[-1]["total_events"], batched_runs[-1]["wall_s"]
         )
         round_costs.append(call_costs(cost_calls, placed))
+    # No target of its own: issue 16 replaced issue 4's 20,000/s for this run by its
+    # ratio to the floor (speed_vs_floor) and kept 20,000/s for the batched run.
     judged = stats.rate_summary("speed", rounds, what="runtime events per wall second",
-                                unit="events/s", target=TARGET)  # fmt: skip
+                                unit="events/s")  # fmt: skip
     batched_judged = stats.rate_summary(
         batched_key, rounds, unit="events/s", target=TARGET,
         what=f"runtime events per wall second, batched, {target_rate:g} escrows/s",
@@ -803,7 +805,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     for run in (speed, small, big):
         run.pop("trace", None)  # every sample: printed above, too long for the JSON line
     summary = {"bench": "simulate", "scenario": scenario, "seed": seed, "phones": phones,
-               "events_per_s": round(rate, 1), "target": TARGET, "verdict": judged.verdict,
+               "events_per_s": round(rate, 1),
                "interval": [round(x, 1) for x in judged.interval],
                "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
                "events_per_s_runs": [round(r, 1) for r in rates_seen], "placement": placement,

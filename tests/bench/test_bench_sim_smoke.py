@@ -51,8 +51,8 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     [rnd] = record["rounds"]
     assert rnd["speed"]["items"] == summary["speed"]["total_events"]
     speed = record["rates"]["speed"]
-    assert speed["target"] == 20_000 and stats.consistent(speed)
-    assert speed["verdict"] == summary["verdict"] == stats.INCONCLUSIVE
+    # Issue 4's 20,000/s for this run was withdrawn for its ratio to the floor.
+    assert speed["target"] is None and speed["verdict"] is None and "verdict" not in summary
     assert record["environment"]["redis_server"] == summary["speed"]["redis_version"]
     assert any("runtime share" in row[0] for row in record["figures"]["headline"])
     # Both targets of issue #16, each with its interval and a verdict that interval gives:
