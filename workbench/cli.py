@@ -546,11 +546,19 @@ DEMO_TOKEN_TTL_S = 30 * 60
 @click.option("--fd", type=int, required=True, help="the listening socket, inherited")
 def api_process(fd: int) -> None:
     """One HTTP server process of `serve`, accepting on the socket serve bound."""
+    import gc
     import socket
 
     import uvicorn
 
+    import workbench.http.app  # noqa: F401 - imported before the freeze below
     from workbench.http.edge import uvicorn_options
+
+    # What the imports made lives as long as the process: out of the collector's
+    # sight, a full collection scans only what serving allocates, not every
+    # module, class and function (a full scan stalls every SSE session at once).
+    gc.collect()
+    gc.freeze()
 
     listener = socket.socket(fileno=fd)  # family and type read from the socket itself
     config = uvicorn.Config(

@@ -48,17 +48,27 @@ def test_sse_bench_quick_run(tmp_path) -> None:
         "server_redis_conns_before",
         "server_redis_conns_after",
     }
-    assert set(summary["latency"]) >= {"sse", "anchor", "ratio_sse_vs_anchor"}
-    assert set(summary["latency"]["sse"]) >= {"p50_ms", "p99_ms", "p99_9_ms"}
-    assert set(summary["latency"]["anchor"]) >= {"p50_ms", "p99_ms", "p99_9_ms"}
+    latency = summary["latency"]
+    assert set(latency) >= {
+        "sse",
+        "plain",
+        "anchor",
+        "ratio_sse_vs_anchor",
+        "ratio_plain_vs_anchor",
+    }
+    for side in ("sse", "plain", "anchor"):
+        assert set(latency[side]) >= {"p50_ms", "p99_ms", "p99_9_ms"}, side
     # What the figures rest on, not only that the keys exist.
     connections = summary["connections"]
     assert connections["established"] == connections["target"] > 0
     assert connections["clients_exact"] == connections["established"]  # each got exactly its own
     assert connections["all_received"] is True
     assert summary["replay"]["entries"] > 0
-    assert summary["latency"]["received"] == summary["latency"]["expected"] > 0
-    assert summary["latency"]["anchor_received"] > 0
+    # Every side delivered every event it sent, to clients all connected.
+    assert latency["connected"] == latency["plain_connected"] == latency["clients"] > 0
+    for side in ("sse", "plain", "anchor"):
+        assert latency[f"{side}_received"] == latency[f"{side}_expected"] > 0, side
+    assert latency["per_round"][0]["order"] == ["sse", "plain", "anchor"]
     # The record: the replay rounds, their per-round ratio with its interval, the headline.
     record = json.loads(record_path.read_text())
     assert record["bench"] == "sse" and record["figures"]["summary"] == summary
@@ -68,6 +78,15 @@ def test_sse_bench_quick_run(tmp_path) -> None:
     sse_rate = rnd["replay_sse"]["items"] / rnd["replay_sse"]["seconds"]
     raw_rate = rnd["replay_xrange"]["items"] / rnd["replay_xrange"]["seconds"]
     assert ratio["per_round"] == [sse_rate / raw_rate] and stats.consistent(ratio)
+    # The latency target and its floor, each per round with its interval.
+    bounds = record["bounds"]
+    target, floor = (
+        bounds["latency_p99_sse_vs_xreadgroup"],
+        bounds["latency_p99_plain_vs_xreadgroup"],
+    )
+    assert target["target"] == 1.3 and floor["target"] is None
+    assert floor["what"].startswith("floor") and stats.consistent(floor)
+    assert floor["per_round"] == [latency["per_round"][0]["ratio_plain_vs_anchor"]["p99_ms"]]
     assert len(record["environment"]["load_after"]) == 3 and record["environment"]["commit"]
     assert record["figures"]["headline"][0][1] == f"{connections['target']:,} of " + (
         f"{connections['target']:,}"
