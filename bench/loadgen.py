@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench.sse import SseConnection, close_all, ramp
+from bench.sse import SseConnection, close_all, collector_paused, ramp
 from workbench.http.auth import issue_token
 from workbench.ops.inspection import inspect
 from workbench.streams.keys import StreamNames, UserStreamNames
@@ -343,7 +343,10 @@ async def run_step(
     sampler = asyncio.create_task(sample_lag(client, names, driver.http, worst))
     started = time.perf_counter()
     try:
-        late = await _arrivals(driver, rate, count, driver.phones.users, first)
+        # The instrument's own full collections would stall every phone and
+        # every request in flight: off for the step (bench.sse.collector_paused).
+        with collector_paused():
+            late = await _arrivals(driver, rate, count, driver.phones.users, first)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):

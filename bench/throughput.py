@@ -31,7 +31,10 @@ other round:
   redis-py process on the same streams; ``raw1_decoded``: the same process
   decoding every envelope too, the least a loop that puts a batch back in
   escrow order (it spans streams) must do: ``decoded_raw1_vs_raw1`` is the
-  floor decoding sets on ``noop_vs_raw1``.
+  floor decoding sets on ``noop_vs_raw1``; ``raw1_ordered``: the same process
+  doing the whole of that job as plainly as it can be done (hold back what a
+  full read may precede, sort the rest by escrow and sequence, ack it), the
+  floor ``ordered_raw1_vs_raw1`` that per-escrow order sets.
 * ``fs_batch`` and ``fs_one``  FastStream's Redis Streams subscriber (batch of
   500, and one message per call), one subscriber per stream, a no-op handler:
   the peer a Python user would pick. It runs in ``.venv-bench/`` (made by
@@ -48,7 +51,8 @@ lifecycles made) through a fresh consumer group.
 Ratios (names stable; targets in :data:`TARGETS` or ``--target``):
 ``parallel_vs_raw4``, ``noop_vs_raw1``, ``noop_vs_faststream_batch``,
 ``noop_vs_faststream_one``, ``parallel_vs_sql4``, ``sql4_vs_raw4``,
-``noop_vs_raw1_decoded``, ``decoded_raw1_vs_raw1``,
+``noop_vs_raw1_decoded``, ``decoded_raw1_vs_raw1``, ``noop_vs_raw1_ordered``,
+``ordered_raw1_vs_raw1``,
 ``relay_vs_xadd``, ``relay_vs_plain``, ``plain_relay_vs_xadd``; rates of every measurement,
 ``commands`` among them.
 
@@ -81,6 +85,7 @@ import sys
 import tempfile
 import time
 import traceback
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,6 +137,8 @@ MEASURES: dict[str, str] = {
     "sql4": "the four handlers' SQL alone, four processes (events decoded before)",
     "raw1": f"one raw redis-py process: XREADGROUP COUNT {BATCH}, XACK pipelined with next read",
     "raw1_decoded": "the same raw process, each envelope also decoded (msgspec, validated)",
+    "raw1_ordered": "the same raw process decoding, holding back behind full reads, "
+    "sorting by escrow",
     "noop": "ConsumerWorker.drain, no-op handler, every stream",
     "fs_batch": f"FastStream subscriber, batch of {BATCH}, one per stream",
     "fs_one": "FastStream subscriber, one message per call, one per stream",
@@ -162,6 +169,17 @@ RATIOS: dict[str, tuple[str, str, str]] = {
         "raw1_decoded",
         "raw1",
         "floor: a raw process that decodes / one that does not (decoding's share)",
+    ),
+    "noop_vs_raw1_ordered": (
+        "noop",
+        "raw1_ordered",
+        "runtime no-op loop / one raw process that decodes and orders",
+    ),
+    "ordered_raw1_vs_raw1": (
+        "raw1_ordered",
+        "raw1",
+        "floor: a raw process that decodes and orders / one that does not (per-escrow "
+        "order's share)",
     ),
     "noop_vs_faststream_batch": ("noop", "fs_batch", "runtime no-op loop / FastStream batch"),
     "noop_vs_faststream_one": ("noop", "fs_one", "runtime no-op loop / FastStream one-by-one"),
@@ -283,7 +301,12 @@ def expected_entries(entries: list[tuple[str, Any]], aggregate_types: tuple[str,
 
 
 def raw_consume(
-    client: redis.Redis, streams: list[str], group: str, *, decode: bool = False
+    client: redis.Redis,
+    streams: list[str],
+    group: str,
+    *,
+    decode: bool = False,
+    order: bool = False,
 ) -> int:
     """Read ``streams`` to the end through ``group``; return the entries read and acked.
 
@@ -291,7 +314,11 @@ def raw_consume(
     connection (no reply conversion: an entry is only its id here); the XACKs
     of a batch go in one write with the next read. With ``decode``, each
     entry's envelope is also decoded and validated (:func:`events.decode`),
-    as anything that orders a batch by escrow must.
+    as anything that orders a batch by escrow must. With ``order`` (implies
+    decoding), the plainest code that keeps per-escrow order across streams:
+    entries behind a stream whose read came back full (from its last entry's
+    millisecond on) wait for the next read, and what is handled is sorted by
+    (escrow, sequence) first; an entry is acked once handled.
     """
     pool = client.connection_pool
     conn = pool.get_connection()
@@ -301,13 +328,17 @@ def raw_consume(
         conn.send_command(*read)
         reply = conn.read_response()
         total = 0
-        while reply:
-            batches = reply.items() if isinstance(reply, dict) else reply
-            if decode:
-                for _, got in batches:
-                    for entry in got:
-                        decode_event(entry_data(entry[1]))
-            acks = [("XACK", s, group, *[entry[0] for entry in got]) for s, got in batches]
+        held: dict[bytes, list[tuple[bytes, Event]]] = {}
+        while reply or held:
+            batches = (reply.items() if isinstance(reply, dict) else reply) if reply else []
+            if order:
+                acks = _ordered_acks(batches, held, group)
+            else:
+                if decode:
+                    for _, got in batches:
+                        for entry in got:
+                            decode_event(entry_data(entry[1]))
+                acks = [("XACK", s, group, *[entry[0] for entry in got]) for s, got in batches]
             total += sum(len(a) - 3 for a in acks)
             conn.send_packed_command(conn.pack_commands([*acks, read]))
             for _ in acks:
@@ -316,6 +347,48 @@ def raw_consume(
         return total
     finally:
         pool.release(conn)
+
+
+def _ordered_acks(
+    batches: Any, held: dict[bytes, list[tuple[bytes, Event]]], group: str
+) -> list[tuple[Any, ...]]:
+    """``raw_consume(order=True)``'s step: the XACKs of what :func:`plain_ready`
+    hands over now (handled: a no-op, as the runtime's no-op handler)."""
+    by_stream: dict[bytes, list[bytes]] = {}
+    for stream, entry_id, _ in plain_ready(batches, held):
+        by_stream.setdefault(stream, []).append(entry_id)
+    return [("XACK", s, group, *ids) for s, ids in by_stream.items()]
+
+
+def plain_ready(
+    batches: Any, held: dict[bytes, list[tuple[bytes, Event]]]
+) -> list[tuple[bytes, bytes, Event]]:
+    """The plain ordered loop's decision: decode a read's entries, hold back what a
+    full read's unread entries may precede (each stream's entries from the
+    earliest full stream's last millisecond on, kept in ``held`` for the next
+    read), and return the rest as (stream, id, event) sorted by escrow and sequence."""
+    full = [got[-1][0] for _, got in batches if len(got) >= BATCH]
+    cutoff = min((int(i.partition(b"-")[0]) for i in full), default=None)
+    now: list[tuple[bytes, bytes, Event]] = []
+    later: dict[bytes, list[tuple[bytes, Event]]] = {}
+    streams = {s: [(e[0], decode_event(entry_data(e[1]))) for e in got] for s, got in batches}
+    for stream in held.keys() - streams.keys():
+        streams[stream] = []
+    for stream, fresh in streams.items():
+        items = held.pop(stream, []) + fresh
+        split = len(items)
+        if cutoff is not None:  # a full read's unread entries may precede these
+            split = bisect_left(items, cutoff, key=lambda it: int(it[0].partition(b"-")[0]))
+            if split < len(items):
+                later[stream] = items[split:]
+        now += [(stream, i, e) for i, e in items[:split]]
+    if len(full) == 1 and not now:  # all behind the one full stream: nothing precedes it
+        now = [(s, i, e) for s, items in later.items() for i, e in items]
+        later = {}
+    held.update(later)
+    if len(streams) > 1:  # one stream is in each escrow's order already
+        now.sort(key=lambda it: (it[2].aggregate_id, it[2].sequence))
+    return now
 
 
 def xadd_commands(names: StreamNames, entries: list[tuple[str, Any]]) -> list[list[tuple]]:
@@ -720,6 +793,18 @@ def run(
                     raise RuntimeError(f"raw1_decoded read {count}, expected {n}")
                 return count, seconds
 
+            def step_raw1_ordered() -> tuple[int, float]:
+                steps["raw1"] += 1
+                group = f"raw1o-{steps['raw1']}"
+                create_groups(client, streams, group)
+                count, seconds = stats.timed(
+                    lambda: raw_consume(client, streams, group, order=True)
+                )
+                destroy_groups(client, streams, group)
+                if count != n:
+                    raise RuntimeError(f"raw1_ordered read {count}, expected {n}")
+                return count, seconds
+
             def step_noop() -> tuple[int, float]:
                 steps["noop"] += 1
                 group = f"noop-{steps['noop']}"
@@ -776,6 +861,7 @@ def run(
                 ("sql4", step_sql4),
                 ("raw1", step_raw1),
                 ("raw1_decoded", step_raw1_decoded),
+                ("raw1_ordered", step_raw1_ordered),
                 ("noop", step_noop),
             ):
                 measures[name] = lambda step=step: stats.accumulate(step, min_seconds)

@@ -24,6 +24,8 @@ RATIOS = {
     "plain_relay_vs_xadd",
     "noop_vs_raw1_decoded",
     "decoded_raw1_vs_raw1",
+    "noop_vs_raw1_ordered",
+    "ordered_raw1_vs_raw1",
     "parallel_vs_sql4",
     "sql4_vs_raw4",
 }
@@ -55,7 +57,7 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
 
     faststream = p["faststream"] is not None
     measured = {"commands", "relay", "relay_plain", "xadd", "parallel4", "raw4", "raw1", "noop"}
-    measured |= {"raw1_decoded", "sql4"}
+    measured |= {"raw1_decoded", "raw1_ordered", "sql4"}
     if faststream:
         measured |= {"fs_batch", "fs_one"}
     else:  # the record says why the peer anchor is missing
@@ -70,7 +72,16 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     # that reads its stream (the FastStream one-by-one sample aside).
     per_step = {
         name: p["entries"]
-        for name in ("relay", "relay_plain", "xadd", "raw1", "raw1_decoded", "noop", "fs_batch")
+        for name in (
+            "relay",
+            "relay_plain",
+            "xadd",
+            "raw1",
+            "raw1_decoded",
+            "raw1_ordered",
+            "noop",
+            "fs_batch",
+        )
     }
     per_step |= dict.fromkeys(("parallel4", "raw4", "sql4"), sum(p["entries_per_group"].values()))
     assert per_step["raw4"] > p["entries"]  # the escrow stream is read by all four groups
@@ -113,3 +124,44 @@ def test_throughput_bench_rejects_bad_options() -> None:
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert result.returncode == 2 and says in result.stderr, result.stderr
+
+
+def _entries(stream_ms: int, events: list[tuple[str, int]]) -> list[list[object]]:
+    """Raw XREADGROUP entries ``[id, fields]`` of (escrow, sequence) events, one per ms."""
+    import msgspec
+
+    from bench.sse import bench_event
+    from workbench.domain.events import encode
+
+    out: list[list[object]] = []
+    for k, (escrow, sequence) in enumerate(events):
+        event = msgspec.structs.replace(
+            bench_event(f"evt_{escrow}_{sequence}", ("u",), 0),
+            aggregate_id=escrow,
+            sequence=sequence,
+        )
+        out.append([f"{stream_ms + k}-0".encode(), [b"data", encode(event)]])
+    return out
+
+
+def test_the_plain_ordered_loop_holds_back_behind_a_full_read_and_sorts_by_escrow() -> None:
+    from bench.throughput import BATCH, _ordered_acks, plain_ready
+
+    # A full read of stream a (ids from ms 1000 on: its unread entries may come
+    # from its last millisecond on) and a short read of stream b, partly later.
+    full = _entries(1000, [(f"esc_{k:04d}", 1) for k in range(BATCH)])
+    last = 1000 + BATCH - 1
+    short = _entries(last - 2, [("esc_0003", 0), ("esc_x", 1), ("esc_z", 0), ("esc_y", 1)])
+    held: dict[bytes, list[tuple[bytes, object]]] = {}
+    ready = plain_ready([(b"a", full), (b"b", short)], held)
+    assert len(ready) == BATCH - 1 + 2  # all of a but its last ms; b's two before it
+    assert all(int(i.split(b"-")[0]) < last for _, i, _ in ready)
+    keys = [(e.aggregate_id, e.sequence) for _, _, e in ready]
+    assert keys == sorted(keys) and keys[3:5] == [("esc_0003", 0), ("esc_0003", 1)]
+    assert {stream: len(items) for stream, items in held.items()} == {b"a": 1, b"b": 2}
+    # The next read (nothing new) hands over what was held, each escrow in order.
+    acks = _ordered_acks([], held, "g")
+    assert held == {} and sorted(a[:3] for a in acks) == [("XACK", b"a", "g"), ("XACK", b"b", "g")]
+    assert sum(len(a) - 3 for a in acks) == 3
+    # No full read: nothing is held back.
+    assert len(plain_ready([(b"b", short)], held)) == 4 and held == {}

@@ -14,7 +14,7 @@ from workbench.delivery.entries import UserEntry
 from workbench.delivery.hub import Hub, SubscriptionClosed
 from workbench.delivery.live import LiveReader
 from workbench.delivery.sessions import SessionStats, SseSession
-from workbench.delivery.userstreams import UserStreamReader, UserStreams
+from workbench.delivery.userstreams import Page, UserStreamReader, UserStreams
 from workbench.delivery.wire import (
     HEARTBEAT,
     LiveEntry,
@@ -64,6 +64,46 @@ def test_a_page_is_its_entries_frames_in_order() -> None:
     ]
     assert encode_page(entries) == b"".join(encode_entry(e) for e in entries)
     assert encode_page([]) == b""
+
+
+def _rows(types: list[str]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Raw rows as redis-py hands an XRANGE page over: one per text, ids 9-i."""
+    return [
+        (
+            f"9-{i}".encode(),
+            {
+                b"prev": f"9-{i - 1}".encode() if i else b"0-0",
+                b"event_id": f"e{i}".encode(),
+                b"type": type_.encode(),
+                b"data": data.encode(),
+            },
+        )
+        for i, (type_, data) in enumerate(zip(types, TEXTS, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("odd_type", ["escrow.created", "odd\nname", "cr\rname"])
+def test_a_raw_page_writes_the_frames_of_its_entries(odd_type: str) -> None:
+    # Line breaks in the data (most rows) and in the type of one row take the
+    # careful path; the others are written from the raw bytes: the same frames.
+    types = ["escrow.funded"] * len(TEXTS)
+    types[1] = odd_type
+    page = Page(_rows(types))
+    entries = list(page)
+    assert [e.data for e in entries] == TEXTS and entries[1].type == odd_type
+    assert page.frames() == encode_page(entries)
+    assert Page([]).frames() == b""
+
+
+def test_a_raw_page_is_the_sequence_of_its_entries() -> None:
+    rows = _rows(["t"] * len(TEXTS))
+    page = Page(rows)
+    assert len(page) == len(TEXTS) and bool(page) and not Page([])
+    assert page[0] == UserEntry(StreamId(9, 0), ZERO, "e0", "t", TEXTS[0])
+    assert page[-1].id == StreamId(9, len(TEXTS) - 1)
+    assert page[-1].prev == StreamId(9, len(TEXTS) - 2)
+    assert page[1:3] == [page[1], page[2]] and page == list(page)
+    assert page != list(page)[:-1] and page != Page(rows[1:])
 
 
 def test_a_live_entry_is_still_the_entry_it_carries() -> None:

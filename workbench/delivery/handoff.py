@@ -26,6 +26,7 @@ HTTP loops around it live in :mod:`workbench.delivery.sessions`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 from workbench.delivery.entries import UserEntry
 from workbench.domain.streamid import ZERO, StreamId
@@ -53,7 +54,9 @@ class ReplaySession:
         self.sent = 0
         self.skipped = 0
 
-    def take_page(self, page: list[UserEntry], *, cursor_exists: bool = True) -> list[UserEntry]:
+    def take_page(
+        self, page: Sequence[UserEntry], *, cursor_exists: bool = True
+    ) -> Sequence[UserEntry]:
         """Accept a page read strictly after the cursor; return it, advance the cursor.
 
         Raise :class:`HistoryLost` if the page does not start right after the
@@ -90,7 +93,7 @@ class ReplaySession:
 
 
 def resume_point_known(
-    requested: StreamId, first_page: list[UserEntry], requested_exists: bool
+    requested: StreamId, first_page: Sequence[UserEntry], requested_exists: bool
 ) -> bool:
     """Is ``requested`` a position we can resume from without a gap?
 

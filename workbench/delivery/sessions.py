@@ -26,7 +26,7 @@ passes the frame on, it does not encode it again.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from sse_starlette import ServerSentEvent
@@ -40,7 +40,7 @@ from workbench.delivery.handoff import (
 )
 from workbench.delivery.hub import Hub, Subscription, SubscriptionClosed
 from workbench.delivery.live import Resync
-from workbench.delivery.userstreams import UserStreamReader
+from workbench.delivery.userstreams import Page, UserStreamReader
 from workbench.delivery.wire import HEARTBEAT, LiveEntry, LiveEvent, encode_page
 from workbench.domain.streamid import StreamId
 
@@ -61,10 +61,13 @@ class SessionStats:
     resets: int = 0
 
 
-def page_chunk(entries: list[UserEntry]) -> bytes:
+def page_chunk(entries: Sequence[UserEntry]) -> bytes:
     """A replayed page as one body chunk: one ASGI send and one socket write, not
-    one per event (what dominates a replay's cost otherwise; bench/sse.py measures it)."""
-    return encode_page(entries)
+    one per event (what dominates a replay's cost otherwise; bench/sse.py measures it).
+    A :class:`Page` read from Redis writes its frames from the raw rows."""
+    if isinstance(entries, Page):
+        return entries.frames()
+    return encode_page(list(entries))
 
 
 class SseSession:
@@ -114,7 +117,7 @@ class SseSession:
         self.stats.opened += 1
         try:
             self._opening: (
-                tuple[ReplaySession, list[UserEntry], bool] | HistoryLost | None
+                tuple[ReplaySession, Sequence[UserEntry], bool] | HistoryLost | None
             ) = await self._start()
         except HistoryLost as lost:
             self._opening = lost
@@ -162,7 +165,7 @@ class SseSession:
         finally:
             subscription.close()
 
-    async def _start(self) -> tuple[ReplaySession, list[UserEntry], bool]:
+    async def _start(self) -> tuple[ReplaySession, Sequence[UserEntry], bool]:
         """The session and its first page; whether more pages may follow."""
         if self.requested is None:
             return ReplaySession(await self.reader.tail(self.user_id)), [], False
@@ -187,7 +190,7 @@ class SseSession:
             if page:
                 yield page_chunk(page)
 
-    async def _page(self, session: ReplaySession) -> tuple[list[UserEntry], bool]:
+    async def _page(self, session: ReplaySession) -> tuple[Sequence[UserEntry], bool]:
         # With the cursor's existence: an empty page after a lost cursor is a reset.
         page, exists = await self.reader.first_page_and_exists(
             self.user_id, session.cursor, self.page_size

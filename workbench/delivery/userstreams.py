@@ -62,8 +62,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import redis
 import redis.asyncio as aioredis
@@ -71,6 +72,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from workbench.delivery.entries import UserEntry
+from workbench.delivery.wire import encode_entry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
 from workbench.domain.streamid import ZERO, StreamId, parse
@@ -358,6 +360,58 @@ def _users(event: Event) -> list[str]:
 # -- reading (async, used by the HTTP server) ---------------------------------------
 
 
+class Page(Sequence[UserEntry]):
+    """A page of a user stream as Redis sent it: rows ``(id, {field: value})`` kept raw.
+
+    Still a sequence of :class:`UserEntry` (an entry is made when asked for), so
+    the handoff checks a page as it does a list: ``page[0].prev``,
+    ``page[-1].id``, ``len(page)``. A server replaying it asks for :meth:`frames`
+    only, which writes the SSE frames from the raw bytes: no entry, no parsed id
+    per row (what a page's entries cost the replay otherwise; bench/sse.py
+    measures it). The frames are byte for byte those of
+    :func:`workbench.delivery.wire.encode_page` over the entries (a test holds
+    them together).
+    """
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> UserEntry: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[UserEntry]: ...
+    def __getitem__(self, index: int | slice) -> UserEntry | list[UserEntry]:
+        if isinstance(index, slice):
+            return [entry_from_fields(i, f) for i, f in self.rows[index]]
+        return entry_from_fields(*self.rows[index])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Page({len(self.rows)} entries)"
+
+    def frames(self) -> bytes:
+        """The page as one SSE body chunk: ``id``, ``event``, ``data`` per entry."""
+        parts: list[bytes] = []
+        for entry_id, fields in self.rows:
+            type_, data = fields[b"type"], fields[b"data"]
+            if b"\n" in data or b"\r" in data or b"\n" in type_ or b"\r" in type_:
+                parts.append(encode_entry(entry_from_fields(entry_id, fields)))
+                continue
+            parts += (b"id: ", entry_id, b"\r\nevent: ", type_, b"\r\ndata: ", data, b"\r\n\r\n")
+        return b"".join(parts)
+
+
 def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> UserEntry:
     return UserEntry(
         id=parse(entry_id),
@@ -405,7 +459,7 @@ class UserStreamReader:
 
     async def first_page_and_exists(
         self, user_id: str, cursor: StreamId, count: int
-    ) -> tuple[list[UserEntry], bool]:
+    ) -> tuple[Page, bool]:
         """The first page after ``cursor`` and whether ``cursor`` is an entry, read together."""
         key = self.names.stream(user_id)
         if isinstance(self.client, aioredis.RedisCluster):
@@ -416,10 +470,9 @@ class UserStreamReader:
                 _FIRST_PAGE_LUA, 1, key, f"({cursor}", str(cursor), count
             )
             rows, itself = reply
-            entries = [
-                entry_from_fields(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in rows
-            ]
-            return entries, bool(itself)
+            return Page([(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in rows]), bool(
+                itself
+            )
         pipe = self.client.pipeline(transaction=True)
         queue_first_page(pipe, key, cursor, count)
         return first_page_from(await pipe.execute())
@@ -432,7 +485,7 @@ def queue_first_page(pipe: Any, key: str, cursor: StreamId, count: int) -> None:
     pipe.xrange(key, str(cursor), str(cursor), count=1)
 
 
-def first_page_from(replies: list[Any]) -> tuple[list[UserEntry], bool]:
+def first_page_from(replies: list[Any]) -> tuple[Page, bool]:
     """(the first page, whether the cursor is an entry) from :func:`queue_first_page`'s replies."""
     rows, itself = replies
-    return [entry_from_fields(entry_id, fields) for entry_id, fields in rows], bool(itself)
+    return Page(rows), bool(itself)
