@@ -58,7 +58,7 @@ Without ``--quick`` and ``--record`` it writes ``bench/records/sse.json``.
 
 Usage::
 
-    .venv/bin/python bench/sse.py                      # 10k replay, 10k conns, 3x2x10 s
+    .venv/bin/python bench/sse.py                      # 10k replay, 10k conns, 6x3x10 s
     .venv/bin/python bench/sse.py --quick              # smoke run
     .venv/bin/python bench/sse.py --connections 8000 --json out.json
 
@@ -1679,9 +1679,10 @@ def record_of(
 )
 @click.option(
     "--latency-rounds",
-    default=3,
+    default=6,
     show_default=True,
-    help="(c) interleaved rounds of SSE and the anchor; ratios per round",
+    help="(c) interleaved rounds of SSE, the plain forwarder and Redis (their order "
+    "rotated); ratios per round",
 )
 @click.option("--warmup", default=1.0, show_default=True, help="(c) seconds not counted")
 @click.option(
