@@ -771,39 +771,20 @@ def run(
                 client.delete(*xadd_names.streams())
                 return stats.timed(lambda: hand_packed_xadd(client, pipelines))
 
-            def step_raw1() -> tuple[int, float]:
-                steps["raw1"] += 1
-                group = f"raw1-{steps['raw1']}"
-                create_groups(client, streams, group)
-                count, seconds = stats.timed(lambda: raw_consume(client, streams, group))
-                destroy_groups(client, streams, group)
-                if count != n:
-                    raise RuntimeError(f"raw1 read {count}, expected {n}")
-                return count, seconds
+            def raw1_step(name: str, **how: bool) -> Callable[[], tuple[int, float]]:
+                """A step of the one raw process (``how``: decode, order), own group."""
 
-            def step_raw1_decoded() -> tuple[int, float]:
-                steps["raw1"] += 1
-                group = f"raw1d-{steps['raw1']}"
-                create_groups(client, streams, group)
-                count, seconds = stats.timed(
-                    lambda: raw_consume(client, streams, group, decode=True)
-                )
-                destroy_groups(client, streams, group)
-                if count != n:
-                    raise RuntimeError(f"raw1_decoded read {count}, expected {n}")
-                return count, seconds
+                def step() -> tuple[int, float]:
+                    steps["raw1"] += 1
+                    group = f"{name}-{steps['raw1']}"
+                    create_groups(client, streams, group)
+                    count, seconds = stats.timed(lambda: raw_consume(client, streams, group, **how))
+                    destroy_groups(client, streams, group)
+                    if count != n:
+                        raise RuntimeError(f"{name} read {count}, expected {n}")
+                    return count, seconds
 
-            def step_raw1_ordered() -> tuple[int, float]:
-                steps["raw1"] += 1
-                group = f"raw1o-{steps['raw1']}"
-                create_groups(client, streams, group)
-                count, seconds = stats.timed(
-                    lambda: raw_consume(client, streams, group, order=True)
-                )
-                destroy_groups(client, streams, group)
-                if count != n:
-                    raise RuntimeError(f"raw1_ordered read {count}, expected {n}")
-                return count, seconds
+                return step
 
             def step_noop() -> tuple[int, float]:
                 steps["noop"] += 1
@@ -859,9 +840,9 @@ def run(
                 ("parallel4", step_parallel4),
                 ("raw4", step_raw4),
                 ("sql4", step_sql4),
-                ("raw1", step_raw1),
-                ("raw1_decoded", step_raw1_decoded),
-                ("raw1_ordered", step_raw1_ordered),
+                ("raw1", raw1_step("raw1")),
+                ("raw1_decoded", raw1_step("raw1_decoded", decode=True)),
+                ("raw1_ordered", raw1_step("raw1_ordered", order=True)),
                 ("noop", step_noop),
             ):
                 measures[name] = lambda step=step: stats.accumulate(step, min_seconds)
