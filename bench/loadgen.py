@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench.sse import SseConnection, close_all, collector_paused, ramp
+from bench.sse import SseConnection, close_all, collector_frozen, ramp
 from workbench.http.auth import issue_token
 from workbench.ops.inspection import inspect
 from workbench.streams.keys import StreamNames, UserStreamNames
@@ -343,9 +343,9 @@ async def run_step(
     sampler = asyncio.create_task(sample_lag(client, names, driver.http, worst))
     started = time.perf_counter()
     try:
-        # The instrument's own full collections would stall every phone and
-        # every request in flight: off for the step (bench.sse.collector_paused).
-        with collector_paused():
+        # The instrument's full collections would stall every phone and request
+        # in flight: what it holds is frozen out of them for the step.
+        with collector_frozen():
             late = await _arrivals(driver, rate, count, driver.phones.users, first)
     finally:
         sampler.cancel()

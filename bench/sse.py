@@ -1108,6 +1108,19 @@ def collector_paused() -> Iterator[None]:
         gc.unfreeze()
 
 
+@contextlib.contextmanager
+def collector_frozen() -> Iterator[None]:
+    """What this process holds now (connections, phones) out of its collector's sight
+    while it measures a longer stretch: full collections then scan only what the
+    stretch allocates, and the collector stays on (no garbage piles up)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class _Side:
     """What one side of the latency phase gathers over the rounds."""
 
