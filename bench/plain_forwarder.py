@@ -29,6 +29,8 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
+import sys
 from typing import Any
 from urllib.parse import urlparse
 
@@ -82,8 +84,18 @@ class _Feed(asyncio.Protocol):
         self.messages = 0
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._forward(data)
+        except Exception as exc:  # noqa: BLE001 - an anchor that guesses is worse than none
+            _die(f"plain forwarder: {exc!r}")
+
+    def _forward(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
+            if isinstance(reply, Exception):
+                raise reply  # an error reply (a refused AUTH, a wrong database)
+            if not isinstance(reply, list):
+                continue  # +OK of AUTH or SELECT
             if reply[0] == b"message":
                 user, entry_id, _prev, _event_id, type_, payload = json.loads(reply[2])
                 frame = f"id: {entry_id}\r\nevent: {type_}\r\ndata: {payload}\r\n\r\n".encode()
@@ -92,6 +104,20 @@ class _Feed(asyncio.Protocol):
                 self.messages += 1
             elif reply[0] == b"subscribe":
                 self.subscribed.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _die(f"plain forwarder: Redis closed the subscription ({exc!r})")
+
+
+def _die(reason: str) -> None:
+    """End the process at once: the bench sees it dead and fails the run."""
+    print(reason, file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _command(*args: str | bytes) -> bytes:
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in parts)
 
 
 class PlainForwarder:
@@ -108,8 +134,11 @@ class PlainForwarder:
         feed_transport, _ = await loop.create_connection(
             lambda: _Feed(self.sockets, subscribed), url.hostname or "127.0.0.1", url.port or 6379
         )
-        channel = self.channel.encode()
-        feed_transport.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(channel), channel))
+        if url.password:
+            feed_transport.write(_command("AUTH", url.username or "default", url.password))
+        if url.path.strip("/") not in ("", "0"):
+            feed_transport.write(_command("SELECT", url.path.strip("/")))
+        feed_transport.write(_command("SUBSCRIBE", self.channel))
         await subscribed
         server = await loop.create_server(
             lambda: _Phone(self.sockets), "127.0.0.1", 0, backlog=4096

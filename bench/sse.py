@@ -33,7 +33,7 @@ figure from raw Redis measured in the same run:
   hiredis, one SSE frame per message written to the user's sockets) -> its own
   ``--latency-clients`` clients in this process. The first ``--warmup`` seconds
   of each are left out of the percentiles. ``--latency-rounds`` rounds of
-  ``--duration`` s per side, the order of the three sides rotated every round;
+  ``--duration`` s per side, the six orders of the three sides in turn;
   the target (SSE p99 and p99.9 at most 1.3x Redis', at 1,000 clients and
   5,000 events/s) is judged on the per-round ratios, and plain / Redis is its
   floor: what any Python process between Pub/Sub and the phones costs here.
@@ -71,6 +71,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import itertools
 import json
 import multiprocessing
 import os
@@ -1032,10 +1033,13 @@ def latency_ratios(sse: dict[str, Any], anchor: dict[str, Any]) -> dict[str, flo
 
 
 def side_order(round_: int) -> tuple[str, ...]:
-    """Round ``round_``'s order of the sides: rotated every round, so each side runs
-    first, second and last equally often over a multiple of three rounds."""
-    k = round_ % len(LATENCY_SIDES)
-    return LATENCY_SIDES[k:] + LATENCY_SIDES[:k]
+    """Round ``round_``'s order of the sides: the six orders of three in turn, so over
+    six rounds every side runs before each other side as often as after it (a
+    rotation alone would put one side of each pair first in two rounds of three)."""
+    return _ORDERS[round_ % len(_ORDERS)]
+
+
+_ORDERS = list(itertools.permutations(LATENCY_SIDES))
 
 
 async def _live_window(
@@ -1095,17 +1099,14 @@ def collector_paused() -> Iterator[None]:
     The load client holds thousands of connections and the samples; a full
     collection of its heap stops it for longer than the tails it measures
     (seen with ``gc.callbacks``), delaying every message in flight on every
-    side alike: the tails were the instrument's. Collected before each window,
-    and what is alive then is frozen out of later collections.
+    side alike: the tails were the instrument's. Collected before each window.
     """
     gc.collect()
-    gc.freeze()
     gc.disable()
     try:
         yield
     finally:
         gc.enable()
-        gc.unfreeze()
 
 
 @contextlib.contextmanager
@@ -1162,8 +1163,9 @@ async def phase_latency(
     """``rounds`` interleaved rounds of ``duration`` s each over three sides: the
     runtime (SSE), the plain forwarder (:mod:`bench.plain_forwarder`, its own
     ``clients`` connections and key prefix, so the server hears none of its
-    events) and Redis alone; the order rotates every round and the ratios are
-    taken inside each round."""
+    events) and Redis alone; the six orders of the sides in turn (:func:`side_order`),
+    the ratios taken inside each round. A forwarder that died fails the run; what
+    each side received against what it was sent is reported."""
     users = [f"lat-{i:05d}" for i in range(clients)]
     count = int(rate * duration)
     skip = int(rate * warmup)
@@ -1218,6 +1220,8 @@ async def phase_latency(
                         env.prefix if name == "sse" else plain_prefix,
                         env.server.pid if name == "sse" else forwarder.pid,
                     )
+                if name == "plain" and not forwarder.is_alive():
+                    raise RuntimeError(f"the plain forwarder died (exit {forwarder.exitcode})")
                 result[name] = percentiles_ms(side.add(window["sent"], window["samples"], skip))
                 result[f"{name}_received"] = len(window["samples"])
                 result[f"{name}_expected"] = window["want"]
@@ -1583,6 +1587,9 @@ def latency_bounds(lt: dict[str, Any]) -> list[stats.Summary]:
     out = []
     for ratio, (name, what, target) in _LATENCY_BOUNDS.items():
         floor = "floor: " if what.startswith("floor: ") else ""
+        clients = lt["connected"]
+        if "plain" in name:
+            clients = min(clients, lt.get("plain_connected", clients))
         for key, label in LATENCY_KEYS[1:]:
             values = [r[ratio][key] for r in lt["per_round"]]
             if any(v is None for v in values):
@@ -1592,7 +1599,7 @@ def latency_bounds(lt: dict[str, Any]) -> list[stats.Summary]:
                     f"latency_{key.removesuffix('_ms')}_{name}",
                     values,
                     what=f"{floor}live latency {label}: {what.removeprefix(floor)}, "
-                    f"{lt['connected']:,} clients at {lt['rate']:,.0f} events/s, per round",
+                    f"{clients:,} clients at {lt['rate']:,.0f} events/s, per round",
                     unit="ratio",
                     target=target,
                     at_most=True,
@@ -1694,8 +1701,8 @@ def record_of(
     "--latency-rounds",
     default=6,
     show_default=True,
-    help="(c) interleaved rounds of SSE, the plain forwarder and Redis (their order "
-    "rotated); ratios per round",
+    help="(c) interleaved rounds of SSE, the plain forwarder and Redis (the six "
+    "orders in turn); ratios per round",
 )
 @click.option("--warmup", default=1.0, show_default=True, help="(c) seconds not counted")
 @click.option(

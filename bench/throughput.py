@@ -367,8 +367,8 @@ def plain_ready(
     full read's unread entries may precede (each stream's entries from the
     earliest full stream's last millisecond on, kept in ``held`` for the next
     read), and return the rest as (stream, id, event) sorted by escrow and sequence."""
-    full = [got[-1][0] for _, got in batches if len(got) >= BATCH]
-    cutoff = min((int(i.partition(b"-")[0]) for i in full), default=None)
+    full = {s: got[-1][0] for s, got in batches if len(got) >= BATCH}
+    cutoff = min((int(i.partition(b"-")[0]) for i in full.values()), default=None)
     now: list[tuple[bytes, bytes, Event]] = []
     later: dict[bytes, list[tuple[bytes, Event]]] = {}
     streams = {s: [(e[0], decode_event(entry_data(e[1]))) for e in got] for s, got in batches}
@@ -382,8 +382,10 @@ def plain_ready(
             if split < len(items):
                 later[stream] = items[split:]
         now += [(stream, i, e) for i, e in items[:split]]
-    if len(full) == 1 and not now:  # all behind the one full stream: nothing precedes it
-        now = [(s, i, e) for s, items in later.items() for i, e in items]
+    if len(full) == 1 and later.keys() <= full.keys():
+        # Only the one full stream holds entries back: its unread ones come after
+        # them in the stream, and after everything else in hand.
+        now += [(s, i, e) for s, items in later.items() for i, e in items]
         later = {}
     held.update(later)
     if len(streams) > 1:  # one stream is in each escrow's order already

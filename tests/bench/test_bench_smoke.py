@@ -165,3 +165,8 @@ def test_the_plain_ordered_loop_holds_back_behind_a_full_read_and_sorts_by_escro
     assert sum(len(a) - 3 for a in acks) == 3
     # No full read: nothing is held back.
     assert len(plain_ready([(b"b", short)], held)) == 4 and held == {}
+    # Only the full stream would hold entries back: its unread entries come after
+    # them, so all of it goes now (the runtime's rule, decisions.ready_to_handle).
+    early = _entries(1000, [("esc_x", 1), ("esc_z", 0)])
+    ready = plain_ready([(b"a", full), (b"b", early)], held)
+    assert len(ready) == BATCH + 2 and held == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -91,3 +92,47 @@ def test_sse_bench_quick_run(tmp_path) -> None:
     assert record["figures"]["headline"][0][1] == f"{connections['target']:,} of " + (
         f"{connections['target']:,}"
     )
+
+
+def test_six_rounds_run_every_pair_of_sides_in_each_order_equally_often() -> None:
+    from bench.sse import LATENCY_SIDES, side_order
+
+    orders = [side_order(r) for r in range(6)]
+    assert sorted(orders) == sorted(itertools.permutations(LATENCY_SIDES))  # all six
+    for a, b in itertools.permutations(LATENCY_SIDES, 2):
+        first = sum(1 for order in orders if order.index(a) < order.index(b))
+        assert first == 3, (a, b, first)
+
+
+def test_the_plain_forwarder_forwards_a_users_messages_and_dies_on_one_it_cannot_read(
+    redis_url: str,
+) -> None:
+    import socket
+
+    import redis
+
+    from bench import plain_forwarder
+    from workbench.ops.waiting import wait_until
+
+    process, port = plain_forwarder.start(redis_url, "pf-test:live")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as phone:
+            phone.sendall(b"GET /users/u1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while b"event: ready" not in got:
+                got += phone.recv(65536)
+            message = '["u1", "7-1", "7-0", "e1", "escrow.funded", "{\\"a\\":1}"]'
+            client.publish("pf-test:live", '["u2", "8-1", "8-0", "e2", "t", "{}"]')  # not u1's
+            client.publish("pf-test:live", message)
+            while b'data: {"a":1}\r\n\r\n' not in got:
+                got += phone.recv(65536)
+            assert b"id: 7-1\r\nevent: escrow.funded\r\n" in got and b"8-1" not in got
+        assert process.is_alive()
+        client.publish("pf-test:live", "not a live message")
+        wait_until(lambda: not process.is_alive(), timeout=10, what="the forwarder to die")
+        assert process.exitcode == 1  # loudly: bench/sse.py then fails the run
+    finally:
+        process.kill()
+        process.join()
+        client.close()
