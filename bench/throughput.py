@@ -50,7 +50,8 @@ lifecycles made) through a fresh consumer group.
 
 Ratios (names stable; targets in :data:`TARGETS` or ``--target``):
 ``parallel_vs_raw4``, ``noop_vs_raw1``, ``noop_vs_faststream_batch``,
-``noop_vs_faststream_one``, ``parallel_vs_sql4``, ``sql4_vs_raw4``,
+``noop_vs_faststream_one``, ``ordered_raw1_vs_faststream_batch``, ``parallel_vs_sql4``,
+``sql4_vs_raw4``,
 ``noop_vs_raw1_decoded``, ``decoded_raw1_vs_raw1``, ``noop_vs_raw1_ordered``,
 ``ordered_raw1_vs_raw1``,
 ``relay_vs_xadd``, ``relay_vs_plain``, ``plain_relay_vs_xadd``; rates of every measurement,
@@ -183,6 +184,12 @@ RATIOS: dict[str, tuple[str, str, str]] = {
     ),
     "noop_vs_faststream_batch": ("noop", "fs_batch", "runtime no-op loop / FastStream batch"),
     "noop_vs_faststream_one": ("noop", "fs_one", "runtime no-op loop / FastStream one-by-one"),
+    "ordered_raw1_vs_faststream_batch": (
+        "raw1_ordered",
+        "fs_batch",
+        "floor: a raw process that decodes and orders / FastStream batch (the same job "
+        "as plain code, against the peer)",
+    ),
     "relay_vs_xadd": ("relay", "xadd", "relay / hand-packed XADD"),
     "relay_vs_plain": ("relay", "relay_plain", "relay / the same job as plain code"),
     "plain_relay_vs_xadd": (

@@ -19,6 +19,7 @@ RATIOS = {
     "noop_vs_raw1",
     "noop_vs_faststream_batch",
     "noop_vs_faststream_one",
+    "ordered_raw1_vs_faststream_batch",
     "relay_vs_xadd",
     "relay_vs_plain",
     "plain_relay_vs_xadd",
