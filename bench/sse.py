@@ -2,7 +2,7 @@
 
 One run, three phases against ONE real API process (``workbench serve
 --api-only``: uvicorn, started as a separate OS process, fresh SQLite store,
-``WORKBENCH_SSE_PING_S=60`` so heartbeats are not measured), each beside a
+serve's own settings, heartbeats included), each beside a
 figure from raw Redis measured in the same run:
 
 * **a replay**  one SSE client catching up: ``--replay`` entries are appended to
@@ -116,7 +116,6 @@ from workbench.streams.keys import UserStreamNames  # noqa: E402
 PAGE = 500  # the raw XRANGE page, as the server's page_size default
 MAX_BATCH = 50  # (c) events a paced producer sends in one round trip when behind
 POOL_BOUND = 16 + 1 + 1  # Settings.redis_pool + the live reader's pubsub + the sync client
-PING_S = 60  # server heartbeats: slower than any phase, so they are not measured
 # The targets of issue #16, stated in the record with a verdict each.
 KIB_PER_CONNECTION_TARGET = 32.0  # server RSS per held SSE connection, at most
 LATENCY_RATIO_TARGET = 1.3  # SSE p99 / XREADGROUP p99 (and p99.9), at most
@@ -307,7 +306,7 @@ class ApiServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_", "DATABASE_"))}
-        env.update(WORKBENCH_SECRET=self.secret, WORKBENCH_SSE_PING_S=str(PING_S))
+        env.update(WORKBENCH_SECRET=self.secret)
         env.update(self.extra_env)
         argv = [
             sys.executable, "-m", "workbench", "serve", *(["--api-only"] * self.api_only),

@@ -309,3 +309,39 @@ def test_close_topic_closes_only_that_topic() -> None:
         assert hub.close_topic("nobody", "x") == 0
 
     asyncio.run(scenario())
+
+
+# -- the heartbeat, one share at a time -----------------------------------------------------
+
+
+def test_each_heartbeat_share_reaches_its_subscribers_and_all_shares_reach_everyone() -> None:
+    hub = Hub()
+    subs = [hub.subscribe(f"u{i % 4}") for i in range(10)]  # several per topic, too
+    got: dict[int, list[int]] = {}
+    for share in range(3):
+        assert hub.heartbeat(share, 3) == len([s for s in subs if s._serial % 3 == share])
+        got[share] = [i for i, s in enumerate(subs) if drain(s) == [hub.heartbeat_message]]
+    # Each share beat a third of them (by subscription order), and the shares
+    # together beat everyone exactly once.
+    assert [len(got[share]) for share in range(3)] == [3, 4, 3]
+    assert sorted(i for share in got.values() for i in share) == list(range(10))
+    assert hub.dropped_stalled == 0
+
+
+def test_a_subscriber_is_stalled_only_when_its_own_share_comes_round_again() -> None:
+    hub = Hub()
+    a, b = hub.subscribe("a"), hub.subscribe("b")  # serials 1 and 2: shares 1 and 0
+    assert hub.heartbeat(1, 2) == 1 and a.qsize() == 1 and b.qsize() == 0
+    assert hub.heartbeat(0, 2) == 1 and b.qsize() == 1
+    # Neither read; the next round of share 1 closes a, and leaves b alone.
+    hub.heartbeat(1, 2)
+    assert a.closed_reason is not None and "stalled" in a.closed_reason
+    assert b.closed_reason is None and hub.dropped_stalled == 1
+
+
+@pytest.mark.parametrize(("share", "shares"), [(-1, 3), (3, 3), (0, 0)])
+def test_a_share_outside_the_shares_is_refused(share: int, shares: int) -> None:
+    hub = Hub()
+    hub.subscribe("a")
+    with pytest.raises(ValueError, match="share must be in"):
+        hub.heartbeat(share, shares)

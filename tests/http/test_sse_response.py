@@ -129,11 +129,16 @@ def test_one_ticker_beats_for_everyone_and_closes_every_session_when_the_server_
 
     async def scenario() -> None:
         hub = Hub()
-        subs = [hub.subscribe(f"u{i}") for i in range(3)]
-        ticker = Ticker(hub, ping_s=0.05, check_s=0.01)
+        subs = [hub.subscribe(f"u{i}") for i in range(10)]
+        ticker = Ticker(hub, ping_s=1.0, check_s=0.2)
+        assert ticker.shares == 5
         task = asyncio.create_task(ticker.run())
         try:
-            await _until(lambda: ticker.beats >= 1, "a heartbeat")
+            # Spread over the interval: a wake-up beats one share (two of the ten),
+            # not everyone (seen long before the interval's five wake-ups are done).
+            await _until(lambda: any(s.qsize() for s in subs), "a first share beaten")
+            assert 2 <= sum(s.qsize() for s in subs) < 10
+            await _until(lambda: ticker.beats >= 1, "a whole heartbeat interval")
             assert all(s.get_nowait() is hub.heartbeat_message for s in subs)
             AppStatus.should_exit = True  # what uvicorn's patched handle_exit sets on SIGTERM
             await _until(lambda: hub.subscriptions() == 0, "every session closed")

@@ -36,9 +36,18 @@ class Subscription:
     every getter. ``__slots__`` leaves out the instance dict.
     """
 
-    __slots__ = ("topic", "closed_reason", "on_close", "_hub", "_queue", "_wakeup", "_beat")
+    __slots__ = (
+        "topic",
+        "closed_reason",
+        "on_close",
+        "_hub",
+        "_queue",
+        "_wakeup",
+        "_beat",
+        "_serial",
+    )
 
-    def __init__(self, hub: Hub, topic: str) -> None:
+    def __init__(self, hub: Hub, topic: str, serial: int = 0) -> None:
         self.topic = topic
         self.closed_reason: str | None = None
         #: Called once by :meth:`close` (whoever closes it); the SSE response sets
@@ -48,6 +57,7 @@ class Subscription:
         self._queue: deque[object] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._beat = False  # a heartbeat is queued and not yet taken
+        self._serial = serial  # which share of the heartbeat is this subscriber's
 
     async def get(self) -> object:
         """The next message; :class:`SubscriptionClosed` once closed, even if waiting."""
@@ -141,9 +151,11 @@ class Hub:
         self.dropped_slow = 0
         self.dropped_stalled = 0
         self._topics: dict[str, set[Subscription]] = {}
+        self._subscribed = 0
 
     def subscribe(self, topic: str) -> Subscription:
-        subscription = Subscription(self, topic)
+        self._subscribed += 1
+        subscription = Subscription(self, topic, self._subscribed)
         self._topics.setdefault(topic, set()).add(subscription)
         return subscription
 
@@ -157,17 +169,27 @@ class Hub:
         everyone = tuple(s for subs in self._topics.values() for s in subs)
         return self._deliver(everyone, message)
 
-    def heartbeat(self) -> int:
-        """Queue the heartbeat for every subscriber; close those that never took the last one.
+    def heartbeat(self, share: int = 0, shares: int = 1) -> int:
+        """Queue the heartbeat for one share of the subscribers; close those of
+        it that never took their last one.
 
-        Called by one shared ticker (every ``ping_s``), instead of a timer per
-        connection. A subscriber whose previous heartbeat is still queued has
-        not read for a whole interval (its client is not reading, so its writes
-        block): it is closed as stalled, and its ``on_close`` ends the blocked write.
-        Returns how many got the heartbeat.
+        Called by one shared ticker instead of a timer per connection. Every
+        subscriber belongs to one of ``shares`` shares (by the order it
+        subscribed in), and the ticker beats them one share at a time, so that a
+        heartbeat interval's writes are spread over the interval: beating every
+        session at once stalls the process for as long as all those writes take
+        (about a tenth of a second per thousand sessions), which every live
+        message waiting behind them would see as latency. A subscriber whose
+        previous heartbeat is still queued has not read for a whole interval (its
+        client is not reading, so its writes block): it is closed as stalled, and
+        its ``on_close`` ends the blocked write. Returns how many got the heartbeat.
         """
+        if not 0 <= share < shares:
+            raise ValueError(f"share must be in [0, {shares}), not {share}")
         message = self.heartbeat_message
-        everyone = tuple(s for subs in self._topics.values() for s in subs)
+        everyone = tuple(
+            s for subs in self._topics.values() for s in subs if s._serial % shares == share
+        )
         delivered = 0
         for subscription in everyone:
             if subscription._beat:

@@ -148,30 +148,34 @@ def _server_exiting() -> bool:
 class Ticker:
     """One task per process: heartbeats for every session, and shutdown.
 
-    Every ``ping_s`` it queues a heartbeat for every subscriber of the hub
-    (:meth:`Hub.heartbeat`); every ``check_s`` it looks whether the server
-    is shutting down, and if so closes every session so their responses end.
+    Every ``ping_s`` each subscriber of the hub gets a heartbeat
+    (:meth:`Hub.heartbeat`): the ticker wakes every ``check_s`` and beats one
+    of ``ping_s / check_s`` shares of them, so the writes are spread over the
+    interval instead of landing in one burst. At each wake-up it also looks
+    whether the server is shutting down, and if so closes every session so
+    their responses end. ``beats`` counts whole intervals (every share beaten once).
     """
 
-    def __init__(self, hub: Hub, ping_s: float, *, check_s: float = 0.5) -> None:
+    def __init__(self, hub: Hub, ping_s: float, *, check_s: float = 0.1) -> None:
         self.hub = hub
         self.ping_s = ping_s
         self.check_s = min(check_s, ping_s) if ping_s > 0 else check_s
+        self.shares = max(1, round(ping_s / self.check_s)) if ping_s > 0 else 1
         self.beats = 0
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_beat = loop.time() + self.ping_s
+        share = 0
         closed = False
         while True:
             await asyncio.sleep(self.check_s)
             if not closed and _server_exiting():
                 closed = True
                 self.hub.close_all("server shutting down")
-            if self.ping_s > 0 and loop.time() >= next_beat:
-                next_beat = loop.time() + self.ping_s
-                self.hub.heartbeat()
-                self.beats += 1
+            if self.ping_s > 0:
+                self.hub.heartbeat(share, self.shares)
+                share = (share + 1) % self.shares
+                if share == 0:
+                    self.beats += 1
 
 
 with contextlib.suppress(ImportError):  # the patch of uvicorn's handle_exit, made on import
