@@ -171,3 +171,16 @@ def test_sent_counts_every_entry_handed_over_and_skipped_every_duplicate() -> No
     assert (session.sent, session.skipped) == (5, 3)
     session.take_page(s[6:8])  # a later page (a catch-up) adds to what was sent
     assert (session.sent, session.skipped) == (7, 3)
+
+
+def test_decide_says_what_take_live_would_do_and_changes_nothing() -> None:
+    s = stream(4)
+    session = ReplaySession(s[1].id)
+    assert [session.decide(e) for e in s] == [Live.SKIP, Live.SKIP, Live.SEND, Live.CATCH_UP]
+    assert (session.cursor, session.sent, session.skipped) == (s[1].id, 0, 0)
+    assert [session.take_live(e) for e in (s[0], s[3], s[2])] == [
+        Live.SKIP,
+        Live.CATCH_UP,
+        Live.SEND,
+    ]
+    assert (session.cursor, session.sent, session.skipped) == (s[2].id, 1, 1)

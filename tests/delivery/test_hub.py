@@ -315,33 +315,80 @@ def test_close_topic_closes_only_that_topic() -> None:
 
 
 def test_each_heartbeat_share_reaches_its_subscribers_and_all_shares_reach_everyone() -> None:
-    hub = Hub()
+    hub = Hub(heartbeat_shares=3)
     subs = [hub.subscribe(f"u{i % 4}") for i in range(10)]  # several per topic, too
     got: dict[int, list[int]] = {}
     for share in range(3):
-        assert hub.heartbeat(share, 3) == len([s for s in subs if s._serial % 3 == share])
+        got[share] = []
+        delivered = hub.heartbeat(share)
         got[share] = [i for i, s in enumerate(subs) if drain(s) == [hub.heartbeat_message]]
-    # Each share beat a third of them (by subscription order), and the shares
-    # together beat everyone exactly once.
-    assert [len(got[share]) for share in range(3)] == [3, 4, 3]
-    assert sorted(i for share in got.values() for i in share) == list(range(10))
+        assert delivered == len(got[share])
+    # Dealt in subscription order (the first subscriber is the hub's first, in
+    # share 1), each share beat only its third, and together they beat everyone once.
+    assert got == {0: [2, 5, 8], 1: [0, 3, 6, 9], 2: [1, 4, 7]}
     assert hub.dropped_stalled == 0
 
 
 def test_a_subscriber_is_stalled_only_when_its_own_share_comes_round_again() -> None:
-    hub = Hub()
-    a, b = hub.subscribe("a"), hub.subscribe("b")  # serials 1 and 2: shares 1 and 0
-    assert hub.heartbeat(1, 2) == 1 and a.qsize() == 1 and b.qsize() == 0
-    assert hub.heartbeat(0, 2) == 1 and b.qsize() == 1
+    hub = Hub(heartbeat_shares=2)
+    a, b = hub.subscribe("a"), hub.subscribe("b")  # shares 1 and 0
+    assert hub.heartbeat(1) == 1 and a.qsize() == 1 and b.qsize() == 0
+    assert hub.heartbeat(0) == 1 and b.qsize() == 1
     # Neither read; the next round of share 1 closes a, and leaves b alone.
-    hub.heartbeat(1, 2)
+    hub.heartbeat(1)
     assert a.closed_reason is not None and "stalled" in a.closed_reason
     assert b.closed_reason is None and hub.dropped_stalled == 1
+    # A closed subscriber has left its share too.
+    assert hub.heartbeat(1) == 0
 
 
-@pytest.mark.parametrize(("share", "shares"), [(-1, 3), (3, 3), (0, 0)])
-def test_a_share_outside_the_shares_is_refused(share: int, shares: int) -> None:
-    hub = Hub()
+@pytest.mark.parametrize("share", [-1, 3])
+def test_a_share_outside_the_hubs_shares_is_refused(share: int) -> None:
+    hub = Hub(heartbeat_shares=3)
     hub.subscribe("a")
     with pytest.raises(ValueError, match="share must be in"):
-        hub.heartbeat(share, shares)
+        hub.heartbeat(share)
+
+
+def test_a_hub_needs_at_least_one_heartbeat_share() -> None:
+    with pytest.raises(ValueError, match="heartbeat_shares"):
+        Hub(heartbeat_shares=0)
+
+
+# -- the sink: a reader that takes a message at once -----------------------------------------
+
+
+def test_the_sink_takes_messages_only_while_the_getter_waits_and_the_rest_keep_order() -> None:
+    async def scenario() -> None:
+        hub = Hub()
+        sub = hub.subscribe("a")
+        taken: list[object] = []
+        sub.sink = lambda m: m != "refused" and not taken.append(m)
+        hub.publish("a", "early")  # no getter waits yet: queued
+        assert taken == [] and await sub.get() == "early"
+        getter = asyncio.ensure_future(sub.get())
+        await asyncio.sleep(0)  # the getter parks on the empty queue
+        hub.publish("a", "now")  # taken by the sink, the getter sleeps on
+        assert taken == ["now"] and not getter.done()
+        hub.publish("a", "refused")  # the sink says no: queued, and the getter woken
+        hub.publish("a", "after")  # behind it in the queue, not overtaking it
+        assert taken == ["now"]
+        assert await getter == "refused" and drain(sub) == ["after"]
+
+    run(scenario())
+
+
+def test_the_heartbeat_never_goes_to_the_sink() -> None:
+    """Its taking from the queue is what proves the reader alive."""
+
+    async def scenario() -> None:
+        hub = Hub()
+        sub = hub.subscribe("a")
+        taken: list[object] = []
+        sub.sink = lambda m: not taken.append(m)
+        getter = asyncio.ensure_future(sub.get())
+        await asyncio.sleep(0)
+        assert hub.heartbeat() == 1
+        assert taken == [] and await getter is hub.heartbeat_message
+
+    run(scenario())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import threading
 
 import httpx
@@ -289,3 +290,66 @@ def test_clients_that_leave_mid_replay_release_their_sessions(
         timeout=20,
         what="every session left mid-replay to be released",
     )
+
+
+def _metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_client_that_stops_reading_gets_the_rest_in_order_once_it_reads_again(
+    deployment: Deployment, alice: str
+) -> None:
+    """Live entries go straight to the socket while it takes them, through the
+    session's queue once its buffers are full, and arrive whole and in order."""
+    base = deployment.start_api()  # its own process: its counters are this test's
+    sent_before = _metric(base, "workbench_sse_live_sent_total")
+    at_once_before = _metric(base, "workbench_sse_live_written_at_once_total")
+    host, port = base.removeprefix("http://").split(":")
+    phone = socket.socket()
+    phone.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: fills soon
+    phone.settimeout(30)
+    phone.connect((host, int(port)))
+    request = f"GET /users/{alice}/events HTTP/1.1\r\nhost: {host}\r\nauthorization: "
+    phone.sendall(f"{request}{auth(alice)['Authorization']}\r\n\r\n".encode())
+    received = b""
+    while b"event: ready" not in received:
+        chunk = phone.recv(65536)
+        assert chunk, "the stream ended before ready"
+        received += chunk
+
+    # About 6 MB: more than the kernel's socket buffers and the transport's
+    # high-water mark together, while the phone reads nothing.
+    padding = "x" * 30_000
+    events = [
+        ev.Event(
+            event_id=f"evt_slow_{alice}_{i}", type="escrow.created", aggregate_type="escrow",
+            aggregate_id=f"esc_{i}", sequence=1, user_ids=(alice,), occurred_at=1.0,
+            correlation_id="c", payload={"i": i, "padding": padding},
+        )
+        for i in range(200)
+    ]  # fmt: skip
+    client = redis.Redis.from_url(deployment.redis_url)
+    streams = UserStreams(client, UserStreamNames(deployment.prefix))
+    appended = [entry.id for pairs in streams.append_entries([(e, ev.encode(e)) for e in events])
+                for _, entry in pairs]  # fmt: skip
+    assert len(appended) == len(events)
+    wait_until(
+        lambda: _metric(base, "workbench_sse_live_written_at_once_total") > at_once_before,
+        what="the first entries written at once",
+    )
+
+    ids: list[str] = []
+    while len(ids) < 1 + len(events):  # the ready event's, then every entry's
+        chunk = phone.recv(1 << 20)
+        assert chunk, f"the stream ended after {len(ids)} ids"
+        received += chunk
+        whole = received.decode().rpartition("\r\n\r\n")[0]  # complete frames only
+        ids = [line[4:] for line in whole.split("\r\n") if line.startswith("id: ")]
+    phone.close()
+    client.close()
+    assert ids[1:] == [str(i) for i in appended]  # all, in order, none twice
+    sent = _metric(base, "workbench_sse_live_sent_total") - sent_before
+    at_once = _metric(base, "workbench_sse_live_written_at_once_total") - at_once_before
+    assert sent == len(events)
+    assert 0 < at_once < sent  # some straight to the socket, the rest through the queue

@@ -13,7 +13,7 @@ from workbench.delivery.hub import Hub
 from workbench.delivery.sessions import SessionStats, SseSession
 from workbench.delivery.userstreams import UserStreamReader
 from workbench.http import edge
-from workbench.http.sse import SseResponse, Ticker
+from workbench.http.sse import SseResponse, Ticker, heartbeat_shares
 from workbench.streams.keys import UserStreamNames
 
 DEADLINE = 10.0
@@ -128,10 +128,10 @@ def test_one_ticker_beats_for_everyone_and_closes_every_session_when_the_server_
     from sse_starlette.sse import AppStatus
 
     async def scenario() -> None:
-        hub = Hub()
+        hub = Hub(heartbeat_shares=heartbeat_shares(1.0, 0.2))
+        assert hub.heartbeat_shares == 5
         subs = [hub.subscribe(f"u{i}") for i in range(10)]
         ticker = Ticker(hub, ping_s=1.0, check_s=0.2)
-        assert ticker.shares == 5
         task = asyncio.create_task(ticker.run())
         try:
             # Spread over the interval: a wake-up beats one share (two of the ten),

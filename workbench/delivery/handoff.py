@@ -80,16 +80,23 @@ class ReplaySession:
         self.sent += len(page)
         return page
 
-    def take_live(self, entry: UserEntry) -> Live:
-        """Decide what to do with a live message; on SEND the cursor moves to it."""
+    def decide(self, entry: UserEntry) -> Live:
+        """What :meth:`take_live` would decide for ``entry``, changing nothing."""
         if entry.id <= self.cursor:
-            self.skipped += 1
             return Live.SKIP
         if entry.prev == self.cursor:
-            self.cursor = entry.id
-            self.sent += 1
             return Live.SEND
         return Live.CATCH_UP
+
+    def take_live(self, entry: UserEntry) -> Live:
+        """Decide what to do with a live message; on SEND the cursor moves to it."""
+        decision = self.decide(entry)
+        if decision is Live.SEND:
+            self.cursor = entry.id
+            self.sent += 1
+        elif decision is Live.SKIP:
+            self.skipped += 1
+        return decision
 
 
 def resume_point_known(

@@ -40,24 +40,29 @@ class Subscription:
         "topic",
         "closed_reason",
         "on_close",
+        "sink",
         "_hub",
         "_queue",
         "_wakeup",
         "_beat",
-        "_serial",
+        "_share",
     )
 
-    def __init__(self, hub: Hub, topic: str, serial: int = 0) -> None:
+    def __init__(self, hub: Hub, topic: str, share: int = 0) -> None:
         self.topic = topic
         self.closed_reason: str | None = None
         #: Called once by :meth:`close` (whoever closes it); the SSE response sets
         #: it while a write is blocked, so a slow or stalled client's write ends too.
         self.on_close: Callable[[], None] | None = None
+        #: Set by a reader that can take a message at once: while its getter waits
+        #: on an empty queue, a published message is offered to it first, and
+        #: queued only if it returns False (see :meth:`_offer`).
+        self.sink: Callable[[object], bool] | None = None
         self._hub = hub
         self._queue: deque[object] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._beat = False  # a heartbeat is queued and not yet taken
-        self._serial = serial  # which share of the heartbeat is this subscriber's
+        self._share = share  # which share of the hub's heartbeat is this subscriber's
 
     async def get(self) -> object:
         """The next message; :class:`SubscriptionClosed` once closed, even if waiting."""
@@ -109,6 +114,16 @@ class Subscription:
         return message
 
     def _offer(self, message: object) -> bool:
+        # The sink only while the getter is parked (so the queue is empty: a queued
+        # message would have woken it): everything handed to the reader before has
+        # been dealt with, so taking this one now keeps the order, and spares a
+        # task switch per message.
+        sink, wakeup = self.sink, self._wakeup
+        if sink is not None and wakeup is not None and not wakeup.done() and sink(message):
+            return True
+        return self._enqueue(message)
+
+    def _enqueue(self, message: object) -> bool:
         if len(self._queue) >= self._hub.max_queue:
             return False
         self._queue.append(message)
@@ -138,13 +153,21 @@ class Hub:
 
     ``heartbeat_message`` is what :meth:`heartbeat` queues: one object for
     every subscriber (the SSE layer passes its pre-encoded comment).
+    Subscribers are dealt into ``heartbeat_shares`` shares, in the order they
+    subscribe, and :meth:`heartbeat` beats one share at a time.
     """
 
-    def __init__(self, max_queue: int = 1000, heartbeat_message: object = None) -> None:
+    def __init__(
+        self, max_queue: int = 1000, heartbeat_message: object = None, heartbeat_shares: int = 1
+    ) -> None:
         # A bound of 0 would mean "unbounded" to a queue, which would void the memory bound.
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if heartbeat_shares < 1:
+            raise ValueError("heartbeat_shares must be at least 1")
         self.max_queue = max_queue
+        self.heartbeat_shares = heartbeat_shares
+        self._shares: list[set[Subscription]] = [set() for _ in range(heartbeat_shares)]
         self.heartbeat_message: object = (
             heartbeat_message if heartbeat_message is not None else _HEARTBEAT
         )
@@ -155,8 +178,9 @@ class Hub:
 
     def subscribe(self, topic: str) -> Subscription:
         self._subscribed += 1
-        subscription = Subscription(self, topic, self._subscribed)
+        subscription = Subscription(self, topic, self._subscribed % self.heartbeat_shares)
         self._topics.setdefault(topic, set()).add(subscription)
+        self._shares[subscription._share].add(subscription)
         return subscription
 
     def publish(self, topic: str, message: object) -> int:
@@ -169,13 +193,13 @@ class Hub:
         everyone = tuple(s for subs in self._topics.values() for s in subs)
         return self._deliver(everyone, message)
 
-    def heartbeat(self, share: int = 0, shares: int = 1) -> int:
+    def heartbeat(self, share: int = 0) -> int:
         """Queue the heartbeat for one share of the subscribers; close those of
         it that never took their last one.
 
         Called by one shared ticker instead of a timer per connection. Every
-        subscriber belongs to one of ``shares`` shares (by the order it
-        subscribed in), and the ticker beats them one share at a time, so that a
+        subscriber belongs to one of ``heartbeat_shares`` shares (by the order
+        it subscribed in), and the ticker beats them one share at a time, so that a
         heartbeat interval's writes are spread over the interval: beating every
         session at once stalls the process for as long as all those writes take
         (about a tenth of a second per thousand sessions), which every live
@@ -184,18 +208,15 @@ class Hub:
         client is not reading, so its writes block): it is closed as stalled, and
         its ``on_close`` ends the blocked write. Returns how many got the heartbeat.
         """
-        if not 0 <= share < shares:
-            raise ValueError(f"share must be in [0, {shares}), not {share}")
+        if not 0 <= share < self.heartbeat_shares:
+            raise ValueError(f"share must be in [0, {self.heartbeat_shares}), not {share}")
         message = self.heartbeat_message
-        everyone = tuple(
-            s for subs in self._topics.values() for s in subs if s._serial % shares == share
-        )
         delivered = 0
-        for subscription in everyone:
+        for subscription in tuple(self._shares[share]):  # a copy: closing one changes the set
             if subscription._beat:
                 self.dropped_stalled += 1
                 subscription.close("stalled: no read for a whole heartbeat interval")
-            elif subscription._offer(message):
+            elif subscription._enqueue(message):  # through the queue: its taking is the proof
                 subscription._beat = True
                 delivered += 1
             else:
@@ -235,6 +256,7 @@ class Hub:
         return delivered
 
     def _remove(self, subscription: Subscription) -> None:
+        self._shares[subscription._share].discard(subscription)
         subs = self._topics.get(subscription.topic)
         if subs is None:
             return

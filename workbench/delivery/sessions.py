@@ -26,8 +26,9 @@ passes the frame on, it does not encode it again.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from sse_starlette import ServerSentEvent
 
@@ -47,6 +48,9 @@ from workbench.domain.streamid import StreamId
 #: What :meth:`SseSession.messages` yields: pre-encoded bytes (replay pages,
 #: heartbeats), a shared live event, or a rare control message (ready, reset, closing).
 Message = bytes | LiveEvent | ServerSentEvent
+#: Writes a frame to the connection now, without waiting; False if it cannot
+#: (its buffer is full, the response is over): the frame was not written.
+WriteNow = Callable[[bytes], bool]
 
 
 @dataclass
@@ -57,6 +61,8 @@ class SessionStats:
     resumed: int = 0
     replayed_entries: int = 0
     live_sent: int = 0
+    #: Of ``live_sent``: written by the live reader at once, not through the queue.
+    live_written_at_once: int = 0
     catch_ups: int = 0
     resets: int = 0
 
@@ -135,8 +141,13 @@ class SseSession:
         """The session's hub subscription (after :meth:`open`)."""
         return self._subscription
 
-    async def messages(self) -> AsyncIterator[Message]:
-        """The whole message sequence; call :meth:`open` first."""
+    async def messages(self, write_now: WriteNow | None = None) -> AsyncIterator[Message]:
+        """The whole message sequence; call :meth:`open` first.
+
+        With ``write_now``, live entries that arrive while this sequence is
+        waiting for one are written by the hub's publisher at once (see
+        :meth:`_take_at_once`) instead of being yielded.
+        """
         subscription, opening = self._subscription, self._opening
         self._opening = None  # the first page is not kept for the session's lifetime
         if opening is None:
@@ -160,7 +171,7 @@ class SseSession:
                 id=str(session.cursor),
                 retry=self.retry_ms,
             )
-            async for message in self._live(subscription, session):
+            async for message in self._live(subscription, session, write_now):
                 yield message
         finally:
             subscription.close()
@@ -200,6 +211,39 @@ class SseSession:
         return entries, len(page) == self.page_size
 
     async def _live(
+        self, subscription: Subscription, session: ReplaySession, write_now: WriteNow | None
+    ) -> AsyncIterator[Message]:
+        if write_now is not None:
+            subscription.sink = partial(self._take_at_once, session, write_now)
+        try:
+            async for message in self._live_messages(subscription, session):
+                yield message
+        finally:
+            subscription.sink = None
+
+    def _take_at_once(self, session: ReplaySession, write_now: WriteNow, message: object) -> bool:
+        """The hub's sink: take a live entry now, while the reader waits for one.
+
+        Only the plain case: the next entry (written now) or one the replay
+        already sent (dropped). Anything else, or a connection that cannot take
+        the bytes now (its buffer is full, it is gone), goes through the queue
+        and :meth:`_live_messages`, which knows what to do. The entry is written
+        before the cursor moves, so a refused write leaves the session as it was.
+        """
+        if not isinstance(message, UserEntry):
+            return False
+        decision = session.decide(message)
+        if decision is Live.CATCH_UP:
+            return False
+        if decision is Live.SEND and not write_now(LiveEntry.of(message).sse.frame):
+            return False
+        session.take_live(message)
+        if decision is Live.SEND:
+            self.stats.live_sent += 1
+            self.stats.live_written_at_once += 1
+        return True
+
+    async def _live_messages(
         self, subscription: Subscription, session: ReplaySession
     ) -> AsyncIterator[Message]:
         heartbeat = self.hub.heartbeat_message

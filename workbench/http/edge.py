@@ -30,7 +30,7 @@ import math
 import os
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from fastapi import Request, Response
@@ -116,6 +116,33 @@ def uvicorn_options(limits: EdgeLimits | None = None) -> dict[str, Any]:
 #: that the client left without a task per connection parked in ``receive()``.
 DISCONNECT_HOOKED = "workbench.disconnect_hooked"
 DISCONNECT_HOOK = "workbench.on_disconnect"
+#: Scope key of the chunk writer the protocol gives every request it serves:
+#: ``scope[WRITE_CHUNK](body) -> bool`` writes one body chunk of a streaming
+#: response at once, from any callback of the loop, or returns False and writes
+#: nothing (see :func:`_write_chunk`).
+WRITE_CHUNK = "workbench.write_chunk"
+
+
+def _write_chunk(cycle: Any, body: bytes) -> bool:
+    """Write ``body`` as one chunk of ``cycle``'s streaming response, if it can go now.
+
+    What uvicorn's ``send`` does for a body chunk, without the ASGI ``send``
+    chain or an await: only while the response is started, chunked and not
+    over, the client is connected and the transport is not asking writers to
+    wait (its buffer is over the high-water mark). Otherwise False: nothing
+    is written and the caller takes the ordinary, awaiting path. It bypasses
+    the app's middleware for this chunk; none of ours looks at body chunks.
+    """
+    if (
+        cycle.disconnected
+        or not cycle.response_started
+        or cycle.response_complete
+        or not cycle.chunked_encoding
+        or cycle.flow.write_paused
+    ):
+        return False
+    cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+    return True
 
 
 def _plain_response(status: int, reason: str, text: str) -> bytes:
@@ -222,6 +249,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arm(self.limits.body_timeout_s, self._body_too_slow)
         if self._header_size <= self.limits.max_header_bytes:
             super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not None and cycle.scope is self.scope:  # not an upgrade (WebSocket)
+                self.scope[WRITE_CHUNK] = partial(_write_chunk, cycle)  # type: ignore[literal-required]
             return
         # Headers that arrived whole in one packet: answer them with a 431 app
         # instead of ours, so uvicorn's request cycle stays consistent.

@@ -87,6 +87,11 @@ class _Collector:
             ("sse_replays", stats.resumed, "sessions that resumed from a Last-Event-ID"),
             ("sse_replayed_entries", stats.replayed_entries, "entries sent from the stream"),
             ("sse_live_sent", stats.live_sent, "entries sent from the live feed"),
+            (
+                "sse_live_written_at_once",
+                stats.live_written_at_once,
+                "live entries written by the live reader itself, not through a session's queue",
+            ),
             ("sse_catch_ups", stats.catch_ups, "live gaps closed by reading the stream"),
             ("sse_resets", stats.resets, "sessions told their history is gone"),
             ("hub_slow_disconnects", app.hub.dropped_slow, "subscribers dropped as too slow"),

@@ -10,6 +10,12 @@ connection must have and shares the rest:
 * the session's messages are written by the task uvicorn already runs for the
   request, each as the bytes it arrives as (live frames are encoded once per
   message by the live reader, replay pages once per page);
+* except the common live case: while that task waits for a message, the next
+  live entry is written by the live reader itself as it publishes it to the
+  hub (the session's ``write_now``, from the protocol's chunk writer
+  :data:`~workbench.http.edge.WRITE_CHUNK`), with no task switch and no trip
+  through the ASGI ``send`` chain; a connection that cannot take it at once
+  (its buffer is full) gets it the ordinary way, through the queue;
 * the client leaving closes the session's subscription, so the writer stops
   after its next write, or at once if it was waiting: the server's protocol
   (:class:`~workbench.http.edge.GuardedHttpToolsProtocol`) calls the hook
@@ -35,7 +41,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from workbench.delivery.hub import Hub
-from workbench.delivery.sessions import SseSession
+from workbench.delivery.sessions import SseSession, WriteNow
 from workbench.http import edge
 
 _HEADERS = [
@@ -76,7 +82,7 @@ class SseResponse(Response):
             else:
                 watcher = asyncio.get_running_loop().create_task(_watch(receive, session))
             try:
-                await _stream(session, send, task)
+                await _stream(session, send, task, scope.get(edge.WRITE_CHUNK))
             finally:
                 scope.pop(edge.DISCONNECT_HOOK, None)
                 if watcher is not None:
@@ -90,9 +96,11 @@ class SseResponse(Response):
         self.session.subscription.close("client disconnected")
 
 
-async def _stream(session: SseSession, send: Send, task: asyncio.Task[Any]) -> None:
+async def _stream(
+    session: SseSession, send: Send, task: asyncio.Task[Any], write_now: WriteNow | None
+) -> None:
     subscription = session.subscription
-    messages = session.messages()
+    messages = session.messages(write_now)
     cancelled = False
 
     def cancel_write() -> None:
@@ -145,25 +153,39 @@ def _server_exiting() -> bool:
     return bool(getattr(server, "should_exit", False))
 
 
+#: How often the ticker wakes: the grain of the heartbeat's spread, and how
+#: soon a shutdown closes the sessions.
+TICK_S = 0.1
+
+
+def heartbeat_shares(ping_s: float, tick_s: float = TICK_S) -> int:
+    """Into how many shares to deal the subscribers: one share beaten per tick."""
+    return max(1, round(ping_s / tick_s)) if ping_s > 0 else 1
+
+
 class Ticker:
     """One task per process: heartbeats for every session, and shutdown.
 
     Every ``ping_s`` each subscriber of the hub gets a heartbeat
-    (:meth:`Hub.heartbeat`): the ticker wakes every ``check_s`` and beats one
-    of ``ping_s / check_s`` shares of them, so the writes are spread over the
-    interval instead of landing in one burst. At each wake-up it also looks
-    whether the server is shutting down, and if so closes every session so
-    their responses end. ``beats`` counts whole intervals (every share beaten once).
+    (:meth:`Hub.heartbeat`), one of the hub's ``heartbeat_shares`` shares
+    after another, evenly over the interval, so the writes are spread instead
+    of landing in one burst (build the hub with :func:`heartbeat_shares`).
+    The ticker wakes every ``check_s``, and also looks whether the server is
+    shutting down; if so it closes every session so their responses end.
+    ``beats`` counts whole intervals (every share beaten once).
     """
 
-    def __init__(self, hub: Hub, ping_s: float, *, check_s: float = 0.1) -> None:
+    def __init__(self, hub: Hub, ping_s: float, *, check_s: float = TICK_S) -> None:
         self.hub = hub
         self.ping_s = ping_s
-        self.check_s = min(check_s, ping_s) if ping_s > 0 else check_s
-        self.shares = max(1, round(ping_s / self.check_s)) if ping_s > 0 else 1
+        self.check_s = min(check_s, ping_s / hub.heartbeat_shares) if ping_s > 0 else check_s
         self.beats = 0
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        shares = self.hub.heartbeat_shares
+        every = self.ping_s / shares
+        next_beat = loop.time() + every
         share = 0
         closed = False
         while True:
@@ -171,9 +193,12 @@ class Ticker:
             if not closed and _server_exiting():
                 closed = True
                 self.hub.close_all("server shutting down")
-            if self.ping_s > 0:
-                self.hub.heartbeat(share, self.shares)
-                share = (share + 1) % self.shares
+            if self.ping_s <= 0:
+                continue
+            while loop.time() >= next_beat:  # a late wake-up catches up share by share
+                next_beat += every
+                self.hub.heartbeat(share)
+                share = (share + 1) % shares
                 if share == 0:
                     self.beats += 1
 
@@ -181,4 +206,4 @@ class Ticker:
 with contextlib.suppress(ImportError):  # the patch of uvicorn's handle_exit, made on import
     import sse_starlette.sse  # noqa: F401
 
-__all__ = ["SseResponse", "Ticker"]
+__all__ = ["SseResponse", "Ticker", "heartbeat_shares"]

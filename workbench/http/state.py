@@ -37,6 +37,7 @@ from workbench.delivery.userstreams import UserStreamReader
 from workbench.domain.clock import Clock, SystemClock
 from workbench.domain.ids import IdFactory
 from workbench.http.settings import Settings
+from workbench.http.sse import heartbeat_shares
 from workbench.payments.daraja import DarajaClient
 from workbench.payments.mpesa import (
     Delivery,
@@ -148,7 +149,9 @@ class App:
             payments=settings.payments(),
             partitioning=self.names.partitioning,
         )
-        self.hub = Hub(max_queue=settings.max_queue)
+        self.hub = Hub(
+            max_queue=settings.max_queue, heartbeat_shares=heartbeat_shares(settings.ping_s)
+        )
         self.stats = SessionStats()
         self.redis = connect(settings.redis_url)  # sync: metrics
         self.aredis = async_client(settings.redis_url, max_connections=settings.redis_pool)
