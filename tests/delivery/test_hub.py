@@ -392,3 +392,20 @@ def test_the_heartbeat_never_goes_to_the_sink() -> None:
         assert taken == [] and await getter is hub.heartbeat_message
 
     run(scenario())
+
+
+def test_a_sink_that_raises_leaves_the_message_queued_and_the_publisher_whole() -> None:
+    async def scenario() -> None:
+        hub = Hub()
+        broken, fine = hub.subscribe("a"), hub.subscribe("a")
+
+        def explode(message: object) -> bool:
+            raise RuntimeError("the connection's handle is closed")
+
+        broken.sink = explode
+        getter = asyncio.ensure_future(broken.get())
+        await asyncio.sleep(0)
+        assert hub.publish("a", "m") == 2  # both got it: the exception stopped nothing
+        assert await getter == "m" and drain(fine) == ["m"]
+
+    run(scenario())

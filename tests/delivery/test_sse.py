@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import struct
 import threading
 
 import httpx
@@ -341,11 +342,13 @@ def test_a_client_that_stops_reading_gets_the_rest_in_order_once_it_reads_again(
 
     ids: list[str] = []
     while len(ids) < 1 + len(events):  # the ready event's, then every entry's
+        whole, end, received = received.rpartition(b"\r\n\r\n")  # complete frames only
+        ids += [line[4:].decode() for line in whole.split(b"\r\n") if line.startswith(b"id: ")]
+        if end and len(ids) >= 1 + len(events):
+            break
         chunk = phone.recv(1 << 20)
         assert chunk, f"the stream ended after {len(ids)} ids"
         received += chunk
-        whole = received.decode().rpartition("\r\n\r\n")[0]  # complete frames only
-        ids = [line[4:] for line in whole.split("\r\n") if line.startswith("id: ")]
     phone.close()
     client.close()
     assert ids[1:] == [str(i) for i in appended]  # all, in order, none twice
@@ -353,3 +356,61 @@ def test_a_client_that_stops_reading_gets_the_rest_in_order_once_it_reads_again(
     at_once = _metric(base, "workbench_sse_live_written_at_once_total") - at_once_before
     assert sent == len(events)
     assert 0 < at_once < sent  # some straight to the socket, the rest through the queue
+
+
+def _sse_request(host: str, user: str) -> bytes:
+    return (
+        f"GET /users/{user}/events HTTP/1.1\r\nhost: {host}\r\n"
+        f"authorization: {auth(user)['Authorization']}\r\n\r\n"
+    ).encode()
+
+
+def _until_ready(phone: socket.socket) -> bytes:
+    received = b""
+    while b"event: ready" not in received:
+        chunk = phone.recv(65536)
+        assert chunk, "the stream ended before ready"
+        received += chunk
+    return received
+
+
+def test_a_client_that_pipelines_a_request_behind_its_stream_and_resets_is_released(
+    deployment: Deployment, alice: str, bob: str
+) -> None:
+    """The attack: a stream, a second request pipelined behind it, then a reset.
+    The stream's session must be released (uvicorn marks only its latest request
+    disconnected), and the process's live reader must keep serving everyone."""
+    base = deployment.start_api()
+    host, port = base.removeprefix("http://").split(":")
+    attacker = socket.create_connection((host, int(port)), timeout=30)
+    behind = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+    attacker.sendall(_sse_request(host, alice) + behind)
+    _until_ready(attacker)
+    assert httpx.get(f"{base}/healthz").json()["sessions"] == 1
+    attacker.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    attacker.close()  # a reset, not a goodbye
+    wait_until(
+        lambda: httpx.get(f"{base}/healthz").json()["sessions"] == 0,
+        what="the reset stream's session to be released",
+    )
+
+    phone = socket.create_connection((host, int(port)), timeout=30)
+    phone.sendall(_sse_request(host, bob))
+    _until_ready(phone)
+    client = redis.Redis.from_url(deployment.redis_url)
+    streams = UserStreams(client, UserStreamNames(deployment.prefix))
+    for i, user in enumerate((alice, bob)):  # alice's first: where a dead session would break
+        event = ev.Event(
+            event_id=f"evt_pipelined_{user}_{i}", type="escrow.created", aggregate_type="escrow",
+            aggregate_id=f"esc_p{i}", sequence=1, user_ids=(user,), occurred_at=1.0,
+            correlation_id="c", payload={"i": i},
+        )  # fmt: skip
+        (pairs,) = streams.append_entries([(event, ev.encode(event))])
+    ((_, entry),) = pairs
+    received = b""
+    while f"id: {entry.id}".encode() not in received:
+        chunk = phone.recv(65536)
+        assert chunk, "bob's stream ended"
+        received += chunk
+    phone.close()
+    client.close()

@@ -4,12 +4,15 @@ session (real Redis), to see what it costs per connection and how it ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from workbench.delivery.hub import Hub
+from workbench.delivery.hub import Hub, SubscriptionClosed
 from workbench.delivery.sessions import SessionStats, SseSession
 from workbench.delivery.userstreams import UserStreamReader
 from workbench.http import edge
@@ -149,3 +152,80 @@ def test_one_ticker_beats_for_everyone_and_closes_every_session_when_the_server_
             await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(asyncio.wait_for(scenario(), DEADLINE))
+
+
+def test_a_late_tick_does_not_take_readers_for_stalled() -> None:
+    """A blocked loop delays the ticker past several shares' turns: it must not
+    beat a share twice before its readers could take the first beat."""
+
+    async def scenario() -> None:
+        hub = Hub(heartbeat_shares=heartbeat_shares(0.5, 0.1))
+        subs = [hub.subscribe(f"u{i}") for i in range(10)]
+
+        async def read(sub: Any) -> None:
+            with contextlib.suppress(SubscriptionClosed):
+                while True:
+                    await sub.get()
+
+        readers = [asyncio.create_task(read(s)) for s in subs]
+        ticker = Ticker(hub, ping_s=0.5, check_s=0.1)
+        ticking = asyncio.create_task(ticker.run())
+        try:
+            await _until(lambda: any(s._beat for s in subs), "a first share beaten")
+            time.sleep(0.6)  # the loop blocked for more than a whole interval
+            after = ticker.beats
+            await _until(lambda: ticker.beats >= after + 2, "two more whole intervals")
+            assert hub.dropped_stalled == 0
+            assert [s.closed_reason for s in subs] == [None] * 10
+        finally:
+            for task in [ticking, *readers]:
+                task.cancel()
+            await asyncio.gather(ticking, *readers, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(scenario(), DEADLINE))
+
+
+class _Transport:
+    def __init__(self, fail: bool = False) -> None:
+        self.written: list[bytes] = []
+        self.fail = fail
+
+    def write(self, data: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("unable to perform operation: the handler is closed")
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Cycle:
+    """The attributes of uvicorn's RequestResponseCycle the chunk writer reads."""
+
+    def __init__(self, transport: _Transport) -> None:
+        self.transport = transport
+        self.disconnected = False
+        self.response_started = True
+        self.response_complete = False
+        self.chunked_encoding = True
+        self.flow = type("Flow", (), {"write_paused": False})()
+
+
+def test_the_chunk_writer_frames_a_chunk_and_refuses_what_it_cannot_write() -> None:
+    import weakref
+
+    transport = _Transport()
+    cycle = _Cycle(transport)
+    write = functools.partial(edge._write_chunk, weakref.ref(cycle))
+    assert write(b"id: 1-0\r\n\r\n") and transport.written == [b"b\r\nid: 1-0\r\n\r\n\r\n"]
+    assert not write(b"")  # an empty chunk would end the response
+    cycle.flow.write_paused = True  # the buffer is full: the awaiting path waits for room
+    assert not write(b"x")
+    cycle.flow.write_paused = False
+    cycle.disconnected = True
+    assert not write(b"x")
+    assert transport.written == [b"b\r\nid: 1-0\r\n\r\n\r\n"]
+    broken = _Cycle(_Transport(fail=True))  # closed under us: refused, never raised
+    assert not edge._write_chunk(weakref.ref(broken), b"x")
+    gone = weakref.ref(_Cycle(_Transport()))  # the request is over and collected
+    assert not edge._write_chunk(gone, b"x")

@@ -14,8 +14,11 @@ is not thread-safe: call it from the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 class SubscriptionClosed(Exception):
@@ -119,8 +122,12 @@ class Subscription:
         # been dealt with, so taking this one now keeps the order, and spares a
         # task switch per message.
         sink, wakeup = self.sink, self._wakeup
-        if sink is not None and wakeup is not None and not wakeup.done() and sink(message):
-            return True
+        if sink is not None and wakeup is not None and not wakeup.done():
+            try:
+                if sink(message):
+                    return True
+            except Exception:  # a broken reader must not break the publisher
+                log.exception("the sink of %r failed; the message is queued instead", self)
         return self._enqueue(message)
 
     def _enqueue(self, message: object) -> bool:

@@ -104,6 +104,13 @@ class LiveReader:
                 self._failures += 1
                 log.warning("live reader lost Redis (%s); reconnecting", exc)
                 await asyncio.sleep(backoff.compute(self._failures))
+            except Exception:
+                # A bug, not an outage; but a dead reader would leave every
+                # phone of this process on heartbeats alone: start over (a
+                # Resync follows), loudly.
+                self._failures += 1
+                log.exception("live reader failed; reconnecting")
+                await asyncio.sleep(backoff.compute(self._failures))
             finally:
                 self.connected.clear()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from functools import cache, partial
@@ -118,30 +119,40 @@ DISCONNECT_HOOKED = "workbench.disconnect_hooked"
 DISCONNECT_HOOK = "workbench.on_disconnect"
 #: Scope key of the chunk writer the protocol gives every request it serves:
 #: ``scope[WRITE_CHUNK](body) -> bool`` writes one body chunk of a streaming
-#: response at once, from any callback of the loop, or returns False and writes
-#: nothing (see :func:`_write_chunk`).
+#: response at once, from the event loop's thread, or returns False and writes
+#: nothing (see :func:`_write_chunk`). It never raises.
 WRITE_CHUNK = "workbench.write_chunk"
 
 
-def _write_chunk(cycle: Any, body: bytes) -> bool:
-    """Write ``body`` as one chunk of ``cycle``'s streaming response, if it can go now.
+def _write_chunk(cycle_ref: Callable[[], Any], body: bytes) -> bool:
+    """Write ``body`` as one chunk of the cycle's streaming response, if it can go now.
 
     What uvicorn's ``send`` does for a body chunk, without the ASGI ``send``
     chain or an await: only while the response is started, chunked and not
-    over, the client is connected and the transport is not asking writers to
+    over, the connection is open and the transport is not asking writers to
     wait (its buffer is over the high-water mark). Otherwise False: nothing
-    is written and the caller takes the ordinary, awaiting path. It bypasses
-    the app's middleware for this chunk; none of ours looks at body chunks.
+    is written and the caller takes the ordinary, awaiting path, where a gone
+    client ends the response. It bypasses the app's middleware for this
+    chunk; none of ours looks at body chunks. The cycle is held weakly: the
+    scope holds this writer and the cycle holds the scope, and a cycle per
+    request for the garbage collector to find is what this must not cost.
     """
+    cycle = cycle_ref()
     if (
-        cycle.disconnected
+        cycle is None
+        or not body  # an empty chunk would end the response
+        or cycle.disconnected
         or not cycle.response_started
         or cycle.response_complete
         or not cycle.chunked_encoding
         or cycle.flow.write_paused
+        or cycle.transport.is_closing()
     ):
         return False
-    cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+    try:
+        cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+    except (RuntimeError, OSError):  # closed under us (uvloop raises on a closed handle)
+        return False
     return True
 
 
@@ -170,6 +181,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_headers = True
         self._header_bytes = 0  # raw bytes while the headers are incomplete
         self._header_size = 0  # request line and headers as parsed
+        # This connection's request cycles whose response may still be running
+        # (more than one only when requests are pipelined behind a response).
+        self._open_cycles: list[Any] = []
 
     def _arm(self, seconds: float, on_expiry: Callable[[], None]) -> None:
         self._disarm()
@@ -203,10 +217,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
-        cycle = self.cycle
-        hook = cycle.scope.get(DISCONNECT_HOOK) if cycle is not None else None
-        if hook is not None:
-            hook()
+        # uvicorn marks only its latest cycle disconnected; with a request
+        # pipelined behind a stream, the stream's cycle is an earlier one.
+        for cycle in self._open_cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+            hook = cycle.scope.get(DISCONNECT_HOOK)
+            if hook is not None:
+                hook()
+        self._open_cycles = []
 
     def data_received(self, data: bytes) -> None:
         if self._awaiting_headers:
@@ -251,7 +270,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             cycle = self.cycle
             if cycle is not None and cycle.scope is self.scope:  # not an upgrade (WebSocket)
-                self.scope[WRITE_CHUNK] = partial(_write_chunk, cycle)  # type: ignore[literal-required]
+                self.scope[WRITE_CHUNK] = partial(_write_chunk, weakref.ref(cycle))  # type: ignore[literal-required]
+                self._open_cycles = [c for c in self._open_cycles if not c.response_complete]
+                self._open_cycles.append(cycle)
             return
         # Headers that arrived whole in one packet: answer them with a 431 app
         # instead of ours, so uvicorn's request cycle stays consistent.

@@ -195,8 +195,11 @@ class Ticker:
                 self.hub.close_all("server shutting down")
             if self.ping_s <= 0:
                 continue
-            while loop.time() >= next_beat:  # a late wake-up catches up share by share
-                next_beat += every
+            if loop.time() >= next_beat:
+                # One share per wake-up, the next one counted from now: after a
+                # late wake-up (a blocked loop) catching up would beat a share
+                # again before its readers could take the last beat (stalled!).
+                next_beat = loop.time() + every
                 self.hub.heartbeat(share)
                 share = (share + 1) % shares
                 if share == 0:
