@@ -90,7 +90,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import click
@@ -1014,12 +1014,37 @@ def wave_slopes(rss_before: int, ramp_samples: list[dict[str, int]]) -> list[flo
 LATENCY_KEYS = (("p50_ms", "p50"), ("p99_ms", "p99"), ("p99_9_ms", "p99.9"))
 #: The sides of a latency round: the runtime, the plain forwarder, Redis alone.
 LATENCY_SIDES = ("sse", "plain", "anchor")
-#: Per-round ratios: name -> (numerator side, denominator side).
+
+
+class LatencyRatio(NamedTuple):
+    """One latency ratio of a round: ``numerator`` side / ``denominator`` side, kept in
+    the record as ``latency_<percentile>_<name>`` (with ``target``, or none: a floor
+    or a breakdown)."""
+
+    numerator: str
+    denominator: str
+    name: str
+    what: str
+    target: float | None
+
+
+#: Every latency ratio: key in a round's result -> what it divides and how the record
+#: names it.
 LATENCY_RATIOS = {
-    "ratio_sse_vs_anchor": ("sse", "anchor"),
-    "ratio_plain_vs_anchor": ("plain", "anchor"),
-    "ratio_sse_vs_plain": ("sse", "plain"),
-}
+    "ratio_sse_vs_anchor": LatencyRatio(
+        "sse", "anchor", "sse_vs_xreadgroup",
+        "fan-out -> SSE client / XADD -> XREADGROUP", LATENCY_RATIO_TARGET,
+    ),
+    "ratio_plain_vs_anchor": LatencyRatio(
+        "plain", "anchor", "plain_vs_xreadgroup",
+        "floor: fan-out -> plain forwarder -> client / XADD -> XREADGROUP (plain code's share)",
+        None,
+    ),
+    "ratio_sse_vs_plain": LatencyRatio(
+        "sse", "plain", "sse_vs_plain",
+        "fan-out -> SSE client / fan-out -> plain forwarder -> client", None,
+    ),
+}  # fmt: skip
 
 
 def latency_ratios(sse: dict[str, Any], anchor: dict[str, Any]) -> dict[str, float | None]:
@@ -1226,8 +1251,8 @@ async def phase_latency(
                 result[f"{name}_expected"] = window["want"]
                 side.want += window["want"]
                 side.cores.append(window["cores"])
-            for ratio, (num, den) in LATENCY_RATIOS.items():
-                result[ratio] = latency_ratios(result[num], result[den])
+            for key, ratio in LATENCY_RATIOS.items():
+                result[key] = latency_ratios(result[ratio.numerator], result[ratio.denominator])
             per_round.append(result)
         out["server_rss_kib"] = rss_kib(env.server.pid)
     finally:
@@ -1248,8 +1273,8 @@ async def phase_latency(
             if side.cores and side.cores[0]
             else {}
         )
-    for ratio, (num, den) in LATENCY_RATIOS.items():
-        out[ratio] = latency_ratios(out[num], out[den])
+    for key, ratio in LATENCY_RATIOS.items():
+        out[key] = latency_ratios(out[ratio.numerator], out[ratio.denominator])
     out["sessions_left"] = await env.sessions_drained()
     return out
 
@@ -1560,37 +1585,17 @@ def print_report(console: Any, summary: dict[str, Any]) -> None:
     )
 
 
-#: The latency figures a record keeps: ratio key in a round -> (name, what, target).
-_LATENCY_BOUNDS = {
-    "ratio_sse_vs_anchor": (
-        "sse_vs_xreadgroup",
-        "fan-out -> SSE client / XADD -> XREADGROUP",
-        LATENCY_RATIO_TARGET,
-    ),
-    "ratio_plain_vs_anchor": (
-        "plain_vs_xreadgroup",
-        "floor: fan-out -> plain forwarder -> client / XADD -> XREADGROUP (plain code's share)",
-        None,
-    ),
-    "ratio_sse_vs_plain": (
-        "sse_vs_plain",
-        "fan-out -> SSE client / fan-out -> plain forwarder -> client",
-        None,
-    ),
-}
-
-
 def latency_bounds(lt: dict[str, Any]) -> list[stats.Summary]:
     """Per-round latency ratios at p99 and p99.9 as summaries: the target's (SSE / Redis),
     the floor plain code sets on it (plain / Redis) and the runtime against plain code."""
     out = []
-    for ratio, (name, what, target) in _LATENCY_BOUNDS.items():
+    for key_in_round, (_, _, name, what, target) in LATENCY_RATIOS.items():
         floor = "floor: " if what.startswith("floor: ") else ""
         clients = lt["connected"]
         if "plain" in name:
             clients = min(clients, lt.get("plain_connected", clients))
         for key, label in LATENCY_KEYS[1:]:
-            values = [r[ratio][key] for r in lt["per_round"]]
+            values = [r[key_in_round][key] for r in lt["per_round"]]
             if any(v is None for v in values):
                 continue
             out.append(
