@@ -16,7 +16,7 @@ from workbench.delivery.hub import Hub, SubscriptionClosed
 from workbench.delivery.sessions import SessionStats, SseSession
 from workbench.delivery.userstreams import UserStreamReader
 from workbench.http import edge
-from workbench.http.sse import SseResponse, Ticker, heartbeat_shares
+from workbench.http.sse import SseResponse, Ticker, beat_is_due, heartbeat_shares
 from workbench.streams.keys import UserStreamNames
 
 DEADLINE = 10.0
@@ -229,3 +229,13 @@ def test_the_chunk_writer_frames_a_chunk_and_refuses_what_it_cannot_write() -> N
     assert not edge._write_chunk(weakref.ref(broken), b"x")
     gone = weakref.ref(_Cycle(_Transport()))  # the request is over and collected
     assert not edge._write_chunk(gone, b"x")
+
+
+def test_a_wake_up_a_hair_before_the_beat_is_on_time() -> None:
+    """uvloop's timers keep whole milliseconds: a wake-up a hair early must still
+    beat, or heartbeats come late (a third of them skipped: 15 s became 20 s);
+    one half a tick early is not due yet."""
+    beat_at, tick = 100.0, 0.05
+    assert beat_is_due(beat_at - 0.0004, beat_at, tick)
+    assert beat_is_due(beat_at + 0.2, beat_at, tick)
+    assert not beat_is_due(beat_at - 0.03, beat_at, tick)

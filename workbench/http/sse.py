@@ -163,6 +163,16 @@ def heartbeat_shares(ping_s: float, tick_s: float = TICK_S) -> int:
     return max(1, round(ping_s / tick_s)) if ping_s > 0 else 1
 
 
+def beat_is_due(now: float, beat_at: float, tick_s: float) -> bool:
+    """Whether a wake-up at ``now`` beats the share due at ``beat_at``.
+
+    Half a tick early is on time: uvloop's timers keep whole milliseconds, and
+    a wake-up a hair before the beat would skip it to the next tick (a third of
+    them did: 15 s heartbeats became 20 s).
+    """
+    return now >= beat_at - tick_s / 2
+
+
 class Ticker:
     """One task per process: heartbeats for every session, and shutdown.
 
@@ -195,7 +205,7 @@ class Ticker:
                 self.hub.close_all("server shutting down")
             if self.ping_s <= 0:
                 continue
-            if loop.time() >= next_beat:
+            if beat_is_due(loop.time(), next_beat, self.check_s):
                 # One share per wake-up, the next one counted from now: after a
                 # late wake-up (a blocked loop) catching up would beat a share
                 # again before its readers could take the last beat (stalled!).
@@ -209,4 +219,4 @@ class Ticker:
 with contextlib.suppress(ImportError):  # the patch of uvicorn's handle_exit, made on import
     import sse_starlette.sse  # noqa: F401
 
-__all__ = ["SseResponse", "Ticker", "heartbeat_shares"]
+__all__ = ["SseResponse", "Ticker", "beat_is_due", "heartbeat_shares"]
