@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import socket
 import struct
@@ -12,6 +13,7 @@ import redis
 from httpx_sse import connect_sse
 
 from tests.http_support import Deployment, auth, read_events
+from workbench.delivery.entries import UserEntry
 from workbench.delivery.userstreams import UserStreams
 from workbench.domain import events as ev
 from workbench.ops.waiting import wait_until
@@ -172,13 +174,7 @@ def test_the_live_reader_losing_redis_makes_sessions_catch_up(
     got, reset = result["got"]  # type: ignore[misc]
     assert not reset
     assert [(e.id, _event_id(e.data)) for e in got] == deployment.wait_fanned_out(alice, total)
-    metrics = httpx.get(f"{base}/metrics").text
-    reconnects = next(
-        float(line.split()[-1])
-        for line in metrics.splitlines()
-        if line.startswith("workbench_live_reconnects_total")
-    )
-    assert reconnects >= 1
+    assert _metric(base, "workbench_live_reconnects_total") >= 1
 
 
 def produce_count(escrows: int) -> int:
@@ -311,13 +307,8 @@ def test_a_client_that_stops_reading_gets_the_rest_in_order_once_it_reads_again(
     phone.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: fills soon
     phone.settimeout(30)
     phone.connect((host, int(port)))
-    request = f"GET /users/{alice}/events HTTP/1.1\r\nhost: {host}\r\nauthorization: "
-    phone.sendall(f"{request}{auth(alice)['Authorization']}\r\n\r\n".encode())
-    received = b""
-    while b"event: ready" not in received:
-        chunk = phone.recv(65536)
-        assert chunk, "the stream ended before ready"
-        received += chunk
+    phone.sendall(_sse_request(host, alice))
+    received = _until_ready(phone)
 
     # About 6 MB: more than the kernel's socket buffers and the transport's
     # high-water mark together, while the phone reads nothing.
@@ -378,35 +369,43 @@ def test_a_client_that_pipelines_a_request_behind_its_stream_and_resets_is_relea
     deployment: Deployment, alice: str, bob: str
 ) -> None:
     """The attack: a stream, a second request pipelined behind it, then a reset.
-    The stream's session must be released (uvicorn marks only its latest request
-    disconnected), and the process's live reader must keep serving everyone."""
+    uvicorn stops reading a connection with a request queued, so the reset is
+    noticed at the next write to it; then the stream's session must be released
+    (uvicorn marks only its latest request disconnected), and the process's live
+    reader, which made that write, must keep serving everyone."""
     base = deployment.start_api()
     host, port = base.removeprefix("http://").split(":")
+    phone = socket.create_connection((host, int(port)), timeout=30)
+    phone.sendall(_sse_request(host, bob))
+    _until_ready(phone)
     attacker = socket.create_connection((host, int(port)), timeout=30)
     behind = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
     attacker.sendall(_sse_request(host, alice) + behind)
     _until_ready(attacker)
-    assert httpx.get(f"{base}/healthz").json()["sessions"] == 1
+    assert httpx.get(f"{base}/healthz").json()["sessions"] == 2
     attacker.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     attacker.close()  # a reset, not a goodbye
-    wait_until(
-        lambda: httpx.get(f"{base}/healthz").json()["sessions"] == 0,
-        what="the reset stream's session to be released",
-    )
 
-    phone = socket.create_connection((host, int(port)), timeout=30)
-    phone.sendall(_sse_request(host, bob))
-    _until_ready(phone)
     client = redis.Redis.from_url(deployment.redis_url)
     streams = UserStreams(client, UserStreamNames(deployment.prefix))
-    for i, user in enumerate((alice, bob)):  # alice's first: where a dead session would break
+    published = itertools.count()
+
+    def publish(user: str) -> UserEntry:
+        i = next(published)
         event = ev.Event(
             event_id=f"evt_pipelined_{user}_{i}", type="escrow.created", aggregate_type="escrow",
             aggregate_id=f"esc_p{i}", sequence=1, user_ids=(user,), occurred_at=1.0,
             correlation_id="c", payload={"i": i},
         )  # fmt: skip
-        (pairs,) = streams.append_entries([(event, ev.encode(event))])
-    ((_, entry),) = pairs
+        ((_, entry),) = streams.append_entries([(event, ev.encode(event))])[0]
+        return entry
+
+    def released() -> bool:
+        publish(alice)  # a write to the reset connection
+        return httpx.get(f"{base}/healthz").json()["sessions"] == 1
+
+    wait_until(released, what="the reset stream's session to be released")
+    entry = publish(bob)
     received = b""
     while f"id: {entry.id}".encode() not in received:
         chunk = phone.recv(65536)

@@ -233,7 +233,7 @@ def test_the_chunk_writer_frames_a_chunk_and_refuses_what_it_cannot_write() -> N
 
 def test_a_wake_up_a_hair_before_the_beat_is_on_time() -> None:
     """uvloop's timers keep whole milliseconds: a wake-up a hair early must still
-    beat, or heartbeats come late (a third of them skipped: 15 s became 20 s);
+    beat, or heartbeats come late (skipped to the next tick);
     one half a tick early is not due yet."""
     beat_at, tick = 100.0, 0.05
     assert beat_is_due(beat_at - 0.0004, beat_at, tick)

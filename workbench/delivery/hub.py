@@ -209,7 +209,7 @@ class Hub:
         it subscribed in), and the ticker beats them one share at a time, so that a
         heartbeat interval's writes are spread over the interval: beating every
         session at once stalls the process for as long as all those writes take
-        (about a tenth of a second per thousand sessions), which every live
+        (in proportion to the sessions), which every live
         message waiting behind them would see as latency. A subscriber whose
         previous heartbeat is still queued has not read for a whole interval (its
         client is not reading, so its writes block): it is closed as stalled, and

@@ -167,8 +167,8 @@ def beat_is_due(now: float, beat_at: float, tick_s: float) -> bool:
     """Whether a wake-up at ``now`` beats the share due at ``beat_at``.
 
     Half a tick early is on time: uvloop's timers keep whole milliseconds, and
-    a wake-up a hair before the beat would skip it to the next tick (a third of
-    them did: 15 s heartbeats became 20 s).
+    a wake-up a hair before the beat would skip it to the next tick, so the
+    heartbeats would come late.
     """
     return now >= beat_at - tick_s / 2
 
