@@ -21,6 +21,13 @@ from its user stream (the source of truth) before going on. (Also after the
 first subscription: a session opened before it may have missed entries.) A
 session also notices a single lost message by itself: the next one's ``prev``
 is not its cursor (:mod:`workbench.delivery.handoff`).
+
+redis-py subscribes (it tracks the confirmations); from then on the reader
+reads each connection's socket itself into redis-py's hiredis parser and
+delivers every whole reply (``_pump``), because ``get_message`` per reply
+costs more than all the rest of a live message's way to the phone. A watchdog
+per connection keeps the liveness rule: quiet ``LIVENESS_S``, pinged; silent
+twice as long, dead (every connection re-planned, a Resync follows).
 """
 
 from __future__ import annotations
@@ -29,9 +36,15 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+try:  # what redis-py's hiredis reader answers when no whole reply is buffered
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # another redis-py: _raw_feed says no, get_message reads
+    _NOT_ENOUGH_DATA = None
 
 from workbench.delivery.hub import Hub
 from workbench.delivery.livenodes import LiveNodes, LiveSource, Node
@@ -44,6 +57,7 @@ log = logging.getLogger(__name__)
 #: Seconds of silence after which a live connection is pinged; twice that without an
 #: answer, it is taken for dead and every connection is re-planned (a Resync follows).
 LIVENESS_S = 5.0
+_READ_SIZE = 65536  # bytes per socket read, as redis-py's own
 
 
 class FeedLost(Exception):
@@ -83,7 +97,7 @@ class LiveReader:
         self.messages = 0
         self.reconnects = 0
         self.bad_messages = 0
-        #: Messages taken straight from the parser's buffer (of ``messages``), see _drain.
+        #: Messages read by :meth:`_pump` (of ``messages``), not through ``get_message``.
         self.drained = 0
         #: Redis connections open now: at most one per node serving a channel.
         self.connections = 0
@@ -136,7 +150,9 @@ class LiveReader:
                 self.connections += 1
                 await self._subscribe(pubsub, channels)
                 _skip_push_logging(pubsub)
-                tasks.append(asyncio.create_task(self._read(pubsub, node, channels, waiting)))
+                link = _Link(asyncio.get_running_loop().time())
+                tasks.append(asyncio.create_task(self._read(pubsub, node, channels, waiting, link)))
+                tasks.append(asyncio.create_task(self._watch(pubsub, node, link)))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()  # the first failure
@@ -162,25 +178,25 @@ class LiveReader:
         node: Node | None,
         channels: list[str],
         waiting: set[Node | None],
+        link: _Link,
     ) -> None:
+        """Read one connection: redis-py's ``get_message`` until every channel is
+        confirmed, then (with hiredis) :meth:`_pump`."""
         confirmed = 0
         clock = asyncio.get_running_loop().time
-        heard = clock()
         while True:
             message = await pubsub.get_message(timeout=self.liveness_s)
             if message is None:
-                if clock() - heard >= 2 * self.liveness_s:
+                if clock() - link.heard >= 2 * self.liveness_s:
                     raise FeedLost(
                         f"{node or self.url} did not answer a ping within {self.liveness_s:g} s"
                     )
                 await pubsub.ping()  # its pong, or any message, proves the link alive
                 continue
-            heard = clock()
+            link.heard = clock()
             kind = message["type"]
             if kind in ("message", "smessage"):
                 self._deliver(message["data"])
-                if confirmed == len(channels):
-                    self._drain(pubsub, node)
             elif kind in ("subscribe", "ssubscribe"):
                 confirmed += 1
                 if confirmed == len(channels):
@@ -193,41 +209,70 @@ class LiveReader:
                     f"{node or self.url} dropped {message['channel']!r} "
                     "(its slot moved: a failover or a migration)"
                 )
+            if confirmed == len(channels):
+                feed = _raw_feed(pubsub)
+                if feed is not None:
+                    await self._pump(*feed, node, link)
 
-    def _drain(self, pubsub: aioredis.client.PubSub, node: Node | None) -> None:
-        """Deliver the replies already read off the socket, without a ``get_message`` each.
+    async def _pump(
+        self, stream: asyncio.StreamReader, reader: Any, node: Node | None, link: _Link
+    ) -> None:
+        """Read the subscribed connection's socket straight into its hiredis reader.
 
-        A burst arrives in large reads; redis-py hands its replies out one
-        ``get_message`` at a time, each through a timeout, a retry wrapper and a
-        dict, which costs more than everything else a live message goes through.
-        So once every channel is subscribed (nothing left for redis-py to track),
-        the replies its hiredis reader already holds are taken from it here
-        (RESP2 arrays and RESP3 pushes alike: ``[kind, channel, data]``). Only
-        with hiredis; otherwise nothing. A reply that is no array (a ``PONG``)
-        ends the drain: it and what follows are left to ``get_message``.
+        Once every channel is subscribed, redis-py has nothing left to track on
+        the connection, and its ``get_message`` costs more per socket read (a
+        timeout, a retry wrapper, a dict per reply) than everything else a live
+        message goes through. So the bytes are read here, fed to the parser redis-py
+        made (it may hold the start of a reply), and every whole reply is
+        delivered (:meth:`_deliver_buffered`). Liveness is :meth:`_watch`'s:
+        this loop only stamps when it last heard from the server.
         """
-        connection = pubsub.connection
-        reader = getattr(getattr(connection, "_parser", None), "_reader", None)
-        if reader is None:
-            return
+        clock = asyncio.get_running_loop().time
+        link.pumping = True
+        self._deliver_buffered(reader, node)  # what the last get_message read left
         while True:
-            reply = reader.gets()
-            if not isinstance(reply, list) or not reply:
-                if isinstance(reply, Exception):  # an error reply: the link is not sane
-                    raise FeedLost(f"{node or self.url} answered {reply!r}")
-                return  # no whole reply left (hiredis' "not enough data" marker)
-            kind = reply[0]
-            if isinstance(kind, str):  # a client with decode_responses
-                kind = kind.encode()
-            if kind in (b"message", b"smessage") and len(reply) == 3:
-                self.drained += 1
-                self._deliver(reply[2])
-            elif kind in (b"unsubscribe", b"sunsubscribe"):
+            data = await stream.read(_READ_SIZE)
+            if not data:
+                raise FeedLost(f"{node or self.url} closed the connection")
+            link.heard = clock()
+            reader.feed(data)
+            self._deliver_buffered(reader, node)
+
+    def _deliver_buffered(self, reader: Any, node: Node | None) -> None:
+        """Deliver every whole reply the hiredis reader holds: RESP2 arrays and RESP3
+        pushes alike (``[kind, channel, data]``); a pong needs nothing."""
+        while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
+            if isinstance(reply, list) and reply:
+                kind = reply[0]
+                if isinstance(kind, str):  # a client with decode_responses
+                    kind = kind.encode()
+                if kind in (b"message", b"smessage") and len(reply) == 3:
+                    self.drained += 1
+                    self._deliver(reply[2])
+                elif kind in (b"unsubscribe", b"sunsubscribe"):
+                    raise FeedLost(
+                        f"{node or self.url} dropped {reply[1]!r} "
+                        "(its slot moved: a failover or a migration)"
+                    )
+            elif isinstance(reply, Exception):  # an error reply: the link is not sane
+                raise FeedLost(f"{node or self.url} answered {reply!r}")
+
+    async def _watch(self, pubsub: aioredis.client.PubSub, node: Node | None, link: _Link) -> None:
+        """While :meth:`_pump` reads: a connection silent ``liveness_s`` is pinged,
+        and one silent twice as long is taken for dead (raised: everything is
+        re-planned). Checked every half ``liveness_s``, not per read."""
+        clock = asyncio.get_running_loop().time
+        while True:
+            await asyncio.sleep(self.liveness_s / 2)
+            if not link.pumping:
+                continue  # get_message's timeout watches the connection until then
+            silent = clock() - link.heard
+            if silent >= 2 * self.liveness_s:
                 raise FeedLost(
-                    f"{node or self.url} dropped {reply[1]!r} "
-                    "(its slot moved: a failover or a migration)"
+                    f"{node or self.url} did not answer a ping within {self.liveness_s:g} s"
                 )
-            # b"pong" (an answer to our liveness ping) needs nothing.
+            if silent >= self.liveness_s:
+                await pubsub.ping()
 
     def _deliver(self, data: bytes) -> None:
         try:
@@ -250,6 +295,27 @@ class LiveReader:
         # Also on the first subscription: sessions opened before it may have
         # missed entries appended in between.
         self.hub.broadcast(Resync("live feed (re)connected"))
+
+
+@dataclass
+class _Link:
+    """When one connection was last heard from, and whether :meth:`LiveReader._pump`
+    reads it (then :meth:`LiveReader._watch` judges its liveness)."""
+
+    heard: float
+    pumping: bool = False
+
+
+def _raw_feed(pubsub: aioredis.client.PubSub) -> tuple[asyncio.StreamReader, Any] | None:
+    """The connection's stream and the hiredis reader redis-py parses it with; None
+    without hiredis (or a redis-py laid out otherwise): ``get_message`` goes on."""
+    parser = getattr(pubsub.connection, "_parser", None)
+    stream, reader = getattr(parser, "_stream", None), getattr(parser, "_reader", None)
+    if _NOT_ENOUGH_DATA is None or not isinstance(stream, asyncio.StreamReader):
+        return None
+    if not (hasattr(reader, "feed") and hasattr(reader, "gets")):
+        return None
+    return stream, reader
 
 
 async def _pass_through(response: object) -> object:

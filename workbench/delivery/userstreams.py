@@ -61,11 +61,11 @@ resyncs from the snapshot; it is never silently skipped ahead.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
+import msgspec
 import redis
 import redis.asyncio as aioredis
 from redis.cluster import RedisCluster
@@ -422,10 +422,19 @@ def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> User
     )
 
 
+#: The live message as the fan-out script encodes it: six strings, checked as decoded
+#: (msgspec: every live message of a server process goes through here).
+_LIVE_MESSAGE = msgspec.json.Decoder(tuple[str, str, str, str, str, str])
+
+
 def live_message(raw: bytes | str, make: type[UserEntry] = UserEntry) -> tuple[str, UserEntry]:
     """Decode a message of the live channel: (user id, entry), the entry made by ``make``
-    (a subclass, such as the live reader's entry that carries its encoded frame)."""
-    user, entry_id, prev, event_id, type_, data = json.loads(raw)
+    (a subclass, such as the live reader's entry that carries its encoded frame).
+    :class:`ValueError` names what is wrong with one that is not six strings."""
+    try:
+        user, entry_id, prev, event_id, type_, data = _LIVE_MESSAGE.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not a live message: {exc}") from None
     return user, make(parse(entry_id), parse(prev), event_id, type_, data)
 
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 _ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX = 2**64 - 1
+_new_tuple = tuple.__new__
 
 
 class MalformedStreamId(ValueError):
@@ -36,19 +37,19 @@ def parse(text: str | bytes) -> StreamId:
     """Parse ``<ms>-<seq>`` (or ``0``); raise :class:`MalformedStreamId` otherwise."""
     # The common case first, without the regular expression: every entry of every
     # replayed page and live message has two ids. ASCII digits only (str.isdigit
-    # alone would take other scripts' digits), 1 to 20 of each: what _ID matches.
+    # alone would take other scripts' digits), 1 to 20 of each: what _ID matches;
+    # the tuple made without StreamId's Python-level __new__.
     ms, sep, seq = text.partition(b"-" if isinstance(text, bytes) else "-")  # type: ignore[arg-type]
     if (
         sep
+        and text.isascii()
         and 0 < len(ms) <= 20
         and 0 < len(seq) <= 20
-        and ms.isascii()
         and ms.isdigit()
-        and seq.isascii()
         and seq.isdigit()
     ):
-        whole = StreamId(int(ms), int(seq))
-        if whole.ms <= _MAX and whole.seq <= _MAX:
+        whole: StreamId = _new_tuple(StreamId, (int(ms), int(seq)))
+        if whole[0] <= _MAX and whole[1] <= _MAX:
             return whole
     if isinstance(text, bytes):
         try:
