@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from workbench.delivery import live
 from workbench.delivery.entries import UserEntry
 from workbench.delivery.hub import Hub, Subscription
 from workbench.delivery.live import LiveReader, Resync
@@ -159,7 +161,13 @@ def test_an_unreadable_live_message_is_counted_and_the_next_one_delivered(
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"{}", b'["u", "1-0", "0-0", "e", "t"]', b'["u", "1-0", "0-0", "e", "t", 7]'],
+    [
+        b"",
+        b"{}",
+        b'["u", "1-0", "0-0", "e", "t"]',
+        b'["u", "1-0", "0-0", "e", "t", 7]',
+        b'["u\xff", "1-0", "0-0", "e", "t", "{}"]',  # not UTF-8
+    ],
 )
 def test_live_message_refuses_anything_but_six_strings_with_a_value_error(raw: bytes) -> None:
     with pytest.raises(ValueError, match="not a live message"):
@@ -172,3 +180,30 @@ def test_live_message_reads_the_fan_outs_six_strings() -> None:
     assert (str(entry.id), str(entry.prev), entry.event_id, entry.type, entry.data) == (
         "5-1", "4-0", "evt_1", "escrow.created", "{}",
     )  # fmt: skip
+
+
+def test_the_parser_the_pump_reads_with_says_not_enough_data_with_the_marker_it_expects(
+    redis_url: str,
+) -> None:
+    """The pump stops draining at redis-py's "not enough data" marker: on a real
+    subscribed connection, a reply cut in half must give exactly that marker (a
+    redis-py that made its reader otherwise would fail here, not spin in production)."""
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(f"marker{next(_N)}")
+            assert await asyncio.wait_for(pubsub.get_message(timeout=DEADLINE), DEADLINE)
+            feed = live._raw_feed(pubsub)
+            assert feed is not None
+            _, reader = feed
+            reader.feed(b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$5\r\nhel")
+            assert reader.gets() is live._NOT_ENOUGH_DATA
+            reader.feed(b"lo\r\n")
+            assert reader.gets() == [b"message", b"c", b"hello"]
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), DEADLINE))

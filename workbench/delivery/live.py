@@ -241,7 +241,9 @@ class LiveReader:
     def _deliver_buffered(self, reader: Any, node: Node | None) -> None:
         """Deliver every whole reply the hiredis reader holds: RESP2 arrays and RESP3
         pushes alike (``[kind, channel, data]``); a pong needs nothing."""
-        while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
+        # Also False, hiredis' own "not enough data": no pub/sub reply is False, and a
+        # reader made without redis-py's marker must not spin the loop forever.
+        while (reply := reader.gets()) is not _NOT_ENOUGH_DATA and reply is not False:
             if isinstance(reply, list) and reply:
                 kind = reply[0]
                 if isinstance(kind, str):  # a client with decode_responses

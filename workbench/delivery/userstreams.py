@@ -433,7 +433,7 @@ def live_message(raw: bytes | str, make: type[UserEntry] = UserEntry) -> tuple[s
     :class:`ValueError` names what is wrong with one that is not six strings."""
     try:
         user, entry_id, prev, event_id, type_, data = _LIVE_MESSAGE.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"not a live message: {exc}") from None
     return user, make(parse(entry_id), parse(prev), event_id, type_, data)
 
