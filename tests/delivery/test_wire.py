@@ -39,6 +39,7 @@ TEXTS = [
     "",
     "ünïcødé ✓",
     "\n",
+    "a lone\rcarriage return",
 ]
 
 
@@ -49,6 +50,16 @@ def test_an_event_frame_is_byte_for_byte_sse_starlettes(data: str, event: str) -
         encode_event("5-1", event, data)
         == ServerSentEvent(data=data, event=event, id="5-1").encode()
     )
+
+
+@pytest.mark.parametrize("data", TEXTS)
+@pytest.mark.parametrize("event", ["escrow.created", "odd\nname", "cr\rname"])
+def test_a_live_entrys_frame_is_byte_for_byte_sse_starlettes(data: str, event: str) -> None:
+    """The live path builds a one-line frame itself; any line break takes encode_event."""
+    entry = LiveEntry(StreamId(1700000000000, 12), StreamId(5, 0), "e", event, data)
+    assert entry.sse.id == "1700000000000-12"
+    assert entry.sse.frame == ServerSentEvent(data=data, event=event, id=entry.sse.id).encode()
+    assert entry == UserEntry(StreamId(1700000000000, 12), StreamId(5, 0), "e", event, data)
 
 
 @pytest.mark.parametrize("text", ["closing: slow consumer", "two\nlines", "ping"])

@@ -25,6 +25,7 @@ from workbench.domain.streamid import StreamId
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 #: The first bytes of a heartbeat comment: what clients and proxies see between events.
 HEARTBEAT = b": ping\r\n\r\n"
+_set = object.__setattr__
 
 
 def _one_line(value: str) -> str:
@@ -71,10 +72,13 @@ class LiveEvent:
     __slots__ = ("id", "event", "data", "frame")
 
     def __init__(self, entry: UserEntry) -> None:
-        self.id = str(entry.id)
-        self.event = entry.type
-        self.data = entry.data
-        self.frame = encode_event(self.id, self.event, self.data)
+        self.id = id = f"{entry.id[0]}-{entry.id[1]}"  # str(StreamId), without its call
+        self.event = event = entry.type
+        self.data = data = entry.data
+        if "\n" in event or "\r" in event or "\n" in data or "\r" in data:
+            self.frame = encode_event(id, event, data)
+        else:  # the usual one-line envelope: encode_event's bytes, built here
+            self.frame = f"id: {id}\r\nevent: {event}\r\ndata: {data}\r\n\r\n".encode()
 
     def encode(self) -> bytes:
         """The frame (already encoded: the same bytes object every time)."""
@@ -95,10 +99,14 @@ class LiveEntry(UserEntry):
     sse: LiveEvent
 
     def __init__(self, id: StreamId, prev: StreamId, event_id: str, type: str, data: str) -> None:
-        super().__init__(id, prev, event_id, type, data)
-        # Not a field (UserEntry's frozen fields are untouched); object's setattr
-        # because the frozen dataclass refuses every assignment.
-        object.__setattr__(self, "sse", LiveEvent(self))
+        # What the frozen dataclass's __init__ does (object's setattr: it refuses
+        # every assignment), without its call; then ``sse``, not a field.
+        _set(self, "id", id)
+        _set(self, "prev", prev)
+        _set(self, "event_id", event_id)
+        _set(self, "type", type)
+        _set(self, "data", data)
+        _set(self, "sse", LiveEvent(self))
 
     @classmethod
     def of(cls, entry: UserEntry) -> LiveEntry:
