@@ -137,6 +137,31 @@ def test_no_import_cycles_between_modules(package: str) -> None:
     assert _cycle(graph) is None
 
 
+def _pins(lock: Path) -> dict[str, str]:
+    """``name -> version`` of every ``name==version`` line of a uv lock file."""
+    pins = {}
+    for line in lock.read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith((" ", "#")):
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_the_runtime_lock_pins_the_versions_the_tests_run() -> None:
+    """Validate what you ship: ``pip install`` from the runtime's lock must get the
+    redis-py, uvicorn, msgspec... that the suite ran (``make venv`` installs
+    ``requirements.lock``); the live reader and the HTTP edge lean on their
+    internals. The runtime's lock is compiled with ``-c requirements.lock``."""
+    runtime = _pins(ROOT / "requirements-runtime.lock")
+    tested = _pins(ROOT / "requirements.lock")
+    assert len(runtime) > 20 and {"redis", "uvicorn", "msgspec"} <= set(runtime)
+    differ = {name: (v, tested.get(name)) for name, v in runtime.items() if tested.get(name) != v}
+    assert not differ, (
+        f"runtime lock vs tested lock: {differ}; regenerate with: uv pip compile "
+        "pyproject.toml --python-version 3.11 -c requirements.lock -o requirements-runtime.lock"
+    )
+
+
 def test_the_runtime_installs_and_runs_without_the_lab(tmp_path: Path) -> None:
     """A fresh venv with the runtime's lock only (``requirements-runtime.lock``)."""
     uv = Path(sys.executable).with_name("uv")
