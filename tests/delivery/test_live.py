@@ -11,8 +11,9 @@ connection, a failover and a silent server are in ``test_wire.py`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -54,6 +55,17 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def _running(reader: LiveReader) -> AsyncIterator[LiveReader]:
+    """The reader on its task, cancelled on the way out."""
+    task = asyncio.create_task(reader.run())
+    try:
+        yield reader
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def _with_protocol(url: str, protocol: int) -> str:
     return url if protocol == 2 else f"{url}{'&' if '?' in url else '?'}protocol=3"
 
@@ -74,9 +86,7 @@ def test_entries_larger_than_a_socket_read_arrive_whole_and_in_order(
     async def scenario() -> None:
         hub = Hub(max_queue=100)
         subscription = hub.subscribe(user)
-        reader = LiveReader(_with_protocol(redis_url, protocol), hub, names)
-        task = asyncio.create_task(reader.run())
-        try:
+        async with _running(LiveReader(_with_protocol(redis_url, protocol), hub, names)) as reader:
             await _next_of(subscription, Resync)
             batches = UserStreams(client, names).append_entries([(e, ev.encode(e)) for e in events])
             want = [entry for batch in batches for _, entry in batch]
@@ -84,9 +94,6 @@ def test_entries_larger_than_a_socket_read_arrive_whole_and_in_order(
             assert got == want
             assert reader.drained == len(events)  # all read by the reader's own loop
             assert reader.bad_messages == 0
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
     client.close()
@@ -106,9 +113,7 @@ def test_a_quiet_connection_is_pinged_and_kept(redis_url: str) -> None:
     async def scenario() -> None:
         hub = Hub()
         subscription = hub.subscribe(user)
-        reader = LiveReader(redis_url, hub, names, liveness_s=0.2)
-        task = asyncio.create_task(reader.run())
-        try:
+        async with _running(LiveReader(redis_url, hub, names, liveness_s=0.2)) as reader:
             await _next_of(subscription, Resync)
             before = pings()
             await _until(lambda: pings() >= before + 5, "five liveness pings")
@@ -118,9 +123,6 @@ def test_a_quiet_connection_is_pinged_and_kept(redis_url: str) -> None:
                 [(e, ev.encode(e)) for e in [_event(user, {})]]
             )
             assert await _next_of(subscription, UserEntry) == batch[0][1]
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
     client.close()
@@ -139,9 +141,7 @@ def test_an_unreadable_live_message_is_counted_and_the_next_one_delivered(
     async def scenario() -> None:
         hub = Hub()
         subscription = hub.subscribe(user)
-        reader = LiveReader(redis_url, hub, names)
-        task = asyncio.create_task(reader.run())
-        try:
+        async with _running(LiveReader(redis_url, hub, names)) as reader:
             await _next_of(subscription, Resync)
             for raw in garbage:
                 client.publish(names.live_channel(), raw)
@@ -151,9 +151,6 @@ def test_an_unreadable_live_message_is_counted_and_the_next_one_delivered(
             assert await _next_of(subscription, UserEntry) == batch[0][1]
             assert reader.bad_messages == len(garbage)
             assert reader.reconnects == 0
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
     client.close()
