@@ -40,6 +40,9 @@ def _data_lines(data: str) -> str:
 
 def encode_event(id: str, event: str, data: str) -> bytes:
     """One event frame: ``id``, ``event`` and ``data`` lines, then a blank line."""
+    text = id + event + data
+    if "\n" not in text and "\r" not in text:  # the usual one-line envelope, built at once
+        return f"id: {id}\r\nevent: {event}\r\ndata: {data}\r\n\r\n".encode()
     return f"id: {_one_line(id)}\r\nevent: {_one_line(event)}\r\n{_data_lines(data)}\r\n".encode()
 
 
@@ -72,13 +75,10 @@ class LiveEvent:
     __slots__ = ("id", "event", "data", "frame")
 
     def __init__(self, entry: UserEntry) -> None:
-        self.id = id = f"{entry.id[0]}-{entry.id[1]}"  # str(StreamId), without its call
-        self.event = event = entry.type
-        self.data = data = entry.data
-        if "\n" in event or "\r" in event or "\n" in data or "\r" in data:
-            self.frame = encode_event(id, event, data)
-        else:  # the usual one-line envelope: encode_event's bytes, built here
-            self.frame = f"id: {id}\r\nevent: {event}\r\ndata: {data}\r\n\r\n".encode()
+        self.id = f"{entry.id[0]}-{entry.id[1]}"  # str(StreamId), without its call
+        self.event = entry.type
+        self.data = entry.data
+        self.frame = encode_event(self.id, self.event, self.data)
 
     def encode(self) -> bytes:
         """The frame (already encoded: the same bytes object every time)."""
