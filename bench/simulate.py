@@ -25,15 +25,21 @@ batched (``relay.wake_on_commit=false``, ``consumers.wake_on_publish=false``:
 a poll every ``every_s``/``poll_every_s``), so the table shows how speed
 grows with load and with batching.
 
-**Floor.** One more run of the scenario (``--rate-duration`` of load) with
-Redis sends and SQL commits counted in the child (the timed runs are not
-hooked): round trips and commits per runtime event. Beside it, timed here:
-one redis-py call through the pool, on one connection (as the simulator
-uses), by hand on the socket, and a SQLite transaction of one prepared insert.
-Their product is the cost per event of those alone, a ceiling on speed
-before any other work. The unit costs are timed again in every round, right
-after that round's runs, so each round's speed is set against a floor taken
-under the same load.
+**Floor.** The anchor is the best plain code for the same shape: the speed run's
+own traffic with nothing else around it. One more run of the speed run's scenario
+(the same events: the run is deterministic), made before the rounds, records every
+Redis send and SQLite statement it makes (:mod:`bench.wiretrace`; a hooked run,
+never a timed one), up to the end of the run (reading the tables back is left out,
+and so are the bench's own INFO samples). In every round, right after that round's
+runs, a fresh process replays it by plain code: the same bytes on raw sockets, one
+per connection the run used, the replies read with hiredis, the same statements with
+the same parameters on plain :mod:`sqlite3` connections, against a redis-server
+started and placed as the runs' are. Its wall seconds for the run's events are the
+floor's events per second, taken under the same load as the round's speed run.
+Beside it, a looser bound from unit costs: the recorded round trips and commits
+times one redis-py PING on one connection and a SQLite transaction of one prepared
+insert, timed in the round too (what the floor was before the replay: it leaves out
+what the server and the database do for a real command).
 
 **Targets (issue #16).** Two, each stated in the record with its per-round
 values, min–max, bootstrap interval and a verdict that only an interval wholly
@@ -101,7 +107,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
-from bench import records, stats  # noqa: E402
+from bench import records, stats, wiretrace  # noqa: E402
 from simulations.analysis.report import wide_console  # noqa: E402
 from simulations.models.gateway import MpesaGateway  # noqa: E402
 from simulations.models.market import Market  # noqa: E402
@@ -308,8 +314,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     scenario, label = load(spec["scenario"], spec["overrides"]), spec["label"]
     rss_before, trace = _proc(os.getpid(), "VmRSS"), []
-    counts = _count_round_trips_and_commits() if spec.get("count") else None
-    at_run_end: dict[str, int] = {}
+    # The floor's run records what it sends (hooked: never a timed run).
+    wire = wiretrace.record() if spec.get("trace") else None
+    if wire is not None:  # reading the tables back is not the run's work: not replayed
+        collect = sim._collect
+        sim._collect = lambda *args: (wire.mark(), collect(*args))[1]  # type: ignore[assignment]
     cpu = affinity.resolve(spec.get("cpu", "auto"))  # as `workbench simulate` places them
     with (
         tempfile.TemporaryDirectory(prefix="bench-sim-") as directory,
@@ -320,11 +329,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
 
         def progress(t: float, total: float) -> None:
-            if counts is not None:  # up to here, less the probe's own INFO calls
-                at_run_end.update(counts, round_trips=counts["round_trips"] - len(trace))
             # (t, wall s, simulator RSS, redis RSS, redis used_memory): one INFO per
             # sample (every run.sample_every_s virtual s), nothing in between.
-            used = int(probe.info("memory")["used_memory"])
+            if wire is None:
+                used = int(probe.info("memory")["used_memory"])
+            else:  # the probe's INFO is the bench's, not the run's: left out
+                before = len(wire.ops)
+                used = int(probe.info("memory")["used_memory"])
+                del wire.ops[before:]
             trace.append((t, time.perf_counter() - started, _proc(os.getpid(), "VmRSS"),
                           _proc(server.pid, "VmRSS"), used))  # fmt: skip
             if len(trace) % 20 == 0 or t >= total:
@@ -369,28 +381,32 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                    for name in tables.table_names() if len(df := getattr(tables, name))},
         "rss_trace": [(round(t), round(w, 1), r, rr, u) for t, w, r, rr, u in trace[9::20]],
         "trace": [(t, r, rr, u) for t, _, r, rr, u in trace],
-        "counts": at_run_end or None,
+        "counts": wire and _saved(wire, Path(spec["trace"])),
     }  # fmt: skip
 
 
-def _count_round_trips_and_commits() -> dict[str, int]:
-    """Count, in this (child) process, Redis round trips (each pipeline is one send)
-    and SQL commits. For the counting run only: the timed runs are not hooked."""
-    import redis.connection
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
+def _saved(wire: wiretrace.Trace, path: Path) -> dict[str, int]:
+    wire.save(path)
+    return wiretrace.Trace.load(path).counts()  # what was kept: up to the run's end
 
-    counts = {"round_trips": 0, "sql_commits": 0}
-    send = redis.connection.AbstractConnection.send_packed_command  # TCP and unix socket
 
-    def counted_send(self: Any, *args: Any, **kwargs: Any) -> Any:
-        counts["round_trips"] += 1
-        return send(self, *args, **kwargs)
+def replay_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Replay the trace at ``spec["replay"]`` against a redis-server of our own, placed
+    and configured as the runs' are, and a new SQLite file: the floor's wall seconds."""
+    from workbench.ops.redis_server import KILLABLE, paired
 
-    redis.connection.AbstractConnection.send_packed_command = counted_send  # type: ignore[method-assign]
-    event.listen(Engine, "commit", lambda _conn: counts.__setitem__(
-        "sql_commits", counts["sql_commits"] + 1))  # fmt: skip
-    return counts
+    trace = wiretrace.Trace.load(Path(spec["replay"]))
+    cpu = affinity.resolve(spec.get("cpu", "auto"))
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-floor-") as directory,
+        paired(None, directory, cpu, **KILLABLE) as (_, server),
+    ):
+        assert server is not None
+        address = server.socket_path or ("127.0.0.1", server.port)
+        done = wiretrace.replay(trace, str(address) if server.socket_path else address,
+                                Path(directory) / "replay.db")  # fmt: skip
+    return {"seconds": done.seconds, "round_trips": done.round_trips,
+            "sql_statements": done.sql_statements, "cpu": cpu}  # fmt: skip
 
 
 def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
@@ -446,13 +462,6 @@ def floor_us(counts: dict[str, int], events: int, costs: dict[str, float]) -> fl
     return trips * costs["redis_single_us"] + commits * costs["sqlite_txn_us"]
 
 
-def floor_sample(run: dict[str, Any], costs: dict[str, float]) -> stats.Sample:
-    """The counting run's events as the floor would do them: in the time its round
-    trips and commits take at ``costs``, so ``Sample.rate`` is the floor's events/s."""
-    events = run["total_events"]
-    return stats.Sample(events, events * floor_us(run["counts"], events, costs) / 1e6)
-
-
 def _median_costs(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.median([c[k] for c in rounds])) for k in rounds[0]}
 
@@ -465,21 +474,27 @@ def _print_costs(costs: dict[str, float], placement: str) -> None:
 
 
 def print_floor(
-    run: dict[str, Any], costs: dict[str, float], os_costs: dict[str, float] | None
+    run: dict[str, Any],
+    costs: dict[str, float],
+    os_costs: dict[str, float] | None,
+    replays: list[dict[str, Any]],
 ) -> None:
     counts, events = run["counts"], run["total_events"]
     trips, commits = counts["round_trips"] / events, counts["sql_commits"] / events
-    floor = floor_us(counts, events, costs)
+    bound = floor_us(counts, events, costs)
     where = "placed as the runs" if os_costs is not None else "CPUs left to the OS"
     _print_costs(costs, f"{where}, median of the rounds")
     if os_costs is not None:
         _print_costs(os_costs, "CPUs left to the OS, for comparison")
-    print(f"counting run ({run['label']}, {events:,} runtime events): {counts['round_trips']:,} "
-          f"Redis round trips ({trips:.2f} per event), {counts['sql_commits']:,} SQL commits "
-          f"({commits:.2f} per event)")  # fmt: skip
+    print(f"recorded run ({events:,} runtime events): {counts['round_trips']:,} Redis round "
+          f"trips ({trips:.2f} per event), {counts['sql_statements']:,} SQL statements, "
+          f"{counts['sql_commits']:,} commits ({commits:.2f} per event)")  # fmt: skip
+    print(f"bound from the unit costs alone: {bound:.0f} us per runtime event")
+    replayed = float(np.median([r["seconds"] for r in replays]))
     print(
-        f"floor from those alone: {floor:.0f} us per runtime event -> at most "
-        f"{1e6 / floor:,.0f} events per wall s before any other work (target {TARGET:,})"
+        f"floor, that traffic replayed by plain code (median of {len(replays)}): "
+        f"{replayed:,.2f} s = {replayed / events * 1e6:.0f} us per runtime event -> at most "
+        f"{events / replayed:,.0f} events per wall s before any other work"
     )
 
 
@@ -666,7 +681,9 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
          record_path: Path | None, child_spec: str | None) -> None:  # fmt: skip
     """Virtual-time speed of the baseline simulation, the runtime's share, and memory."""
     if child_spec:
-        print(json.dumps(child(json.loads(child_spec))))
+        spec_of_child = json.loads(child_spec)
+        run = replay_child if "replay" in spec_of_child else child
+        print(json.dumps(run(spec_of_child)))
         return
     sets = list(overrides)
     if quick:
@@ -724,6 +741,12 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     batched_runs: list[dict[str, Any]] = []
     round_costs: list[dict[str, float]] = []
     cost_calls = 500 if quick else 5000
+    # The floor: the speed run's own traffic, recorded once (a hooked run, not timed)
+    # and replayed by plain code in every round, under that round's load.
+    traced_dir = tempfile.TemporaryDirectory(prefix="bench-trace-")
+    trace_path = Path(traced_dir.name) / "speed.trace"
+    counting = spawn({**spec(duration, "recording the floor's trace"), "trace": str(trace_path)})
+    replays: list[dict[str, Any]] = []
     for i in range(repeat):
         runs.append(spawn(spec(duration, f"speed {i + 1}/{repeat}")))
         rounds.append({"speed": stats.Sample(runs[-1]["total_events"], runs[-1]["wall_s"])})
@@ -739,6 +762,10 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
             batched_runs[-1]["total_events"], batched_runs[-1]["wall_s"]
         )
         round_costs.append(call_costs(cost_calls, placed))
+        replays.append(spawn({"replay": str(trace_path), "label": f"floor {i + 1}/{repeat}",
+                              "cpu": "none" if placed is None else placed}))  # fmt: skip
+        rounds[-1]["floor"] = stats.Sample(counting["total_events"], replays[-1]["seconds"])
+    traced_dir.cleanup()
     # No target of its own: issue 16 replaced issue 4's 20,000/s for this run by its
     # ratio to the floor (speed_vs_floor) and kept 20,000/s for the batched run.
     judged = stats.rate_summary("speed", rounds, what="runtime events per wall second",
@@ -782,23 +809,20 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         by_rate.append({"rate": rate, "woken": woken, "batched": batched})
     if by_rate:
         print_load(console, by_rate)
-    # Where the baseline's floor is: round trips and commits per runtime event (a
-    # run of its own, hooked to count) times what each costs on this machine.
-    counting = spawn({**spec(rate_duration, "counting"), "count": True})
+    # Where the baseline's floor is: its own traffic replayed (timed in the rounds), and
+    # beside it a looser bound, its round trips and commits at the unit costs.
     costs = _median_costs(round_costs)
     os_costs = None if placed is None else call_costs(cost_calls, None)
-    print_floor(counting, costs, os_costs)
-    for rnd, round_cost in zip(rounds, round_costs, strict=True):
-        rnd["floor"] = floor_sample(counting, round_cost)
+    print_floor(counting, costs, os_costs, replays)
     vs_floor = stats.ratio_summary(
         "speed_vs_floor", rounds, "speed", "floor", target=FLOOR_TARGET,
         what="the baseline's runtime events per wall s (wake-ups) / the floor's events per s "
-        "(this round's unit costs)",
+        "(its own Redis and SQL traffic replayed by plain code, this round)",
     )  # fmt: skip
     floor_judged = stats.rate_summary(
         "floor", rounds, unit="events/s",
-        what="floor: runtime events per s that the baseline's own Redis round trips and SQL "
-        "commits allow, before any other work",
+        what="floor: runtime events per s of the baseline's own Redis sends and SQL "
+        "statements replayed by plain code, before any other work",
     )  # fmt: skip
     print_targets(vs_floor, batched_judged)
     rate = events_per_s(speed)
@@ -811,6 +835,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                "events_per_s_runs": [round(r, 1) for r in rates_seen], "placement": placement,
                "targets": {s.name: _target_figures(s) for s in (vs_floor, batched_judged)},
                "floor": {"counts": counting["counts"], "events": counting["total_events"],
+                         "replay_s": [round(r["seconds"], 4) for r in replays],
                          **{k: round(v, 2) for k, v in costs.items()},
                          "rounds": [{k: round(v, 2) for k, v in c.items()} for c in round_costs],
                          "os_placed": os_costs and {k: round(v, 2) for k, v in os_costs.items()}},
@@ -873,6 +898,7 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[st
     trips = floor["counts"]["round_trips"] / floor["events"]
     commits = floor["counts"]["sql_commits"] / floor["events"]
     per_event = floor_us(floor["counts"], floor["events"], floor)
+    replayed = float(np.median(floor["replay_s"])) / floor["events"] * 1e6
     headline = [
         *[[f"target: {s.what}", _target_line(s)] for s in targets],
         *[[f"target: {s.what}", _target_line(s)] for s in rates
@@ -882,9 +908,12 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[st
          f"{small['sim_rss_peak'] / MIB:,.0f} / {big['sim_rss_peak'] / MIB:,.0f} MiB"],
         [f"redis used_memory, 1x / {multiplier:g}x virtual load",
          f"{small['redis_used_memory'] / MIB:,.1f} / {big['redis_used_memory'] / MIB:,.1f} MiB"],
-        ["Redis round trips / SQL commits per runtime event (counting run)",
+        ["Redis round trips / SQL commits per runtime event (recorded run)",
          f"{trips:.2f} / {commits:.2f}"],
-        ["floor from round trips and commits alone (median of the rounds' unit costs)",
+        ["floor: the run's own Redis and SQL traffic replayed by plain code (median round)",
+         f"{replayed:.0f} µs per event: at most {1e6 / replayed:,.0f} events/s"],
+        ["a looser bound: round trips and commits alone at the unit costs (PING, one-row "
+         "transaction; median of the rounds)",
          f"{per_event:.0f} µs per event: at most {1e6 / per_event:,.0f} events/s"],
         *[[f"runtime events per wall s at {row['rate']:g} escrows/s: woken / batched",
            " / ".join(f"{row[k]['total_events'] / row[k]['wall_s']:,.0f}"
@@ -902,9 +931,9 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[st
         rates=rates,
         figures={"headline": headline, "summary": summary},
         notes=["a round: the speed run (and, where pinned, the same left to the OS), the "
-               "batched run at the target rate, each a fresh process, then the floor's unit "
-               "costs timed; the floor's round trips and commits per event come from one "
-               "counting run"],
+               "batched run at the target rate, each a fresh process, then the unit costs "
+               "timed and the floor replayed (a fresh process); the floor replays the traffic "
+               "of one recorded run of the speed run's scenario, made before the rounds"],
     )  # fmt: skip
 
 

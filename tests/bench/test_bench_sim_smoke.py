@@ -31,11 +31,15 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert row["rate"] == 5 and row["woken"]["escrows"] == row["batched"]["escrows"] > 0
     assert row["woken"]["events"]["commands"] == row["batched"]["events"]["commands"]
     assert "speed by arrival rate" in result.stdout
-    # The floor: a counting run saw round trips and commits, and each was timed.
+    # The floor: a recorded run of the speed run's scenario (the same events: the run is
+    # deterministic), its traffic replayed once per round; the unit costs beside it.
     floor = summary["floor"]
     assert floor["counts"]["round_trips"] > 0 and floor["counts"]["sql_commits"] > 0
+    assert floor["events"] == summary["speed"]["total_events"]
+    assert len(floor["replay_s"]) == 1 and floor["replay_s"][0] > 0
     assert floor["redis_raw_us"] > 0 and floor["sqlite_txn_us"] > 0
-    assert "floor from those alone" in result.stdout
+    assert "replayed by plain code" in result.stdout
+    assert "bound from the unit costs alone" in result.stdout
     # Placement: the speed run pinned (where more than one CPU is allowed), and the
     # same run left to the OS beside it, with the same work done.
     if len(affinity.allowed_cpus()) > 1:
@@ -65,6 +69,7 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     floor_rate = rnd["floor"]["items"] / rnd["floor"]["seconds"]
     speed_rate = rnd["speed"]["items"] / rnd["speed"]["seconds"]
     assert vs_floor["per_round"] == [pytest.approx(speed_rate / floor_rate)]
+    assert rnd["floor"]["seconds"] == pytest.approx(floor["replay_s"][0], abs=1e-4)
     assert summary["targets"]["speed_vs_floor"]["verdict"] == vs_floor["verdict"]
     assert "target: speed / floor" in result.stdout
     floor = record["rates"]["floor"]  # the floor itself: no target, listed among the floors
