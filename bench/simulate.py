@@ -54,7 +54,10 @@ on one side of the target gives (:mod:`bench.stats`):
   batched run at that rate (the median round's).
 
 The floor's own events per second per round (``floor``, no target) goes in the
-record too, so the README's block of targets and floors lists it.
+record too, so the README's block of targets and floors lists it; so does the
+batched run's own floor (``floor_batched_at_<rate>``): that run's traffic (batches,
+another shape) recorded once and replayed in every round the same way, the most
+the batched target could reach with nothing but its Redis and SQL work.
 
 **Memory.** ``simulate`` for ``--base-duration`` and ``--multiplier`` times it
 of virtual load (same phones, drain unchanged), each in a child process with a
@@ -743,10 +746,16 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     cost_calls = 500 if quick else 5000
     # The floor: the speed run's own traffic, recorded once (a hooked run, not timed)
     # and replayed by plain code in every round, under that round's load.
+    # The batched run's floor the same way: its traffic is of another shape (batches).
     traced_dir = tempfile.TemporaryDirectory(prefix="bench-trace-")
     trace_path = Path(traced_dir.name) / "speed.trace"
+    batched_trace = Path(traced_dir.name) / "batched.trace"
     counting = spawn({**spec(duration, "recording the floor's trace"), "trace": str(trace_path)})
+    batched_counting = spawn({**spec(rate_duration, "recording the batched run's trace",
+                                     batched_more), "trace": str(batched_trace)})  # fmt: skip
+    batched_floor_key = f"floor_{batched_key}"
     replays: list[dict[str, Any]] = []
+    batched_replays: list[dict[str, Any]] = []
     for i in range(repeat):
         runs.append(spawn(spec(duration, f"speed {i + 1}/{repeat}")))
         rounds.append({"speed": stats.Sample(runs[-1]["total_events"], runs[-1]["wall_s"])})
@@ -765,6 +774,11 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         replays.append(spawn({"replay": str(trace_path), "label": f"floor {i + 1}/{repeat}",
                               "cpu": "none" if placed is None else placed}))  # fmt: skip
         rounds[-1]["floor"] = stats.Sample(counting["total_events"], replays[-1]["seconds"])
+        batched_replays.append(spawn({"replay": str(batched_trace), "label": "batched floor",
+                                      "cpu": "none" if placed is None else placed}))  # fmt: skip
+        rounds[-1][batched_floor_key] = stats.Sample(
+            batched_counting["total_events"], batched_replays[-1]["seconds"]
+        )
     traced_dir.cleanup()
     # No target of its own: issue 16 replaced issue 4's 20,000/s for this run by its
     # ratio to the floor (speed_vs_floor) and kept 20,000/s for the batched run.
@@ -824,6 +838,14 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         what="floor: runtime events per s of the baseline's own Redis sends and SQL "
         "statements replayed by plain code, before any other work",
     )  # fmt: skip
+    batched_floor = stats.rate_summary(
+        batched_floor_key, rounds, unit="events/s",
+        what=f"floor: runtime events per s of the batched run at {target_rate:g} escrows/s, "
+        "its own Redis sends and SQL statements replayed by plain code",
+    )  # fmt: skip
+    print(f"floor of the batched run at {target_rate:g} escrows/s (its own traffic replayed): "
+          f"{batched_floor.median:,.0f} events per wall s (interval "
+          f"{batched_floor.interval[0]:,.0f}–{batched_floor.interval[1]:,.0f})")  # fmt: skip
     print_targets(vs_floor, batched_judged)
     rate = events_per_s(speed)
     for run in (speed, small, big):
@@ -836,6 +858,10 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                "targets": {s.name: _target_figures(s) for s in (vs_floor, batched_judged)},
                "floor": {"counts": counting["counts"], "events": counting["total_events"],
                          "replay_s": [round(r["seconds"], 4) for r in replays],
+                         "batched": {"counts": batched_counting["counts"],
+                                     "events": batched_counting["total_events"],
+                                     "replay_s": [round(r["seconds"], 4)
+                                                  for r in batched_replays]},
                          **{k: round(v, 2) for k, v in costs.items()},
                          "rounds": [{k: round(v, 2) for k, v in c.items()} for c in round_costs],
                          "os_placed": os_costs and {k: round(v, 2) for k, v in os_costs.items()}},
@@ -847,7 +873,8 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     if record_path is None and not quick:
         record_path = records.RECORDS_DIR / "simulate.json"
     if record_path is not None:
-        record = record_of(summary, rounds, [judged, batched_judged, floor_judged], [vs_floor],
+        record = record_of(summary, rounds, [judged, batched_judged, floor_judged, batched_floor],
+                           [vs_floor],
                            load_before,
                            multiplier,
                            {"scenario": scenario, "seed": seed, "phones": phones,
@@ -899,6 +926,7 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[st
     commits = floor["counts"]["sql_commits"] / floor["events"]
     per_event = floor_us(floor["counts"], floor["events"], floor)
     replayed = float(np.median(floor["replay_s"])) / floor["events"] * 1e6
+    batched_rate = floor["batched"]["events"] / float(np.median(floor["batched"]["replay_s"]))
     headline = [
         *[[f"target: {s.what}", _target_line(s)] for s in targets],
         *[[f"target: {s.what}", _target_line(s)] for s in rates
@@ -912,6 +940,8 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[st
          f"{trips:.2f} / {commits:.2f}"],
         ["floor: the run's own Redis and SQL traffic replayed by plain code (median round)",
          f"{replayed:.0f} µs per event: at most {1e6 / replayed:,.0f} events/s"],
+        ["floor of the batched run at the target rate: its own traffic replayed (median "
+         "round)", f"{batched_rate:,.0f} events/s"],
         ["a looser bound: round trips and commits alone at the unit costs (PING, one-row "
          "transaction; median of the rounds)",
          f"{per_event:.0f} µs per event: at most {1e6 / per_event:,.0f} events/s"],

@@ -40,6 +40,10 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert floor["redis_raw_us"] > 0 and floor["sqlite_txn_us"] > 0
     assert "replayed by plain code" in result.stdout
     assert "bound from the unit costs alone" in result.stdout
+    # The batched run's own floor, recorded and replayed the same way.
+    assert floor["batched"]["events"] == row["batched"]["total_events"]
+    assert len(floor["batched"]["replay_s"]) == 1 and floor["batched"]["replay_s"][0] > 0
+    assert "floor of the batched run at 5 escrows/s" in result.stdout
     # Placement: the speed run pinned (where more than one CPU is allowed), and the
     # same run left to the OS beside it, with the same work done.
     if len(affinity.allowed_cpus()) > 1:
@@ -82,6 +86,13 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     gathered = report.render_targets({"simulate": record})
     assert "`speed_vs_floor`" in gathered and "`batched_at_5`" in gathered
     assert "`floor`" in gathered.split("Floors:")[1]
+    assert "`floor_batched_at_5`" in gathered.split("Floors:")[1]
+    batched_floor = record["rates"]["floor_batched_at_5"]
+    assert batched_floor["target"] is None and batched_floor["per_round"] == [
+        pytest.approx(
+            row["batched"]["total_events"] / summary["floor"]["batched"]["replay_s"][0], rel=1e-3
+        )
+    ]
 
 
 def test_simulation_bench_rejects_bad_rates() -> None:
