@@ -1631,6 +1631,14 @@ def record_of(
          f"{_ms(sse, key)} / {_ms(plain, key)} / {_ms(anchor, key)}"]
         for key, label in LATENCY_KEYS
     ]  # fmt: skip
+    busy, plain_busy = lt.get("sse_cpu_cores_busy"), lt.get("plain_cpu_cores_busy")
+    if busy and plain_busy:  # what each side's latency cost the machine's shared cores
+        latency.append(
+            ["cores busy while sending, API process / load client / redis-server: "
+             "SSE | plain forwarder",
+             " / ".join(f"{busy[k]:.2f}" for k in ("server", "client", "redis")) + " | "
+             + " / ".join(f"{plain_busy[k]:.2f}" for k in ("server", "client", "redis"))]
+        )  # fmt: skip
     headline = [
         ["SSE connections held by one server process",
          f"{cn['established']:,} of {cn['target']:,}"],

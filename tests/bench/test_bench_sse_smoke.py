@@ -92,6 +92,10 @@ def test_sse_bench_quick_run(tmp_path) -> None:
     assert record["figures"]["headline"][0][1] == f"{connections['target']:,} of " + (
         f"{connections['target']:,}"
     )
+    # The cores each side kept busy while sending, in the record's headline.
+    busy = latency["sse_cpu_cores_busy"]
+    [cores] = [row[1] for row in record["figures"]["headline"] if row[0].startswith("cores busy")]
+    assert cores.startswith(f"{busy['server']:.2f} / {busy['client']:.2f} / ")
 
 
 def test_six_rounds_run_every_pair_of_sides_in_each_order_equally_often() -> None:
