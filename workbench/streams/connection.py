@@ -79,7 +79,15 @@ def node_url(url: str) -> str:
 
 def is_cluster(client: object) -> bool:
     """Is ``client`` one of redis-py's cluster clients (sync or asyncio)?"""
-    return isinstance(client, (RedisCluster, aiocluster.RedisCluster))
+    kind = type(client)
+    known = _CLUSTER_TYPES.get(kind)
+    if known is None:  # once per class: the asyncio client's check goes through typing
+        known = _CLUSTER_TYPES[kind] = issubclass(kind, (RedisCluster, aiocluster.RedisCluster))
+    return known
+
+
+#: Whether each client class seen is a cluster client (:func:`is_cluster`).
+_CLUSTER_TYPES: dict[type, bool] = {}
 
 
 def on_slot_of(client: Any, key: str) -> dict[str, Any]:

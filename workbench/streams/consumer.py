@@ -261,6 +261,7 @@ class ConsumerWorker:
         # (see ``_read_raw``): a read on another one, or after a reconnect, may be
         # served by a restarted Redis.
         self._read_conn: Any = None
+        self._hooked_conn: Any = None  # the last connection _connected was registered on
         self._connects = 0
         self._connects_seen = 0
         self._reconnected = False
@@ -439,7 +440,9 @@ class ConsumerWorker:
         else:
             lock.acquire()  # type: ignore[union-attr]
         try:
-            conn.register_connect_callback(self._connected)  # once per connection object
+            if conn is not self._hooked_conn:  # redis-py's own check scans a list
+                conn.register_connect_callback(self._connected)  # once per connection
+                self._hooked_conn = conn
             beat = self._beat
             if beat is None:
                 reply = conn.retry.call_with_retry(
