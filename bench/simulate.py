@@ -909,6 +909,20 @@ def print_targets(vs_floor: stats.Summary, batched: stats.Summary) -> None:
     print(f"target: {batched.what}: {_target_line(batched)}")
 
 
+def _reach(floor_interval: tuple[float, float]) -> str:
+    """Whether the batched target is within what its floor's interval allows."""
+    low, high = floor_interval
+    verdict = (
+        "out of reach on this machine"
+        if high < TARGET
+        else "within reach"
+        if low >= TARGET
+        else "the floor's interval straddles it"
+    )
+    return (f"{TARGET:,} events/s needed; its own traffic replayed allows at most "
+            f"{high:,.0f} events/s ({verdict})")  # fmt: skip
+
+
 def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[stats.Summary],
               targets: list[stats.Summary], load_before: list[float], multiplier: float,
               parameters: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
@@ -942,6 +956,8 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[st
          f"{replayed:.0f} µs per event: at most {1e6 / replayed:,.0f} events/s"],
         ["floor of the batched run at the target rate: its own traffic replayed (median "
          "round)", f"{batched_rate:,.0f} events/s"],
+        *[[f"{s.name.removeprefix('floor_')}'s target against its floor",
+           _reach(s.interval)] for s in rates if s.name.startswith("floor_batched_at")],
         ["a looser bound: round trips and commits alone at the unit costs (PING, one-row "
          "transaction; median of the rounds)",
          f"{per_event:.0f} µs per event: at most {1e6 / per_event:,.0f} events/s"],

@@ -88,6 +88,12 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert "`floor`" in gathered.split("Floors:")[1]
     assert "`floor_batched_at_5`" in gathered.split("Floors:")[1]
     batched_floor = record["rates"]["floor_batched_at_5"]
+    [reach] = [row[1] for row in record["figures"]["headline"]
+               if row[0] == "batched_at_5's target against its floor"]  # fmt: skip
+    assert (
+        reach.startswith("20,000 events/s needed")
+        and f"{batched_floor['interval'][1]:,.0f}" in reach
+    )
     assert batched_floor["target"] is None and batched_floor["per_round"] == [
         pytest.approx(
             row["batched"]["total_events"] / summary["floor"]["batched"]["replay_s"][0], rel=1e-3
@@ -104,3 +110,11 @@ def test_simulation_bench_rejects_bad_rates() -> None:
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert result.returncode == 2 and says in result.stderr, result.stderr
+
+
+def test_the_batched_target_is_out_of_reach_only_when_its_floor_is_wholly_below_it() -> None:
+    from bench.simulate import _reach
+
+    assert _reach((10_000.0, 19_999.0)).endswith("(out of reach on this machine)")
+    assert _reach((20_000.0, 30_000.0)).endswith("(within reach)")
+    assert _reach((15_000.0, 25_000.0)).endswith("(the floor's interval straddles it)")
