@@ -12,81 +12,135 @@ nothing else.
 
 **Recording** (:func:`record`, in the process to be recorded, before it opens
 any connection) hooks redis-py's :class:`~redis.connection.AbstractConnection`
-(every packed send, and how many replies were read after it) and
+(every packed send, each reply read after it, every disconnect) and
 :func:`sqlite3.connect` (a connection and cursor subclass that note every
 ``execute``, ``executemany``, ``commit`` and ``rollback`` with its parameters).
 The hooks cost the recorded run time, so a recorded run is never a timed one.
 :meth:`Trace.mark` takes the length so far, so what comes after a point (reading
 the tables back) can be left out of the replay.
 
+**Leaner than the run.** The plain code does not take SQLite's write lock to
+read: a transaction of SELECTs alone (the runtime begins every transaction with
+``BEGIN IMMEDIATE``) is replayed as its SELECTs, without its BEGIN and its end.
+
 **Replaying** (:func:`replay`) sends each recorded send on a raw socket of its
 own connection and reads as many replies with hiredis, and runs each statement
 on a plain :mod:`sqlite3` connection with the recorded parameters, fetching its
-rows. Redis and SQLite end where the run left them: the replay counts the error
-replies and failed statements it meets, and they must match what the run met,
-or the replay did other work and :class:`ReplayMismatch` says so.
+rows. Only that loop is timed. Then it checks that it did the run's work: every
+reply the same as the run's (a digest of each, error replies as errors; replies
+that tell the time or the server's state, such as INFO or XPENDING's idle
+times, are left out) and every statement failing where the run's failed. A
+replay that did other work raises :class:`ReplayMismatch` naming the first
+difference. A trace with a command that waits (BLOCK, WAIT) is refused: its
+replay would time the wait.
 """
 
 from __future__ import annotations
 
+import gc
+import itertools
 import pickle
 import socket
 import sqlite3
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hiredis
+
 __all__ = ["ReplayMismatch", "Replayed", "Trace", "record", "replay"]
 
-#: An operation: ["redis", conn, payload, replies, errors] | ("sql", conn, sql, params, many)
-#: | ("commit", conn) | ("rollback", conn). ``conn`` numbers the connection.
-Op = tuple[Any, ...]
+#: Operations, in the order the run made them (``n`` numbers the connection):
+#: ``["redis", n, payload, names, digests, errors]`` (a send; the commands' names;
+#: per reply read, its digest or None; per reply, whether it was an error),
+#: ``["sql", n, sql, params, many, failed]``, ``["commit", n, failed]``,
+#: ``["rollback", n]``, ``["reconnect", n]`` (redis-py dropped that connection).
+Op = list[Any]
+
+#: Commands whose replies tell the time, the server's state or a connection's own
+#: identity: not compared.
+_UNCOMPARED = frozenset({
+    b"INFO", b"TIME", b"XINFO", b"XPENDING", b"CLIENT", b"MEMORY", b"OBJECT", b"HELLO",
+    b"PING", b"DBSIZE", b"CONFIG", b"SCAN", b"LASTSAVE", b"ROLE",
+})  # fmt: skip
+#: Commands that may wait for the server's clock or for others: refused.
+_WAITING = frozenset({b"WAIT", b"WAITAOF", b"BLPOP", b"BRPOP", b"BLMOVE", b"BZPOPMIN",
+                      b"BZPOPMAX", b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE"})  # fmt: skip
 
 
 class ReplayMismatch(RuntimeError):
-    """The replay met a different number of errors than the recorded run."""
+    """The replay did other work than the recorded run (another reply or failure)."""
 
 
 @dataclass
 class Trace:
-    """What a run sent, in order, and the errors it met doing it."""
+    """What a run sent, in order, and what came back."""
 
     ops: list[Op] = field(default_factory=list)
-    sql_errors: int = 0
-    _marked: tuple[int, int] | None = None
-
-    @property
-    def redis_errors(self) -> int:
-        """Error replies, each noted on the send it answered."""
-        return sum(op[4] for op in self.ops if op[0] == "redis")
+    _marked: int | None = None
 
     def mark(self) -> None:
         """Keep what was recorded up to now; later operations are not replayed."""
-        self._marked = (len(self.ops), self.sql_errors)
+        self._marked = len(self.ops)
 
     def save(self, path: Path) -> None:
-        ops, sql_errors = self._marked or (len(self.ops), self.sql_errors)
+        kept = self.ops[: self._marked if self._marked is not None else len(self.ops)]
         with path.open("wb") as out:
-            pickle.dump((self.ops[:ops], sql_errors), out, pickle.HIGHEST_PROTOCOL)
+            pickle.dump(kept, out, pickle.HIGHEST_PROTOCOL)
 
     @classmethod
     def load(cls, path: Path) -> Trace:
         with path.open("rb") as src:
-            ops, sql_errors = pickle.load(src)  # noqa: S301 - our own file
-        return cls(ops, sql_errors)
+            return cls(pickle.load(src))  # noqa: S301 - our own file
+
+    @property
+    def redis_errors(self) -> int:
+        return sum(sum(op[5]) for op in self.ops if op[0] == "redis")
+
+    @property
+    def sql_errors(self) -> int:
+        return sum(bool(op[-1]) for op in self.ops if op[0] in ("sql", "commit"))
 
     def counts(self) -> dict[str, int]:
         """Round trips (sends), replies, SQL statements and commits."""
         redis_ops = [op for op in self.ops if op[0] == "redis"]
         return {
             "round_trips": len(redis_ops),
-            "replies": sum(op[3] for op in redis_ops),
+            "replies": sum(len(op[4]) for op in redis_ops),
             "sql_statements": sum(op[0] == "sql" for op in self.ops),
             "sql_commits": sum(op[0] == "commit" for op in self.ops),
         }
+
+    def lean(self) -> tuple[Trace, int]:
+        """This trace without the BEGIN and end of transactions that only read;
+        and how many such transactions there were."""
+        drop: set[int] = set()
+        open_at: dict[int, int] = {}  # connection -> index of its BEGIN
+        reads_only: dict[int, bool] = {}
+        for i, op in enumerate(self.ops):
+            kind, conn = op[0], op[1]
+            if kind == "sql" and _is_begin(op[2]):
+                open_at[conn], reads_only[conn] = i, True
+            elif kind == "sql" and conn in open_at:
+                reads_only[conn] = reads_only[conn] and _is_read(op[2]) and not op[5]
+            elif kind in ("commit", "rollback") and conn in open_at:
+                begin = open_at.pop(conn)
+                if reads_only.pop(conn) and not (kind == "commit" and op[2]):
+                    drop.update((begin, i))
+        kept = [op for i, op in enumerate(self.ops) if i not in drop]
+        return Trace(kept), len(drop) // 2
+
+
+def _is_begin(sql: str) -> bool:
+    return sql.lstrip()[:5].upper() == "BEGIN"
+
+
+def _is_read(sql: str) -> bool:
+    return sql.lstrip()[:6].upper() == "SELECT"
 
 
 def record() -> Trace:
@@ -96,13 +150,16 @@ def record() -> Trace:
     import redis.exceptions
 
     trace = Trace()
-    ops, last_send, numbers = trace.ops, {}, {}
+    ops, numbers = trace.ops, itertools.count()
+    abstract = redis.connection.AbstractConnection
+    send, read = abstract.send_packed_command, abstract.read_response
+    disconnect = abstract.disconnect
 
-    def number(conn: object) -> int:
-        return numbers.setdefault(id(conn), len(numbers))
-
-    send = redis.connection.AbstractConnection.send_packed_command
-    read = redis.connection.AbstractConnection.read_response
+    def number(conn: Any) -> int:
+        n = conn.__dict__.get("_wiretrace_number")
+        if n is None:
+            n = conn._wiretrace_number = next(numbers)
+        return n  # type: ignore[no-any-return]
 
     def recorded_send(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
         # After the send: a first send connects, and the handshake's own sends
@@ -110,54 +167,75 @@ def record() -> Trace:
         result = send(self, command, *args, **kwargs)
         payload = command if isinstance(command, bytes | str) else b"".join(command)
         data = payload.encode() if isinstance(payload, str) else payload
-        op = ["redis", number(self), data, 0, 0]
+        op = ["redis", number(self), data, _names(data), [], []]
         ops.append(op)
-        last_send[id(self)] = op
+        self._wiretrace_last = op
         return result
 
     def recorded_read(self: Any, *args: Any, **kwargs: Any) -> Any:
-        op = last_send.get(id(self))
+        op = self.__dict__.get("_wiretrace_last")
         try:
             reply = read(self, *args, **kwargs)
         except redis.exceptions.ResponseError:
             if op is not None:
-                op[3] += 1
-                op[4] += 1
+                op[4].append(None)
+                op[5].append(True)
             raise
         if op is not None:
-            op[3] += 1
+            op[4].append(_digest(reply))
+            op[5].append(False)
         return reply
 
-    redis.connection.AbstractConnection.send_packed_command = recorded_send  # type: ignore[method-assign]
-    redis.connection.AbstractConnection.read_response = recorded_read  # type: ignore[method-assign]
+    def recorded_disconnect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._sock is not None and "_wiretrace_number" in self.__dict__:
+            ops.append(["reconnect", number(self)])
+        self.__dict__.pop("_wiretrace_last", None)
+        return disconnect(self, *args, **kwargs)
+
+    abstract.send_packed_command = recorded_send  # type: ignore[method-assign]
+    abstract.read_response = recorded_read  # type: ignore[method-assign]
+    abstract.disconnect = recorded_disconnect  # type: ignore[method-assign]
 
     class Cursor(sqlite3.Cursor):
         def execute(self, sql: str, parameters: Any = (), /) -> Any:  # type: ignore[override]
-            ops.append(("sql", self.connection.number, sql, parameters, False))  # type: ignore[attr-defined]
-            with _counting_sql_errors(trace):
+            op = ["sql", self.connection.number, sql, parameters, False, False]  # type: ignore[attr-defined]
+            ops.append(op)
+            with _failing(op):
                 return super().execute(sql, parameters)
 
         def executemany(self, sql: str, seq: Iterable[Any], /) -> Any:  # type: ignore[override]
             rows = list(seq)
-            ops.append(("sql", self.connection.number, sql, rows, True))  # type: ignore[attr-defined]
-            with _counting_sql_errors(trace):
+            op = ["sql", self.connection.number, sql, rows, True, False]  # type: ignore[attr-defined]
+            ops.append(op)
+            with _failing(op):
                 return super().executemany(sql, rows)
 
     class Connection(sqlite3.Connection):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.number = number(self)
+            self.number = next(numbers)
 
         def cursor(self, factory: Any = Cursor) -> Any:  # type: ignore[override]
             return super().cursor(factory)
 
+        # The shortcuts make their cursor in C, past cursor(): through it here.
+        def execute(self, sql: str, parameters: Any = (), /) -> Any:  # type: ignore[override]
+            return self.cursor().execute(sql, parameters)
+
+        def executemany(self, sql: str, seq: Iterable[Any], /) -> Any:  # type: ignore[override]
+            return self.cursor().executemany(sql, seq)
+
+        def executescript(self, script: str, /) -> Any:  # type: ignore[override]
+            raise NotImplementedError("wiretrace does not record executescript")
+
         def commit(self) -> None:
-            ops.append(("commit", self.number))
-            with _counting_sql_errors(trace):
+            op = ["commit", self.number, False]
+            ops.append(op)
+            with _failing(op):
                 super().commit()
 
         def rollback(self) -> None:
-            ops.append(("rollback", self.number))
+            ops.append(["rollback", self.number])
             super().rollback()
 
     connect = sqlite3.connect
@@ -170,67 +248,114 @@ def record() -> Trace:
 
 
 @contextmanager
-def _counting_sql_errors(trace: Trace) -> Iterator[None]:
+def _failing(op: Op) -> Iterator[None]:
+    """Note on ``op`` (its last item) that its statement failed."""
     try:
         yield
     except sqlite3.Error:
-        trace.sql_errors += 1
+        op[-1] = True
         raise
+
+
+def _names(payload: bytes) -> list[bytes]:
+    """The command names in a packed send (a pipeline has several), upper case; a
+    read with BLOCK is named ``BLOCK``, to be refused."""
+    reader, names = hiredis.Reader(), []
+    reader.feed(payload)
+    while (command := reader.gets()) is not False:
+        name = command[0].upper()
+        if name in (b"XREAD", b"XREADGROUP") and any(a.upper() == b"BLOCK" for a in command):
+            name = b"BLOCK"
+        names.append(name)
+    return names
+
+
+def _digest(reply: Any) -> int | None:
+    """A checksum of a reply as hiredis parsed it; None for an error reply."""
+    if isinstance(reply, Exception):
+        return None
+    return zlib.crc32(repr(_plain(reply)).encode())
+
+
+def _plain(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        return ("error",)
+    if isinstance(reply, list | tuple):
+        return [_plain(item) for item in reply]
+    if isinstance(reply, dict):
+        return [[_plain(k), _plain(v)] for k, v in reply.items()]
+    if isinstance(reply, str):
+        return reply.encode()
+    return reply
 
 
 @dataclass(frozen=True)
 class Replayed:
-    """A replay's wall seconds (the operations alone, connections open) and counts."""
+    """A replay's wall seconds (the operations alone, connections open), what it
+    did, and how many read-only transactions it ran without their BEGIN and end."""
 
     seconds: float
     round_trips: int
     sql_statements: int
+    lean_transactions: int
 
 
 def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -> Replayed:
-    """Replay ``trace`` against the Redis at ``redis_address`` (a unix socket path or
-    host and port; empty, as the run found it) and a new SQLite file ``database``."""
-    import hiredis
-
-    numbers = {op[1] for op in trace.ops if op[0] == "redis"}
+    """Replay ``trace`` (made lean, :meth:`Trace.lean`) against the Redis at
+    ``redis_address`` (a unix socket path or host and port; empty, as the run found
+    it) and a new SQLite file ``database``."""
+    waiting = {n for op in trace.ops if op[0] == "redis" for n in op[3]} & (_WAITING | {b"BLOCK"})
+    if waiting:
+        raise ValueError(f"the trace has commands that wait ({sorted(waiting)}): not replayed")
+    plan, lean = trace.lean()
+    numbers = {op[1] for op in plan.ops if op[0] == "redis"}
     sockets = {n: _open(redis_address) for n in numbers}
     readers = {n: hiredis.Reader() for n in numbers}
     dbs: dict[int, sqlite3.Connection] = {}
-    for op in trace.ops:
-        if op[0] != "redis" and op[1] not in dbs:
+    for op in plan.ops:
+        if op[0] in ("sql", "commit", "rollback") and op[1] not in dbs:
             dbs[op[1]] = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
-    redis_errors = sql_errors = 0
+    replies: list[list[Any]] = []
+    failed: list[bool] = []
+    gc.collect()
+    gc.freeze()  # the trace is the replay's input, not work: out of the collector's sight
     try:
         started = time.perf_counter()
-        for op in trace.ops:
+        for op in plan.ops:
             kind, conn = op[0], op[1]
             if kind == "redis":
-                redis_errors += _round_trip(sockets[conn], readers[conn], op[2], op[3])
+                replies.append(_round_trip(sockets[conn], readers[conn], op[2], len(op[4])))
             elif kind == "sql":
                 try:
                     if op[4]:
                         dbs[conn].executemany(op[2], op[3])
                     else:
                         dbs[conn].execute(op[2], op[3]).fetchall()
+                    failed.append(False)
                 except sqlite3.Error:
-                    sql_errors += 1
+                    failed.append(True)
             elif kind == "commit":
-                dbs[conn].commit()
-            else:
+                try:
+                    dbs[conn].commit()
+                    failed.append(False)
+                except sqlite3.Error:
+                    failed.append(True)
+            elif kind == "rollback":
                 dbs[conn].rollback()
+            elif conn in sockets:  # reconnect: what was unread is gone with the old socket
+                sockets[conn].close()
+                sockets[conn], readers[conn] = _open(redis_address), hiredis.Reader()
         seconds = time.perf_counter() - started
+        _drained(sockets, readers)
     finally:
+        gc.unfreeze()
         for sock in sockets.values():
             sock.close()
         for db in dbs.values():
             db.close()
-    if (redis_errors, sql_errors) != (trace.redis_errors, trace.sql_errors):
-        raise ReplayMismatch(
-            f"the replay met {redis_errors} Redis error replies and {sql_errors} failed "
-            f"statements, the run {trace.redis_errors} and {trace.sql_errors}: it did other work"
-        )
-    counts = trace.counts()
-    return Replayed(seconds, counts["round_trips"], counts["sql_statements"])
+    _compare(plan, replies, failed)
+    counts = plan.counts()
+    return Replayed(seconds, counts["round_trips"], counts["sql_statements"], lean)
 
 
 def _open(address: str | tuple[str, int]) -> socket.socket:
@@ -243,13 +368,11 @@ def _open(address: str | tuple[str, int]) -> socket.socket:
     return sock
 
 
-def _round_trip(sock: socket.socket, reader: Any, payload: bytes, replies: int) -> int:
-    """Send ``payload``, read ``replies`` replies; return how many were errors."""
-    import hiredis
-
+def _round_trip(sock: socket.socket, reader: Any, payload: bytes, count: int) -> list[Any]:
+    """Send ``payload``, read ``count`` replies (as hiredis parses them)."""
     sock.sendall(payload)
-    errors = 0
-    while replies:
+    got: list[Any] = []
+    while len(got) < count:
         reply = reader.gets()
         if reply is False:
             data = sock.recv(65536)
@@ -257,6 +380,37 @@ def _round_trip(sock: socket.socket, reader: Any, payload: bytes, replies: int) 
                 raise ConnectionError("Redis closed the connection during the replay")
             reader.feed(data)
             continue
-        errors += isinstance(reply, hiredis.ReplyError)
-        replies -= 1
-    return errors
+        got.append(reply)
+    return got
+
+
+def _drained(sockets: dict[int, socket.socket], readers: dict[int, Any]) -> None:
+    """Nothing left unread: a send answered with more replies than the run read would
+    have shifted every later reply on its connection."""
+    for n, sock in sockets.items():
+        sock.setblocking(False)
+        try:
+            extra = sock.recv(1)
+        except BlockingIOError:
+            extra = b""
+        if extra or readers[n].gets() is not False:
+            raise ReplayMismatch(f"connection {n} has replies the run did not read")
+
+
+def _compare(plan: Trace, replies: list[list[Any]], failed: list[bool]) -> None:
+    redis_ops = [op for op in plan.ops if op[0] == "redis"]
+    for i, (op, got) in enumerate(zip(redis_ops, replies, strict=True)):
+        names = op[3] if len(op[3]) == len(got) else [b"?"] * len(got)
+        for name, want, reply in zip(names, op[4], got, strict=True):
+            if want is None and not isinstance(reply, hiredis.ReplyError):
+                raise ReplayMismatch(f"send {i} ({name.decode()}): the run got an error reply, "
+                                     f"the replay {reply!r:.80}: it did other work")  # fmt: skip
+            if name not in _UNCOMPARED and want is not None and _digest(reply) != want:
+                raise ReplayMismatch(f"send {i} ({name.decode()}): another reply than the "
+                                     f"run's ({reply!r:.80}): it did other work")  # fmt: skip
+    sql_ops = [op for op in plan.ops if op[0] in ("sql", "commit")]
+    for i, (op, did_fail) in enumerate(zip(sql_ops, failed, strict=True)):
+        if bool(op[-1]) != did_fail:
+            what = op[2][:60] if op[0] == "sql" else "COMMIT"
+            raise ReplayMismatch(f"statement {i} ({what}): {'failed' if did_fail else 'passed'} "
+                                 f"in the replay, not in the run: it did other work")  # fmt: skip

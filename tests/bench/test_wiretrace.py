@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import hiredis
 import pytest
 import redis
 
@@ -35,6 +36,8 @@ _RECORDED = textwrap.dedent("""
     pipe = r.pipeline(transaction=False)
     pipe.xadd("s", {"a": "1"}, id="1-0").xadd("s", {"a": "2"}, id="2-0").incr("k")
     pipe.execute(raise_on_error=False)
+    r.connection_pool.disconnect()  # dropped: the next command reconnects
+    r.set("k2", "w")
     store = Store(f"sqlite:///{db}")
     store.create_schema()
     rows = [{"group_name": "g", "event_id": f"e{i}", "handled_at": float(i)} for i in range(3)]
@@ -45,6 +48,12 @@ _RECORDED = textwrap.dedent("""
             insert_many(conn, inbox, rows[:1])
     except Exception:
         pass
+    with store.begin() as conn:  # reads only: BEGIN IMMEDIATE ... COMMIT in the run
+        conn.exec_driver_sql("SELECT count(*) FROM inbox WHERE group_name = 'reads'").all()
+    import sqlite3
+    plain = sqlite3.connect(db)  # the connection's own shortcut, past cursor()
+    plain.execute("SELECT count(*) FROM inbox WHERE group_name = 'shortcut'").fetchall()
+    plain.close()
     trace.mark()
     r.set("after", "1")
     with store.begin() as conn:
@@ -87,12 +96,64 @@ def test_a_replay_ends_where_the_run_ended_up_to_the_mark(
     replayed = wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
     assert replayed.round_trips == counts["round_trips"] and replayed.seconds > 0
     # Redis: what came before the mark, nothing after it.
-    assert r.get("k") == b"v" and r.get("after") is None
+    assert r.get("k") == b"v" and r.get("k2") == b"w" and r.get("after") is None
+    assert any(op[0] == "reconnect" for op in trace.ops)
     assert [entry_id for entry_id, _ in r.xrange("s")] == [b"1-0", b"2-0"]
     # SQLite: the committed rows, not the rolled-back or the late ones.
     replayed_rows = _rows(tmp_path / "replay.db")
     assert [row[1] for row in replayed_rows] == ["e0", "e1", "e2"]
     assert replayed_rows == [row for row in _rows(database) if row[1] != "late"]
+
+
+def test_a_replay_is_leaner_than_the_run_and_as_durable(
+    recorded: tuple[Path, Path], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    trace = wiretrace.Trace.load(recorded[0])
+    sqls = [op[2] for op in trace.ops if op[0] == "sql"]
+    assert any("'shortcut'" in sql for sql in sqls)  # Connection.execute was recorded
+    [reads] = [i for i, op in enumerate(trace.ops) if op[0] == "sql" and "'reads'" in op[2]]
+    assert trace.ops[reads - 1][2] == "BEGIN IMMEDIATE" and trace.ops[reads + 1][0] == "commit"
+    lean, dropped = trace.lean()
+    assert dropped >= 1 and len(lean.ops) == len(trace.ops) - 2 * dropped
+    [kept] = [i for i, op in enumerate(lean.ops) if op[0] == "sql" and "'reads'" in op[2]]
+    assert lean.ops[kept - 1][0] != "sql" or lean.ops[kept - 1][2] != "BEGIN IMMEDIATE"
+    # Transactions that write keep their BEGIN and COMMIT.
+    assert lean.counts()["sql_commits"] >= 2
+    replayed = wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
+    assert replayed.lean_transactions == dropped
+    with sqlite3.connect(tmp_path / "replay.db") as db:  # the run's PRAGMAs replayed
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_a_replay_that_gets_another_reply_is_refused(
+    recorded: tuple[Path, Path], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    trace = wiretrace.Trace.load(recorded[0])
+    # The second XADD's id 2-0 made 3-0: the same work to Redis, another reply.
+    [pipeline] = [op for op in trace.ops if op[0] == "redis" and b"XADD" in op[2]]
+    pipeline[2] = pipeline[2].replace(b"$3\r\n2-0\r\n", b"$3\r\n3-0\r\n")
+    with pytest.raises(wiretrace.ReplayMismatch, match=r"send \d+ \(XADD\): another reply"):
+        wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
+
+
+def test_a_replay_that_leaves_replies_unread_is_refused(
+    recorded: tuple[Path, Path], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    trace = wiretrace.Trace.load(recorded[0])
+    last = [op for op in trace.ops if op[0] == "redis"][-1]  # SET k2: one reply
+    last[4].clear()
+    last[5].clear()  # as if the run had read none of it
+    with pytest.raises(wiretrace.ReplayMismatch, match="replies the run did not read"):
+        wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
+
+
+def test_a_trace_with_a_command_that_waits_is_refused(tmp_path: Path) -> None:
+    blocking = hiredis.pack_command(("XREAD", "BLOCK", "0", "STREAMS", "s", "$"))
+    names = wiretrace._names(blocking + hiredis.pack_command(("XADD", "s", "*", "a", "1")))
+    assert names == [b"BLOCK", b"XADD"]
+    trace = wiretrace.Trace([["redis", 0, blocking, names, [0], [False]]])
+    with pytest.raises(ValueError, match="commands that wait"):
+        wiretrace.replay(trace, ("127.0.0.1", 1), tmp_path / "replay.db")
 
 
 def test_a_replay_that_meets_other_errors_is_refused(
