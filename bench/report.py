@@ -100,11 +100,21 @@ def _method(record: Mapping[str, Any]) -> str | None:
     confidence = next(
         (s["confidence"] for s in [*record["ratios"].values(), *record["rates"].values()]), 0.95
     )
+    ordering = _ordering(record.get("orders") or [])
     return (
-        f"{rounds} interleaved rounds{work}, order reversed every other round. Median of the "
+        f"{rounds} interleaved rounds{work}, {ordering}. Median of the "
         f"per-round values, their min–max and a {confidence:.0%} bootstrap interval of the "
         "median; a verdict only where the whole interval is on one side of the target."
     )
+
+
+def _ordering(orders: list[list[str]]) -> str:
+    """How the rounds' measurements were ordered, read off the record's ``orders``."""
+    if len(orders) > 1 and all(o == orders[0] for o in orders):
+        return "the same order in every round"
+    if all(o == (orders[0] if i % 2 == 0 else orders[0][::-1]) for i, o in enumerate(orders)):
+        return "order reversed every other round"
+    return "in the order each round gives (the record's orders)"
 
 
 def _summary_rows(summaries: Mapping[str, Any], with_target: bool) -> list[str]:

@@ -49,7 +49,7 @@ on one side of the target gives (:mod:`bench.stats`):
 
 * ``speed_vs_floor`` (a ratio): the baseline's speed with wake-ups (the speed
   run) over the floor's events per second, target :data:`FLOOR_TARGET`: how
-  close the runtime gets to what its own round trips and commits allow;
+  close the runtime gets to its own Redis and SQL traffic replayed by plain code;
 * ``batched_at_<rate>`` (a rate): runtime events per wall second of the scenario
   at ``--target-rate`` escrows/s (10) batched, target :data:`TARGET`. That run
   is made once per round, beside the speed run, and is also the load sweep's
@@ -318,7 +318,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from workbench.ops.redis_server import KILLABLE, paired
 
     scenario, label = load(spec["scenario"], spec["overrides"]), spec["label"]
-    rss_before, trace = _proc(os.getpid(), "VmRSS"), []
+    rss_before, samples = _proc(os.getpid(), "VmRSS"), []
     # The floor's run records what it sends (hooked: never a timed run).
     wire = wiretrace.record() if spec.get("trace") else None
     # The run ends where reading the tables back begins: not the run's work, neither
@@ -341,6 +341,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ):
         assert server is not None
         probe = server.client()
+        if wire is not None:
+            wire.start()  # the server's own start (a PING, a handshake) is not the run's
         started = time.perf_counter()
 
         def progress(t: float, total: float) -> None:
@@ -353,10 +355,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 before = len(wire.ops)
                 used = int(probe.info("memory")["used_memory"])
                 del wire.ops[before:]
-            trace.append((t, time.perf_counter() - started, _proc(os.getpid(), "VmRSS"),
+            samples.append((t, time.perf_counter() - started, _proc(os.getpid(), "VmRSS"),
                           _proc(server.pid, "VmRSS"), used))  # fmt: skip
-            if len(trace) % 20 == 0 or t >= total:
-                _, wall, rss, redis_rss, _ = trace[-1]
+            if len(samples) % 20 == 0 or t >= total:
+                _, wall, rss, redis_rss, _ = samples[-1]
                 print(f"  [{label}] {t:,.0f}/{total:,.0f} virtual s, {wall:,.1f} s wall, RSS "
                       f"{rss / MIB:,.0f} MiB, redis {redis_rss / MIB:,.0f} MiB",
                       file=sys.stderr, flush=True)  # fmt: skip
@@ -393,19 +395,21 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "virtual_s": run_p.duration_s + run_p.drain_s, "escrows": len(tables.escrows),
         "events": events, "total_events": sum(events.values()), "wall_s": wall,
         "collect_s": ended - run_end, "samples_s": span["samples_s"],
-        "loop_wall_s": trace[-1][1], "sim_rss_before": rss_before, "sim_rss_run_end": trace[-1][2],
+        "span": "run" if span["run_end"] else "run and tables read back (an older tree)",
+        "loop_wall_s": samples[-1][1], "sim_rss_before": rss_before,
+        "sim_rss_run_end": samples[-1][2],
         "sim_rss_peak": sim_peak,
         "redis_rss_peak": redis_hwm, "redis_used_memory": int(info["used_memory"]),
         "redis_used_memory_peak": int(info["used_memory_peak"]), "redis_keys": keys,
         "tables": {name: [len(df), int(df.memory_usage(deep=True).sum())]
                    for name in tables.table_names() if len(df := getattr(tables, name))},
-        "rss_trace": [(round(t), round(w, 1), r, rr, u) for t, w, r, rr, u in trace[9::20]],
-        "trace": [(t, r, rr, u) for t, _, r, rr, u in trace],
-        "counts": wire and _saved(wire, Path(spec["trace"])),
+        "rss_trace": [(round(t), round(w, 1), r, rr, u) for t, w, r, rr, u in samples[9::20]],
+        "trace": [(t, r, rr, u) for t, _, r, rr, u in samples],
+        "counts": wire and _save_and_count(wire, Path(spec["trace"])),
     }  # fmt: skip
 
 
-def _saved(wire: wiretrace.Trace, path: Path) -> dict[str, int]:
+def _save_and_count(wire: wiretrace.Trace, path: Path) -> dict[str, int]:
     wire.save(path)
     return wiretrace.Trace.load(path).counts()  # what was kept: up to the run's end
 
@@ -426,7 +430,7 @@ def replay_child(spec: dict[str, Any]) -> dict[str, Any]:
         done = wiretrace.replay(trace, str(address) if server.socket_path else address,
                                 Path(directory) / "replay.db")  # fmt: skip
     return {"seconds": done.seconds, "round_trips": done.round_trips,
-            "sql_statements": done.sql_statements, "lean": done.lean_transactions,
+            "sql_statements": done.sql_statements, "lean_transactions": done.lean_transactions,
             "cpu": cpu}  # fmt: skip
 
 
@@ -512,7 +516,7 @@ def print_floor(
           f"{counts['sql_commits']:,} commits ({commits:.2f} per event)")  # fmt: skip
     print(f"bound from the unit costs alone: {bound:.0f} us per runtime event")
     print(
-        f"the replay runs {replays[0]['lean']:,} transactions that only read as their "
+        f"the replay runs {replays[0]['lean_transactions']:,} transactions that only read as their "
         "SELECTs alone (the runtime takes the write lock for them: plain code would not)"
     )
     replayed = float(np.median([r["seconds"] for r in replays]))
@@ -772,8 +776,8 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     traced_dir = tempfile.TemporaryDirectory(prefix="bench-trace-")
     trace_path = Path(traced_dir.name) / "speed.trace"
     batched_trace = Path(traced_dir.name) / "batched.trace"
-    counting = spawn({**spec(duration, "recording the floor's trace"), "trace": str(trace_path)})
-    batched_counting = spawn({**spec(rate_duration, "recording the batched run's trace",
+    recorded = spawn({**spec(duration, "recording the floor's trace"), "trace": str(trace_path)})
+    batched_recorded = spawn({**spec(rate_duration, "recording the batched run's trace",
                                      batched_more), "trace": str(batched_trace)})  # fmt: skip
     batched_floor_key = f"floor_{batched_key}"
     replays: list[dict[str, Any]] = []
@@ -795,11 +799,17 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         round_costs.append(call_costs(cost_calls, placed))
         replays.append(spawn({"replay": str(trace_path), "label": f"floor {i + 1}/{repeat}",
                               "cpu": "none" if placed is None else placed}))  # fmt: skip
-        rounds[-1]["floor"] = stats.Sample(counting["total_events"], replays[-1]["seconds"])
+        for run, of in ((runs[-1], recorded), (batched_runs[-1], batched_recorded)):
+            if run["total_events"] != of["total_events"]:  # the floor replays another run
+                raise click.ClickException(
+                    f"{run['label']}: {run['total_events']:,} runtime events, its recorded run "
+                    f"{of['total_events']:,}: the scenario is not deterministic"
+                )
+        rounds[-1]["floor"] = stats.Sample(recorded["total_events"], replays[-1]["seconds"])
         batched_replays.append(spawn({"replay": str(batched_trace), "label": "batched floor",
                                       "cpu": "none" if placed is None else placed}))  # fmt: skip
         rounds[-1][batched_floor_key] = stats.Sample(
-            batched_counting["total_events"], batched_replays[-1]["seconds"]
+            batched_recorded["total_events"], batched_replays[-1]["seconds"]
         )
     traced_dir.cleanup()
     # No target of its own: issue 16 replaced issue 4's 20,000/s for this run by its
@@ -849,7 +859,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     # beside it a looser bound, its round trips and commits at the unit costs.
     costs = _median_costs(round_costs)
     os_costs = None if placed is None else call_costs(cost_calls, None)
-    print_floor(counting, costs, os_costs, replays)
+    print_floor(recorded, costs, os_costs, replays)
     vs_floor = stats.ratio_summary(
         "speed_vs_floor", rounds, "speed", "floor", target=FLOOR_TARGET,
         what="the baseline's runtime events per wall s (wake-ups) / the floor's events per s "
@@ -878,11 +888,11 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                "runtime_share": round(1 - model["wall_s"] / speed["wall_s"], 4),
                "events_per_s_runs": [round(r, 1) for r in rates_seen], "placement": placement,
                "targets": {s.name: _target_figures(s) for s in (vs_floor, batched_judged)},
-               "floor": {"counts": counting["counts"], "events": counting["total_events"],
+               "floor": {"counts": recorded["counts"], "events": recorded["total_events"],
                          "replay_s": [round(r["seconds"], 4) for r in replays],
-                         "lean_transactions": replays[0]["lean"],
-                         "batched": {"counts": batched_counting["counts"],
-                                     "events": batched_counting["total_events"],
+                         "lean_transactions": replays[0]["lean_transactions"],
+                         "batched": {"counts": batched_recorded["counts"],
+                                     "events": batched_recorded["total_events"],
                                      "replay_s": [round(r["seconds"], 4)
                                                   for r in batched_replays]},
                          **{k: round(v, 2) for k, v in costs.items()},

@@ -32,7 +32,8 @@ that tell the time or the server's state, such as INFO or XPENDING's idle
 times, are left out) and every statement failing where the run's failed. A
 replay that did other work raises :class:`ReplayMismatch` naming the first
 difference. A trace with a command that waits (BLOCK, WAIT) is refused: its
-replay would time the wait.
+replay would time the wait; so is one that used more than one SQLite database
+(the replay has one file).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ __all__ = ["ReplayMismatch", "Replayed", "Trace", "record", "replay"]
 #: ``["redis", n, payload, names, digests, errors]`` (a send; the commands' names;
 #: per reply read, its digest or None; per reply, whether it was an error),
 #: ``["sql", n, sql, params, many, failed]``, ``["commit", n, failed]``,
-#: ``["rollback", n]``, ``["reconnect", n]`` (redis-py dropped that connection).
+#: ``["rollback", n]``, ``["reconnect", n]`` (redis-py dropped that connection),
+#: ``["open", n, database]`` (a SQLite connection opened).
 Op = list[Any]
 
 #: Commands whose replies tell the time, the server's state or a connection's own
@@ -81,14 +83,19 @@ class Trace:
     """What a run sent, in order, and what came back."""
 
     ops: list[Op] = field(default_factory=list)
+    _started: int = 0
     _marked: int | None = None
+
+    def start(self) -> None:
+        """Replay from here: what was recorded before (a server's start) is left out."""
+        self._started = len(self.ops)
 
     def mark(self) -> None:
         """Keep what was recorded up to now; later operations are not replayed."""
         self._marked = len(self.ops)
 
     def save(self, path: Path) -> None:
-        kept = self.ops[: self._marked if self._marked is not None else len(self.ops)]
+        kept = self.ops[self._started : self._marked if self._marked is not None else None]
         with path.open("wb") as out:
             pickle.dump(kept, out, pickle.HIGHEST_PROTOCOL)
 
@@ -211,9 +218,10 @@ def record() -> Trace:
                 return super().executemany(sql, rows)
 
     class Connection(sqlite3.Connection):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+        def __init__(self, database: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(database, *args, **kwargs)
             self.number = next(numbers)
+            ops.append(["open", self.number, str(database)])
 
         def cursor(self, factory: Any = Cursor) -> Any:  # type: ignore[override]
             return super().cursor(factory)
@@ -241,6 +249,8 @@ def record() -> Trace:
     connect = sqlite3.connect
 
     def recorded_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if "factory" in kwargs:
+            raise TypeError("wiretrace records only connections made with its own factory")
         return connect(*args, factory=Connection, **kwargs)
 
     sqlite3.connect = sqlite3.dbapi2.connect = recorded_connect  # type: ignore[assignment]
@@ -307,7 +317,10 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
     waiting = {n for op in trace.ops if op[0] == "redis" for n in op[3]} & (_WAITING | {b"BLOCK"})
     if waiting:
         raise ValueError(f"the trace has commands that wait ({sorted(waiting)}): not replayed")
-    plan, lean = trace.lean()
+    files = {op[2] for op in trace.ops if op[0] == "open"}
+    if len(files) > 1:  # all are replayed on one file
+        raise ValueError(f"the trace used {len(files)} SQLite databases: one is replayed")
+    plan, lean_transactions = trace.lean()
     numbers = {op[1] for op in plan.ops if op[0] == "redis"}
     sockets = {n: _open(redis_address) for n in numbers}
     readers = {n: hiredis.Reader() for n in numbers}
@@ -342,6 +355,8 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
                     failed.append(True)
             elif kind == "rollback":
                 dbs[conn].rollback()
+            elif kind == "open":
+                pass  # opened before the loop
             elif conn in sockets:  # reconnect: what was unread is gone with the old socket
                 sockets[conn].close()
                 sockets[conn], readers[conn] = _open(redis_address), hiredis.Reader()
@@ -355,7 +370,7 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
             db.close()
     _compare(plan, replies, failed)
     counts = plan.counts()
-    return Replayed(seconds, counts["round_trips"], counts["sql_statements"], lean)
+    return Replayed(seconds, counts["round_trips"], counts["sql_statements"], lean_transactions)
 
 
 def _open(address: str | tuple[str, int]) -> socket.socket:
@@ -386,14 +401,11 @@ def _round_trip(sock: socket.socket, reader: Any, payload: bytes, count: int) ->
 
 def _drained(sockets: dict[int, socket.socket], readers: dict[int, Any]) -> None:
     """Nothing left unread: a send answered with more replies than the run read would
-    have shifted every later reply on its connection."""
+    have shifted every later reply on its connection. A PING on each connection: the
+    first reply after the loop must be its PONG."""
     for n, sock in sockets.items():
-        sock.setblocking(False)
-        try:
-            extra = sock.recv(1)
-        except BlockingIOError:
-            extra = b""
-        if extra or readers[n].gets() is not False:
+        [first] = _round_trip(sock, readers[n], hiredis.pack_command(("PING",)), 1)
+        if first != b"PONG":
             raise ReplayMismatch(f"connection {n} has replies the run did not read")
 
 
@@ -402,9 +414,10 @@ def _compare(plan: Trace, replies: list[list[Any]], failed: list[bool]) -> None:
     for i, (op, got) in enumerate(zip(redis_ops, replies, strict=True)):
         names = op[3] if len(op[3]) == len(got) else [b"?"] * len(got)
         for name, want, reply in zip(names, op[4], got, strict=True):
-            if want is None and not isinstance(reply, hiredis.ReplyError):
-                raise ReplayMismatch(f"send {i} ({name.decode()}): the run got an error reply, "
-                                     f"the replay {reply!r:.80}: it did other work")  # fmt: skip
+            if (want is None) != isinstance(reply, hiredis.ReplyError):
+                raise ReplayMismatch(f"send {i} ({name.decode()}): an error reply in one of "
+                                     f"the run and the replay, not the other ({reply!r:.80}): "
+                                     "it did other work")  # fmt: skip
             if name not in _UNCOMPARED and want is not None and _digest(reply) != want:
                 raise ReplayMismatch(f"send {i} ({name.decode()}): another reply than the "
                                      f"run's ({reply!r:.80}): it did other work")  # fmt: skip

@@ -378,3 +378,11 @@ def test_the_targets_block_gathers_every_target_and_floor_across_records(tmp_pat
     assert run_report(readme, recs, "--check").returncode == 0
     records.write(throughput_record([200, 240, 260, 300, 220]), recs / "throughput.json")
     assert run_report(readme, recs, "--check").returncode == 1
+
+
+def test_the_method_line_says_how_the_rounds_were_ordered() -> None:
+    from bench.report import _ordering
+
+    assert _ordering([["a", "b"], ["b", "a"], ["a", "b"]]) == "order reversed every other round"
+    assert _ordering([["a", "b"], ["a", "b"]]) == "the same order in every round"
+    assert _ordering([["a", "b", "c"], ["b", "c", "a"]]).startswith("in the order each round")

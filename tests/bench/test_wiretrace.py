@@ -106,7 +106,10 @@ def test_a_replay_ends_where_the_run_ended_up_to_the_mark(
 
 
 def test_a_replay_is_leaner_than_the_run_and_as_durable(
-    recorded: tuple[Path, Path], tmp_path: Path, redis_server: RedisServer
+    recorded: tuple[Path, Path],
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trace = wiretrace.Trace.load(recorded[0])
     sqls = [op[2] for op in trace.ops if op[0] == "sql"]
@@ -119,8 +122,21 @@ def test_a_replay_is_leaner_than_the_run_and_as_durable(
     assert lean.ops[kept - 1][0] != "sql" or lean.ops[kept - 1][2] != "BEGIN IMMEDIATE"
     # Transactions that write keep their BEGIN and COMMIT.
     assert lean.counts()["sql_commits"] >= 2
+    executed: list[str] = []
+    connect = sqlite3.connect
+
+    def watched(*args: object, **kwargs: object) -> sqlite3.Connection:
+        db = connect(*args, **kwargs)  # type: ignore[arg-type]
+        db.set_trace_callback(executed.append)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", watched)
     replayed = wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
+    monkeypatch.undo()
     assert replayed.lean_transactions == dropped
+    begins = sum(op[0] == "sql" and op[2] == "BEGIN IMMEDIATE" for op in trace.ops)
+    assert executed.count("BEGIN IMMEDIATE") == begins - dropped > 0
+    assert any("'reads'" in sql for sql in executed)  # the SELECT itself still ran
     with sqlite3.connect(tmp_path / "replay.db") as db:  # the run's PRAGMAs replayed
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -145,6 +161,37 @@ def test_a_replay_that_leaves_replies_unread_is_refused(
     last[5].clear()  # as if the run had read none of it
     with pytest.raises(wiretrace.ReplayMismatch, match="replies the run did not read"):
         wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
+
+
+def test_a_dropped_connection_is_dropped_in_the_replay_too(
+    recorded: tuple[Path, Path], tmp_path: Path, redis_server: RedisServer, r: redis.Redis
+) -> None:
+    trace = wiretrace.Trace.load(recorded[0])
+    [dropped] = [i for i, op in enumerate(trace.ops) if op[0] == "reconnect"]
+    before = trace.ops[dropped - 1]
+    assert before[0] == "redis" and b"XADD" in before[2]
+    before[4].clear()
+    before[5].clear()  # as if the run had read none of the pipeline's replies, then dropped
+    # Its replies go with the old socket: SET k2 still gets its own OK.
+    wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
+    assert r.get("k2") == b"w"
+
+
+def test_a_replay_where_a_failed_statement_passes_is_refused(
+    recorded: tuple[Path, Path], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    trace = wiretrace.Trace.load(recorded[0])
+    # Without the first insert, the duplicate one (which failed in the run) passes.
+    first = next(op for op in trace.ops if op[0] == "sql" and op[2].startswith("INSERT"))
+    trace.ops.remove(first)
+    with pytest.raises(wiretrace.ReplayMismatch, match=r"statement \d+ \(INSERT.*passed"):
+        wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
+
+
+def test_a_trace_of_two_databases_is_refused(tmp_path: Path) -> None:
+    trace = wiretrace.Trace([["open", 0, "a.db"], ["open", 1, "b.db"]])
+    with pytest.raises(ValueError, match="2 SQLite databases"):
+        wiretrace.replay(trace, ("127.0.0.1", 1), tmp_path / "replay.db")
 
 
 def test_a_trace_with_a_command_that_waits_is_refused(tmp_path: Path) -> None:
