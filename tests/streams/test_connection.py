@@ -26,6 +26,7 @@ from workbench.streams.connection import (
     is_cluster,
     is_cluster_url,
     node_url,
+    packed,
     queue_script,
 )
 
@@ -152,4 +153,30 @@ def test_execute_runs_a_pipeline_on_a_single_connection_clients_own_connection(
     connect(redis_url).client_kill_filter(_id=own)
     assert execute(client, pipe())[1:] == [client.client_id(), 6]
     assert client.client_id() != own
+    client.close()
+
+
+def test_packed_is_what_redis_py_sends(redis_url: str) -> None:
+    """The bytes redis-py's packer makes, for every kind of argument the runtime sends
+    (a two-word command name split); what hiredis refuses goes to redis-py's packer."""
+    client = connect(redis_url, single_connection_client=True)
+    conn = client.connection
+    commands = [
+        ("XREADGROUP", "GROUP", "g", "c-1", "COUNT", 100, "STREAMS", "s", ">"),
+        ("XINFO STREAM", "conn:s"),
+        ("HSET", "h", "c-1", repr(1.5), b"raw", 2.25),
+        ("XACK", "s", "g", "1-1", "1-2"),
+    ]
+    assert b"".join(packed(conn, commands)) == b"".join(conn.pack_commands(commands))
+    odd = [("SET", "k", bytearray(b"v"))]  # hiredis takes no bytearray; redis-py converts it
+    assert packed(conn, odd) == conn.pack_commands(odd)
+    with pytest.raises(redis.DataError):  # redis-py names the argument it cannot send
+        packed(conn, [("SET", "k", {"not": "sendable"})])
+    client.delete("conn:s")
+    client.xadd("conn:s", {"data": "x"}, id="1-1")
+    pipe = client.pipeline(transaction=False)
+    pipe.xinfo_stream("conn:s")  # sent as XINFO STREAM, parsed by the pipeline
+    [info] = execute(client, pipe)
+    assert info["length"] == 1 and info["last-generated-id"] == b"1-1"
+    client.delete("conn:s")
     client.close()

@@ -21,8 +21,10 @@ fails over, the cluster answers CLUSTERDOWN or TRYAGAIN: those count as
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
@@ -120,11 +122,13 @@ def execute(client: Any, pipe: Any, *, raise_on_error: bool = True) -> list[Any]
     Same commands, one write, the same replies (parsed by the pipeline) and the
     same retry (reconnect, send again): what is left out is redis-py's per-call
     bookkeeping around a pipeline, mostly a pool checkout that polls the socket of
-    the connection it hands out, which costs as much again as the round trip.
+    the connection it hands out, which costs as much again as the round trip, and
+    its per-argument packing pass (:func:`packed`).
     Plain pipelines only: a MULTI, a WATCH, queued scripts or a cluster's
-    pipeline go to ``pipe.execute``. A client with one connection is driven by one
-    thread at a time, so the pipeline and the client's commands take turns on it
-    (under its lock) in the order they are made.
+    pipeline go to ``pipe.execute`` (and no HIMPORT command: the runtime sends none).
+    A client with one connection is driven by one thread at a time, so the
+    pipeline and the client's commands take turns on it (under its lock) in the
+    order they are made.
     """
     conn = getattr(client, "connection", None)
     stack = pipe.command_stack
@@ -135,9 +139,48 @@ def execute(client: Any, pipe: Any, *, raise_on_error: bool = True) -> list[Any]
     pipe.command_stack = []  # run once, as execute's reset does
     with client.single_connection_lock:
         return conn.retry.call_with_retry(  # type: ignore[no-any-return]
-            lambda: pipe._execute_pipeline(conn, stack, raise_on_error),
+            lambda: _run_pipeline(pipe, conn, stack, raise_on_error),
             lambda _error: conn.disconnect(),
         )
+
+
+def _run_pipeline(pipe: Any, conn: Any, stack: list[Any], raise_on_error: bool) -> list[Any]:
+    # redis-py's Pipeline._execute_pipeline for plain commands: one write, then every
+    # reply read (an error reply kept in its place) before the first error is raised,
+    # so the connection is never left with a reply unread.
+    conn.send_packed_command(packed(conn, [args for args, _ in stack]))
+    replies: list[Any] = []
+    for args, options in stack:
+        try:
+            replies.append(pipe.parse_response(conn, args[0], **options))
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    if raise_on_error:
+        pipe.raise_first_error(stack, replies)
+    return replies
+
+
+def packed(conn: Any, commands: Sequence[Sequence[Any]]) -> list[bytes]:
+    """``commands`` in Redis' protocol, ready for ``conn.send_packed_command`` (one
+    buffer in a list: it sends a list item by item).
+
+    What ``conn.pack_commands`` sends, packed by hiredis straight from the
+    arguments (str, bytes, int, float): redis-py first passes over every argument
+    in Python, which costs more than the packing. A command name of two words
+    ("XINFO STREAM") is split, as redis-py does. An argument hiredis refuses goes
+    to redis-py's packer, which converts it or names it in its error.
+    """
+    try:
+        return [b"".join([hiredis.pack_command(_words(args)) for args in commands])]
+    except TypeError:
+        return conn.pack_commands(commands)  # type: ignore[no-any-return]
+
+
+def _words(args: Sequence[Any]) -> tuple[Any, ...]:
+    name = args[0]
+    if isinstance(name, str) and " " in name:
+        return (*name.split(), *args[1:])
+    return tuple(args)
 
 
 def connect(url: str | None = None, **overrides: object) -> redis.Redis:

@@ -97,6 +97,7 @@ from workbench.streams.connection import (
     execute,
     on_slot_of,
     outage_backoff,
+    packed,
 )
 from workbench.streams.decisions import (
     Delivery,
@@ -128,7 +129,7 @@ _DEAD_LETTER_LUA = XADD_AT_LUA + (
 def _send_and_read(conn: Any, args: list[Any]) -> Any:
     """One command on ``conn``, its reply as parsed by redis-py's parser only (an
     error reply raises; a failed read has already disconnected ``conn``)."""
-    conn.send_command(*args)
+    conn.send_packed_command(packed(conn, [args]))
     return conn.read_response()
 
 
@@ -136,7 +137,7 @@ def _send_and_read_after(conn: Any, first: list[Any], args: list[Any]) -> Any:
     """``first`` then ``args`` in one write on ``conn`` (one round trip); the reply
     to ``args``. Both replies are read before an error reply to ``first`` is raised,
     so the connection is left with nothing unread."""
-    conn.send_packed_command(conn.pack_commands([first, args]))
+    conn.send_packed_command(packed(conn, [first, args]))
     error: redis.ResponseError | None = None
     try:
         conn.read_response()
