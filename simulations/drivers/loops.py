@@ -20,7 +20,6 @@ runtime's own recovery (stale heartbeat, XCLAIM).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 import redis
 import simpy
 
-from simulations.analysis.handling import HandlingLog
+from simulations.analysis.handling import AppendLog, HandlingLog
 from simulations.faults import CRASH_POINTS, AckFirstWorker, CrashingWorker
 from simulations.models.clock import SimClock
 from simulations.models.supervision import SupervisedRestarts, policy_of
@@ -53,6 +52,9 @@ from workbench.streams.replies import text
 
 #: How many of the fan-out's latest entries are kept to judge a Redis loss by.
 RECENT_ENTRIES = 100_000
+#: The handling and effects logs of a virtual run wait in memory for this many bytes
+#: before a write (a kill of the simulator ends the run: no line to keep safe).
+LOG_BUFFER_BYTES = 1 << 16
 
 
 def backlog(
@@ -196,7 +198,7 @@ class NotifyingFanout(FanoutHandler):
             wait_replicas=wait_replicas,
         )  # fmt: skip
         self.notify, self.record, self.clock = notify, record, clock
-        self._effects = os.open(effects_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._effects = AppendLog(effects_log, buffer_bytes=LOG_BUFFER_BYTES)
 
     def handle(self, events: list[Event]) -> None:
         try:
@@ -216,17 +218,17 @@ class NotifyingFanout(FanoutHandler):
             if entries:
                 lines.append(f"{event.event_id} {len(entries)} {self.clock.now()!r}\n")
         if lines:
-            os.write(self._effects, "".join(lines).encode())
+            self._effects.append("".join(lines))
         self.notify(live)
 
     def unrecord(self, per_event: Counter[str]) -> None:
         """Take back entries Redis lost: negative counts in the effects log."""
         now = self.clock.now()
         lines = "".join(f"{event_id} {-n} {now!r}\n" for event_id, n in per_event.items())
-        os.write(self._effects, lines.encode())
+        self._effects.append(lines)
 
     def close(self) -> None:
-        os.close(self._effects)
+        self._effects.close()
 
 
 class Doorbell:
@@ -370,7 +372,9 @@ class Runtime:
             slot.handler.close()
         slot.handler = handler
         # One handling log per consumer, as each worker process writes in real time.
-        slot.log = HandlingLog(self.handling_dir / f"{slot.name}-{slot.generation}.log")
+        slot.log = HandlingLog(
+            self.handling_dir / f"{slot.name}-{slot.generation}.log", buffer_bytes=LOG_BUFFER_BYTES
+        )
         worker = cls(
             self.client,
             handler,
