@@ -110,6 +110,8 @@ def _method(record: Mapping[str, Any]) -> str | None:
 
 def _ordering(orders: list[list[str]]) -> str:
     """How the rounds' measurements were ordered, read off the record's ``orders``."""
+    if len(orders) == 1:
+        return "one round, so no order to vary"
     if len(orders) > 1 and all(o == orders[0] for o in orders):
         return "the same order in every round"
     if all(o == (orders[0] if i % 2 == 0 else orders[0][::-1]) for i, o in enumerate(orders)):

@@ -291,6 +291,12 @@ def _proc(pid: int | None, field: str) -> int:
     return 0
 
 
+def _redis_cpu(client: Any) -> float:
+    """redis-server's CPU seconds so far, user and system, all its threads."""
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def _redis_keys(client: Any, prefix: str = "sim") -> dict[str, list[int]]:
     """Keys under ``prefix`` by kind: [entries (streams) or keys (others), bytes]."""
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
@@ -323,14 +329,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     wire = wiretrace.record() if spec.get("trace") else None
     # The run ends where reading the tables back begins: not the run's work, neither
     # timed nor replayed; nor are the bench's own samples (``progress``).
-    span = {"run_end": 0.0, "samples_s": 0.0}
+    span = {"run_end": 0.0, "samples_s": 0.0, "samples_cpu_s": 0.0, "cpu_end": 0.0,
+            "redis_cpu_end": 0.0}  # fmt: skip
     collect = getattr(sim, "_collect", None)
     if collect is not None:
 
         def collect_after_the_run(*args: Any) -> Any:
-            span["run_end"] = time.perf_counter()
+            span["run_end"], span["cpu_end"] = time.perf_counter(), time.process_time()
             if wire is not None:
                 wire.mark()
+            span["redis_cpu_end"] = _redis_cpu(probe)  # past the mark: not replayed
             return collect(*args)
 
         sim._collect = collect_after_the_run  # type: ignore[attr-defined]
@@ -341,14 +349,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ):
         assert server is not None
         probe = server.client()
+        redis_cpu_started = _redis_cpu(probe)
         if wire is not None:
             wire.start()  # the server's own start (a PING, a handshake) is not the run's
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
 
         def progress(t: float, total: float) -> None:
             # (t, wall s, simulator RSS, redis RSS, redis used_memory): one INFO per
             # sample (every run.sample_every_s virtual s), nothing in between.
-            entered = time.perf_counter()
+            entered, cpu_entered = time.perf_counter(), time.process_time()
             if wire is None:
                 used = int(probe.info("memory")["used_memory"])
             else:  # the probe's INFO is the bench's, not the run's: left out
@@ -363,6 +372,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                       f"{rss / MIB:,.0f} MiB, redis {redis_rss / MIB:,.0f} MiB",
                       file=sys.stderr, flush=True)  # fmt: skip
             span["samples_s"] += time.perf_counter() - entered
+            span["samples_cpu_s"] += time.process_time() - cpu_entered
 
         run_dir, tables = Path(directory) / "run", None
         if hasattr(sim, "simulate_to"):  # writes the tables as it goes, returns none of them
@@ -395,6 +405,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "virtual_s": run_p.duration_s + run_p.drain_s, "escrows": len(tables.escrows),
         "events": events, "total_events": sum(events.values()), "wall_s": wall,
         "collect_s": ended - run_end, "samples_s": span["samples_s"],
+        # CPU seconds over the run's span: this process (the bench's samples left
+        # out) and redis-server (INFO's used_cpu_*, the samples' INFO included)
+        "sim_cpu_s": span["cpu_end"] - cpu_started - span["samples_cpu_s"]
+        if span["run_end"] else None,
+        "redis_cpu_s": span["redis_cpu_end"] - redis_cpu_started if span["run_end"] else None,
         "span": "run" if span["run_end"] else "run and tables read back (an older tree)",
         "loop_wall_s": samples[-1][1], "sim_rss_before": rss_before,
         "sim_rss_run_end": samples[-1][2],
@@ -427,11 +442,15 @@ def replay_child(spec: dict[str, Any]) -> dict[str, Any]:
     ):
         assert server is not None
         address = server.socket_path or ("127.0.0.1", server.port)
+        probe = server.client()
+        redis_cpu_started = _redis_cpu(probe)  # the replay's setup and checks included
         done = wiretrace.replay(trace, str(address) if server.socket_path else address,
                                 Path(directory) / "replay.db")  # fmt: skip
+        redis_cpu_s = _redis_cpu(probe) - redis_cpu_started
+        probe.close()
     return {"seconds": done.seconds, "round_trips": done.round_trips,
             "sql_statements": done.sql_statements, "lean_transactions": done.lean_transactions,
-            "cpu": cpu}  # fmt: skip
+            "cpu": cpu, "sim_cpu_s": done.cpu_s, "redis_cpu_s": redis_cpu_s}  # fmt: skip
 
 
 def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
@@ -485,6 +504,39 @@ def floor_us(counts: dict[str, int], events: int, costs: dict[str, float]) -> fl
     one connection) and SQL commits (each a one-insert transaction) alone."""
     trips, commits = counts["round_trips"] / events, counts["sql_commits"] / events
     return trips * costs["redis_single_us"] + commits * costs["sqlite_txn_us"]
+
+
+def cpu_split(runs: list[dict[str, Any]], replays: list[dict[str, Any]],
+              events: int) -> dict[str, Any] | None:  # fmt: skip
+    """Each round's CPU seconds over the timed span, the speed run's and its floor's:
+    the simulator's process and redis-server's. Pinned, the two share one CPU, so
+    their sum is about the wall time and the split says whose work the gap is
+    (None for runs of a tree that did not measure it)."""
+    sides = {"speed": [(r, r["wall_s"]) for r in runs],
+             "floor": [(r, r["seconds"]) for r in replays]}  # fmt: skip
+    if any(r.get("sim_cpu_s") is None for side in sides.values() for r, _ in side):
+        return None
+    return {"events": events, **{
+        name: [{"wall_s": round(wall, 4), "sim_cpu_s": round(r["sim_cpu_s"], 4),
+                "redis_cpu_s": round(r["redis_cpu_s"], 4)} for r, wall in side]
+        for name, side in sides.items()}}  # fmt: skip
+
+
+def _cpu_line(split: dict[str, Any]) -> str:
+    """Per runtime event, median of the rounds: the simulator's CPU and redis-server's,
+    in the speed run and in its floor; and the simulator's beyond the floor's."""
+    events = split["events"]
+
+    def us(side: str, key: str) -> float:
+        return float(np.median([r[key] for r in split[side]])) / events * 1e6
+
+    sim, sim_floor = us("speed", "sim_cpu_s"), us("floor", "sim_cpu_s")
+    redis_run, redis_floor = us("speed", "redis_cpu_s"), us("floor", "redis_cpu_s")
+    wall = us("speed", "wall_s")
+    return (f"simulator process {sim:.0f} / {sim_floor:.0f} µs, redis-server {redis_run:.0f} / "
+            f"{redis_floor:.0f} µs; the simulator's CPU beyond its floor's, {sim - sim_floor:.0f} "
+            f"µs per event, is {(sim - sim_floor) / wall:.0%} of the speed run's wall time "
+            f"({wall:.0f} µs per event)")  # fmt: skip
 
 
 def _median_costs(rounds: list[dict[str, float]]) -> dict[str, float]:
@@ -860,6 +912,9 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     costs = _median_costs(round_costs)
     os_costs = None if placed is None else call_costs(cost_calls, None)
     print_floor(recorded, costs, os_costs, replays)
+    split = cpu_split(runs, replays, recorded["total_events"])
+    if split is not None:
+        print(f"where the time goes, {_cpu_line(split)}")
     vs_floor = stats.ratio_summary(
         "speed_vs_floor", rounds, "speed", "floor", target=FLOOR_TARGET,
         what="the baseline's runtime events per wall s (wake-ups) / the floor's events per s "
@@ -898,6 +953,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                          **{k: round(v, 2) for k, v in costs.items()},
                          "rounds": [{k: round(v, 2) for k, v in c.items()} for c in round_costs],
                          "os_placed": os_costs and {k: round(v, 2) for k, v in os_costs.items()}},
+               "cpu": cpu_split(runs, replays, recorded["total_events"]),
                "speed": speed, "model_only": model,
                "memory": {"1x": small, f"{multiplier:g}x": big},
                "by_rate": [{"rate": r["rate"], **{k: {f: r[k][f] for f in ("escrows", "events",
@@ -994,6 +1050,8 @@ def record_of(summary: dict[str, Any], rounds: list[stats.Round], rates: list[st
         ["a looser bound: round trips and commits alone at the unit costs (PING, one-row "
          "transaction; median of the rounds)",
          f"{per_event:.0f} µs per event: at most {1e6 / per_event:,.0f} events/s"],
+        *([["where the time goes: CPU per runtime event, the speed run / its floor (median "
+            "of the rounds)", _cpu_line(summary["cpu"])]] if summary.get("cpu") else []),
         *[[f"runtime events per wall s at {row['rate']:g} escrows/s: woken / batched",
            " / ".join(f"{row[k]['total_events'] / row[k]['wall_s']:,.0f}"
                       for k in ("woken", "batched"))]

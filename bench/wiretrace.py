@@ -302,12 +302,15 @@ def _plain(reply: Any) -> Any:
 @dataclass(frozen=True)
 class Replayed:
     """A replay's wall seconds (the operations alone, connections open), what it
-    did, and how many read-only transactions it ran without their BEGIN and end."""
+    did, how many read-only transactions it ran without their BEGIN and end, and
+    the CPU seconds (user and system) the replaying process spent in those wall
+    seconds."""
 
     seconds: float
     round_trips: int
     sql_statements: int
     lean_transactions: int
+    cpu_s: float = 0.0
 
 
 def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -> Replayed:
@@ -333,7 +336,7 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
     gc.collect()
     gc.freeze()  # the trace is the replay's input, not work: out of the collector's sight
     try:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for op in plan.ops:
             kind, conn = op[0], op[1]
             if kind == "redis":
@@ -361,6 +364,7 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
                 sockets[conn].close()
                 sockets[conn], readers[conn] = _open(redis_address), hiredis.Reader()
         seconds = time.perf_counter() - started
+        cpu_s = time.process_time() - cpu_started
         _drained(sockets, readers)
     finally:
         gc.unfreeze()
@@ -370,7 +374,9 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
             db.close()
     _compare(plan, replies, failed)
     counts = plan.counts()
-    return Replayed(seconds, counts["round_trips"], counts["sql_statements"], lean_transactions)
+    return Replayed(
+        seconds, counts["round_trips"], counts["sql_statements"], lean_transactions, cpu_s
+    )
 
 
 def _open(address: str | tuple[str, int]) -> socket.socket:

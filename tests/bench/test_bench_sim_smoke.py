@@ -45,6 +45,15 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert floor["redis_raw_us"] > 0 and floor["sqlite_txn_us"] > 0
     assert "replayed by plain code" in result.stdout
     assert "bound from the unit costs alone" in result.stdout
+    # Where the time goes: each round's CPU seconds over the timed span, the speed run's
+    # and its floor's, the simulator's process and redis-server's (both did some work).
+    cpu = summary["cpu"]
+    assert cpu["events"] == floor["events"] and len(cpu["speed"]) == len(cpu["floor"]) == 1
+    for side in (cpu["speed"][0], cpu["floor"][0]):
+        assert side["sim_cpu_s"] > 0 and side["redis_cpu_s"] > 0 and side["wall_s"] > 0
+    assert cpu["speed"][0]["wall_s"] == pytest.approx(speed_run["wall_s"], abs=1e-4)
+    assert cpu["floor"][0]["wall_s"] == pytest.approx(floor["replay_s"][0], abs=1e-4)
+    assert "where the time goes, simulator process" in result.stdout
     # The batched run's own floor, recorded and replayed the same way.
     assert floor["batched"]["events"] == row["batched"]["total_events"]
     assert len(floor["batched"]["replay_s"]) == 1 and floor["batched"]["replay_s"][0] > 0
@@ -68,6 +77,7 @@ def test_simulation_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
     assert speed["target"] is None and speed["verdict"] is None and "verdict" not in summary
     assert record["environment"]["redis_server"] == summary["speed"]["redis_version"]
     assert any("runtime share" in row[0] for row in record["figures"]["headline"])
+    assert any(row[0].startswith("where the time goes") for row in record["figures"]["headline"])
     # Both targets of issue #16, each with its interval and a verdict that interval gives:
     # the speed over the floor (a ratio, the floor timed in the round) and the batched run
     # at the target rate (5 escrows/s in a quick run, the sweep's batched run there too).
@@ -123,3 +133,25 @@ def test_the_batched_target_is_out_of_reach_only_when_its_floor_is_wholly_below_
     assert _reach((10_000.0, 19_999.0)).endswith("(out of reach on this machine)")
     assert _reach((20_000.0, 30_000.0)).endswith("(within reach)")
     assert _reach((15_000.0, 25_000.0)).endswith("(the floor's interval straddles it)")
+
+
+def test_the_cpu_split_names_the_simulator_s_cpu_beyond_its_floor_s() -> None:
+    """Medians of the rounds per runtime event; the gap is the simulator's CPU over the
+    floor's, as a share of the speed run's wall time."""
+    from bench.simulate import _cpu_line, cpu_split
+
+    runs = [{"wall_s": 2.0, "sim_cpu_s": 1.6, "redis_cpu_s": 0.3},
+            {"wall_s": 3.0, "sim_cpu_s": 2.0, "redis_cpu_s": 0.5},
+            {"wall_s": 2.5, "sim_cpu_s": 1.8, "redis_cpu_s": 0.4}]  # fmt: skip
+    replays = [{"seconds": 1.0, "sim_cpu_s": 0.6, "redis_cpu_s": 0.3},
+               {"seconds": 1.2, "sim_cpu_s": 0.8, "redis_cpu_s": 0.2},
+               {"seconds": 1.1, "sim_cpu_s": 0.7, "redis_cpu_s": 0.25}]  # fmt: skip
+    split = cpu_split(runs, replays, 10_000)
+    assert split is not None and split["events"] == 10_000
+    assert [r["wall_s"] for r in split["floor"]] == [1.0, 1.2, 1.1]
+    line = _cpu_line(split)
+    # medians: simulator 1.8 s / 0.7 s, redis 0.4 / 0.25, wall 2.5 s over 10,000 events
+    assert line.startswith("simulator process 180 / 70 µs, redis-server 40 / 25 µs")
+    assert "floor's, 110 µs per event, is 44% of the speed run's wall time (250 µs" in line
+    # A run from a tree that did not measure it: no split, rather than a wrong one.
+    assert cpu_split([{**runs[0], "sim_cpu_s": None}], replays[:1], 10) is None
