@@ -101,8 +101,9 @@ def _method(record: Mapping[str, Any]) -> str | None:
         (s["confidence"] for s in [*record["ratios"].values(), *record["rates"].values()]), 0.95
     )
     ordering = _ordering(record.get("orders") or [])
+    counted = "1 round" if rounds == 1 else f"{rounds} interleaved rounds"
     return (
-        f"{rounds} interleaved rounds{work}, {ordering}. Median of the "
+        f"{counted}{work}, {ordering}. Median of the "
         f"per-round values, their min–max and a {confidence:.0%} bootstrap interval of the "
         "median; a verdict only where the whole interval is on one side of the target."
     )
@@ -110,6 +111,8 @@ def _method(record: Mapping[str, Any]) -> str | None:
 
 def _ordering(orders: list[list[str]]) -> str:
     """How the rounds' measurements were ordered, read off the record's ``orders``."""
+    if not orders:
+        return "the order not recorded"
     if len(orders) == 1:
         return "one round, so no order to vary"
     if len(orders) > 1 and all(o == orders[0] for o in orders):

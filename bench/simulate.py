@@ -443,14 +443,13 @@ def replay_child(spec: dict[str, Any]) -> dict[str, Any]:
         assert server is not None
         address = server.socket_path or ("127.0.0.1", server.port)
         probe = server.client()
-        redis_cpu_started = _redis_cpu(probe)  # the replay's setup and checks included
         done = wiretrace.replay(trace, str(address) if server.socket_path else address,
-                                Path(directory) / "replay.db")  # fmt: skip
-        redis_cpu_s = _redis_cpu(probe) - redis_cpu_started
+                                Path(directory) / "replay.db",
+                                redis_cpu=lambda: _redis_cpu(probe))  # fmt: skip
         probe.close()
     return {"seconds": done.seconds, "round_trips": done.round_trips,
             "sql_statements": done.sql_statements, "lean_transactions": done.lean_transactions,
-            "cpu": cpu, "sim_cpu_s": done.cpu_s, "redis_cpu_s": redis_cpu_s}  # fmt: skip
+            "cpu": cpu, "sim_cpu_s": done.cpu_s, "redis_cpu_s": done.redis_cpu_s}  # fmt: skip
 
 
 def call_costs(n: int = 5000, cpu: int | None = None) -> dict[str, float]:
@@ -508,10 +507,12 @@ def floor_us(counts: dict[str, int], events: int, costs: dict[str, float]) -> fl
 
 def cpu_split(runs: list[dict[str, Any]], replays: list[dict[str, Any]],
               events: int) -> dict[str, Any] | None:  # fmt: skip
-    """Each round's CPU seconds over the timed span, the speed run's and its floor's:
-    the simulator's process and redis-server's. Pinned, the two share one CPU, so
-    their sum is about the wall time and the split says whose work the gap is
-    (None for runs of a tree that did not measure it)."""
+    """Each round's CPU seconds over the timed span, the speed run's and its floor's
+    (``runs`` and ``replays`` in round order): the simulator's process and
+    redis-server's. Pinned, the two share one CPU, so their sum is about the wall
+    time and the split says whose work the gap is (None for runs of a tree that did
+    not measure it). The speed run's redis-server seconds include the bench's
+    memory samples (an INFO each), which its wall and process seconds leave out."""
     sides = {"speed": [(r, r["wall_s"]) for r in runs],
              "floor": [(r, r["seconds"]) for r in replays]}  # fmt: skip
     if any(r.get("sim_cpu_s") is None for side in sides.values() for r, _ in side):
@@ -872,6 +873,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
         batched_key, rounds, unit="events/s", target=TARGET,
         what=f"runtime events per wall second, batched, {target_rate:g} escrows/s",
     )  # fmt: skip
+    split = cpu_split(runs, replays, recorded["total_events"])  # in round order: paired
     batched_runs.sort(key=events_per_s)
     runs.sort(key=events_per_s)
     unplaced.sort(key=events_per_s)
@@ -912,7 +914,6 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
     costs = _median_costs(round_costs)
     os_costs = None if placed is None else call_costs(cost_calls, None)
     print_floor(recorded, costs, os_costs, replays)
-    split = cpu_split(runs, replays, recorded["total_events"])
     if split is not None:
         print(f"where the time goes, {_cpu_line(split)}")
     vs_floor = stats.ratio_summary(
@@ -953,7 +954,7 @@ def main(scenario: str, seed: int, phones: int, duration: float | None,
                          **{k: round(v, 2) for k, v in costs.items()},
                          "rounds": [{k: round(v, 2) for k, v in c.items()} for c in round_costs],
                          "os_placed": os_costs and {k: round(v, 2) for k, v in os_costs.items()}},
-               "cpu": cpu_split(runs, replays, recorded["total_events"]),
+               "cpu": split,
                "speed": speed, "model_only": model,
                "memory": {"1x": small, f"{multiplier:g}x": big},
                "by_rate": [{"rate": r["rate"], **{k: {f: r[k][f] for f in ("escrows", "events",

@@ -45,7 +45,7 @@ import socket
 import sqlite3
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,19 +304,28 @@ class Replayed:
     """A replay's wall seconds (the operations alone, connections open), what it
     did, how many read-only transactions it ran without their BEGIN and end, and
     the CPU seconds (user and system) the replaying process spent in those wall
-    seconds."""
+    seconds, and redis-server's over them (when asked: ``replay(redis_cpu=...)``)."""
 
     seconds: float
     round_trips: int
     sql_statements: int
     lean_transactions: int
     cpu_s: float = 0.0
+    redis_cpu_s: float | None = None
 
 
-def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -> Replayed:
+def replay(
+    trace: Trace,
+    redis_address: str | tuple[str, int],
+    database: Path,
+    *,
+    redis_cpu: Callable[[], float] | None = None,
+) -> Replayed:
     """Replay ``trace`` (made lean, :meth:`Trace.lean`) against the Redis at
     ``redis_address`` (a unix socket path or host and port; empty, as the run found
-    it) and a new SQLite file ``database``."""
+    it) and a new SQLite file ``database``. ``redis_cpu`` (redis-server's CPU
+    seconds so far, asked on a connection of its own) is read right before and
+    after the timed loop."""
     waiting = {n for op in trace.ops if op[0] == "redis" for n in op[3]} & (_WAITING | {b"BLOCK"})
     if waiting:
         raise ValueError(f"the trace has commands that wait ({sorted(waiting)}): not replayed")
@@ -336,6 +345,7 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
     gc.collect()
     gc.freeze()  # the trace is the replay's input, not work: out of the collector's sight
     try:
+        redis_started = redis_cpu() if redis_cpu is not None else 0.0
         started, cpu_started = time.perf_counter(), time.process_time()
         for op in plan.ops:
             kind, conn = op[0], op[1]
@@ -365,6 +375,7 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
                 sockets[conn], readers[conn] = _open(redis_address), hiredis.Reader()
         seconds = time.perf_counter() - started
         cpu_s = time.process_time() - cpu_started
+        redis_cpu_s = redis_cpu() - redis_started if redis_cpu is not None else None
         _drained(sockets, readers)
     finally:
         gc.unfreeze()
@@ -375,7 +386,12 @@ def replay(trace: Trace, redis_address: str | tuple[str, int], database: Path) -
     _compare(plan, replies, failed)
     counts = plan.counts()
     return Replayed(
-        seconds, counts["round_trips"], counts["sql_statements"], lean_transactions, cpu_s
+        seconds,
+        counts["round_trips"],
+        counts["sql_statements"],
+        lean_transactions,
+        cpu_s,
+        redis_cpu_s,
     )
 
 

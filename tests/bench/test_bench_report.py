@@ -387,3 +387,4 @@ def test_the_method_line_says_how_the_rounds_were_ordered() -> None:
     assert _ordering([["a", "b"], ["a", "b"]]) == "the same order in every round"
     assert _ordering([["a", "b", "c"], ["b", "c", "a"]]).startswith("in the order each round")
     assert _ordering([["a", "b"]]) == "one round, so no order to vary"
+    assert _ordering([]) == "the order not recorded"

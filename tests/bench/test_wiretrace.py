@@ -93,8 +93,12 @@ def test_a_replay_ends_where_the_run_ended_up_to_the_mark(
     counts = trace.counts()
     assert counts["sql_commits"] >= 2 and counts["sql_statements"] >= 3
     assert trace.redis_errors >= 1 and trace.sql_errors == 1  # the incr, the duplicate key
-    replayed = wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db")
+    readings = iter([10.0, 10.25])  # redis-server's CPU, read right around the loop
+    replayed = wiretrace.replay(trace, _address(redis_server), tmp_path / "replay.db",
+                                redis_cpu=lambda: next(readings))  # fmt: skip
     assert replayed.round_trips == counts["round_trips"] and replayed.seconds > 0
+    assert replayed.redis_cpu_s == 0.25 and next(readings, None) is None  # read twice
+    assert replayed.cpu_s > 0  # the replaying process's own CPU over the loop
     # Redis: what came before the mark, nothing after it.
     assert r.get("k") == b"v" and r.get("k2") == b"w" and r.get("after") is None
     assert any(op[0] == "reconnect" for op in trace.ops)
