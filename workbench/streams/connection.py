@@ -167,9 +167,10 @@ def packed(conn: Any, commands: Sequence[Sequence[Any]]) -> list[bytes]:
     What ``conn.pack_commands`` sends, packed by hiredis straight from the
     arguments (str, bytes, int, float): redis-py first passes over every argument
     in Python, which costs more than the packing. A command name of two words
-    ("XINFO STREAM", or its bytes) is split, as redis-py does. An argument hiredis
+    ("XINFO STREAM") is split, as redis-py does; the runtime names its commands
+    in str (a name given as bytes is sent as it is). An argument hiredis
     refuses (None, a bool, a bytearray) goes to redis-py's packer, which converts
-    it or names it in its error. Not for a memoryview: hiredis would copy its
+    it or refuses it (``DataError``). Not for a memoryview: hiredis would copy its
     buffer as it lies, where redis-py copies the view (the runtime sends none).
     """
     try:
@@ -180,10 +181,7 @@ def packed(conn: Any, commands: Sequence[Sequence[Any]]) -> list[bytes]:
 
 def _words(args: Sequence[Any]) -> tuple[Any, ...]:
     name = args[0]
-    if isinstance(name, str):
-        if " " in name:
-            return (*name.split(), *args[1:])
-    elif isinstance(name, bytes) and b" " in name:
+    if isinstance(name, str) and " " in name:
         return (*name.split(), *args[1:])
     return tuple(args)
 
