@@ -86,8 +86,9 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
 from bench import records, stats  # noqa: E402
+from bench.cpu import process_cpu_s, redis_cpu_s  # noqa: E402
 from bench.loadgen import Bounds, Driver, Phones, StepResult, run_step, step_verdict  # noqa: E402
-from bench.sse import ApiServer, new_loop, process_cpu_s, raise_fd_limit  # noqa: E402
+from bench.sse import ApiServer, new_loop, raise_fd_limit  # noqa: E402
 from bench.throughput import STEP_ESCROWS, produce  # noqa: E402
 from simulations.analysis.report import wide_console  # noqa: E402
 from workbench.domain.clock import ManualClock  # noqa: E402
@@ -275,8 +276,7 @@ class Http:
         out = {
             name: process_cpu_s(c["pid"]) for name, c in state["components"].items() if c.get("pid")
         }
-        info = self.client.info("cpu")
-        out["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        out["redis"] = redis_cpu_s(self.client)
         out["load generator"] = time.process_time()
         return out
 

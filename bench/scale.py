@@ -85,6 +85,7 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
 from bench import projection, records, stats  # noqa: E402
+from bench.cpu import redis_cpu_s  # noqa: E402
 from bench.stats import Sample  # noqa: E402
 from bench.throughput import BATCH, produce, redis_for_bench, store_for_bench  # noqa: E402
 from simulations.analysis.report import wide_console  # noqa: E402
@@ -146,11 +147,7 @@ class Layout:
 
     def redis_cpu(self) -> float:
         """CPU seconds the layout's servers have used (user + sys, summed)."""
-        total = 0.0
-        for node in self.nodes:
-            cpu = node.info("cpu")
-            total += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-        return total
+        return sum(redis_cpu_s(node) for node in self.nodes)
 
     def measures(self) -> list[str]:
         names = [*STAGES, *(TWO.values() if self.partitioned else ())]

@@ -113,6 +113,7 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
 from bench import records, stats, wiretrace  # noqa: E402
+from bench.cpu import redis_cpu_s  # noqa: E402
 from simulations.analysis.report import wide_console  # noqa: E402
 from simulations.models.gateway import MpesaGateway  # noqa: E402
 from simulations.models.market import Market  # noqa: E402
@@ -291,12 +292,6 @@ def _proc(pid: int | None, field: str) -> int:
     return 0
 
 
-def _redis_cpu(client: Any) -> float:
-    """redis-server's CPU seconds so far, user and system, all its threads."""
-    cpu = client.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-
-
 def _redis_keys(client: Any, prefix: str = "sim") -> dict[str, list[int]]:
     """Keys under ``prefix`` by kind: [entries (streams) or keys (others), bytes]."""
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
@@ -338,7 +333,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             span["run_end"], span["cpu_end"] = time.perf_counter(), time.process_time()
             if wire is not None:
                 wire.mark()
-            span["redis_cpu_end"] = _redis_cpu(probe)  # past the mark: not replayed
+            span["redis_cpu_end"] = redis_cpu_s(probe)  # past the mark: not replayed
             return collect(*args)
 
         sim._collect = collect_after_the_run  # type: ignore[attr-defined]
@@ -349,7 +344,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ):
         assert server is not None
         probe = server.client()
-        redis_cpu_started = _redis_cpu(probe)
+        redis_cpu_started = redis_cpu_s(probe)
         if wire is not None:
             wire.start()  # the server's own start (a PING, a handshake) is not the run's
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -445,7 +440,7 @@ def replay_child(spec: dict[str, Any]) -> dict[str, Any]:
         probe = server.client()
         done = wiretrace.replay(trace, str(address) if server.socket_path else address,
                                 Path(directory) / "replay.db",
-                                redis_cpu=lambda: _redis_cpu(probe))  # fmt: skip
+                                redis_cpu=lambda: redis_cpu_s(probe))  # fmt: skip
         probe.close()
     return {"seconds": done.seconds, "round_trips": done.round_trips,
             "sql_statements": done.sql_statements, "lean_transactions": done.lean_transactions,

@@ -104,6 +104,7 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
 from bench import plain_forwarder, records, stats  # noqa: E402
+from bench.cpu import process_cpu_s, redis_cpu_s  # noqa: E402
 from workbench.delivery.userstreams import UserStreams  # noqa: E402
 from workbench.domain.events import Event, encode  # noqa: E402
 from workbench.http.auth import issue_token  # noqa: E402
@@ -210,15 +211,6 @@ def redis_clients(client: redis.Redis) -> int:
     return int(client.info("clients")["connected_clients"])
 
 
-def process_cpu_s(pid: int) -> float:
-    """user + system CPU seconds of a process so far (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class CpuMeter:
     """CPU seconds spent by the API process, this process and redis-server between marks."""
 
@@ -229,11 +221,10 @@ class CpuMeter:
         self._mark: dict[str, float] = {}
 
     def _now(self) -> dict[str, float]:
-        info = self.client.info("cpu")
         return {
             "server": process_cpu_s(self.server_pid),
             "client": time.process_time(),
-            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+            "redis": redis_cpu_s(self.client),
         }
 
     def start(self) -> None:
