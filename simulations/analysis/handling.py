@@ -27,9 +27,10 @@ class AppendLog:
     """Lines appended to a file with ``O_APPEND``: one ``write(2)`` per :meth:`append`,
     so a kill loses at most the line being written, never an earlier one.
 
-    With ``buffer_bytes``, lines wait in memory until that many are held (and at
-    :meth:`flush` or :meth:`close`): for a process whose kill ends the run anyway
-    (a virtual-time run), where a write per batch is a system call per batch.
+    With ``buffer_bytes``, lines wait in memory until that many are held (counted
+    in characters: the lines are ASCII), and at :meth:`flush` or :meth:`close`: for
+    a process whose kill ends the run anyway (a virtual-time run), where a write
+    per batch is a system call per batch.
     """
 
     def __init__(self, path: Path | str, *, buffer_bytes: int = 0) -> None:
