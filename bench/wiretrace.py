@@ -19,9 +19,11 @@ The hooks cost the recorded run time, so a recorded run is never a timed one.
 :meth:`Trace.mark` takes the length so far, so what comes after a point (reading
 the tables back) can be left out of the replay.
 
-**Leaner than the run.** The plain code does not take SQLite's write lock to
-read: a transaction of SELECTs alone (the runtime begins every transaction with
-``BEGIN IMMEDIATE``) is replayed as its SELECTs, without its BEGIN and its end.
+**Leaner than the run.** The plain code does not open a transaction to read:
+a transaction of SELECTs alone (the runtime's reads, ``Store.read``, begin a
+deferred one, so that their statements see one snapshot; a write transaction
+begins with ``BEGIN IMMEDIATE``) is replayed as its SELECTs, without its BEGIN
+and its end.
 
 **Replaying** (:func:`replay`) sends each recorded send on a raw socket of its
 own connection and reads as many replies with hiredis, and runs each statement

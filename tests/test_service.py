@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import threading
 from collections import Counter
 from typing import Any
@@ -176,6 +177,36 @@ def test_lifecycle_stores_state_and_outbox(
     assert [e.id for e in service.escrows_of("b1")] == ["e1"]
     assert [e.id for e in service.escrows_of("s1")] == ["e1"]
     assert service.escrows_of("nobody") == []
+
+
+def test_queries_go_on_while_another_process_holds_the_write_lock(
+    service: EscrowService, store: Store
+) -> None:
+    """A writer elsewhere (a relay, a consumer, another API process) in a transaction
+    that has not committed: GET-style queries answer from the last commit at once;
+    they do not queue behind it (SQLite: BEGIN IMMEDIATE for reads did)."""
+    if store.dialect != "sqlite":
+        pytest.skip("SQLite's write lock")
+    funded_escrow(service)
+    writer = sqlite3.connect(store.engine.url.database or "", isolation_level=None)
+    answers: list[object] = []
+
+    def query() -> None:
+        answers.append(
+            (service.get("e1").state, [e.id for e in service.escrows_of("b1")], balances(store))
+        )
+
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE escrows SET state = 'released' WHERE id = 'e1'")
+        thread = threading.Thread(target=query, daemon=True)
+        thread.start()
+        thread.join(timeout=10)  # the busy timeout is 60 s
+        assert not thread.is_alive(), "a query waited for the write lock"
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert answers == [(S.FUNDED, ["e1"], {})]
 
 
 def test_outbox_rows_carry_their_escrows_partition(

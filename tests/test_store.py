@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 
@@ -291,3 +292,101 @@ def test_an_outbox_made_before_its_newer_columns_gets_them_and_their_index(store
     with store.engine.connect() as conn:  # the old row is kept, its new columns NULL
         assert conn.execute(select(outbox.c.event_id, outbox.c.partition)).all() == [("e1", None)]
     store.create_schema()  # and again: nothing left to add
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+def _inbox_ids(conn) -> list[str]:  # type: ignore[no-untyped-def]
+    return sorted(conn.execute(select(inbox.c.event_id)).scalars())
+
+
+def _in_thread(work, timeout: float = 10.0) -> list[object]:  # type: ignore[no-untyped-def]
+    """Run ``work`` on another thread; its result, or a failure if it is still
+    waiting after ``timeout`` (the busy timeout is 60 s: a read that queued behind
+    the write lock would still be waiting)."""
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(work()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the read waited for the write lock"
+    assert len(out) == 1, "the read failed"
+    return out
+
+
+def _sqlite_file(store: Store) -> str:
+    if store.dialect != "sqlite":
+        pytest.skip("SQLite's write lock")
+    return store.engine.url.database or ""
+
+
+def test_a_read_goes_on_while_another_connection_holds_the_write_lock(store: Store) -> None:
+    """Another connection (another process, say) in BEGIN IMMEDIATE with a row not yet
+    committed: a read neither waits for it nor sees its row."""
+    claim_inbox_once(store, "committed")
+    writer = sqlite3.connect(_sqlite_file(store), isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO inbox VALUES ('push', 'uncommitted', 1.0)")
+
+        def read() -> list[str]:
+            with store.read() as conn:
+                return _inbox_ids(conn)
+
+        assert _in_thread(read) == [["committed"]]
+        writer.execute("COMMIT")
+        with store.read() as conn:
+            assert _inbox_ids(conn) == ["committed", "uncommitted"]
+    finally:
+        writer.close()
+
+
+def test_a_read_does_not_wait_for_nor_see_a_write_open_on_its_own_thread(store: Store) -> None:
+    claim_inbox_once(store, "committed")
+
+    def write_then_read() -> list[str]:
+        with store.begin() as conn:
+            claim_inbox(conn, "push", ["open"], 1.0)
+            with store.read() as reader:
+                return _inbox_ids(reader)
+
+    assert _in_thread(write_then_read) == [["committed"]]
+    with store.read() as conn:
+        assert _inbox_ids(conn) == ["committed", "open"]
+
+
+def test_the_statements_of_one_read_see_one_snapshot(store: Store) -> None:
+    """A commit between two statements of one read (and of a read nested in it) is
+    not seen by it; the next read sees it."""
+    _sqlite_file(store)
+    claim_inbox_once(store, "before")
+    with store.read() as conn:
+        first = _inbox_ids(conn)
+        _in_thread(lambda: claim_inbox_once(store, "between"))
+        with store.read() as nested:
+            assert nested is conn
+            assert _inbox_ids(nested) == first == ["before"]
+        assert _inbox_ids(conn) == ["before"]
+    with store.read() as conn:
+        assert _inbox_ids(conn) == ["before", "between"]
+
+
+def test_a_forked_child_reads_on_a_connection_of_its_own(store: Store) -> None:
+    """The parent's reader stays the parent's: a child opens its own (sharing one
+    SQLite connection across a fork corrupts it)."""
+    _sqlite_file(store)
+    claim_inbox_once(store, "parent")
+    with store.read() as conn:
+        parent_reader = conn
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only on a connection of its own that reads the row
+        code = 1
+        try:
+            with store.read() as conn:
+                code = 0 if conn is not parent_reader and _inbox_ids(conn) == ["parent"] else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with store.read() as conn:
+        assert conn is parent_reader

@@ -446,7 +446,7 @@ class EscrowService:
     # -- queries ---------------------------------------------------------------
 
     def get(self, escrow_id: str) -> Escrow:
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             escrow = self._load(conn, escrow_id, lock=False)
         if escrow is None:
             raise EscrowNotFound(f"no escrow {escrow_id!r}")
@@ -458,7 +458,7 @@ class EscrowService:
             .where((escrows.c.buyer_id == user_id) | (escrows.c.seller_id == user_id))
             .order_by(escrows.c.created_at, escrows.c.id)
         )
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             return [_row_to_escrow(row) for row in conn.execute(query)]
 
     # -- commands --------------------------------------------------------------
@@ -731,7 +731,7 @@ class EscrowService:
             .order_by(escrows.c.deadline)
             .limit(limit)
         )
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             due = list(conn.execute(query).scalars())
         return sum(len(self.expire(escrow_id).events) for escrow_id in due)
 
@@ -789,7 +789,7 @@ class EscrowService:
             claim = parse_callback(body)
         except CallbackError as exc:
             return self._reject(400, "malformed", f"not an STK callback: {exc}")
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             request = _SELECT_REQUEST.first(conn, {"reference": reference})
         if request is None:
             return self._reject(404, "unknown_payment", f"no payment {reference}")
@@ -864,7 +864,7 @@ class EscrowService:
         asked again later), or ``duplicate`` (already settled).
         """
         assert self.gateway is not None
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             row = _SELECT_CHECKOUT.first(conn, {"id": checkout})
         if row is None:
             raise UnknownCheckout(f"no checkout request {checkout!r}")
@@ -940,7 +940,7 @@ class EscrowService:
             .order_by(checkouts.c.verify_due_at)
             .limit(limit)
         )
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             owed_rows = list(conn.execute(owed))
             due_ids = list(conn.execute(due).scalars())
         for reference, push_due_at in owed_rows:

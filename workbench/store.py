@@ -241,10 +241,17 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: The execution option that marks a connection of :meth:`Store.read`: its
+#: transactions begin deferred.
+_READER = "workbench_reader"
+
+
 def _sqlite_begin(conn: Connection) -> None:
     # Straight to the driver: exec_driver_sql's overhead would cost more than the
     # rest of a small transaction (bench/throughput.py measures the command path).
-    _driver_execute(conn, "BEGIN IMMEDIATE", ())
+    # A reader's BEGIN is deferred: it takes a WAL snapshot, never the write lock.
+    deferred = conn.get_execution_options().get(_READER)
+    _driver_execute(conn, "BEGIN" if deferred else "BEGIN IMMEDIATE", ())
 
 
 def _driver_execute(conn: Connection, sql: str, params: Any, *, many: bool = False) -> Any:
@@ -390,14 +397,51 @@ class Store:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._thread_connection().begin() as transaction:
+        with self._thread_connection("writer").begin() as transaction:
             yield transaction.connection
 
-    def _thread_connection(self) -> Connection:
-        conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.invalidated or self._local.pid != os.getpid():
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read: what the last commits left, without taking the write lock.
+
+        On SQLite each thread keeps a second connection for reads, whose
+        transactions begin deferred: a read takes a WAL snapshot, so it neither
+        queues behind a writer nor holds one up, in this process or another
+        (:meth:`begin`'s BEGIN IMMEDIATE would make every read wait for every
+        writer). The statements of one read see one snapshot, and a read nested
+        in a read on the same thread joins it. Only reads belong here: a write
+        would have to upgrade the snapshot and could fail busy.
+
+        On PostgreSQL a pooled connection, as ``engine.connect()`` gives (read
+        committed: each statement sees the latest commits).
+
+        On both, a read never sees the uncommitted writes of a :meth:`begin`
+        open on its thread, and never waits for them.
+        """
+        if self.dialect != "sqlite":
+            with self.engine.connect() as conn:
+                yield conn
+            return
+        conn = self._thread_connection("reader")
+        if conn.in_transaction():
+            yield conn
+            return
+        with conn.begin():
+            yield conn
+
+    def _thread_connection(self, role: str) -> Connection:
+        """This thread's connection for ``role`` ("writer": :meth:`begin`,
+        "reader": :meth:`read`)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():  # new thread, or a forked child
+            local.__dict__.clear()
+            local.pid = os.getpid()
+        conn: Connection | None = getattr(local, role, None)
+        if conn is None or conn.closed or conn.invalidated:
             conn = self.engine.connect()
-            self._local.conn, self._local.pid = conn, os.getpid()
+            if role == "reader":
+                conn.execution_options(**{_READER: True})
+            setattr(local, role, conn)
             self._held.append(conn)
         return conn
 

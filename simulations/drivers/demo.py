@@ -209,7 +209,7 @@ class _Market:
 
 
 def _group_counts(store: Store) -> dict[str, int]:
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         rows = conn.execute(
             select(inbox.c.group_name, func.count()).group_by(inbox.c.group_name)
         ).all()
@@ -217,7 +217,7 @@ def _group_counts(store: Store) -> dict[str, int]:
 
 
 def _expected_per_group(store: Store) -> dict[str, int]:
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         per_stream = dict(
             conn.execute(
                 select(outbox.c.stream, func.count(func.distinct(outbox.c.event_id))).group_by(
@@ -403,7 +403,7 @@ def _summarise(
             }
         )
     ledger = check_ledger(store)
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         states = dict(
             conn.execute(select(escrows.c.state, func.count()).group_by(escrows.c.state)).all()
         )

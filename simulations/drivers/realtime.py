@@ -861,7 +861,7 @@ def _wait_settled(
     from sqlalchemy import func, select
 
     def settled() -> bool:
-        with store.engine.connect() as conn:
+        with store.read() as conn:
             unpublished = conn.execute(
                 select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
             ).scalar_one()

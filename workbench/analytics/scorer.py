@@ -225,7 +225,7 @@ class RiskScorer:
     def _stored_rows(self, event_ids: list[str]) -> list[dict[str, Any]]:
         s = risk_scores.c
         rows: list[dict[str, Any]] = []
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             for chunk in _chunks(event_ids):
                 rows += [
                     dict(r._mapping)
@@ -295,7 +295,7 @@ def _chunks(items: list[str], size: int = _IN_CHUNK) -> Iterable[list[str]]:
 def stored_facts(store: Store, group: str = GROUP, epoch: float = 0.0) -> list[Fact]:
     """Every fact the group has folded, with ``t = occurred_at - epoch``."""
     f = analytics_facts.c
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         return [
             Fact(event_id, type_, escrow_id, buyer, seller, int(amount), at - epoch)
             for event_id, type_, escrow_id, buyer, seller, amount, at in conn.execute(

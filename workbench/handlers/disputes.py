@@ -48,7 +48,7 @@ class DisputeTimelineHandler(SqlHandler):
 
 def timeline(store: Store, escrow_id: str) -> list[dict[str, object]]:
     t = dispute_timeline.c
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         rows = conn.execute(
             select(t.sequence, t.type, t.at, t.detail)
             .where(t.escrow_id == escrow_id)

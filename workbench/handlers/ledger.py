@@ -138,7 +138,7 @@ def expected_balances(store: Store) -> dict[str, int]:
     """Every account's balance as the escrows' current states say it must be."""
     e = escrows.c
     expected: dict[str, int] = defaultdict(int)
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         rows = conn.execute(select(e.id, e.buyer_id, e.seller_id, e.amount, e.fee, e.state))
         for escrow_id, buyer, seller, amount, fee, state in rows:
             expected[f"hold:{escrow_id}"] += amount if state in HOLDING_STATES else 0
@@ -152,7 +152,7 @@ def expected_balances(store: Store) -> dict[str, int]:
 
 def check_ledger(store: Store) -> LedgerCheck:
     le = ledger_entries.c
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         total, entries = conn.execute(
             select(func.coalesce(func.sum(le.amount), 0), func.count())
         ).one()
@@ -207,7 +207,7 @@ def check_ledger(store: Store) -> LedgerCheck:
 
 def balances(store: Store) -> dict[str, int]:
     le = ledger_entries.c
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         rows = conn.execute(
             select(le.account, func.sum(le.amount)).group_by(le.account).order_by(le.account)
         ).all()

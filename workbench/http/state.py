@@ -200,7 +200,7 @@ class App:
 
     def service_outbox_backlog(self) -> tuple[int, float | None]:
         """(outbox rows not yet published, created_at of the oldest of them)."""
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             count, oldest = conn.execute(
                 select(func.count(), func.min(outbox.c.created_at)).where(
                     outbox.c.published_at.is_(None)

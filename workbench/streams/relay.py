@@ -310,7 +310,7 @@ class OutboxRelay:
 
     def backlog(self) -> int:
         """Outbox rows not yet published (of every partition)."""
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             return int(
                 conn.execute(
                     select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None))
@@ -689,7 +689,7 @@ class OutboxRelay:
         query = select(last.c.stream, last.c.partition, outbox.c.stream_id).join(
             outbox, outbox.c.seq == last.c.seq
         )
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             found = {(a, p): parse(sid) for a, p, sid in conn.execute(query)}
         for p in self.names.partitions:
             if p not in self._expected:
@@ -789,7 +789,7 @@ class OutboxRelay:
             .order_by(outbox.c.seq.desc())
         )
         rows = []
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             for row in conn.execute(query):
                 if row.stream_id is None:
                     self.stats.unrepairable += 1
