@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import threading
+import time
 
 import pytest
 from sqlalchemy import (
@@ -303,14 +305,14 @@ def _inbox_ids(conn) -> list[str]:  # type: ignore[no-untyped-def]
 
 def _in_thread(work, timeout: float = 10.0) -> list[object]:  # type: ignore[no-untyped-def]
     """Run ``work`` on another thread; its result, or a failure if it is still
-    waiting after ``timeout`` (the busy timeout is 60 s: a read that queued behind
+    running after ``timeout`` (the busy timeout is 60 s: a read that queued behind
     the write lock would still be waiting)."""
     out: list[object] = []
     thread = threading.Thread(target=lambda: out.append(work()), daemon=True)
     thread.start()
     thread.join(timeout)
-    assert not thread.is_alive(), "the read waited for the write lock"
-    assert len(out) == 1, "the read failed"
+    assert not thread.is_alive(), f"still waiting after {timeout} s (for the write lock?)"
+    assert len(out) == 1, "the work failed"
     return out
 
 
@@ -372,21 +374,72 @@ def test_the_statements_of_one_read_see_one_snapshot(store: Store) -> None:
 
 
 def test_a_forked_child_reads_on_a_connection_of_its_own(store: Store) -> None:
-    """The parent's reader stays the parent's: a child opens its own (sharing one
-    SQLite connection across a fork corrupts it)."""
+    """Neither the parent's reader nor a connection idle in the parent's pool goes to
+    a child (sharing one SQLite connection across a fork corrupts it)."""
     _sqlite_file(store)
     claim_inbox_once(store, "parent")
     with store.read() as conn:
-        parent_reader = conn
+        reader = conn.connection.dbapi_connection
+    with store.engine.connect() as conn:
+        pooled = conn.connection.dbapi_connection  # back in the pool, idle, after this
+    parents = (reader, pooled)
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only on a connection of its own that reads the row
         code = 1
         try:
             with store.read() as conn:
-                code = 0 if conn is not parent_reader and _inbox_ids(conn) == ["parent"] else 3
+                own = conn.connection.dbapi_connection not in parents
+                code = 0 if own and _inbox_ids(conn) == ["parent"] else 3
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert _exit_code(pid, timeout=30) == 0
     with store.read() as conn:
-        assert conn is parent_reader
+        assert conn.connection.dbapi_connection is reader
+
+
+def _exit_code(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the child did not exit within {timeout} s")
+
+
+def test_threads_that_end_give_their_connections_back(store: Store) -> None:
+    """Request threads come and go (anyio retires idle ones): 20 of them one after
+    another, each reading and writing once, leave the connections of the last one
+    at most, not one per thread that ever ran."""
+    _sqlite_file(store)
+    readers: list[object] = []
+
+    def read_and_write(i: int) -> None:
+        with store.read() as conn:
+            readers.append(conn)
+            _inbox_ids(conn)
+        claim_inbox_once(store, f"t{i}")
+
+    for i in range(20):
+        _in_thread(lambda i=i: read_and_write(i))
+    assert len(readers) == 20 and all(r.closed for r in readers[:-1])  # type: ignore[attr-defined]
+    assert store.engine.pool.checkedout() <= 2  # type: ignore[attr-defined]
+    with store.read() as conn:
+        assert len(_inbox_ids(conn)) == 20
+
+
+def test_a_read_after_its_connection_was_used_outside_a_read_takes_a_fresh_snapshot(
+    store: Store,
+) -> None:
+    """A reader used after its read ended begins a transaction by itself (SQLAlchemy's
+    autobegin); the next read does not join that stale snapshot."""
+    _sqlite_file(store)
+    claim_inbox_once(store, "before")
+    with store.read() as conn:
+        pass
+    _inbox_ids(conn)  # after the block: an open transaction no read owns
+    _in_thread(lambda: claim_inbox_once(store, "after"))
+    with store.read() as again:
+        assert _inbox_ids(again) == ["after", "before"]

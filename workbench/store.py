@@ -19,6 +19,7 @@ import operator
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -347,6 +348,11 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _alive(thread: weakref.ref[threading.Thread]) -> bool:
+    found = thread()
+    return found is not None and found.is_alive()
+
+
 class Store:
     """The SQL store: an engine plus the schema."""
 
@@ -355,7 +361,10 @@ class Store:
         self.engine = make_engine(self.url)
         self.dialect = self.engine.dialect.name
         self._local = threading.local()
-        self._held: list[Connection] = []
+        # Every thread's connections (begin, read), with the thread they belong to.
+        self._held: list[tuple[weakref.ref[threading.Thread], Connection]] = []
+        self._held_lock = threading.Lock()
+        self._pid = os.getpid()
 
     def create_schema(self) -> None:
         metadata.create_all(self.engine)
@@ -416,40 +425,70 @@ class Store:
         committed: each statement sees the latest commits).
 
         On both, a read never sees the uncommitted writes of a :meth:`begin`
-        open on its thread, and never waits for them.
+        open on its thread, and never waits for them. A read holds its snapshot
+        until it ends (on SQLite the WAL cannot be checkpointed past it
+        meanwhile): keep it short, never across a network call or a ``yield``.
+        Execution options set on the connection would stay with the thread's
+        reader: set none.
         """
         if self.dialect != "sqlite":
             with self.engine.connect() as conn:
                 yield conn
             return
         conn = self._thread_connection("reader")
-        if conn.in_transaction():
+        local = self._local
+        if getattr(local, "reading", False):  # nested: join the outer read's snapshot
             yield conn
             return
-        with conn.begin():
-            yield conn
+        if conn.in_transaction():  # left open by a use after its read ended: not a read
+            conn.rollback()
+        local.reading = True
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            local.reading = False
 
     def _thread_connection(self, role: str) -> Connection:
         """This thread's connection for ``role`` ("writer": :meth:`begin`,
         "reader": :meth:`read`)."""
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():  # new thread, or a forked child
-            local.__dict__.clear()
-            local.pid = os.getpid()
-        conn: Connection | None = getattr(local, role, None)
+        if self._pid != os.getpid():
+            self._forked()
+        conn: Connection | None = getattr(self._local, role, None)
         if conn is None or conn.closed or conn.invalidated:
+            self._give_back_finished()
             conn = self.engine.connect()
             if role == "reader":
                 conn.execution_options(**{_READER: True})
-            setattr(local, role, conn)
-            self._held.append(conn)
+            setattr(self._local, role, conn)
+            with self._held_lock:
+                self._held.append((weakref.ref(threading.current_thread()), conn))
         return conn
 
+    def _give_back_finished(self) -> None:
+        """Close the connections of threads that have ended (an API process's worker
+        threads come and go): back to the pool, for the next thread to take."""
+        with self._held_lock:
+            finished = [(t, c) for t, c in self._held if not _alive(t)]
+            self._held = [(t, c) for t, c in self._held if _alive(t)]
+        for _, conn in finished:
+            with contextlib.suppress(Exception):  # already gone
+                conn.close()
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's connections, held or pooled, stay the
+        parent's (sharing a SQLite connection across a fork corrupts it)."""
+        self.engine.dispose(close=False)
+        self._held, self._held_lock = [], threading.Lock()
+        self._local = threading.local()
+        self._pid = os.getpid()
+
     def close(self) -> None:
-        for conn in self._held:
+        with self._held_lock:
+            held, self._held = self._held, []
+        for _, conn in held:
             with contextlib.suppress(Exception):  # another thread's, or already gone
                 conn.close()
-        self._held.clear()
         self._local = threading.local()
         self.engine.dispose()
 
