@@ -179,14 +179,13 @@ def test_lifecycle_stores_state_and_outbox(
     assert service.escrows_of("nobody") == []
 
 
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)  # SQLite's write lock
 def test_queries_go_on_while_another_process_holds_the_write_lock(
     service: EscrowService, store: Store
 ) -> None:
     """A writer elsewhere (a relay, a consumer, another API process) in a transaction
     that has not committed: GET-style queries answer from the last commit at once;
     they do not queue behind it (SQLite: BEGIN IMMEDIATE for reads did)."""
-    if store.dialect != "sqlite":
-        pytest.skip("SQLite's write lock")
     funded_escrow(service)
     writer = sqlite3.connect(store.engine.url.database or "", isolation_level=None)
     answers: list[object] = []

@@ -316,12 +316,16 @@ def _in_thread(work, timeout: float = 10.0) -> list[object]:  # type: ignore[no-
     return out
 
 
+#: SQLite's locking and its connections per thread: the store fixture's SQLite case only.
+sqlite_only = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+
+
 def _sqlite_file(store: Store) -> str:
-    if store.dialect != "sqlite":
-        pytest.skip("SQLite's write lock")
+    assert store.dialect == "sqlite"
     return store.engine.url.database or ""
 
 
+@sqlite_only
 def test_a_read_goes_on_while_another_connection_holds_the_write_lock(store: Store) -> None:
     """Another connection (another process, say) in BEGIN IMMEDIATE with a row not yet
     committed: a read neither waits for it nor sees its row."""
@@ -357,6 +361,7 @@ def test_a_read_does_not_wait_for_nor_see_a_write_open_on_its_own_thread(store: 
         assert _inbox_ids(conn) == ["committed", "open"]
 
 
+@sqlite_only
 def test_the_statements_of_one_read_see_one_snapshot(store: Store) -> None:
     """A commit between two statements of one read (and of a read nested in it) is
     not seen by it; the next read sees it."""
@@ -373,6 +378,7 @@ def test_the_statements_of_one_read_see_one_snapshot(store: Store) -> None:
         assert _inbox_ids(conn) == ["before", "between"]
 
 
+@sqlite_only
 def test_a_forked_child_reads_on_a_connection_of_its_own(store: Store) -> None:
     """Neither the parent's reader nor a connection idle in the parent's pool goes to
     a child (sharing one SQLite connection across a fork corrupts it)."""
@@ -409,6 +415,7 @@ def _exit_code(pid: int, timeout: float) -> int:
     raise AssertionError(f"the child did not exit within {timeout} s")
 
 
+@sqlite_only
 def test_threads_that_end_give_their_connections_back(store: Store) -> None:
     """Request threads come and go (anyio retires idle ones): 20 of them one after
     another, each reading and writing once, leave the connections of the last one
@@ -430,6 +437,7 @@ def test_threads_that_end_give_their_connections_back(store: Store) -> None:
         assert len(_inbox_ids(conn)) == 20
 
 
+@sqlite_only
 def test_a_read_after_its_connection_was_used_outside_a_read_takes_a_fresh_snapshot(
     store: Store,
 ) -> None:
