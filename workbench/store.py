@@ -7,9 +7,12 @@ escrow row and appends its events to ``outbox`` in one transaction; the relay
 a redelivered or republished event has no second effect.
 
 SQLite (a file, WAL mode) is the default; ``DATABASE_URL`` selects PostgreSQL
-(``postgresql+psycopg://...``). Both are driven through SQLAlchemy Core; the
-statements on the hot paths are :class:`Prepared` (compiled once, run on the
-driver's cursor), which makes a command several times cheaper.
+(``postgresql+psycopg://...``). Writes go through :meth:`Store.begin` (on SQLite
+BEGIN IMMEDIATE: writers queue for the one write lock), reads through
+:meth:`Store.read` (on SQLite a WAL snapshot: no lock, no queue). Both stores
+are driven through SQLAlchemy Core; the statements on the hot paths are
+:class:`Prepared` (compiled once, run on the driver's cursor), which makes a
+command several times cheaper.
 """
 
 from __future__ import annotations
