@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -26,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from tests.support import ROOT
 from workbench import store as store_module
 from workbench.store import (
     Prepared,
@@ -451,3 +454,45 @@ def test_a_read_after_its_connection_was_used_outside_a_read_takes_a_fresh_snaps
     _in_thread(lambda: claim_inbox_once(store, "after"))
     with store.read() as again:
         assert _inbox_ids(again) == ["after", "before"]
+
+
+_HOLDS_A_READ = """
+import sys
+from sqlalchemy import select
+from workbench.store import Store, inbox
+
+store = Store(sys.argv[1])
+with store.read() as conn:
+    conn.execute(select(inbox.c.event_id)).all()  # the snapshot is taken
+    print("reading", flush=True)
+    sys.stdin.read()  # held open until the process is killed
+"""
+
+
+@sqlite_only
+def test_a_process_killed_mid_read_leaves_writers_and_checkpoints_free(store: Store) -> None:
+    """SIGKILL while a read holds its snapshot: the OS drops its locks with the
+    process, so a write commits, a TRUNCATE checkpoint runs the whole WAL into the
+    database, and a new read sees the write."""
+    claim_inbox_once(store, "before")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDS_A_READ, str(store.engine.url)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "reading\n"
+        child.kill()
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+    _in_thread(lambda: claim_inbox_once(store, "after"))
+    raw = sqlite3.connect(_sqlite_file(store), isolation_level=None)
+    try:
+        busy, _, _ = raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0  # no reader left pinning the WAL
+    finally:
+        raw.close()
+    with store.read() as conn:
+        assert _inbox_ids(conn) == ["after", "before"]

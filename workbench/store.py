@@ -471,9 +471,12 @@ class Store:
     def _give_back_finished(self) -> None:
         """Close the connections of threads that have ended (an API process's worker
         threads come and go): back to the pool, for the next thread to take."""
+        alive: list[tuple[weakref.ref[threading.Thread], Connection]] = []
+        finished: list[tuple[weakref.ref[threading.Thread], Connection]] = []
         with self._held_lock:
-            finished = [(t, c) for t, c in self._held if not _alive(t)]
-            self._held = [(t, c) for t, c in self._held if _alive(t)]
+            for thread, conn in self._held:
+                (alive if _alive(thread) else finished).append((thread, conn))
+            self._held = alive
         for _, conn in finished:
             with contextlib.suppress(Exception):  # already gone
                 conn.close()
