@@ -51,6 +51,7 @@ from sqlalchemy.exc import IntegrityError
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock, SystemClock
 from workbench.domain.escrow import (
+    MUTABLE_FIELDS,
     Cancel,
     Command,
     Confirm,
@@ -283,10 +284,12 @@ _ESCROW_COLUMNS = tuple(c.name for c in escrows.c)
 _SELECT_ESCROW = Prepared(select(escrows).where(escrows.c.id == bindparam("id")))
 _LOCK_ESCROW = Prepared(select(escrows).where(escrows.c.id == bindparam("id")).with_for_update())
 _INSERT_ESCROW = Prepared(insert(escrows).values(binds(*_ESCROW_COLUMNS)))
+# Only what a transition may change: SQLite rewrites the index entries of every
+# indexed column in the SET (the primary key's, the parties'), changed or not.
 _UPDATE_ESCROW = Prepared(
     update(escrows)
     .where(escrows.c.id == bindparam("old_id"), escrows.c.version == bindparam("old_version"))
-    .values(binds(*_ESCROW_COLUMNS))
+    .values(binds(*MUTABLE_FIELDS))
 )
 _INSERT_OUTBOX = Prepared(
     insert(outbox).values(binds("event_id", "stream", "type", "data", "created_at", "partition"))

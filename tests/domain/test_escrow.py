@@ -12,6 +12,7 @@ from workbench.domain.escrow import (
     ADMIN,
     MAX_AMOUNT,
     MIN_AMOUNT,
+    MUTABLE_FIELDS,
     Cancel,
     Command,
     Confirm,
@@ -696,6 +697,42 @@ def test_replay_equals_state_built_step_by_step(state: EscrowState) -> None:
     for step_state, step in zip(flow.history, _steps(flow.events), strict=True):
         count += len(step)
         assert replay(flow.events[:count]) == step_state
+
+
+def _every_event_type() -> list[Flow]:
+    """Flows that between them apply every event type at least once."""
+    failed = awaiting()
+    failed.do(RecordPaymentResult("co-1", 1032, "Request cancelled by user"))
+    late = expired()
+    late.do(RecordPaymentResult("co-0", 0, receipt="LATE", amount=AMOUNT))
+    lapsed = funded()
+    lapsed.do(Expire(), after=TIMEOUTS.shipping)
+    kept = shipped()
+    kept.do(Expire(), after=TIMEOUTS.confirmation)
+    after_funding = funded()
+    after_funding.do(Cancel(BUYER, "found it cheaper"))
+    resolved = disputed()
+    resolved.do(ResolveDispute(ADMIN, "release"))
+    return [*(build() for build in BUILDERS.values()), failed, late, lapsed, kept,
+            after_funding, resolved]  # fmt: skip
+
+
+def test_evolve_changes_only_the_mutable_fields_and_each_of_them_somewhere() -> None:
+    # The service's UPDATE writes MUTABLE_FIELDS only: a field evolve changed
+    # outside them would never reach the database.
+    seen_types: set[str] = set()
+    changed: set[str] = set()
+    for flow in _every_event_type():
+        state = None
+        for event in flow.events:
+            new = evolve(state, event)
+            if state is not None:
+                before, after = state.to_dict(), new.to_dict()
+                changed |= {name for name in after if after[name] != before[name]}
+            seen_types.add(event.type)
+            state = new
+    assert seen_types == set(EVENT_TYPES)
+    assert changed == set(MUTABLE_FIELDS)
 
 
 def _steps(events: list[Event]) -> list[list[Event]]:

@@ -553,6 +553,21 @@ def evolve(escrow: Escrow | None, event: Event, timeouts: Timeouts = Timeouts())
     return replace(escrow, **changes)
 
 
+#: The fields :func:`evolve` may change after ``escrow.created``; the others (id,
+#: parties, amount, fee, description, created_at) are fixed at creation. The
+#: service's UPDATE writes only these: an indexed column in the SET costs its
+#: index a delete and an insert even when the value stays the same.
+MUTABLE_FIELDS = (
+    "state",
+    "version",
+    "updated_at",
+    "deadline",
+    "checkout_request_id",
+    "mpesa_receipt",
+    "dispute_reason",
+)
+
+
 def replay(events: list[Event], timeouts: Timeouts = Timeouts()) -> Escrow | None:
     """The escrow that a sequence of its events describes."""
     escrow: Escrow | None = None
