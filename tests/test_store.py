@@ -293,10 +293,65 @@ def test_an_outbox_made_before_its_newer_columns_gets_them_and_their_index(store
     store.create_schema()
     found = inspect(store.engine)
     assert {"stream_id", "partition"} <= {c["name"] for c in found.get_columns("outbox")}
-    assert "ix_outbox_partition_unpublished" in {i["name"] for i in found.get_indexes("outbox")}
+    indexes = {i["name"] for i in found.get_indexes("outbox")}
+    assert {"ix_outbox_pending", "ix_outbox_partition_pending"} <= indexes
+    assert "ix_outbox_unpublished" not in indexes  # replaced by the partial one
     with store.engine.connect() as conn:  # the old row is kept, its new columns NULL
         assert conn.execute(select(outbox.c.event_id, outbox.c.partition)).all() == [("e1", None)]
     store.create_schema()  # and again: nothing left to add
+
+
+def test_indexes_of_earlier_schemas_are_dropped_and_the_rows_kept(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_notifications_user ON notifications (user_id)")
+        conn.exec_driver_sql("CREATE INDEX ix_ledger_escrow ON ledger_entries (escrow_id)")
+        conn.execute(
+            insert(notifications),
+            {"event_id": "e1", "user_id": "u1", "channel": "sms", "body": "b", "at": 1.0},
+        )
+    before = inspect(store.engine)
+    assert "ix_notifications_user" in {i["name"] for i in before.get_indexes("notifications")}
+    store.create_schema()
+    found = inspect(store.engine)
+    assert "ix_notifications_user" not in {i["name"] for i in found.get_indexes("notifications")}
+    assert "ix_ledger_escrow" not in {i["name"] for i in found.get_indexes("ledger_entries")}
+    assert "ix_ledger_account" in {i["name"] for i in found.get_indexes("ledger_entries")}
+    with store.engine.connect() as conn:
+        assert conn.execute(select(notifications.c.user_id)).scalars().all() == ["u1"]
+
+
+def _pending_rows(store: Store, count: int) -> None:
+    rows = [
+        {"event_id": f"e{i}", "stream": "escrow", "type": "t", "data": b"{}",
+         "created_at": 1.0, "partition": i % 4}
+        for i in range(count)
+    ]  # fmt: skip
+    with store.begin() as conn:
+        conn.execute(insert(outbox), rows)
+        mark_published(conn, 2.0, [(seq, f"{seq}-0") for seq in range(1, count - 9)])
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+def test_the_pending_indexes_hold_the_backlog_only_and_serve_the_relays_read(
+    store: Store,
+) -> None:
+    from workbench.streams.keys import StreamNames
+    from workbench.streams.relay import OutboxRelay
+
+    _pending_rows(store, 200)  # 190 published, 10 waiting
+    raw = sqlite3.connect(store.engine.url.database)
+    raw.execute("ANALYZE")  # sqlite_stat1: each index's entry count, first
+    entries = dict(raw.execute("SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'outbox'"))
+    assert entries["ix_outbox_pending"].split()[0] == "10"
+    assert entries["ix_outbox_partition_pending"].split()[0] == "10"
+    relay = OutboxRelay(store, None, names=StreamNames("t"))  # type: ignore[arg-type]
+    for partitions in (0, 2):
+        sql, bind = relay._query(partitions)._compiled(store.engine.dialect)
+        params = bind({f"p{i}": i for i in range(partitions)})
+        plan = " ".join(row[3] for row in raw.execute("EXPLAIN QUERY PLAN " + sql, params))
+        # Through a pending index (a plain "SCAN outbox" would read every row).
+        assert "USING INDEX ix_outbox_p" in plan, plan
+    raw.close()
 
 
 # -- reads ------------------------------------------------------------------------------
