@@ -52,6 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql import Executable
 
 from workbench.paths import data_dir
@@ -242,6 +243,13 @@ _DROPPED_INDEXES = (
 )
 
 
+#: PostgreSQL: whether the index of that name is valid (None: there is none).
+_INDEX_VALID = text(
+    "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+    "WHERE c.relname = :name AND pg_table_is_visible(c.oid)"
+)
+
+
 def database_url(default_path: str | os.PathLike[str] | None = None) -> str:
     """``DATABASE_URL`` if set, else a SQLite file (``workbench.db`` in the data
     directory, :func:`workbench.paths.data_dir`)."""
@@ -408,11 +416,35 @@ class Store:
                     conn.exec_driver_sql(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
         # create_all makes a table's indexes only with the table: add the new ones,
         # and drop those of earlier schemas.
-        for index in outbox.indexes:
+        if self.dialect == "postgresql":
+            self._migrate_indexes_concurrently()
+            return
+        for index in outbox.indexes:  # SQLite: each under the write lock, in turn
             index.create(self.engine, checkfirst=True)
         with self.engine.begin() as conn:
             for name in _DROPPED_INDEXES:
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+
+    def _migrate_indexes_concurrently(self) -> None:
+        """PostgreSQL: build the outbox's new indexes and drop the old ones
+        ``CONCURRENTLY``, a statement at a time outside any transaction, so that
+        indexing a long outbox never holds up the commands and relays writing to
+        it, and no two tables' locks are ever held together. A build that was
+        interrupted leaves an invalid index behind: it is dropped and built again."""
+        dialect = self.engine.dialect
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for index in outbox.indexes:
+                valid = conn.execute(_INDEX_VALID, {"name": index.name}).scalar()
+                if valid is True:
+                    continue
+                if valid is False:
+                    conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {index.name}")
+                ddl = str(CreateIndex(index).compile(dialect=dialect))
+                conn.exec_driver_sql(
+                    ddl.replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY IF NOT EXISTS", 1)
+                )
+            for name in _DROPPED_INDEXES:
+                conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)
