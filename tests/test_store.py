@@ -356,6 +356,25 @@ def test_the_pending_indexes_hold_the_backlog_only_and_serve_the_relays_read(
 
 
 @pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_postgresql_create_schema_waits_for_another_process_creating_it(store: Store) -> None:
+    # Another process in the middle of create_schema holds the advisory lock.
+    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as other:
+        other.execute(select(func.pg_advisory_lock(store_module.SCHEMA_LOCK_KEY)))
+        done = threading.Event()
+
+        def create() -> None:
+            store.create_schema()
+            done.set()
+
+        worker = threading.Thread(target=create, daemon=True)
+        worker.start()
+        assert not done.wait(timeout=1.0), "create_schema went ahead under another's lock"
+        other.execute(select(func.pg_advisory_unlock(store_module.SCHEMA_LOCK_KEY)))
+        assert done.wait(timeout=30), "create_schema did not go on once the lock was free"
+    worker.join(timeout=5)
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
 def test_postgresql_pending_indexes_are_partial_and_an_interrupted_build_is_redone(
     store: Store,
 ) -> None:

@@ -243,6 +243,9 @@ _DROPPED_INDEXES = (
 )
 
 
+#: PostgreSQL: the advisory lock :meth:`Store.create_schema` holds (any fixed bigint).
+SCHEMA_LOCK_KEY = 0x776F726B62656E63  # "workbenc"
+
 #: PostgreSQL: whether the index of that name is valid (None: there is none).
 _INDEX_VALID = text(
     "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
@@ -400,8 +403,28 @@ class Store:
         self._pid = os.getpid()
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine)
-        self._add_missing_columns()
+        """Create what is missing: tables, the outbox's newer columns and indexes.
+
+        Safe to run from several processes at once: on SQLite each step takes the
+        write lock; on PostgreSQL the whole of it runs under a session advisory
+        lock (checking that a table or index is missing and creating it are two
+        statements, so two processes could otherwise both try to create it).
+        """
+        with self._schema_lock():
+            metadata.create_all(self.engine)
+            self._add_missing_columns()
+
+    @contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        if self.dialect != "postgresql":
+            yield
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:  # a process that dies releases it with its connection
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
 
     def _add_missing_columns(self) -> None:
         """Columns and indexes added to a table after a database was made
