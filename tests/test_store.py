@@ -309,26 +309,29 @@ def test_indexes_of_earlier_schemas_are_dropped_and_the_rows_kept(store: Store) 
             insert(notifications),
             {"event_id": "e1", "user_id": "u1", "channel": "sms", "body": "b", "at": 1.0},
         )
-    before = inspect(store.engine)
-    assert "ix_notifications_user" in {i["name"] for i in before.get_indexes("notifications")}
+
+    def names(table: str) -> set[str]:
+        return {i["name"] for i in inspect(store.engine).get_indexes(table)}
+
+    assert "ix_notifications_user" in names("notifications")
     store.create_schema()
-    found = inspect(store.engine)
-    assert "ix_notifications_user" not in {i["name"] for i in found.get_indexes("notifications")}
-    assert "ix_ledger_escrow" not in {i["name"] for i in found.get_indexes("ledger_entries")}
-    assert "ix_ledger_account" in {i["name"] for i in found.get_indexes("ledger_entries")}
+    assert "ix_notifications_user" not in names("notifications")
+    assert "ix_ledger_escrow" not in names("ledger_entries")
+    assert "ix_ledger_account" in names("ledger_entries")
     with store.engine.connect() as conn:
         assert conn.execute(select(notifications.c.user_id)).scalars().all() == ["u1"]
 
 
-def _pending_rows(store: Store, count: int) -> None:
+def _outbox_rows(store: Store, *, published: int, waiting: int) -> None:
+    """``published`` rows marked published (seq 1 on), then ``waiting`` unpublished ones."""
     rows = [
         {"event_id": f"e{i}", "stream": "escrow", "type": "t", "data": b"{}",
          "created_at": 1.0, "partition": i % 4}
-        for i in range(count)
+        for i in range(published + waiting)
     ]  # fmt: skip
     with store.begin() as conn:
         conn.execute(insert(outbox), rows)
-        mark_published(conn, 2.0, [(seq, f"{seq}-0") for seq in range(1, count - 9)])
+        mark_published(conn, 2.0, [(seq, f"{seq}-0") for seq in range(1, published + 1)])
 
 
 @pytest.mark.parametrize("store", ["sqlite"], indirect=True)
@@ -338,7 +341,7 @@ def test_the_pending_indexes_hold_the_backlog_only_and_serve_the_relays_read(
     from workbench.streams.keys import StreamNames
     from workbench.streams.relay import OutboxRelay
 
-    _pending_rows(store, 200)  # 190 published, 10 waiting
+    _outbox_rows(store, published=190, waiting=10)
     raw = sqlite3.connect(store.engine.url.database)
     # Planned as a running store plans it: without ANALYZE's statistics.
     relay = OutboxRelay(store, None, names=StreamNames("t"))  # type: ignore[arg-type]

@@ -412,7 +412,7 @@ class Store:
         """
         with self._schema_lock():
             metadata.create_all(self.engine)
-            self._add_missing_columns()
+            self._migrate()
 
     @contextmanager
     def _schema_lock(self) -> Iterator[None]:
@@ -426,9 +426,10 @@ class Store:
             finally:  # a process that dies releases it with its connection
                 conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
 
-    def _add_missing_columns(self) -> None:
-        """Columns and indexes added to a table after a database was made
-        (create_all skips existing tables): nullable columns, added in place."""
+    def _migrate(self) -> None:
+        """What create_all leaves out on a database made by an earlier schema (it
+        skips existing tables): the outbox's newer columns (nullable, added in
+        place) and indexes, and the indexes it no longer has, dropped."""
         from sqlalchemy import inspect
 
         have = {c["name"] for c in inspect(self.engine).get_columns("outbox")}
