@@ -25,7 +25,12 @@ other round:
   group. Each parallel step runs from the moment the processes leave a
   barrier to the last one's end. Anchor ``sql4``: the same four handlers on
   their groups' events (decoded before the step) in batches of 500, no Redis:
-  their SQL alone, the floor ``sql4_vs_raw4`` sets on ``parallel_vs_raw4``.
+  their SQL alone. Anchor ``plain4``: the whole job as the plainest code does
+  it, four processes: the raw loop reading, decoding and ordering each batch
+  (as ``raw1_ordered``), the real handler's ``handle`` on it, then the XACKs
+  with the next read: ``plain4_vs_raw4`` is the floor reading, ordering and
+  the SQL together set on ``parallel_vs_raw4`` (on a machine with fewer cores
+  than processes their CPU adds up, where ``sql4_vs_raw4`` counts the SQL alone).
 * ``noop``  :meth:`ConsumerWorker.drain` with a no-op handler over all streams
   in this process: the runtime loop's own cost. Anchor ``raw1``: one plain
   redis-py process on the same streams; ``raw1_decoded``: the same process
@@ -51,7 +56,7 @@ lifecycles made) through a fresh consumer group.
 Ratios (names stable; targets in :data:`TARGETS` or ``--target``):
 ``parallel_vs_raw4``, ``noop_vs_raw1``, ``noop_vs_faststream_batch``,
 ``noop_vs_faststream_one``, ``ordered_raw1_vs_faststream_batch``, ``parallel_vs_sql4``,
-``sql4_vs_raw4``,
+``sql4_vs_raw4``, ``parallel_vs_plain4``, ``plain4_vs_raw4``,
 ``noop_vs_raw1_decoded``, ``decoded_raw1_vs_raw1``, ``noop_vs_raw1_ordered``,
 ``ordered_raw1_vs_raw1``,
 ``relay_vs_xadd``, ``relay_vs_plain``, ``plain_relay_vs_xadd``; rates of every measurement,
@@ -136,6 +141,8 @@ MEASURES: dict[str, str] = {
     "parallel4": "four handler groups as four processes (ConsumerWorker + SQL handlers)",
     "raw4": "four raw redis-py processes, each on one handler group's streams",
     "sql4": "the four handlers' SQL alone, four processes (events decoded before)",
+    "plain4": "four plain processes doing the whole job: raw read, decode, order, the "
+    "handler's SQL, XACK with the next read",
     "raw1": f"one raw redis-py process: XREADGROUP COUNT {BATCH}, XACK pipelined with next read",
     "raw1_decoded": "the same raw process, each envelope also decoded (msgspec, validated)",
     "raw1_ordered": "the same raw process decoding, holding back behind full reads, "
@@ -159,6 +166,16 @@ RATIOS: dict[str, tuple[str, str, str]] = {
         "sql4",
         "raw4",
         "floor: the handlers' SQL alone / four raw processes (the SQL's share)",
+    ),
+    "parallel_vs_plain4": (
+        "parallel4",
+        "plain4",
+        "four handler groups / the same job as plain code (the runtime's share)",
+    ),
+    "plain4_vs_raw4": (
+        "plain4",
+        "raw4",
+        "floor: the whole job as plain code / four raw processes (reading, order and SQL together)",
     ),
     "noop_vs_raw1": ("noop", "raw1", "runtime no-op loop / one raw process"),
     "noop_vs_raw1_decoded": (
@@ -314,6 +331,7 @@ def raw_consume(
     *,
     decode: bool = False,
     order: bool = False,
+    handle: Callable[[list[Event]], None] | None = None,
 ) -> int:
     """Read ``streams`` to the end through ``group``; return the entries read and acked.
 
@@ -325,7 +343,9 @@ def raw_consume(
     decoding), the plainest code that keeps per-escrow order across streams:
     entries behind a stream whose read came back full (from its last entry's
     millisecond on) wait for the next read, and what is handled is sorted by
-    (escrow, sequence) first; an entry is acked once handled.
+    (escrow, sequence) first; an entry is acked once handled. With ``handle``
+    (implies ordering), what is handed over is also handled: ``handle`` gets the
+    batch's events in that order before their XACKs are sent.
     """
     pool = client.connection_pool
     conn = pool.get_connection()
@@ -338,8 +358,8 @@ def raw_consume(
         held: dict[bytes, list[tuple[bytes, Event]]] = {}
         while reply or held:
             batches = (reply.items() if isinstance(reply, dict) else reply) if reply else []
-            if order:
-                acks = _ordered_acks(batches, held, group)
+            if order or handle is not None:
+                acks = _ordered_acks(batches, held, group, handle)
             else:
                 if decode:
                     for _, got in batches:
@@ -357,12 +377,19 @@ def raw_consume(
 
 
 def _ordered_acks(
-    batches: Any, held: dict[bytes, list[tuple[bytes, Event]]], group: str
+    batches: Any,
+    held: dict[bytes, list[tuple[bytes, Event]]],
+    group: str,
+    handle: Callable[[list[Event]], None] | None = None,
 ) -> list[tuple[Any, ...]]:
     """``raw_consume(order=True)``'s step: the XACKs of what :func:`plain_ready`
-    hands over now (handled: a no-op, as the runtime's no-op handler)."""
+    hands over now, handled first by ``handle`` (None: a no-op, as the runtime's
+    no-op handler)."""
+    ready = plain_ready(batches, held)
+    if handle is not None and ready:
+        handle([event for _, _, event in ready])
     by_stream: dict[bytes, list[bytes]] = {}
-    for stream, entry_id, _ in plain_ready(batches, held):
+    for stream, entry_id, _ in ready:
         by_stream.setdefault(stream, []).append(entry_id)
     return [("XACK", s, group, *ids) for s, ids in by_stream.items()]
 
@@ -492,7 +519,7 @@ def _crew_member(
     group = GROUPS[index]
     client = connect(url)
     streams = names.streams(HANDLERS[group].aggregate_types)
-    handler = make_handler(group, Store(store_url)) if kind in ("runtime", "sql") else None
+    handler = make_handler(group, Store(store_url)) if kind != "raw" else None
     events = _group_events(client, streams) if kind == "sql" else []
     while True:
         step = pipe.recv()
@@ -507,7 +534,8 @@ def _crew_member(
                     handler.handle(events[i : i + BATCH])
                 ended = time.monotonic()
                 pipe.send(("ok", group, len(events), started, ended))
-            elif handler is not None:
+            elif kind == "runtime":
+                assert handler is not None
                 worker = ConsumerWorker(client, handler, consumer=f"{group}-bench", names=names)
                 worker.setup()
                 barrier.wait(timeout=120)
@@ -518,11 +546,12 @@ def _crew_member(
                 handled, failed = worker.stats.handled, worker.stats.failed
                 pipe.send(("ok", group, handled if not failed else -failed, started, ended))
             else:
-                raw_group = f"raw-{step}-{index}"
+                raw_group = f"{kind}-{step}-{index}"
                 create_groups(client, streams, raw_group)
                 barrier.wait(timeout=120)
                 started = time.monotonic()
-                read = raw_consume(client, streams, raw_group)
+                handle = handler.handle if handler is not None else None  # plain: the SQL too
+                read = raw_consume(client, streams, raw_group, handle=handle)
                 ended = time.monotonic()
                 destroy_groups(client, streams, raw_group)
                 pipe.send(("ok", group, read, started, ended))
@@ -543,8 +572,10 @@ def _group_events(client: redis.Redis, streams: list[str]) -> list[Event]:
 
 class Crew:
     """Four processes, one per handler group: ``runtime`` ones (a worker and the real
-    handler), ``raw`` ones (the plain loop) or ``sql`` ones (the real handler on the
-    group's events, decoded before the step, in batches of :data:`BATCH`: its SQL alone)."""
+    handler), ``raw`` ones (the plain loop), ``plain`` ones (the plain loop, ordering,
+    with the real handler's ``handle``: the whole job as plain code) or ``sql`` ones
+    (the real handler on the group's events, decoded before the step, in batches of
+    :data:`BATCH`: its SQL alone)."""
 
     def __init__(self, kind: str, url: str, store: Store, names: StreamNames) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -818,7 +849,8 @@ def run(
             runtime_crew = Crew("runtime", url, store, names)
             raw_crew = Crew("raw", url, store, names)
             sql_crew = Crew("sql", url, store, names)
-            crews += [runtime_crew, raw_crew, sql_crew]
+            plain_crew = Crew("plain", url, store, names)
+            crews += [runtime_crew, raw_crew, sql_crew, plain_crew]
 
             def handled_by(crew: Crew) -> tuple[int, float]:
                 """A step of a crew that writes: from empty tables, every entry handled."""
@@ -840,6 +872,9 @@ def run(
             def step_sql4() -> tuple[int, float]:
                 return handled_by(sql_crew)
 
+            def step_plain4() -> tuple[int, float]:
+                return handled_by(plain_crew)
+
             measures: dict[str, Callable[[], Sample]] = {}
             for name, step in (
                 ("commands", step_commands),
@@ -849,6 +884,7 @@ def run(
                 ("parallel4", step_parallel4),
                 ("raw4", step_raw4),
                 ("sql4", step_sql4),
+                ("plain4", step_plain4),
                 ("raw1", raw1_step("raw1")),
                 ("raw1_decoded", raw1_step("raw1_decoded", decode=True)),
                 ("raw1_ordered", raw1_step("raw1_ordered", order=True)),

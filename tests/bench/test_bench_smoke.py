@@ -29,6 +29,8 @@ RATIOS = {
     "ordered_raw1_vs_raw1",
     "parallel_vs_sql4",
     "sql4_vs_raw4",
+    "parallel_vs_plain4",
+    "plain4_vs_raw4",
 }
 
 
@@ -58,7 +60,7 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
 
     faststream = p["faststream"] is not None
     measured = {"commands", "relay", "relay_plain", "xadd", "parallel4", "raw4", "raw1", "noop"}
-    measured |= {"raw1_decoded", "raw1_ordered", "sql4"}
+    measured |= {"raw1_decoded", "raw1_ordered", "sql4", "plain4"}
     if faststream:
         measured |= {"fs_batch", "fs_one"}
     else:  # the record says why the peer anchor is missing
@@ -84,7 +86,9 @@ def test_throughput_bench_quick_run(tmp_path) -> None:  # type: ignore[no-untype
             "fs_batch",
         )
     }
-    per_step |= dict.fromkeys(("parallel4", "raw4", "sql4"), sum(p["entries_per_group"].values()))
+    per_step |= dict.fromkeys(
+        ("parallel4", "raw4", "sql4", "plain4"), sum(p["entries_per_group"].values())
+    )
     assert per_step["raw4"] > p["entries"]  # the escrow stream is read by all four groups
     for name in measured - {"commands", "fs_one"}:
         for rnd in record["rounds"]:
@@ -171,3 +175,27 @@ def test_the_plain_ordered_loop_holds_back_behind_a_full_read_and_sorts_by_escro
     early = _entries(1000, [("esc_x", 1), ("esc_z", 0)])
     ready = plain_ready([(b"a", full), (b"b", early)], held)
     assert len(ready) == BATCH + 2 and held == {}
+
+
+def test_the_plain_whole_job_handles_what_it_hands_over_in_order_before_acking_it() -> None:
+    from bench.throughput import BATCH, _ordered_acks
+
+    full = _entries(1000, [(f"esc_{k:04d}", 1) for k in range(BATCH)])
+    last = 1000 + BATCH - 1
+    short = _entries(last - 1, [("esc_0003", 0), ("esc_x", 1), ("esc_z", 0)])
+    handled: list[list[tuple[str, int]]] = []
+
+    def handle(events: list) -> None:  # type: ignore[type-arg]
+        handled.append([(e.aggregate_id, e.sequence) for e in events])
+
+    held: dict[bytes, list[tuple[bytes, object]]] = {}
+    acks = _ordered_acks([(b"a", full), (b"b", short)], held, "g", handle)
+    assert len(handled) == 1 and handled[0] == sorted(handled[0])
+    # Handled is acked, and only that: a's last ms and b's from it on wait.
+    assert len(handled[0]) == sum(len(a) - 3 for a in acks) == BATCH - 1 + 1
+    assert handled[0][3:5] == [("esc_0003", 0), ("esc_0003", 1)]
+    # What was held is handled with the next read; a read with nothing ready calls nothing.
+    acks = _ordered_acks([], held, "g", handle)
+    assert handled[1] == [("esc_0499", 1), ("esc_x", 1), ("esc_z", 0)]
+    assert sum(len(a) - 3 for a in acks) == 3
+    assert _ordered_acks([], held, "g", handle) == [] and len(handled) == 2
