@@ -20,11 +20,14 @@ of trials; then its cost ratios against the plain cells) and ``mutation`` (per
 mutated module: mutants, killed, survived, equivalent, score; the record
 ``bench/mutation_score.py`` writes). The block ``targets`` gathers, across
 all records, every figure with a target and every floor (a figure whose
-``what`` starts with "floor"). The output depends on the records alone, so running it twice
-changes nothing. ``--check`` changes nothing and exits 1 when the README
-differs from what the records give (a stale or hand-edited table), naming the
-blocks; markers without a record and records without markers are reported,
-and a marker pair out of order or unclosed is an error (exit 2).
+``what`` starts with "floor"); beside each target, the floor that bounds it
+(:data:`FLOOR_OF`) and where that floor's interval puts the target: out of
+reach on the record's machine, within reach, or at the edge. The output
+depends on the records alone, so running it twice changes nothing.
+``--check`` changes nothing and exits 1 when the README differs from what the
+records give (a stale or hand-edited table), naming the blocks; markers
+without a record and records without markers are reported, and a marker pair
+out of order or unclosed is an error (exit 2).
 
 Usage::
 
@@ -422,11 +425,66 @@ def _is_floor(summary: Mapping[str, Any]) -> bool:
     return str(summary.get("what", "")).startswith("floor")
 
 
+#: The floor that bounds each target: (bench, target) -> a figure of the same record,
+#: the plain code doing the target's work (or, for capacity, the headline row that
+#: gives what the cores allow at the measured CPU per lifecycle, or ``self`` for a
+#: ratio to its own floor, which the floor bounds at 1).
+FLOOR_OF: dict[tuple[str, str], str] = {
+    ("simulate", "speed_vs_floor"): "self",
+    ("throughput", "parallel_vs_raw4"): "plain4_vs_raw4",
+    ("throughput", "noop_vs_raw1"): "ordered_raw1_vs_raw1",
+    ("throughput", "noop_vs_faststream_batch"): "ordered_raw1_vs_faststream_batch",
+    ("throughput", "relay_vs_xadd"): "plain_relay_vs_xadd",
+    ("sse", "latency_p99_sse_vs_xreadgroup"): "latency_p99_plain_vs_xreadgroup",
+    ("sse", "latency_p99_9_sse_vs_xreadgroup"): "latency_p99_9_plain_vs_xreadgroup",
+    ("simulate", "batched_at_10"): "floor_batched_at_10",
+    ("capacity", "http_vs_direct"): "headline:the target needs",
+    ("capacity_postgresql", "http_vs_direct"): "headline:the target needs",
+}
+
+OUT_OF_REACH, WITHIN_REACH, AT_THE_EDGE = "out of reach here", "within reach", "at the edge"
+
+
+def reach(target: float, at_most: bool, lo: float, hi: float) -> str:
+    """Where a floor's interval ``lo``-``hi`` puts a target: out of reach when the
+    whole interval is on the wrong side of it (below a ``>=`` target, above an
+    ``at_most`` one), within reach when the whole interval clears it, else at the
+    edge (the floor's own spread straddles it)."""
+    beyond = lo > target if at_most else hi < target
+    clear = hi <= target if at_most else lo >= target
+    return OUT_OF_REACH if beyond else WITHIN_REACH if clear else AT_THE_EDGE
+
+
+def _floor_cell(bench: str, record: Mapping[str, Any], name: str, s: Mapping[str, Any]) -> str:
+    """The target's floor as the targets table shows it (``—``: none known)."""
+    floor = FLOOR_OF.get((bench, name))
+    if floor is None:
+        return "—"
+    if floor == "self":
+        return f"1 (it is a ratio to its floor): {reach(s['target'], bool(s.get('at_most')), 1, 1)}"
+    if floor.startswith("headline:"):
+        label = floor.split(":", 1)[1]
+        rows = record.get("figures", {}).get("headline", [])
+        found = [value for row_label, value in rows if str(row_label).startswith(label)]
+        return found[0] if found else "—"
+    for section in ("ratios", "rates", "bounds"):
+        f = record.get(section, {}).get(floor)
+        if f is not None:
+            unit, (lo, hi) = f["unit"], f["interval"]
+            where = reach(s["target"], bool(s.get("at_most")), lo, hi)
+            suffix = "" if unit == "ratio" else f" {unit}"
+            return (
+                f"`{floor}` {_number(f['median'], unit)}{suffix} "
+                f"({_number(lo, unit)}–{_number(hi, unit)}): {where}"
+            )
+    return "—"
+
+
 def render_targets(recs: Mapping[str, Mapping[str, Any]]) -> str:
     """One table of every figure that has a target, from whichever record holds it,
-    then the floors the benches measured (the most a figure can be on this
-    machine while the work it names stays in the loop), each with its record's
-    commit and date."""
+    with the floor that bounds it and where that floor puts it, then the floors the
+    benches measured (the most a figure can be on this machine while the work it
+    names stays in the loop), each with its record's commit and date."""
     targets: list[str] = []
     floors: list[str] = []
     for bench in sorted(recs):
@@ -447,13 +505,19 @@ def render_targets(recs: Mapping[str, Mapping[str, Any]]) -> str:
                 ]
                 if s.get("target") is not None:
                     side = "≤" if s.get("at_most") else "≥"
-                    cells += [f"{side} {_number(s['target'], unit)}", s.get("verdict") or "", where]
+                    cells += [
+                        f"{side} {_number(s['target'], unit)}",
+                        s.get("verdict") or "",
+                        _floor_cell(bench, record, name, s),
+                        where,
+                    ]
                     targets.append("| " + " | ".join(cells) + " |")
                 elif _is_floor(s):
                     floors.append("| " + " | ".join([*cells, where]) + " |")
     out = [
-        "| bench | figure | what | median | interval | target | verdict | measured |",
-        "|---|---|---|---:|---:|---:|---|---|",
+        "| bench | figure | what | median | interval | target | verdict | its floor here | "
+        "measured |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
         *targets,
     ]
     if floors:

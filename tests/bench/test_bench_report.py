@@ -360,7 +360,7 @@ def test_the_targets_block_gathers_every_target_and_floor_across_records(tmp_pat
     assert "| relay | `kib` | KiB each | 21 KiB | 20–22 | ≤ 32 | MET |" in block  # a ceiling
     target_rows = [ln for ln in lines if "| ≥ " in ln]
     assert target_rows == [
-        "| throughput | `a_vs_b` | a / b | 0.31 | 0.3–0.32 | ≥ 0.25 | MET "
+        "| throughput | `a_vs_b` | a / b | 0.31 | 0.3–0.32 | ≥ 0.25 | MET | — "
         "| `0123456789` 2026-12-06 |"
     ]
     floors = lines[lines.index("| bench | figure | what | median | interval | measured |") :]
@@ -378,6 +378,43 @@ def test_the_targets_block_gathers_every_target_and_floor_across_records(tmp_pat
     assert run_report(readme, recs, "--check").returncode == 0
     records.write(throughput_record([200, 240, 260, 300, 220]), recs / "throughput.json")
     assert run_report(readme, recs, "--check").returncode == 1
+
+
+def test_reach_says_where_a_floors_interval_puts_a_target() -> None:
+    # A ">=" target: out of reach only when the whole floor interval is below it.
+    assert report.reach(0.33, False, 0.26, 0.29) == report.OUT_OF_REACH
+    assert report.reach(0.33, False, 0.33, 0.40) == report.WITHIN_REACH
+    assert report.reach(0.33, False, 0.30, 0.35) == report.AT_THE_EDGE
+    assert report.reach(0.33, False, 0.30, 0.33) == report.AT_THE_EDGE
+    # A ceiling: out of reach only when the whole interval is above it.
+    assert report.reach(1.3, True, 1.58, 2.08) == report.OUT_OF_REACH
+    assert report.reach(1.3, True, 0.86, 1.30) == report.WITHIN_REACH
+    assert report.reach(1.3, True, 1.20, 1.40) == report.AT_THE_EDGE
+    assert report.reach(1.3, True, 1.30, 1.40) == report.AT_THE_EDGE
+
+
+def test_each_target_shows_the_floor_that_bounds_it_and_where_it_puts_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    record = throughput_record([300, 310, 320, 305, 315])  # a_vs_b, target 0.25
+    rounds = [{"a": Sample(a, 1.0), "b": Sample(1000, 1.0)} for a in (200, 210, 220)]
+    floor = stats.ratio_summary("floor_ab", rounds, "a", "b", what="floor: plain / anchor")
+    record["ratios"]["floor_ab"] = floor.to_dict()
+    monkeypatch.setitem(report.FLOOR_OF, ("throughput", "a_vs_b"), "floor_ab")
+    row = next(ln for ln in report.render_targets({"throughput": record}).splitlines()
+               if "`a_vs_b`" in ln)  # fmt: skip
+    assert "| `floor_ab` 0.21 (0.2–0.22): out of reach here |" in row
+    # A floor that clears the target, and one whose spread straddles it.
+    for values, said in (((260, 270, 280), report.WITHIN_REACH), ((240, 250, 260), "edge")):
+        rounds = [{"a": Sample(a, 1.0), "b": Sample(1000, 1.0)} for a in values]
+        record["ratios"]["floor_ab"] = stats.ratio_summary(
+            "floor_ab", rounds, "a", "b", what="floor: plain / anchor"
+        ).to_dict()
+        assert said in report.render_targets({"throughput": record})
+    # A headline floor (capacity) is shown as its record says it; none known: a dash.
+    record["figures"] = {"headline": [["the target needs 0.5 x direct", "9/s needed; 4/s"]]}
+    monkeypatch.setitem(report.FLOOR_OF, ("throughput", "a_vs_b"), "headline:the target needs")
+    assert "| 9/s needed; 4/s |" in report.render_targets({"throughput": record})
+    monkeypatch.delitem(report.FLOOR_OF, ("throughput", "a_vs_b"))
+    assert "| MET | — |" in report.render_targets({"throughput": record})
 
 
 def test_the_method_line_says_how_the_rounds_were_ordered() -> None:
