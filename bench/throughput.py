@@ -27,10 +27,12 @@ other round:
   their groups' events (decoded before the step) in batches of 500, no Redis:
   their SQL alone. Anchor ``plain4``: the whole job as the plainest code does
   it, four processes: the raw loop reading, decoding and ordering each batch
-  (as ``raw1_ordered``), the real handler's ``handle`` on it, then the XACKs
-  with the next read: ``plain4_vs_raw4`` is the floor reading, ordering and
-  the SQL together set on ``parallel_vs_raw4`` (on a machine with fewer cores
-  than processes their CPU adds up, where ``sql4_vs_raw4`` counts the SQL alone).
+  (as ``raw1_ordered``: sorted by escrow, where the runtime keeps the read's
+  interleaving across escrows), the real handler's ``handle`` on it, then the
+  XACKs with the next read: ``plain4_vs_raw4`` is plain code's floor for
+  ``parallel_vs_raw4``, reading, ordering and the SQL together (on a machine with
+  fewer cores than processes their CPU adds up, where ``sql4_vs_raw4`` counts the
+  SQL alone).
 * ``noop``  :meth:`ConsumerWorker.drain` with a no-op handler over all streams
   in this process: the runtime loop's own cost. Anchor ``raw1``: one plain
   redis-py process on the same streams; ``raw1_decoded``: the same process

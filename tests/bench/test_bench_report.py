@@ -391,6 +391,26 @@ def test_reach_says_where_a_floors_interval_puts_a_target() -> None:
     assert report.reach(1.3, True, 0.86, 1.30) == report.WITHIN_REACH
     assert report.reach(1.3, True, 1.20, 1.40) == report.AT_THE_EDGE
     assert report.reach(1.3, True, 1.30, 1.40) == report.AT_THE_EDGE
+    # Too few rounds give a floor no spread to judge by.
+    assert report.reach(0.33, False, 0.26, 0.29, rounds=2) == report.AT_THE_EDGE
+
+
+def test_every_floor_named_beside_a_target_is_in_its_record_with_the_same_anchor() -> None:
+    recs = {p.stem: json.loads(p.read_text()) for p in (ROOT / "bench" / "records").glob("*.json")}
+    assert report.FLOOR_OF  # the loop below runs
+    for (bench, target), floor in report.FLOOR_OF.items():
+        record = recs[bench]
+        section = next(k for k in ("ratios", "rates", "bounds") if target in record.get(k, {}))
+        t = record[section][target]
+        if floor == "self":
+            assert t["denominator"] == "floor", (bench, target)
+        elif floor.startswith("headline:"):
+            labels = [row[0] for row in record["figures"]["headline"]]
+            assert any(label.startswith(floor.split(":", 1)[1]) for label in labels), bench
+        else:
+            f = record[section][floor]  # a ratio's floor is a ratio, a rate's a rate
+            assert f["what"].startswith("floor") and f["unit"] == t["unit"], (bench, floor)
+            assert f.get("denominator") == t.get("denominator"), (bench, target, floor)
 
 
 def test_each_target_shows_the_floor_that_bounds_it_and_where_it_puts_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -401,18 +421,32 @@ def test_each_target_shows_the_floor_that_bounds_it_and_where_it_puts_it(monkeyp
     monkeypatch.setitem(report.FLOOR_OF, ("throughput", "a_vs_b"), "floor_ab")
     row = next(ln for ln in report.render_targets({"throughput": record}).splitlines()
                if "`a_vs_b`" in ln)  # fmt: skip
-    assert "| `floor_ab` 0.21 (0.2–0.22): out of reach here |" in row
+    assert f"| `floor_ab` 0.21 (0.2–0.22): {report.OUT_OF_REACH} |" in row
     # A floor that clears the target, and one whose spread straddles it.
     for values, said in (((260, 270, 280), report.WITHIN_REACH), ((240, 250, 260), "edge")):
+        assert said not in report.render_targets({"throughput": record})
         rounds = [{"a": Sample(a, 1.0), "b": Sample(1000, 1.0)} for a in values]
         record["ratios"]["floor_ab"] = stats.ratio_summary(
             "floor_ab", rounds, "a", "b", what="floor: plain / anchor"
         ).to_dict()
         assert said in report.render_targets({"throughput": record})
-    # A headline floor (capacity) is shown as its record says it; none known: a dash.
+    # A ceiling reads the other way: a floor below it clears it.
+    record["ratios"]["a_vs_b"].update(target=0.3, at_most=True, verdict=stats.MET)
+    record["ratios"]["a_vs_b"]["interval"] = [0.2, 0.22]
+    assert f"(0.24–0.26): {report.WITHIN_REACH}" in report.render_targets({"throughput": record})
+    record["ratios"]["floor_ab"]["interval"] = [0.31, 0.4]
+    assert f"(0.31–0.4): {report.OUT_OF_REACH}" in report.render_targets({"throughput": record})
+    # A ratio to its own floor; a headline bound (capacity), marked as not plain code;
+    # none known: a dash.
+    monkeypatch.setitem(report.FLOOR_OF, ("throughput", "a_vs_b"), "self")
+    assert f"1 (it is a ratio to its floor): {report.OUT_OF_REACH}" in report.render_targets(
+        {"throughput": record}
+    )
     record["figures"] = {"headline": [["the target needs 0.5 x direct", "9/s needed; 4/s"]]}
     monkeypatch.setitem(report.FLOOR_OF, ("throughput", "a_vs_b"), "headline:the target needs")
-    assert "| 9/s needed; 4/s |" in report.render_targets({"throughput": record})
+    assert "| CPU bound, not plain code: 9/s needed; 4/s |" in report.render_targets(
+        {"throughput": record}
+    )
     monkeypatch.delitem(report.FLOOR_OF, ("throughput", "a_vs_b"))
     assert "| MET | — |" in report.render_targets({"throughput": record})
 

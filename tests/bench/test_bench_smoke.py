@@ -179,6 +179,7 @@ def test_the_plain_ordered_loop_holds_back_behind_a_full_read_and_sorts_by_escro
 
 def test_the_plain_whole_job_handles_what_it_hands_over_in_order_before_acking_it() -> None:
     from bench.throughput import BATCH, _ordered_acks
+    from workbench.domain.events import decode
 
     full = _entries(1000, [(f"esc_{k:04d}", 1) for k in range(BATCH)])
     last = 1000 + BATCH - 1
@@ -193,6 +194,14 @@ def test_the_plain_whole_job_handles_what_it_hands_over_in_order_before_acking_i
     assert len(handled) == 1 and handled[0] == sorted(handled[0])
     # Handled is acked, and only that: a's last ms and b's from it on wait.
     assert len(handled[0]) == sum(len(a) - 3 for a in acks) == BATCH - 1 + 1
+    key_of = {
+        (stream, entry[0]): (e.aggregate_id, e.sequence)
+        for stream, got in ((b"a", full), (b"b", short))
+        for entry in got
+        for e in [decode(entry[1][1])]
+    }
+    acked = sorted(key_of[(a[1], i)] for a in acks for i in a[3:])
+    assert acked == sorted(handled[0])
     assert handled[0][3:5] == [("esc_0003", 0), ("esc_0003", 1)]
     # What was held is handled with the next read; a read with nothing ready calls nothing.
     acks = _ordered_acks([], held, "g", handle)
