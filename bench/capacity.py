@@ -45,7 +45,11 @@ clears it.
 
 Timing is printed and recorded, never asserted: the load generator, the
 server's processes, Redis and the store share the machine's cores, and the
-load average goes into the record. The record goes to
+load average goes into the record. The CPU each step cost is read per process
+(serve's from its supervision file, Redis' from ``INFO cpu``, the generator's
+own) and, when the PostgreSQL server is on this machine (the URL's host is
+local or a socket), every ``postgres`` process's too (``bench/cpu.py``): the
+database's work shares the cores and counts toward what they allow. The record goes to
 ``bench/records/capacity.json`` (``capacity_postgresql.json`` on PostgreSQL;
 ``--quick`` writes none unless ``--record``). ``--keep`` keeps the temporary
 directory with the logs of serve's processes; the record counts the lines in
@@ -86,7 +90,7 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(ROOT))
 
 from bench import records, stats  # noqa: E402
-from bench.cpu import process_cpu_s, redis_cpu_s  # noqa: E402
+from bench.cpu import is_local_host, local_postgres_cpu_s, process_cpu_s, redis_cpu_s  # noqa: E402
 from bench.loadgen import Bounds, Driver, Phones, StepResult, run_step, step_verdict  # noqa: E402
 from bench.sse import ApiServer, new_loop, raise_fd_limit  # noqa: E402
 from bench.throughput import STEP_ESCROWS, produce  # noqa: E402
@@ -202,6 +206,10 @@ def stores(config: Config, directory: Path) -> Iterator[tuple[str, str, str]]:
         engine.dispose()
 
 
+def _local_database(url: str) -> bool:
+    return is_local_host(sqlalchemy.engine.make_url(url).host)
+
+
 class Direct:
     """The denominator: lifecycles through :class:`EscrowService` in this process."""
 
@@ -278,6 +286,9 @@ class Http:
         }
         out["redis"] = redis_cpu_s(self.client)
         out["load generator"] = time.process_time()
+        if self.config.database_url is not None and _local_database(self.config.database_url):
+            # A PostgreSQL server on this machine works on these cores too.
+            out["postgresql"] = local_postgres_cpu_s()
         return out
 
     async def step(self, rate: float) -> StepResult:
@@ -466,8 +477,8 @@ def errors_logged(directory: Path, keep: int = 5) -> dict[str, Any]:
 def ceilings(best: StepResult, cpus: int) -> dict[str, float]:
     """What the cores allow at the CPU a lifecycle cost at the sustained rate.
 
-    ``total_ms``: CPU ms per lifecycle of every process (serve's, Redis and the
-    load generator); ``client_ms``: the load generator's share. ``machine``:
+    ``total_ms``: CPU ms per lifecycle of every process (serve's, Redis, the
+    load generator and a PostgreSQL server on this machine); ``client_ms``: the load generator's share. ``machine``:
     lifecycles/s at which ``cpus`` cores would be saturated at that cost;
     ``client``: the same for the load generator alone, a ceiling no server
     could lift on this machine (the phones must be driven from its cores).
@@ -589,6 +600,14 @@ def record_of(
             "http rate: the highest offered rate that kept up in the round's search "
             f"(steps x{config.factor:g}, {config.refine} bisections)",
             "the load generator, the server's processes, Redis and the store share the cores",
+            *(
+                [
+                    "postgresql: the CPU of every postgres process on this machine (the server "
+                    "shares the cores)"
+                ]
+                if config.database_url is not None and _local_database(config.database_url)
+                else []
+            ),
         ],
     )
 
