@@ -49,8 +49,8 @@ load average goes into the record. The CPU each step cost is read per process
 (serve's from its supervision file, Redis' from ``INFO cpu``, the generator's
 own) and, when the PostgreSQL server is on this machine (the URL's host is
 local or a socket), every ``postgres`` process's too (``bench/cpu.py``): the
-database's work shares the cores and counts toward what they allow. The record goes to
-``bench/records/capacity.json`` (``capacity_postgresql.json`` on PostgreSQL;
+database's work shares the cores and counts toward what they allow. The record
+goes to ``bench/records/capacity.json`` (``capacity_postgresql.json`` on PostgreSQL;
 ``--quick`` writes none unless ``--record``). ``--keep`` keeps the temporary
 directory with the logs of serve's processes; the record counts the lines in
 them that report trouble.
@@ -478,8 +478,9 @@ def ceilings(best: StepResult, cpus: int) -> dict[str, float]:
     """What the cores allow at the CPU a lifecycle cost at the sustained rate.
 
     ``total_ms``: CPU ms per lifecycle of every process (serve's, Redis, the
-    load generator and a PostgreSQL server on this machine); ``client_ms``: the load generator's share. ``machine``:
-    lifecycles/s at which ``cpus`` cores would be saturated at that cost;
+    load generator and a PostgreSQL server on this machine); ``client_ms``: the
+    load generator's share. ``machine``: lifecycles/s at which ``cpus`` cores
+    would be saturated at that cost;
     ``client``: the same for the load generator alone, a ceiling no server
     could lift on this machine (the phones must be driven from its cores).
     """
