@@ -234,6 +234,27 @@ def test_get_unknown_escrow_raises(service: EscrowService) -> None:
         service.get("nope")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda s, e: s.get(e),
+        lambda s, e: s.ship(e, "s1"),
+        lambda s, e: s.cancel(e, "b1", "why"),
+        lambda s, e: s.expire(e),
+    ],
+    ids=["get", "ship", "cancel", "expire"],
+)
+def test_an_escrow_id_with_a_nul_is_not_found_and_changes_nothing(
+    service: EscrowService, store: Store, command: Any
+) -> None:
+    # PostgreSQL's text cannot hold NUL: asked as it is, the driver would raise.
+    service.create("b1", "s1", 100, escrow_id="e1")
+    before = snapshot(store)
+    with pytest.raises(EscrowNotFound, match="no escrow"):
+        command(service, "e1\x00")
+    assert snapshot(store) == before
+
+
 def test_fund_without_gateway_raises(store: Store, clock: ManualClock) -> None:
     bare = EscrowService(store, clock=clock, ids=IdFactory(1))
     bare.create("b1", "s1", 100, escrow_id="e1")
@@ -887,6 +908,35 @@ def test_a_token_for_another_payment_is_refused(
     bad = service.handle_callback(own_token[:-2] + "xx", body)
     assert (bad.status, bad.outcome) == (403, "rejected_bad_token")
     assert _state_of(store, "victim") == before
+
+
+def test_a_checkout_of_another_payment_is_not_adopted_at_a_url_without_one(
+    paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
+) -> None:
+    # A forger's own payment whose push answer was lost (no checkout recorded: its URL
+    # would adopt the checkout a callback names) must not take the victim's checkout.
+    service, gateway = paying
+    service.create("b1", "s1", 1000, escrow_id="victim")
+    service.create("m1", "s9", 1000, escrow_id="own")
+    victim = service.fund("victim", "b1", "254700000001").escrow["checkout_request_id"]
+    gateway.crash_after_next_push = True
+    with pytest.raises(CrashAfterCommit):
+        service.fund("own", "m1", "254700000001")  # the victim's phone, the same amount
+    pushes = {parse_callback(c.body).checkout_request_id: c for c in gateway._queue}
+    victim_push = pushes.pop(victim)
+    (own_push,) = pushes.values()
+    own_token = token_of(own_push.url)
+    clock.advance(gateway.behaviour.delay_max + 1)  # the victim's payment has succeeded
+    before = {e: _state_of(store, e) for e in ("victim", "own")}
+    body = stk_callback(victim, RESULT_OK, amount=1000, receipt="FORGED", phone="254700000001")
+    outcome = service.handle_callback(own_token, body)
+    assert (outcome.status, outcome.outcome) == (403, "rejected_checkout_mismatch")
+    assert {e: _state_of(store, e) for e in ("victim", "own")} == before
+    genuine = service.handle_callback(token_of(victim_push.url), victim_push.body)
+    assert (genuine.status, genuine.outcome) == (200, "applied")
+    escrow = service.get("victim")
+    assert escrow.state is S.FUNDED and escrow.mpesa_receipt != "FORGED"
+    assert service.get("own").state is S.CREATED
 
 
 def test_an_unanswered_query_changes_nothing_until_the_gateway_answers(

@@ -650,7 +650,12 @@ class EscrowService:
             raise UnknownCheckout(
                 f"payment {reference} already has checkout {r['checkout_request_id']}"
             )
-        if _SELECT_CHECKOUT.first(conn, {"id": checkout}) is not None:
+        existing = _SELECT_CHECKOUT.first(conn, {"id": checkout})
+        if existing is not None:
+            # Recorded before: by this payment (a replay), or by another one, whose
+            # checkout a callback at this payment's URL must not take over.
+            if dict(zip(_CHECKOUT_COLUMNS, existing, strict=True))["reference"] != reference:
+                raise UnknownCheckout(f"checkout {checkout} is another payment's")
             return CommandResult(escrow.to_dict(), [], True)
         now = self.clock.now()
         _SET_REQUEST_CHECKOUT.execute(
@@ -800,8 +805,12 @@ class EscrowService:
         checkout = claim.checkout_request_id
         if r["checkout_request_id"] is None:
             # Pushed, but the id was never stored (the pusher died or its answer
-            # was lost): only the gateway knows this URL, so adopt its id.
-            self._record_push(reference, checkout)
+            # was lost): only the gateway knows this URL, so adopt its id, unless
+            # it is another payment's (or another process recorded one meanwhile).
+            try:
+                self._record_push(reference, checkout)
+            except UnknownCheckout as exc:
+                return self._reject(403, "checkout_mismatch", str(exc))
         elif r["checkout_request_id"] != checkout:
             return self._reject(
                 403, "checkout_mismatch", f"{checkout} is not the checkout of this callback URL"
@@ -1055,6 +1064,8 @@ class EscrowService:
         return self.partitioning.of(escrow_id) if self.partitioning else 0
 
     def _load(self, conn: Connection, escrow_id: str, *, lock: bool) -> Escrow | None:
+        if "\x00" in escrow_id:  # no id has one, and PostgreSQL's text cannot be asked for it
+            return None
         row = (_LOCK_ESCROW if lock else _SELECT_ESCROW).first(conn, {"id": escrow_id})
         return _row_to_escrow(row) if row else None
 

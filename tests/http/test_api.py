@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -12,6 +14,7 @@ from workbench.domain.events import decode
 from workbench.handlers.ledger import MONEY_EVENTS
 from workbench.http.app import Settings
 from workbench.http.auth import issue_token
+from workbench.http.commands import scoped_key
 from workbench.payments.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
 
 EXPIRED = issue_token("alice", SECRET, ttl_s=1, clock=ManualClock(1e9))
@@ -78,6 +81,26 @@ def test_same_key_for_a_different_command_is_409(api: str, alice: str, bob: str)
     )
     assert response.status_code == 409
     assert response.json()["error"] == "idempotency_conflict"
+
+
+def test_scoped_keys_are_one_per_user_and_key() -> None:
+    assert scoped_key("alice", "k1") == "alice:k1"  # as stored before: retries still match
+    assert scoped_key("alice", None) is None
+    digest = "\\" + hashlib.sha256(b"a:b").hexdigest()[:40]  # what "a:b" stands as
+    pairs = [("a:b", "x"), ("a", "b:x"), ("a:", "x"), ("a", ":x"), (digest, "x")]
+    assert len({scoped_key(user, key) for user, key in pairs}) == len(pairs)
+
+
+def test_one_users_key_never_collides_with_anothers(api: str, alice: str, bob: str) -> None:
+    # "a:b" with key "x" and "a" with key "b:x" once scoped to the same stored key:
+    # the second user's command was refused, naming the first user's command.
+    colon_user = f"{alice}:b"
+    first = _create(api, colon_user, bob, **{"Idempotency-Key": "x"})
+    assert first.status_code == 201, first.text
+    second = _create(api, alice, bob, **{"Idempotency-Key": "b:x"})
+    assert second.status_code == 201, second.text
+    assert second.json()["replayed"] is False
+    assert second.json()["escrow"]["id"] != first.json()["escrow"]["id"]
 
 
 @pytest.mark.parametrize(
@@ -310,6 +333,17 @@ def test_with_redis_dead_commands_work_and_reads_say_503(
     # Back: the event of the command made while Redis was down arrives.
     got, reset = read_events(api, alice, last_event_id="0", until_ready_and=1)
     assert not reset and [e.event for e in got] == ["escrow.created"]
+
+
+@pytest.mark.parametrize("last", [f"{2**64 - 1}-{2**64 - 1}", f"{2**64 - 1}-{2**64 - 2}"])
+def test_a_last_event_id_past_every_entry_gets_a_reset(
+    api: str, alice: str, bob: str, last: str
+) -> None:
+    # The largest id Redis can name: nothing can follow it (an exclusive range from
+    # it is an error in Redis), and it is no entry of the stream, so: a reset.
+    assert _create(api, alice, bob).status_code == 201
+    got, reset = read_events(api, alice, last_event_id=last, until_ready_and=1)
+    assert reset and got == []
 
 
 @pytest.mark.parametrize(

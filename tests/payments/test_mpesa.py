@@ -202,6 +202,33 @@ BAD_BODIES = {
         "MpesaReceiptNumber",
     ),  # fmt: skip
     "long-CheckoutRequestID": (_with((*CB, "CheckoutRequestID"), "x" * 65), "at most 64"),
+    "NUL-in-CheckoutRequestID": (_with((*CB, "CheckoutRequestID"), "ws_CO\x00"), "NUL"),
+    "NUL-in-ResultDesc": (_with((*CB, "ResultDesc"), "ok\x00"), "NUL"),
+    "NUL-in-receipt": (
+        _with(
+            (*CB, "CallbackMetadata"),
+            {
+                "Item": [
+                    {"Name": "Amount", "Value": 1},
+                    {"Name": "MpesaReceiptNumber", "Value": "R\x00"},
+                ]
+            },
+        ),
+        "NUL",
+    ),  # fmt: skip
+    "NUL-in-phone": (
+        _with(
+            (*CB, "CallbackMetadata"),
+            {
+                "Item": [
+                    {"Name": "Amount", "Value": 1},
+                    {"Name": "MpesaReceiptNumber", "Value": "R1"},
+                    {"Name": "PhoneNumber", "Value": "2547\x00"},
+                ]
+            },
+        ),
+        "NUL",
+    ),  # fmt: skip
     "success-without-amount": (
         _with((*CB, "CallbackMetadata"), {"Item": [{"Name": "MpesaReceiptNumber", "Value": "R"}]}),
         "successful callback needs a numeric Amount",

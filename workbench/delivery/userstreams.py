@@ -75,7 +75,7 @@ from workbench.delivery.entries import UserEntry
 from workbench.delivery.wire import encode_entry
 from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import Event
-from workbench.domain.streamid import ZERO, StreamId, parse
+from workbench.domain.streamid import MAX_ID, ZERO, StreamId, parse
 from workbench.streams.connection import execute, is_cluster, queue_script
 from workbench.streams.keys import UserStreamNames
 
@@ -438,9 +438,9 @@ def live_message(raw: bytes | str, make: type[UserEntry] = UserEntry) -> tuple[s
     return user, make(parse(entry_id), parse(prev), event_id, type_, data)
 
 
-# KEYS[1] a user stream; ARGV: the page's start ("(cursor"), the cursor, count.
+# KEYS[1] a user stream; ARGV: the page's start ("(cursor"), the cursor, count, end.
 _FIRST_PAGE_LUA = """
-local page = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[3])
+local page = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[4], 'COUNT', ARGV[3])
 local itself = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2], 'COUNT', 1)
 return {page, #itself}
 """
@@ -463,7 +463,8 @@ class UserStreamReader:
 
     async def page_after(self, user_id: str, cursor: StreamId, count: int) -> list[UserEntry]:
         """Up to ``count`` entries strictly after ``cursor``."""
-        rows = await self.client.xrange(self.names.stream(user_id), f"({cursor}", "+", count=count)
+        start, end = _after(cursor)
+        rows = await self.client.xrange(self.names.stream(user_id), start, end, count=count)
         return [entry_from_fields(entry_id, fields) for entry_id, fields in rows]
 
     async def first_page_and_exists(
@@ -475,9 +476,8 @@ class UserStreamReader:
             # redis-py's asyncio cluster runs a MULTI's commands on event loops of
             # their own (in threads), which breaks its connections; one script
             # of one key reads both as atomically.
-            reply = await self.client.eval(
-                _FIRST_PAGE_LUA, 1, key, f"({cursor}", str(cursor), count
-            )
+            start, end = _after(cursor)
+            reply = await self.client.eval(_FIRST_PAGE_LUA, 1, key, start, str(cursor), count, end)
             rows, itself = reply
             return Page([(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in rows]), bool(
                 itself
@@ -490,8 +490,18 @@ class UserStreamReader:
 def queue_first_page(pipe: Any, key: str, cursor: StreamId, count: int) -> None:
     """Queue a session's first read on a pipeline (sync or asyncio): the page
     after ``cursor`` and ``cursor`` itself; :func:`first_page_from` reads the replies."""
-    pipe.xrange(key, f"({cursor}", "+", count=count)
+    start, end = _after(cursor)
+    pipe.xrange(key, start, end, count=count)
     pipe.xrange(key, str(cursor), str(cursor), count=1)
+
+
+def _after(cursor: StreamId) -> tuple[str, str]:
+    """XRANGE's start and end for the entries strictly after ``cursor``. Nothing
+    follows the largest id, and Redis refuses an exclusive range from it (a client
+    may send it as Last-Event-ID): a range that ends before it starts, read empty."""
+    if cursor == MAX_ID:
+        return str(cursor), "-"
+    return f"({cursor}", "+"
 
 
 def first_page_from(replies: list[Any]) -> tuple[Page, bool]:

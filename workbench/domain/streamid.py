@@ -31,6 +31,8 @@ class StreamId(NamedTuple):
 
 
 ZERO = StreamId(0, 0)
+#: The largest id Redis can name: no entry can follow it.
+MAX_ID = StreamId(_MAX, _MAX)
 
 
 def parse(text: str | bytes) -> StreamId:

@@ -23,6 +23,7 @@ not at all), so every refusal is safe to retry.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -39,8 +40,19 @@ ServiceCall = Callable[[EscrowService, str, str | None], CommandResult]
 
 
 def scoped_key(user: str, idempotency_key: str | None) -> str | None:
-    """The stored idempotency key: per user, so two users cannot collide on one key."""
-    return f"{user}:{idempotency_key}" if idempotency_key else None
+    """The stored idempotency key: per user, so two users cannot collide on one key.
+
+    ``<user>:<key>``, where the user part cannot hold the separator: a user id with
+    a ``:`` (or a ``\\``) stands as ``\\`` and a digest of it instead, which no plain
+    id starts with. Otherwise user ``a:b`` with key ``x`` and user ``a`` with key
+    ``b:x`` would share one stored key (and the second be refused, or answered
+    with the first's response).
+    """
+    if not idempotency_key:
+        return None
+    if ":" in user or "\\" in user:
+        user = "\\" + hashlib.sha256(user.encode()).hexdigest()[:40]
+    return f"{user}:{idempotency_key}"
 
 
 def command_response(result: CommandResult, **extra: Any) -> dict[str, Any]:

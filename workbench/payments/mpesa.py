@@ -139,6 +139,9 @@ def parse_callback(body: Any) -> RecordPaymentResult:
         raise CallbackError(f"not an STK callback: missing {exc}") from None
     if not isinstance(checkout, str) or not checkout or len(checkout) > 64:
         raise CallbackError("CheckoutRequestID must be a non-empty string of at most 64 chars")
+    _no_nul(checkout, "CheckoutRequestID")
+    desc = str(callback.get("ResultDesc", ""))
+    _no_nul(desc, "ResultDesc")
     if isinstance(code, bool) or not isinstance(code, int | str):
         raise CallbackError("ResultCode must be an integer")
     try:
@@ -159,6 +162,7 @@ def parse_callback(body: Any) -> RecordPaymentResult:
         receipt = items.get("MpesaReceiptNumber")
         if not isinstance(receipt, str) or not receipt or len(receipt) > 64:
             raise CallbackError("successful callback needs a MpesaReceiptNumber (<= 64 chars)")
+        _no_nul(receipt, "MpesaReceiptNumber")
         amount = items.get("Amount")
         if isinstance(amount, bool) or not isinstance(amount, int | float | str):
             raise CallbackError(f"successful callback needs a numeric Amount, not {amount!r}")
@@ -171,7 +175,7 @@ def parse_callback(body: Any) -> RecordPaymentResult:
         return RecordPaymentResult(
             checkout_request_id=checkout,
             result_code=code,
-            result_desc=str(callback.get("ResultDesc", "")),
+            result_desc=desc,
             receipt=receipt,
             amount=int(amount_value),
             phone=_phone(items.get("PhoneNumber")),
@@ -179,14 +183,22 @@ def parse_callback(body: Any) -> RecordPaymentResult:
     return RecordPaymentResult(
         checkout_request_id=checkout,
         result_code=code,
-        result_desc=str(callback.get("ResultDesc", "")),
+        result_desc=desc,
     )
 
 
 def _phone(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | str):
         return None
-    return str(value)[:16]
+    phone = str(value)[:16]
+    _no_nul(phone, "PhoneNumber")
+    return phone
+
+
+def _no_nul(text: str, name: str) -> None:
+    # Daraja sends none; PostgreSQL's text cannot hold one (the driver would raise).
+    if "\x00" in text:
+        raise CallbackError(f"{name} must not contain NUL")
 
 
 @dataclass(frozen=True)
