@@ -39,7 +39,7 @@ from simulations.faults import (
     sigkill_when_signalled,
 )
 from workbench import paths
-from workbench.cli import redis_option, setup_logging
+from workbench.cli import FiniteFloat, redis_option, setup_logging
 from workbench.cli import relay as relay_command
 from workbench.cli import worker as worker_command
 
@@ -48,11 +48,14 @@ if TYPE_CHECKING:
 
 
 @click.command()
-@click.option("--escrows", default=300, show_default=True, help="how many escrows to run")
+@click.option(
+    "--escrows", default=300, show_default=True, type=click.IntRange(1, 1_000_000),
+    help="how many escrows to run",
+)  # fmt: skip
 @click.option("--seed", default=42, show_default=True, help="seed of the demo's randomness")
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=click.Path(file_okay=False, path_type=Path),
     help="where results are written [default: DATA/demo; DATA: WORKBENCH_DATA or the"
     " project's data/]",
 )
@@ -63,8 +66,9 @@ if TYPE_CHECKING:
     help="SIGKILL the ledger worker mid-batch and recover",
 )
 @click.option(
-    "--timeout", default=120.0, show_default=True, help="seconds to wait for the groups to drain"
-)
+    "--timeout", default=120.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+    help="seconds to wait for the groups to drain",
+)  # fmt: skip
 def run(escrows: int, seed: int, out: Path | None, crash: bool, timeout: float) -> None:
     """Run the end-to-end escrow demo against an embedded Redis."""
     from simulations.drivers.demo import DemoConfig, run_demo
@@ -97,7 +101,7 @@ def run(escrows: int, seed: int, out: Path | None, crash: bool, timeout: float) 
     help="wall-clock time against the served runtime: real processes, HTTP, SSE",
 )  # fmt: skip
 @click.option(
-    "--factor", type=click.FloatRange(min=0, min_open=True),
+    "--factor", type=FiniteFloat(min=0, min_open=True),
     help="--realtime: wall seconds per virtual second [default realtime.factor]",
 )  # fmt: skip
 @click.option(
@@ -178,9 +182,22 @@ def _checked_scenario(
             "redis.cluster_masters runs in virtual time on a cluster the run starts itself:"
             " not with --realtime, nor with --redis-url / REDIS_URL"
         )
+    if loaded.analytics.model:
+        _check_model(loaded.analytics.model)
     if redis_url:
         _check_reachable(redis_url)
     return loaded
+
+
+def _check_model(directory: str) -> None:
+    """A ``click.UsageError`` unless ``directory`` holds a saved risk model."""
+    from workbench.analytics.model import METADATA_FILE
+
+    if not (Path(directory) / METADATA_FILE).is_file():
+        raise click.UsageError(
+            f"--set analytics.model: {directory} is not a model directory (no {METADATA_FILE};"
+            " a model saved by simulations.analytics.save)"
+        )
 
 
 def _check_reachable(url: str) -> None:
@@ -396,6 +413,8 @@ def check(run_dir: Path, as_json: bool) -> None:
         report = check_run(run)
     except ValueError as exc:  # unknown group, malformed entry id
         raise cannot(f"cannot check the run in {run_dir}: {exc}") from None
+    except KeyError as exc:  # a table of another shape (another table's file, say)
+        raise cannot(f"cannot check the run in {run_dir}: a table lacks {exc}") from None
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

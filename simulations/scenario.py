@@ -51,6 +51,8 @@ APPENDFSYNC_MODES = ("always", "everysec", "no")
 #: The most masters of a simulation's local cluster (each with a replica: twice as
 #: many redis-servers on this machine).
 MAX_CLUSTER_MASTERS = 8
+#: The most buyers, sellers or phones a scenario may have.
+MAX_POPULATION = 1_000_000
 
 
 def _param(default: Any, doc: str) -> Any:
@@ -360,6 +362,14 @@ _MINIMA: dict[tuple[str, str], float] = {
 #: Values with an upper bound: ``(section, key)`` -> the largest allowed.
 _MAXIMA: dict[tuple[str, str], float] = {
     ("market", "amount_max"): MAX_AMOUNT,
+    # Populations and sizes the world is built from before the first event: a count
+    # beyond these would spend minutes or all memory before any progress is shown.
+    ("market", "buyers"): MAX_POPULATION,
+    ("market", "sellers"): MAX_POPULATION,
+    ("phones", "count"): MAX_POPULATION,
+    ("servers", "count"): 1_000,
+    ("consumers", "batch_size"): 100_000,
+    ("consumers", "user_maxlen"): 10_000_000,
     ("redis", "partitions"): MAX_PARTITIONS,
     ("redis", "cluster_masters"): MAX_CLUSTER_MASTERS,
 }
@@ -475,14 +485,20 @@ def _path_of(name_or_path: str) -> Path:
         path = SCENARIO_DIR / f"{name_or_path}.toml"
     if not path.exists():
         raise ScenarioError(f"no scenario {name_or_path!r}; available: {', '.join(available())}")
+    if not path.is_file():
+        raise ScenarioError(f"{path}: not a scenario file (a directory?)")
     return path
 
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not a TOML file (not UTF-8: {exc.reason})") from None
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot be read: {exc.strerror}") from None
 
 
 def _override(item: str) -> tuple[str, str, Any]:
@@ -667,7 +683,7 @@ def settings(scenario: Scenario) -> list[Setting]:
 
 def description(name: str) -> str:
     """What the scenario ``name`` is for: the first comment line of its file ("" if none)."""
-    for line in _path_of(name).read_text().splitlines():
+    for line in _path_of(name).read_text(encoding="utf-8").splitlines():
         if line.startswith("#"):
             return line.lstrip("#").strip()
         if line.strip():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import redis
 
 from workbench import paths
 from workbench.delivery.userstreams import DEFAULT_USER_MAXLEN
@@ -53,7 +55,7 @@ def _redis_url(value: str | None) -> str:
 
 def _client(url: str) -> Any:
     """A client for ``url``; a cluster none of whose named nodes answers (its client
-    connects at once) is an exit-2 message, not a traceback."""
+    connects at once) or a URL that is not Redis' is an exit-2 message, not a traceback."""
     from redis.exceptions import RedisClusterException
 
     try:
@@ -61,6 +63,31 @@ def _client(url: str) -> Any:
     except RedisClusterException as exc:
         click.echo(f"Error: cannot reach the Redis Cluster at {url}: {exc}", err=True)
         sys.exit(2)
+    except ValueError as exc:  # redis-py: "Redis URL must specify one of the ..."
+        raise click.UsageError(f"--redis-url / REDIS_URL {url!r}: {exc}") from None
+
+
+def _store(url: str | None) -> Store:
+    """The store at ``url`` (or the default); a URL SQLAlchemy cannot use is exit 2."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        return Store(url or _default_database())
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise click.UsageError(f"--database-url / DATABASE_URL {url!r}: {exc}") from None
+
+
+class FiniteFloat(click.FloatRange):
+    """click's ``FloatRange`` that also refuses ``nan`` and the infinities: a range
+    alone lets ``nan`` through (it compares false with every bound)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 redis_option = click.option("--redis-url", envvar="REDIS_URL", help="Redis URL [env REDIS_URL]")
@@ -147,30 +174,30 @@ def main() -> None:
 @redis_option
 @database_option
 @prefix_option
-@click.option("--batch-size", default=500, show_default=True)
-@click.option("--block-ms", default=1000, show_default=True)
-@click.option("--max-deliveries", default=5, show_default=True)
-@click.option("--retry-backoff", default=1.0, show_default=True, help="seconds")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
 @click.option(
-    "--dead-after",
-    default=10.0,
-    show_default=True,
+    "--block-ms", default=1000, show_default=True, type=click.IntRange(min=1),
+    help="longest wait of one read for new entries",
+)  # fmt: skip
+@click.option("--max-deliveries", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--retry-backoff", default=1.0, show_default=True, type=FiniteFloat(min=0), help="seconds"
+)
+@click.option(
+    "--dead-after", default=10.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
     help="seconds without heartbeat before a consumer counts as dead",
-)
+)  # fmt: skip
 @click.option(
-    "--claim-idle-ms",
-    default=60_000,
-    show_default=True,
+    "--claim-idle-ms", default=60_000, show_default=True, type=click.IntRange(min=1),
     help="backstop: claim any entry idle this long",
-)
+)  # fmt: skip
 @click.option(
-    "--user-maxlen",
-    default=DEFAULT_USER_MAXLEN,
-    show_default=True,
+    "--user-maxlen", default=DEFAULT_USER_MAXLEN, show_default=True,
+    type=click.IntRange(1, 10_000_000),
     help="fanout only: entries kept per user stream (approximate MAXLEN)",
-)
+)  # fmt: skip
 @click.option(
-    "--user-max-age", default=0.0, show_default=True, type=click.FloatRange(min=0),
+    "--user-max-age", default=0.0, show_default=True, type=FiniteFloat(min=0),
     help="fanout only: seconds of history kept per user stream (0: no age limit)",
 )  # fmt: skip
 @click.option(
@@ -226,7 +253,7 @@ def worker(
     if group != "analytics" and (risk_prefix or group_name):
         raise click.UsageError("--risk-prefix and --group-name are for the analytics group")
     setup_logging(verbose)
-    store = Store(database_url or _default_database())
+    store = _store(database_url)
     client = _client(_redis_url(redis_url))
     clock = clock_from_env()
     try:
@@ -260,6 +287,9 @@ def worker(
         w.setup()
     except PartitionCountMismatch as exc:
         click.echo(f"workbench worker {group} --partitions {partitions}: {exc}", err=True)
+        sys.exit(2)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        click.echo(f"Error: cannot reach Redis at --redis-url / REDIS_URL: {exc}", err=True)
         sys.exit(2)
     click.echo(f"{w.consumer}: consuming {group} from {', '.join(w.streams)}", err=True)
     w.run()
@@ -338,7 +368,7 @@ def relay(
     setup_logging(verbose)
     clock = clock_from_env()
     r = make_relay(
-        Store(database_url or _default_database()),
+        _store(database_url),
         _client(_redis_url(redis_url)),
         names=_names(prefix, partitions),
         clock=clock,
@@ -369,7 +399,10 @@ def relay(
     help="beat in <prefix>:heartbeats:timers (for /healthz) [env REDIS_URL]",
 )  # fmt: skip
 @prefix_option
-@click.option("--every", default=5.0, show_default=True, help="seconds between sweeps")
+@click.option(
+    "--every", default=5.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+    help="seconds between sweeps",
+)  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True)
 def timers(
     database_url: str | None,
@@ -388,9 +421,7 @@ def timers(
     setup_logging(verbose)
     clock = clock_from_env()
     names = _names(prefix, partitions)
-    service = EscrowService(
-        Store(database_url or _default_database()), clock=clock, partitioning=names.partitioning
-    )
+    service = EscrowService(_store(database_url), clock=clock, partitioning=names.partitioning)
     beats = _client(redis_url) if redis_url else None
     key, me = names.heartbeats("timers"), f"timers-{os.getpid()}"
     stop = StopRequest()
@@ -426,7 +457,7 @@ def inspect_command(redis_url: str | None, prefix: str, partitions: int, as_json
     from workbench.ops.inspection import inspect, print_inspection
 
     try:
-        client = connect(_redis_url(redis_url))
+        client = _client(_redis_url(redis_url))
         result = inspect(client, _names(prefix, partitions), clock=clock_from_env())
     except Exception as exc:  # redis down, wrong URL: say so plainly
         if isinstance(exc, click.UsageError):
@@ -454,7 +485,7 @@ def inspect_command(redis_url: str | None, prefix: str, partitions: int, as_json
 @database_option
 @prefix_option
 @click.option("--user-maxlen", default=DEFAULT_USER_MAXLEN, show_default=True,
-              help="entries kept per user stream")  # fmt: skip
+              type=click.IntRange(1, 10_000_000), help="entries kept per user stream")  # fmt: skip
 @click.option("--api-only", is_flag=True, help="no relay or workers (another serve runs them)")
 @click.option("--debug", is_flag=True, help="enable /debug endpoints (tests)")
 @click.option(
@@ -463,7 +494,7 @@ def inspect_command(redis_url: str | None, prefix: str, partitions: int, as_json
     " WORKBENCH_DATA or the project's data/]",
 )  # fmt: skip
 @click.option(
-    "--restart-backoff", default=0.5, show_default=True, type=click.FloatRange(0.01, 60),
+    "--restart-backoff", default=0.5, show_default=True, type=FiniteFloat(0.01, 60),
     help="seconds before restarting a crashed child (doubles per crash in a row, up to 30 s)",
 )  # fmt: skip
 @click.option(
@@ -573,7 +604,10 @@ def api_process(fd: int) -> None:
 
 @main.command()
 @click.argument("user_id")
-@click.option("--ttl", default=3600.0, show_default=True, help="seconds until it expires")
+@click.option(
+    "--ttl", default=3600.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+    help="seconds until it expires",
+)  # fmt: skip
 def token(user_id: str, ttl: float) -> None:
     """Print a signed bearer token for USER_ID (HMAC with WORKBENCH_SECRET)."""
     from workbench.http.auth import issue_token, secret_from_env

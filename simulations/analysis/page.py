@@ -171,6 +171,8 @@ def _load(directory: Path) -> Run:
         raise ReportError(str(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable manifest or Parquet, bad ids
         raise ReportError(f"cannot read the run in {directory}: {exc}") from None
+    except KeyError as exc:  # a table of another shape (another table's file, say)
+        raise ReportError(f"cannot read the run in {directory}: a table lacks {exc}") from None
     return run
 
 

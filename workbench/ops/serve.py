@@ -89,7 +89,12 @@ def fanout_wait_replicas(redis_url: str, environ: dict[str, str]) -> tuple[str |
 
     if "WORKBENCH_WAIT_REPLICAS" in environ or not is_cluster_url(redis_url):
         return None, None
-    client = connect(redis_url)
+    from redis.exceptions import RedisClusterException
+
+    try:
+        client = connect(redis_url)
+    except RedisClusterException as exc:  # none of the named nodes answers
+        raise ServeRefused(f"cannot reach the Redis Cluster at {redis_url}: {exc}") from None
     try:  # each master's own word: gossip may not have spread yet
         replicas = [
             int(client.info("replication", target_nodes=node).get("connected_slaves", 0))
@@ -140,8 +145,13 @@ def check_secret(host: str, environ: dict[str, str] | os._Environ[str]) -> str |
 
 def lock_data_dir(data_dir: Path) -> IO[str]:
     """Hold ``serve.lock`` for this process's life (the kernel drops it when we die)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until we exit
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until we exit
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise ServeRefused(
+            f"cannot use the data dir {data_dir}: {exc.strerror or exc}; pass another --data-dir"
+        ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -423,9 +433,14 @@ def serve(options: ServeOptions, ready: Callable[[], None] | None = None) -> int
         WORKBENCH_DEBUG="1" if options.debug else "",
         WORKBENCH_SUPERVISION_FILE=str((data_dir / STATE_FILE).resolve()),
     )
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
     from workbench.store import Store
 
-    store = Store(database_url)
+    try:
+        store = Store(database_url)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ServeRefused(f"--database-url / DATABASE_URL {database_url!r}: {exc}") from None
     store.create_schema()  # once, before several processes race to create it
     store.close()
     children.update(children_of(options, env, listener))

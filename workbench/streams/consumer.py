@@ -186,6 +186,8 @@ class ConsumerSettings:
                 f"block_ms={self.block_ms} must stay below the socket timeout "
                 f"({SOCKET_TIMEOUT_S * 1000:.0f} ms) or reads time out"
             )
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
         if self.partition_block_ms < 1:
