@@ -68,13 +68,21 @@ def _client(url: str) -> Any:
 
 
 def _store(url: str | None) -> Store:
-    """The store at ``url`` (or the default); a URL SQLAlchemy cannot use is exit 2."""
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    """The store at ``url`` (or the default), its tables created if missing (a process
+    started on its own, on a fresh database, works as under serve); a URL SQLAlchemy
+    cannot use, or a database that cannot be reached, is exit 2."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
     try:
-        return Store(url or _default_database())
+        store = Store(url or _default_database())
     except (ArgumentError, NoSuchModuleError) as exc:
         raise click.UsageError(f"--database-url / DATABASE_URL {url!r}: {exc}") from None
+    try:
+        store.create_schema()
+    except OperationalError as exc:
+        click.echo(f"Error: cannot use the database {store!r}: {exc.orig}", err=True)
+        sys.exit(2)
+    return store
 
 
 class FiniteFloat(click.FloatRange):

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 
+import sqlalchemy as sa
+
 from tests.support import ROOT
 from workbench.domain.clock import ScaledClock, clock_env
 from workbench.domain.escrow import EscrowState
 from workbench.ops.waiting import wait_until
 from workbench.service import EscrowService
+from workbench.store import Store
 
 
 def test_timers_expire_escrows_on_the_shared_scaled_clock(store, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -40,3 +43,35 @@ def test_timers_expire_escrows_on_the_shared_scaled_clock(store, tmp_path) -> No
     assert process.returncode == 0, output
     assert service.get(untouched).state is EscrowState.CANCELLED
     assert "events from expired escrows" in output
+
+
+def test_timers_on_a_fresh_database_create_its_tables_and_sweep(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Started on its own (not under serve, which creates the schema first): before,
+    # every sweep failed with "no such table: escrows" until someone else made it.
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    origin = time.time()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "timers", "--every", "0.1"],
+        env=dict(os.environ, DATABASE_URL=url, **clock_env(origin, origin, 1000.0)),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    store = Store(url)
+    try:
+        wait_until(
+            lambda: sa.inspect(store.engine).has_table("escrows"),
+            timeout=30,
+            what="the timers process to create the tables",
+        )
+        service = EscrowService(store, clock=ScaledClock(origin, epoch=origin, rate=1000.0))
+        escrow_id = service.create("buyer-1", "seller-1", 500).escrow["id"]
+        wait_until(
+            lambda: service.get(escrow_id).state is EscrowState.EXPIRED,
+            timeout=60,
+            what="a sweep to expire the escrow",
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=15)[0].decode()
+        store.close()
+    assert process.returncode == 0, output
+    assert "no such table" not in output
