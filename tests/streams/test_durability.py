@@ -422,6 +422,48 @@ def test_relay_puts_a_lost_stream_back_with_original_ids_before_anything_new(
     assert relay.stats.repaired == 2
 
 
+def _visible(store: Store, seq: int, visible: bool) -> None:
+    """Hide an outbox row from the relay (as its open transaction did) or show it."""
+    hidden = None if visible else -1.0
+    with store.begin() as conn:
+        conn.execute(outbox.update().where(outbox.c.seq == seq).values(published_at=hidden))
+
+
+def test_rows_published_out_of_seq_order_are_repaired_by_their_ids(r, store, clock) -> None:
+    # On PostgreSQL two escrows' commands commit in any order: the row with the smaller
+    # seq can become visible, and be published, after the other, with the larger id.
+    # Made here by hiding the first row from the relay until the second is out.
+    service, _ = make_service(store, clock)
+    seqs = []
+    for buyer in ("b1", "b2"):
+        service.create(buyer, "s1", 500)
+        with store.engine.connect() as conn:
+            seqs.append(conn.execute(select(func.max(outbox.c.seq))).scalar())
+    _visible(store, seqs[0], False)
+    relay = OutboxRelay(store, r, verify_every_s=0.0)
+    relay.drain()  # the second row
+    _visible(store, seqs[0], True)
+    relay.drain()  # then the first, with the larger id
+    stream = StreamNames().stream("escrow")
+    before = r.xrange(stream)
+    in_seq_order = [event_id for _, event_id, _ in published(store)]
+    assert [f[b"event_id"].decode() for _, f in before] == in_seq_order[::-1]
+
+    def lose_the_last_write() -> None:
+        r.delete(stream)
+        for entry_id, fields in before[:-1]:
+            r.xadd(stream, fields, id=entry_id)
+
+    lose_the_last_write()
+    assert relay.publish_batch() == 0  # idle: the check finds the loss and repairs it
+    assert r.xrange(stream) == before
+    assert (relay.stats.repairs, relay.stats.repaired, relay.stats.unrepairable) == (1, 1, 0)
+    lose_the_last_write()
+    fresh = OutboxRelay(store, r, verify_every_s=0.0)  # expects the largest id, from SQL
+    assert fresh.publish_batch() == 0
+    assert r.xrange(stream) == before and lost_entries(r, store) == 0
+
+
 def test_an_idle_relay_notices_a_loss_and_repairs_it(r, store, clock) -> None:
     service, gateway = make_service(store, clock)
     run_lifecycles(service, gateway, clock, 3, prefix="a")

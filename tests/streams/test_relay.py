@@ -19,7 +19,7 @@ from workbench.store import inbox, outbox
 from workbench.streams.consumer import ConsumerWorker
 from workbench.streams.groups import ensure_groups
 from workbench.streams.keys import StreamNames
-from workbench.streams.relay import OutboxRelay
+from workbench.streams.relay import OutboxRelay, _in_publish_order
 from workbench.streams.retention import trim
 
 NAMES = StreamNames()
@@ -173,3 +173,19 @@ def test_trim_keeps_the_retention_window(r) -> None:
     result = trim(r, stream, retention_s=3600)
     assert result.trimmed == 0 and not result.held_by_groups
     assert r.xlen(stream) == 299
+
+
+def test_lost_rows_go_back_in_the_order_first_published_each_stream_by_id() -> None:
+    # (seq, event_id, stream, type, data, stream_id, published_at)
+    rows = [
+        (1, "e1", "escrow", "t", b"", "30-0", 3.0),  # committed late: published last
+        (2, "e2", "escrow", "t", b"", "10-0", 1.0),
+        (3, "e3", "payment", "t", b"", "10-0", 1.0),
+        (4, "e4", "escrow", "t", b"", "20-0", 2.0),
+        (5, "e5", "payment", "t", b"", "5-0", 0.5),  # a clock stepped back: by id first
+    ]
+    ordered = [row[1] for row in _in_publish_order(rows)]
+    assert ordered == ["e5", "e2", "e3", "e4", "e1"]
+    stepped = [*rows[:4], (5, "e5", "payment", "t", b"", "40-0", 0.5)]
+    # The payment stream's two rows keep their places among the rows but go by id.
+    assert [row[1] for row in _in_publish_order(stepped)] == ["e3", "e2", "e5", "e4", "e1"]

@@ -18,9 +18,13 @@ goes out as one Lua script that first compares every stream's
 writes nothing if one is behind; the same check runs every ``verify_every_s``
 while the outbox is idle. A stream found behind has lost the published rows
 after its ``last-generated-id``: the relay XADDs them again *with their
-original ids*, in ``seq`` order, before anything new. Because the check and
-the new XADDs are one atomic script, no new entry can land on a regressed
-stream first (after which the lost ids could no longer go back in order).
+original ids*, in id order, before anything new. Ids are compared, not
+``seq``s: on PostgreSQL commands on different escrows commit in any order, so a
+row with a smaller ``seq`` can become visible, and be published, after one with
+a larger (an escrow's own rows stay in ``seq`` order: its commands lock its
+row). Because the check and the new XADDs are one atomic script, no new entry
+can land on a regressed stream first (after which the lost ids could no longer
+go back in order).
 Consumer groups then re-read what they lost (:mod:`workbench.streams.consumer`), the
 inboxes make the redelivery harmless, and the fan-out re-appends what user
 streams lost (:mod:`workbench.delivery.userstreams`). Rows older than the retention
@@ -84,7 +88,7 @@ from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from sqlalchemy import bindparam, func, literal, select, update
+from sqlalchemy import BigInteger, and_, bindparam, cast, func, literal, or_, select, update
 
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock, SystemClock, now_ms
@@ -679,15 +683,23 @@ class OutboxRelay:
         known yet: the stream id of the last published row per (partition, aggregate
         type), in one pass over the outbox (a query per stream would scan it per stream)."""
         partitioned = self._leases is not None
-        part = outbox.c.partition if partitioned else literal(0).label("partition")
-        last = (
-            select(outbox.c.stream, part, func.max(outbox.c.seq).label("seq"))
+        part = outbox.c.partition if partitioned else literal(0)
+        ms, seq = _id_parts(self.store.dialect)
+        # The largest id per stream, not the id of the largest seq (see the module
+        # docstring: on PostgreSQL they differ when commits overtake each other).
+        newest = func.row_number().over(
+            partition_by=[outbox.c.stream, *([outbox.c.partition] if partitioned else [])],
+            order_by=[ms.desc(), seq.desc()],
+        )
+        ranked = (
+            select(
+                outbox.c.stream, part.label("partition"), outbox.c.stream_id, newest.label("newest")
+            )  # fmt: skip
             .where(outbox.c.stream_id.is_not(None))
-            .group_by(outbox.c.stream, *([outbox.c.partition] if partitioned else []))
             .subquery()
         )
-        query = select(last.c.stream, last.c.partition, outbox.c.stream_id).join(
-            outbox, outbox.c.seq == last.c.seq
+        query = select(ranked.c.stream, ranked.c.partition, ranked.c.stream_id).where(
+            ranked.c.newest == 1
         )
         with self.store.read() as conn:
             found = {(a, p): parse(sid) for a, p, sid in conn.execute(query)}
@@ -732,10 +744,11 @@ class OutboxRelay:
         lost: list[Any] = []
         for loss in losses:
             lost += self._lost_rows(loss)
-        lost.sort(key=lambda row: row[0])
+        lost = _in_publish_order(lost)
         for start in range(0, len(lost), self.batch_size):
             argv: list[Any] = []
-            for _, event_id, aggregate, type_, data, sid in lost[start : start + self.batch_size]:
+            for row in lost[start : start + self.batch_size]:
+                _, event_id, aggregate, type_, data, sid, _ = row
                 argv += (self._index[aggregate] + 1, sid, event_id, type_, data)
             [reply] = self._scripts({partition: argv}, check=False, fsync=False).values()
             if isinstance(reply, Exception):
@@ -760,12 +773,13 @@ class OutboxRelay:
         )
 
     def _lost_rows(self, loss: Loss) -> list[Any]:
-        """Published rows of the stream after ``loss.found``, oldest first.
+        """Published rows of the stream whose id is after ``loss.found``.
 
-        Rows are published in ``seq`` order, so their ids grow with ``seq``: read
-        backwards until the first one Redis still has. Rows older than the
-        retention window are left out (retention would trim them again), as are
-        rows published before the outbox recorded ids; both are counted.
+        Chosen by id (compared in SQL), not by ``seq``: ids need not grow with
+        ``seq`` (see the module docstring). Rows older than the retention window
+        are left out (retention would trim them again), as are rows published
+        before the outbox recorded ids (after the last row Redis still has, by
+        ``seq``); both are counted.
         """
         if self.ids_on_clock:  # retention is in stream-id time: the clock ids come from
             now = now_ms(self.clock)
@@ -776,33 +790,45 @@ class OutboxRelay:
         where = [outbox.c.stream == loss.aggregate, outbox.c.published_at.is_not(None)]
         if self._leases is not None:
             where.append(outbox.c.partition == loss.partition)
-        query = (
-            select(
-                outbox.c.seq,
-                outbox.c.event_id,
-                outbox.c.stream,
-                outbox.c.type,
-                outbox.c.data,
-                outbox.c.stream_id,
-            )
-            .where(*where)
-            .order_by(outbox.c.seq.desc())
-        )
+        ms, seq = _id_parts(self.store.dialect)
+        after = or_(ms > loss.found.ms, and_(ms == loss.found.ms, seq > loss.found.seq))
+        query = select(
+            outbox.c.seq,
+            outbox.c.event_id,
+            outbox.c.stream,
+            outbox.c.type,
+            outbox.c.data,
+            outbox.c.stream_id,
+            outbox.c.published_at,
+        ).where(*where, outbox.c.stream_id.is_not(None), after)
         rows = []
         with self.store.read() as conn:
             for row in conn.execute(query):
-                if row.stream_id is None:
-                    self.stats.unrepairable += 1
-                    continue
-                sid = parse(row.stream_id)
-                if sid <= loss.found:
-                    break
-                if sid < floor:
+                if parse(row.stream_id) < floor:
                     self.stats.unrepairable += 1
                     continue
                 rows.append(tuple(row))
-        rows.reverse()
+            self.stats.unrepairable += self._unrecorded_since(conn, loss, where)
         return rows
+
+    @staticmethod
+    def _unrecorded_since(conn: Any, loss: Loss, where: list[Any]) -> int:
+        """Published rows without a recorded id (published before the outbox kept
+        ids) after the row Redis still has last, by ``seq`` (all of them when the
+        stream lost everything)."""
+        found_seq = 0
+        if loss.found != ZERO:
+            at = conn.execute(
+                select(func.max(outbox.c.seq)).where(*where, outbox.c.stream_id == str(loss.found))
+            ).scalar()
+            found_seq = at or 0
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    *where, outbox.c.stream_id.is_(None), outbox.c.seq > found_seq
+                )
+            ).scalar()
+        )
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -864,3 +890,38 @@ class OutboxRelay:
             self.client.hdel(self.names.heartbeats("relay"), self.name)
             if self._leases is not None:
                 self._leases.give_all()
+
+
+def _id_parts(dialect: str) -> tuple[Any, Any]:
+    """``outbox.stream_id`` (``<ms>-<seq>`` text) as two integer SQL expressions,
+    so that ids compare and sort as ids (as text, ``9-0`` would sort after ``10-0``)."""
+    sid = outbox.c.stream_id
+    if dialect == "postgresql":
+        return (
+            cast(func.split_part(sid, "-", 1), BigInteger),
+            cast(func.split_part(sid, "-", 2), BigInteger),
+        )
+    dash = func.instr(sid, "-")
+    return (
+        cast(func.substr(sid, 1, dash - 1), BigInteger),
+        cast(func.substr(sid, dash + 1), BigInteger),
+    )
+
+
+def _in_publish_order(rows: list[Any]) -> list[Any]:
+    """Lost rows ``(seq, event_id, stream, type, data, stream_id, published_at)`` in
+    the order they were first published: by batch (``published_at``), then ``seq``,
+    as the relay sent them. Put back in that order, a repair done in several scripts
+    shows readers, between two scripts, what they could have seen the first time
+    (each escrow's events across its streams in order). Each stream's rows are then
+    put in id order among the places its rows hold, as XADD needs (a no-op unless
+    a clock stepped back between two batches)."""
+    ordered = sorted(rows, key=lambda row: (row[6], row[0]))
+    places: dict[str, list[int]] = {}
+    for place, row in enumerate(ordered):
+        places.setdefault(row[2], []).append(place)
+    for held in places.values():
+        by_id = sorted((ordered[place] for place in held), key=lambda row: parse(row[5]))
+        for place, row in zip(held, by_id, strict=True):
+            ordered[place] = row
+    return ordered
