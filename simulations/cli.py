@@ -195,7 +195,7 @@ def _check_model(directory: str) -> None:
 
     if not (Path(directory) / METADATA_FILE).is_file():
         raise click.UsageError(
-            f"--set analytics.model: {directory} is not a model directory (no {METADATA_FILE};"
+            f"analytics.model: {directory} is not a model directory (no {METADATA_FILE};"
             " a model saved by simulations.analytics.save)"
         )
 

@@ -556,7 +556,9 @@ def _check_bounds(where: str, key: tuple[str, str], value: Any) -> None:
     if key in _MINIMA and value < _MINIMA[key]:
         raise ScenarioError(f"{where} must be at least {_MINIMA[key]:g}, not {shown}")
     if key in _MAXIMA and value > _MAXIMA[key]:
-        raise ScenarioError(f"{where} must be at most {_MAXIMA[key]:g}, not {shown}")
+        most = _MAXIMA[key]
+        limit = str(most) if isinstance(most, int) else f"{most:g}"
+        raise ScenarioError(f"{where} must be at most {limit}, not {shown}")
 
 
 def _check_choice(where: str, key: tuple[str, str], value: Any) -> None:

@@ -261,6 +261,7 @@ def worker(
     if group != "analytics" and (risk_prefix or group_name):
         raise click.UsageError("--risk-prefix and --group-name are for the analytics group")
     setup_logging(verbose)
+    model = _risk_model(model_dir) if model_dir is not None else None
     store = _store(database_url)
     client = _client(_redis_url(redis_url))
     clock = clock_from_env()
@@ -283,7 +284,7 @@ def worker(
             clock=simulated(clock), wait_replicas=wait_replicas,
         ),
         analytics=lambda: _risk_scorer(
-            store, client, clock, model_dir, names, risk_prefix, group_name
+            store, client, clock, model, names, risk_prefix, group_name
         ),
     )  # fmt: skip
     w = make_worker(
@@ -306,27 +307,30 @@ def worker(
     click.echo(f"{w.consumer}: stopped; {w.stats}{scored}", err=True)
 
 
-def _risk_scorer(
-    store: Store, client: Any, clock: Any, model_dir: Path | None, names: Any,
-    risk_prefix: str | None, group_name: str | None,
-) -> Any:  # fmt: skip
+def _risk_model(model_dir: Path) -> Any:
+    """The risk model of ``--model``, or a usage error (before the store is touched)."""
     from importlib.util import find_spec
 
     from workbench.analytics.model import ANALYTICS_EXTRA, load
-    from workbench.analytics.scorer import RiskScorer
-    from workbench.streams.keys import RiskNames
 
-    assert model_dir is not None
     if missing := [name for name in ANALYTICS_EXTRA if find_spec(name) is None]:
         raise click.UsageError(
             "the analytics scorer needs the analytics extra: "
             f"pip install 'escrow-workbench[analytics]' (missing: {', '.join(missing)})"
         )
     try:
-        model = load(model_dir)
+        return load(model_dir)
     except (OSError, ValueError) as exc:  # not a model directory; a model file altered
         raise click.UsageError(f"--model {model_dir}: {exc}") from None
-    store.create_schema()
+
+
+def _risk_scorer(
+    store: Store, client: Any, clock: Any, model: Any, names: Any,
+    risk_prefix: str | None, group_name: str | None,
+) -> Any:  # fmt: skip
+    from workbench.analytics.scorer import RiskScorer
+    from workbench.streams.keys import RiskNames
+
     return RiskScorer(
         store, client, model, group=group_name or "analytics", names=names,
         risk_names=RiskNames(risk_prefix or names.prefix, names.partitioning), clock=clock,
