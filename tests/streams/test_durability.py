@@ -45,11 +45,11 @@ from workbench.handlers.fanout import FanoutHandler
 from workbench.handlers.ledger import check_ledger
 from workbench.ops.redis_server import KILLABLE, RedisServer, aof_units, aof_with_writes
 from workbench.ops.waiting import wait_until
-from workbench.store import Store, inbox, outbox
+from workbench.store import Store, inbox, mark_published, outbox
 from workbench.streams.connection import connect
 from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
 from workbench.streams.keys import StreamNames, UserStreamNames
-from workbench.streams.relay import DurabilityUnavailable, NotFsynced, OutboxRelay
+from workbench.streams.relay import DurabilityUnavailable, Loss, NotFsynced, OutboxRelay
 
 USERS = UserStreamNames()
 
@@ -462,6 +462,33 @@ def test_rows_published_out_of_seq_order_are_repaired_by_their_ids(r, store, clo
     fresh = OutboxRelay(store, r, verify_every_s=0.0)  # expects the largest id, from SQL
     assert fresh.publish_batch() == 0
     assert r.xrange(stream) == before and lost_entries(r, store) == 0
+
+
+def test_lost_rows_are_chosen_by_id_as_numbers_and_unrecorded_ones_counted_once(
+    r, store, clock
+) -> None:
+    service, _ = make_service(store, clock)
+    for buyer in ("old1", "old2", "old3", "b1", "b2", "b3"):
+        service.create(buyer, "s1", 500)
+    with store.begin() as conn:
+        seqs = list(conn.execute(select(outbox.c.seq).order_by(outbox.c.seq)).scalars())
+        # Three rows published before the outbox kept ids, then three with ids whose
+        # parts differ in length (as text "T-10" < "T-9"), within the retention window.
+        conn.execute(outbox.update().where(outbox.c.seq.in_(seqs[:3])).values(published_at=1.0))
+        ms = int(r.time()[0]) * 1000
+        ids = [f"{ms}-9", f"{ms}-10", f"{ms}-100"]
+        mark_published(conn, 2.0, list(zip(seqs[3:], ids, strict=True)))
+    relay = OutboxRelay(store, r)
+    newest = StreamId(ms, 100)
+    lost = relay._lost_rows(Loss("escrow", StreamId(ms, 9), newest))
+    assert [row[5] for row in lost] == ids[1:]
+    assert relay.stats.unrepairable == 0  # the unrecorded rows are older than T-9's
+    # Redis kept an id no row has (a relay that died before its mark): same boundary.
+    assert len(relay._lost_rows(Loss("escrow", StreamId(ms, 50), newest))) == 1
+    assert relay.stats.unrepairable == 0
+    # The stream lost everything: the unrecorded rows are lost with it.
+    assert len(relay._lost_rows(Loss("escrow", ZERO, newest))) == 3
+    assert relay.stats.unrepairable == 3
 
 
 def test_an_idle_relay_notices_a_loss_and_repairs_it(r, store, clock) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import redis
 from sqlalchemy import func, select
@@ -175,17 +176,26 @@ def test_trim_keeps_the_retention_window(r) -> None:
     assert r.xlen(stream) == 299
 
 
-def test_lost_rows_go_back_in_the_order_first_published_each_stream_by_id() -> None:
-    # (seq, event_id, stream, type, data, stream_id, published_at)
-    rows = [
-        (1, "e1", "escrow", "t", b"", "30-0", 3.0),  # committed late: published last
-        (2, "e2", "escrow", "t", b"", "10-0", 1.0),
-        (3, "e3", "payment", "t", b"", "10-0", 1.0),
-        (4, "e4", "escrow", "t", b"", "20-0", 2.0),
-        (5, "e5", "payment", "t", b"", "5-0", 0.5),  # a clock stepped back: by id first
+def test_lost_rows_go_back_each_stream_by_id_and_each_escrow_by_seq() -> None:
+    def row(seq: int, event: str, stream: str, sid: str, escrow: str) -> tuple[Any, ...]:
+        return (seq, event, stream, "t", b"", sid, escrow)
+
+    # A's first row committed late (PostgreSQL): published after B's, under a larger id.
+    overtaken = [
+        row(1, "a1", "escrow", "30-0", "A"),
+        row(2, "b1", "escrow", "10-0", "B"),
+        row(3, "b2", "payment", "11-0", "B"),
+        row(4, "a2", "payment", "31-0", "A"),
     ]
-    ordered = [row[1] for row in _in_publish_order(rows)]
-    assert ordered == ["e5", "e2", "e3", "e4", "e1"]
-    stepped = [*rows[:4], (5, "e5", "payment", "t", b"", "40-0", 0.5)]
-    # The payment stream's two rows keep their places among the rows but go by id.
-    assert [row[1] for row in _in_publish_order(stepped)] == ["e3", "e2", "e5", "e4", "e1"]
+    assert [r[1] for r in _in_publish_order(overtaken)] == ["b1", "a1", "b2", "a2"]
+    # One escrow's rows in two streams within one millisecond: ids of different streams
+    # do not compare (by id alone e2's 20-1 would go before e1's 20-5).
+    same_ms = [row(1, "e1", "escrow", "20-5", "E"), row(2, "e2", "payment", "20-1", "E")]
+    assert [r[1] for r in _in_publish_order(same_ms)] == ["e1", "e2"]
+    # The smallest seq at a stream's head waits for its escrow's earlier row.
+    waits = [
+        row(1, "x1", "payment", "20-1", "X"),
+        row(2, "x2", "escrow", "20-0", "X"),
+        row(3, "z1", "payment", "20-0", "Z"),  # Z committed before X (PostgreSQL)
+    ]
+    assert [r[1] for r in _in_publish_order(waits)] == ["z1", "x1", "x2"]

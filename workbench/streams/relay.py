@@ -83,6 +83,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -686,23 +687,26 @@ class OutboxRelay:
         part = outbox.c.partition if partitioned else literal(0)
         ms, seq = _id_parts(self.store.dialect)
         # The largest id per stream, not the id of the largest seq (see the module
-        # docstring: on PostgreSQL they differ when commits overtake each other).
-        newest = func.row_number().over(
-            partition_by=[outbox.c.stream, *([outbox.c.partition] if partitioned else [])],
-            order_by=[ms.desc(), seq.desc()],
-        )
-        ranked = (
-            select(
-                outbox.c.stream, part.label("partition"), outbox.c.stream_id, newest.label("newest")
-            )  # fmt: skip
+        # docstring: on PostgreSQL they differ when commits overtake each other):
+        # each stream's largest ms, then the largest seq within it (two passes, no sort).
+        groups = [outbox.c.stream, *([outbox.c.partition] if partitioned else [])]
+        newest_ms = (
+            select(outbox.c.stream, part.label("partition"), func.max(ms).label("ms"))
             .where(outbox.c.stream_id.is_not(None))
+            .group_by(*groups)
             .subquery()
         )
-        query = select(ranked.c.stream, ranked.c.partition, ranked.c.stream_id).where(
-            ranked.c.newest == 1
+        same = [outbox.c.stream == newest_ms.c.stream, ms == newest_ms.c.ms]
+        if partitioned:
+            same.append(outbox.c.partition == newest_ms.c.partition)
+        query = (
+            select(newest_ms.c.stream, newest_ms.c.partition, newest_ms.c.ms, func.max(seq))
+            .join(newest_ms, and_(*same))
+            .where(outbox.c.stream_id.is_not(None))
+            .group_by(newest_ms.c.stream, newest_ms.c.partition, newest_ms.c.ms)
         )
         with self.store.read() as conn:
-            found = {(a, p): parse(sid) for a, p, sid in conn.execute(query)}
+            found = {(a, p): StreamId(int(m), int(q)) for a, p, m, q in conn.execute(query)}
         for p in self.names.partitions:
             if p not in self._expected:
                 self._expected[p] = [found.get((a, p), ZERO) for a in AGGREGATE_TYPES]
@@ -734,9 +738,10 @@ class OutboxRelay:
 
     def _repair(self, losses: list[Loss]) -> None:
         """Put the published rows each stream (of one partition) lost back, with
-        their original ids, in ``seq`` order; then expect of each stream what it
-        now holds. Raises :class:`_LeaseLost` if the partition's lease is found
-        another relay's (partitioned: the put-back XADDs are fenced too)."""
+        their original ids, in an order they could have been published in
+        (:func:`_in_publish_order`); then expect of each stream what it now holds.
+        Raises :class:`_LeaseLost` if the partition's lease is found another
+        relay's (partitioned: the put-back XADDs are fenced too)."""
         started = time.perf_counter()
         partition = losses[0].partition
         self.stats.repairs += 1
@@ -799,7 +804,6 @@ class OutboxRelay:
             outbox.c.type,
             outbox.c.data,
             outbox.c.stream_id,
-            outbox.c.published_at,
         ).where(*where, outbox.c.stream_id.is_not(None), after)
         rows = []
         with self.store.read() as conn:
@@ -807,19 +811,20 @@ class OutboxRelay:
                 if parse(row.stream_id) < floor:
                     self.stats.unrepairable += 1
                     continue
-                rows.append(tuple(row))
+                rows.append((*row, ev.decode(bytes(row.data)).escrow_id))
             self.stats.unrepairable += self._unrecorded_since(conn, loss, where)
         return rows
 
-    @staticmethod
-    def _unrecorded_since(conn: Any, loss: Loss, where: list[Any]) -> int:
+    def _unrecorded_since(self, conn: Any, loss: Loss, where: list[Any]) -> int:
         """Published rows without a recorded id (published before the outbox kept
-        ids) after the row Redis still has last, by ``seq`` (all of them when the
+        ids) after the rows Redis still has, by ``seq`` (all of them when the
         stream lost everything)."""
         found_seq = 0
         if loss.found != ZERO:
+            ms, seq = _id_parts(self.store.dialect)
+            kept = or_(ms < loss.found.ms, and_(ms == loss.found.ms, seq <= loss.found.seq))
             at = conn.execute(
-                select(func.max(outbox.c.seq)).where(*where, outbox.c.stream_id == str(loss.found))
+                select(func.max(outbox.c.seq)).where(*where, outbox.c.stream_id.is_not(None), kept)
             ).scalar()
             found_seq = at or 0
         return int(
@@ -909,19 +914,28 @@ def _id_parts(dialect: str) -> tuple[Any, Any]:
 
 
 def _in_publish_order(rows: list[Any]) -> list[Any]:
-    """Lost rows ``(seq, event_id, stream, type, data, stream_id, published_at)`` in
-    the order they were first published: by batch (``published_at``), then ``seq``,
-    as the relay sent them. Put back in that order, a repair done in several scripts
-    shows readers, between two scripts, what they could have seen the first time
-    (each escrow's events across its streams in order). Each stream's rows are then
-    put in id order among the places its rows hold, as XADD needs (a no-op unless
-    a clock stepped back between two batches)."""
-    ordered = sorted(rows, key=lambda row: (row[6], row[0]))
-    places: dict[str, list[int]] = {}
-    for place, row in enumerate(ordered):
-        places.setdefault(row[2], []).append(place)
-    for held in places.values():
-        by_id = sorted((ordered[place] for place in held), key=lambda row: parse(row[5]))
-        for place, row in zip(held, by_id, strict=True):
-            ordered[place] = row
+    """Lost rows ``(seq, event_id, stream, type, data, stream_id, escrow_id)`` in an
+    order the relay could have published them in: each stream's by id (as XADD
+    needs) and each escrow's by ``seq`` (as its commands committed), the smallest
+    ``seq`` first among the rows both allow. Put back in that order, a repair done
+    in several scripts shows readers, between two scripts, what they could have
+    seen the first time. (No clock: ``published_at`` is whichever relay's.)"""
+    by_stream: dict[str, list[Any]] = {}
+    by_escrow: dict[str, list[Any]] = {}
+    for row in sorted(rows, key=lambda row: row[0]):
+        by_escrow.setdefault(row[6], []).append(row)
+    for row in sorted(rows, key=lambda row: parse(row[5])):
+        by_stream.setdefault(row[2], []).append(row)
+    streams = {name: deque(queue) for name, queue in by_stream.items()}
+    escrows = {escrow: deque(queue) for escrow, queue in by_escrow.items()}
+    ordered: list[Any] = []
+    while len(ordered) < len(rows):
+        heads = [queue[0] for queue in streams.values() if queue]
+        ready = [row for row in heads if escrows[row[6]][0] is row]
+        # The original publish order satisfies both orders, so one is always ready;
+        # were none (rows not from one history), the smallest seq goes, by id in its stream.
+        row = min(ready or heads, key=lambda row: row[0])
+        streams[row[2]].popleft()
+        escrows[row[6]].remove(row)
+        ordered.append(row)
     return ordered
