@@ -891,13 +891,19 @@ def test_a_callback_that_differs_from_the_request_is_refused(
     assert service.handle_callback(token, genuine).outcome == "applied"
 
 
+def _victim_funded_and_own_created(service: EscrowService) -> str:
+    """The victim's escrow (b1) funded, a forger's own (m1) created at the same
+    amount; the victim's checkout id."""
+    service.create("b1", "s1", 1000, escrow_id="victim")
+    service.create("m1", "s9", 1000, escrow_id="own")
+    return service.fund("victim", "b1", "254700000001").escrow["checkout_request_id"]  # type: ignore[no-any-return]
+
+
 def test_a_token_for_another_payment_is_refused(
     paying: tuple[EscrowService, SimGateway], store: Store, clock: ManualClock
 ) -> None:
     service, gateway = paying
-    service.create("b1", "s1", 1000, escrow_id="victim")
-    service.create("m1", "s9", 1000, escrow_id="own")
-    victim = service.fund("victim", "b1", "254700000001").escrow["checkout_request_id"]
+    victim = _victim_funded_and_own_created(service)
     service.fund("own", "m1", "254700000009")
     own_token = token_of(gateway._queue[1].url)
     clock.advance(gateway.behaviour.delay_max + 1)  # the victim's payment has succeeded
@@ -916,9 +922,7 @@ def test_a_checkout_of_another_payment_is_not_adopted_at_a_url_without_one(
     # A forger's own payment whose push answer was lost (no checkout recorded: its URL
     # would adopt the checkout a callback names) must not take the victim's checkout.
     service, gateway = paying
-    service.create("b1", "s1", 1000, escrow_id="victim")
-    service.create("m1", "s9", 1000, escrow_id="own")
-    victim = service.fund("victim", "b1", "254700000001").escrow["checkout_request_id"]
+    victim = _victim_funded_and_own_created(service)
     gateway.crash_after_next_push = True
     with pytest.raises(CrashAfterCommit):
         service.fund("own", "m1", "254700000001")  # the victim's phone, the same amount

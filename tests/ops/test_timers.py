@@ -18,6 +18,16 @@ from workbench.service import EscrowService
 from workbench.store import Store
 
 
+def _timers(database_url: str, origin: float) -> subprocess.Popen[bytes]:
+    """``workbench timers`` sweeping every 0.1 s on a clock of a thousand timeline
+    seconds per wall second (a 900 s payment timeout is ~1 s away)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench", "timers", "--every", "0.1"],
+        env=dict(os.environ, DATABASE_URL=database_url, **clock_env(origin, origin, 1000.0)),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
 def test_timers_expire_escrows_on_the_shared_scaled_clock(store, tmp_path) -> None:  # type: ignore[no-untyped-def]
     # A thousand timeline seconds per wall second: a 900 s payment timeout is ~1 s away.
     origin = time.time()
@@ -26,11 +36,7 @@ def test_timers_expire_escrows_on_the_shared_scaled_clock(store, tmp_path) -> No
     escrow_id = service.create("buyer-1", "seller-1", 500).escrow["id"]
     untouched = service.create("buyer-2", "seller-1", 700).escrow["id"]
     service.cancel(untouched, "buyer-2")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "workbench", "timers", "--every", "0.1"],
-        env=dict(os.environ, DATABASE_URL=store.url, **clock_env(origin, origin, 1000.0)),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    process = _timers(store.url, origin)
     try:
         wait_until(
             lambda: service.get(escrow_id).state is EscrowState.EXPIRED,
@@ -50,11 +56,7 @@ def test_timers_on_a_fresh_database_create_its_tables_and_sweep(tmp_path) -> Non
     # every sweep failed with "no such table: escrows" until someone else made it.
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     origin = time.time()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "workbench", "timers", "--every", "0.1"],
-        env=dict(os.environ, DATABASE_URL=url, **clock_env(origin, origin, 1000.0)),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    process = _timers(url, origin)
     store = Store(url)
     try:
         wait_until(

@@ -140,6 +140,15 @@ def _with(path: tuple[str, ...], value: Any) -> dict[str, Any]:
 
 CB = ("Body", "stkCallback")
 
+
+def _items(amount: Any, receipt: Any, phone: Any = None) -> dict[str, Any]:
+    """A success's CallbackMetadata: Amount, MpesaReceiptNumber and (if given) PhoneNumber."""
+    items = [{"Name": "Amount", "Value": amount}, {"Name": "MpesaReceiptNumber", "Value": receipt}]
+    if phone is not None:
+        items.append({"Name": "PhoneNumber", "Value": phone})
+    return {"Item": items}
+
+
 BAD_BODIES = {
     "none": (None, "not an STK callback"),
     "list": ([], "not an STK callback"),
@@ -189,46 +198,12 @@ BAD_BODIES = {
     ),
     "huge-ResultCode": (_with((*CB, "ResultCode"), 2**63), "out of range"),
     "negative-ResultCode": (_with((*CB, "ResultCode"), -1), "out of range"),
-    "long-receipt": (
-        _with(
-            (*CB, "CallbackMetadata"),
-            {
-                "Item": [
-                    {"Name": "Amount", "Value": 1},
-                    {"Name": "MpesaReceiptNumber", "Value": "R" * 65},
-                ]
-            },
-        ),
-        "MpesaReceiptNumber",
-    ),  # fmt: skip
+    "long-receipt": (_with((*CB, "CallbackMetadata"), _items(1, "R" * 65)), "MpesaReceiptNumber"),
     "long-CheckoutRequestID": (_with((*CB, "CheckoutRequestID"), "x" * 65), "at most 64"),
     "NUL-in-CheckoutRequestID": (_with((*CB, "CheckoutRequestID"), "ws_CO\x00"), "NUL"),
     "NUL-in-ResultDesc": (_with((*CB, "ResultDesc"), "ok\x00"), "NUL"),
-    "NUL-in-receipt": (
-        _with(
-            (*CB, "CallbackMetadata"),
-            {
-                "Item": [
-                    {"Name": "Amount", "Value": 1},
-                    {"Name": "MpesaReceiptNumber", "Value": "R\x00"},
-                ]
-            },
-        ),
-        "NUL",
-    ),  # fmt: skip
-    "NUL-in-phone": (
-        _with(
-            (*CB, "CallbackMetadata"),
-            {
-                "Item": [
-                    {"Name": "Amount", "Value": 1},
-                    {"Name": "MpesaReceiptNumber", "Value": "R1"},
-                    {"Name": "PhoneNumber", "Value": "2547\x00"},
-                ]
-            },
-        ),
-        "NUL",
-    ),  # fmt: skip
+    "NUL-in-receipt": (_with((*CB, "CallbackMetadata"), _items(1, "R\x00")), "NUL"),
+    "NUL-in-phone": (_with((*CB, "CallbackMetadata"), _items(1, "R1", "2547\x00")), "NUL"),
     "success-without-amount": (
         _with((*CB, "CallbackMetadata"), {"Item": [{"Name": "MpesaReceiptNumber", "Value": "R"}]}),
         "successful callback needs a numeric Amount",
