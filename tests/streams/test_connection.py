@@ -1,9 +1,11 @@
 """Connections: a ``redis+cluster://`` URL gives a cluster client; failover errors count
-as "Redis is down"."""
+as "Redis is down"; a server refusing writes for a while counts as transient."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import threading
 
 import pytest
 import redis
@@ -17,8 +19,11 @@ from redis.exceptions import (
 )
 
 from workbench.ops.redis_cluster import LocalCluster
+from workbench.ops.redis_server import RedisServer
+from workbench.ops.waiting import wait_until
 from workbench.streams.connection import (
     REDIS_DOWN,
+    REFUSAL_CODES,
     async_client,
     close_async_client,
     connect,
@@ -28,6 +33,8 @@ from workbench.streams.connection import (
     node_url,
     packed,
     queue_script,
+    refused,
+    transient,
 )
 
 
@@ -44,6 +51,87 @@ def test_cluster_urls_are_told_from_node_urls() -> None:
 )
 def test_a_failing_over_cluster_counts_as_redis_down(error: type[Exception]) -> None:
     assert isinstance(error("CLUSTERDOWN"), REDIS_DOWN)
+
+
+def _error_of(command) -> redis.ResponseError:  # type: ignore[no-untyped-def]
+    with pytest.raises(redis.ResponseError) as raised:
+        command()
+    return raised.value
+
+
+def _write_errors(client: redis.Redis, key: str = "s") -> list[redis.ResponseError]:
+    """A write's error, alone and in a pipeline (where redis-py prefixes a note)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(key, {"a": 1})
+    return [_error_of(lambda: client.xadd(key, {"a": 1})), _error_of(pipe.execute)]
+
+
+def test_a_server_refusing_writes_for_a_while_is_transient_and_a_bad_command_is_not(
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    """Each refusal produced on a real redis-server, as redis-py raises it, alone
+    and in a pipeline: OOM (maxmemory, noeviction), MISCONF (a background save
+    that failed: its directory was removed), NOREPLICAS, READONLY (a replica),
+    BUSY (a script past its time limit). A wrong type or a script's own error
+    is the command's fault, not a refusal."""
+    with RedisServer(tmp_path / "redis") as server:
+        client = server.client()
+        client.set("text", "x")
+        errors: dict[str, list[redis.ResponseError]] = {}
+        client.config_set("maxmemory", 1)
+        errors["OOM"] = _write_errors(client)
+        client.config_set("maxmemory", 0)
+        client.config_set("min-replicas-to-write", 1)
+        errors["NOREPLICAS"] = _write_errors(client)
+        client.config_set("min-replicas-to-write", 0)
+        client.config_set("save", "3600 1")  # MISCONF guards configured saves only
+        shutil.rmtree(server.directory)  # where the save would go
+        client.bgsave()
+        wait_until(
+            lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err",
+            timeout=10,
+            what="the background save to fail",
+        )
+        errors["MISCONF"] = _write_errors(client)
+        server.directory.mkdir()
+        client.config_set("save", "")  # or the shutdown's save fails too, and it waits
+        client.config_set("busy-reply-threshold", 20)
+        spinner = threading.Thread(
+            target=lambda: _error_of(lambda: server.client().eval("while true do end", 0))
+        )
+        spinner.start()
+        errors["BUSY"] = wait_until(lambda: _busy_errors(server), timeout=10, what="BUSY")
+        client.script_kill()
+        spinner.join(10)
+        client.replicaof("127.0.0.1", server.port + 1)  # a master that is not there
+        errors["READONLY"] = _write_errors(client)
+        client.replicaof("NO", "ONE")
+        bad = [
+            *_write_errors(client, "text"),
+            _error_of(lambda: client.eval("return redis.call('nope')", 0)),
+        ]
+        client.close()
+    assert sorted(errors) == sorted(REFUSAL_CODES)
+    for code, found in errors.items():
+        assert len(found) == 2
+        for error in found:
+            assert refused(error) and transient(error), (code, error)
+    for error in bad:
+        assert not refused(error) and not transient(error), error
+
+
+def _busy_errors(server: RedisServer) -> list[redis.ResponseError] | None:
+    """PING's error alone and in a pipeline, once a script has run too long."""
+    probe = server.client()
+    try:
+        probe.ping()
+    except redis.ResponseError as alone:
+        pipe = probe.pipeline(transaction=False)
+        pipe.ping()
+        return [alone, _error_of(pipe.execute)]
+    finally:
+        probe.close()
+    return None
 
 
 def test_a_plain_url_gives_a_plain_client(redis_url: str) -> None:

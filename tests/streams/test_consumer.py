@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 
 import pytest
 import redis
@@ -13,6 +14,7 @@ from tests.support import make_service, run_lifecycles, spawn_worker
 from workbench.domain.clock import ManualClock
 from workbench.domain.events import Event, to_fields
 from workbench.handlers import GROUPS, make_handler
+from workbench.handlers.fanout import FanoutHandler
 from workbench.handlers.ledger import check_ledger
 from workbench.ops.redis_server import RedisServer
 from workbench.ops.waiting import wait_until
@@ -222,6 +224,60 @@ def test_poison_entries_go_to_dead_letters_after_max_deliveries(r) -> None:
     r.xadd(stream, to_fields(_event("esc-3", 1)))
     worker.poll()
     assert handler.seen[-1] == "evt-esc-3-1"
+
+
+def test_a_fanout_refused_for_lack_of_memory_is_retried_not_dead_lettered(tmp_path) -> None:
+    """Out of memory, every run of the fan-out script is refused (OOM): that is
+    Redis' state, not the events' fault. The poll raises it as an outage, the
+    entries stay pending and come back after the pause, however many times; no
+    dead letter (which would leave a silent gap in the users' streams). Once
+    memory is raised they are fanned out, each once."""
+    with RedisServer(tmp_path / "redis") as server:
+        client = server.client()
+        clock = ManualClock()  # not advanced: the first poll's heartbeat is the only one
+        settings = ConsumerSettings(max_deliveries=2, retry_backoff_s=0.0)
+        fanout = FanoutHandler(client)
+        worker = ConsumerWorker(client, fanout, consumer="f1", clock=clock, settings=settings)
+        assert worker.poll() == 0
+        for i in range(3):
+            client.xadd(NAMES.stream("escrow"), to_fields(_event(f"esc-{i}", 1)))
+        client.config_set("maxmemory", 1)
+        for _ in range(settings.max_deliveries + 2):
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                worker.poll()
+        client.config_set("maxmemory", 0)
+        assert worker.poll() == 3
+        assert worker.stats.dead_lettered == 0
+        assert client.xlen(NAMES.dead_letter("fanout")) == 0
+        assert fanout.appended == 6  # three events, each to its buyer's and seller's stream
+        assert client.xpending(NAMES.stream("escrow"), "fanout")["pending"] == 0
+        client.close()
+
+
+def test_the_worker_loop_waits_out_a_redis_refusing_writes(tmp_path) -> None:
+    """Out of memory its heartbeat (HSET) is refused: the loop logs it and polls
+    again after its pause instead of dying with the error; once memory is
+    raised, it handles what arrived meanwhile."""
+    with RedisServer(tmp_path / "redis") as server:
+        client = server.client()
+        handler = _Picky()
+        settings = ConsumerSettings(block_ms=50, heartbeat_every_s=0.0)
+        worker = ConsumerWorker(client, handler, consumer="p1", settings=settings)
+        worker.setup()
+        client.xadd(NAMES.stream("escrow"), to_fields(_event("esc-1", 1)))
+        client.config_set("maxmemory", 1)
+        loop = threading.Thread(target=worker.run, daemon=True)
+        loop.start()
+        try:
+            wait_until(lambda: worker.stats.redis_errors >= 2, timeout=30, what="refused twice")
+            assert loop.is_alive(), "the worker died of a refusal"
+            client.config_set("maxmemory", 0)
+            wait_until(lambda: handler.seen == ["evt-esc-1-1"], timeout=30, what="the entry")
+        finally:
+            worker.stop()
+            loop.join(10)
+        assert not loop.is_alive()
+        client.close()
 
 
 def test_unknown_event_type_is_dead_lettered_with_its_reason(r) -> None:

@@ -17,12 +17,15 @@ The natural loss (kill -9 during a busy disk) is in ``bench/durability.py``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,7 +47,7 @@ from workbench.handlers import GROUPS, HANDLERS, make_handler
 from workbench.handlers.fanout import FanoutHandler
 from workbench.handlers.ledger import check_ledger
 from workbench.ops.redis_server import KILLABLE, RedisServer, aof_units, aof_with_writes
-from workbench.ops.waiting import wait_until
+from workbench.ops.waiting import WaitTimeout, wait_until
 from workbench.store import Store, inbox, mark_published, outbox
 from workbench.streams.connection import connect
 from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
@@ -208,9 +211,25 @@ class Runtime:
                 fanout_client, FanoutHandler(fanout_client), consumer="fanout-1", settings=settings
             )
         )
-        self.threads = [threading.Thread(target=self.relay.run, daemon=True)] + [
-            threading.Thread(target=w.run, daemon=True) for w in self.workers
+        loops = {"relay": self.relay.run} | {w.consumer: w.run for w in self.workers}
+        self.died: dict[str, BaseException] = {}
+        self.threads = [
+            threading.Thread(target=self._guarded, args=(name, run), daemon=True)
+            for name, run in loops.items()
         ]
+
+    def _guarded(self, name: str, run: Callable[[], None]) -> None:
+        try:
+            run()
+        except BaseException as exc:
+            self.died[name] = exc
+            raise
+
+    def check_alive(self) -> None:
+        """Fail at once, naming the loop and its error, if a loop died: the wait for
+        recovery would otherwise time out without saying why."""
+        if self.died:
+            raise AssertionError(f"runtime loops died: {self.died!r}")
 
     def __enter__(self) -> Runtime:
         for t in self.threads:
@@ -227,11 +246,47 @@ class Runtime:
 
 
 def settled(runtime: Runtime, store: Store, client: redis.Redis) -> bool:
+    runtime.check_alive()
     return (
         not runtime.relay.backlog()
         and handled(store) == expected_handled(store)
         and fanned_out(client, store)
     )
+
+
+def unsettled(runtime: Runtime, store: Store, client: redis.Redis) -> dict[str, object]:
+    """What :func:`settled` found wanting, and the state that may say why."""
+    groups = {}
+    for stream in StreamNames().streams():
+        with contextlib.suppress(redis.ResponseError):  # a stream not there (yet)
+            groups[stream] = {
+                g["name"].decode(): (g["pending"], g["last-delivered-id"].decode())
+                for g in client.xinfo_groups(stream)
+            }
+    truth = user_truth(store)
+    return {
+        "backlog": runtime.relay.backlog(),
+        "handled": handled(store),
+        "expected": expected_handled(store),
+        "users missing events": sum(
+            1
+            for user, events in truth.items()
+            if {e.event_id for e in events} - {x for _, x in user_stream(client, user)}
+        ),
+        "groups (pending, last delivered)": groups,
+        "relay": runtime.relay.stats,
+        "workers": {w.consumer: w.stats for w in runtime.workers},
+    }
+
+
+def wait_settled(
+    runtime: Runtime, store: Store, client: redis.Redis, *, timeout: float, what: str
+) -> None:
+    """Wait for :func:`settled`; on timeout, fail with what :func:`unsettled` finds."""
+    try:
+        wait_until(lambda: settled(runtime, store, client), timeout=timeout, what=what)
+    except WaitTimeout as exc:
+        raise AssertionError(f"{exc}; {unsettled(runtime, store, client)}") from None
 
 
 def phones_of(client: redis.Redis, store: Store) -> dict[tuple[str, str], tuple[StreamId, set]]:
@@ -254,7 +309,7 @@ def test_lost_writes_are_repaired_and_phones_never_see_a_silent_gap(store, tmp_p
     try:
         with Runtime(store, server.url) as runtime:
             run_lifecycles(service, gateway, clock, 20, prefix="before")
-            wait_until(lambda: settled(runtime, store, client), timeout=60, what="a first catch-up")
+            wait_settled(runtime, store, client, timeout=60, what="a first catch-up")
             # All of that is in the AOF now (appendfsync no writes before it replies).
             first_part = aof_with_writes(server.directory).stat().st_size
             # More events for the same users: what the cut AOF will lack.
@@ -265,9 +320,7 @@ def test_lost_writes_are_repaired_and_phones_never_see_a_silent_gap(store, tmp_p
                     500 + i,
                     escrow_id=f"more-{i}",
                 )
-            wait_until(
-                lambda: settled(runtime, store, client), timeout=60, what="a second catch-up"
-            )
+            wait_settled(runtime, store, client, timeout=60, what="a second catch-up")
             phones = phones_of(client, store)
             before = {u: {i for i, _ in user_stream(client, u)} for u in user_truth(store)}
             if fault == "aof-prefix":
@@ -283,7 +336,7 @@ def test_lost_writes_are_repaired_and_phones_never_see_a_silent_gap(store, tmp_p
                 u: ids - {i for i, _ in user_stream(client, u)} for u, ids in before.items()
             }
             run_lifecycles(service, gateway, clock, 10, prefix="after")
-            wait_until(lambda: settled(runtime, store, client), timeout=90, what="the repair")
+            wait_settled(runtime, store, client, timeout=90, what="the repair")
             # The loss was real (published rows were gone) and put back.
             assert runtime.relay.stats.repairs >= 1
             assert runtime.relay.stats.repaired > 0
@@ -352,6 +405,59 @@ class Lifecycles:
         self._thread.join(60)
 
 
+def test_a_full_disk_is_waited_out_and_nothing_is_lost(store, tmp_path) -> None:
+    """Redis' AOF on a small tmpfs that a writer fills under load: every write is
+    refused (MISCONF: the AOF cannot be written) until the file is removed. The
+    relay and every worker wait it out, as an outage, instead of dying with the
+    error (they did: a supervisor would restart them into the same refusal);
+    afterwards every group has handled everything and every user's stream holds
+    each of their events once, in order."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        server = RedisServer(disk / "redis", appendonly=True, appendfsync="everysec").start()
+        client = connect(server.url)
+        clock = ManualClock()
+        service, gateway = make_service(store, clock)
+        fill = disk / "fill"
+        with Runtime(store, server.url) as runtime:
+            with Lifecycles(service, gateway, clock, "full"):
+                wait_until(lambda: len(published(store)) > 50, timeout=60, what="publishing")
+                subprocess.run(
+                    ["dd", "if=/dev/zero", f"of={fill}", "bs=1M", "count=64", "status=none"]
+                )
+                wait_until(
+                    lambda: runtime.check_alive() or runtime.relay.stats.redis_errors > 0,
+                    timeout=30,
+                    what="the relay to be refused",
+                )
+                fill.unlink()
+            wait_settled(runtime, store, client, timeout=90, what="recovery")
+        assert lost_entries(client, store) == 0
+        assert handled(store) == expected_handled(store)
+        assert_user_streams_match(client, store)
+        client.close()
+        server.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _busy_file_mb(directory: Path) -> int:
+    """How much the busy-disk writer may write: 300 MB, less on a disk with less than
+    about 1.6 GB free (a full disk is another fault: Redis refuses writes with
+    MISCONF, PostgreSQL stops), or skip when even 50 MB would come too close."""
+    free_mb = shutil.disk_usage(directory).free // 2**20
+    mb = min(300, (free_mb - 1024) // 2)
+    if mb < 50:
+        pytest.skip(f"{free_mb} MB free: too little to make the disk busy without filling it")
+    return mb
+
+
 @pytest.mark.slow
 def test_a_natural_loss_during_a_busy_disk_is_repaired(store, tmp_path) -> None:
     """everysec, under load, a bounded dd with conv=fsync in the data directory, and
@@ -365,6 +471,7 @@ def test_a_natural_loss_during_a_busy_disk_is_repaired(store, tmp_path) -> None:
     clock = ManualClock()
     service, gateway = make_service(store, clock)
     busy = server.directory / "busy.bin"
+    busy_mb = _busy_file_mb(server.directory)
     try:
         with Runtime(store, server.url) as runtime:
             for attempt in range(8):
@@ -376,14 +483,14 @@ def test_a_natural_loss_during_a_busy_disk_is_repaired(store, tmp_path) -> None:
                         what="the relay to publish under load",
                     )
                     dd = subprocess.Popen(
-                        ["dd", "if=/dev/zero", f"of={busy}", "bs=1M", "count=300",
+                        ["dd", "if=/dev/zero", f"of={busy}", "bs=1M", f"count={busy_mb}",
                          "conv=fsync", "status=none"]
                     )  # fmt: skip
                     server.kill_during_fsync(timeout=3.0)
                     dd.wait(120)
                     busy.unlink(missing_ok=True)
                     server.start()
-                wait_until(lambda: settled(runtime, store, client), timeout=90, what="recovery")
+                wait_settled(runtime, store, client, timeout=90, what="recovery")
                 if runtime.relay.stats.repaired:
                     break
             else:

@@ -199,3 +199,35 @@ def test_lost_rows_go_back_each_stream_by_id_and_each_escrow_by_seq() -> None:
         row(3, "z1", "payment", "20-0", "Z"),  # Z committed before X (PostgreSQL)
     ]
     assert [r[1] for r in _in_publish_order(waits)] == ["z1", "x1", "x2"]
+
+
+def test_the_relay_loop_waits_out_a_redis_refusing_writes(store, clock, tmp_path) -> None:
+    """Out of memory (maxmemory, noeviction) every publish is refused with OOM: the
+    loop logs it and tries again after its pause, as for an outage, instead of
+    dying with the error (a supervisor would restart it into the same refusal);
+    once memory is raised, the backlog goes out."""
+    import threading
+
+    from workbench.ops.redis_server import RedisServer
+    from workbench.streams.connection import connect
+
+    with RedisServer(tmp_path / "redis") as server:
+        client = connect(server.url)
+        service, gateway = make_service(store, clock)
+        run_lifecycles(service, gateway, clock, 3)
+        client.config_set("maxmemory", 1)
+        relay = OutboxRelay(store, client)
+        loop = threading.Thread(target=relay.run, daemon=True)
+        loop.start()
+        try:
+            wait_until(lambda: relay.stats.redis_errors >= 2, timeout=30, what="refused twice")
+            assert loop.is_alive(), "the relay died of a refusal"
+            assert relay.backlog() > 0
+            client.config_set("maxmemory", 0)
+            wait_until(lambda: relay.backlog() == 0, timeout=30, what="the backlog to go out")
+        finally:
+            relay.stop()
+            loop.join(10)
+        assert not loop.is_alive()
+        assert sum(client.xlen(s) for s in NAMES.streams()) == relay.stats.published > 0
+        client.close()

@@ -32,7 +32,7 @@ from workbench.delivery.userstreams import (
 )
 from workbench.domain import events as ev
 from workbench.domain.clock import Clock
-from workbench.streams.connection import REDIS_DOWN
+from workbench.streams.connection import transient
 from workbench.streams.keys import StreamNames, UserStreamNames
 
 
@@ -74,7 +74,7 @@ class FanoutHandler:
         try:
             self.append(events)
         except FanoutIncomplete as incomplete:
-            if all(isinstance(e, REDIS_DOWN) for e in incomplete.errors):
+            if all(transient(e) for e in incomplete.errors):
                 raise incomplete.errors[0] from incomplete
             raise
 

@@ -21,6 +21,7 @@ fails over, the cluster answers CLUSTERDOWN or TRYAGAIN: those count as
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,35 @@ REDIS_DOWN = (
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 #: Failures a loop retries after a pause: Redis down, or the database connection lost.
 TRANSIENT = (*REDIS_DOWN, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+#: Error codes of a Redis that is up but refuses writes for a while: out of memory
+#: under ``noeviction`` (OOM), a replica or a demoted master (READONLY), a failed
+#: AOF write or background save (MISCONF), too few replicas for
+#: ``min-replicas-to-write`` (NOREPLICAS), a script past its time limit (BUSY).
+REFUSAL_CODES = frozenset({"OOM", "READONLY", "MISCONF", "NOREPLICAS", "BUSY"})
+# The code leads the message, or follows redis-py's note on a pipeline's error.
+_REFUSAL = re.compile(rf"(?:^|of pipeline caused error: )(?:{'|'.join(REFUSAL_CODES)}) ")
+
+
+def refused(exc: BaseException) -> bool:
+    """Is ``exc`` Redis refusing a command for a while (:data:`REFUSAL_CODES`)?
+
+    Not the entry's fault and not a bug: a loop waits its pause and tries
+    again, as when Redis is down, instead of dying (a supervisor would restart
+    it into the same refusal) or counting a failure against the events in hand
+    (which would dead-letter them). redis-py names OOM and READONLY with their
+    own classes and leaves the code out of the message; the others keep it as
+    the message's first word, after ``Command # n (...) of pipeline caused
+    error:`` when a pipeline raised it.
+    """
+    if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+        return True
+    return isinstance(exc, redis.ResponseError) and _REFUSAL.search(str(exc)) is not None
+
+
+def transient(exc: BaseException) -> bool:
+    """Will a later pass likely succeed: Redis or the database down (:data:`TRANSIENT`),
+    or Redis refusing for a while (:func:`refused`)?"""
+    return isinstance(exc, TRANSIENT) or refused(exc)
 
 
 def outage_backoff() -> ExponentialWithJitterBackoff:

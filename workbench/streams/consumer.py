@@ -98,6 +98,8 @@ from workbench.streams.connection import (
     on_slot_of,
     outage_backoff,
     packed,
+    refused,
+    transient,
 )
 from workbench.streams.decisions import (
     Delivery,
@@ -295,8 +297,9 @@ class ConsumerWorker:
         """
         try:
             return self._poll(block_ms)
-        except TRANSIENT:
-            self._reread_own_at = self.clock.now()
+        except Exception as exc:
+            if transient(exc):
+                self._reread_own_at = self.clock.now()
             raise
 
     def _poll(self, block_ms: int | None) -> int:
@@ -357,18 +360,19 @@ class ConsumerWorker:
                 failures = 0
                 if not self.reading:  # no partition of ours (yet): nothing to block on
                     self._stop.wait(self.settings.heartbeat_every_s)
-            except TRANSIENT as exc:
+            except Exception as exc:
+                if isinstance(exc, redis.ResponseError) and group_gone(exc):
+                    # Redis came back without our groups (no persistence, a FLUSHALL, a
+                    # deleted stream): recreate them from 0 and re-read what is there.
+                    log.warning("%s: %s; recreating the group", self.consumer, exc)
+                    self._ready = False
+                    continue
+                if not transient(exc):
+                    raise
                 failures += 1
-                self.stats.redis_errors += isinstance(exc, REDIS_DOWN)
+                self.stats.redis_errors += isinstance(exc, REDIS_DOWN) or refused(exc)
                 log.warning("%s: %s; retrying", self.consumer, exc)
                 self._stop.wait(backoff.compute(failures))
-            except redis.ResponseError as exc:
-                if not group_gone(exc):
-                    raise
-                # Redis came back without our groups (no persistence, a FLUSHALL, a
-                # deleted stream): recreate them from 0 and re-read what is there.
-                log.warning("%s: %s; recreating the group", self.consumer, exc)
-                self._ready = False
         if self._leases is not None:
             try:
                 self._give_back(self._leases.held)
@@ -745,9 +749,9 @@ class ConsumerWorker:
             self.handler.handle([d.event for d in batch if d.event is not None])
             self.stats.handled += len(batch)
             return batch
-        except TRANSIENT:
-            raise  # not the entries' fault: leave them pending, back off
         except Exception as exc:
+            if transient(exc):
+                raise  # not the entries' fault: leave them pending, back off
             if len(batch) == 1:
                 batch[0].error = f"{type(exc).__name__}: {exc}"
                 failed.append(batch[0])

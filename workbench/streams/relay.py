@@ -99,11 +99,12 @@ from workbench.ops.shutdown import StopRequest
 from workbench.store import Prepared, Store, mark_published, outbox
 from workbench.streams.connection import (
     REDIS_DOWN,
-    TRANSIENT,
     execute,
     outage_backoff,
     queue_script,
+    refused,
     server_version,
+    transient,
 )
 from workbench.streams.groups import claim_partition_count
 from workbench.streams.keys import StreamNames
@@ -883,9 +884,11 @@ class OutboxRelay:
                 self.heartbeat()
                 published = self.publish_batch()
                 failures = 0
-            except TRANSIENT as exc:
+            except Exception as exc:
+                if not transient(exc):
+                    raise
                 failures += 1
-                self.stats.redis_errors += isinstance(exc, REDIS_DOWN)
+                self.stats.redis_errors += isinstance(exc, REDIS_DOWN) or refused(exc)
                 log.warning("relay: %s; retrying", exc)
                 self._stop.wait(backoff.compute(failures))
                 continue
