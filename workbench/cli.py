@@ -30,7 +30,7 @@ from workbench.domain.clock import clock_from_env, simulated
 from workbench.handlers import ALL_GROUPS, handler_for
 from workbench.handlers.fanout import FanoutHandler
 from workbench.store import Store, database_url
-from workbench.streams.connection import connect
+from workbench.streams.connection import connect, refused
 from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
 from workbench.streams.relay import DEFAULT_FSYNC_TIMEOUT_MS, OutboxRelay
 
@@ -300,6 +300,11 @@ def worker(
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         click.echo(f"Error: cannot reach Redis at --redis-url / REDIS_URL: {exc}", err=True)
         sys.exit(2)
+    except redis.ResponseError as exc:
+        if not refused(exc):
+            raise
+        # Up but refusing writes (out of memory, a full disk): the loop sets up once it takes them.
+        click.echo(f"{w.consumer}: Redis refuses writes for now ({exc}); waiting", err=True)
     click.echo(f"{w.consumer}: consuming {group} from {', '.join(w.streams)}", err=True)
     w.run()
     w.leave()

@@ -19,6 +19,7 @@ from workbench.handlers.ledger import check_ledger
 from workbench.ops.redis_server import RedisServer
 from workbench.ops.waiting import wait_until
 from workbench.store import Store, inbox, outbox
+from workbench.streams.connection import refused
 from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
 from workbench.streams.decisions import Delivery, dead_consumers, ready_to_handle
 from workbench.streams.groups import ensure_groups
@@ -226,13 +227,17 @@ def test_poison_entries_go_to_dead_letters_after_max_deliveries(r) -> None:
     assert handler.seen[-1] == "evt-esc-3-1"
 
 
-def test_a_fanout_refused_for_lack_of_memory_is_retried_not_dead_lettered(tmp_path) -> None:
+@pytest.mark.parametrize("binary", ["auto", "bundled"])
+def test_a_fanout_refused_for_lack_of_memory_is_retried_not_dead_lettered(
+    tmp_path, binary: str
+) -> None:
     """Out of memory, every run of the fan-out script is refused (OOM): that is
     Redis' state, not the events' fault. The poll raises it as an outage, the
     entries stay pending and come back after the pause, however many times; no
     dead letter (which would leave a silent gap in the users' streams). Once
-    memory is raised they are fanned out, each once."""
-    with RedisServer(tmp_path / "redis") as server:
+    memory is raised they are fanned out, each once. (Redis 6.2 reports the
+    refusal as the error of the script's ``redis.call``.)"""
+    with RedisServer(tmp_path / "redis", binary=binary) as server:
         client = server.client()
         clock = ManualClock()  # not advanced: the first poll's heartbeat is the only one
         settings = ConsumerSettings(max_deliveries=2, retry_backoff_s=0.0)
@@ -243,8 +248,9 @@ def test_a_fanout_refused_for_lack_of_memory_is_retried_not_dead_lettered(tmp_pa
             client.xadd(NAMES.stream("escrow"), to_fields(_event(f"esc-{i}", 1)))
         client.config_set("maxmemory", 1)
         for _ in range(settings.max_deliveries + 2):
-            with pytest.raises(redis.exceptions.OutOfMemoryError):
+            with pytest.raises(redis.ResponseError) as refusal:
                 worker.poll()
+            assert refused(refusal.value), refusal.value  # raised as Redis' state
         client.config_set("maxmemory", 0)
         assert worker.poll() == 3
         assert worker.stats.dead_lettered == 0
@@ -438,6 +444,46 @@ def test_sigterm_finishes_the_batch_acks_and_exits(r, redis_url, store, clock, t
     assert worker.wait(15) == 0
     assert _pending(r, "notifications", types) == 0
     assert r.hget(NAMES.heartbeats("notifications"), "n-1") is None  # a clean exit
+
+
+def test_a_worker_process_waits_out_a_refusing_redis_and_a_demotion(store, clock, tmp_path) -> None:
+    """``workbench worker`` started while Redis is out of memory waits instead of
+    exiting with the error (it exited 1: under ``serve``, a crash loop); demoted
+    (REPLICAOF), Redis cuts the blocked read short (UNBLOCKED) and refuses writes
+    (READONLY): the worker waits that out too. A master again, it handles what
+    the relay publishes and SIGTERM still ends it with 0 and a clean leave."""
+    service, gateway = make_service(store, clock)
+    with RedisServer(tmp_path / "redis") as server:
+        client = server.client()
+        client.config_set("maxmemory", 1)
+        log = tmp_path / "worker.log"
+        worker = spawn_worker("notifications", "n-1", server.url, store.url, log=log)
+        try:
+            wait_until(lambda: b"refuses writes" in log.read_bytes(), timeout=30, what="a wait")
+            client.config_set("maxmemory", 0)
+            beats = NAMES.heartbeats("notifications")
+            wait_until(lambda: client.hexists(beats, "n-1"), timeout=30, what="a heartbeat")
+            client.replicaof("127.0.0.1", server.port + 1)  # a master that is not there
+            wait_until(
+                lambda: b"read only replica" in log.read_bytes(), timeout=30, what="READONLY"
+            )
+            assert worker.poll() is None, log.read_text()
+            client.replicaof("NO", "ONE")
+            run_lifecycles(service, gateway, clock, 3)
+            OutboxRelay(store, client).drain()
+            types = ("escrow", "payment", "dispute")
+            wait_until(
+                lambda: _inbox_count(store, "notifications") == _expected(store, types) > 0,
+                timeout=60,
+                what="notifications to catch up",
+            )
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0, log.read_text()
+        finally:
+            worker.kill()
+            worker.wait(15)
+        assert client.hget(beats, "n-1") is None  # a clean exit
+        client.close()
 
 
 class _StopsWhileHandling(_Recording):

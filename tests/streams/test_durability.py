@@ -420,30 +420,29 @@ def test_a_full_disk_is_waited_out_and_nothing_is_lost(store, tmp_path) -> None:
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        server = RedisServer(disk / "redis", appendonly=True, appendfsync="everysec").start()
-        client = connect(server.url)
-        clock = ManualClock()
-        service, gateway = make_service(store, clock)
-        fill = disk / "fill"
-        with Runtime(store, server.url) as runtime:
-            with Lifecycles(service, gateway, clock, "full"):
-                wait_until(lambda: len(published(store)) > 50, timeout=60, what="publishing")
-                subprocess.run(
-                    ["dd", "if=/dev/zero", f"of={fill}", "bs=1M", "count=64", "status=none"]
-                )
-                wait_until(
-                    lambda: runtime.check_alive() or runtime.relay.stats.redis_errors > 0,
-                    timeout=30,
-                    what="the relay to be refused",
-                )
-                fill.unlink()
-            wait_settled(runtime, store, client, timeout=90, what="recovery")
-        assert lost_entries(client, store) == 0
-        assert handled(store) == expected_handled(store)
-        assert_user_streams_match(client, store)
-        client.close()
-        server.close()
-    finally:
+        with RedisServer(disk / "redis", appendonly=True, appendfsync="everysec") as server:
+            client = connect(server.url)
+            clock = ManualClock()
+            service, gateway = make_service(store, clock)
+            fill = disk / "fill"
+            with Runtime(store, server.url) as runtime:
+                with Lifecycles(service, gateway, clock, "full"):
+                    wait_until(lambda: len(published(store)) > 50, timeout=60, what="publishing")
+                    subprocess.run(
+                        ["dd", "if=/dev/zero", f"of={fill}", "bs=1M", "count=64", "status=none"]
+                    )
+                    wait_until(
+                        lambda: runtime.check_alive() or runtime.relay.stats.redis_errors > 0,
+                        timeout=30,
+                        what="the relay to be refused",
+                    )
+                    fill.unlink()
+                wait_settled(runtime, store, client, timeout=90, what="recovery")
+            assert lost_entries(client, store) == 0
+            assert handled(store) == expected_handled(store)
+            assert_user_streams_match(client, store)
+            client.close()
+    finally:  # after the server is gone: nothing holds the tmpfs open
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 

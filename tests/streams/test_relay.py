@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
+import pytest
 import redis
 from sqlalchemy import func, select
 
@@ -15,8 +17,10 @@ from tests.support import ROOT, make_service, run_lifecycles
 from workbench.domain.events import from_fields, to_fields
 from workbench.handlers import GROUPS, make_handler
 from workbench.handlers.ledger import check_ledger
+from workbench.ops.redis_server import RedisServer
 from workbench.ops.waiting import wait_until
 from workbench.store import inbox, outbox
+from workbench.streams.connection import connect
 from workbench.streams.consumer import ConsumerWorker
 from workbench.streams.groups import ensure_groups
 from workbench.streams.keys import StreamNames
@@ -201,25 +205,28 @@ def test_lost_rows_go_back_each_stream_by_id_and_each_escrow_by_seq() -> None:
     assert [r[1] for r in _in_publish_order(waits)] == ["z1", "x1", "x2"]
 
 
-def test_the_relay_loop_waits_out_a_redis_refusing_writes(store, clock, tmp_path) -> None:
-    """Out of memory (maxmemory, noeviction) every publish is refused with OOM: the
-    loop logs it and tries again after its pause, as for an outage, instead of
-    dying with the error (a supervisor would restart it into the same refusal);
-    once memory is raised, the backlog goes out."""
-    import threading
-
-    from workbench.ops.redis_server import RedisServer
-    from workbench.streams.connection import connect
-
-    with RedisServer(tmp_path / "redis") as server:
+@pytest.mark.parametrize("binary", ["auto", "bundled"])
+def test_the_relay_loop_waits_out_a_redis_refusing_writes(store, clock, tmp_path, binary) -> None:
+    """Out of memory (maxmemory, noeviction) every publish script is refused (OOM;
+    Redis 6.2 reports it as the error of the script's ``redis.call``): the loop
+    logs it and tries again after its pause, as for an outage, instead of dying
+    with the error (a supervisor would restart it into the same refusal); once
+    memory is raised, the backlog goes out. The heartbeat is not due meanwhile,
+    so each pass reaches the script."""
+    with RedisServer(tmp_path / "redis", binary=binary) as server:
         client = connect(server.url)
         service, gateway = make_service(store, clock)
-        run_lifecycles(service, gateway, clock, 3)
-        client.config_set("maxmemory", 1)
-        relay = OutboxRelay(store, client)
+        relay = OutboxRelay(store, client, heartbeat_every_s=3600)
         loop = threading.Thread(target=relay.run, daemon=True)
         loop.start()
         try:
+            wait_until(
+                lambda: client.exists(NAMES.heartbeats("relay")),
+                timeout=30,
+                what="a first beat",
+            )
+            client.config_set("maxmemory", 1)
+            run_lifecycles(service, gateway, clock, 3)
             wait_until(lambda: relay.stats.redis_errors >= 2, timeout=30, what="refused twice")
             assert loop.is_alive(), "the relay died of a refusal"
             assert relay.backlog() > 0

@@ -55,10 +55,16 @@ TRANSIENT = (*REDIS_DOWN, sqlalchemy.exc.OperationalError, sqlalchemy.exc.Interf
 #: Error codes of a Redis that is up but refuses writes for a while: out of memory
 #: under ``noeviction`` (OOM), a replica or a demoted master (READONLY), a failed
 #: AOF write or background save (MISCONF), too few replicas for
-#: ``min-replicas-to-write`` (NOREPLICAS), a script past its time limit (BUSY).
-REFUSAL_CODES = frozenset({"OOM", "READONLY", "MISCONF", "NOREPLICAS", "BUSY"})
-# The code leads the message, or follows redis-py's note on a pipeline's error.
-_REFUSAL = re.compile(rf"(?:^|of pipeline caused error: )(?:{'|'.join(REFUSAL_CODES)}) ")
+#: ``min-replicas-to-write`` (NOREPLICAS), a script past its time limit (BUSY),
+#: a blocked read cut short because the server changed role (UNBLOCKED).
+REFUSAL_CODES = frozenset({"OOM", "READONLY", "MISCONF", "NOREPLICAS", "BUSY", "UNBLOCKED"})
+# Where the code stands in redis-py's message: first; after a pipeline's note
+# (the async client quotes the error as a tuple); after "-" in an error that a
+# script's redis.call raised (Redis 6.2); after "because of: " in EXECABORT.
+_REFUSAL = re.compile(
+    r"(?:^|of pipeline caused error: \(?'?|: -|because of: )"
+    rf"(?:{'|'.join(sorted(REFUSAL_CODES))}) "
+)
 
 
 def refused(exc: BaseException) -> bool:
@@ -68,9 +74,8 @@ def refused(exc: BaseException) -> bool:
     again, as when Redis is down, instead of dying (a supervisor would restart
     it into the same refusal) or counting a failure against the events in hand
     (which would dead-letter them). redis-py names OOM and READONLY with their
-    own classes and leaves the code out of the message; the others keep it as
-    the message's first word, after ``Command # n (...) of pipeline caused
-    error:`` when a pipeline raised it.
+    own classes and leaves the code out of the message; the others keep it in
+    the message, where :data:`_REFUSAL` looks for it.
     """
     if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
         return True

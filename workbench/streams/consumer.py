@@ -93,7 +93,6 @@ from workbench.streams.append import XADD_AT_LUA
 from workbench.streams.connection import (
     REDIS_DOWN,
     SOCKET_TIMEOUT_S,
-    TRANSIENT,
     execute,
     on_slot_of,
     outage_backoff,
@@ -376,7 +375,10 @@ class ConsumerWorker:
         if self._leases is not None:
             try:
                 self._give_back(self._leases.held)
-            except TRANSIENT as exc:  # they expire on their own
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                # Redis down or refusing: they expire on their own.
                 log.warning("%s: could not give back partitions: %s", self.consumer, exc)
 
     # -- reading -------------------------------------------------------------------
@@ -907,10 +909,16 @@ class ConsumerWorker:
     def leave(self) -> None:
         """Give back the partitions held (partitioned) and remove this consumer's
         heartbeat (a clean exit is not a death)."""
-        if self._leases is not None:
-            self._give_back(self._leases.held)
         self._beat = None  # a heartbeat not sent yet must not follow the exit
-        self.client.hdel(self.names.heartbeats(self.group), self.consumer)
+        try:
+            if self._leases is not None:
+                self._give_back(self._leases.held)
+            self.client.hdel(self.names.heartbeats(self.group), self.consumer)
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            # Redis down or refusing: the beat goes stale, the leases expire on their own.
+            log.warning("%s: could not leave cleanly: %s", self.consumer, exc)
 
 
 __all__ = [
