@@ -30,7 +30,7 @@ from workbench.domain.clock import clock_from_env, simulated
 from workbench.handlers import ALL_GROUPS, handler_for
 from workbench.handlers.fanout import FanoutHandler
 from workbench.store import Store, database_url
-from workbench.streams.connection import connect, refused
+from workbench.streams.connection import connect, redacted, refused
 from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
 from workbench.streams.relay import DEFAULT_FSYNC_TIMEOUT_MS, OutboxRelay
 
@@ -61,10 +61,10 @@ def _client(url: str) -> Any:
     try:
         return connect(url)
     except RedisClusterException as exc:
-        click.echo(f"Error: cannot reach the Redis Cluster at {url}: {exc}", err=True)
+        click.echo(redacted(f"Error: cannot reach the Redis Cluster at {url}: {exc}"), err=True)
         sys.exit(2)
     except ValueError as exc:  # redis-py: "Redis URL must specify one of the ..."
-        raise click.UsageError(f"--redis-url / REDIS_URL {url!r}: {exc}") from None
+        raise click.UsageError(redacted(f"--redis-url / REDIS_URL {url!r}: {exc}")) from None
 
 
 def _store(url: str | None) -> Store:
@@ -76,7 +76,7 @@ def _store(url: str | None) -> Store:
     try:
         store = Store(url or _default_database())
     except (ArgumentError, NoSuchModuleError) as exc:
-        raise click.UsageError(f"--database-url / DATABASE_URL {url!r}: {exc}") from None
+        raise click.UsageError(redacted(f"--database-url / DATABASE_URL {url!r}: {exc}")) from None
     try:
         store.create_schema()
     except OperationalError as exc:

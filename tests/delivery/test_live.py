@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from workbench.delivery.hub import Hub, Subscription
 from workbench.delivery.live import LiveReader, Resync
 from workbench.delivery.userstreams import UserStreams, live_message
 from workbench.domain import events as ev
+from workbench.ops.redis_server import RedisServer
 from workbench.streams.keys import UserStreamNames
 
 DEADLINE = 10.0
@@ -204,3 +206,31 @@ def test_the_parser_the_pump_reads_with_says_not_enough_data_with_the_marker_it_
             await client.aclose()
 
     asyncio.run(asyncio.wait_for(scenario(), DEADLINE))
+
+
+def test_a_lost_feed_is_logged_without_the_redis_password(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The reader's connection killed on a password-protected Redis: the warning
+    names the server with its password as ``***`` (it printed the whole URL into
+    the API's log, undoing the care that keeps it off ``ps``), and the reader
+    reconnects."""
+    password = "s3cret-in-the-url"
+    names = UserStreamNames(f"pw{next(_N)}")
+    with RedisServer(tmp_path / "redis", password=password) as server:
+        client = server.client()
+
+        async def scenario() -> None:
+            hub = Hub()
+            subscription = hub.subscribe(f"u{next(_N)}")
+            async with _running(LiveReader(server.url, hub, names, liveness_s=0.2)) as reader:
+                await _next_of(subscription, Resync)
+                client.client_kill_filter(_type="pubsub")
+                await _until(lambda: reader.reconnects >= 1, "a reconnect")
+                await _next_of(subscription, Resync)
+
+        with caplog.at_level(logging.WARNING, logger=live.__name__):
+            asyncio.run(asyncio.wait_for(scenario(), 3 * DEADLINE))
+        client.close()
+    lost = [r.getMessage() for r in caplog.records if "live reader lost Redis" in r.getMessage()]
+    assert lost, caplog.text
+    assert all(":***@" in message for message in lost), lost
+    assert password not in caplog.text

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 
 import httpx
 import pytest
+import redis
 import sqlalchemy as sa
 
 from tests.http_support import SECRET, Deployment, auth, gateway_callback, read_events, token
@@ -15,7 +18,10 @@ from workbench.handlers.ledger import MONEY_EVENTS
 from workbench.http.app import Settings
 from workbench.http.auth import issue_token
 from workbench.http.commands import scoped_key
+from workbench.ops.redis_server import RedisServer
+from workbench.ops.waiting import wait_until
 from workbench.payments.mpesa import RESULT_CANCELLED_BY_USER, RESULT_OK, stk_callback
+from workbench.store import Store
 
 EXPIRED = issue_token("alice", SECRET, ttl_s=1, clock=ManualClock(1e9))
 
@@ -333,6 +339,53 @@ def test_with_redis_dead_commands_work_and_reads_say_503(
     # Back: the event of the command made while Redis was down arrives.
     got, reset = read_events(api, alice, last_event_id="0", until_ready_and=1)
     assert not reset and [e.event for e in got] == ["escrow.created"]
+
+
+def test_a_redis_busy_with_a_script_makes_reads_503_not_500(tmp_path, alice: str) -> None:  # type: ignore[no-untyped-def]
+    """A script past Redis' time limit makes it answer BUSY to everyone else until
+    it is killed: the snapshot and the phone's events say 503 with Retry-After,
+    and /metrics says Redis is down; they were 500s with a traceback each."""
+    with RedisServer(tmp_path / "redis") as server:
+        deployment = Deployment(server.url, f"sqlite:///{tmp_path / 'w.db'}", tmp_path)
+        Store(deployment.database_url).create_schema()
+        redis_client = server.client()
+        redis_client.config_set("lua-time-limit", 20)
+        spinner = threading.Thread(target=lambda: _refused_spin(server), daemon=True)
+        try:
+            api = deployment.start_api()
+            spinner.start()
+            wait_until(lambda: _busy(server), timeout=10, what="Redis to answer BUSY")
+            for path in (f"/users/{alice}/escrows", f"/users/{alice}/events"):
+                answer = httpx.get(f"{api}{path}", headers=auth(alice), timeout=30)
+                assert answer.status_code == 503, (path, answer.text)
+                assert answer.json()["error"] == "redis_unavailable"
+                assert answer.headers["Retry-After"] == "2"
+            assert "workbench_redis_up 0.0" in httpx.get(f"{api}/metrics", timeout=30).text
+        finally:
+            with contextlib.suppress(redis.ResponseError):  # not running any more
+                redis_client.script_kill()
+            spinner.join(10)
+            redis_client.close()
+            deployment.stop()
+
+
+def _refused_spin(server: RedisServer) -> None:
+    """Run a script that never ends, until SCRIPT KILL ends it (with an error)."""
+    spinning = server.client()
+    with contextlib.suppress(redis.ResponseError):
+        spinning.eval("while true do end", 0)
+    spinning.close()
+
+
+def _busy(server: RedisServer) -> bool:
+    probe = server.client()
+    try:
+        probe.ping()
+        return False
+    except redis.ResponseError as exc:
+        return str(exc).startswith("BUSY ")
+    finally:
+        probe.close()
 
 
 @pytest.mark.parametrize("last", [f"{2**64 - 1}-{2**64 - 1}", f"{2**64 - 1}-{2**64 - 2}"])

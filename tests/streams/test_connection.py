@@ -33,6 +33,7 @@ from workbench.streams.connection import (
     node_url,
     packed,
     queue_script,
+    redacted,
     refused,
     transient,
 )
@@ -166,6 +167,22 @@ def _busy_errors(server: RedisServer) -> list[redis.ResponseError] | None:
     finally:
         probe.close()
     return None
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("rediss+cluster://me:s3cret@node:7000", "rediss+cluster://me:***@node:7000"),
+        ("postgresql+psycopg://wb:s3cret@db/wb", "postgresql+psycopg://wb:***@db/wb"),
+        ("unix:///tmp/r.sock?db=0&password=s3cret", "unix:///tmp/r.sock?db=0&password=***"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("postgresql://wb@db/wb", "postgresql://wb@db/wb"),
+        ("bad 'redis://:s3cret@h:1' in a message", "bad 'redis://:***@h:1' in a message"),
+    ],
+)
+def test_a_url_for_a_log_hides_its_password_and_keeps_the_rest(url: str, shown: str) -> None:
+    assert redacted(url) == shown
 
 
 def test_a_plain_url_gives_a_plain_client(redis_url: str) -> None:

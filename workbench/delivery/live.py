@@ -50,7 +50,7 @@ from workbench.delivery.hub import Hub
 from workbench.delivery.livenodes import LiveNodes, LiveSource, Node
 from workbench.delivery.userstreams import live_message
 from workbench.delivery.wire import LiveEntry
-from workbench.streams.connection import outage_backoff
+from workbench.streams.connection import outage_backoff, redacted
 from workbench.streams.keys import UserStreamNames
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ class LiveReader:
     @property
     def url(self) -> str | None:
         return self.nodes.url
+
+    @property
+    def _where(self) -> str:
+        """The server for a message that gets logged: its URL without the password."""
+        return redacted(self.url or "")
 
     async def run(self) -> None:
         """Read until cancelled, reconnecting everything with backoff."""
@@ -189,7 +194,7 @@ class LiveReader:
             if message is None:
                 if clock() - link.heard >= 2 * self.liveness_s:
                     raise FeedLost(
-                        f"{node or self.url} did not answer a ping within {self.liveness_s:g} s"
+                        f"{node or self._where} did not answer a ping within {self.liveness_s:g} s"
                     )
                 await pubsub.ping()  # its pong, or any message, proves the link alive
                 continue
@@ -206,7 +211,7 @@ class LiveReader:
             elif kind in ("unsubscribe", "sunsubscribe"):
                 # Never asked for: the server took the channel's slot away from this node.
                 raise FeedLost(
-                    f"{node or self.url} dropped {message['channel']!r} "
+                    f"{node or self._where} dropped {message['channel']!r} "
                     "(its slot moved: a failover or a migration)"
                 )
             if confirmed == len(channels):
@@ -233,7 +238,7 @@ class LiveReader:
         while True:
             data = await stream.read(_READ_SIZE)
             if not data:
-                raise FeedLost(f"{node or self.url} closed the connection")
+                raise FeedLost(f"{node or self._where} closed the connection")
             link.heard = clock()
             reader.feed(data)
             self._deliver_buffered(reader, node)
@@ -253,11 +258,11 @@ class LiveReader:
                     self._deliver(reply[2])
                 elif kind in (b"unsubscribe", b"sunsubscribe"):
                     raise FeedLost(
-                        f"{node or self.url} dropped {reply[1]!r} "
+                        f"{node or self._where} dropped {reply[1]!r} "
                         "(its slot moved: a failover or a migration)"
                     )
             elif isinstance(reply, Exception):  # an error reply: the link is not sane
-                raise FeedLost(f"{node or self.url} answered {reply!r}")
+                raise FeedLost(f"{node or self._where} answered {reply!r}")
 
     async def _watch(self, pubsub: aioredis.client.PubSub, node: Node | None, link: _Link) -> None:
         """While :meth:`_pump` reads: a connection silent ``liveness_s`` is pinged,
@@ -271,7 +276,7 @@ class LiveReader:
             silent = clock() - link.heard
             if silent >= 2 * self.liveness_s:
                 raise FeedLost(
-                    f"{node or self.url} did not answer a ping within {self.liveness_s:g} s"
+                    f"{node or self._where} did not answer a ping within {self.liveness_s:g} s"
                 )
             if silent >= self.liveness_s:
                 await pubsub.ping()

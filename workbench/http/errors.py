@@ -9,7 +9,8 @@ status that says what the client can do about it:
   ``Retry-After``); a code not in the table is a conflict (409);
 * :class:`Unauthorized` (no or bad token) is 401 with ``WWW-Authenticate``;
   :class:`Forbidden` (a valid user asking for what is not theirs) is 403;
-* Redis unreachable is 503 ``Retry-After: 2``; the M-Pesa gateway refusing a
+* Redis unreachable, or up but refusing for a while (a script past its time
+  limit, a cluster failing over), is 503 ``Retry-After: 2``; the M-Pesa gateway refusing a
   push is 503 ``Retry-After: 5`` (nothing was emitted, a retry is safe).
 
 A refused command changed nothing: the service applies a command in one
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse
 from workbench.domain.escrow import DomainError
 from workbench.payments.mpesa import GatewayUnavailable
 from workbench.service import RateLimited
+from workbench.streams.connection import transient
 
 STATUS = {
     "not_found": 404,
@@ -94,6 +96,14 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(redis.ConnectionError, _redis_down)
     app.add_exception_handler(redis.TimeoutError, _redis_down)
+
+    @app.exception_handler(redis.ResponseError)
+    async def _redis_refusing(request: Request, exc: redis.ResponseError) -> JSONResponse:
+        # Up but refusing for a while (BUSY: a script past its time limit; MISCONF
+        # refuses even a new connection's PING), or a cluster failing over.
+        if not transient(exc):
+            raise exc  # a bug: the server error middleware makes it a 500
+        return redis_unavailable(f"the event log refuses requests for now: {exc}")
 
     @app.exception_handler(Unauthorized)
     async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:

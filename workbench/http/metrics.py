@@ -26,7 +26,7 @@ from workbench.domain.clock import Clock, now_ms
 from workbench.domain.events import AGGREGATE_TYPES
 from workbench.handlers import ALL_GROUPS
 from workbench.http.health import read_supervision
-from workbench.streams.connection import REDIS_DOWN
+from workbench.streams.connection import REDIS_DOWN, refused
 from workbench.streams.groups import dead_letter_count, group_ages
 from workbench.streams.replies import text
 
@@ -178,7 +178,11 @@ def _stream_metrics(client: redis.Redis, names: StreamNames, clock: Clock) -> An
         for group in ALL_GROUPS:
             dead.add_metric([group], dead_letter_count(client, names, group))
         up.add_metric([], 1)
-    except REDIS_DOWN:  # a cluster failing over (CLUSTERDOWN) is down too, not a failed scrape
+    except Exception as exc:
+        # A cluster failing over (CLUSTERDOWN) is down too, and so is a Redis refusing
+        # (BUSY): not a failed scrape.
+        if not (isinstance(exc, REDIS_DOWN) or refused(exc)):
+            raise
         up.add_metric([], 0)
     yield from (length, pending, lag, lag_s, pending_age, dead, up)
 

@@ -39,6 +39,7 @@ import redis
 from workbench.ops import affinity
 from workbench.ops.children import signal_on_parent_death
 from workbench.ops.waiting import wait_until
+from workbench.streams.connection import redacted
 
 MIN_VERSION = (6, 2)
 
@@ -366,7 +367,7 @@ class RedisServer:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         version = ".".join(map(str, self.version))
-        return f"<RedisServer {version} {self.url} {state}>"
+        return f"<RedisServer {version} {redacted(self.url)} {state}>"
 
 
 @atexit.register

@@ -85,7 +85,7 @@ def fanout_wait_replicas(redis_url: str, environ: dict[str, str]) -> tuple[str |
     configuration. A value set in the environment wins; on one server nothing is
     set (there a kill loses a prefix of the history and redelivery repairs it).
     """
-    from workbench.streams.connection import connect, is_cluster_url
+    from workbench.streams.connection import connect, is_cluster_url, redacted
 
     if "WORKBENCH_WAIT_REPLICAS" in environ or not is_cluster_url(redis_url):
         return None, None
@@ -94,7 +94,8 @@ def fanout_wait_replicas(redis_url: str, environ: dict[str, str]) -> tuple[str |
     try:
         client = connect(redis_url)
     except RedisClusterException as exc:  # none of the named nodes answers
-        raise ServeRefused(f"cannot reach the Redis Cluster at {redis_url}: {exc}") from None
+        message = f"cannot reach the Redis Cluster at {redis_url}: {exc}"
+        raise ServeRefused(redacted(message)) from None
     try:  # each master's own word: gossip may not have spread yet
         replicas = [
             int(client.info("replication", target_nodes=node).get("connected_slaves", 0))
@@ -436,11 +437,14 @@ def serve(options: ServeOptions, ready: Callable[[], None] | None = None) -> int
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     from workbench.store import Store
+    from workbench.streams.connection import redacted
 
     try:
         store = Store(database_url)
     except (ArgumentError, NoSuchModuleError) as exc:
-        raise ServeRefused(f"--database-url / DATABASE_URL {database_url!r}: {exc}") from None
+        raise ServeRefused(
+            redacted(f"--database-url / DATABASE_URL {database_url!r}: {exc}")
+        ) from None
     store.create_schema()  # once, before several processes race to create it
     store.close()
     children.update(children_of(options, env, listener))

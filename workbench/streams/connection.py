@@ -88,6 +88,18 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT) or refused(exc)
 
 
+_USERINFO_PASSWORD = re.compile(r"(//[^/@:]*):[^/@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
+
+
+def redacted(url: str) -> str:
+    """``url`` fit for a log or an error message: a password in its user info
+    (``redis://:secret@host``, ``postgresql://user:secret@host``) or its query
+    (``unix://...?password=secret``) shown as ``***``. Works on URLs no parser
+    accepts, so a message about a bad URL does not print its secret."""
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1:***@", url))
+
+
 def outage_backoff() -> ExponentialWithJitterBackoff:
     """The pause schedule of a loop whose pass failed because Redis or the database was down.
 
