@@ -146,12 +146,17 @@ def expected_handled(store: Store) -> dict[str, int]:
     }
 
 
-def fanned_out(client: redis.Redis, store: Store) -> bool:
-    truth = user_truth(store)
-    return all(
-        {e.event_id for e in events} <= {x for _, x in user_stream(client, user)}
-        for user, events in truth.items()
+def users_missing_events(client: redis.Redis, store: Store) -> int:
+    """Users whose stream lacks some of their events."""
+    return sum(
+        1
+        for user, events in user_truth(store).items()
+        if {e.event_id for e in events} - {x for _, x in user_stream(client, user)}
     )
+
+
+def fanned_out(client: redis.Redis, store: Store) -> bool:
+    return users_missing_events(client, store) == 0
 
 
 # -- a phone, through the real session code -------------------------------------------
@@ -263,16 +268,11 @@ def unsettled(runtime: Runtime, store: Store, client: redis.Redis) -> dict[str, 
                 g["name"].decode(): (g["pending"], g["last-delivered-id"].decode())
                 for g in client.xinfo_groups(stream)
             }
-    truth = user_truth(store)
     return {
         "backlog": runtime.relay.backlog(),
         "handled": handled(store),
         "expected": expected_handled(store),
-        "users missing events": sum(
-            1
-            for user, events in truth.items()
-            if {e.event_id for e in events} - {x for _, x in user_stream(client, user)}
-        ),
+        "users missing events": users_missing_events(client, store),
         "groups (pending, last delivered)": groups,
         "relay": runtime.relay.stats,
         "workers": {w.consumer: w.stats for w in runtime.workers},

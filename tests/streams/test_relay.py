@@ -105,9 +105,6 @@ def test_relay_sigkilled_after_xadd_republishes_but_effects_happen_once(
 
 
 def test_commands_keep_working_while_redis_is_down(store, clock, tmp_path) -> None:
-    from workbench.ops.redis_server import RedisServer
-    from workbench.streams.connection import connect
-
     with RedisServer(tmp_path / "redis", appendonly=True) as server:
         client = connect(server.url, retry=None)
         service, gateway = make_service(store, clock)
