@@ -252,7 +252,7 @@ def _simulate_until_done_or_stopped(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from simulations.analysis.tables import mark_unfinished
-    from simulations.drivers.interruption import Interrupted, interruptible
+    from simulations.drivers.interruption import Interrupted, checkpoint, interruptible
 
     if realtime:
         from simulations.drivers.realtime import simulate_realtime_to
@@ -277,6 +277,7 @@ def _simulate_until_done_or_stopped(
             task = bar.add_task("simulate", total=1.0)
 
             def progress(t: float, total: float) -> None:
+                checkpoint()  # a stop whose exception was lost on its way is raised here
                 reached[0] = t
                 bar.update(task, completed=t, total=total)
 

@@ -13,6 +13,12 @@ Starting a child is :func:`held`: a signal during it is raised once the child is
 known to whoever stops it (a ``Popen`` cut between its fork and its return would
 leave a child that nobody stops, writing into a directory being removed).
 
+An exception can also vanish without a word: C code that clears errors instead
+of reporting them (a Python ``__eq__`` under an old dict lookup, and the like) never
+shows it to ``sys.unraisablehook``. So the stop is also remembered: the run's
+progress reports call :func:`checkpoint`, which raises it if it came, and a block
+that ran to its end with a stop that never surfaced raises it there.
+
 The children do not see the terminal's Ctrl-C: redis-server and the served
 processes run in sessions of their own (:mod:`workbench.ops.redis_server`,
 :mod:`simulations.drivers.realtime`), so nothing dies under the simulator while
@@ -95,6 +101,22 @@ def held() -> Iterator[None]:
             raise Interrupted(stop.signum)
 
 
+def checkpoint() -> None:
+    """Raise the stop here if one came: the run is going on normally (call it where it
+    reports progress), so the stop's exception was lost on its way. Outside
+    :func:`interruptible`, or inside :func:`held` (which raises it at its end), nothing."""
+    if not _active or _active[-1].signum is None or _active[-1].held:
+        return
+    _raise_now(_active[-1])
+
+
+def _raise_now(stop: _Stop) -> None:
+    assert stop.signum is not None
+    stop.redelivering = False  # no alarm raises it a second time
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    raise Interrupted(stop.signum)
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` (the first one)
@@ -138,6 +160,8 @@ def interruptible() -> Iterator[None]:
     _active.append(stop)
     try:
         yield
+        if stop.signum is not None:  # it never surfaced: the block ran to its end
+            _raise_now(stop)
     finally:
         _active.remove(stop)
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -8,6 +8,7 @@ Every command runs as a real ``workbench`` process, with its temporary directori
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,8 +20,8 @@ import pytest
 
 import simulations
 from simulations.analysis.tables import UNFINISHED, RunTables, UnfinishedRun
-from simulations.drivers.interruption import Interrupted, held, interruptible
-from simulations.scenario import DEFAULTS, available, description
+from simulations.drivers.interruption import Interrupted, checkpoint, held, interruptible
+from simulations.scenario import DEFAULTS, available, description, load
 from tests.support import ROOT
 from workbench.ops.waiting import wait_until
 
@@ -132,6 +133,18 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _wait_or_dump(process: subprocess.Popen[str], timeout: float) -> str:
+    """Wait for ``process``, reading its stderr meanwhile (a full pipe would block its
+    writes); return that. If it still runs after ``timeout``, fail with where every
+    thread of it is (SIGABRT: its faulthandler prints them) and what it wrote."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER=1: tracebacks to stderr
+        stderr = process.communicate(timeout=30)[1]
+        pytest.fail(f"still running {timeout:g} s after the signal; its stderr:\n{stderr}")
+
+
 @pytest.mark.parametrize(
     ("mode", "signum", "code"),
     [
@@ -164,13 +177,12 @@ def test_a_signal_stops_the_run_cleanly(tmp_path: Path, mode: str, signum: int, 
         assert (out / UNFINISHED).exists()  # claimed from the start
         stopping = time.monotonic()
         os.killpg(simulator.pid, signum)  # as the terminal's Ctrl-C does: the whole group
-        simulator.wait(timeout=20)
+        stderr = _wait_or_dump(simulator, timeout=20)
         stopped_in = time.monotonic() - stopping
     finally:
         if simulator.poll() is None:
             os.killpg(simulator.pid, signal.SIGKILL)
             simulator.wait()
-    stderr = simulator.stderr.read()  # type: ignore[union-attr]
     assert simulator.returncode == code, stderr
     assert stopped_in < 10
     name = signal.Signals(signum).name
@@ -196,6 +208,57 @@ def test_an_interrupt_that_python_had_to_drop_is_raised_again() -> None:
         time.sleep(10)  # the alarm raises it again in here
     assert info.value.exit_code == 130 and time.monotonic() - started < 5
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def _swallowed(signum: int) -> None:
+    """A signal whose exception vanishes without a word, as in C code that clears
+    errors instead of reporting them (``sys.unraisablehook`` never sees it)."""
+    with contextlib.suppress(Interrupted):
+        signal.raise_signal(signum)
+
+
+def test_a_stop_whose_exception_vanished_is_raised_at_the_next_checkpoint() -> None:
+    went_on = []
+    with pytest.raises(Interrupted, match="SIGTERM"), interruptible():
+        _swallowed(signal.SIGTERM)
+        went_on.append("to the checkpoint")
+        checkpoint()
+        went_on.append("past it")  # never reached
+    assert went_on == ["to the checkpoint"]
+    with pytest.raises(Interrupted, match="SIGINT"), interruptible():
+        _swallowed(signal.SIGINT)  # and no checkpoint after it: the block's end raises it
+    with interruptible(), held():
+        checkpoint()  # no stop: nothing
+    with pytest.raises(Interrupted, match="SIGINT"), interruptible(), held():
+        signal.raise_signal(signal.SIGINT)
+        checkpoint()  # inside held(): its end raises it, not the checkpoint
+        went_on.append("to the end of held()")
+    assert went_on[-1] == "to the end of held()"
+
+
+def test_the_simulators_progress_reports_raise_a_stop_whose_exception_vanished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simulations.cli import _simulate_until_done_or_stopped
+    from simulations.drivers import virtual
+
+    reports = []
+
+    def run(scenario, seed, directory, *, redis_url, progress):  # type: ignore[no-untyped-def]
+        _swallowed(signal.SIGTERM)
+        for t in range(1, 4):
+            progress(float(t), 3.0)
+            reports.append(t)
+        return {"finished": True}
+
+    monkeypatch.setattr(virtual, "simulate_to", lambda *a, cpu, **kw: run(*a, **kw))
+    with pytest.raises(SystemExit) as exit_:
+        _simulate_until_done_or_stopped(
+            load("baseline"), 1, tmp_path / "run", redis_url=None, realtime=False, factor=None,
+            cpu="auto",
+        )  # fmt: skip
+    assert exit_.value.code == 143 and not reports  # stopped at the first report
+    assert (tmp_path / "run" / UNFINISHED).read_text().startswith("stopped by SIGTERM at 0 ")
 
 
 def test_a_signal_while_a_child_starts_is_raised_once_it_has_started() -> None:
