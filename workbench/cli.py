@@ -224,6 +224,11 @@ def main() -> None:
     "--group-name",
     help="analytics only: the consumer group's name [analytics] (two models side by side)",
 )
+@click.option(
+    "--wait-for-redis", is_flag=True,
+    help="if Redis cannot be reached at start, wait for it instead of exiting 2 (serve "
+    "passes it: a worker restarted while serve restarts Redis must not give up)",
+)  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True)
 def worker(
     group: str,
@@ -244,6 +249,7 @@ def worker(
     model_dir: Path | None,
     risk_prefix: str | None,
     group_name: str | None,
+    wait_for_redis: bool,
     verbose: bool,
     make_worker: Callable[..., ConsumerWorker] = ConsumerWorker,
 ) -> None:
@@ -298,8 +304,11 @@ def worker(
         click.echo(f"workbench worker {group} --partitions {partitions}: {exc}", err=True)
         sys.exit(2)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        click.echo(f"Error: cannot reach Redis at --redis-url / REDIS_URL: {exc}", err=True)
-        sys.exit(2)
+        if not wait_for_redis:  # most likely a wrong URL: say so
+            click.echo(f"Error: cannot reach Redis at --redis-url / REDIS_URL: {exc}", err=True)
+            sys.exit(2)
+        # Down for now (serve restarting it): the loop sets up once it answers.
+        click.echo(f"{w.consumer}: cannot reach Redis yet ({exc}); waiting", err=True)
     except redis.ResponseError as exc:
         if not refused(exc):
             raise

@@ -486,6 +486,43 @@ def test_a_worker_process_waits_out_a_refusing_redis_and_a_demotion(store, clock
         client.close()
 
 
+def test_a_worker_process_told_to_wait_for_redis_waits_until_it_is_up(
+    store, clock, tmp_path
+) -> None:
+    """With ``--wait-for-redis`` (serve passes it), ``workbench worker`` started while
+    Redis is down waits for it instead of exiting 2 (under serve, a worker restarted
+    during a Redis restart used up its restarts that way); once Redis answers it sets
+    up its group and handles what the relay publishes."""
+    service, gateway = make_service(store, clock)
+    server = RedisServer(tmp_path / "redis")  # its port chosen, nothing listening yet
+    log = tmp_path / "worker.log"
+    worker = spawn_worker(
+        "notifications", "n-1", server.url, store.url, "--wait-for-redis", log=log
+    )
+    try:
+        wait_until(lambda: b"cannot reach Redis yet" in log.read_bytes(), timeout=30,
+                   what="the worker to say it waits")  # fmt: skip
+        assert worker.poll() is None, log.read_text()
+        with server:
+            client = server.client()
+            beats = NAMES.heartbeats("notifications")
+            wait_until(lambda: client.hexists(beats, "n-1"), timeout=30, what="a heartbeat")
+            run_lifecycles(service, gateway, clock, 3)
+            OutboxRelay(store, client).drain()
+            wait_until(
+                lambda: _inbox_count(store, "notifications") == _expected(store, ("escrow",
+                        "payment", "dispute")) > 0,
+                timeout=60, what="notifications to catch up",
+            )  # fmt: skip
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0, log.read_text()
+            assert client.hget(beats, "n-1") is None  # a clean exit
+            client.close()
+    finally:
+        worker.kill()
+        worker.wait(15)
+
+
 class _StopsWhileHandling(_Recording):
     """Asks its worker to stop while it handles a batch (a SIGTERM then)."""
 

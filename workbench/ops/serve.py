@@ -299,7 +299,7 @@ def children_of(
                 # worker re-reads its predecessor's pending entries first, in order,
                 # instead of leaving them to be claimed when it is known dead.
                 argv = ["worker", name, "--prefix", options.prefix, "--block-ms", "1000",
-                        "--consumer", f"{name}-serve{os.getpid()}"]  # fmt: skip
+                        "--consumer", f"{name}-serve{os.getpid()}", "--wait-for-redis"]  # fmt: skip
                 if name == "fanout":
                     argv += ["--user-maxlen", str(options.user_maxlen)]
             found[name] = Spawned(name, argv, env, logs)
