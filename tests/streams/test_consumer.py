@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any
 
 import pytest
 import redis
+import sqlalchemy.exc
 from sqlalchemy import func, select
 
 from simulations.faults import CRASH_POINTS
@@ -225,6 +227,124 @@ def test_poison_entries_go_to_dead_letters_after_max_deliveries(r) -> None:
     r.xadd(stream, to_fields(_event("esc-3", 1)))
     worker.poll()
     assert handler.seen[-1] == "evt-esc-3-1"
+
+
+class _PickyBehindAnOutage(_Picky):
+    """Its database is down for its first ``outages`` calls (a transient error: not
+    the entries' fault), then it fails on esc-bad for good; counts those failures
+    (the worker's calls with esc-bad alone: one per delivery, after a failed batch)."""
+
+    def __init__(self, outages: int) -> None:
+        super().__init__()
+        self.outages, self.failures = outages, 0
+
+    def handle(self, events: list[Event]) -> None:
+        if self.outages:
+            self.outages -= 1
+            raise sqlalchemy.exc.OperationalError("INSERT ...", {}, Exception("database down"))
+        try:
+            super().handle(events)
+        except RuntimeError:
+            self.failures += len(events) == 1
+            raise
+
+
+def _times_delivered(r: redis.Redis, stream: str, group: str, entry_id: bytes) -> int:
+    [row] = r.xpending_range(stream, group, entry_id, entry_id, 1)
+    return int(row["times_delivered"])
+
+
+def test_outages_do_not_use_up_an_entrys_deliveries(r) -> None:
+    """Each outage re-reads the worker's pending entries; that is not another
+    attempt at them, so it is not counted (it was: after max_deliveries outages
+    the first real failure dead-lettered the entry without a retry). Retries
+    after real failures are counted: the poison still goes after max_deliveries."""
+    clock = ManualClock()
+    handler = _PickyBehindAnOutage(outages=5)
+    settings = ConsumerSettings(max_deliveries=3, retry_backoff_s=1.0)
+    worker = ConsumerWorker(r, handler, consumer="p1", clock=clock, settings=settings)
+    worker.setup()
+    stream = NAMES.stream("escrow")
+    bad_id = r.xadd(stream, to_fields(_event("esc-bad", 1)))
+    r.xadd(stream, to_fields(_event("esc-1", 1)))
+    for _ in range(5):
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            worker.poll()
+        clock.advance(1.1)
+    assert _times_delivered(r, stream, "picky", bad_id) == 1
+    dead = NAMES.dead_letter("picky")
+    polls = 0
+    while not r.xlen(dead):
+        assert polls < 10, "never dead-lettered"
+        worker.poll()
+        clock.advance(1.1)
+        polls += 1
+    [(_, letter)] = r.xrange(dead)
+    assert letter[b"source_id"] == bad_id and letter[b"deliveries"] == b"3"
+    assert handler.failures == 3  # every allowed delivery tried, none used up by outages
+    assert handler.seen == ["evt-esc-1-1"]
+
+
+def test_an_outages_reread_keeps_the_entries_from_the_idle_backstop(r) -> None:
+    """Read as they are, the re-read entries' idle time is still reset (as a delivery
+    resets it), so another worker's idle backstop does not take them from under
+    this one; their delivery count stays."""
+    clock = ManualClock()
+    worker = ConsumerWorker(
+        r, _PickyBehindAnOutage(outages=2), consumer="p1", clock=clock,
+        settings=ConsumerSettings(claim_idle_ms=60_000),
+    )  # fmt: skip
+    worker.setup()
+    stream = NAMES.stream("escrow")
+    entry_id = r.xadd(stream, to_fields(_event("esc-1", 1)))
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        worker.poll()  # read, then the outage
+    r.xclaim(stream, "picky", "p1", 0, [entry_id], idle=600_000, justid=True)  # long idle
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        worker.poll()  # re-read as it is, then the outage again
+    [row] = r.xpending_range(stream, "picky", entry_id, entry_id, 1)
+    assert row["time_since_delivered"] < 60_000 and row["times_delivered"] == 1
+
+
+def test_a_new_process_counts_its_predecessors_pending_as_delivered_again(r) -> None:
+    """A worker that replaces a crashed one (same consumer name) re-reads what that
+    one had pending as another delivery: the entry may be what killed it, and its
+    count decides, at its next failure, whether its max_deliveries are used up."""
+    stream = NAMES.stream("escrow")
+    ensure_groups(r, [stream], "recording")
+    r.xadd(stream, to_fields(_event("esc-1", 1)))
+    r.xreadgroup("recording", "rec-1", {stream: ">"})  # read; then the process died
+    worker = ConsumerWorker(r, _Recording(), consumer="rec-1", clock=ManualClock())
+    worker.setup()
+    worker.poll()
+    assert worker.stats.delivery_counts == {2: 1}
+
+
+def test_entries_claimed_from_a_dead_consumer_count_as_delivered_again(r) -> None:
+    """The claim (XCLAIM JUSTID) does not count; the re-read after it does, once it
+    has counted itself; a first re-read that fails is done again, still counted."""
+    stream = NAMES.stream("escrow")
+    clock = ManualClock()
+    worker = ConsumerWorker(r, _Recording(), consumer="rec-2", clock=clock)
+    worker.setup()
+    worker.poll()  # its start's own-pending pass: nothing
+    r.xadd(stream, to_fields(_event("esc-1", 1)))
+    r.xreadgroup("recording", "rec-1", {stream: ">"})  # read by rec-1, which then died
+    read, failed = worker._read, []
+
+    def reset_once(start: Any, block_ms: int, **kw: Any) -> Any:
+        if not failed and isinstance(start, dict) and set(start.values()) == {"0"}:
+            failed.append(start)
+            raise redis.ConnectionError("Connection reset by peer")
+        return read(start, block_ms, **kw)
+
+    worker._read = reset_once  # type: ignore[method-assign]
+    clock.advance(worker.settings.dead_after_s + worker.settings.recover_every_s)
+    with pytest.raises(redis.ConnectionError):
+        worker.poll()  # claimed, then the counted re-read fails
+    worker.poll()
+    assert failed and worker.stats.claimed == 1
+    assert worker.stats.delivery_counts == {2: 1}
 
 
 @pytest.mark.parametrize("binary", ["auto", "bundled"])

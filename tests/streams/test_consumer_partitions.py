@@ -216,6 +216,8 @@ def test_two_workers_split_the_partitions_and_a_survivor_takes_over_a_dead_ones(
         b.drain()
     assert b.reading == tuple(range(8))
     assert b.stats.claimed == len(stranded)
+    # Claimed, they were delivered again: counted towards max_deliveries.
+    assert b.stats.delivery_counts.get(2) == len(stranded)
 
     counts = log.counts()
     assert set(counts) == first | second  # nothing lost

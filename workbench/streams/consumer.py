@@ -6,8 +6,14 @@ call, and XACKs only after the handler returned (its effect is durable by
 then: SQL handlers commit the effect and the inbox row together). Then:
 
 * **Own pending first.** On start, and after any failure, the worker re-reads
-  its own pending entries (id ``0``) and handles them together with the new
-  ones (``>``) read right after, in order (:func:`ready_to_handle`).
+  its own pending entries and handles them together with the new ones (``>``)
+  read right after, in order (:func:`ready_to_handle`). A re-read is a new
+  delivery only when it is another attempt at the entries: on start (the
+  process before may have died of them), for a retry after handler failures
+  and after a claim it reads from id ``0``, which Redis counts. After an
+  outage, a Redis restart or a reconnect it reads them as they are, in one
+  script per stream (XPENDING, XCLAIM ``JUSTID`` to itself to reset their idle
+  time, XRANGE), so outages do not use up an entry's ``max_deliveries``.
 * **Dead consumers.** Each worker writes a heartbeat (its clock's time) to a
   hash. A consumer whose heartbeat is older than ``dead_after_s`` is dead: its
   pending entries are XCLAIMed by a live one. As a backstop, entries idle in
@@ -125,6 +131,24 @@ _DEAD_LETTER_LUA = XADD_AT_LUA + (
     "redis.call('XADD', KEYS[1], next_id(KEYS[1], ARGV[1]), unpack(ARGV, 4))\n"
     "return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])"
 )
+
+
+#: KEYS: a stream; ARGV: group, consumer, start ('-' or an exclusive '(id'), count.
+#: A page of the consumer's own pending entries as they are: [id, times delivered,
+#: fields or false (deleted while pending)], each XCLAIMed to the same consumer with
+#: JUSTID on the way (its idle time reset, as a delivery resets it, but not counted).
+#: One script: between the XPENDING and the XCLAIM nobody can claim an entry, which
+#: an XCLAIM with min-idle 0 would otherwise take back from whoever just did.
+_OWN_PENDING_LUA = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], '+', ARGV[4], ARGV[2])
+local page = {}
+for i, row in ipairs(rows) do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, row[1], 'JUSTID')
+  local found = redis.call('XRANGE', KEYS[1], row[1], row[1])
+  page[i] = {row[1], row[4], found[1] and found[1][2] or false}
+end
+return page
+"""
 
 
 def _send_and_read(conn: Any, args: list[Any]) -> Any:
@@ -250,10 +274,12 @@ class ConsumerWorker:
         self._taking: set[int] = set()
         self._turn = 0  # which partition a cluster read blocks on next
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
+        self._own_pending_script = client.register_script(_OWN_PENDING_LUA)
         self.stats = ConsumerStats()
         self.observer = observer  # told of each batch before the handler runs
         self._stop = StopRequest()
         self._reread_own_at: float | None = None  # None: no own pending to revisit
+        self._redeliver = False  # that re-read is another attempt: let Redis count it
         self._held: list[Delivery] = []  # read, pending, not yet safe to handle in order
         self._next_heartbeat = 0.0
         # A heartbeat due (its clock reading) that rides ahead of the poll's next
@@ -278,6 +304,7 @@ class ConsumerWorker:
         ensure_groups(self.client, self.streams, self.group)
         self._heartbeat(force=True)  # and, partitioned, take the first partitions
         self._reread_own_at = self.clock.now()  # own pending before new entries
+        self._redeliver = True  # the process before may have died of them
         self._ready = True
 
     def _streams_of(self, partitions: tuple[int, ...]) -> list[str]:
@@ -520,19 +547,33 @@ class ConsumerWorker:
                 "STREAMS", *ids, *ids.values()]  # fmt: skip
 
     def _reread_own_pending(self) -> int:
-        """Re-read this consumer's pending entries from id 0, page by page, into
-        ``_held``; return how many.
+        """Re-read this consumer's pending entries, page by page, into ``_held``;
+        return how many.
 
         They are not handled here: the poll merges them with a read of new
         entries and hands both to :func:`ready_to_handle`. Pending entries can sit
         beyond entries of another stream not delivered yet (a read cut short by
         ``batch_size`` held them back, then the worker or Redis restarted), and
         only the new read shows which of them are safe to handle now.
+
+        When it is another attempt at them (``_redeliver``: a retry after handler
+        failures is due, this process is new, or entries were just claimed), Redis
+        counts it towards
+        ``max_deliveries``; otherwise they are read as they are
+        (:meth:`_pending_as_they_are`).
         """
-        cursor = dict.fromkeys(self._read_streams, "0")
         self._reread_own_at = None
         self._reconnected = False
-        pending: list[Delivery] = []  # the old _held is pending too: this covers it
+        # The old _held is pending too: this covers it.
+        redeliver = self._redeliver
+        self._held = self._pending_redelivered() if redeliver else self._pending_as_they_are()
+        self._redeliver = False  # only once done: a failed re-read is retried as it was
+        return len(self._held)
+
+    def _pending_redelivered(self) -> list[Delivery]:
+        """Own pending entries delivered again (XREADGROUP from ``0``: counted)."""
+        cursor = dict.fromkeys(self._read_streams, "0")
+        pending: list[Delivery] = []
         while True:
             deliveries = self._read(cursor, 0)
             if deliveries:
@@ -541,8 +582,27 @@ class ConsumerWorker:
                 self._fill_delivery_counts(deliveries)
                 pending += deliveries
             if len(deliveries) < self.settings.batch_size:
-                self._held = pending
-                return len(pending)
+                return pending
+
+    def _pending_as_they_are(self) -> list[Delivery]:
+        """Own pending entries with their delivery counts, not delivered again: a
+        page of each stream at a time, read and XCLAIMed to ourselves (their idle
+        time reset, so the idle backstop leaves them to us, without counting) in
+        one script (:data:`_OWN_PENDING_LUA`); fields None: deleted while pending."""
+        page = self.settings.batch_size
+        pending: list[Delivery] = []
+        for stream in self._read_streams:
+            start = "-"
+            while True:
+                rows = self._own_pending_script(
+                    keys=[stream], args=[self.group, self.consumer, start, page]
+                )
+                pending += [Delivery(stream, text(i), f or None, int(n)) for i, n, f in rows]
+                if len(rows) < page:
+                    break
+                start = "(" + text(rows[-1][0])
+        self.stats.read += len(pending)
+        return pending
 
     def _fill_delivery_counts(self, deliveries: list[Delivery]) -> None:
         by_stream: dict[str, list[Delivery]] = {}
@@ -599,6 +659,8 @@ class ConsumerWorker:
                 claimed_any += self._claim_from(stream, dead)
             claimed_any += self._autoclaim(stream)
         if claimed_any:
+            # Another delivery of what was claimed (an XCLAIM JUSTID does not count it).
+            self._redeliver = True
             self._reread_own_pending()  # handled with the poll's read of new entries
         return claimed_any
 
@@ -731,6 +793,7 @@ class ConsumerWorker:
                 self._dead_letter(d, reason)
         if any(not should_dead_letter(d, self.settings.max_deliveries) for d in failed):
             retry_at = self.clock.now() + self.settings.retry_backoff_s
+            self._redeliver = True  # another attempt: counted
             if self._reread_own_at is None or retry_at < self._reread_own_at:
                 self._reread_own_at = retry_at
 
@@ -868,6 +931,7 @@ class ConsumerWorker:
             self._claim_left_behind(tuple(sorted(self._taking)))  # may fail: retried
             self._taking = set()
             self._set_reading(held)
+            self._redeliver = True  # another delivery of what was claimed (JUSTID)
             self._reread_own_pending()  # merged with this poll's read of new entries
 
     def _set_reading(self, partitions: frozenset[int]) -> None:
