@@ -13,11 +13,14 @@ Starting a child is :func:`held`: a signal during it is raised once the child is
 known to whoever stops it (a ``Popen`` cut between its fork and its return would
 leave a child that nobody stops, writing into a directory being removed).
 
-An exception can also vanish without a word: C code that clears errors instead
-of reporting them (a Python ``__eq__`` under an old dict lookup, and the like) never
-shows it to ``sys.unraisablehook``. So the stop is also remembered: the run's
-progress reports call :func:`checkpoint`, which raises it if it came, and a block
-that ran to its end with a stop that never surfaced raises it there.
+An exception can also vanish, or change: code that is not safe against an
+exception from anywhere may replace it with an error of its own (SQLAlchemy's
+commit, cut short, fails an assertion in its ``finally``), which an ``except
+Exception`` then takes for a failure of the run's (a consumer's handler failed)
+and goes on. So the stop is also remembered: the run's progress reports call
+:func:`checkpoint`, which raises it if it came; an error leaving the block after
+it is raised as the stop (``from`` the error); and a block that ran to its end
+with a stop that never surfaced raises it there.
 
 The children do not see the terminal's Ctrl-C: redis-server and the served
 processes run in sessions of their own (:mod:`workbench.ops.redis_server`,
@@ -110,11 +113,11 @@ def checkpoint() -> None:
     _raise_now(_active[-1])
 
 
-def _raise_now(stop: _Stop) -> None:
+def _raise_now(stop: _Stop, instead_of: Exception | None = None) -> None:
     assert stop.signum is not None
     stop.redelivering = False  # no alarm raises it a second time
     signal.setitimer(signal.ITIMER_REAL, 0)
-    raise Interrupted(stop.signum)
+    raise Interrupted(stop.signum) from instead_of
 
 
 @contextlib.contextmanager
@@ -159,7 +162,15 @@ def interruptible() -> Iterator[None]:
     sys.unraisablehook = on_unraisable
     _active.append(stop)
     try:
-        yield
+        try:
+            yield
+        except Exception as exc:
+            if stop.signum is None:
+                raise
+            # Library code not safe against an exception from anywhere can put an
+            # error of its own in the stop's place (SQLAlchemy's commit, cut short,
+            # fails its ``finally: assert not self.is_active``): still the stop.
+            _raise_now(stop, exc)
         if stop.signum is not None:  # it never surfaced: the block ran to its end
             _raise_now(stop)
     finally:

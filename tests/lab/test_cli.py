@@ -236,6 +236,22 @@ def test_a_stop_whose_exception_vanished_is_raised_at_the_next_checkpoint() -> N
     assert went_on[-1] == "to the end of held()"
 
 
+def test_a_stop_replaced_by_a_librarys_own_error_is_still_the_stop() -> None:
+    def commit() -> None:  # as SQLAlchemy's Transaction.commit
+        active = True
+        try:
+            signal.raise_signal(signal.SIGTERM)  # the stop lands in here
+            active = False
+        finally:
+            assert not active  # its own check puts an AssertionError in the stop's place
+
+    with pytest.raises(Interrupted, match="SIGTERM") as info, interruptible():
+        commit()
+    assert isinstance(info.value.__cause__, AssertionError)
+    with pytest.raises(RuntimeError), interruptible():
+        raise RuntimeError("no stop: the error itself")
+
+
 def test_the_simulators_progress_reports_raise_a_stop_whose_exception_vanished(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -254,6 +254,34 @@ def _times_delivered(r: redis.Redis, stream: str, group: str, entry_id: bytes) -
     return int(row["times_delivered"])
 
 
+class _CutShort(_Picky):
+    """A stop (KeyboardInterrupt) lands inside its commit, whose own cleanup then
+    fails an assertion: an AssertionError in the stop's place, the stop its context."""
+
+    def handle(self, events: list[Event]) -> None:
+        active = True
+        try:
+            raise KeyboardInterrupt
+        finally:
+            assert not active
+
+
+def test_an_error_in_place_of_a_stop_is_not_the_entries_failure(r) -> None:
+    """It leaves the poll, as the stop would have; the entries stay pending, with no
+    failure counted and no dead letter (it was: a swallowed Ctrl-C in a simulation
+    counted as a handler failure and the run went on)."""
+    settings = ConsumerSettings(max_deliveries=1)
+    worker = ConsumerWorker(r, _CutShort(), consumer="p1", clock=ManualClock(), settings=settings)
+    worker.setup()
+    stream = NAMES.stream("escrow")
+    r.xadd(stream, to_fields(_event("esc-1", 1)))
+    with pytest.raises(AssertionError) as info:
+        worker.poll()
+    assert isinstance(info.value.__context__, KeyboardInterrupt)
+    assert worker.stats.failed == 0 and r.xlen(NAMES.dead_letter("picky")) == 0
+    assert r.xpending(stream, "picky")["pending"] == 1
+
+
 def test_outages_do_not_use_up_an_entrys_deliveries(r) -> None:
     """Each outage re-reads the worker's pending entries; that is not another
     attempt at them, so it is not counted (it was: after max_deliveries outages

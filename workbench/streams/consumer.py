@@ -815,7 +815,7 @@ class ConsumerWorker:
             self.stats.handled += len(batch)
             return batch
         except Exception as exc:
-            if transient(exc):
+            if transient(exc) or _cut_short(exc):
                 raise  # not the entries' fault: leave them pending, back off
             if len(batch) == 1:
                 batch[0].error = f"{type(exc).__name__}: {exc}"
@@ -983,6 +983,21 @@ class ConsumerWorker:
                 raise
             # Redis down or refusing: the beat goes stale, the leases expire on their own.
             log.warning("%s: could not leave cleanly: %s", self.consumer, exc)
+
+
+def _cut_short(exc: BaseException) -> bool:
+    """Was ``exc`` raised while a stop (a BaseException that is no Exception: a
+    KeyboardInterrupt, a simulation's Interrupted) unwound the handler? Code that is
+    not safe against one can put an error of its own in its place (SQLAlchemy's
+    commit, cut short, fails its own assertion): not the entries' fault either."""
+    seen: BaseException | None = exc.__context__
+    for _ in range(100):  # a chain is short; no cycle can keep this going
+        if seen is None:
+            return False
+        if not isinstance(seen, Exception):
+            return True
+        seen = seen.__context__
+    return False
 
 
 __all__ = [
