@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import redis
@@ -127,6 +128,36 @@ def test_no_orphan_when_the_owner_is_sigkilled(tmp_path) -> None:
     owner.send_signal(signal.SIGKILL)
     owner.wait(10)
     wait_until(lambda: not _alive(pid), timeout=30, what="redis-server to die with its owner")
+
+
+_MUTE_SERVER = """#!{python}
+import socket, sys, time
+if "--version" in sys.argv:
+    print("Redis server v=7.0.0 sha=0 malloc=libc bits=64 build=0")
+    sys.exit(0)
+port = int(sys.argv[sys.argv.index("--port") + 1])
+listener = socket.create_server(("127.0.0.1", port))
+held = []
+while True:  # takes every connection, answers none: a server whose disk stalled
+    held.append(listener.accept()[0])
+"""
+
+
+def test_a_server_that_takes_connections_but_never_answers_fails_its_start_in_time(
+    tmp_path,
+) -> None:
+    """The start's PING probe tries once per PING: with redis-py's retries one probe
+    of such a server lasted about 11 s, past a 2 s deadline (and a Ctrl-C held during
+    the start waited as long). The process is killed: no orphan."""
+    fake = tmp_path / "mute-redis-server"
+    fake.write_text(_MUTE_SERVER.format(python=sys.executable))
+    fake.chmod(0o755)
+    server = RedisServer(tmp_path / "data", binary=str(fake), start_timeout=2)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="redis-server to answer PING"):
+        server.start()
+    assert time.monotonic() - started < 5
+    assert not server.running
 
 
 def test_bad_options_and_binaries_fail_clearly(tmp_path) -> None:

@@ -35,6 +35,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from workbench.ops import affinity
 from workbench.ops.children import signal_on_parent_death
@@ -248,8 +250,12 @@ class RedisServer:
         )
         _live_servers.add(self)
         probe = redis.Redis(
-            port=self.port, password=self.password, socket_timeout=1, socket_connect_timeout=1
-        )
+            port=self.port, password=self.password, socket_timeout=1, socket_connect_timeout=1,
+            # One try per PING: redis-py's own retries (10) would make one probe of a
+            # server that takes connections but does not answer (its disk stalled) last
+            # 11 s, past the start's deadline and a Ctrl-C held until it is done.
+            retry=Retry(NoBackoff(), 0),
+        )  # fmt: skip
         try:
 
             def answers() -> bool:
@@ -263,7 +269,7 @@ class RedisServer:
                     return False
 
             wait_until(answers, timeout=self.start_timeout, what="redis-server to answer PING")
-        except Exception:
+        except BaseException:  # a failed start, or a stop (Ctrl-C) meanwhile: no orphan
             self._terminate(signal.SIGKILL)
             raise
         finally:
@@ -286,7 +292,10 @@ class RedisServer:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait()
+                # Dead once its I/O in the kernel ends (a stalled disk); not waited for
+                # past the timeout: it cannot outlive us (its parent-death signal).
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout)
         self._process = None
 
     def stop(self) -> None:
