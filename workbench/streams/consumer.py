@@ -558,8 +558,7 @@ class ConsumerWorker:
 
         When it is another attempt at them (``_redeliver``: a retry after handler
         failures is due, this process is new, or entries were just claimed), Redis
-        counts it towards
-        ``max_deliveries``; otherwise they are read as they are
+        counts it towards ``max_deliveries``; otherwise they are read as they are
         (:meth:`_pending_as_they_are`).
         """
         self._reread_own_at = None
