@@ -131,7 +131,7 @@ def test_no_orphan_when_the_owner_is_sigkilled(tmp_path) -> None:
 
 
 _MUTE_SERVER = """#!{python}
-import socket, sys, time
+import socket, sys
 if "--version" in sys.argv:
     print("Redis server v=7.0.0 sha=0 malloc=libc bits=64 build=0")
     sys.exit(0)

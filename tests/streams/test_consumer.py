@@ -249,9 +249,10 @@ class _PickyBehindAnOutage(_Picky):
             raise
 
 
-def _times_delivered(r: redis.Redis, stream: str, group: str, entry_id: bytes) -> int:
+def _pending_row(r: redis.Redis, stream: str, group: str, entry_id: bytes) -> dict[str, Any]:
+    """The group's pending-entries row of ``entry_id`` (owner, idle time, count)."""
     [row] = r.xpending_range(stream, group, entry_id, entry_id, 1)
-    return int(row["times_delivered"])
+    return row  # type: ignore[no-any-return]
 
 
 class _CutShort(_Picky):
@@ -299,7 +300,7 @@ def test_outages_do_not_use_up_an_entrys_deliveries(r) -> None:
         with pytest.raises(sqlalchemy.exc.OperationalError):
             worker.poll()
         clock.advance(1.1)
-    assert _times_delivered(r, stream, "picky", bad_id) == 1
+    assert _pending_row(r, stream, "picky", bad_id)["times_delivered"] == 1
     dead = NAMES.dead_letter("picky")
     polls = 0
     while not r.xlen(dead):
@@ -330,7 +331,7 @@ def test_an_outages_reread_keeps_the_entries_from_the_idle_backstop(r) -> None:
     r.xclaim(stream, "picky", "p1", 0, [entry_id], idle=600_000, justid=True)  # long idle
     with pytest.raises(sqlalchemy.exc.OperationalError):
         worker.poll()  # re-read as it is, then the outage again
-    [row] = r.xpending_range(stream, "picky", entry_id, entry_id, 1)
+    row = _pending_row(r, stream, "picky", entry_id)
     assert row["time_since_delivered"] < 60_000 and row["times_delivered"] == 1
 
 
@@ -349,8 +350,8 @@ def test_a_new_process_counts_its_predecessors_pending_as_delivered_again(r) -> 
 
 
 def test_entries_claimed_from_a_dead_consumer_count_as_delivered_again(r) -> None:
-    """The claim (XCLAIM JUSTID) does not count; the re-read after it does, once it
-    has counted itself; a first re-read that fails is done again, still counted."""
+    """The claim (XCLAIM JUSTID) does not count; the re-read after it does, also when
+    its first try fails and it is done again."""
     stream = NAMES.stream("escrow")
     clock = ManualClock()
     worker = ConsumerWorker(r, _Recording(), consumer="rec-2", clock=clock)
