@@ -189,6 +189,11 @@ def main() -> None:
 )  # fmt: skip
 @click.option("--max-deliveries", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option(
+    "--max-crashes", default=3, show_default=True, type=click.IntRange(min=1),
+    help="deaths of this group's consumers while handling an entry alone before it is "
+    "dead-lettered unhandled (keep it below serve's --restart-limit)",
+)  # fmt: skip
+@click.option(
     "--retry-backoff", default=1.0, show_default=True, type=FiniteFloat(min=0), help="seconds"
 )
 @click.option(
@@ -240,6 +245,7 @@ def worker(
     batch_size: int,
     block_ms: int,
     max_deliveries: int,
+    max_crashes: int,
     retry_backoff: float,
     dead_after: float,
     claim_idle_ms: int,
@@ -276,6 +282,7 @@ def worker(
             batch_size=batch_size,
             block_ms=block_ms,
             max_deliveries=max_deliveries,
+            max_crashes=max_crashes,
             retry_backoff_s=retry_backoff,
             dead_after_s=dead_after,
             claim_idle_ms=claim_idle_ms,

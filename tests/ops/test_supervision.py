@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workbench.ops.supervision import GiveUp, Restart, RestartPolicy, Supervisor, describe_exit
+from workbench.streams.consumer import ConsumerSettings
 
 POLICY = RestartPolicy(
     initial_backoff_s=0.5, max_backoff_s=4.0, stable_after_s=30, max_restarts=5, window_s=60
@@ -115,3 +116,28 @@ def test_exit_descriptions() -> None:
     assert describe_exit(-9) == "signal 9"
     assert describe_exit(1) == "code 1"
     assert describe_exit(None) == "did not start"
+
+
+def test_serves_defaults_outlast_a_poison_that_kills_its_worker() -> None:
+    """A poison that kills the worker takes one death in its batch, then
+    ``max_crashes`` handled alone (see the consumer's "Poison that kills"); each
+    restarted process dies on it at once. serve's default policy restarts it every
+    time, so the next start can dead-letter the entry; a crash-loop limit at or
+    under those deaths would stop serve first."""
+    deaths = 1 + ConsumerSettings().max_crashes
+    for policy, survives in [
+        (RestartPolicy(), True),
+        (RestartPolicy(max_restarts=deaths - 1), False),
+    ]:
+        sup = Supervisor(["ledger"], policy)
+        now = 0.0
+        sup.started("ledger", now)
+        decisions = []
+        for _ in range(deaths):
+            now += 0.2  # start-up, the re-read, the poison: dead within a fraction of a second
+            decisions.append(crash(sup, "ledger", now))
+            if isinstance(decisions[-1], GiveUp):
+                break
+            now = decisions[-1].at
+            sup.started("ledger", now)
+        assert all(isinstance(d, Restart) for d in decisions) is survives, decisions

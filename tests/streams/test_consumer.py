@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -11,8 +13,8 @@ import redis
 import sqlalchemy.exc
 from sqlalchemy import func, select
 
-from simulations.faults import CRASH_POINTS
-from tests.support import make_service, run_lifecycles, spawn_worker
+from simulations.faults import CRASH_POINTS, CrashingWorker
+from tests.support import ROOT, make_service, run_lifecycles, spawn_worker
 from workbench.domain.clock import ManualClock
 from workbench.domain.events import Event, to_fields
 from workbench.handlers import GROUPS, make_handler
@@ -576,6 +578,151 @@ def test_worker_sigkilled_mid_batch_loses_nothing_and_posts_once(
     check = check_ledger(store)
     assert check.ok, check
     assert check.posted_events == check.expected_events > 0
+
+
+#: A consumer process whose handler kills it (SIGKILL, as a crash in a C extension
+#: would) whenever a batch holds the poison: argv REDIS_URL POISON_EVENT_ID RECORD
+#: CONSUMER.
+#: It records what it handled (one line per event, synced before it returns) and
+#: exits 0 once a poll reads nothing and nothing is pending.
+_KILLED_BY_POISON = """
+import os, signal, sys
+from workbench.domain.clock import ManualClock
+from workbench.streams.connection import connect
+from workbench.streams.consumer import ConsumerSettings, ConsumerWorker
+
+url, poison, record, consumer = sys.argv[1:]
+
+class Handler:
+    group, aggregate_types = "recording", ("escrow",)
+
+    def handle(self, events):
+        if any(e.event_id == poison for e in events):
+            os.kill(os.getpid(), signal.SIGKILL)
+        with open(record, "a") as f:
+            f.write("".join(e.event_id + "\\n" for e in events))
+            f.flush()
+            os.fsync(f.fileno())
+
+client = connect(url)
+if consumer == "rec-1":  # restarted under its name: re-reads its own pending
+    worker = ConsumerWorker(client, Handler(), consumer=consumer, clock=ManualClock())
+else:  # a new consumer: claims the dead ones' entries once their heartbeats are old,
+    # after its start (its re-read of its own pending) is over
+    settings = ConsumerSettings(dead_after_s=2.0, recover_every_s=0.05)
+    worker = ConsumerWorker(client, Handler(), consumer=consumer, settings=settings)
+while worker.poll(block_ms=0) or client.xpending("wb:escrow", "recording")["pending"]:
+    pass
+"""
+
+
+@pytest.mark.parametrize("recovery", ["restart", "claim"])
+def test_a_poison_that_kills_its_consumer_is_dead_lettered_and_the_rest_handled(
+    r, redis_url, tmp_path, recovery
+) -> None:
+    """Restarted after each death (as serve's supervisor does) or replaced by a new
+    consumer that claims the dead one's entries, the consumer handles what it
+    re-reads or claimed alone, each acked at once; the entry it died on
+    ``max_crashes`` times alone goes to the dead letters unhandled, the rest once."""
+    stream = NAMES.stream("escrow")
+    ensure_groups(r, [stream], "recording")
+    events = [_event(f"esc-{i % 3}", i) for i in range(1, 10)]
+    for e in events:
+        r.xadd(stream, to_fields(e))
+    poison = events[4]
+    record = tmp_path / "handled"
+    record.touch()
+    max_crashes = ConsumerSettings().max_crashes
+    argv = [sys.executable, "-c", _KILLED_BY_POISON, redis_url, poison.event_id, str(record)]
+    codes: list[int] = []
+    while not codes or codes[-1] != 0:
+        assert len(codes) <= max_crashes + 2, f"still dying after {codes}"
+        consumer = "rec-1" if recovery == "restart" else f"rec-{len(codes) + 1}"
+        codes.append(subprocess.run([*argv, consumer], cwd=ROOT, timeout=60).returncode)
+    # One death in the first batch, then one per time the poison was handled alone.
+    assert codes == [-signal.SIGKILL] * (1 + max_crashes) + [0]
+    [(_, letter)] = r.xrange(NAMES.dead_letter("recording"))
+    assert letter[b"entry.event_id"] == poison.event_id.encode()
+    assert letter[b"reason"] == f"its consumer died handling it {max_crashes} times".encode()
+    handled = record.read_text().split()
+    assert sorted(handled) == sorted(e.event_id for e in events if e is not poison)
+    assert r.xpending(stream, "recording")["pending"] == 0
+    assert not r.exists(NAMES.crashes("recording"))  # no count is left behind
+
+
+class _BehindAnOutage(_Recording):
+    """Its database is down for its first ``outages`` calls, then it records."""
+
+    def __init__(self, outages: int) -> None:
+        super().__init__()
+        self.outages = outages
+
+    def handle(self, events: list[Event]) -> None:
+        if self.outages:
+            self.outages -= 1
+            raise sqlalchemy.exc.OperationalError("INSERT ...", {}, Exception("database down"))
+        super().handle(events)
+
+
+def _died_holding(r: redis.Redis, consumer: str, *events: Event) -> str:
+    """``events`` read by ``consumer``, which then died: pending under its name."""
+    stream = NAMES.stream("escrow")
+    ensure_groups(r, [stream], "recording")
+    for e in events:
+        r.xadd(stream, to_fields(e))
+    r.xreadgroup("recording", consumer, {stream: ">"})
+    return stream
+
+
+def test_an_outage_while_a_suspect_is_handled_is_not_a_death(r) -> None:
+    """A suspect (re-read after a death) whose handling meets an outage, poll after
+    poll, more times than ``max_crashes``: the process lived, so nothing counts."""
+    _died_holding(r, "rec-1", _event("esc-1", 1))
+    settings = ConsumerSettings()
+    handler = _BehindAnOutage(outages=settings.max_crashes + 2)
+    worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock(), settings=settings)
+    for _ in range(settings.max_crashes + 2):
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            worker.poll()
+    worker.poll()
+    assert handler.seen == ["evt-esc-1-1"]
+    # Handled alone every time (the poll with the outage included), never dead-lettered.
+    assert worker.stats.isolated == settings.max_crashes + 3
+    assert worker.stats.dead_lettered == 0
+    assert not r.exists(NAMES.crashes("recording"))
+
+
+class _Died(Exception):
+    """A simulated death, as a SimPy run's crash hook raises it."""
+
+
+def test_a_simulated_death_on_a_suspect_counts_and_a_later_success_clears_it(r) -> None:
+    """The lab's crash (an error from a seam, not an outage) stands for a death, as a
+    SIGKILL there would: the suspect's count stays; handled alone later, it is gone.
+    Entries not re-read after a death are handled in one batch, as before."""
+    stream = _died_holding(r, "rec-1", _event("esc-1", 1), _event("esc-2", 1))
+
+    def die_after_effect(point: str, _batch: int) -> None:
+        if point == "after-effect":
+            raise _Died(point)
+
+    dying = CrashingWorker(r, _Recording(), consumer="rec-1", clock=ManualClock(),
+                           crash_hook=die_after_effect)  # fmt: skip
+    with pytest.raises(_Died):
+        dying.poll()
+    [first_id, _] = [i for i, _ in r.xrange(stream)]
+    assert r.hgetall(NAMES.crashes("recording")) == {f"{stream} {first_id.decode()}".encode(): b"1"}
+    handler = _Recording()
+    worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock())
+    worker.poll()
+    assert handler.seen == ["evt-esc-1-1", "evt-esc-2-1"] and worker.stats.isolated == 2
+    assert not r.exists(NAMES.crashes("recording"))
+    r.xadd(stream, to_fields(_event("esc-3", 1)))
+    r.xadd(stream, to_fields(_event("esc-4", 1)))
+    batches: list[int] = []
+    worker.observer = lambda batch, _now: batches.append(len(batch))
+    worker.poll()
+    assert batches == [2] and worker.stats.isolated == 2
 
 
 def test_sigterm_finishes_the_batch_acks_and_exits(r, redis_url, store, clock, tmp_path) -> None:

@@ -1,12 +1,11 @@
-"""The consumer's pure decisions, at their boundaries.
-
-``ready_to_handle`` (what of a read may be handled now; ``ready_by_partition`` within
-each partition of a partitioned log), the partitions to give back, just taken and
-blocked on, ``dead_consumers`` (whose
-pending entries to claim), ``group_gone`` (which errors mean the group must be
-recreated), ``should_dead_letter`` and the settings' validation decide without
-Redis, so they are checked here directly; the Redis loop around them is tested
-against a real Redis in test_consumer.py.
+"""The consumer's pure decisions, at their boundaries. ``ready_to_handle`` (what of a
+read may be handled now; ``ready_by_partition`` within each partition of a
+partitioned log), the partitions to give back, just taken and blocked on,
+``dead_consumers`` (whose pending entries to claim), ``group_gone`` (which errors
+mean the group must be recreated), ``should_dead_letter``, ``killed_its_consumers``
+and the settings' validation decide without Redis, so they are checked here
+directly; the Redis loop around them is tested against a real Redis in
+test_consumer.py.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from workbench.streams.decisions import (
     dead_consumers,
     field_pairs,
     group_gone,
+    killed_its_consumers,
     newly_taken,
     ready_by_partition,
     ready_to_handle,
@@ -44,6 +44,16 @@ def test_an_entry_is_dead_lettered_on_its_last_allowed_delivery_not_before() -> 
     assert not should_dead_letter(delivered(4), max_deliveries=5)
     assert should_dead_letter(delivered(5), max_deliveries=5)
     assert should_dead_letter(delivered(6), max_deliveries=5)
+
+
+def test_an_entry_is_dead_lettered_unhandled_once_it_killed_its_consumer_max_crashes_times() -> (
+    None
+):
+    # attempts: the handling alone about to start, counted; the deaths are one fewer.
+    assert not killed_its_consumers(1, max_crashes=1)
+    assert killed_its_consumers(2, max_crashes=1)
+    assert not killed_its_consumers(3, max_crashes=3)
+    assert killed_its_consumers(4, max_crashes=3)
 
 
 def test_a_consumer_is_dead_only_once_its_heartbeat_is_older_than_the_limit() -> None:
@@ -75,6 +85,9 @@ def test_a_single_delivery_is_allowed_and_none_is_refused() -> None:
     assert ConsumerSettings(max_deliveries=1).max_deliveries == 1
     with pytest.raises(ValueError, match="^max_deliveries must be at least 1$"):
         ConsumerSettings(max_deliveries=0)
+    assert ConsumerSettings(max_crashes=1).max_crashes == 1
+    with pytest.raises(ValueError, match="^max_crashes must be at least 1$"):
+        ConsumerSettings(max_crashes=0)
 
 
 def test_entries_at_millisecond_zero_wait_for_a_full_stream_stopping_there() -> None:

@@ -23,6 +23,18 @@ then: SQL handlers commit the effect and the inbox row together). Then:
   ``retry_backoff_s``. When it has been delivered ``max_deliveries`` times it
   goes to the group's dead-letter stream with the reason, and is acked on the
   source in the same MULTI, so the group keeps moving.
+* **Poison that kills.** An entry can kill its consumer instead of failing (a
+  crash in a C extension, memory exhausted): no handler error is ever seen, and
+  every restart would die on it again. So what a consumer re-reads after a
+  possible death (its process is new, or it claimed a dead one's entries) is
+  *suspect*, and each suspect is handled alone and acked at once, after its
+  count in the group's crash hash (``StreamNames.crashes``) went up by one; a
+  handler that returns, raising or not, takes the count back. The entry that is
+  about to be handled for the ``max_crashes + 1``-th time killed its consumer
+  every time before: it goes to the dead letters unhandled
+  (:func:`~workbench.streams.decisions.killed_its_consumers`). Its batch-mates
+  were handled alone and acked before it, so the deaths are not theirs. Only
+  entries met after a death pay for this (two round trips more each).
 * **Redis lost data.** A redis-server restarted from an AOF that lacks its
   last writes (see :mod:`workbench.streams.relay`) has regressed group state: entries
   acked before the loss may be pending again, under this consumer. The
@@ -80,6 +92,7 @@ drive it at virtual instants.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -112,6 +125,7 @@ from workbench.streams.decisions import (
     dead_consumers,
     field_pairs,
     group_gone,
+    killed_its_consumers,
     newly_taken,
     ready_by_partition,
     reconnected,
@@ -192,6 +206,9 @@ class ConsumerSettings:
     batch_size: int = 500
     block_ms: int = 1000
     max_deliveries: int = 5
+    # Deaths of its consumer while it was handled alone before an entry is dead-lettered
+    # (kept below serve's --restart-limit, or serve gives up on the worker first).
+    max_crashes: int = 3
     retry_backoff_s: float = 1.0
     heartbeat_every_s: float = 1.0
     dead_after_s: float = 10.0
@@ -215,6 +232,8 @@ class ConsumerSettings:
             raise ValueError("batch_size must be at least 1")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be at least 1")
+        if self.max_crashes < 1:
+            raise ValueError("max_crashes must be at least 1")
         if self.partition_block_ms < 1:
             raise ValueError("partition_block_ms must be at least 1")
 
@@ -228,6 +247,7 @@ class ConsumerStats:
     dead_lettered: int = 0
     claimed: int = 0
     deleted: int = 0
+    isolated: int = 0  # handler calls with a suspect alone (see "Poison that kills")
     batches: int = 0
     redis_errors: int = 0
     partitions_taken: int = 0
@@ -280,6 +300,10 @@ class ConsumerWorker:
         self._stop = StopRequest()
         self._reread_own_at: float | None = None  # None: no own pending to revisit
         self._redeliver = False  # that re-read is another attempt: let Redis count it
+        self._suspect_reread = False  # and its entries may have killed a consumer
+        # (stream, entry id) of re-read entries a consumer may have died handling, until
+        # handled alone: see "Poison that kills".
+        self._suspects: set[tuple[str, str]] = set()
         self._held: list[Delivery] = []  # read, pending, not yet safe to handle in order
         self._next_heartbeat = 0.0
         # A heartbeat due (its clock reading) that rides ahead of the poll's next
@@ -304,7 +328,7 @@ class ConsumerWorker:
         ensure_groups(self.client, self.streams, self.group)
         self._heartbeat(force=True)  # and, partitioned, take the first partitions
         self._reread_own_at = self.clock.now()  # own pending before new entries
-        self._redeliver = True  # the process before may have died of them
+        self._redeliver = self._suspect_reread = True  # the process before may have died of them
         self._ready = True
 
     def _streams_of(self, partitions: tuple[int, ...]) -> list[str]:
@@ -566,7 +590,10 @@ class ConsumerWorker:
         # The old _held is pending too: this covers it.
         redeliver = self._redeliver
         self._held = self._pending_redelivered() if redeliver else self._pending_as_they_are()
-        self._redeliver = False  # only once done: a failed re-read is retried as it was
+        if self._suspect_reread:
+            self._suspects.update((d.stream, d.entry_id) for d in self._held)
+        # Only once done: a failed re-read is retried as it was.
+        self._redeliver = self._suspect_reread = False
         return len(self._held)
 
     def _pending_redelivered(self) -> list[Delivery]:
@@ -658,8 +685,9 @@ class ConsumerWorker:
                 claimed_any += self._claim_from(stream, dead)
             claimed_any += self._autoclaim(stream)
         if claimed_any:
-            # Another delivery of what was claimed (an XCLAIM JUSTID does not count it).
-            self._redeliver = True
+            # Another delivery of what was claimed (an XCLAIM JUSTID does not count it),
+            # which may have killed the consumer it was claimed from.
+            self._redeliver = self._suspect_reread = True
             self._reread_own_pending()  # handled with the poll's read of new entries
         return claimed_any
 
@@ -782,7 +810,11 @@ class ConsumerWorker:
         if len(good) > 1 and len({d.stream for d in good}) > 1:
             events = [d.event for d in good if d.event is not None]  # all: decoded above
             good = [good[i] for i in ev.escrow_order(events)]
-        if good:
+        if self._suspects and (to_ack or failed):  # acked as deleted, or never decoded:
+            self._suspects.difference_update((d.stream, d.entry_id) for d in to_ack + failed)
+        if good and self._suspects:
+            to_ack.extend(self._handle_suspects_alone(good, failed))
+        elif good:
             to_ack.extend(self._handle_in_order(good, failed))
         self._ack_handled(to_ack)
         for d in failed:
@@ -795,6 +827,46 @@ class ConsumerWorker:
             self._redeliver = True  # another attempt: counted
             if self._reread_own_at is None or retry_at < self._reread_own_at:
                 self._reread_own_at = retry_at
+
+    def _handle_suspects_alone(
+        self, good: list[Delivery], failed: list[Delivery]
+    ) -> list[Delivery]:
+        """Handle the batch in its order, each suspect alone (counted in the crash
+        hash first, acked at once after) and the runs between them together; return
+        the handled non-suspects, for the batch's ack."""
+        done: list[Delivery] = []
+        run: list[Delivery] = []
+        for d in good:
+            key = (d.stream, d.entry_id)
+            if key not in self._suspects:
+                run.append(d)
+                continue
+            if run:
+                done += self._handle_in_order(run, failed)
+                run = []
+            self._handle_alone(d, key, failed)
+        if run:
+            done += self._handle_in_order(run, failed)
+        return done
+
+    def _handle_alone(self, d: Delivery, key: tuple[str, str], failed: list[Delivery]) -> None:
+        crashes = self.names.crashes(self.group, self._partition_of[d.stream])
+        field = f"{d.stream} {d.entry_id}"
+        attempts = int(self.client.hincrby(crashes, field, 1))
+        try:
+            if killed_its_consumers(attempts, self.settings.max_crashes):
+                self._dead_letter(d, f"its consumer died handling it {attempts - 1} times")
+            else:
+                self.stats.isolated += 1
+                self._ack_handled(self._handle_in_order([d], failed))
+        except BaseException as exc:
+            if _alive_after(exc):  # this process goes on: not a death, take it back
+                with contextlib.suppress(Exception):
+                    self.client.hincrby(crashes, field, -1)
+            raise
+        # Returned (a failure stays pending for its retry, counted as usual): done with.
+        self.client.hdel(crashes, field)
+        self._suspects.discard(key)
 
     def _handle_in_order(self, good: list[Delivery], failed: list[Delivery]) -> list[Delivery]:
         """Handle the decoded entries, already in escrow order; return those handled.
@@ -930,7 +1002,8 @@ class ConsumerWorker:
             self._claim_left_behind(tuple(sorted(self._taking)))  # may fail: retried
             self._taking = set()
             self._set_reading(held)
-            self._redeliver = True  # another delivery of what was claimed (JUSTID)
+            # Another delivery of what was claimed (JUSTID), maybe from a dead consumer.
+            self._redeliver = self._suspect_reread = True
             self._reread_own_pending()  # merged with this poll's read of new entries
 
     def _set_reading(self, partitions: frozenset[int]) -> None:
@@ -982,6 +1055,13 @@ class ConsumerWorker:
                 raise
             # Redis down or refusing: the beat goes stale, the leases expire on their own.
             log.warning("%s: could not leave cleanly: %s", self.consumer, exc)
+
+
+def _alive_after(exc: BaseException) -> bool:
+    """Does the process live on after ``exc`` left the handling of an entry: an outage
+    (Redis, the store), a stop, or an error put in a stop's place? Anything else
+    (a simulation's crash) stands for the process dying there."""
+    return not isinstance(exc, Exception) or transient(exc) or _cut_short(exc)
 
 
 def _cut_short(exc: BaseException) -> bool:

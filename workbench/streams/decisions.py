@@ -4,8 +4,9 @@
 these: which entries of a read it may handle now without overtaking an unread
 earlier event of the same escrow (:func:`ready_to_handle`), which consumers are
 dead and may be claimed from (:func:`dead_consumers`), when an error means the
-group is gone (:func:`group_gone`), and when a failing entry goes to the dead
-letters (:func:`should_dead_letter`). On a partitioned log
+group is gone (:func:`group_gone`), when a failing entry goes to the dead
+letters (:func:`should_dead_letter`) and when one its consumers keep dying on
+does (:func:`killed_its_consumers`). On a partitioned log
 (:mod:`workbench.streams.partitions`): the hold-back applies within each
 partition (:func:`ready_by_partition`), which held partitions to give back
 (:func:`to_give_back`), which were just taken (:func:`newly_taken`) and which
@@ -190,3 +191,12 @@ def reconnected(last_connection: Any, connects_seen: int, connection: Any, conne
 def should_dead_letter(delivery: Delivery, max_deliveries: int) -> bool:
     """Dead-letter once the entry failed on its last allowed delivery."""
     return delivery.delivery_count >= max_deliveries
+
+
+def killed_its_consumers(attempts: int, max_crashes: int) -> bool:
+    """Dead-letter, unhandled, an entry about to be handled alone for the
+    ``attempts``-th time: every earlier time its consumer died before the handler
+    returned (a handler that returns, raising or not, clears the count), and
+    ``max_crashes`` such deaths are enough. Its batch-mates were handled alone
+    too, so the deaths are its own."""
+    return attempts > max_crashes

@@ -3,7 +3,8 @@
 All names live under one prefix (``wb`` by default) so several runs can share a
 Redis. The aggregate streams carry the domain events (``wb:escrow``,
 ``wb:payment``, ``wb:payout``, ``wb:dispute``); each consumer group has a
-dead-letter stream and a heartbeat hash; each user has a stream of their
+dead-letter stream, a hash counting the deaths of its consumers on an entry
+and a heartbeat hash; each user has a stream of their
 events, with a dedupe marker per fanned-out event and one live channel; the
 analytics scorer publishes to a risk stream with its own markers.
 
@@ -15,7 +16,8 @@ partition's hash tag, so it lives in that partition's cluster slot:
 
 * partition ``p`` of the log: ``wb:{<tag p>}:escrow`` (and ``:payment`` ...),
   its groups' dead letters ``wb:{<tag p>}:dead:<group>`` (a dead letter is
-  written in one MULTI with the XACK of its source entry) and the leases
+  written in one MULTI with the XACK of its source entry), their crash counts
+  ``wb:{<tag p>}:crashes:<group>`` and the leases
   ``wb:{<tag p>}:lease:<holder>`` saying which consumer reads it;
 * a user's keys live in the user's partition (a CRC32 of the user id, like an
   escrow's): ``wb:{<tag>}:user:<user id>``, the fan-out's dedupe marker of an
@@ -91,6 +93,11 @@ class StreamNames(_Partitioned):
     def dead_letters(self, group: str) -> list[str]:
         """The group's dead-letter stream of every partition."""
         return [self.dead_letter(group, p) for p in self.partitions]
+
+    def crashes(self, group: str, partition: int = 0) -> str:
+        """Hash of ``<stream> <entry id> -> times`` a consumer of ``group`` began to
+        handle the entry alone and died before the handler returned."""
+        return f"{self.base(partition)}:crashes:{group}"
 
     def lease(self, holder: str, partition: int = 0) -> str:
         """Who holds ``partition`` for ``holder`` (a consumer group, or ``relay``)."""
