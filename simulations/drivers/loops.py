@@ -268,6 +268,7 @@ class GroupSlot:
     crash_at: str | None = None  # armed crash point
     log: HandlingLog | None = None  # what the current consumer's handler was given
     handler: Any = None
+    given_up: dict[str, Any] | None = None  # the fault serve gave up after: down until heal()
 
 
 class Runtime:
@@ -465,8 +466,9 @@ class Runtime:
             down_for: float | None = c.mttr_s
         else:
             down_for = self.restarts.down_for(slot.name, self.env.now)
-        if down_for is None:  # serve gives up on a crash loop: the group stays down
+        if down_for is None:  # serve gives up on a crash loop: down until heal()
             fault["detail"] += f"; {self.restarts.given_up[slot.name]}"
+            slot.given_up = fault
             return
         yield self.env.timeout(down_for)
         self._start_worker(slot)
@@ -570,10 +572,23 @@ class Runtime:
                 slot.handler.close()
 
     def heal(self) -> None:
-        """Stop injecting faults and revive every dead consumer now (the drain phase)."""
+        """Stop injecting faults and revive every dead consumer now (the drain phase).
+
+        A consumer waiting out serve's backoff comes back by its own repair; one
+        serve gave up on (a crash loop; serve itself would exit 1) is started here,
+        as an operator would once the faults stop. Left down to :meth:`finish`, its
+        pending entries would be re-read after the fan-out's dedupe markers of
+        entries it had appended before its last crash may have expired
+        (``consumers.dedupe_ttl_s``), and appended again.
+        """
         self.healed = True
         for slot in self.slots.values():
             slot.crash_at = None
+            if slot.worker is None and slot.given_up is not None:
+                self._start_worker(slot)
+                self.restarts.started(slot.name, self.env.now)
+                slot.given_up["t_end"] = self.env.now
+                slot.given_up = None
 
     # -- observation ---------------------------------------------------------------------
 

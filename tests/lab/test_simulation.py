@@ -277,6 +277,22 @@ def test_crashy_consumers_lose_nothing(redis_server) -> None:  # type: ignore[no
     assert (tables.handled.max_delivery_count > 1).any()  # redelivered after crashes
 
 
+def test_a_consumer_serve_gave_up_on_is_back_when_the_faults_stop(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Crashes every ~5 s make the modelled supervisor give up on groups (a crash
+    loop). They come back when the faults stop, not at the end of the drain: by then
+    the fan-out's dedupe markers of what it appended before its last crash have
+    expired (120 s here), and it would append those events again."""
+    scenario = load(
+        "crashy-consumers",
+        ["consumers.mtbf_s=5", "run.duration_s=150", "consumers.dedupe_ttl_s=120"],
+    )
+    tables = simulate(scenario, seed=5, redis_url=redis_server.url, prefix="gaveup")
+    given_up = tables.faults[tables.faults.detail.str.contains("not restarting it again")]
+    assert set(given_up.target) >= {"fanout-1"}
+    assert (given_up.t_end == 150).all()
+    _all_effects_exact(tables)
+
+
 def test_a_runtime_that_acks_before_the_effect_loses_events(redis_server) -> None:  # type: ignore[no-untyped-def]
     scenario = load(
         "crashy-consumers", [*SHORT, "consumers.mtbf_s=15", "consumers.ack_before_effect=true"]
