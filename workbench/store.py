@@ -282,6 +282,18 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 #: transactions begin deferred.
 _READER = "workbench_reader"
 
+#: Forks between the process that imported this module and this one: a store made
+#: before a fork finds another count in the child. Read on every use of a
+#: connection, where ``os.getpid()`` would be a system call each time.
+_FORKS = [0]
+
+
+def _count_fork() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 
 def _sqlite_begin(conn: Connection) -> None:
     # Straight to the driver: exec_driver_sql's overhead would cost more than the
@@ -400,7 +412,7 @@ class Store:
         # Every thread's connections (begin, read), with the thread they belong to.
         self._held: list[tuple[weakref.ref[threading.Thread], Connection]] = []
         self._held_lock = threading.Lock()
-        self._pid = os.getpid()
+        self._forks = _FORKS[0]
 
     def create_schema(self) -> None:
         """Create what is missing: tables, the outbox's newer columns and indexes.
@@ -537,7 +549,7 @@ class Store:
     def _thread_connection(self, role: str) -> Connection:
         """This thread's connection for ``role`` ("writer": :meth:`begin`,
         "reader": :meth:`read`)."""
-        if self._pid != os.getpid():
+        if self._forks != _FORKS[0]:
             self._forked()
         conn: Connection | None = getattr(self._local, role, None)
         if conn is None or conn.closed or conn.invalidated:
@@ -569,7 +581,7 @@ class Store:
         self.engine.dispose(close=False)
         self._held, self._held_lock = [], threading.Lock()
         self._local = threading.local()
-        self._pid = os.getpid()
+        self._forks = _FORKS[0]
 
     def close(self) -> None:
         with self._held_lock:
