@@ -692,6 +692,22 @@ def test_an_outage_while_a_suspect_is_handled_is_not_a_death(r) -> None:
     assert not r.exists(NAMES.crashes("recording"))
 
 
+def test_a_suspect_no_longer_pending_here_is_forgotten(r) -> None:
+    """A suspect another consumer took (claimed, or its partition given back) is
+    dropped at the next re-read of own pending: the set holds only what is pending
+    here, so a long-lived worker's does not grow."""
+    stream = _died_holding(r, "rec-1", _event("esc-1", 1))
+    handler = _BehindAnOutage(outages=1)
+    worker = ConsumerWorker(r, handler, consumer="rec-1", clock=ManualClock())
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        worker.poll()  # the suspect stays one: not handled
+    assert worker._suspects
+    [(entry_id, _)] = r.xrange(stream)
+    r.xclaim(stream, "recording", "rec-2", 0, [entry_id])
+    worker.poll()
+    assert handler.seen == [] and not worker._suspects
+
+
 class _Died(Exception):
     """A simulated death, as a SimPy run's crash hook raises it."""
 

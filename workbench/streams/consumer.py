@@ -590,8 +590,10 @@ class ConsumerWorker:
         # The old _held is pending too: this covers it.
         redeliver = self._redeliver
         self._held = self._pending_redelivered() if redeliver else self._pending_as_they_are()
-        if self._suspect_reread:
-            self._suspects.update((d.stream, d.entry_id) for d in self._held)
+        pending = {(d.stream, d.entry_id) for d in self._held}
+        # All of them, if a consumer may have died of them; of the suspects before,
+        # those still pending here (the rest were acked, claimed or given back).
+        self._suspects = pending if self._suspect_reread else self._suspects & pending
         # Only once done: a failed re-read is retried as it was.
         self._redeliver = self._suspect_reread = False
         return len(self._held)
