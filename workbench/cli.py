@@ -189,9 +189,9 @@ def main() -> None:
 )  # fmt: skip
 @click.option("--max-deliveries", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option(
-    "--max-crashes", default=3, show_default=True, type=click.IntRange(min=1),
+    "--max-crashes", default=2, show_default=True, type=click.IntRange(min=1),
     help="deaths of this group's consumers while handling an entry alone before it is "
-    "dead-lettered unhandled (keep it below serve's --restart-limit)",
+    "dead-lettered unhandled (each such entry costs serve 1 + this many restarts)",
 )  # fmt: skip
 @click.option(
     "--retry-backoff", default=1.0, show_default=True, type=FiniteFloat(min=0), help="seconds"

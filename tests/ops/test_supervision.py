@@ -118,13 +118,13 @@ def test_exit_descriptions() -> None:
     assert describe_exit(None) == "did not start"
 
 
-def test_serves_defaults_outlast_a_poison_that_kills_its_worker() -> None:
-    """A poison that kills the worker takes one death in its batch, then
-    ``max_crashes`` handled alone (see the consumer's "Poison that kills"); each
-    restarted process dies on it at once. serve's default policy restarts it every
-    time, so the next start can dead-letter the entry; a crash-loop limit at or
-    under those deaths would stop serve first."""
-    deaths = 1 + ConsumerSettings().max_crashes
+def test_serves_defaults_outlast_two_poisons_that_kill_their_worker() -> None:
+    """Two entries that kill the worker, in one backlog, take one death in their
+    batch, then ``max_crashes`` each handled alone (see the consumer's "Poison that
+    kills"); each restarted process dies at once. serve's default policy restarts it
+    every time, so the next start dead-letters the second; a crash-loop limit under
+    those deaths would stop serve first."""
+    deaths = 1 + 2 * ConsumerSettings().max_crashes
     for policy, survives in [
         (RestartPolicy(), True),
         (RestartPolicy(max_restarts=deaths - 1), False),

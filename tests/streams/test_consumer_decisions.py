@@ -49,10 +49,10 @@ def test_an_entry_is_dead_lettered_on_its_last_allowed_delivery_not_before() -> 
 def test_an_entry_is_dead_lettered_unhandled_once_it_killed_its_consumer_max_crashes_times() -> (
     None
 ):
-    # attempts: the handling alone about to start, counted; the deaths are one fewer.
-    assert not killed_its_consumers(1, max_crashes=1)
-    assert killed_its_consumers(2, max_crashes=1)
-    assert not killed_its_consumers(3, max_crashes=3)
+    assert not killed_its_consumers(0, max_crashes=1)
+    assert killed_its_consumers(1, max_crashes=1)
+    assert not killed_its_consumers(2, max_crashes=3)
+    assert killed_its_consumers(3, max_crashes=3)
     assert killed_its_consumers(4, max_crashes=3)
 
 

@@ -218,6 +218,10 @@ def test_two_workers_split_the_partitions_and_a_survivor_takes_over_a_dead_ones(
     assert b.stats.claimed == len(stranded)
     # Claimed, they were delivered again: counted towards max_deliveries.
     assert b.stats.delivery_counts.get(2) == len(stranded)
+    # And suspects (w-a may have died of them): each handled alone, counted in its
+    # partition's crash hash while it was, and nothing left there.
+    assert b.stats.isolated == len(stranded)
+    assert not any(r.exists(names.crashes("ledger", p)) for p in range(8))
 
     counts = log.counts()
     assert set(counts) == first | second  # nothing lost

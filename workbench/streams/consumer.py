@@ -27,14 +27,21 @@ then: SQL handlers commit the effect and the inbox row together). Then:
   crash in a C extension, memory exhausted): no handler error is ever seen, and
   every restart would die on it again. So what a consumer re-reads after a
   possible death (its process is new, or it claimed a dead one's entries) is
-  *suspect*, and each suspect is handled alone and acked at once, after its
-  count in the group's crash hash (``StreamNames.crashes``) went up by one; a
-  handler that returns, raising or not, takes the count back. The entry that is
-  about to be handled for the ``max_crashes + 1``-th time killed its consumer
-  every time before: it goes to the dead letters unhandled
+  *suspect*, and each suspect is handled alone and acked at once. Before, one
+  script (:data:`_BEGIN_ALONE_LUA`) marks it in the group's crash hash
+  (``StreamNames.crashes``) with this worker's token: a mark left by another
+  token is a consumer that began to handle the entry alone and never finished,
+  a death, and is counted; its own mark (a retry after an outage, a command
+  sent again) counts nothing, so the count needs no taking back. A handler that
+  returns, raising or not, deletes the mark before the ack (a death after it is
+  not the entry's doing); a stop leaves it neutral. The
+  entry found with ``max_crashes`` deaths goes to the dead letters unhandled
   (:func:`~workbench.streams.decisions.killed_its_consumers`). Its batch-mates
-  were handled alone and acked before it, so the deaths are not theirs. Only
-  entries met after a death pay for this (two round trips more each).
+  were handled alone and acked before it, so the deaths are not theirs. A
+  handling that outlasts ``dead_after_s`` looks the same to the consumer that
+  claims it: an entry that stalls every consumer that takes it is dead-lettered
+  as well. Only entries met after a death pay for this (two round trips more
+  each).
 * **Redis lost data.** A redis-server restarted from an AOF that lacks its
   last writes (see :mod:`workbench.streams.relay`) has regressed group state: entries
   acked before the loss may be pending again, under this consumer. The
@@ -95,6 +102,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -145,6 +153,30 @@ _DEAD_LETTER_LUA = XADD_AT_LUA + (
     "redis.call('XADD', KEYS[1], next_id(KEYS[1], ARGV[1]), unpack(ARGV, 4))\n"
     "return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])"
 )
+
+
+#: KEYS: a group's crash hash; ARGV: the entry's field, this worker's token, the
+#: hash's time to live (s). Returns the deaths on record: the count held, plus one
+#: when its mark is another worker's (it began to handle the entry alone and never
+#: finished), not when it is ours (a retry; a command sent twice) or neutral ("-",
+#: left by a stop); then marks the entry with the deaths and our token.
+_BEGIN_ALONE_LUA = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+local deaths = 0
+if held then
+  local at = string.find(held, ':', 1, true)
+  local token = string.sub(held, at + 1)
+  deaths = tonumber(string.sub(held, 1, at - 1))
+  if token ~= ARGV[2] and token ~= '-' then deaths = deaths + 1 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], deaths .. ':' .. ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return deaths
+"""
+
+#: How long a group's crash hash outlives its last use: marks left behind (a
+#: process killed between an entry's ack and the mark's removal) go with it.
+_CRASHES_TTL_S = 7 * 24 * 3600
 
 
 #: KEYS: a stream; ARGV: group, consumer, start ('-' or an exclusive '(id'), count.
@@ -207,8 +239,8 @@ class ConsumerSettings:
     block_ms: int = 1000
     max_deliveries: int = 5
     # Deaths of its consumer while it was handled alone before an entry is dead-lettered
-    # (kept below serve's --restart-limit, or serve gives up on the worker first).
-    max_crashes: int = 3
+    # (two such entries in a row cost 1 + 2 * 2 deaths: under serve's --restart-limit).
+    max_crashes: int = 2
     retry_backoff_s: float = 1.0
     heartbeat_every_s: float = 1.0
     dead_after_s: float = 10.0
@@ -295,6 +327,10 @@ class ConsumerWorker:
         self._turn = 0  # which partition a cluster read blocks on next
         self._dead_letter_script = client.register_script(_DEAD_LETTER_LUA)
         self._own_pending_script = client.register_script(_OWN_PENDING_LUA)
+        self._begin_alone_script = client.register_script(_BEGIN_ALONE_LUA)
+        #: Marks what this worker handles alone (see "Poison that kills"): new per
+        #: worker, random (a restarted process may get the same pid).
+        self.token = secrets.token_hex(8)
         self.stats = ConsumerStats()
         self.observer = observer  # told of each batch before the handler runs
         self._stop = StopRequest()
@@ -854,21 +890,26 @@ class ConsumerWorker:
     def _handle_alone(self, d: Delivery, key: tuple[str, str], failed: list[Delivery]) -> None:
         crashes = self.names.crashes(self.group, self._partition_of[d.stream])
         field = f"{d.stream} {d.entry_id}"
-        attempts = int(self.client.hincrby(crashes, field, 1))
+        deaths = int(
+            self._begin_alone_script(keys=[crashes], args=[field, self.token, _CRASHES_TTL_S])
+        )
+        handled: list[Delivery] = []
         try:
-            if killed_its_consumers(attempts, self.settings.max_crashes):
-                self._dead_letter(d, f"its consumer died handling it {attempts - 1} times")
+            if killed_its_consumers(deaths, self.settings.max_crashes):
+                self._dead_letter(d, f"its consumer died handling it {deaths} times")
             else:
                 self.stats.isolated += 1
-                self._ack_handled(self._handle_in_order([d], failed))
+                handled = self._handle_in_order([d], failed)
         except BaseException as exc:
-            if _alive_after(exc):  # this process goes on: not a death, take it back
+            if _stopped(exc):  # not a death: whoever handles it next counts nothing
                 with contextlib.suppress(Exception):
-                    self.client.hincrby(crashes, field, -1)
-            raise
-        # Returned (a failure stays pending for its retry, counted as usual): done with.
+                    self.client.hset(crashes, field, f"{deaths}:-")
+            raise  # an outage: our mark stays, and our retry counts nothing either
+        # The handler returned (a failure stays pending for its retry, counted as
+        # usual): the entry killed nobody this time, whatever happens before the ack.
         self.client.hdel(crashes, field)
         self._suspects.discard(key)
+        self._ack_handled(handled)
 
     def _handle_in_order(self, good: list[Delivery], failed: list[Delivery]) -> list[Delivery]:
         """Handle the decoded entries, already in escrow order; return those handled.
@@ -1059,11 +1100,10 @@ class ConsumerWorker:
             log.warning("%s: could not leave cleanly: %s", self.consumer, exc)
 
 
-def _alive_after(exc: BaseException) -> bool:
-    """Does the process live on after ``exc`` left the handling of an entry: an outage
-    (Redis, the store), a stop, or an error put in a stop's place? Anything else
-    (a simulation's crash) stands for the process dying there."""
-    return not isinstance(exc, Exception) or transient(exc) or _cut_short(exc)
+def _stopped(exc: BaseException) -> bool:
+    """Is ``exc`` a stop (a BaseException that is no Exception), or an error put in
+    a stop's place (:func:`_cut_short`)? A simulation's crash is neither."""
+    return not isinstance(exc, Exception) or _cut_short(exc)
 
 
 def _cut_short(exc: BaseException) -> bool:

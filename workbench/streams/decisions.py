@@ -193,10 +193,9 @@ def should_dead_letter(delivery: Delivery, max_deliveries: int) -> bool:
     return delivery.delivery_count >= max_deliveries
 
 
-def killed_its_consumers(attempts: int, max_crashes: int) -> bool:
-    """Dead-letter, unhandled, an entry about to be handled alone for the
-    ``attempts``-th time: every earlier time its consumer died before the handler
-    returned (a handler that returns, raising or not, clears the count), and
+def killed_its_consumers(deaths: int, max_crashes: int) -> bool:
+    """Dead-letter, unhandled, an entry whose consumers died ``deaths`` times while
+    each handled it alone (a handler that returns, raising or not, clears them):
     ``max_crashes`` such deaths are enough. Its batch-mates were handled alone
     too, so the deaths are its own."""
-    return attempts > max_crashes
+    return deaths >= max_crashes
