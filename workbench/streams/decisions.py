@@ -5,8 +5,8 @@ these: which entries of a read it may handle now without overtaking an unread
 earlier event of the same escrow (:func:`ready_to_handle`), which consumers are
 dead and may be claimed from (:func:`dead_consumers`), when an error means the
 group is gone (:func:`group_gone`), when a failing entry goes to the dead
-letters (:func:`should_dead_letter`) and when one its consumers keep dying on
-does (:func:`killed_its_consumers`). On a partitioned log
+letters (:func:`should_dead_letter`) and when an entry its consumers keep
+dying on does (:func:`killed_its_consumers`). On a partitioned log
 (:mod:`workbench.streams.partitions`): the hold-back applies within each
 partition (:func:`ready_by_partition`), which held partitions to give back
 (:func:`to_give_back`), which were just taken (:func:`newly_taken`) and which
